@@ -1,0 +1,262 @@
+"""Attention of DeepSeek-V4: window KV, the compressor (CSA ratio 4 / HCA ratio 128), the lightning indexer, sparse
+attention with an attention sink, inverse RoPE and the grouped low-rank output projection (spec §3.2).
+
+Shapes: `b` batch, `s` query positions, `h` heads, `D` head_dim (512), `n` KV rows, `k` keys per query.
+Full-sequence functions assume positions `0..s-1` (prefill from position 0); rows may be right-padded: a query only
+sees keys at or before its own position, so padding after a row's end never reaches its valid positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv4_jax import nn, ops, quant
+from dsv4_jax.config import Config
+
+__all__ = ["Attention", "Compressor", "Indexer", "sparse_attention", "window_indices", "compressed_indices"]
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+
+
+# ---- index lists -----------------------------------------------------------------------------------------------
+
+
+def window_indices(s: int, window: int) -> np.ndarray:
+    """`[s, min(s, window)]` int32: query t attends to raw rows `max(0, t-window+1) .. t`; -1 marks unused columns
+    (the official `get_window_topk_idxs` layout)."""
+    w = min(s, window)
+    t = np.arange(s)[:, None]
+    cols = np.maximum(0, t - window + 1) + np.arange(w)[None, :]
+    return np.where(cols > t, -1, cols).astype(np.int32)
+
+
+def compressed_indices(s: int, ratio: int, offset: int) -> np.ndarray:
+    """`[s, s // ratio]` int32: every compressed entry j visible to query t (`j < (t+1)//ratio`), as `j + offset`."""
+    j = np.arange(s // ratio)[None, :]
+    visible = j < (np.arange(1, s + 1)[:, None] // ratio)
+    return np.where(visible, j + offset, -1).astype(np.int32)
+
+
+# ---- sparse attention ------------------------------------------------------------------------------------------
+
+
+def sparse_attention(q_bshd, kv_bnd, idx_bsk, sink_h, scale: float, chunk: int = 1024) -> jax.Array:
+    """Softmax attention of each query over the KV rows listed in `idx` (-1 = none), V = K, sink in the denominator.
+
+    `o = sum_u exp(z_u - M) K_u / (sum_u exp(z_u - M) + exp(sink_h - M))`, `z_u = scale * q.K_u` (fp32), the
+    probabilities rounded to bf16 before the PV product (as the kernel does); returns bf16 `[b, s, h, D]`.
+    Queries are processed in chunks of `chunk` to bound the gathered `[b, chunk, k, D]` block.
+    """
+    b, s, h, d = q_bshd.shape
+
+    def attend(q, idx):
+        rows = jnp.take_along_axis(kv_bnd[:, None, :, :], jnp.maximum(idx, 0)[..., None], axis=2)  # [b,c,k,D]
+        z = jnp.einsum("bchd,bckd->bchk", q.astype(F32), rows.astype(F32), precision="highest") * F32(scale)
+        z = jnp.where((idx >= 0)[:, :, None, :], z, -jnp.inf)
+        m = jnp.max(z, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(z - m)
+        den = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink_h.astype(F32)[None, None, :, None] - m)
+        pv = jnp.einsum("bchk,bckd->bchd", p.astype(BF16).astype(F32), rows.astype(F32), precision="highest")
+        return (pv / den).astype(BF16)
+
+    if s <= chunk:
+        return attend(q_bshd, idx_bsk)
+    pad = (-s) % chunk
+    qp = jnp.pad(q_bshd, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, chunk, h, d).swapaxes(0, 1)
+    ip = jnp.pad(idx_bsk, ((0, 0), (0, pad), (0, 0)), constant_values=-1).reshape(b, -1, chunk, idx_bsk.shape[-1])
+    out = jax.lax.map(lambda a: attend(*a), (qp, ip.swapaxes(0, 1)))
+    return out.swapaxes(0, 1).reshape(b, s + pad, h, d)[:, :s]
+
+
+def head_rms_norm_bf16(q: jax.Array, eps: float) -> jax.Array:
+    """Weightless per-head RMS norm with the reference's bf16 tensor arithmetic: each of square, mean, +eps, rsqrt and
+    the product is rounded to bf16 (the means accumulate in fp32)."""
+    q2 = (q.astype(F32) * q.astype(F32)).astype(BF16)
+    ms = (jnp.sum(q2.astype(F32), axis=-1, keepdims=True) / F32(q.shape[-1])).astype(BF16)
+    r = jax.lax.rsqrt((ms.astype(F32) + F32(eps)).astype(BF16).astype(F32)).astype(BF16)
+    return (q.astype(F32) * r.astype(F32)).astype(BF16)
+
+
+# ---- compressor ------------------------------------------------------------------------------------------------
+
+
+class Compressor(nnx.Module):
+    """Pools every `ratio` tokens into one KV entry with a per-channel softmax over learned scores.
+
+    CSA (ratio 4) overlaps: entry j pools 8 slots, the Ca half of block j-1 and the Cb half of block j.
+    Main compressor: `head_dim` 512, FP8 fake-quant of the nope dims. Indexer compressor: 128, Hadamard + FP4.
+    """
+
+    def __init__(self, cfg: Config, ratio: int, head_dim: int, rotate: bool, *, rngs: nnx.Rngs):
+        self.ratio, self.head_dim, self.rotate = ratio, head_dim, rotate
+        self.coff = 2 if ratio == 4 else 1
+        self.rope_dim, self.eps = cfg.rope_head_dim, cfg.norm_eps
+        width = self.coff * head_dim
+        self.wkv = nn.Bf16Linear(cfg.dim, width, ("kv_proj", "embed"), rngs=rngs)
+        self.wgate = nn.Bf16Linear(cfg.dim, width, ("kv_proj", "embed"), rngs=rngs)
+        self.ape = nn.param(nn.normal(rngs, (ratio, width), 0.1), (None, "kv_proj"))
+        self.norm = nn.RMSNorm(head_dim, cfg.norm_eps, None)
+
+    def project(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """fp32 projections `(kv, score)` `[b, t, coff*Dc]` of each token (score without `ape`)."""
+        xf = x_btd.astype(F32)
+        return self.wkv(xf, fp32=True), self.wgate(xf, fp32=True)
+
+    def pool(self, kv_bjrc: jax.Array, score_bjrc: jax.Array) -> jax.Array:
+        """Per-channel softmax pooling over the slot axis (2) -> fp32 `[b, j, Dc]`."""
+        return jnp.sum(kv_bjrc * jax.nn.softmax(score_bjrc, axis=2), axis=2)
+
+    def finish(self, e_bjc: jax.Array, pos_bj: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
+        """bf16 round, RMSNorm, RoPE at the block's first position, then FP8 (main) or Hadamard + FP4 (indexer)."""
+        e = self.norm(e_bjc.astype(BF16))
+        e = nn.rope_tail(e, pos_bj, inv_freq)
+        if self.rotate:
+            e = nn.hadamard_128(e)
+            return quant.fp4_sim(e, 32) if opts.quant_sim else e
+        if opts.quant_sim:
+            nope = self.head_dim - self.rope_dim
+            e = jnp.concatenate([quant.fp8_sim(e[..., :nope], 64), e[..., nope:]], axis=-1)
+        return e
+
+    def __call__(self, x_btd: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
+        """All complete blocks of a sequence starting at position 0 -> entries `[b, t // ratio, Dc]` bf16."""
+        b, t, _ = x_btd.shape
+        m, dc = self.ratio, self.head_dim
+        nb = t // m
+        kv, sc = self.project(x_btd[:, : nb * m])
+        kv = kv.reshape(b, nb, m, -1)
+        sc = sc.reshape(b, nb, m, -1) + self.ape[...][None, None]
+        if self.coff == 2:
+            # Slots 0..3: the previous block through its Ca half (none before block 0); slots 4..7: this block's Cb.
+            prev_kv = jnp.pad(kv[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)))
+            prev_sc = jnp.pad(sc[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
+            kv = jnp.concatenate([prev_kv, kv[..., dc:]], axis=2)
+            sc = jnp.concatenate([prev_sc, sc[..., dc:]], axis=2)
+        e = self.pool(kv, sc)
+        pos = jnp.broadcast_to(jnp.arange(nb) * m, (b, nb))
+        return self.finish(e, pos, inv_freq, opts)
+
+
+# ---- indexer ---------------------------------------------------------------------------------------------------
+
+
+class Indexer(nnx.Module):
+    """The lightning indexer of CSA layers: scores compressed entries per query and keeps the top `index_topk`."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Fp8Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, ("index_heads", "q_lora"), rngs=rngs)
+        self.weights_proj = nn.Bf16Linear(cfg.dim, self.n_heads, ("index_heads_w", "embed"), rngs=rngs)
+        self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True, rngs=rngs)
+
+    def queries(self, x_btd, qr_btr, pos_bt, inv_freq, opts: ops.Opts):
+        """(`q [b,t,h,128]` after RoPE, Hadamard, FP4; head weights `w [b,t,h]` bf16)."""
+        b, t, _ = qr_btr.shape
+        q = self.wq_b(qr_btr, opts).reshape(b, t, self.n_heads, self.head_dim)
+        q = nn.rope_tail(q, pos_bt[:, :, None], inv_freq)
+        q = nn.hadamard_128(q)
+        if opts.quant_sim:
+            q = quant.fp4_sim(q, 32)
+        c = np.float32(self.head_dim**-0.5 * self.n_heads**-0.5)
+        w = (self.weights_proj(x_btd).astype(F32) * c).astype(BF16)
+        return q, w
+
+    @staticmethod
+    def scores(q_bthc, w_bth, keys_bnc) -> jax.Array:
+        """`sum_h w[h] * relu(q[h] . K)` with the reference's bf16 rounding points -> `[b, t, n]` (bf16 values, f32)."""
+        qk = jnp.einsum("bthc,bnc->bthn", q_bthc.astype(F32), keys_bnc.astype(F32), precision="highest").astype(BF16)
+        wq = (jnp.maximum(qk, 0).astype(F32) * w_bth.astype(F32)[..., None]).astype(BF16)
+        return jnp.sum(wq.astype(F32), axis=2).astype(BF16).astype(F32)
+
+    def select(self, scores_btn, visible_btn) -> tuple[jax.Array, jax.Array]:
+        """Top-`min(index_topk, n)` visible entries per query: (`idx [b,t,k]` with -1 for invisible picks, scores)."""
+        n = scores_btn.shape[-1]
+        k = min(self.topk, n)
+        masked = jnp.where(visible_btn, scores_btn, -jnp.inf)
+        top_v, top_i = jax.lax.top_k(masked, k)
+        chosen_visible = jnp.take_along_axis(visible_btn, top_i, axis=-1)
+        return jnp.where(chosen_visible, top_i, -1).astype(jnp.int32), masked
+
+
+# ---- attention -------------------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
+        self.cfg, self.layer_id = cfg, layer_id
+        self.ratio = cfg.compress_ratios[layer_id]
+        h, d, g, r = cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
+        out_std = (2 * cfg.n_blocks) ** -0.5 * (g * r) ** -0.5
+        self.attn_sink = nn.param(jnp.zeros((h,), F32), ("heads",))
+        self.wq_a = nn.Fp8Linear(cfg.dim, cfg.q_lora_rank, ("q_lora", "embed"), rngs=rngs)
+        self.q_norm = nn.RMSNorm(cfg.q_lora_rank, cfg.norm_eps, "q_lora")
+        self.wq_b = nn.Fp8Linear(cfg.q_lora_rank, h * d, ("q_heads", "q_lora"), rngs=rngs)
+        self.wkv = nn.Fp8Linear(cfg.dim, d, ("kv_dim", "embed"), rngs=rngs)
+        self.kv_norm = nn.RMSNorm(d, cfg.norm_eps, "kv_dim")
+        self.wo_a = nn.Fp8Linear(h // g * d, g * r, ("o_groups", "o_in"), rngs=rngs)
+        self.wo_b = nn.Fp8Linear(g * r, cfg.dim, ("embed", "o_groups"), rngs=rngs, std=out_std)
+        if self.ratio:
+            self.compressor = Compressor(cfg, self.ratio, d, rotate=False, rngs=rngs)
+        if self.ratio == 4:
+            self.indexer = Indexer(cfg, rngs=rngs)
+
+    @property
+    def inv_freq(self) -> np.ndarray:
+        return nn.layer_inv_freq(self.cfg, self.ratio)
+
+    # -- pieces shared by prefill and decode --
+    def query(self, x_btd, pos_bt, opts: ops.Opts):
+        """(`q [b,t,H,D]` normed and rotated, `qr [b,t,q_lora]` which also feeds the indexer)."""
+        b, t, _ = x_btd.shape
+        qr = self.q_norm(self.wq_a(x_btd, opts))
+        q = self.wq_b(qr, opts).reshape(b, t, self.cfg.n_heads, self.cfg.head_dim)
+        q = head_rms_norm_bf16(q, self.cfg.norm_eps)
+        return nn.rope_tail(q, pos_bt[:, :, None], self.inv_freq), qr
+
+    def window_kv(self, x_btd, pos_bt, opts: ops.Opts):
+        """The token's own KV vector `[b,t,D]`: RMSNorm, RoPE on the tail, FP8 fake-quant of the nope dims."""
+        kv = nn.rope_tail(self.kv_norm(self.wkv(x_btd, opts)), pos_bt, self.inv_freq)
+        if opts.quant_sim:
+            nope = self.cfg.nope_head_dim
+            kv = jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
+        return kv
+
+    def output(self, o_bthd, pos_bt, opts: ops.Opts):
+        """Inverse RoPE, grouped low-rank `wo_a` (bf16 dequantized, as the reference converts it), then `wo_b`."""
+        b, t, h, d = o_bthd.shape
+        g, r = self.cfg.o_groups, self.cfg.o_lora_rank
+        o = nn.rope_tail(o_bthd, pos_bt[:, :, None], self.inv_freq, inverse=True)
+        wo_a = self.wo_a.dequantized().astype(BF16).reshape(g, r, -1)
+        u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, -1).astype(F32), wo_a.astype(F32), precision="highest")
+        return self.wo_b(u.astype(BF16).reshape(b, t, g * r), opts)
+
+    def __call__(self, x_btd: jax.Array, opts: ops.Opts, rec: dict | None = None) -> jax.Array:
+        """Full-sequence attention from position 0. `x` is the attn_norm output `[b, s, dim]` bf16."""
+        b, s, _ = x_btd.shape
+        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        q, qr = self.query(x_btd, pos, opts)
+        kv = self.window_kv(x_btd, pos, opts)
+        win = window_indices(s, self.cfg.window_size)
+        idx = jnp.broadcast_to(jnp.asarray(win), (b, *win.shape))
+        if self.ratio:
+            entries = self.compressor(x_btd, self.inv_freq, opts)
+            kv = jnp.concatenate([kv, entries], axis=1)
+            comp = jnp.asarray(compressed_indices(s, self.ratio, offset=s))
+            comp = jnp.broadcast_to(comp, (b, *comp.shape))
+            if self.ratio == 4 and comp.shape[-1]:
+                qi, wi = self.indexer.queries(x_btd, qr, pos, self.inv_freq, opts)
+                keys = self.indexer.compressor(x_btd, self.inv_freq, opts)
+                raw = self.indexer.scores(qi, wi, keys)
+                sel, masked = self.indexer.select(raw, comp >= 0)
+                comp = jnp.where(sel >= 0, sel + s, -1)
+                if rec is not None:
+                    rec["indexer_topk"], rec["indexer_scores"] = comp, masked
+            idx = jnp.concatenate([idx, comp], axis=-1)
+        if rec is not None:
+            rec["attn_kv"], rec["attn_topk"] = kv, idx
+        o = sparse_attention(q, kv, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
+        return self.output(o, pos, opts)

@@ -1,0 +1,73 @@
+"""Manifold-constrained hyper-connections (mHC): `hc_pre`, `hc_post`, `hc_head` (spec §3.1).
+
+The residual stream is `X_btnd` (`n = hc_mult` streams, bf16). All mixing is fp32. Parameters of one connection:
+`fn [(2 + n) * n, n * d]`, `scale [3]`, `base [(2 + n) * n]` (head: `fn [n, n * d]`, `scale [1]`, `base [n]`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["hc_pre", "hc_post", "hc_head", "sinkhorn", "split_mixes"]
+
+F32 = jnp.float32
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _mixes(X_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(flat fp32 streams `[b,t,n*d]`, `(xf @ fn.T) * rsqrt(mean(xf^2) + eps)`): RMS over all n*d values, no weight."""
+    b, t, n, d = X_btnd.shape
+    xf = X_btnd.reshape(b, t, n * d).astype(F32)
+    rs = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + F32(eps))
+    return xf, jnp.dot(xf, fn.astype(F32).T, precision="highest") * rs
+
+
+def sinkhorn(logits_btnn: jax.Array, iters: int, eps: float) -> jax.Array:
+    """Row softmax (+eps), column normalise, then `iters - 1` rounds of (row, column) normalisation, eps in every
+    denominator. Rows are the first index j (source stream), columns the second index k (target stream)."""
+    c = jax.nn.softmax(logits_btnn, axis=-1) + F32(eps)
+    c = c / (jnp.sum(c, axis=-2, keepdims=True) + F32(eps))
+    for _ in range(iters - 1):
+        c = c / (jnp.sum(c, axis=-1, keepdims=True) + F32(eps))
+        c = c / (jnp.sum(c, axis=-2, keepdims=True) + F32(eps))
+    return c
+
+
+def split_mixes(mix: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float):
+    """The official `hc_split_sinkhorn`: mixes `[..., (2+n)*n]` -> (pre `[..., n]`, post `[..., n]`, comb `[..., n, n]`)."""
+    scale, base = scale.astype(F32), base.astype(F32)
+    pre = _sigmoid(mix[..., :n] * scale[0] + base[:n]) + F32(eps)
+    post = 2.0 * _sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    comb = mix[..., 2 * n :] * scale[2] + base[2 * n :]
+    comb = comb.reshape(*comb.shape[:-1], n, n)
+    return pre, post, sinkhorn(comb, iters, eps)
+
+
+def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float):
+    """Collapses the n streams into one sublayer input.
+
+    Returns `(x_btd bf16, post_btn fp32, comb_btnn fp32)`; `x = bf16(sum_j pre[j] * X[j])`.
+    """
+    n = X_btnd.shape[2]
+    xf, mix = _mixes(X_btnd, fn, norm_eps)
+    pre, post, comb = split_mixes(mix, scale, base, n, iters, eps)
+    x = jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2)
+    return x.astype(X_btnd.dtype), post, comb
+
+
+def hc_post(x_btd, R_btnd, post_btn, comb_btnn):
+    """`X_new[k] = bf16(post[k] * x + sum_j comb[j, k] * R[j])`: stream k receives column k of comb."""
+    y = post_btn[..., None] * x_btd.astype(F32)[:, :, None, :]
+    y = y + jnp.sum(comb_btnn[..., None] * R_btnd.astype(F32)[:, :, :, None, :], axis=2)
+    return y.astype(R_btnd.dtype)
+
+
+def hc_head(X_btnd, fn, scale, base, *, eps: float, norm_eps: float):
+    """Final collapse: `bf16(sum_j (sigmoid(mix_j * scale + base_j) + eps) * X[j])`; no Sinkhorn."""
+    xf, mix = _mixes(X_btnd, fn, norm_eps)
+    pre = jax.nn.sigmoid(mix * scale.astype(F32)[0] + base.astype(F32)) + F32(eps)
+    return jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2).astype(X_btnd.dtype)

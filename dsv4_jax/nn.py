@@ -1,0 +1,165 @@
+"""Small building blocks: parameters with logical axes, RMSNorm, linear layers by storage format, RoPE, Hadamard.
+
+Parameters are created in their storage format (FP8 + UE8M0 scales, bf16, fp32) and carry `logical_axes` metadata,
+which `dsv4_jax.sharding` maps to mesh axes. Random values are only for `init_random`; real weights come from a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv4_jax import ops, quant
+
+__all__ = [
+    "param",
+    "RMSNorm",
+    "Fp8Linear",
+    "Bf16Linear",
+    "rms_norm",
+    "rope_inv_freq",
+    "apply_rope",
+    "hadamard_128",
+]
+
+BF16 = jnp.bfloat16
+F32 = jnp.float32
+
+
+def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match the shape {value.shape}")
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def normal(rngs: nnx.Rngs, shape, std: float, dtype=F32) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, F32) * std).astype(dtype)
+
+
+# ---- norms -----------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """`(w_f32 * (x_f32 * rsqrt(mean(x_f32^2) + eps))).astype(x.dtype)`: the weight multiply is in fp32 before the
+    cast (the official order; HF casts first)."""
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + F32(eps))
+    return (w.astype(F32) * y).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis: str | None = "embed", *, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.weight = param(jnp.ones((dim,), BF16), (axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+# ---- linear layers ---------------------------------------------------------------------------------------------
+
+
+class Fp8Linear(nnx.Module):
+    """FP8 e4m3 weight `[out, in]` with UE8M0 128x128 block scales `[ceil(out/128), ceil(in/128)]`."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple, *, rngs: nnx.Rngs, std: float | None = None):
+        std = in_features**-0.5 if std is None else std
+        w, s = quant.quantize_fp8_weight(normal(rngs, (out_features, in_features), std))
+        self.weight = param(w, axes)
+        self.scale = param(s, axes)
+
+    def dequantized(self) -> jax.Array:
+        return quant.dequant_fp8_weight(self.weight[...], self.scale[...])
+
+    def __call__(self, x: jax.Array, opts: ops.Opts) -> jax.Array:
+        return ops.fp8_linear(x, self.weight[...], self.scale[...], opts)
+
+
+class Bf16Linear(nnx.Module):
+    """A bf16-stored weight `[out, in]`, applied in bf16 (`fp32=False`) or as its fp32 copy on fp32 input."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple, *, rngs: nnx.Rngs, std: float | None = None):
+        std = in_features**-0.5 if std is None else std
+        self.weight = param(normal(rngs, (out_features, in_features), std, BF16), axes)
+
+    def __call__(self, x: jax.Array, fp32: bool = False) -> jax.Array:
+        return ops.f32_linear(x, self.weight[...]) if fp32 else ops.bf16_linear(x, self.weight[...])
+
+
+# ---- RoPE ------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def rope_inv_freq(dim: int, base: float, original_seq_len: int, factor: float, beta_fast: int, beta_slow: int):
+    """Inverse frequencies `[dim/2]` float32; YaRN-blended when `original_seq_len > 0` (compressed layers). No mscale."""
+    inv = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(
+        np.float32
+    )
+    if original_seq_len > 0:
+
+        def corr_dim(rot):
+            return dim * math.log(original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(corr_dim(beta_fast)), 0)
+        high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        smooth = (np.float32(1) - ramp).astype(np.float32)
+        inv = (inv / np.float32(factor) * (np.float32(1) - smooth) + inv * smooth).astype(np.float32)
+    return inv
+
+
+def layer_inv_freq(cfg, ratio: int) -> np.ndarray:
+    """The RoPE table of a layer: theta 160000 + YaRN if compressed (ratio > 0), else plain theta 10000."""
+    if ratio:
+        return rope_inv_freq(cfg.rope_head_dim, cfg.compress_rope_theta, cfg.original_seq_len, cfg.rope_factor,
+                             cfg.beta_fast, cfg.beta_slow)  # fmt: skip
+    return rope_inv_freq(cfg.rope_head_dim, cfg.rope_theta, 0, 1.0, 0, 0)
+
+
+def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: np.ndarray, inverse: bool = False) -> jax.Array:
+    """Rotates interleaved pairs `(x[2i], x[2i+1])` of the last axis by `pos * inv_freq[i]` (conjugate if `inverse`).
+
+    Args:
+      x: `[..., 2 * len(inv_freq)]`; pos: integer positions broadcastable to `x.shape[:-1]`.
+    Returns the rotated `x` in its dtype; the arithmetic is fp32 (complex multiply of the official code).
+    """
+    ang = pos.astype(F32)[..., None] * jnp.asarray(inv_freq)
+    c, s = jnp.cos(ang), jnp.sin(ang)
+    if inverse:
+        s = -s
+    xf = x.astype(F32)
+    a, b = xf[..., 0::2], xf[..., 1::2]
+    out = jnp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(x.shape)
+    return out.astype(x.dtype)
+
+
+def rope_tail(x: jax.Array, pos: jax.Array, inv_freq: np.ndarray, inverse: bool = False) -> jax.Array:
+    """RoPE on the last `2 * len(inv_freq)` dims of `x`; the leading dims pass through."""
+    r = 2 * len(inv_freq)
+    return jnp.concatenate([x[..., :-r], apply_rope(x[..., -r:], pos, inv_freq, inverse)], axis=-1)
+
+
+# ---- Hadamard --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard(n: int) -> np.ndarray:
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def hadamard_128(x: jax.Array) -> jax.Array:
+    """`(x @ H_128) * 128**-0.5` (Sylvester order) in fp32, rounded once to `x.dtype`."""
+    h = jnp.asarray(_hadamard(x.shape[-1]))
+    y = jnp.dot(x.astype(F32), h, precision="highest") * F32(x.shape[-1] ** -0.5)
+    return y.astype(x.dtype)

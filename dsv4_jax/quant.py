@@ -1,0 +1,175 @@
+"""Storage formats and the reference (pure-JAX) quantization numerics of DeepSeek-V4.
+
+Formats, exactly as the released checkpoint stores them (spec §5):
+  * FP8 weights: `float8_e4m3fn [N, K]` with `float8_e8m0fnu [ceil(N/128), ceil(K/128)]` block scales.
+  * MXFP4 routed experts: `uint8 [N, K/2]`, element 2m in the low nibble, 2m+1 in the high nibble, with
+    `float8_e8m0fnu [N, K/32]` scales.
+
+Simulations that the official forward pass performs (spec §2.3, §8):
+  * `act_quant`: per-token 1x128 FP8 quantization with power-of-two (UE8M0) scales in front of every FP8/FP4 GEMM.
+  * `fp8_sim`/`fp4_sim`: in-place fake quantization of KV and indexer vectors.
+
+Power-of-two scales are computed from the IEEE bits (exponent + (mantissa != 0)) exactly as the official kernels do.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FP8_MAX",
+    "FP4_MAX",
+    "E2M1_VALUES",
+    "e8m0_to_f32",
+    "f32_to_e8m0",
+    "pow2_ceil",
+    "act_quant",
+    "fp8_sim",
+    "fp4_sim",
+    "cast_e2m1",
+    "dequant_fp8_weight",
+    "unpack_fp4",
+    "pack_fp4",
+    "dequant_fp4_weight",
+    "quantize_fp8_weight",
+    "quantize_fp4_weight",
+]
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP8_AMAX_FLOOR = 1e-4
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126
+
+# e2m1 code -> value; bit 3 is the sign.
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def e8m0_to_f32(s: jax.Array) -> jax.Array:
+    """UE8M0 scale bytes -> float32 `2**(byte - 127)`; byte 0xFF decodes to NaN (as the format defines)."""
+    b = jax.lax.bitcast_convert_type(s, jnp.uint8) if s.dtype != jnp.uint8 else s
+    b32 = b.astype(jnp.uint32)
+    # 2**(b-127) is the float32 with biased exponent b; b == 0 is 2**-127, a denormal: 0x00400000.
+    bits = jnp.where(b32 == 0, jnp.uint32(0x00400000), b32 << 23)
+    val = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.where(b32 == 255, jnp.float32(jnp.nan), val)
+
+
+def f32_to_e8m0(x: jax.Array) -> jax.Array:
+    """Exact powers of two (float32, normal range) -> UE8M0 bytes, as `float8_e8m0fnu`."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jax.lax.bitcast_convert_type(((bits >> 23) & 0xFF).astype(jnp.uint8), jnp.float8_e8m0fnu)
+
+
+def pow2_ceil(x: jax.Array) -> jax.Array:
+    """`2**ceil(log2(x))` for positive normal float32 `x`, from the IEEE bits (the official `fast_round_scale`)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    exp = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    exp = exp + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)
+    return jax.lax.bitcast_convert_type((exp.astype(jnp.uint32) << 23), jnp.float32)
+
+
+def _block_scale(xb: jax.Array, floor: float, qmax: float) -> jax.Array:
+    amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), jnp.float32(floor))
+    # Multiply by the float32 reciprocal (not divide): that is what the kernels do, and it changes the rounding.
+    return pow2_ceil(amax * jnp.float32(1.0 / qmax))
+
+
+def act_quant(x: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
+    """Per-token FP8 quantization in blocks of `block` along the last axis.
+
+    Args:
+      x: `[..., K]` (bf16 or f32), `K % block == 0`.
+    Returns:
+      `(x_q, s)`: `x_q` float8_e4m3fn `[..., K]`, `s` float32 powers of two `[..., K // block]`, with
+      `x ~= x_q * s` blockwise.
+    """
+    *lead, k = x.shape
+    if k % block:
+        raise ValueError(f"act_quant: last dim {k} is not a multiple of the block {block}")
+    xb = x.astype(jnp.float32).reshape(*lead, k // block, block)
+    s = _block_scale(xb, FP8_AMAX_FLOOR, FP8_MAX)
+    q = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return q.reshape(*lead, k), s[..., 0]
+
+
+def fp8_sim(x: jax.Array, block: int = 64) -> jax.Array:
+    """FP8 fake quantization (round trip through e4m3 with pow2 block scales), result in `x.dtype`."""
+    *lead, k = x.shape
+    xb = x.astype(jnp.float32).reshape(*lead, k // block, block)
+    s = _block_scale(xb, FP8_AMAX_FLOOR, FP8_MAX)
+    q = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    return (q * s).reshape(x.shape).astype(x.dtype)
+
+
+def cast_e2m1(x: jax.Array) -> jax.Array:
+    """Round float32 values in [-6, 6] to the nearest e2m1 value, ties to even (hardware `cvt.rn.satfinite`)."""
+    return x.astype(jnp.float4_e2m1fn).astype(jnp.float32)
+
+
+def fp4_sim(x: jax.Array, block: int = 32) -> jax.Array:
+    """FP4 (e2m1) fake quantization with pow2 block scales, result in `x.dtype`."""
+    *lead, k = x.shape
+    xb = x.astype(jnp.float32).reshape(*lead, k // block, block)
+    s = _block_scale(xb, FP4_AMAX_FLOOR, FP4_MAX)
+    q = cast_e2m1(jnp.clip(xb / s, -FP4_MAX, FP4_MAX))
+    return (q * s).reshape(x.shape).astype(x.dtype)
+
+
+# ---- weights ---------------------------------------------------------------------------------------------------
+
+
+def _expand_block_scale(s: jax.Array, n: int, k: int, bn: int, bk: int) -> jax.Array:
+    s32 = e8m0_to_f32(s)
+    s32 = jnp.repeat(jnp.repeat(s32, bn, axis=-2), bk, axis=-1)
+    return s32[..., :n, :k]
+
+
+def dequant_fp8_weight(w: jax.Array, s: jax.Array) -> jax.Array:
+    """`float8_e4m3fn [..., N, K]` with e8m0 `[..., ceil(N/128), ceil(K/128)]` scales -> float32 `[..., N, K]`."""
+    n, k = w.shape[-2:]
+    return w.astype(jnp.float32) * _expand_block_scale(s, n, k, 128, 128)
+
+
+def unpack_fp4(packed: jax.Array) -> jax.Array:
+    """Packed e2m1 bytes `[..., N, K/2]` -> float32 values `[..., N, K]` (low nibble = even element)."""
+    b = jax.lax.bitcast_convert_type(packed, jnp.uint8) if packed.dtype != jnp.uint8 else packed
+    lo, hi = b & 0x0F, b >> 4
+    codes = jnp.stack([lo, hi], axis=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+    return jnp.asarray(E2M1_VALUES)[codes.astype(jnp.int32)]
+
+
+def pack_fp4(values: jax.Array) -> jax.Array:
+    """e2m1 values `[..., K]` (any float dtype, exactly representable) -> packed uint8 `[..., K/2]`, low nibble first."""
+    codes = jax.lax.bitcast_convert_type(values.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def dequant_fp4_weight(packed: jax.Array, s: jax.Array) -> jax.Array:
+    """Packed MXFP4 `[..., N, K/2]` with e8m0 `[..., N, K/32]` scales -> float32 `[..., N, K]`."""
+    v = unpack_fp4(packed)
+    return v * jnp.repeat(e8m0_to_f32(s), 32, axis=-1)
+
+
+def quantize_fp8_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 `[..., N, K]` -> (e4m3 `[..., N, K]`, e8m0 `[..., ceil(N/128), ceil(K/128)]`): 128x128 blocks with
+    power-of-two scales (amax floor 1e-4), the format of the released FP8 weights."""
+    *lead, n, k = w.shape
+    nb, kb = -(-n // 128), -(-k // 128)
+    pad = jnp.pad(w.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, nb * 128 - n), (0, kb * 128 - k)])
+    blocks = pad.reshape(*lead, nb, 128, kb, 128)
+    amax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=(-3, -1)), jnp.float32(FP8_AMAX_FLOOR))
+    s = pow2_ceil(amax * jnp.float32(1.0 / FP8_MAX))
+    q = jnp.clip(blocks / s[..., :, None, :, None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    q = q.reshape(*lead, nb * 128, kb * 128)[..., :n, :k]
+    return q, f32_to_e8m0(s)
+
+
+def quantize_fp4_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 `[..., N, K]` -> (packed uint8 `[..., N, K/2]`, e8m0 `[..., N, K/32]`): MXFP4 with pow2 1x32 scales."""
+    *lead, n, k = w.shape
+    blocks = w.astype(jnp.float32).reshape(*lead, n, k // 32, 32)
+    s = _block_scale(blocks, FP4_AMAX_FLOOR, FP4_MAX)
+    q = jnp.clip(blocks / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn).reshape(*lead, n, k)
+    return pack_fp4(q), f32_to_e8m0(s[..., 0])
