@@ -1,0 +1,56 @@
+"""Shared test settings. The official fixture is read in place from one setting:
+`DSV4_FIXTURES` (default: `../shared/fixtures` beside the repository)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get("DSV4_FIXTURES", REPO.parent / "shared" / "fixtures"))
+OFFICIAL_TINY = FIXTURES / "official-tiny"
+
+
+def _has_gpu() -> bool:
+    try:
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def official_dir() -> pathlib.Path:
+    if not (OFFICIAL_TINY / "oracle.npz").exists():
+        pytest.skip(f"official fixture not found at {OFFICIAL_TINY} (set DSV4_FIXTURES)")
+    return OFFICIAL_TINY
+
+
+@pytest.fixture(scope="session")
+def oracle(official_dir):
+    return dict(np.load(official_dir / "oracle.npz"))
+
+
+@pytest.fixture(scope="session")
+def official_state(official_dir):
+    from dsv4_jax.checkpoint.native import load_native
+
+    return load_native(official_dir / "checkpoint")
+
+
+def rel_rms(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
