@@ -1,9 +1,9 @@
 """DeepSeek-V4 (Flash and Pro) inference in JAX.
 
-    import dsv4_jax
-    cfg = dsv4_jax.Config.tiny()
-    state = dsv4_jax.init_random(cfg, 0)
-    logits = dsv4_jax.forward(state, tokens)          # [B, S, V] fp32
+import dsv4_jax
+cfg = dsv4_jax.Config.tiny()
+state = dsv4_jax.init_random(cfg, 0)
+logits = dsv4_jax.forward(state, tokens)          # [B, S, V] fp32
 """
 
 from dsv4_jax.config import Config, ConfigError

@@ -15,6 +15,7 @@ from flax import nnx
 
 from dsv4_jax import nn, ops, quant
 from dsv4_jax.config import Config
+from dsv4_jax.rounding import to_bf16
 
 __all__ = ["Attention", "Compressor", "Indexer", "sparse_attention", "window_indices", "compressed_indices"]
 
@@ -51,17 +52,35 @@ def sparse_attention(q_bshd, kv_bnd, idx_bsk, sink_h, scale: float, chunk: int =
     Queries are processed in chunks of `chunk` to bound the gathered `[b, chunk, k, D]` block.
     """
     b, s, h, d = q_bshd.shape
+    tile = 64
 
     def attend(q, idx):
-        rows = jnp.take_along_axis(kv_bnd[:, None, :, :], jnp.maximum(idx, 0)[..., None], axis=2)  # [b,c,k,D]
-        z = jnp.einsum("bchd,bckd->bchk", q.astype(F32), rows.astype(F32), precision="highest") * F32(scale)
-        z = jnp.where((idx >= 0)[:, :, None, :], z, -jnp.inf)
-        m = jnp.max(z, axis=-1, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        p = jnp.exp(z - m)
-        den = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink_h.astype(F32)[None, None, :, None] - m)
-        pv = jnp.einsum("bchk,bckd->bchd", p.astype(BF16).astype(F32), rows.astype(F32), precision="highest")
-        return (pv / den).astype(BF16)
+        # The kernel's order: 64-key tiles in index order, online softmax, probabilities rounded to bf16 against the
+        # running max before the PV product, fp32 accumulation, the sink added to the denominator at the end.
+        c, k = idx.shape[1], idx.shape[2]
+        idx = jnp.pad(idx, ((0, 0), (0, 0), (0, (-k) % tile)), constant_values=-1)
+        nt = idx.shape[-1] // tile
+        idx_t = idx.reshape(b, c, nt, tile).transpose(2, 0, 1, 3)  # [nt, b, c, tile]
+        qf = q.astype(F32)
+
+        def step(carry, it):
+            m_prev, den, acc = carry
+            rows = jnp.take_along_axis(kv_bnd[:, None, :, :], jnp.maximum(it, 0)[..., None], axis=2).astype(F32)
+            rows = jnp.where((it >= 0)[..., None], rows, 0.0)
+            z = jnp.einsum("bchd,bckd->bchk", qf, rows, precision="highest") * F32(scale)
+            z = jnp.where((it >= 0)[:, :, None, :], z, -jnp.inf)
+            m = jnp.maximum(m_prev, jnp.max(z, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+            alpha = jnp.exp(m_prev - m_safe)
+            p = jnp.exp(z - m_safe[..., None])
+            den = den * alpha + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bchk,bckd->bchd", to_bf16(p).astype(F32), rows, precision="highest")
+            return (m, den, acc * alpha[..., None] + pv), None
+
+        init = (jnp.full((b, c, h), -jnp.inf, F32), jnp.zeros((b, c, h), F32), jnp.zeros((b, c, h, d), F32))
+        (m, den, acc), _ = jax.lax.scan(step, init, idx_t)
+        den = den + jnp.exp(sink_h.astype(F32)[None, None, :] - m)
+        return to_bf16(acc / den[..., None])
 
     if s <= chunk:
         return attend(q_bshd, idx_bsk)
@@ -75,10 +94,11 @@ def sparse_attention(q_bshd, kv_bnd, idx_bsk, sink_h, scale: float, chunk: int =
 def head_rms_norm_bf16(q: jax.Array, eps: float) -> jax.Array:
     """Weightless per-head RMS norm with the reference's bf16 tensor arithmetic: each of square, mean, +eps, rsqrt and
     the product is rounded to bf16 (the means accumulate in fp32)."""
-    q2 = (q.astype(F32) * q.astype(F32)).astype(BF16)
-    ms = (jnp.sum(q2.astype(F32), axis=-1, keepdims=True) / F32(q.shape[-1])).astype(BF16)
-    r = jax.lax.rsqrt((ms.astype(F32) + F32(eps)).astype(BF16).astype(F32)).astype(BF16)
-    return (q.astype(F32) * r.astype(F32)).astype(BF16)
+    qf = q.astype(F32)
+    q2 = to_bf16(qf * qf).astype(F32)
+    ms = to_bf16(jnp.sum(q2, axis=-1, keepdims=True) / F32(q.shape[-1])).astype(F32)
+    r = to_bf16(jax.lax.rsqrt(to_bf16(ms + F32(eps)).astype(F32))).astype(F32)
+    return to_bf16(qf * r)
 
 
 # ---- compressor ------------------------------------------------------------------------------------------------
@@ -112,7 +132,7 @@ class Compressor(nnx.Module):
 
     def finish(self, e_bjc: jax.Array, pos_bj: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
         """bf16 round, RMSNorm, RoPE at the block's first position, then FP8 (main) or Hadamard + FP4 (indexer)."""
-        e = self.norm(e_bjc.astype(BF16))
+        e = self.norm(to_bf16(e_bjc))
         e = nn.rope_tail(e, pos_bj, inv_freq)
         if self.rotate:
             e = nn.hadamard_128(e)
@@ -162,15 +182,15 @@ class Indexer(nnx.Module):
         if opts.quant_sim:
             q = quant.fp4_sim(q, 32)
         c = np.float32(self.head_dim**-0.5 * self.n_heads**-0.5)
-        w = (self.weights_proj(x_btd).astype(F32) * c).astype(BF16)
+        w = to_bf16(self.weights_proj(x_btd).astype(F32) * c)
         return q, w
 
     @staticmethod
     def scores(q_bthc, w_bth, keys_bnc) -> jax.Array:
         """`sum_h w[h] * relu(q[h] . K)` with the reference's bf16 rounding points -> `[b, t, n]` (bf16 values, f32)."""
-        qk = jnp.einsum("bthc,bnc->bthn", q_bthc.astype(F32), keys_bnc.astype(F32), precision="highest").astype(BF16)
-        wq = (jnp.maximum(qk, 0).astype(F32) * w_bth.astype(F32)[..., None]).astype(BF16)
-        return jnp.sum(wq.astype(F32), axis=2).astype(BF16).astype(F32)
+        qk = to_bf16(jnp.einsum("bthc,bnc->bthn", q_bthc.astype(F32), keys_bnc.astype(F32), precision="highest"))
+        wq = to_bf16(jnp.maximum(qk, 0).astype(F32) * w_bth.astype(F32)[..., None])
+        return to_bf16(jnp.sum(wq.astype(F32), axis=2)).astype(F32)
 
     def select(self, scores_btn, visible_btn) -> tuple[jax.Array, jax.Array]:
         """Top-`min(index_topk, n)` visible entries per query: (`idx [b,t,k]` with -1 for invisible picks, scores)."""
@@ -230,9 +250,9 @@ class Attention(nnx.Module):
         b, t, h, d = o_bthd.shape
         g, r = self.cfg.o_groups, self.cfg.o_lora_rank
         o = nn.rope_tail(o_bthd, pos_bt[:, :, None], self.inv_freq, inverse=True)
-        wo_a = self.wo_a.dequantized().astype(BF16).reshape(g, r, -1)
+        wo_a = to_bf16(self.wo_a.dequantized()).reshape(g, r, -1)
         u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, -1).astype(F32), wo_a.astype(F32), precision="highest")
-        return self.wo_b(u.astype(BF16).reshape(b, t, g * r), opts)
+        return self.wo_b(to_bf16(u).reshape(b, t, g * r), opts)
 
     def __call__(self, x_btd: jax.Array, opts: ops.Opts, rec: dict | None = None) -> jax.Array:
         """Full-sequence attention from position 0. `x` is the attn_norm output `[b, s, dim]` bf16."""

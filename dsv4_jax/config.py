@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["Config", "ConfigError"]
 
@@ -88,7 +89,9 @@ class Config:
         if self.expert_dtype not in ("fp4", "fp8"):
             problems.append(f"expert_dtype={self.expert_dtype!r}; expected 'fp4' or 'fp8'")
         if self.head_dim <= self.rope_head_dim or self.rope_head_dim % 2:
-            problems.append(f"rope_head_dim={self.rope_head_dim} must be even and smaller than head_dim={self.head_dim}")
+            problems.append(
+                f"rope_head_dim={self.rope_head_dim} must be even and smaller than head_dim={self.head_dim}"
+            )
         if self.index_head_dim != 128 and 4 in self.compress_ratios:
             problems.append(f"index_head_dim={self.index_head_dim}: the indexer's Hadamard rotation is 128-wide")
         if self.n_activated_experts > self.n_routed_experts:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv4_jax.rounding import cast
+
 __all__ = ["hc_pre", "hc_post", "hc_head", "sinkhorn", "split_mixes"]
 
 F32 = jnp.float32
@@ -38,7 +40,8 @@ def sinkhorn(logits_btnn: jax.Array, iters: int, eps: float) -> jax.Array:
 
 
 def split_mixes(mix: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float):
-    """The official `hc_split_sinkhorn`: mixes `[..., (2+n)*n]` -> (pre `[..., n]`, post `[..., n]`, comb `[..., n, n]`)."""
+    """The official `hc_split_sinkhorn`: mixes `[..., (2+n)*n]` -> (pre `[..., n]`, post `[..., n]`,
+    comb `[..., n, n]`)."""
     scale, base = scale.astype(F32), base.astype(F32)
     pre = _sigmoid(mix[..., :n] * scale[0] + base[:n]) + F32(eps)
     post = 2.0 * _sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
@@ -56,18 +59,18 @@ def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float):
     xf, mix = _mixes(X_btnd, fn, norm_eps)
     pre, post, comb = split_mixes(mix, scale, base, n, iters, eps)
     x = jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2)
-    return x.astype(X_btnd.dtype), post, comb
+    return cast(x, X_btnd.dtype), post, comb
 
 
 def hc_post(x_btd, R_btnd, post_btn, comb_btnn):
     """`X_new[k] = bf16(post[k] * x + sum_j comb[j, k] * R[j])`: stream k receives column k of comb."""
     y = post_btn[..., None] * x_btd.astype(F32)[:, :, None, :]
     y = y + jnp.sum(comb_btnn[..., None] * R_btnd.astype(F32)[:, :, :, None, :], axis=2)
-    return y.astype(R_btnd.dtype)
+    return cast(y, R_btnd.dtype)
 
 
 def hc_head(X_btnd, fn, scale, base, *, eps: float, norm_eps: float):
     """Final collapse: `bf16(sum_j (sigmoid(mix_j * scale + base_j) + eps) * X[j])`; no Sinkhorn."""
     xf, mix = _mixes(X_btnd, fn, norm_eps)
     pre = jax.nn.sigmoid(mix * scale.astype(F32)[0] + base.astype(F32)) + F32(eps)
-    return jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2).astype(X_btnd.dtype)
+    return cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2), X_btnd.dtype)

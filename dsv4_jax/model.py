@@ -23,6 +23,7 @@ from dsv4_jax import mhc, nn, ops
 from dsv4_jax.attention import Attention
 from dsv4_jax.config import Config
 from dsv4_jax.moe import MoE
+from dsv4_jax.rounding import to_bf16
 
 __all__ = ["Block", "MTPBlock", "Transformer", "ModelState", "Output", "init_random", "abstract", "forward",
            "forward_outputs"]  # fmt: skip
@@ -95,7 +96,7 @@ class MTPBlock(Block):
     def mix_inputs(self, X_main_btnd, emb_btd, opts):
         e = self.enorm(emb_btd)
         h = self.hnorm(X_main_btnd)
-        return (self.h_proj(h, opts).astype(F32) + self.e_proj(e, opts).astype(F32)[:, :, None, :]).astype(BF16)
+        return to_bf16(self.h_proj(h, opts).astype(F32) + self.e_proj(e, opts).astype(F32)[:, :, None, :])
 
 
 class Embedding(nnx.Module):

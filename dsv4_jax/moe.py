@@ -12,6 +12,7 @@ from flax import nnx
 
 from dsv4_jax import nn, ops, quant
 from dsv4_jax.config import Config
+from dsv4_jax.rounding import to_bf16
 
 __all__ = ["MoE", "Gate", "route", "swiglu"]
 
@@ -96,7 +97,7 @@ class Experts(nnx.Module):
             (w1, s1, w3, s3, w2, s2), wt = ew
             g = ops.expert_linear(x_td, w1, s1, opts).astype(F32)
             u = ops.expert_linear(x_td, w3, s3, opts).astype(F32)
-            h = (wt[:, None] * swiglu(g, u, self.limit)).astype(BF16)
+            h = to_bf16(wt[:, None] * swiglu(g, u, self.limit))
             return acc + ops.expert_linear(h, w2, s2, opts).astype(F32), None
 
         ws = tuple(p[...] for m in (self.w1, self.w3, self.w2) for p in (m.weight, m.scale))
@@ -115,7 +116,7 @@ class SharedExpert(nnx.Module):
 
     def __call__(self, x_td, opts: ops.Opts) -> jax.Array:
         h = swiglu(self.w1(x_td, opts).astype(F32), self.w3(x_td, opts).astype(F32), self.limit)
-        return self.w2(h.astype(BF16), opts)
+        return self.w2(to_bf16(h), opts)
 
 
 class MoE(nnx.Module):
@@ -137,4 +138,4 @@ class MoE(nnx.Module):
             rec["route_idx"], rec["route_w"] = idx, w
         dense_w = jnp.zeros((b * s, self.n_experts), F32).at[jnp.arange(b * s)[:, None], idx].add(w)
         y = self.experts(x, dense_w, opts) + self.shared_experts(x, opts).astype(F32)
-        return y.astype(BF16).reshape(b, s, d)
+        return to_bf16(y).reshape(b, s, d)

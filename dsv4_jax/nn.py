@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax import ops, quant
+from dsv4_jax.rounding import cast
 
 __all__ = [
     "param",
@@ -50,7 +51,7 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     cast (the official order; HF casts first)."""
     xf = x.astype(F32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + F32(eps))
-    return (w.astype(F32) * y).astype(x.dtype)
+    return cast(w.astype(F32) * y, x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -95,9 +96,10 @@ class Bf16Linear(nnx.Module):
 # ---- RoPE ------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rope_inv_freq(dim: int, base: float, original_seq_len: int, factor: float, beta_fast: int, beta_slow: int):
-    """Inverse frequencies `[dim/2]` float32; YaRN-blended when `original_seq_len > 0` (compressed layers). No mscale."""
+    """Inverse frequencies `[dim/2]` float32; YaRN-blended when `original_seq_len > 0` (compressed layers only).
+    No mscale."""
     inv = (np.float32(1.0) / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(
         np.float32
     )
@@ -138,7 +140,7 @@ def apply_rope(x: jax.Array, pos: jax.Array, inv_freq: np.ndarray, inverse: bool
     xf = x.astype(F32)
     a, b = xf[..., 0::2], xf[..., 1::2]
     out = jnp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(x.shape)
-    return out.astype(x.dtype)
+    return cast(out, x.dtype)
 
 
 def rope_tail(x: jax.Array, pos: jax.Array, inv_freq: np.ndarray, inverse: bool = False) -> jax.Array:
@@ -150,7 +152,7 @@ def rope_tail(x: jax.Array, pos: jax.Array, inv_freq: np.ndarray, inverse: bool 
 # ---- Hadamard --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hadamard(n: int) -> np.ndarray:
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < n:
@@ -162,4 +164,4 @@ def hadamard_128(x: jax.Array) -> jax.Array:
     """`(x @ H_128) * 128**-0.5` (Sylvester order) in fp32, rounded once to `x.dtype`."""
     h = jnp.asarray(_hadamard(x.shape[-1]))
     y = jnp.dot(x.astype(F32), h, precision="highest") * F32(x.shape[-1] ** -0.5)
-    return y.astype(x.dtype)
+    return cast(y, x.dtype)

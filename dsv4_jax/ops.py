@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax import quant
+from dsv4_jax.rounding import to_bf16
 
 __all__ = ["Opts", "fp8_linear", "fp4_linear", "expert_linear", "bf16_linear", "f32_linear"]
 
@@ -84,11 +85,11 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, opts: Opts) -> jax.Arra
     n, k = w.shape
     if not opts.quant_sim:
         y = jnp.dot(x2.astype(jnp.float32), quant.dequant_fp8_weight(w, s).T, precision="highest")
-        return y.astype(jnp.bfloat16).reshape(*lead, n)
+        return to_bf16(y).reshape(*lead, n)
     xq, sx = quant.act_quant(x2, 128)
     sw = jnp.repeat(quant.e8m0_to_f32(s), 128, axis=0)[:n]
     y = _blockwise_gemm(xq.astype(jnp.float32), sx, w.astype(jnp.float32), sw, 128)
-    return y.astype(jnp.bfloat16).reshape(*lead, n)
+    return to_bf16(y).reshape(*lead, n)
 
 
 def fp4_linear(x: jax.Array, w: jax.Array, s: jax.Array, opts: Opts) -> jax.Array:
@@ -97,11 +98,11 @@ def fp4_linear(x: jax.Array, w: jax.Array, s: jax.Array, opts: Opts) -> jax.Arra
     n = w.shape[0]
     if not opts.quant_sim:
         y = jnp.dot(x2.astype(jnp.float32), quant.dequant_fp4_weight(w, s).T, precision="highest")
-        return y.astype(jnp.bfloat16).reshape(*lead, n)
+        return to_bf16(y).reshape(*lead, n)
     xq, sx = quant.act_quant(x2, 128)
     sx32 = jnp.repeat(sx, 4, axis=-1)  # one activation scale per 128 = four 32-wide weight blocks
     y = _blockwise_gemm(xq.astype(jnp.float32), sx32, quant.unpack_fp4(w), quant.e8m0_to_f32(s), 32)
-    return y.astype(jnp.bfloat16).reshape(*lead, n)
+    return to_bf16(y).reshape(*lead, n)
 
 
 def expert_linear(x: jax.Array, w: jax.Array, s: jax.Array, opts: Opts) -> jax.Array:
@@ -114,7 +115,7 @@ def expert_linear(x: jax.Array, w: jax.Array, s: jax.Array, opts: Opts) -> jax.A
 def bf16_linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """bf16 weight: fp32 accumulation, bf16 output (torch `F.linear` on bf16)."""
     y = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32).T, precision="highest")
-    return y.astype(jnp.bfloat16)
+    return to_bf16(y)
 
 
 def f32_linear(x: jax.Array, w: jax.Array) -> jax.Array:

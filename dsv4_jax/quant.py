@@ -141,7 +141,8 @@ def unpack_fp4(packed: jax.Array) -> jax.Array:
 
 
 def pack_fp4(values: jax.Array) -> jax.Array:
-    """e2m1 values `[..., K]` (any float dtype, exactly representable) -> packed uint8 `[..., K/2]`, low nibble first."""
+    """e2m1 values `[..., K]` (any float dtype, exactly representable) -> packed uint8 `[..., K/2]`, low nibble
+    first."""
     codes = jax.lax.bitcast_convert_type(values.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.uint8)
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 

@@ -35,5 +35,7 @@ def run(args) -> int:
     print(f"prompt: {args.prompt!r} ({tokens.shape[1]} tokens), tiny random model (seed {args.seed})")
     for t in order:
         print(f"  token {t:4d} {bytes([t]) if t < 256 else b'?'!r:>8}  p={p[t]:.4f}")
-    print(f"first call (compile + run) {t1 - t0:.2f} s, forward {t2 - t1:.3f} s ({tokens.shape[1] / (t2 - t1):.0f} tok/s)")
+    print(
+        f"first call (compile + run) {t1 - t0:.2f} s, forward {t2 - t1:.3f} s ({tokens.shape[1] / (t2 - t1):.0f} tok/s)"
+    )
     return 0
