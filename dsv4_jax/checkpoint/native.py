@@ -17,16 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4_jax.checkpoint.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from dsv4_jax.checkpoint.layout import CheckpointError, check, param_table, read_param, without_mtp
+from dsv4_jax.checkpoint.safetensors_io import SafetensorsError, TensorInfo, read_header
 from dsv4_jax.config import Config
 
-__all__ = ["native_to_path", "path_to_native", "index_tensors", "load_native", "CheckpointError"]
+__all__ = ["native_to_path", "path_to_native", "index_tensors", "iter_params", "load_native", "read_config",
+           "CheckpointError"]  # fmt: skip
 
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scale)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model; the message lists every problem found."""
 
 
 def native_to_path(name: str) -> tuple[tuple, int | None]:
@@ -57,6 +55,13 @@ def index_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
                 weight_map = json.load(f)["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        except OSError as e:
+            raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map is not a name -> file mapping")
+        bad = sorted({v for v in weight_map.values() if os.path.basename(v) != v or not v.endswith(".safetensors")})
+        if bad:
+            raise CheckpointError(f"{index}: weight_map names files outside the folder or not .safetensors: {bad}")
         files = sorted(set(weight_map.values()))
     else:
         weight_map = None
@@ -68,7 +73,9 @@ def index_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
     for fn in files:
         path = os.path.join(folder, fn)
         if not os.path.exists(path):
-            problems.append(f"{index} names {fn}, which does not exist")
+            names = sorted(n for n, f in weight_map.items() if f == fn)
+            problems.append(f"{index} names {fn} (holding {len(names)} tensors, e.g. {names[0]!r}), which does not "
+                            f"exist in {folder}")  # fmt: skip
             continue
         try:
             hdr, _ = read_header(path)
@@ -87,48 +94,34 @@ def index_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _convert(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.int8:
-        return arr.view(np.uint8)
-    if arr.dtype == np.int64:
-        return arr.astype(np.int32)
-    return arr
+def read_config(folder: str | os.PathLike) -> Config:
+    """The `Config` of a released checkpoint folder (its HF-style `config.json`, else `inference/config.json`)."""
+    folder = os.fspath(folder)
+    for rel in ("config.json", os.path.join("inference", "config.json")):
+        if os.path.exists(os.path.join(folder, rel)):
+            return Config.from_hf(os.path.join(folder, rel))
+    raise CheckpointError(f"{folder}: no config.json (nor inference/config.json)")
 
 
-def iter_params(folder, cfg: Config) -> Iterator[tuple[tuple, np.ndarray]]:
-    """(parameter path, numpy value) for every parameter of `cfg`'s model, experts stacked, read lazily."""
-    from dsv4_jax.model import abstract
-
-    tensors = index_tensors(folder)
-    flat = nnx.to_flat_state(abstract(cfg).params)
-    for path, var in flat:
-        if len(path) >= 3 and path[-3] == "experts":
-            vals = []
-            for e in range(cfg.n_routed_experts):
-                vals.append(_convert(read_tensor(tensors[path_to_native(path, e)])))
-            yield path, np.stack(vals)
-        else:
-            yield path, _convert(read_tensor(tensors[path_to_native(path)]))
+def iter_params(folder, cfg: Config, *, mtp: bool | None = None, tensors: dict | None = None
+                ) -> Iterator[tuple[tuple, np.ndarray]]:  # fmt: skip
+    """(parameter path, numpy value) for every parameter of `cfg`'s model (without MTP if `mtp=False`), experts
+    stacked, one parameter in memory at a time. Validates the whole checkpoint first (`layout.check`)."""
+    tensors = index_tensors(folder) if tensors is None else tensors
+    check(tensors, cfg, mtp=mtp, where=os.fspath(folder))
+    model_cfg = cfg if (cfg.n_mtp_layers and mtp is not False) else without_mtp(cfg)
+    for spec in param_table(model_cfg):
+        yield spec.path, read_param(tensors, spec, cfg.n_routed_experts)
 
 
-def load_native(folder: str | os.PathLike, cfg: Config | None = None):
-    """A `ModelState` read directly from a released checkpoint folder (small models; `dsv4_jax.load` for large)."""
+def load_native(folder: str | os.PathLike, cfg: Config | None = None, *, mtp: bool | None = None):
+    """A `ModelState` read directly from a released checkpoint folder on the default device (small models; use
+    `dsv4_jax.checkpoint.restore.load` for sharding or large models). `mtp=False` drops the MTP layer."""
     from dsv4_jax.model import ModelState, abstract
 
-    cfg = Config.from_hf(folder) if cfg is None else cfg
-    ab = abstract(cfg)
+    cfg = read_config(folder) if cfg is None else cfg
+    model_cfg = cfg if (cfg.n_mtp_layers and mtp is not False) else without_mtp(cfg)
+    ab = abstract(model_cfg)
     flat = dict(nnx.to_flat_state(ab.params))
-    problems = []
-    values = []
-    try:
-        it = dict(iter_params(folder, cfg))
-    except KeyError as e:
-        raise CheckpointError(f"{folder}: missing tensor {e}") from None
-    for path, var in flat.items():
-        v = it[path]
-        if v.shape != var.shape or np.dtype(v.dtype) != np.dtype(var.dtype):
-            problems.append(f"{path_to_native(path)}: {v.dtype}{list(v.shape)}, expected {var.dtype}{list(var.shape)}")
-        values.append((path, var.replace(jnp.asarray(v))))
-    if problems:
-        raise CheckpointError(f"{folder}:\n" + "\n".join(problems))
-    return ModelState(ab.graphdef, nnx.from_flat_state(values), cfg)
+    values = [(path, flat[path].replace(jnp.asarray(v))) for path, v in iter_params(folder, cfg, mtp=mtp)]
+    return ModelState(ab.graphdef, nnx.from_flat_state(values), model_cfg)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-__all__ = ["DTYPES", "TensorInfo", "SafetensorsError", "read_header", "read_tensor"]
+__all__ = ["DTYPES", "NAMES", "TensorInfo", "SafetensorsError", "read_header", "read_tensor", "read_into",
+           "encode_header", "data_order", "write_safetensors"]  # fmt: skip
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -98,10 +99,103 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 
 
 def read_tensor(info: TensorInfo, copy: bool = True) -> np.ndarray:
-    """The tensor's values (a private copy by default; `copy=False` returns a read-only memmap view)."""
+    """The tensor's values (a private copy by default; `copy=False` returns a read-only memmap view).
+
+    The copy is read with `readinto` straight into its final buffer: the file is never mapped, so the process holds
+    exactly one copy of the tensor (a mapped file would add its resident pages to RSS)."""
     dt = DTYPES[info.dtype]
     if info.nbytes == 0:
         return np.zeros(info.shape, dt)
+    if copy:
+        out = np.empty(info.shape, dt)
+        read_into(info, out)
+        return out
     mm = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(info.nbytes,))
-    arr = mm.view(dt).reshape(info.shape)
-    return np.array(arr) if copy else arr
+    return mm.view(dt).reshape(info.shape)
+
+
+def read_into(info: TensorInfo, out: np.ndarray, chunk: int = 64 << 20) -> np.ndarray:
+    """Reads the tensor's bytes into `out` (C-contiguous, `info.nbytes` bytes, any dtype of that size: a slice of a
+    stacked array works). Raises `SafetensorsError` naming the file and tensor if the file is shorter than its
+    header says (truncated after the header was read) or cannot be read."""
+    if not out.flags.c_contiguous or out.nbytes != info.nbytes:
+        raise ValueError(f"{info.name}: destination of {out.nbytes} bytes (contiguous={out.flags.c_contiguous}) "
+                         f"for a tensor of {info.nbytes} bytes")  # fmt: skip
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    try:
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.start)
+            done = 0
+            while done < info.nbytes:
+                n = f.readinto(buf[done : done + min(chunk, info.nbytes - done)])
+                if not n:
+                    end, want = info.start + done, info.start + info.nbytes
+                    raise SafetensorsError(f"{info.file}: tensor {info.name!r}: file ends after {end} bytes, the "
+                                           f"header says {want} (truncated)")  # fmt: skip
+                done += n
+    except OSError as e:
+        raise SafetensorsError(f"{info.file}: tensor {info.name!r}: cannot read ({e.strerror or e})") from e
+    return out
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    """(header bytes incl. the 8-byte length, [(name, offset, nbytes)]) for tensors in the given data order.
+
+    Layout as `safetensors`/torch writes it: compact JSON, `__metadata__` first, then tensors in data order, the
+    JSON padded with spaces so that the data starts 8-byte aligned."""
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offsets = []
+    pos = 0
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [pos, pos + nbytes]}
+        offsets.append((name, pos, nbytes))
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+# The `safetensors` (Rust) Dtype enum order; files it writes hold tensors by dtype, descending, then by name.
+_RUST_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+               "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]  # fmt: skip
+
+
+def data_order(entries: list[tuple[str, str, tuple[int, ...]]]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The order `safetensors.torch.save_file` lays tensors out: by dtype (its enum order, descending), then name."""
+    return sorted(entries, key=lambda e: (-_RUST_ORDER.index(e[1]), e[0]))
+
+
+def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]], get,
+                      metadata: dict[str, str] | None = None) -> int:  # fmt: skip
+    """Writes one safetensors file, streaming: `get(name)` returns each tensor's array (of the declared dtype and
+    shape) only when it is written, so at most one tensor is in memory. `entries` are (name, safetensors dtype,
+    shape) in data order. Atomic: written to a temporary name in the same folder and renamed. Returns the size."""
+    path = os.fspath(path)
+    head, offsets = encode_header(entries, metadata)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    want = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for name, _, _nbytes in offsets:
+                arr = np.ascontiguousarray(get(name))
+                dtype, shape = want[name]
+                if arr.dtype != DTYPES[dtype] or arr.shape != shape:
+                    raise ValueError(f"{path}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, declared "
+                                     f"{DTYPES[dtype]}{list(shape)}")  # fmt: skip
+                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                del arr
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return len(head) + sum(n for _, _, n in offsets)
