@@ -1,0 +1,216 @@
+"""`load(path, mesh=None, rules=None)` -> (Config, ModelState) from a converted Orbax folder or a released folder.
+
+Each parameter is restored straight into its target sharding: Orbax reads only the shards a device owns from a
+sharded `ShapeDtypeStruct` tree (no gather through one device), one item (a layer part, <= 1 GiB by default) at a
+time with a bounded concurrent read budget. A released (native safetensors) folder is read directly the same way
+(`jax.make_array_from_callback` reads each device's slice from the file), fine for small models; convert large ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+from dsv4_jax.checkpoint.convert import META, is_orbax_checkpoint, item_key, read_meta
+from dsv4_jax.checkpoint.layout import (
+    CheckpointError,
+    ParamSpec,
+    check,
+    check_values,
+    param_table,
+    read_param,
+    without_mtp,
+)
+from dsv4_jax.checkpoint.native import index_tensors, read_config
+from dsv4_jax.checkpoint.safetensors_io import read_tensor
+from dsv4_jax.config import Config
+
+__all__ = ["load", "detect_format"]
+
+log = logging.getLogger(__name__)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'orbax' (a `dsv4-jax convert` output) or 'native' (released safetensors); raises otherwise."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if is_orbax_checkpoint(path):
+        return "orbax"
+    names = os.listdir(path)
+    if "model.safetensors.index.json" in names or any(n.endswith(".safetensors") for n in names):
+        return "native"
+    if os.path.isdir(path + ".partial") or path.endswith(".partial"):
+        raise CheckpointError(f"{path}: an interrupted conversion (re-run `dsv4-jax convert` to finish it)")
+    raise CheckpointError(f"{path}: neither a converted checkpoint ({META}) nor safetensors files")
+
+
+def _shardings(cfg: Config, mesh, rules):
+    from flax import nnx
+
+    from dsv4_jax.model import abstract
+
+    ab = abstract(cfg)
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return ab, {p: dev for p, _ in nnx.to_flat_state(ab.params)}
+    from dsv4_jax.sharding import param_shardings
+
+    return ab, dict(nnx.to_flat_state(param_shardings(ab, mesh, rules)))
+
+
+def _assemble(ab, cfg: Config, values: dict) -> object:
+    from flax import nnx
+
+    from dsv4_jax.model import ModelState
+
+    flat = dict(nnx.to_flat_state(ab.params))
+    problems = []
+    for path, var in flat.items():
+        v = values.get(path)
+        if v is None:
+            problems.append(f"{'.'.join(map(str, path))}: not restored")
+        elif v.shape != var.shape or v.dtype != var.dtype:
+            problems.append(f"{'.'.join(map(str, path))}: {v.dtype}{list(v.shape)}, expected {var.dtype}{var.shape}")
+    if problems:
+        raise CheckpointError("restored parameters do not match the model:\n  " + "\n  ".join(problems))
+    state = nnx.from_flat_state([(p, var.replace(values[p])) for p, var in flat.items()])
+    return ModelState(ab.graphdef, state, cfg)
+
+
+def _want_mtp(cfg: Config, mtp: bool | None) -> bool:
+    return bool(cfg.n_mtp_layers) if mtp is None else bool(mtp)
+
+
+def _load_orbax(path: str, mesh, rules, mtp: bool | None, concurrent_gb: int, progress: bool):
+    import orbax.checkpoint as ocp
+
+    meta = read_meta(path)
+    cfg = Config.from_hf(meta["config"])
+    want = _want_mtp(cfg, mtp)
+    if want and not cfg.n_mtp_layers:
+        raise CheckpointError(f"{path}: MTP was asked for, but this checkpoint was converted without the MTP layer "
+                              "(re-run `dsv4-jax convert` without --no-mtp, or load with mtp=False)")  # fmt: skip
+    model_cfg = cfg if want else without_mtp(cfg)
+    ab, shardings = _shardings(model_cfg, mesh, rules)
+    specs = param_table(model_cfg)
+    by_item: dict[str, list[ParamSpec]] = {}
+    problems = []
+    for s in specs:
+        m = meta["params"].get(s.key)
+        if m is None:
+            problems.append(f"{s.key}: not in {META}")
+            continue
+        if tuple(m["shape"]) != s.shape or m["dtype"] != s.dtype.name:
+            problems.append(
+                f"{s.key}: {m['dtype']}{m['shape']} in {META}, the model needs {s.dtype.name}{list(s.shape)}"
+            )
+        by_item.setdefault(m["item"], []).append(s)
+    missing = [i for i in by_item if not os.path.isdir(os.path.join(path, i))]
+    if missing:
+        problems.append(f"item folders missing: {missing}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: the converted checkpoint does not match its config:\n  " + "\n  ".join(problems)
+        )
+
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb))
+    values = {}
+    items = list(by_item.items())
+    it = items
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(items, desc=f"restore {os.path.basename(path)}", unit="item")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    for item, item_specs in it:
+        target, restore_args = {}, {}
+        for s in item_specs:
+            key = item_key(s)
+            sds = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[s.path])
+            d, r = target, restore_args
+            for k in key[:-1]:
+                d, r = d.setdefault(k, {}), r.setdefault(k, {})
+            d[key[-1]] = sds
+            r[key[-1]] = ocp.ArrayRestoreArgs(sharding=shardings[s.path], global_shape=s.shape, dtype=s.dtype)
+        try:
+            out = ckptr.restore(
+                os.path.join(path, item), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+            )
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{os.path.join(path, item)}: cannot restore ({type(e).__name__}: {e})") from e
+        for s in item_specs:
+            v = out
+            for k in item_key(s):
+                v = v[k]
+            values[s.path] = v
+        del out
+    return model_cfg, _assemble(ab, model_cfg, values)
+
+
+def _native_array(tensors, spec: ParamSpec, sharding, n_experts: int) -> jax.Array:
+    """A jax.Array of one parameter where each device reads only its own slice from the safetensors files."""
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return jax.device_put(read_param(tensors, spec, n_experts), sharding)
+    infos = [tensors[n] for n in spec.names]
+    for info in infos:
+        if info.dtype != spec.disk_dtype or tuple(info.shape) != spec.disk_shape:
+            raise CheckpointError(f"{info.file}: tensor {info.name!r} is {info.dtype}{list(info.shape)}, expected "
+                                  f"{spec.disk_dtype}{list(spec.disk_shape)}")  # fmt: skip
+
+    def view(info, idx):
+        raw = read_tensor(info, copy=False)[idx]
+        check_values(info, raw, spec, n_experts)
+        return raw.astype(spec.dtype) if spec.disk_dtype == "I64" else np.asarray(raw).view(spec.dtype)
+
+    def cb(index):
+        if spec.stacked:
+            experts = range(spec.shape[0])[index[0]]
+            return np.stack([view(infos[e], tuple(index[1:])) for e in experts])
+        return np.ascontiguousarray(view(infos[0], tuple(index)))
+
+    return jax.make_array_from_callback(spec.shape, sharding, cb)
+
+
+def _load_native(path: str, mesh, rules, mtp: bool | None, progress: bool):
+    cfg = read_config(path)
+    want = _want_mtp(cfg, mtp)
+    tensors = index_tensors(path)
+    check(tensors, cfg, mtp=want, where=path)
+    model_cfg = cfg if want else without_mtp(cfg)
+    ab, shardings = _shardings(model_cfg, mesh, rules)
+    specs = param_table(model_cfg)
+    it = specs
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(specs, desc=f"load {os.path.basename(path)}", unit="param")
+    values = {s.path: _native_array(tensors, s, shardings[s.path], cfg.n_routed_experts) for s in it}
+    return model_cfg, _assemble(ab, model_cfg, values)
+
+
+def load(
+    path: str | os.PathLike,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+    *,
+    mtp: bool | None = None,
+    concurrent_gb: int = 2,
+    progress: bool = False,
+):
+    """(Config, ModelState) from a `dsv4-jax convert` folder or a released safetensors folder (detected by the
+    files present).
+
+    Args:
+      mesh: place every parameter by `dsv4_jax.sharding.param_shardings(..., mesh, rules)`; None = default device.
+      rules: `dsv4_jax.sharding.ShardingRules` (default: experts over "expert", heads/vocab over "tensor").
+      mtp: load the MTP layer (default: if the checkpoint has one); False drops it (the config then has none).
+      concurrent_gb: Orbax read budget in flight (host memory bound while restoring).
+    """
+    path = os.fspath(path)
+    if detect_format(path) == "orbax":
+        return _load_orbax(path, mesh, rules, mtp, concurrent_gb, progress)
+    return _load_native(path, mesh, rules, mtp, progress)

@@ -1,0 +1,136 @@
+"""`dsv4-jax info PATH`: what a checkpoint holds: config summary, parameter counts (total and activated per token),
+bytes per dtype, and KV-cache bytes per token of context. PATH is a released folder or a `dsv4-jax convert` output;
+`--preset tiny|flash|pro` describes a preset config instead (no checkpoint needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import ml_dtypes
+import numpy as np
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="summarize a checkpoint (config, parameter counts, bytes per dtype)")
+    p.add_argument("path", nargs="?", help="checkpoint folder (released safetensors or converted Orbax)")
+    p.add_argument("--preset", choices=("tiny", "flash", "pro"), help="describe a preset config instead")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def param_counts(cfg) -> dict[str, int]:
+    """Logical parameter counts (packed FP4 bytes count 2 each; quantization scales not counted)."""
+    from dsv4_jax.checkpoint.layout import param_table
+
+    total = main = routed_main = 0
+    for s in param_table(cfg):
+        if s.path[-1] == "scale":
+            continue
+        n = 1
+        for d in s.shape:
+            n *= d
+        if s.disk_dtype == "I8":
+            n *= 2
+        total += n
+        if s.path[0] != "mtp":
+            main += n
+            if "experts" in s.path:
+                routed_main += n
+    active = main - routed_main + routed_main * cfg.n_activated_experts // cfg.n_routed_experts
+    return {"total": total, "main": main, "mtp": total - main, "activated_per_token": active,
+            "activated_per_token_no_embed": active - cfg.vocab_size * cfg.dim}  # fmt: skip
+
+
+def summarize(path: str | None = None, preset: str | None = None) -> dict:
+    from dsv4_jax.checkpoint.layout import param_table
+    from dsv4_jax.config import Config
+
+    out: dict = {}
+    by_dtype: Counter = Counter()
+    if preset:
+        cfg = getattr(Config, preset)()
+        out["source"] = f"preset {preset}"
+        for s in param_table(cfg):
+            by_dtype[s.disk_dtype] += s.nbytes
+    else:
+        from dsv4_jax.checkpoint.restore import detect_format
+
+        fmt = detect_format(path)
+        out["source"] = f"{path} ({fmt})"
+        if fmt == "orbax":
+            from dsv4_jax.checkpoint.convert import read_meta
+
+            meta = read_meta(path)
+            cfg = Config.from_hf(meta["config"])
+            for m in meta["params"].values():
+                n = 1
+                for d in m["shape"]:
+                    n *= d
+                by_dtype[m["dtype"]] += n * np.dtype(getattr(ml_dtypes, m["dtype"], m["dtype"])).itemsize
+        else:
+            from dsv4_jax.checkpoint.native import index_tensors, read_config
+
+            cfg = read_config(path)
+            for info in index_tensors(path).values():
+                by_dtype[info.dtype] += info.nbytes
+    out["config"] = {
+        "dim": cfg.dim, "n_layers": cfg.n_layers, "n_mtp_layers": cfg.n_mtp_layers, "n_heads": cfg.n_heads,
+        "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "n_routed_experts": cfg.n_routed_experts,
+        "n_activated_experts": cfg.n_activated_experts, "n_shared_experts": cfg.n_shared_experts,
+        "moe_inter_dim": cfg.moe_inter_dim, "expert_dtype": cfg.expert_dtype, "n_hash_layers": cfg.n_hash_layers,
+        "window_size": cfg.window_size, "index_topk": cfg.index_topk, "hc_mult": cfg.hc_mult,
+        "compress_ratios": "".join({0: "S", 4: "C", 128: "H"}[r] for r in cfg.compress_ratios),
+    }  # fmt: skip
+    out["params"] = param_counts(cfg)
+    out["bytes_per_dtype"] = dict(sorted(by_dtype.items()))
+    out["bytes_total"] = sum(by_dtype.values())
+    try:
+        from dsv4_jax.cache import cache_bytes_per_token
+    except ImportError:
+        cache_bytes_per_token = None
+    if cache_bytes_per_token is not None:
+        try:
+            out["cache_bytes"] = {k: float(v) for k, v in cache_bytes_per_token(cfg).items()}
+        except Exception as e:  # another module's function: report, do not fail the summary
+            out["cache_bytes"] = f"unavailable ({type(e).__name__}: {e})"
+    return out
+
+
+def _fmt_n(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def run(args) -> int:
+    if bool(args.path) == bool(args.preset):
+        raise ValueError("give a checkpoint PATH or --preset (one of them)")
+    if args.path and not os.path.exists(args.path):
+        raise FileNotFoundError(f"{args.path}: no such checkpoint folder")
+    s = summarize(args.path, args.preset)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"checkpoint: {s['source']}")
+    c = s["config"]
+    print(f"model: dim {c['dim']}, {c['n_layers']} layers (+{c['n_mtp_layers']} MTP), layer types "
+          f"{c['compress_ratios']} (S sliding, C CSA 1/4, H HCA 1/128), {c['n_heads']} heads x {c['head_dim']}, "
+          f"vocab {c['vocab_size']}")  # fmt: skip
+    print(f"MoE: {c['n_routed_experts']} routed experts ({c['expert_dtype']}), top-{c['n_activated_experts']}, "
+          f"{c['n_shared_experts']} shared, inter {c['moe_inter_dim']}, {c['n_hash_layers']} hash layers; window "
+          f"{c['window_size']}, index_topk {c['index_topk']}, hc_mult {c['hc_mult']}")  # fmt: skip
+    p = s["params"]
+    print(f"parameters: {_fmt_n(p['total'])} total ({_fmt_n(p['main'])} main + {_fmt_n(p['mtp'])} MTP); "
+          f"activated per token {_fmt_n(p['activated_per_token'])} "
+          f"({_fmt_n(p['activated_per_token_no_embed'])} without the embedding)")  # fmt: skip
+    print("bytes per dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in s["bytes_per_dtype"].items())
+          + f"; total {s['bytes_total'] / 1e9:.3f} GB")  # fmt: skip
+    cb = s.get("cache_bytes")
+    if isinstance(cb, dict):
+        print("KV cache per sequence: " + ", ".join(f"{k} {v:,.1f} B" for k, v in cb.items()))
+    elif cb:
+        print(f"KV cache: {cb}")
+    return 0
