@@ -99,7 +99,7 @@ def test_fp8_linear_blockwise_matches_dequantized_math():
     y = ops.fp8_linear(x, w, s, ops.Opts())
     xq, sx = quant.act_quant(x, 128)
     xd = np.asarray(xq.astype(jnp.float32)).reshape(5, 2, 128) * np.asarray(sx)[..., None]
-    ref = (xd.reshape(5, 256).astype(np.float64) @ np.asarray(quant.dequant_fp8_weight(w, s), np.float64).T)
+    ref = xd.reshape(5, 256).astype(np.float64) @ np.asarray(quant.dequant_fp8_weight(w, s), np.float64).T
     ref_bf16 = ref.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     got = np.asarray(y, np.float32)
     assert np.mean(got == ref_bf16) > 0.99
