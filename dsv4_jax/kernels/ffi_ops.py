@@ -1,0 +1,202 @@
+"""JAX wrappers of the dsv4_jax_ffi CUDA kernels (XLA FFI custom calls) and their registration.
+
+The extension (`ffi/`, package `dsv4_jax_ffi`) is optional. `kernels()` is what `dsv4_jax.kernels.select` consults:
+it returns `({op: callable}, None)` when the extension imports and the default device is a CUDA SM90 GPU, else
+`({}, reason)`. On CPU the reason is only reported when `backend="ffi"` asks for a kernel.
+
+Ops:
+  * "fp8_gemm":     `fp8_linear(x bf16 [..., K], w e4m3 [N, K], s e8m0|f32 [N/128, K/128]) -> bf16 [..., N]`:
+                    per-token 1x128 pow2 FP8 quantization (our kernel) + DeepGEMM SM90 1D2D GEMM, one FFI call.
+  * "act_quant":    `act_quant(x) -> (e4m3, f32 [M, K/128])`, bit-identical to `dsv4_jax.quant.act_quant`.
+  * "moe_grouped":  the FP8 routed experts through m-grouped GEMMs (`dsv4_jax.kernels.moe_grouped`).
+
+Weight scales: the SM90 kernels read FP32 scales `[G, ceil(N/128), K/128]` (K-major). `sm90_weight_scales` converts the
+checkpoint's UE8M0 bytes once (a loader can store its result); wrappers also accept UE8M0 and convert in-graph.
+Activation scales are produced by our quantization kernel directly in the layout the GEMM's TMA wants: FP32,
+MN-major, `[groups, K/128, align(rows, 4)]`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax import quant
+
+__all__ = [
+    "kernels",
+    "load",
+    "instantiated",
+    "sm90_weight_scales",
+    "act_quant",
+    "act_quant_rows",
+    "swiglu_quant",
+    "fp8_gemm",
+    "fp8_linear",
+    "grouped_gemm_contig",
+    "grouped_gemm_masked",
+]
+
+E4M3, F32, BF16 = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@functools.cache
+def load():
+    """(module, None) after importing the extension and registering its handlers for CUDA, or (None, reason)."""
+    try:
+        import dsv4_jax_ffi
+    except ImportError as e:
+        return None, f"the extension dsv4_jax_ffi is not installed ({e}); build it with `pip install ./ffi` (BUILD.md)"
+    for name, capsule in dsv4_jax_ffi.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    return dsv4_jax_ffi, None
+
+
+def _device_problem() -> str | None:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError as e:
+        return f"no JAX device ({e})"
+    if dev.platform != "gpu":
+        return f"the default JAX device is {dev.platform!r}, not a CUDA GPU"
+    cc = str(getattr(dev, "compute_capability", ""))
+    if cc and not cc.startswith("9."):
+        return f"the GPU has compute capability {cc}; the kernels are built for SM90 (H100/H200) only"
+    return None
+
+
+@functools.cache
+def _table() -> frozenset:
+    mod, _ = load()
+    if mod is None:
+        return frozenset()
+    return frozenset((d["kind"], d["n"], d["k"], d["g"], d["block_m"]) for d in mod.instantiations())
+
+
+def instantiated(kind: str, n: int, k: int, g: int, block_m: int) -> bool:
+    return (kind, n, k, g, block_m) in _table()
+
+
+def kernels() -> tuple[dict, str | None]:
+    mod, why = load()
+    if mod is None:
+        return {}, why
+    if (why := _device_problem()) is not None:
+        return {}, why
+    from dsv4_jax.kernels import moe_grouped
+
+    return {"fp8_gemm": fp8_linear, "act_quant": act_quant, "moe_grouped": moe_grouped.routed_experts}, None
+
+
+# ---- weight scales -------------------------------------------------------------------------------------------
+
+
+def sm90_weight_scales(s: jax.Array) -> jax.Array:
+    """Checkpoint UE8M0 block scales `[..., ceil(N/128), ceil(K/128)]` -> the FP32 powers of two the SM90 GEMMs
+    read (same shape, K-major). Idempotent on FP32 input. Call once at load to keep the conversion out of the step."""
+    if s.dtype == F32:
+        return s
+    return quant.e8m0_to_f32(s).astype(F32)
+
+
+# ---- activation quantization -----------------------------------------------------------------------------------
+
+
+def act_quant_rows(x2: jax.Array, *, src: jax.Array | None = None, rows_out: int | None = None, groups: int = 1):
+    """Our FP8 quantization kernel. `x2` bf16 `[R_in, K]`; output row r is input row `src[r]` (skipped, i.e. left
+    unwritten, where `src[r] < 0`). Returns `(q e4m3 [R_out, K], sfa f32 [groups, K/128, align(R_out/groups, 4)])`."""
+    r_in, k = x2.shape
+    r_out = r_in if rows_out is None else rows_out
+    if k % 128:
+        raise ValueError(f"act_quant: K={k} is not a multiple of 128")
+    if r_out % groups:
+        raise ValueError(f"act_quant: {r_out} rows do not split into {groups} groups")
+    pitch = _round_up(r_out // groups, 4)
+    src = jnp.zeros((0,), jnp.int32) if src is None else src.astype(jnp.int32)
+    return jax.ffi.ffi_call(
+        "dsv4_act_quant",
+        (jax.ShapeDtypeStruct((r_out, k), E4M3), jax.ShapeDtypeStruct((groups, k // 128, pitch), F32)),
+    )(x2.astype(BF16), src, groups=np.int64(groups))
+
+
+def act_quant(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Same contract as `dsv4_jax.quant.act_quant(x, 128)` (bit-identical), computed by the CUDA kernel."""
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k)
+    q, sfa = act_quant_rows(x2)
+    m = x2.shape[0]
+    return q.reshape(*lead, k), sfa[0, :, :m].T.reshape(*lead, k // 128)
+
+
+def swiglu_quant(g: jax.Array, u: jax.Array, w: jax.Array, valid: jax.Array | None, limit: float, groups: int = 1):
+    """`q, sfa = act_quant(bf16(w[:, None] * silu(min(g, L)) * clip(u, -L, L)))` in one kernel; rows with
+    `valid < 0` are skipped. g, u: bf16 `[R, I]`; w: f32 `[R]`."""
+    r, i = g.shape
+    pitch = _round_up(r // groups, 4)
+    valid = jnp.zeros((0,), jnp.int32) if valid is None else valid.astype(jnp.int32)
+    return jax.ffi.ffi_call(
+        "dsv4_swiglu_quant",
+        (jax.ShapeDtypeStruct((r, i), E4M3), jax.ShapeDtypeStruct((groups, i // 128, pitch), F32)),
+    )(g, u, w.astype(F32), valid, limit=np.float32(limit), groups=np.int64(groups))
+
+
+# ---- GEMMs -----------------------------------------------------------------------------------------------------
+
+
+def _dense_block_m(m: int) -> int:
+    return 64 if m <= 64 else 128
+
+
+def fp8_gemm(a: jax.Array, sfa: jax.Array, w: jax.Array, sw: jax.Array) -> jax.Array:
+    """`a` e4m3 `[M, K]`, `sfa` f32 `[K/128, align(M, 4)]`, `w` e4m3 `[N, K]`, `sw` f32 `[N/128, K/128]`
+    -> bf16 `[M, N]`."""
+    m = a.shape[0]
+    n = w.shape[0]
+    return jax.ffi.ffi_call("dsv4_fp8_gemm", jax.ShapeDtypeStruct((m, n), BF16))(a, sfa, w, sm90_weight_scales(sw))
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
+    """Drop-in kernel for `ops.fp8_linear` (quant_sim numerics): bf16 `[..., K]` x e4m3 `[N, K]` -> bf16 `[..., N]`."""
+    *lead, k = x.shape
+    n = w.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if not instantiated("dense", n, k, 1, _dense_block_m(m)):
+        warnings.warn(f"dsv4_jax_ffi has no FP8 GEMM instantiation for N={n} K={k}; using the reference "
+                      "(add the shape to ffi/gen/gen_instantiations.py and rebuild)", stacklevel=2)
+        from dsv4_jax import ops
+
+        return ops.fp8_linear(x, w, s, ops.Opts(backend="reference"))
+    out, _, _ = jax.ffi.ffi_call(
+        "dsv4_fp8_linear",
+        (jax.ShapeDtypeStruct((m, n), BF16), jax.ShapeDtypeStruct((m, k), E4M3),
+         jax.ShapeDtypeStruct((k // 128, _round_up(max(m, 1), 4)), F32)),
+    )(x2.astype(BF16), w, sm90_weight_scales(s))
+    return out.reshape(*lead, n)
+
+
+def grouped_gemm_contig(a, sfa, w, sw, psum, block_m: int) -> jax.Array:
+    """m-grouped contiguous GEMM with the prefix-sum layout. `a` e4m3 `[Mp, K]` where group g owns rows
+    `[align(psum[g-1], block_m), psum[g])`; `sfa` f32 with `K/128 * Mp` elements (MN-major); `w` e4m3 `[G, N, K]`;
+    `sw` f32 `[G, N/128, K/128]`; `psum` int32 `[G]`. Returns bf16 `[Mp, N]` (rows outside the groups: garbage)."""
+    mp = a.shape[0]
+    n = w.shape[1]
+    return jax.ffi.ffi_call("dsv4_fp8_gemm_contig", jax.ShapeDtypeStruct((mp, n), BF16))(
+        a, sfa, w, sm90_weight_scales(sw), psum.astype(jnp.int32), block_m=np.int64(block_m))
+
+
+def grouped_gemm_masked(a, sfa, w, sw, masked_m, block_m: int = 64) -> jax.Array:
+    """m-grouped masked GEMM: `a` e4m3 `[G, M_max, K]`, `sfa` f32 `[G, K/128, M_max]`, `masked_m` int32 `[G]` (valid
+    rows per group, on device). Returns bf16 `[G, M_max, N]`; rows past `masked_m[g]` are garbage."""
+    g, mm, _ = a.shape
+    n = w.shape[1]
+    return jax.ffi.ffi_call("dsv4_fp8_gemm_masked", jax.ShapeDtypeStruct((g, mm, n), BF16))(
+        a, sfa, w, sm90_weight_scales(sw), masked_m.astype(jnp.int32), block_m=np.int64(block_m))

@@ -1,0 +1,100 @@
+"""FP8 routed experts through the m-grouped SM90 GEMMs: routing permute, grouped GEMMs, weighted unpermute.
+
+Same function as the dense reference `dsv4_jax.moe.Experts.__call__` (`sum_e w2_e(bf16(weight[:, e] * swiglu(w1_e x,
+w3_e x)))`, fp32, experts summed in index order), for FP8 experts (`Config(expert_dtype="fp8")`):
+
+  1. top-k of the dense routing weights (experts with weight 0 add exact zeros, so any tie choice is equivalent);
+     each token's experts sorted by index (the reference's accumulation order);
+  2. rows grouped by expert: the contiguous prefix-sum layout (each expert's rows start on a BLOCK_M boundary; used
+     for prefill) or the masked layout `[E, M_max]` (decode, T <= 64); the row maps are small int32 arrays;
+  3. `act_quant` gathers and quantizes token rows into that layout in one kernel (padding rows are never written);
+  4. grouped GEMMs w1 and w3; one kernel fuses bf16(weight * clamped SwiGLU) with the FP8 quantization for w2;
+  5. grouped GEMM w2, then each token sums its k rows in fp32 in expert-index order.
+
+No host sync and no data-dependent shapes: the row buffers have static upper bounds, so this is jit- and
+command-buffer-safe.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.kernels import ffi_ops
+
+__all__ = ["routed_experts", "plan_rows"]
+
+F32 = jnp.float32
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def plan_rows(idx_tk: jax.Array, n_experts: int, layout: str, block_m: int):
+    """Row maps for grouped GEMMs. Returns (dest [T,k] row of each assignment, rows total, layout array), where the
+    layout array is the int32 psum `[E]` (contig) or the per-expert counts `[E]` (masked)."""
+    t, k = idx_tk.shape
+    a = t * k
+    e_flat = idx_tk.reshape(-1)
+    counts = jnp.zeros((n_experts,), jnp.int32).at[e_flat].add(1)
+    order = jnp.argsort(e_flat, stable=True)
+    e_sorted = e_flat[order]
+    first = jnp.cumsum(counts) - counts
+    rank = jnp.arange(a, dtype=jnp.int32) - first[e_sorted]
+    if layout == "masked":
+        m_max = _round_up(max(t, 1), block_m)
+        dest_sorted = e_sorted * m_max + rank
+        rows, lay = n_experts * m_max, counts
+    else:
+        aligned = (counts + block_m - 1) // block_m * block_m
+        starts = jnp.cumsum(aligned) - aligned
+        dest_sorted = starts[e_sorted] + rank
+        rows = _round_up(a + min(n_experts, a) * (block_m - 1), block_m)
+        lay = (starts + counts).astype(jnp.int32)
+    dest = jnp.zeros((a,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
+    return dest.reshape(t, k), rows, lay
+
+
+def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str = "auto"):
+    """fp32 `[T, d]` routed-expert output. `weights` = (w1, s1, w3, s3, w2, s2) with FP8 `[E, out, in]` weights and
+    UE8M0 (or FP32) `[E, out/128, in/128]` scales. Returns None when a shape has no AOT instantiation (the caller
+    then runs the reference)."""
+    w1, s1, w3, s3, w2, s2 = weights
+    t, d = x_td.shape
+    e, inter, _ = w1.shape
+    if layout == "auto":
+        layout = "masked" if t <= 64 else "contig"
+    block_m = 64 if (layout == "masked" or t <= 256) else 128
+    for n_, k_ in ((inter, d), (d, inter)):
+        if not ffi_ops.instantiated(layout, n_, k_, e, block_m):
+            warnings.warn(f"dsv4_jax_ffi has no {layout} grouped GEMM for N={n_} K={k_} G={e} BLOCK_M={block_m}; "
+                          "using the dense reference experts", stacklevel=2)
+            return None
+    wts, idx = jax.lax.top_k(weight_te.astype(F32), k)
+    order = jnp.argsort(idx, axis=-1)
+    idx = jnp.take_along_axis(idx, order, axis=-1).astype(jnp.int32)
+    wts = jnp.take_along_axis(wts, order, axis=-1)
+    dest, rows, lay = plan_rows(idx, e, layout, block_m)
+    tok = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(-1)
+    src = jnp.full((rows,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)
+    wrow = jnp.zeros((rows,), F32).at[dest.reshape(-1)].set(wts.reshape(-1))
+    groups = e if layout == "masked" else 1
+    s1, s3, s2 = (ffi_ops.sm90_weight_scales(s) for s in (s1, s3, s2))
+
+    def gemm(q, sfa, w, s):
+        if layout == "masked":
+            return ffi_ops.grouped_gemm_masked(q.reshape(e, rows // e, -1), sfa, w, s, lay, block_m).reshape(rows, -1)
+        return ffi_ops.grouped_gemm_contig(q, sfa, w, s, lay, block_m)
+
+    q1, sfa1 = ffi_ops.act_quant_rows(x_td, src=src, rows_out=rows, groups=groups)
+    g = gemm(q1, sfa1, w1, s1)
+    u = gemm(q1, sfa1, w3, s3)
+    q2, sfa2 = ffi_ops.swiglu_quant(g, u, wrow, src, limit, groups=groups)
+    y = gemm(q2, sfa2, w2, s2)
+    acc = jnp.zeros((t, y.shape[-1]), F32)
+    for j in range(k):  # expert-index order, as the reference accumulates
+        acc = acc + y[dest[:, j]].astype(F32)
+    return acc

@@ -1,0 +1,145 @@
+// Host side of the SM90 FP8 GEMMs: instantiation lookup, device checks, TMA descriptors, launch on XLA's stream.
+// Our own code; the kernel templates it launches come from the pinned sgl-deep-gemm==0.2.5 headers.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+
+#include "kernels.h"
+
+namespace dsv4ffi {
+namespace {
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_fn() {
+  static EncodeTiledFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<EncodeTiledFn>(p);
+  }();
+  return fn;
+}
+
+CUtensorMapSwizzle swizzle_of(uint32_t bytes) {
+  switch (bytes) {
+    case 128: return CU_TENSOR_MAP_SWIZZLE_128B;
+    case 64: return CU_TENSOR_MAP_SWIZZLE_64B;
+    case 32: return CU_TENSOR_MAP_SWIZZLE_32B;
+    default: return CU_TENSOR_MAP_SWIZZLE_NONE;
+  }
+}
+
+// A 2-D row-major tensor [outer, inner] with `outer_stride` bytes between rows, read in boxes [box_outer, box_inner].
+std::string make_2d(CUtensorMap* m, CUtensorMapDataType dt, const void* base, uint64_t inner, uint64_t outer,
+                    uint64_t outer_stride, uint32_t box_inner, uint32_t box_outer, uint32_t swizzle,
+                    const char* what) {
+  auto fn = encode_fn();
+  if (fn == nullptr) return "cuTensorMapEncodeTiled is unavailable (driver too old?)";
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {outer_stride};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  const cuuint32_t estr[2] = {1, 1};
+  const CUresult r = fn(m, dt, 2, const_cast<void*>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        swizzle_of(swizzle), CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return std::string("cuTensorMapEncodeTiled failed for ") + what + " (CUresult " + std::to_string(int(r)) +
+           "; base " + std::to_string(reinterpret_cast<uintptr_t>(base)) + ", dims " + std::to_string(inner) + "x" +
+           std::to_string(outer) + ", stride " + std::to_string(outer_stride) + ")";
+  return "";
+}
+
+struct DevInfo {
+  int major = -1, minor = -1, sms = -1;
+};
+
+}  // namespace
+
+void device_info(int* major, int* minor, int* sms) {
+  static std::array<DevInfo, 64> cache;
+  static std::mutex mu;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  std::lock_guard<std::mutex> lock(mu);
+  DevInfo& d = cache[dev % 64];
+  if (d.major < 0) {
+    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  *major = d.major, *minor = d.minor, *sms = d.sms;
+}
+
+const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m) {
+  for (int i = 0; i < kGemmTableSize; ++i) {
+    const GemmEntry* e = kGemmTable[i];
+    if (e->kind == kind && e->n == n && e->k == k && e->g == g && e->block_m == block_m) return e;
+  }
+  return nullptr;
+}
+
+std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stream) {
+  int major, minor, sms;
+  device_info(&major, &minor, &sms);
+  if (major != 9)
+    return "the FP8 GEMM kernels are built for SM90 (sm_90a) only; this device is sm_" + std::to_string(major) +
+           std::to_string(minor) + " (Blackwell kernels are not built in this version)";
+  if (static_cast<uint32_t>(sms) != e.num_sms)
+    return std::string("instantiation ") + e.name + " assumes " + std::to_string(e.num_sms) +
+           " SMs but the device has " + std::to_string(sms) + "; rebuild with gen_instantiations.py --num-sms " +
+           std::to_string(sms);
+  // Raise the dynamic shared-memory limit once per (kernel, device); not a stream operation, capture-safe.
+  {
+    static std::mutex mu;
+    static std::set<std::pair<const void*, int>> done;
+    int dev = 0;
+    cudaGetDevice(&dev);
+    std::lock_guard<std::mutex> lock(mu);
+    if (done.insert({e.kernel, dev}).second) {
+      if (cudaFuncSetAttribute(e.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(e.smem)) != cudaSuccess) {
+        done.erase({e.kernel, dev});
+        return std::string("cudaFuncSetAttribute failed for ") + e.name + ": " + cudaGetErrorString(cudaGetLastError());
+      }
+    }
+  }
+  CUtensorMap ta, tb, td, tsfa;
+  std::string err;
+  const uint32_t swz_d = e.swizzle_d;
+  const uint32_t d_box_n = swz_d == 0 ? e.block_n : swz_d / 2;
+  if (!(err = make_2d(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.a, e.k, a.a_rows, e.k, 128, e.block_m, 128, "A")).empty())
+    return err;
+  if (!(err = make_2d(&tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.b, e.k, uint64_t(e.n) * e.g, e.k, 128, e.block_n, 128,
+                      "B")).empty())
+    return err;
+  if (!(err = make_2d(&td, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.d, e.n, a.a_rows, uint64_t(e.n) * 2, d_box_n,
+                      e.block_m, swz_d, "D")).empty())
+    return err;
+  if (!(err = make_2d(&tsfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.sfa, a.sf_pitch, uint64_t(e.k / 128) * a.sf_groups,
+                      a.sf_pitch * 4, e.block_m, 1, 0, "SFA")).empty())
+    return err;
+  float* sfb = const_cast<float*>(a.sfb);
+  int* layout = const_cast<int*>(reinterpret_cast<const int*>(a.layout));
+  uint32_t m = a.shape_m, n = e.n, k = e.k;
+  void* args[] = {&sfb, &layout, &m, &n, &k, &ta, &tb, &td, &tsfa};
+  cudaLaunchConfig_t cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.gridDim = dim3(e.num_sms);
+  cfg.blockDim = dim3(e.tma_threads + e.math_threads);
+  cfg.dynamicSmemBytes = e.smem;
+  cfg.stream = stream;
+  if (cudaLaunchKernelExC(&cfg, e.kernel, args) != cudaSuccess)
+    return std::string("launch of ") + e.name + " failed: " + cudaGetErrorString(cudaGetLastError());
+  return "";
+}
+
+}  // namespace dsv4ffi

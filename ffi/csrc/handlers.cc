@@ -1,0 +1,301 @@
+// XLA FFI handlers of the dsv4_jax extension. Every handler takes XLA's CUDA stream, never synchronises, keeps any
+// workspace as an explicit result, validates shapes with clear messages and is marked command-buffer compatible.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "handlers.h"
+#include "kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace dsv4ffi {
+namespace {
+
+template <typename B>
+int64_t dim(const B& b, int i) {
+  auto d = b.dimensions();
+  return d[i < 0 ? d.size() + i : i];
+}
+
+template <typename B>
+std::string shape_str(const B& b) {
+  std::string s = "[";
+  auto d = b.dimensions();
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? "," : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+ffi::Error bad(const std::string& op, const std::string& msg) { return ffi::Error::InvalidArgument(op + ": " + msg); }
+
+ffi::Error cuda_check(const std::string& op, cudaError_t e) {
+  if (e == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(op + ": CUDA error " + cudaGetErrorString(e));
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+bool is_e4m3(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::F8E4M3FN; }
+
+// ---- activation quantization -----------------------------------------------------------------------------------
+
+ffi::Error check_quant_out(const std::string& op, int64_t rows_out, int64_t k, int64_t groups,
+                           const ffi::ResultBuffer<ffi::F32>& sfa, int64_t* pitch) {
+  if (k % 128 != 0) return bad(op, "K=" + std::to_string(k) + " is not a multiple of 128");
+  if (groups < 1 || rows_out % groups != 0)
+    return bad(op, "rows " + std::to_string(rows_out) + " do not split into " + std::to_string(groups) + " groups");
+  const int64_t per = rows_out / groups, kb = k / 128;
+  if (kb == 0 || sfa->element_count() % (groups * kb) != 0)
+    return bad(op, "scale result " + shape_str(*sfa) + " is not [groups, K/128, pitch]");
+  *pitch = sfa->element_count() / (groups * kb);
+  if (*pitch < per || *pitch % 4 != 0)
+    return bad(op, "scale pitch " + std::to_string(*pitch) + " must be >= rows per group (" + std::to_string(per) +
+                       ") and a multiple of 4");
+  return ffi::Error::Success();
+}
+
+ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> src,
+                        ffi::Result<ffi::AnyBuffer> q, ffi::ResultBuffer<ffi::F32> sfa, int64_t groups) {
+  const std::string op = "dsv4_act_quant";
+  if (!is_e4m3(*q)) return bad(op, "q must be float8_e4m3fn");
+  if (x.dimensions().size() < 1 || q->dimensions().size() < 1) return bad(op, "inputs must have rank >= 1");
+  const int64_t k = dim(x, -1);
+  if (dim(*q, -1) != k) return bad(op, "q " + shape_str(*q) + " and x " + shape_str(x) + " differ in K");
+  const int64_t rows_in = k ? x.element_count() / k : 0, rows_out = k ? q->element_count() / k : 0;
+  const bool gather = src.element_count() > 0;
+  if (gather && src.element_count() != rows_out)
+    return bad(op, "src has " + std::to_string(src.element_count()) + " entries for " + std::to_string(rows_out) +
+                       " output rows");
+  if (!gather && rows_in != rows_out) return bad(op, "rows_in != rows_out without a src map");
+  int64_t pitch;
+  if (auto e = check_quant_out(op, rows_out, k, groups, sfa, &pitch); e.failure()) return e;
+  if (!aligned16(x.untyped_data()) || !aligned16(q->untyped_data())) return bad(op, "buffers must be 16-byte aligned");
+  return cuda_check(op, launch_quant_rows(x.untyped_data(), gather ? src.typed_data() : nullptr, q->untyped_data(),
+                                          sfa->typed_data(), rows_out, k, rows_out / groups, pitch, stream));
+}
+
+ffi::Error SwigluQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> g, ffi::Buffer<ffi::BF16> u,
+                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> valid, ffi::Result<ffi::AnyBuffer> q,
+                           ffi::ResultBuffer<ffi::F32> sfa, float limit, int64_t groups) {
+  const std::string op = "dsv4_swiglu_quant";
+  if (!is_e4m3(*q)) return bad(op, "q must be float8_e4m3fn");
+  const int64_t k = dim(g, -1);
+  const int64_t rows = k ? g.element_count() / k : 0;
+  if (u.element_count() != g.element_count() || dim(u, -1) != k) return bad(op, "g and u shapes differ");
+  if (q->element_count() != g.element_count()) return bad(op, "q must have the shape of g");
+  if (w.element_count() != rows) return bad(op, "w must have one weight per row");
+  if (valid.element_count() != 0 && valid.element_count() != rows) return bad(op, "valid must have one entry per row");
+  int64_t pitch;
+  if (auto e = check_quant_out(op, rows, k, groups, sfa, &pitch); e.failure()) return e;
+  return cuda_check(op, launch_swiglu_quant(g.untyped_data(), u.untyped_data(), w.typed_data(),
+                                            valid.element_count() ? valid.typed_data() : nullptr, q->untyped_data(),
+                                            sfa->typed_data(), rows, k, rows / groups, pitch, limit, stream));
+}
+
+ffi::Error E8m0ToF32Impl(cudaStream_t stream, ffi::Buffer<ffi::U8> s, ffi::ResultBuffer<ffi::F32> out) {
+  if (s.element_count() != out->element_count()) return bad("dsv4_e8m0_to_f32", "input and output sizes differ");
+  return cuda_check("dsv4_e8m0_to_f32",
+                    launch_e8m0_to_f32(s.typed_data(), out->typed_data(), s.element_count(), stream));
+}
+
+// ---- GEMMs -----------------------------------------------------------------------------------------------------
+
+std::string missing(int kind, int64_t n, int64_t k, int64_t g, int64_t bm) {
+  static const char* names[] = {"dense", "contig", "masked"};
+  return std::string("no AOT instantiation for ") + names[kind] + " N=" + std::to_string(n) + " K=" +
+         std::to_string(k) + " G=" + std::to_string(g) + " BLOCK_M=" + std::to_string(bm) +
+         "; add the shape to ffi/gen/gen_instantiations.py (or a preset) and rebuild the extension (BUILD.md)";
+}
+
+ffi::Error run_gemm(const std::string& op, int kind, int64_t n, int64_t k, int64_t g, int64_t bm, GemmArgs& a,
+                    cudaStream_t stream) {
+  const GemmEntry* e = find_gemm(kind, uint32_t(n), uint32_t(k), uint32_t(g), uint32_t(bm));
+  if (e == nullptr) return bad(op, missing(kind, n, k, g, bm));
+  if (!aligned16(a.a) || !aligned16(a.b) || !aligned16(a.d) || !aligned16(a.sfa))
+    return bad(op, "TMA needs 16-byte aligned buffers");
+  if (a.a_rows == 0) return ffi::Error::Success();
+  std::string err = launch_gemm(*e, a, stream);
+  if (!err.empty()) return ffi::Error::Internal(op + ": " + err);
+  return ffi::Error::Success();
+}
+
+ffi::Error check_b(const std::string& op, const ffi::AnyBuffer& b, const ffi::Buffer<ffi::F32>& sfb,
+                   int64_t g, int64_t* n, int64_t* k) {
+  if (!is_e4m3(b)) return bad(op, "weight must be float8_e4m3fn");
+  const auto nd = b.dimensions().size();
+  if (nd != (g == 0 ? 2u : 3u)) return bad(op, "weight " + shape_str(b) + " has the wrong rank");
+  *n = dim(b, -2), *k = dim(b, -1);
+  if (*k % 128 != 0) return bad(op, "K=" + std::to_string(*k) + " is not a multiple of 128");
+  if (*n % 8 != 0) return bad(op, "N=" + std::to_string(*n) + " is not a multiple of 8");
+  const int64_t gg = g == 0 ? 1 : g;
+  if (sfb.element_count() != gg * ((*n + 127) / 128) * (*k / 128))
+    return bad(op, "weight scales " + shape_str(sfb) + " are not f32 [G, ceil(N/128), K/128] for weight " + shape_str(b));
+  return ffi::Error::Success();
+}
+
+int64_t dense_block_m(int64_t m) { return m <= 64 ? 64 : 128; }
+
+ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa,
+                       ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb, ffi::ResultBuffer<ffi::BF16> d) {
+  const std::string op = "dsv4_fp8_gemm";
+  if (!is_e4m3(a)) return bad(op, "activation must be float8_e4m3fn");
+  int64_t n, k;
+  if (auto e = check_b(op, b, sfb, 0, &n, &k); e.failure()) return e;
+  if (dim(a, -1) != k) return bad(op, "activation " + shape_str(a) + " and weight " + shape_str(b) + " differ in K");
+  const int64_t m = a.element_count() / k;
+  if (d->element_count() != m * n) return bad(op, "output " + shape_str(*d) + " is not [M, N]");
+  const int64_t pitch = sfa.element_count() / (k / 128);
+  if (pitch < m || pitch % 4 != 0 || sfa.element_count() % (k / 128) != 0)
+    return bad(op, "activation scales " + shape_str(sfa) + " are not [K/128, align(M, 4)]");
+  GemmArgs ga{a.untyped_data(), sfa.typed_data(), b.untyped_data(), sfb.typed_data(), d->untyped_data(), nullptr,
+              uint64_t(m), uint32_t(m), uint64_t(pitch), 1};
+  return run_gemm(op, kDense, n, k, 1, dense_block_m(m), ga, stream);
+}
+
+ffi::Error Fp8LinearImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b,
+                         ffi::Buffer<ffi::F32> sfb, ffi::ResultBuffer<ffi::BF16> d, ffi::Result<ffi::AnyBuffer> q,
+                         ffi::ResultBuffer<ffi::F32> sfa) {
+  const std::string op = "dsv4_fp8_linear";
+  if (!is_e4m3(*q)) return bad(op, "workspace q must be float8_e4m3fn");
+  int64_t n, k;
+  if (auto e = check_b(op, b, sfb, 0, &n, &k); e.failure()) return e;
+  if (dim(x, -1) != k) return bad(op, "input " + shape_str(x) + " and weight " + shape_str(b) + " differ in K");
+  const int64_t m = x.element_count() / k;
+  if (d->element_count() != m * n) return bad(op, "output " + shape_str(*d) + " is not [M, N]");
+  if (q->element_count() != m * k) return bad(op, "workspace q " + shape_str(*q) + " is not [M, K]");
+  int64_t pitch;
+  if (auto e = check_quant_out(op, m, k, 1, sfa, &pitch); e.failure()) return e;
+  const GemmEntry* e = find_gemm(kDense, uint32_t(n), uint32_t(k), 1, uint32_t(dense_block_m(m)));
+  if (e == nullptr) return bad(op, missing(kDense, n, k, 1, dense_block_m(m)));
+  if (m == 0) return ffi::Error::Success();
+  if (auto err = cuda_check(op, launch_quant_rows(x.untyped_data(), nullptr, q->untyped_data(), sfa->typed_data(), m,
+                                                  k, m, pitch, stream));
+      err.failure())
+    return err;
+  GemmArgs ga{q->untyped_data(), sfa->typed_data(), b.untyped_data(), sfb.typed_data(), d->untyped_data(), nullptr,
+              uint64_t(m), uint32_t(m), uint64_t(pitch), 1};
+  return run_gemm(op, kDense, n, k, 1, dense_block_m(m), ga, stream);
+}
+
+ffi::Error GemmContigImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa,
+                          ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb, ffi::Buffer<ffi::S32> psum,
+                          ffi::ResultBuffer<ffi::BF16> d, int64_t block_m) {
+  const std::string op = "dsv4_fp8_gemm_contig";
+  if (!is_e4m3(a)) return bad(op, "activation must be float8_e4m3fn");
+  const int64_t g = b.dimensions().size() == 3 ? dim(b, 0) : -1;
+  if (g <= 0) return bad(op, "weight " + shape_str(b) + " is not [G, N, K]");
+  int64_t n, k;
+  if (auto e = check_b(op, b, sfb, g, &n, &k); e.failure()) return e;
+  if (a.dimensions().size() != 2 || dim(a, 1) != k) return bad(op, "activation " + shape_str(a) + " is not [M, K]");
+  const int64_t mp = dim(a, 0);
+  if (mp % block_m != 0) return bad(op, "rows " + std::to_string(mp) + " are not a multiple of BLOCK_M " + std::to_string(block_m));
+  if (psum.element_count() != g) return bad(op, "psum must have G entries");
+  if (d->element_count() != mp * n) return bad(op, "output " + shape_str(*d) + " is not [M, N]");
+  if (sfa.element_count() != (k / 128) * mp) return bad(op, "activation scales " + shape_str(sfa) + " are not [K/128, M]");
+  GemmArgs ga{a.untyped_data(), sfa.typed_data(), b.untyped_data(), sfb.typed_data(), d->untyped_data(),
+              psum.typed_data(), uint64_t(mp), uint32_t(mp), uint64_t(mp), 1};
+  return run_gemm(op, kContigPsum, n, k, g, block_m, ga, stream);
+}
+
+ffi::Error GemmMaskedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa,
+                          ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb, ffi::Buffer<ffi::S32> masked_m,
+                          ffi::ResultBuffer<ffi::BF16> d, int64_t block_m) {
+  const std::string op = "dsv4_fp8_gemm_masked";
+  if (!is_e4m3(a)) return bad(op, "activation must be float8_e4m3fn");
+  const int64_t g = b.dimensions().size() == 3 ? dim(b, 0) : -1;
+  if (g <= 0) return bad(op, "weight " + shape_str(b) + " is not [G, N, K]");
+  int64_t n, k;
+  if (auto e = check_b(op, b, sfb, g, &n, &k); e.failure()) return e;
+  if (a.dimensions().size() != 3 || dim(a, 0) != g || dim(a, 2) != k)
+    return bad(op, "activation " + shape_str(a) + " is not [G, M_max, K]");
+  const int64_t mm = dim(a, 1);
+  if (mm % block_m != 0) return bad(op, "M_max " + std::to_string(mm) + " is not a multiple of BLOCK_M " + std::to_string(block_m));
+  if (masked_m.element_count() != g) return bad(op, "masked_m must have G entries");
+  if (d->element_count() != g * mm * n) return bad(op, "output " + shape_str(*d) + " is not [G, M_max, N]");
+  if (sfa.element_count() != g * (k / 128) * mm) return bad(op, "activation scales " + shape_str(sfa) + " are not [G, K/128, M_max]");
+  GemmArgs ga{a.untyped_data(), sfa.typed_data(), b.untyped_data(), sfb.typed_data(), d->untyped_data(),
+              masked_m.typed_data(), uint64_t(g * mm), uint32_t(mm), uint64_t(mm), uint32_t(g)};
+  return run_gemm(op, kMasked, n, k, g, block_m, ga, stream);
+}
+
+}  // namespace
+}  // namespace dsv4ffi
+
+using dsv4ffi::ActQuantImpl;
+using dsv4ffi::E8m0ToF32Impl;
+using dsv4ffi::Fp8GemmImpl;
+using dsv4ffi::Fp8LinearImpl;
+using dsv4ffi::GemmContigImpl;
+using dsv4ffi::GemmMaskedImpl;
+using dsv4ffi::SwigluQuantImpl;
+
+#define DSV4_TRAITS {ffi::Traits::kCmdBufferCompatible}
+#define STREAM Ctx<ffi::PlatformStream<cudaStream_t>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_act_quant, ActQuantImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups"),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_swiglu_quant, SwigluQuantImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("limit")
+                                  .Attr<int64_t>("groups"),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_e8m0_to_f32, E8m0ToF32Impl,
+                              ffi::Ffi::Bind().STREAM.Arg<ffi::Buffer<ffi::U8>>().Ret<ffi::Buffer<ffi::F32>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemm, Fp8GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_linear, Fp8LinearImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemm_contig, GemmContigImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("block_m"),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemm_masked, GemmMaskedImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("block_m"),
+                              DSV4_TRAITS);

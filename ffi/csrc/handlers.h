@@ -1,0 +1,16 @@
+// The FFI handler symbols exported by handlers.cc.
+#pragma once
+#include "xla/ffi/api/c_api.h"
+
+#define DSV4_FFI_HANDLERS(X) \
+  X(dsv4_act_quant)          \
+  X(dsv4_swiglu_quant)       \
+  X(dsv4_e8m0_to_f32)        \
+  X(dsv4_fp8_gemm)           \
+  X(dsv4_fp8_linear)         \
+  X(dsv4_fp8_gemm_contig)    \
+  X(dsv4_fp8_gemm_masked)
+
+#define DSV4_DECLARE(name) extern "C" XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);
+DSV4_FFI_HANDLERS(DSV4_DECLARE)
+#undef DSV4_DECLARE

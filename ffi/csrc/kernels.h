@@ -1,0 +1,48 @@
+// Host entry points of the CUDA kernels of the dsv4_jax FFI extension (no XLA types here).
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+#include <string>
+
+#include "gemm_entry.h"
+
+namespace dsv4ffi {
+
+// Per-token 1x128 power-of-two FP8 quantization of bf16 rows (bit-identical to dsv4_jax.quant.act_quant).
+//   x [rows_in, k] bf16; src [rows_out] int32 or null: output row r reads input row src[r], and is skipped (left
+//   unwritten) when src[r] < 0; null means src[r] = r.
+//   q [rows_out, k] e4m3; sfa [groups, k/128, sf_pitch] f32 with row r in group r / rows_per_group at column
+//   r % rows_per_group (the MN-major, TMA-aligned activation-scale layout of the SM90 GEMM).
+cudaError_t launch_quant_rows(const void* x, const int32_t* src, void* q, float* sfa, int64_t rows_out, int64_t k,
+                              int64_t rows_per_group, int64_t sf_pitch, cudaStream_t stream);
+
+// h = bf16(w[r] * silu(min(g, L)) * clip(u, -L, L)) (L = limit, no clamp if limit <= 0), then as launch_quant_rows.
+// Rows with valid[r] < 0 are skipped (valid may be null: all rows).
+cudaError_t launch_swiglu_quant(const void* g, const void* u, const float* w, const int32_t* valid, void* q,
+                                float* sfa, int64_t rows, int64_t k, int64_t rows_per_group, int64_t sf_pitch,
+                                float limit, cudaStream_t stream);
+
+// UE8M0 bytes -> FP32 2^(b-127) (0 -> 2^-127, 255 -> NaN).
+cudaError_t launch_e8m0_to_f32(const uint8_t* s, float* out, int64_t count, cudaStream_t stream);
+
+struct GemmArgs {
+  const void* a;        // e4m3, rows a_rows x k (masked: groups * m_per_group rows)
+  const float* sfa;     // f32 [sf_groups, k/128, sf_pitch]
+  const void* b;        // e4m3 [g, n, k]
+  const float* sfb;     // f32 [g, ceil(n/128), k/128]
+  void* d;              // bf16 rows a_rows x n
+  const int32_t* layout;  // psum [g] (contig) / masked_m [g] (masked) / null (dense)
+  uint64_t a_rows;      // rows of A and D
+  uint32_t shape_m;     // dense: M; contig: a_rows; masked: rows per group
+  uint64_t sf_pitch;    // inner extent of the scale tensor (>= rows per group, multiple of 4)
+  uint32_t sf_groups;   // 1, or g for masked
+};
+
+// Finds the instantiation for (kind, n, k, g, block_m); null if none.
+const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);
+// Validates the device (SM90, SM count) and launches on `stream`. Returns "" or an error message.
+std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stream);
+// Compute capability and SM count of the current device (cached).
+void device_info(int* major, int* minor, int* sms);
+
+}  // namespace dsv4ffi

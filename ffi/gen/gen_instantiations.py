@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Emit the ahead-of-time (AOT) instantiations of the SM90 FP8 GEMM kernel template for the DeepSeek-V4 shapes.
+
+Reads the model presets (`dsv4_jax.Config.flash()`, `.pro()`, `.tiny()`) straight from `dsv4_jax/config.py`
+(loaded by path: the build environment need not have jax or flax), lists every FP8 linear (N, K) and every FP8
+routed-expert grouped GEMM (N, K, G), picks a launch configuration for each (M bucket, layout) with our own port of
+the SM90 block heuristics, and writes:
+
+  <out>/gemm_<name>.cu   one translation unit per instantiation (a kernel-address table entry)
+  <out>/gemm_table.cc    the table the FFI handlers search at run time
+  <out>/manifest.json    the same table, for Python (which shapes are compiled)
+
+Usage: gen_instantiations.py --out DIR [--presets flash,pro,tiny] [--limit N] [--num-sms 132]
+
+The heuristic (our own code): BLOCK_K = 128 (one FP8 scale block); BLOCK_M from the M bucket (64 for M <= 64, else
+128; grouped layouts use the layout's row alignment); BLOCK_N from 16..192 (steps of 16, restricted to the values
+the 1D2D kernel's B-scale promotion supports) minimising the number of waves over the persistent grid, then
+maximising the last wave's occupancy, then preferring the wider tile (less A re-reading); stages = as many as fit
+in 232448 B of shared memory, at most 8. TMA multicast is not used (cluster size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SMEM_CAPACITY = 232448  # opt-in dynamic shared memory per block on H100/H200
+MAX_STAGES = 8
+
+KIND_NORMAL, KIND_CONTIG_PSUM, KIND_MASKED = 0, 1, 2
+GEMM_TYPE = {KIND_NORMAL: "Normal", KIND_CONTIG_PSUM: "MGroupedContiguousWithPsumLayout", KIND_MASKED: "MGroupedMasked"}
+KIND_NAME = {KIND_NORMAL: "dense", KIND_CONTIG_PSUM: "contig", KIND_MASKED: "masked"}
+
+
+def load_config_module():
+    spec = importlib.util.spec_from_file_location("_dsv4_config", REPO / "dsv4_jax" / "config.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_dsv4_config"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fp8_linear_shapes(cfg) -> set[tuple[int, int]]:
+    """(N, K) of every FP8 block-scaled linear of the model (spec §2.2)."""
+    h, d = cfg.n_heads, cfg.head_dim
+    g, r = cfg.o_groups, cfg.o_lora_rank
+    i_sh = cfg.moe_inter_dim * cfg.n_shared_experts
+    return {
+        (cfg.q_lora_rank, cfg.dim),  # attn.wq_a
+        (h * d, cfg.q_lora_rank),  # attn.wq_b
+        (d, cfg.dim),  # attn.wkv
+        (g * r, h // g * d),  # attn.wo_a (stored FP8; the reference may run it as a bf16 einsum)
+        (cfg.dim, g * r),  # attn.wo_b
+        (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank),  # indexer.wq_b
+        (i_sh, cfg.dim),  # shared expert w1, w3
+        (cfg.dim, i_sh),  # shared expert w2
+        (cfg.dim, cfg.dim),  # MTP e_proj, h_proj
+    }
+
+
+def expert_shapes(cfg) -> set[tuple[int, int, int]]:
+    """(N, K, G) of the routed experts when they are FP8 (Config(expert_dtype='fp8'))."""
+    e, i, dim = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+    return {(i, dim, e), (dim, i, e)}
+
+
+def _block_n_ok(bn: int) -> bool:
+    # The 1D2D kernel promotes with at most two B-scale rows per N tile.
+    return math.ceil(bn / 128) == 1 or math.gcd(bn, 128) == bn - 128
+
+
+def swizzle_bytes(inner_bytes: int) -> int:
+    for mode in (128, 64, 32):
+        if inner_bytes % mode == 0:
+            return mode
+    return 0
+
+
+def smem_bytes(bm: int, bn: int, k: int, stages: int) -> int:
+    d = -(-bm * bn * 2 // 1024) * 1024
+    per_stage = bm * 128 + bn * 128 + -(-bm * 4 // 128) * 128
+    rows_sfb = 1 if 128 % bn == 0 else 2
+    sfb = -(-(-(-k // 128) * rows_sfb * 4) // 8) * 8
+    return d + stages * per_stage + sfb + stages * 2 * 8
+
+
+def pick_config(kind: int, n: int, k: int, m_rep: int, bm: int, num_sms: int) -> dict:
+    best = None
+    for bn in range(16, 193, 16):  # 1D2D: <= 192 keeps both accumulator sets in registers
+        if not _block_n_ok(bn):
+            continue
+        if bn > max(16, -(-n // 16) * 16):
+            continue
+        blocks = -(-m_rep // bm) * -(-n // bn)
+        waves = -(-blocks // num_sms)
+        last = blocks - (waves - 1) * num_sms
+        key = (waves, -last, -bn)
+        if best is None or key < best[0]:
+            best = (key, bn)
+    bn = best[1]
+    stages = 0
+    for s in range(MAX_STAGES, 1, -1):
+        if smem_bytes(bm, bn, k, s) <= SMEM_CAPACITY:
+            stages = s
+            break
+    if stages < 2:
+        raise ValueError(f"no stage count fits for bm={bm} bn={bn} k={k}")
+    return {
+        "block_m": bm,
+        "block_n": bn,
+        "stages": stages,
+        "swizzle_d": swizzle_bytes(bn * 2),
+        "math_threads": 128 if bm <= 64 else 256,
+        "tma_threads": 128,
+        "smem": smem_bytes(bm, bn, k, stages),
+    }
+
+
+def plan(presets: list[str], num_sms: int) -> list[dict]:
+    cfgmod = load_config_module()
+    Config = cfgmod.Config
+    entries: dict[tuple, dict] = {}
+    for p in presets:
+        cfg = getattr(Config, p)()
+        for n, k in sorted(fp8_linear_shapes(cfg)):
+            # Bucket "small M" (decode, M <= 64) and "large M" (prefill; represented by M = 4096).
+            for bm, m_rep in ((64, 64), (128, 4096)):
+                key = (KIND_NORMAL, n, k, 1, bm)
+                entries.setdefault(key, {"presets": set()})["presets"].add(p)
+                entries[key].update(kind=KIND_NORMAL, n=n, k=k, g=1, **pick_config(KIND_NORMAL, n, k, m_rep, bm, num_sms))
+        for n, k, g in sorted(expert_shapes(cfg)):
+            # Contiguous (psum) layout: rows of each expert start on a BLOCK_M boundary; 64 for small batches.
+            for bm, m_rep in ((64, 64), (128, 8192 * cfg.n_activated_experts // g)):
+                key = (KIND_CONTIG_PSUM, n, k, g, bm)
+                entries.setdefault(key, {"presets": set()})["presets"].add(p)
+                entries[key].update(kind=KIND_CONTIG_PSUM, n=n, k=k, g=g,
+                                    **pick_config(KIND_CONTIG_PSUM, n, k, max(m_rep, bm) * g // 1, bm, num_sms))
+            key = (KIND_MASKED, n, k, g, 64)
+            entries.setdefault(key, {"presets": set()})["presets"].add(p)
+            cfg_m = pick_config(KIND_MASKED, n, k, 64 * g, 64, num_sms)
+            entries[key].update(kind=KIND_MASKED, n=n, k=k, g=g, **cfg_m)
+    out = []
+    for key in sorted(entries):
+        e = entries[key]
+        e["presets"] = sorted(e["presets"])
+        e["num_sms"] = num_sms
+        e["name"] = f"{KIND_NAME[e['kind']]}_n{e['n']}_k{e['k']}_g{e['g']}_bm{e['block_m']}"
+        out.append(e)
+    return out
+
+
+TU = """// Generated by ffi/gen/gen_instantiations.py; do not edit. One AOT instantiation of the SM90 FP8 1D2D GEMM.
+#include <deep_gemm/impls/sm90_fp8_gemm_1d2d.cuh>
+#include "gemm_entry.h"
+
+namespace dsv4ffi {{
+extern const GemmEntry gemm_{name};
+const GemmEntry gemm_{name} = {{
+    {kind}, {n}u, {k}u, {g}u, {block_m}u, {block_n}u, {stages}u, {math_threads}u, {tma_threads}u, {swizzle_d}u,
+    {smem}u, {num_sms}u, "{name}",
+    reinterpret_cast<const void*>(&deep_gemm::sm90_fp8_gemm_1d2d_impl<
+        cute::UMMA::Major::K, 0u, {n}u, {k}u, {g}u, {block_m}u, {block_n}u, 128u, 128u, 128u, {swizzle_d}u,
+        {stages}u, {tma_threads}u, {math_threads}u, 1u, false, {num_sms}u, deep_gemm::GemmType::{gemm_type},
+        cutlass::bfloat16_t, 128u>)}};
+}}  // namespace dsv4ffi
+"""
+
+
+def write(out_dir: pathlib.Path, entries: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for e in entries:
+        text = TU.format(gemm_type=GEMM_TYPE[e["kind"]], **e)
+        path = out_dir / f"gemm_{e['name']}.cu"
+        if not path.exists() or path.read_text() != text:  # keep mtimes: no needless recompiles
+            path.write_text(text)
+        names.append(e["name"])
+    table = ["// Generated by ffi/gen/gen_instantiations.py; do not edit.", '#include "gemm_entry.h"', "",
+             "namespace dsv4ffi {"]
+    table += [f"extern const GemmEntry gemm_{n};" for n in names]
+    table += ["", "const GemmEntry* const kGemmTable[] = {"]
+    table += [f"    &gemm_{n}," for n in names] + ["    nullptr,", "};", f"const int kGemmTableSize = {len(names)};",
+                                                    "}  // namespace dsv4ffi", ""]
+    text = "\n".join(table)
+    p = out_dir / "gemm_table.cc"
+    if not p.exists() or p.read_text() != text:
+        p.write_text(text)
+    (out_dir / "manifest.json").write_text(json.dumps(entries, indent=1))
+    (out_dir / "sources.txt").write_text("".join(f"gemm_{n}.cu\n" for n in names))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=pathlib.Path)
+    ap.add_argument("--presets", default="flash,pro,tiny")
+    ap.add_argument("--num-sms", type=int, default=132)
+    ap.add_argument("--limit", type=int, default=0, help="emit only the first N instantiations (CI compile smoke)")
+    ap.add_argument("--print", action="store_true", help="print the plan")
+    a = ap.parse_args(argv)
+    entries = plan([p for p in a.presets.split(",") if p], a.num_sms)
+    if a.limit:
+        entries = entries[: a.limit]
+    if a.print:
+        for e in entries:
+            print(f"{e['name']:40s} bn={e['block_n']:3d} stages={e['stages']} smem={e['smem']} {e['presets']}")
+    write(a.out, entries)
+    print(f"{len(entries)} instantiations -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

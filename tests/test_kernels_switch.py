@@ -1,0 +1,149 @@
+"""CPU tests of the kernel switch and of the FFI extension's build inputs (no GPU needed).
+
+* the switch: backend "auto" runs the reference on CPU, "ffi" fails with a clear message, the kill switch works;
+* the AOT generator covers every FP8 linear of the presets with launch configurations that fit the hardware;
+* if nvcc is present, one GEMM instantiation, our quantization kernels and the FFI handlers compile for sm_90a
+  (cached by content hash under ~/.cache/dsv4_jax_ffi_ci; a couple of minutes cold on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv4_jax import kernels, ops, quant
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FFI = REPO / "ffi"
+CACHE = pathlib.Path(os.environ.get("DSV4_FFI_CI_CACHE", pathlib.Path.home() / ".cache" / "dsv4_jax_ffi_ci"))
+DEEPGEMM_PIN = "sgl-deep-gemm==0.2.5"
+
+
+def _on_gpu() -> bool:
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
+cpu_only = pytest.mark.skipif(_on_gpu(), reason="checks CPU behaviour of the switch")
+
+
+@cpu_only
+def test_auto_is_reference_on_cpu():
+    assert kernels.select("fp8_gemm", "auto") is None
+    assert kernels.select("moe_grouped", "auto") is None
+    assert kernels.select("fp8_gemm", "reference") is None
+
+
+@cpu_only
+def test_ffi_backend_fails_clearly_on_cpu():
+    with pytest.raises(RuntimeError, match=r"no FFI kernel for op 'fp8_gemm': .*(not installed|not a CUDA GPU)"):
+        kernels.select("fp8_gemm", "ffi")
+
+
+def test_kill_switch(monkeypatch):
+    monkeypatch.setenv("DSV4_JAX_DISABLE_KERNELS", "fp8_gemm, act_quant")
+    assert kernels.disabled_ops() == {"fp8_gemm", "act_quant"}
+    assert kernels.select("fp8_gemm", "auto") is None
+    with pytest.raises(RuntimeError, match="disabled by DSV4_JAX_DISABLE_KERNELS"):
+        kernels.select("fp8_gemm", "ffi")
+    monkeypatch.setenv("DSV4_JAX_DISABLE_KERNELS", "all")
+    assert kernels.select("moe_grouped", "auto") is None
+
+
+@cpu_only
+def test_auto_forward_matches_reference_on_cpu():
+    x = jax.random.normal(jax.random.key(0), (5, 256), jnp.float32).astype(jnp.bfloat16)
+    w, s = quant.quantize_fp8_weight(jax.random.normal(jax.random.key(1), (128, 256)) * 0.06)
+    a = ops.fp8_linear(x, w, s, ops.Opts(backend="auto"))
+    r = ops.fp8_linear(x, w, s, ops.Opts(backend="reference"))
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(r, np.float32))
+
+
+def _gen():
+    spec = importlib.util.spec_from_file_location("_gen_inst", FFI / "gen" / "gen_instantiations.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generator_covers_every_fp8_linear():
+    import dsv4_jax
+
+    gen = _gen()
+    entries = gen.plan(["flash", "pro", "tiny"], 132)
+    have = {(e["kind"], e["n"], e["k"], e["g"], e["block_m"]) for e in entries}
+    for name in ("flash", "pro", "tiny"):
+        cfg = getattr(dsv4_jax.Config, name)()
+        for n, k in gen.fp8_linear_shapes(cfg):
+            assert (0, n, k, 1, 64) in have and (0, n, k, 1, 128) in have
+        for n, k, g in gen.expert_shapes(cfg):
+            assert (1, n, k, g, 128) in have and (2, n, k, g, 64) in have
+    for e in entries:
+        assert e["smem"] <= gen.SMEM_CAPACITY and e["stages"] >= 2
+        assert e["block_n"] % 16 == 0 and gen._block_n_ok(e["block_n"])
+        assert e["k"] % 128 == 0
+
+
+def _deepgemm_include() -> pathlib.Path | None:
+    if env := os.environ.get("DSV4_DEEPGEMM_INCLUDE"):
+        return pathlib.Path(env)
+    inc = CACHE / "sgl_deep_gemm_0.2.5" / "deep_gemm" / "include"
+    if (inc / "deep_gemm").exists():
+        return inc
+    dl = CACHE / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dl),
+                        DEEPGEMM_PIN], capture_output=True, text=True)
+    wheels = sorted(dl.glob("sgl_deep_gemm-0.2.5-*.whl"))
+    if r.returncode or not wheels:
+        return None
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(inc.parents[1], [n for n in z.namelist() if n.startswith("deep_gemm/include/")])
+    return inc
+
+
+def _cached_compile(cmd: list[str], sources: list[pathlib.Path], out_name: str) -> pathlib.Path:
+    h = hashlib.sha256(" ".join(cmd).encode())
+    for s in sources:
+        h.update(s.read_bytes())
+    out = CACHE / "objs" / f"{out_name}-{h.hexdigest()[:16]}.o"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.o")
+    r = subprocess.run(cmd + ["-o", str(tmp)], capture_output=True, text=True)
+    assert r.returncode == 0, f"compile failed: {' '.join(cmd)}\n{r.stderr[-4000:]}"
+    tmp.rename(out)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
+def test_extension_compiles_for_sm90a(tmp_path):
+    inc = _deepgemm_include()
+    if inc is None:
+        pytest.skip(f"could not obtain {DEEPGEMM_PIN} (no registry access and DSV4_DEEPGEMM_INCLUDE unset)")
+    gen = _gen()
+    entries = [e for e in gen.plan(["tiny"], 132) if e["kind"] == 0][:1]
+    gen.write(tmp_path, entries)
+    cu = tmp_path / f"gemm_{entries[0]['name']}.cu"
+    gencode = "-gencode=arch=compute_90a,code=sm_90a"
+    base = ["nvcc", "-std=c++20", "-O3", gencode, "-Xcompiler", "-fPIC", "-c", "-I", str(FFI / "csrc")]
+    _cached_compile(base + ["--expt-relaxed-constexpr", "--expt-extended-lambda", "-I", str(inc), str(cu)],
+                    [cu, FFI / "csrc" / "gemm_entry.h"], "gemm")
+    src = FFI / "csrc" / "quant_kernels.cu"
+    _cached_compile(base + [str(src)], [src, FFI / "csrc" / "kernels.h"], "quant")
+    # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
+    ffi_inc = pathlib.Path(jax.ffi.include_dir())
+    for name in ("handlers.cc", "gemm_launch.cc"):
+        src = FFI / "csrc" / name
+        _cached_compile(["nvcc", "-std=c++20", "-x", "c++", "-Xcompiler", "-fPIC", "-c", "-I", str(FFI / "csrc"),
+                         "-I", str(ffi_inc), str(src)], [src, FFI / "csrc" / "kernels.h"], name.split(".")[0])
