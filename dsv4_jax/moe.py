@@ -81,7 +81,7 @@ class ExpertWeight(nnx.Module):
 class Experts(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         e, d, i, fmt = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.expert_dtype
-        self.limit = cfg.swiglu_limit
+        self.limit, self.k = cfg.swiglu_limit, cfg.n_activated_experts
         self.w1 = ExpertWeight(e, d, i, ("expert_ffn", "embed"), fmt, d**-0.5, rngs=rngs)
         self.w3 = ExpertWeight(e, d, i, ("expert_ffn", "embed"), fmt, d**-0.5, rngs=rngs)
         self.w2 = ExpertWeight(e, i, d, ("embed", "expert_ffn"), fmt, i**-0.5 * (2 * cfg.n_blocks) ** -0.5, rngs=rngs)
@@ -92,6 +92,11 @@ class Experts(nnx.Module):
         Reference implementation: every expert runs on every token with a dense weight (0 where not routed), which
         adds exact zeros and so equals the official per-expert accumulation bit for bit.
         """
+        # Kernel dispatch: FP8 experts through m-grouped GEMMs (dsv4_jax.kernels.moe_grouped) when selected.
+        if opts.quant_sim and self.w1.weight.dtype == jnp.float8_e4m3fn and (kern := ops._kernel("moe_grouped", opts)):
+            ws = tuple(p[...] for m in (self.w1, self.w3, self.w2) for p in (m.weight, m.scale))
+            if (y := kern(x_td, weight_te, self.k, ws, self.limit)) is not None:
+                return y
 
         def one_expert(acc, ew):
             (w1, s1, w3, s3, w2, s2), wt = ew
