@@ -254,6 +254,7 @@ class Config:
             "tie_word_embeddings": False,
             "topk_method": "noaux_tc",
             "torch_dtype": "bfloat16",
+            "vocab_size": self.vocab_size,
             "compress_rope_theta": self.compress_rope_theta,
             "compress_ratios": list(self.compress_ratios),
         }
@@ -313,7 +314,6 @@ _HF_NAMES = {
     "routed_scaling_factor": "route_scale",
     "rms_norm_eps": "norm_eps",
 }
-_INFERENCE_ALIASES = {"n_mtp_layers": "n_mtp_layers", "norm_eps": "norm_eps"}
 _FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 # Keys that carry no information for the forward pass (or are fixed for V4); accepted and checked where they matter.
