@@ -16,7 +16,11 @@ def test_presets_match_the_spec():
     assert (f.n_routed_experts, f.moe_inter_dim, f.route_scale) == (256, 2048, 1.5)
     assert (p.n_routed_experts, p.moe_inter_dim, p.route_scale) == (384, 3072, 2.5)
     assert f.compress_ratios[:4] == (0, 0, 4, 128) and f.compress_ratios[-2:] == (4, 0) and len(f.compress_ratios) == 44
-    assert p.compress_ratios[:4] == (128, 128, 4, 128) and p.compress_ratios[-2:] == (4, 0) and len(p.compress_ratios) == 62
+    assert (
+        p.compress_ratios[:4] == (128, 128, 4, 128)
+        and p.compress_ratios[-2:] == (4, 0)
+        and len(p.compress_ratios) == 62
+    )
     assert sum(r == 4 for r in f.compress_ratios) == 21 and sum(r == 128 for r in f.compress_ratios) == 20
     assert sum(r == 4 for r in p.compress_ratios) == 30 and sum(r == 128 for r in p.compress_ratios) == 31
     assert f.n_hash_layers == p.n_hash_layers == 3 and f.swiglu_limit == 10.0 and f.hc_sinkhorn_iters == 20

@@ -1,0 +1,105 @@
+"""Model-level behaviour: abstract shapes and parameter counts at full size, random init, causality, determinism."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsv4_jax
+from dsv4_jax import Config
+
+
+def _count(cfg: Config) -> tuple[float, float, dict]:
+    total = mtp = 0
+    by_dtype: dict[str, int] = {}
+    for path, var in nnx.to_flat_state(dsv4_jax.abstract(cfg).params):
+        n = int(np.prod(var.shape))
+        by_dtype[str(var.dtype)] = by_dtype.get(str(var.dtype), 0) + n * np.dtype(var.dtype).itemsize
+        if path[-1] == "scale":
+            continue
+        n *= 2 if var.dtype == np.uint8 else 1  # packed e2m1: two parameters a byte
+        total += n
+        mtp += n if path[0] == "mtp" else 0
+    return total / 1e9, (total - mtp) / 1e9, by_dtype
+
+
+def test_flash_abstract_counts_and_formats():
+    total, main, by_dtype = _count(Config.flash())
+    assert abs(main - 284.3) < 0.5 and abs(total - 290.9) < 0.5  # README: 284B; spec: 290.9B with MTP
+    assert abs(sum(by_dtype.values()) / 1e9 - 159.6) < 1.0  # the released checkpoint is 159.6 GB
+    ab = dsv4_jax.abstract(Config.flash()).params
+    w1 = ab["layers"][3]["ffn"]["experts"]["w1"]
+    assert w1["weight"].shape == (256, 2048, 2048) and w1["weight"].dtype == jnp.uint8
+    assert w1["scale"].shape == (256, 2048, 128) and w1["scale"].dtype == jnp.float8_e8m0fnu
+    assert w1["weight"].logical_axes == ("expert", "expert_ffn", "embed")
+    wq_b = ab["layers"][2]["attn"]["wq_b"]
+    assert wq_b["weight"].shape == (32768, 1024) and wq_b["weight"].dtype == jnp.float8_e4m3fn
+    assert wq_b["scale"].shape == (256, 8)
+    assert ab["layers"][2]["attn"]["compressor"]["ape"].shape == (4, 1024)
+    assert ab["layers"][3]["attn"]["compressor"]["ape"].shape == (128, 512)
+    assert "indexer" not in ab["layers"][3]["attn"] and "compressor" not in ab["layers"][0]["attn"]
+    assert ab["layers"][0]["ffn"]["gate"]["tid2eid"].shape == (129280, 6)
+    assert "bias" in ab["layers"][3]["ffn"]["gate"] and "tid2eid" not in ab["mtp"][0]["ffn"]["gate"]
+
+
+def test_pro_abstract_counts():
+    total, _, _ = _count(Config.pro())
+    assert abs(total - 1598.8) < 1.0  # ~1.6 T
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return dsv4_jax.init_random(Config.tiny(), 0)
+
+
+def test_random_init_keeps_storage_formats_and_activations_order_one(tiny):
+    p = tiny.params
+    assert p["layers"][2]["attn"]["wq_a"]["weight"].dtype == jnp.float8_e4m3fn
+    assert p["layers"][2]["ffn"]["experts"]["w2"]["weight"].dtype == jnp.uint8
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 512)
+    out = dsv4_jax.forward_outputs(tiny, tokens, capture=True)
+    rms = [float(jnp.sqrt(jnp.mean(out.captures[f"layer{i}"]["block_out"].astype(jnp.float32) ** 2))) for i in range(6)]
+    assert all(0.3 < r < 3.0 for r in rms), f"residual RMS per layer {rms}"
+    sub = [float(jnp.sqrt(jnp.mean(out.captures[f"layer{i}"][k].astype(jnp.float32) ** 2)))
+           for i in range(6) for k in ("attn_out", "ffn_out")]  # fmt: skip
+    assert all(0.01 < r < 3.0 for r in sub), f"sublayer output RMS {sub}"
+    assert np.isfinite(np.asarray(out.logits)).all() and out.logits.shape == (2, 40, 512)
+    assert 0.3 < float(jnp.std(out.logits)) < 10
+
+
+def test_causal_and_deterministic(tiny):
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (1, 40), 0, 512))
+    a = np.asarray(dsv4_jax.forward(tiny, tokens))
+    np.testing.assert_array_equal(a, np.asarray(dsv4_jax.forward(tiny, tokens)))  # deterministic
+    changed = tokens.copy()
+    changed[0, 21] = (changed[0, 21] + 1) % 512
+    b = np.asarray(dsv4_jax.forward(tiny, changed))
+    np.testing.assert_array_equal(a[0, :21], b[0, :21])  # nothing before t moves
+    assert not np.array_equal(a[0, 21:], b[0, 21:])
+
+
+def test_mtp_logits_and_split_merge(tiny):
+    tokens = jnp.arange(40, dtype=jnp.int32)[None] % 512
+    out = dsv4_jax.forward_outputs(tiny, tokens, mtp_tokens=jnp.roll(tokens, -1, axis=1))
+    assert out.mtp_logits.shape == out.logits.shape and np.isfinite(np.asarray(out.mtp_logits)).all()
+    assert out.hidden.shape == (1, 40, 4, 256)
+    # nnx.split / merge round trip keeps every parameter
+    model = tiny.model()
+    again = dsv4_jax.ModelState.from_model(model)
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(tiny.params), nnx.to_flat_state(again.params), strict=True):
+        assert pa == pb and va[...].dtype == vb[...].dtype
+
+
+def test_bad_input_is_named(tiny):
+    with pytest.raises(ValueError, match="token id 512 is outside the vocabulary"):
+        dsv4_jax.forward(tiny, np.array([[1, 512]]))
+    with pytest.raises(ValueError, match="token id -3"):
+        dsv4_jax.forward(tiny, np.array([[-3, 2]]))
+    short = dsv4_jax.ModelState(tiny.graphdef, tiny.params, Config.tiny(max_seq_len=8))
+    with pytest.raises(ValueError, match="sequence length 9 exceeds the configured maximum 8"):
+        dsv4_jax.forward(short, np.zeros((1, 9), np.int32))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        dsv4_jax.forward(tiny, np.zeros((9,), np.int32))
