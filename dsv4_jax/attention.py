@@ -8,6 +8,8 @@ sees keys at or before its own position, so padding after a row's end never reac
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,14 +144,19 @@ class Compressor(nnx.Module):
             e = jnp.concatenate([quant.fp8_sim(e[..., :nope], 64), e[..., nope:]], axis=-1)
         return e
 
-    def __call__(self, x_btd: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
-        """All complete blocks of a sequence starting at position 0 -> entries `[b, t // ratio, Dc]` bf16."""
-        b, t, _ = x_btd.shape
+    def tokens(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """fp32 `(kv, score + ape[t % ratio])` `[b, t, coff*Dc]` of tokens at positions `0..t-1`."""
+        kv, sc = self.project(x_btd)
+        return kv, sc + self.ape[...][jnp.arange(x_btd.shape[1]) % self.ratio][None]
+
+    def blocks(self, kv_btc: jax.Array, score_btc: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
+        """Entries `[b, t // ratio, Dc]` bf16 of the complete blocks of per-token projections (score with `ape`)
+        of positions `0..t-1`, `t` a multiple of `ratio`."""
+        b, t, _ = kv_btc.shape
         m, dc = self.ratio, self.head_dim
         nb = t // m
-        kv, sc = self.project(x_btd[:, : nb * m])
-        kv = kv.reshape(b, nb, m, -1)
-        sc = sc.reshape(b, nb, m, -1) + self.ape[...][None, None]
+        kv = kv_btc.reshape(b, nb, m, kv_btc.shape[-1])
+        sc = score_btc.reshape(b, nb, m, score_btc.shape[-1])
         if self.coff == 2:
             # Slots 0..3: the previous block through its Ca half (none before block 0); slots 4..7: this block's Cb.
             prev_kv = jnp.pad(kv[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)))
@@ -159,6 +166,44 @@ class Compressor(nnx.Module):
         e = self.pool(kv, sc)
         pos = jnp.broadcast_to(jnp.arange(nb) * m, (b, nb))
         return self.finish(e, pos, inv_freq, opts)
+
+    def __call__(self, x_btd: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
+        """All complete blocks of a sequence starting at position 0 -> entries `[b, t // ratio, Dc]` bf16."""
+        nb = x_btd.shape[1] // self.ratio
+        kv, sc = self.tokens(x_btd[:, : nb * self.ratio])
+        return self.blocks(kv, sc, inv_freq, opts)
+
+    def decode(self, x_b1d, pos_b, kv_state, score_state, entries, inv_freq: np.ndarray, opts: ops.Opts):
+        """One token per row at position `pos_b`: store its projections (score with `ape[pos % ratio]`) in the
+        block state and, in the rows whose block it completes (`(pos+1) % ratio == 0`), emit entry `pos // ratio`.
+
+        State layout (the official one): `[b, coff*ratio, coff*Dc]` fp32; CSA rows 0..3 hold the previous complete
+        block, rows 4..7 the current one; HCA rows 0..127 the current block. Returns `(kv_state, score_state,
+        entries)`."""
+        b = x_b1d.shape[0]
+        m, dc, rows = self.ratio, self.head_dim, self.coff * self.ratio
+        kv, sc = self.project(x_b1d)
+        kv, sc = kv[:, 0], sc[:, 0] + self.ape[...][pos_b % m]
+        slot = (m if self.coff == 2 else 0) + pos_b % m
+        hit = (jnp.arange(rows)[None, :] == slot[:, None])[..., None]
+        kv_state = jnp.where(hit, kv[:, None, :], kv_state)
+        score_state = jnp.where(hit, sc[:, None, :], score_state)
+        if self.coff == 2:
+            pool_kv = jnp.concatenate([kv_state[:, :m, :dc], kv_state[:, m:, dc:]], axis=1)
+            pool_sc = jnp.concatenate([score_state[:, :m, :dc], score_state[:, m:, dc:]], axis=1)
+        else:
+            pool_kv, pool_sc = kv_state, score_state
+        e = self.pool(pool_kv[:, None], pool_sc[:, None])
+        e = self.finish(e, (pos_b + 1 - m)[:, None], inv_freq, opts)[:, 0]
+        done = (pos_b + 1) % m == 0
+        rows_b, j = jnp.arange(b), pos_b // m
+        entries = entries.at[rows_b, j].set(jnp.where(done[:, None], e, entries[rows_b, j]), mode="drop")
+        if self.coff == 2:  # the completed block becomes the previous block of the next entry
+            shifted = jnp.concatenate([kv_state[:, m:], kv_state[:, m:]], axis=1)
+            kv_state = jnp.where(done[:, None, None], shifted, kv_state)
+            shifted = jnp.concatenate([score_state[:, m:], score_state[:, m:]], axis=1)
+            score_state = jnp.where(done[:, None, None], shifted, score_state)
+        return kv_state, score_state, entries
 
 
 # ---- indexer ---------------------------------------------------------------------------------------------------
@@ -256,20 +301,44 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, opts: ops.Opts, rec: dict | None = None) -> jax.Array:
         """Full-sequence attention from position 0. `x` is the attn_norm output `[b, s, dim]` bf16."""
+        return self.prefill(x_btd, opts, rec)[0]
+
+    def prefill(self, x_btd: jax.Array, opts: ops.Opts, rec: dict | None = None, with_cache: bool = False):
+        """Full-sequence attention from position 0 -> `(out [b, s, dim] bf16, pieces)`.
+
+        With `with_cache`, `pieces` holds what a cache needs for every position (the caller keeps the rows that
+        belong to each sequence): `window` `[b,s,D]` KV rows; for ratio > 0 the compressor's per-token projections
+        `comp_kv`/`comp_score` `[b,s,coff*D]` fp32 (score with `ape`) and the entries `[b, s//ratio, D]`; for ratio
+        4 the same for the indexer (`idx_kv`, `idx_score`, `idx_keys`). Otherwise `pieces` is None."""
         b, s, _ = x_btd.shape
+        pieces: dict | None = {} if with_cache else None
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         q, qr = self.query(x_btd, pos, opts)
         kv = self.window_kv(x_btd, pos, opts)
+        if with_cache:
+            pieces["window"] = kv
         win = window_indices(s, self.cfg.window_size)
         idx = jnp.broadcast_to(jnp.asarray(win), (b, *win.shape))
         if self.ratio:
-            entries = self.compressor(x_btd, self.inv_freq, opts)
+            if with_cache:
+                nb = s // self.ratio
+                ckv, csc = self.compressor.tokens(x_btd)
+                entries = self.compressor.blocks(ckv[:, : nb * self.ratio], csc[:, : nb * self.ratio],
+                                                 self.inv_freq, opts)  # fmt: skip
+                pieces.update(comp_kv=ckv, comp_score=csc, entries=entries)
+            else:
+                entries = self.compressor(x_btd, self.inv_freq, opts)
             kv = jnp.concatenate([kv, entries], axis=1)
             comp = jnp.asarray(compressed_indices(s, self.ratio, offset=s))
             comp = jnp.broadcast_to(comp, (b, *comp.shape))
+            if self.ratio == 4 and with_cache:
+                ikv, isc = self.indexer.compressor.tokens(x_btd)
+                keys = self.indexer.compressor.blocks(ikv[:, : nb * 4], isc[:, : nb * 4], self.inv_freq, opts)
+                pieces.update(idx_kv=ikv, idx_score=isc, idx_keys=keys)
             if self.ratio == 4 and comp.shape[-1]:
                 qi, wi = self.indexer.queries(x_btd, qr, pos, self.inv_freq, opts)
-                keys = self.indexer.compressor(x_btd, self.inv_freq, opts)
+                if not with_cache:
+                    keys = self.indexer.compressor(x_btd, self.inv_freq, opts)
                 raw = self.indexer.scores(qi, wi, keys)
                 sel, masked = self.indexer.select(raw, comp >= 0)
                 comp = jnp.where(sel >= 0, sel + s, -1)
@@ -279,4 +348,47 @@ class Attention(nnx.Module):
         if rec is not None:
             rec["attn_kv"], rec["attn_topk"] = kv, idx
         o = sparse_attention(q, kv, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
-        return self.output(o, pos, opts)
+        return self.output(o, pos, opts), pieces
+
+    def decode(self, x_b1d: jax.Array, pos_b: jax.Array, lc, opts: ops.Opts, rec: dict | None = None):
+        """One token per row at per-row positions `pos_b [b]` against the layer cache `lc` (a
+        `dsv4_jax.cache.LayerCache`) -> `(out [b, 1, dim] bf16, updated lc)`.
+
+        KV rows are `[window ring (W slots); compressed entries]`: the token's KV goes to ring slot `pos % W`, the
+        compressors update their block state (emitting an entry when a block completes), the indexer scores the
+        visible `(pos+1)//4` keys and keeps the top `min(index_topk, .)`; index lists follow the official decode
+        layout (ring slots oldest to newest, then `W + j`)."""
+        b = x_b1d.shape[0]
+        w = self.cfg.window_size
+        pos = pos_b[:, None]
+        rows = jnp.arange(b)
+        q, qr = self.query(x_b1d, pos, opts)
+        kv = self.window_kv(x_b1d, pos, opts)
+        window = lc.window.at[rows, pos_b % w].set(kv[:, 0], mode="drop")
+        lc = dataclasses.replace(lc, window=window)
+        c = jnp.arange(w)[None, :]
+        full = pos >= w - 1
+        idx = jnp.where(full, (pos + 1 + c) % w, jnp.where(c <= pos, c, -1)).astype(jnp.int32)
+        kv_rows = window
+        if self.ratio:
+            kv_state, sc_state, entries = self.compressor.decode(x_b1d, pos_b, lc.comp_kv, lc.comp_score,
+                                                                 lc.entries, self.inv_freq, opts)  # fmt: skip
+            lc = dataclasses.replace(lc, comp_kv=kv_state, comp_score=sc_state, entries=entries)
+            n = entries.shape[1]
+            visible = jnp.arange(n)[None, :] < (pos + 1) // self.ratio
+            if self.ratio == 4:
+                ikv, isc, keys = self.indexer.compressor.decode(x_b1d, pos_b, lc.idx_kv, lc.idx_score, lc.idx_keys,
+                                                                self.inv_freq, opts)  # fmt: skip
+                lc = dataclasses.replace(lc, idx_kv=ikv, idx_score=isc, idx_keys=keys)
+                qi, wi = self.indexer.queries(x_b1d, qr, pos, self.inv_freq, opts)
+                raw = self.indexer.scores(qi, wi, keys)
+                sel, _ = self.indexer.select(raw, visible[:, None, :])
+                comp = jnp.where(sel[:, 0] >= 0, sel[:, 0] + w, -1)
+                if rec is not None:
+                    rec["indexer_topk"] = comp
+            else:
+                comp = jnp.where(visible, jnp.arange(n)[None, :] + w, -1).astype(jnp.int32)
+            idx = jnp.concatenate([idx, comp], axis=-1)
+            kv_rows = jnp.concatenate([window, entries], axis=1)
+        o = sparse_attention(q, kv_rows, idx[:, None, :], self.attn_sink[...], self.cfg.head_dim**-0.5)
+        return self.output(o, pos, opts), lc

@@ -67,15 +67,21 @@ class Block(nnx.Module):
             rec["ffn_in"], rec["ffn_out"] = x, y
         return mhc.hc_post(y, X_btnd, post, comb)
 
-    def __call__(self, X_btnd, tokens_bt, opts: ops.Opts, rec: dict | None = None, valid_bt=None):
+    def attn_sublayer(self, X_btnd, attend, rec: dict | None = None):
+        """hc_pre, attn_norm, `attend(x) -> (y, aux)`, hc_post -> `(X, aux)`; `attend` is the full-sequence
+        attention, its cache-writing variant, or one decode step."""
         x, post, comb = self.hc_pre(X_btnd, "attn")
         x = self.attn_norm(x)
-        y = self.attn(x, opts, rec)
+        y, aux = attend(x)
         if rec is not None:
             rec["attn_in"], rec["attn_out"] = x, y
         X_btnd = mhc.hc_post(y, X_btnd, post, comb)
         if rec is not None:
             rec["mid"] = X_btnd
+        return X_btnd, aux
+
+    def __call__(self, X_btnd, tokens_bt, opts: ops.Opts, rec: dict | None = None, valid_bt=None):
+        X_btnd, _ = self.attn_sublayer(X_btnd, lambda x: (self.attn(x, opts, rec), None), rec)
         return self.ffn_sublayer(X_btnd, tokens_bt, opts, rec, valid_bt)
 
 

@@ -1,0 +1,269 @@
+"""Text generation: prefill, then decode steps in one compiled `lax.while_loop` (or a streaming Python loop).
+
+    sampler = Sampler(max_new_tokens=32, temperature=0.7, top_p=0.9)
+    out = generate(state, tokens, lengths, sampler=sampler, key=0)     # out.tokens [B, N], out.logprobs [B, N]
+
+`Sampler` is a frozen (hashable) dataclass and a static argument: calls with the same sampler and the same shapes
+reuse one compiled program. Per row, generation stops after the EOS token (included in the output) or after
+`max_new_tokens`; later positions hold `pad_id` (log-prob 0, MTP logits 0); `num_tokens[b]` counts the real ones.
+
+Step i emits token `i` of each row: step 0 samples from the prefill logits; step i >= 1 decodes token i-1 at
+position `length + i - 1`. With `mtp`, each step also runs the MTP layer on the main stream of the position just
+decoded and the token just sampled: `mtp_logits[:, i]` is the draft distribution of token i+1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax import decode as dec
+from dsv4_jax.cache import Cache, init_cache
+from dsv4_jax.model import ModelState
+from dsv4_jax.ops import Opts
+
+__all__ = ["Sampler", "GenerateOutput", "generate", "generate_stream", "GenerationStream", "sample_logits",
+           "capacity_needed"]  # fmt: skip
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Static generation settings (hashable: a jit cache key).
+
+    temperature 0 is greedy (argmax); otherwise sample from `softmax(logits / temperature)` restricted to the
+    `top_k` most likely tokens (0 = all) and to the smallest set whose probability reaches `top_p` (1 = all).
+    `eos_id` None never stops early. `mtp` also returns the MTP draft logits of each step.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int | None = 1
+    pad_id: int = 1
+    mtp: bool = True
+    quant_sim: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    @property
+    def opts(self) -> Opts:
+        return Opts(quant_sim=self.quant_sim)
+
+
+def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """Token ids `[B]` from logits `[B, V]` (static settings, see `Sampler`)."""
+    logits = logits_bv.astype(F32)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / F32(temperature)
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        s = -jnp.sort(-logits, axis=-1)  # descending
+        p = jax.nn.softmax(s, axis=-1)
+        before = jnp.cumsum(p, axis=-1) - p  # probability mass strictly more likely than each token
+        thr = jnp.min(jnp.where(before < top_p, s, jnp.inf), axis=-1, keepdims=True)  # the first token always kept
+        logits = jnp.where(logits < thr, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "logprobs", "mtp_logits", "num_tokens"],
+                   meta_fields=[])  # fmt: skip
+@dataclasses.dataclass
+class GenerateOutput:
+    """tokens `[B, N]` int32 (pad after a row's end); logprobs `[B, N]` fp32: log-probability of each token under
+    the model (temperature 1, before filtering); mtp_logits `[B, N, V]` fp32 or None; num_tokens `[B]` int32."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mtp_logits: jax.Array | None
+    num_tokens: jax.Array
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["cache", "step", "last", "done", "key", "out"], meta_fields=[])  # fmt: skip
+@dataclasses.dataclass
+class _Loop:
+    cache: Cache
+    step: jax.Array  # scalar int32: the index of the next token to emit
+    last: jax.Array  # [B] the last emitted token
+    done: jax.Array  # [B] bool
+    key: jax.Array
+    out: GenerateOutput
+
+
+def _logprob(logits, tok):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(F32), axis=-1), tok[:, None], axis=-1)[:, 0]
+
+
+def _emit(sampler: Sampler, loop: _Loop, i, tok, logits, mtp_logits, active) -> _Loop:
+    out = loop.out
+    tokens = out.tokens.at[:, i].set(jnp.where(active, tok, sampler.pad_id))
+    logprobs = out.logprobs.at[:, i].set(jnp.where(active, _logprob(logits, tok), 0.0))
+    mtp = out.mtp_logits
+    if mtp is not None:
+        mtp = mtp.at[:, i].set(jnp.where(active[:, None], mtp_logits, 0.0))
+    done = loop.done | ~active
+    if sampler.eos_id is not None:
+        done = done | (tok == sampler.eos_id)
+    done = done | (i + 1 >= sampler.max_new_tokens)
+    out = GenerateOutput(tokens, logprobs, mtp, out.num_tokens + active.astype(jnp.int32))
+    return dataclasses.replace(loop, step=i + 1, last=jnp.where(active, tok, loop.last), done=done, out=out)
+
+
+def _start(state: ModelState, tokens, lengths, key, sampler: Sampler, max_len: int) -> _Loop:
+    """Prefill, sample token 0, MTP over the prompt."""
+    b, s = tokens.shape
+    n, v = sampler.max_new_tokens, state.config.vocab_size
+    opts = sampler.opts
+    cache = init_cache(state.config, b, max_len)
+    logits, hidden, cache = dec._prefill(state, cache, tokens, lengths, opts)
+    key, sub = jax.random.split(key)
+    tok = sample_logits(logits, sub, sampler.temperature, sampler.top_k, sampler.top_p)
+    mtp_logits = None
+    use_mtp = sampler.mtp and state.config.n_mtp_layers > 0
+    if use_mtp:  # MTP input at p: token p+1; at the last prompt position that is the token just sampled
+        nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+        nxt = jnp.where(jnp.arange(s)[None, :] == (lengths - 1)[:, None], tok[:, None], nxt)
+        mtp_logits, cache = dec._mtp_prefill(state, cache, hidden, nxt, opts)
+    out = GenerateOutput(
+        tokens=jnp.full((b, n), sampler.pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, n), F32),
+        mtp_logits=jnp.zeros((b, n, v), F32) if use_mtp else None,
+        num_tokens=jnp.zeros((b,), jnp.int32),
+    )
+    loop = _Loop(cache, jnp.int32(0), tok, jnp.zeros((b,), bool), key, out)
+    return _emit(sampler, loop, 0, tok, logits, mtp_logits, jnp.ones((b,), bool))
+
+
+def _step(state: ModelState, loop: _Loop, sampler: Sampler) -> _Loop:
+    """Decode the last token of every unfinished row, sample the next one, run MTP on it."""
+    opts = sampler.opts
+    active = ~loop.done
+    logits, hidden, cache = dec._decode(state, loop.cache, loop.last, opts, active)
+    key, sub = jax.random.split(loop.key)
+    tok = sample_logits(logits, sub, sampler.temperature, sampler.top_k, sampler.top_p)
+    mtp_logits = None
+    if loop.out.mtp_logits is not None:
+        mtp_logits, cache = dec._mtp_decode(state, cache, hidden, tok, opts, active)
+    loop = dataclasses.replace(loop, cache=cache, key=key)
+    return _emit(sampler, loop, loop.step, tok, logits, mtp_logits, active)
+
+
+TRACE_COUNT = {"generate": 0}  # incremented each time the whole-generation program is traced (tests use it)
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "max_len"))
+def _generate(state: ModelState, tokens, lengths, key, sampler: Sampler, max_len: int) -> GenerateOutput:
+    TRACE_COUNT["generate"] += 1
+    loop = _start(state, tokens, lengths, key, sampler, max_len)
+    loop = jax.lax.while_loop(
+        lambda lp: (lp.step < sampler.max_new_tokens) & ~jnp.all(lp.done),
+        lambda lp: _step(state, lp, sampler),
+        loop,
+    )
+    return loop.out
+
+
+_start_jit = jax.jit(_start, static_argnames=("sampler", "max_len"))
+_step_jit = jax.jit(_step, static_argnames=("sampler",), donate_argnames=("loop",))
+
+
+def capacity_needed(prompt_len: int, sampler: Sampler) -> int:
+    """Cache positions a row of `prompt_len` tokens needs: the last generated token is never fed back."""
+    return prompt_len + sampler.max_new_tokens - 1
+
+
+def _prepare(state, tokens, lengths, sampler, key, max_len):
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    width = tokens.shape[-1] if tokens.ndim == 2 else 0
+    max_len = max(width + sampler.max_new_tokens, 1) if max_len is None else int(max_len)
+    tokens, lengths = dec.check_prompts(state.config, tokens, lengths, max_len)
+    if width > max_len:
+        raise ValueError(f"padded prompt width {width} exceeds max_len={max_len}")
+    need = capacity_needed(int(lengths.max()), sampler)
+    if need > max_len:
+        raise ValueError(f"max_new_tokens={sampler.max_new_tokens} with a {int(lengths.max())}-token prompt needs "
+                         f"{need} cache positions, past max_len={max_len}")  # fmt: skip
+    if max_len > state.config.max_seq_len:
+        raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={state.config.max_seq_len}")
+    key = jax.random.key(key) if isinstance(key, int) else key
+    return jnp.asarray(tokens), jnp.asarray(lengths), key, max_len
+
+
+def generate(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(), key: jax.Array | int = 0,
+             max_len: int | None = None) -> GenerateOutput:  # fmt: skip
+    """Generates up to `sampler.max_new_tokens` tokens for each right-padded prompt of `tokens [B, S]` (`lengths
+    [B]`, default all S). One compiled program (prefill + `lax.while_loop`) per (shapes, sampler, max_len); the
+    cache holds `max_len` positions (default S + max_new_tokens). Same key, same output."""
+    tokens, lengths, key, max_len = _prepare(state, tokens, lengths, sampler, key, max_len)
+    return _generate(state, tokens, lengths, key, sampler, max_len)
+
+
+class GenerationStream:
+    """Streaming generation: a Python loop over the jitted start (prefill + token 0) and decode step. Iterating
+    yields `(tokens [B], active [B])` per step as soon as it is computed (`active[b]` False: row b had already
+    finished and its token is padding); afterwards `output` holds the `GenerateOutput`. Same key, same tokens as
+    `generate`. `compile()` compiles both programs ahead of time and returns the seconds it took; `prefill_s` and
+    `decode_s` time the runs (prefill includes sampling token 0 and the MTP pass over the prompt)."""
+
+    def __init__(self, state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(),
+                 key: jax.Array | int = 0, max_len: int | None = None):  # fmt: skip
+        self.state, self.sampler = state, sampler
+        self.tokens, self.lengths, self.key, self.max_len = _prepare(state, tokens, lengths, sampler, key, max_len)
+        self._start = functools.partial(_start_jit, sampler=sampler, max_len=self.max_len)
+        self._step = functools.partial(_step_jit, sampler=sampler)
+        self.output: GenerateOutput | None = None
+        self.compile_s = self.prefill_s = self.decode_s = 0.0
+        self.decode_steps = 0
+
+    def compile(self) -> float:
+        t0 = time.perf_counter()
+        args = (self.state, self.tokens, self.lengths, self.key)
+        start = _start_jit.lower(*args, sampler=self.sampler, max_len=self.max_len).compile()
+        shape = jax.eval_shape(functools.partial(_start, sampler=self.sampler, max_len=self.max_len), *args)
+        step = _step_jit.lower(self.state, shape, sampler=self.sampler).compile()
+        self._start, self._step = start, lambda st, lp: step(st, lp)
+        self.compile_s = time.perf_counter() - t0
+        return self.compile_s
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        t0 = time.perf_counter()
+        loop = jax.block_until_ready(self._start(self.state, self.tokens, self.lengths, self.key))
+        self.prefill_s = time.perf_counter() - t0
+        n = self.sampler.max_new_tokens
+        for i in range(n):
+            yield np.asarray(loop.out.tokens[:, i]), np.asarray(loop.out.num_tokens) > i
+            if i + 1 >= n or bool(np.all(np.asarray(loop.done))):
+                break
+            t0 = time.perf_counter()
+            loop = jax.block_until_ready(self._step(self.state, loop))
+            self.decode_s += time.perf_counter() - t0
+            self.decode_steps += 1
+        self.output = loop.out
+
+
+def generate_stream(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(),
+                    key: jax.Array | int = 0, max_len: int | None = None) -> GenerationStream:  # fmt: skip
+    """A `GenerationStream` (iterate it for tokens as they arrive)."""
+    return GenerationStream(state, tokens, lengths, sampler=sampler, key=key, max_len=max_len)
