@@ -69,7 +69,7 @@ def index_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
         if not files:
             raise CheckpointError(f"{folder}: no model.safetensors.index.json and no *.safetensors files")
     tensors: dict[str, TensorInfo] = {}
-    problems = []
+    problems, unreadable = [], set()
     for fn in files:
         path = os.path.join(folder, fn)
         if not os.path.exists(path):
@@ -81,13 +81,14 @@ def index_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
             hdr, _ = read_header(path)
         except SafetensorsError as e:
             problems.append(str(e))
+            unreadable.add(fn)
             continue
         tensors.update(hdr)
     if weight_map is not None:
         for name, fn in weight_map.items():
             if name in tensors and os.path.basename(tensors[name].file) != fn:
                 problems.append(f"{index}: {name} is listed in {fn} but found in {tensors[name].file}")
-            elif name not in tensors and os.path.exists(os.path.join(folder, fn)):
+            elif name not in tensors and fn not in unreadable and os.path.exists(os.path.join(folder, fn)):
                 problems.append(f"{index}: {name} is listed in {fn} but that file does not hold it")
     if problems:
         raise CheckpointError("\n".join(problems))
