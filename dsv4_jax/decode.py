@@ -56,22 +56,32 @@ def _prefill(state: ModelState, cache: Cache, tokens_bs, lengths_b, opts: Opts):
     return logits, X, dataclasses.replace(cache, layers=layers, lengths=lengths_b.astype(jnp.int32))
 
 
-def _decode(state: ModelState, cache: Cache, tokens_b, opts: Opts, active_b=None):
+def _decode(state: ModelState, cache: Cache, tokens_b, opts: Opts, active_b=None, capture: bool = False):
     """-> (logits `[B, V]` fp32, residual streams `[B, n, d]`, cache); rows with `active` False get no routed
-    experts (their cache still advances)."""
+    experts (their cache still advances). With `capture`, a 4th element: `{"block_out": [L, B, n, d],
+    "indexer_topk_L{l}": [B, k]}` (CSA layers; offset = window, -1 = none)."""
     model = state.model()
     pos = cache.lengths
     tok = tokens_b[:, None]
     valid = None if active_b is None else active_b[:, None]
     X = model.streams(tok)
-    layers = []
-    for layer, lc in zip(model.layers, cache.layers, strict=True):
-        attend = functools.partial(layer.attn.decode, pos_b=pos, lc=lc, opts=opts)
+    layers, caps, block_out = [], {}, []
+    for i, (layer, lc) in enumerate(zip(model.layers, cache.layers, strict=True)):
+        rec = {} if capture else None
+        attend = functools.partial(layer.attn.decode, pos_b=pos, lc=lc, opts=opts, rec=rec)
         X, lc = layer.attn_sublayer(X, attend)
         X = layer.ffn_sublayer(X, tok, opts, None, valid)
         layers.append(lc)
+        if capture:
+            block_out.append(X[:, 0])
+            if "indexer_topk" in rec:
+                caps[f"indexer_topk_L{i}"] = rec["indexer_topk"]
     logits = model.head_logits(X, model)[:, 0]
-    return logits, X[:, 0], dataclasses.replace(cache, layers=layers, lengths=pos + 1)
+    cache = dataclasses.replace(cache, layers=layers, lengths=pos + 1)
+    if capture:
+        caps["block_out"] = jnp.stack(block_out)
+        return logits, X[:, 0], cache, caps
+    return logits, X[:, 0], cache
 
 
 def _mtp_prefill(state: ModelState, cache: Cache, hidden_bsnd, mtp_tokens_bs, opts: Opts):
@@ -106,7 +116,7 @@ def _mtp_decode(state: ModelState, cache: Cache, hidden_bnd, tokens_b, opts: Opt
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("opts",), donate_argnames=("cache",))
-_decode_jit = jax.jit(_decode, static_argnames=("opts",), donate_argnames=("cache",))
+_decode_jit = jax.jit(_decode, static_argnames=("opts", "capture"), donate_argnames=("cache",))
 _mtp_prefill_jit = jax.jit(_mtp_prefill, static_argnames=("opts",), donate_argnames=("cache",))
 _mtp_decode_jit = jax.jit(_mtp_decode, static_argnames=("opts",), donate_argnames=("cache",))
 
@@ -151,10 +161,12 @@ def prefill(state: ModelState, cache: Cache, tokens, lengths=None, *, opts: Opts
     return _prefill_jit(state, cache, jnp.asarray(tokens), jnp.asarray(lengths), opts)
 
 
-def decode_step(state: ModelState, cache: Cache, tokens, *, opts: Opts = _DEFAULT_OPTS, active=None):
+def decode_step(state: ModelState, cache: Cache, tokens, *, opts: Opts = _DEFAULT_OPTS, active=None,
+                capture: bool = False):  # fmt: skip
     """One token per row (`tokens [B]`) at position `cache.lengths[b]` -> `(logits [B, V], hidden [B, n, d],
-    cache)`. The caller keeps `cache.lengths < cache.max_len` (the cache has no room past it)."""
-    return _decode_jit(state, cache, jnp.asarray(tokens, jnp.int32), opts, active)
+    cache)` (+ captures with `capture`, see `_decode`). The caller keeps `cache.lengths < cache.max_len` (the cache
+    has no room past it). `active [B]` False: the row's token gets no routed experts."""
+    return _decode_jit(state, cache, jnp.asarray(tokens, jnp.int32), opts, active, capture)
 
 
 def mtp_prefill(state: ModelState, cache: Cache, hidden, mtp_tokens, *, opts: Opts = _DEFAULT_OPTS):

@@ -66,23 +66,36 @@ class Sampler:
     def opts(self) -> Opts:
         return Opts(quant_sim=self.quant_sim)
 
+    def static(self) -> Sampler:
+        """The settings that shape the program (the jit key); the others are passed as traced scalars."""
+        return dataclasses.replace(self, temperature=0.0, top_k=0, top_p=1.0, eos_id=None)
 
-def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0):
-    """Token ids `[B]` from logits `[B, V]` (static settings, see `Sampler`)."""
+    def knobs(self) -> dict:
+        eos = -1 if self.eos_id is None else self.eos_id
+        return {"temperature": jnp.float32(self.temperature), "top_k": jnp.int32(self.top_k),
+                "top_p": jnp.float32(self.top_p), "eos": jnp.int32(eos)}  # fmt: skip
+
+
+def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature=0.0, top_k=0, top_p=1.0) -> jax.Array:
+    """Token ids `[B]` from logits `[B, V]`. The settings may be traced scalars (one program serves them all):
+    temperature 0 = argmax; else sample `softmax(logits / temperature)` over the `top_k` largest logits (0 = all;
+    ties with the k-th are kept) further cut to the smallest most-likely set whose probability reaches `top_p`."""
     logits = logits_bv.astype(F32)
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / F32(temperature)
-    if 0 < top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        s = -jnp.sort(-logits, axis=-1)  # descending
-        p = jax.nn.softmax(s, axis=-1)
-        before = jnp.cumsum(p, axis=-1) - p  # probability mass strictly more likely than each token
-        thr = jnp.min(jnp.where(before < top_p, s, jnp.inf), axis=-1, keepdims=True)  # the first token always kept
-        logits = jnp.where(logits < thr, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    v = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature, top_k, top_p = jnp.asarray(temperature, F32), jnp.asarray(top_k), jnp.asarray(top_p, F32)
+    lg = logits / jnp.maximum(temperature, F32(1e-6))
+    s = -jnp.sort(-lg, axis=-1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
+    kth = jax.lax.dynamic_index_in_dim(s, k - 1, axis=-1, keepdims=True)
+    lg = jnp.where(lg < kth, -jnp.inf, lg)
+    s = jnp.where(jnp.arange(v) < k, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    before = jnp.cumsum(p, axis=-1) - p  # probability mass of the more likely tokens; the first is always kept
+    thr = jnp.min(jnp.where(before < top_p, s, jnp.inf), axis=-1, keepdims=True)
+    lg = jnp.where((top_p < 1) & (lg < thr), -jnp.inf, lg)
+    sampled = jax.random.categorical(key, lg, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature == 0, greedy, sampled)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "logprobs", "mtp_logits", "num_tokens"],
@@ -99,7 +112,7 @@ class GenerateOutput:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["cache", "step", "last", "done", "key", "out"], meta_fields=[])  # fmt: skip
+                   data_fields=["cache", "step", "last", "done", "key", "out", "knobs"], meta_fields=[])  # fmt: skip
 @dataclasses.dataclass
 class _Loop:
     cache: Cache
@@ -108,6 +121,7 @@ class _Loop:
     done: jax.Array  # [B] bool
     key: jax.Array
     out: GenerateOutput
+    knobs: dict  # traced sampling settings: temperature, top_k, top_p, eos (-1 = none)
 
 
 def _logprob(logits, tok):
@@ -121,15 +135,17 @@ def _emit(sampler: Sampler, loop: _Loop, i, tok, logits, mtp_logits, active) -> 
     mtp = out.mtp_logits
     if mtp is not None:
         mtp = mtp.at[:, i].set(jnp.where(active[:, None], mtp_logits, 0.0))
-    done = loop.done | ~active
-    if sampler.eos_id is not None:
-        done = done | (tok == sampler.eos_id)
+    done = loop.done | ~active | (tok == loop.knobs["eos"])
     done = done | (i + 1 >= sampler.max_new_tokens)
     out = GenerateOutput(tokens, logprobs, mtp, out.num_tokens + active.astype(jnp.int32))
     return dataclasses.replace(loop, step=i + 1, last=jnp.where(active, tok, loop.last), done=done, out=out)
 
 
-def _start(state: ModelState, tokens, lengths, key, sampler: Sampler, max_len: int) -> _Loop:
+def _sample(loop_knobs, logits, key):
+    return sample_logits(logits, key, loop_knobs["temperature"], loop_knobs["top_k"], loop_knobs["top_p"])
+
+
+def _start(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max_len: int) -> _Loop:
     """Prefill, sample token 0, MTP over the prompt."""
     b, s = tokens.shape
     n, v = sampler.max_new_tokens, state.config.vocab_size
@@ -137,7 +153,7 @@ def _start(state: ModelState, tokens, lengths, key, sampler: Sampler, max_len: i
     cache = init_cache(state.config, b, max_len)
     logits, hidden, cache = dec._prefill(state, cache, tokens, lengths, opts)
     key, sub = jax.random.split(key)
-    tok = sample_logits(logits, sub, sampler.temperature, sampler.top_k, sampler.top_p)
+    tok = _sample(knobs, logits, sub)
     mtp_logits = None
     use_mtp = sampler.mtp and state.config.n_mtp_layers > 0
     if use_mtp:  # MTP input at p: token p+1; at the last prompt position that is the token just sampled
@@ -150,7 +166,7 @@ def _start(state: ModelState, tokens, lengths, key, sampler: Sampler, max_len: i
         mtp_logits=jnp.zeros((b, n, v), F32) if use_mtp else None,
         num_tokens=jnp.zeros((b,), jnp.int32),
     )
-    loop = _Loop(cache, jnp.int32(0), tok, jnp.zeros((b,), bool), key, out)
+    loop = _Loop(cache, jnp.int32(0), tok, jnp.zeros((b,), bool), key, out, knobs)
     return _emit(sampler, loop, 0, tok, logits, mtp_logits, jnp.ones((b,), bool))
 
 
@@ -160,7 +176,7 @@ def _step(state: ModelState, loop: _Loop, sampler: Sampler) -> _Loop:
     active = ~loop.done
     logits, hidden, cache = dec._decode(state, loop.cache, loop.last, opts, active)
     key, sub = jax.random.split(loop.key)
-    tok = sample_logits(logits, sub, sampler.temperature, sampler.top_k, sampler.top_p)
+    tok = _sample(loop.knobs, logits, sub)
     mtp_logits = None
     if loop.out.mtp_logits is not None:
         mtp_logits, cache = dec._mtp_decode(state, cache, hidden, tok, opts, active)
@@ -172,9 +188,9 @@ TRACE_COUNT = {"generate": 0}  # incremented each time the whole-generation prog
 
 
 @functools.partial(jax.jit, static_argnames=("sampler", "max_len"))
-def _generate(state: ModelState, tokens, lengths, key, sampler: Sampler, max_len: int) -> GenerateOutput:
+def _generate(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max_len: int) -> GenerateOutput:
     TRACE_COUNT["generate"] += 1
-    loop = _start(state, tokens, lengths, key, sampler, max_len)
+    loop = _start(state, tokens, lengths, key, knobs, sampler, max_len)
     loop = jax.lax.while_loop(
         lambda lp: (lp.step < sampler.max_new_tokens) & ~jnp.all(lp.done),
         lambda lp: _step(state, lp, sampler),
@@ -217,7 +233,7 @@ def generate(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Samp
     [B]`, default all S). One compiled program (prefill + `lax.while_loop`) per (shapes, sampler, max_len); the
     cache holds `max_len` positions (default S + max_new_tokens). Same key, same output."""
     tokens, lengths, key, max_len = _prepare(state, tokens, lengths, sampler, key, max_len)
-    return _generate(state, tokens, lengths, key, sampler, max_len)
+    return _generate(state, tokens, lengths, key, sampler.knobs(), sampler.static(), max_len)
 
 
 class GenerationStream:
@@ -229,17 +245,18 @@ class GenerationStream:
 
     def __init__(self, state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(),
                  key: jax.Array | int = 0, max_len: int | None = None):  # fmt: skip
-        self.state, self.sampler = state, sampler
+        self.state, self.sampler = state, sampler.static()
         self.tokens, self.lengths, self.key, self.max_len = _prepare(state, tokens, lengths, sampler, key, max_len)
-        self._start = functools.partial(_start_jit, sampler=sampler, max_len=self.max_len)
-        self._step = functools.partial(_step_jit, sampler=sampler)
+        self.key = (self.key, sampler.knobs())
+        self._start = functools.partial(_start_jit, sampler=self.sampler, max_len=self.max_len)
+        self._step = functools.partial(_step_jit, sampler=self.sampler)
         self.output: GenerateOutput | None = None
         self.compile_s = self.prefill_s = self.decode_s = 0.0
         self.decode_steps = 0
 
     def compile(self) -> float:
         t0 = time.perf_counter()
-        args = (self.state, self.tokens, self.lengths, self.key)
+        args = (self.state, self.tokens, self.lengths, *self.key)
         start = _start_jit.lower(*args, sampler=self.sampler, max_len=self.max_len).compile()
         shape = jax.eval_shape(functools.partial(_start, sampler=self.sampler, max_len=self.max_len), *args)
         step = _step_jit.lower(self.state, shape, sampler=self.sampler).compile()
@@ -249,7 +266,7 @@ class GenerationStream:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         t0 = time.perf_counter()
-        loop = jax.block_until_ready(self._start(self.state, self.tokens, self.lengths, self.key))
+        loop = jax.block_until_ready(self._start(self.state, self.tokens, self.lengths, *self.key))
         self.prefill_s = time.perf_counter() - t0
         n = self.sampler.max_new_tokens
         for i in range(n):

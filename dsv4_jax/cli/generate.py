@@ -1,41 +1,118 @@
-"""`dsv4-jax generate`: the main job. Until the cache/generate path lands this runs the tiny model's forward pass on
-the prompt and prints the next-token distribution and timing."""
+"""`dsv4-jax generate`: the main job. Restores a checkpoint (default: the embedded tiny model, written and converted
+to Orbax on first use), tokenizes the prompt, streams generated tokens as they arrive and prints prefill / decode
+throughput and compile time."""
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import math
+import sys
 
-import jax
 import numpy as np
 
 
 def add_parser(sub):
-    p = sub.add_parser("generate", help="run the model on a prompt")
-    p.add_argument("--prompt", default="Hello, DeepSeek-V4!", help="text prompt (byte-level for the tiny model)")
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--prompt", default=None, help="text prompt (default: 'Hello, DeepSeek-V4!')")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+    p.add_argument("--ckpt", default=None, help="Orbax (dsv4-jax convert) or released safetensors folder; default: "
+                   "the embedded tiny model")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's, else byte-level)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=5, help="how many next-token candidates to print")
+    p.add_argument("--max-len", type=int, default=None, help="cache capacity (default: prompt + new tokens, rounded "
+                   "up to a multiple of 128)")  # fmt: skip
+    p.add_argument("--no-quant-sim", action="store_true", help="exact arithmetic instead of the FP8/FP4 simulation")
+    p.add_argument("--no-mtp", action="store_true", help="skip the MTP draft head")
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
-    import dsv4_jax
+def _round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)
 
-    if not args.prompt:
+
+def load_model(ckpt: str | None):
+    """(state, folder or None, description). No `ckpt`: the embedded tiny checkpoint (`ensure_default_checkpoint`)."""
+    from dsv4_jax.checkpoint import restore
+
+    if ckpt is None:
+        from dsv4_jax.checkpoint.default import ensure_default_checkpoint
+
+        path = ensure_default_checkpoint()
+        _, state = restore.load(path)
+        return state, None, f"embedded tiny checkpoint ({path})"
+    _, state = restore.load(ckpt)
+    return state, ckpt, ckpt
+
+
+def run(args) -> int:
+    import jax
+
+    from dsv4_jax import generate as G
+    from dsv4_jax.tokenizer import ByteTokenizer, load_tokenizer
+
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise ValueError("give --prompt or --prompt-ids, not both")
+    if args.prompt is None and args.prompt_ids is None:
+        args.prompt = "Hello, DeepSeek-V4!"
+    if args.prompt is not None and args.prompt == "":
         raise ValueError("--prompt is empty")
-    cfg = dsv4_jax.Config.tiny()
-    state = dsv4_jax.init_random(cfg, args.seed)
-    tokens = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)[None] % cfg.vocab_size
-    t0 = time.perf_counter()
-    logits = jax.block_until_ready(dsv4_jax.forward(state, tokens))
-    t1 = time.perf_counter()
-    logits = jax.block_until_ready(dsv4_jax.forward(state, tokens))
-    t2 = time.perf_counter()
-    p = np.asarray(jax.nn.softmax(logits[0, -1]))
-    order = np.argsort(-p)[: args.top]
-    print(f"prompt: {args.prompt!r} ({tokens.shape[1]} tokens), tiny random model (seed {args.seed})")
-    for t in order:
-        print(f"  token {t:4d} {bytes([t]) if t < 256 else b'?'!r:>8}  p={p[t]:.4f}")
-    print(
-        f"first call (compile + run) {t1 - t0:.2f} s, forward {t2 - t1:.3f} s ({tokens.shape[1] / (t2 - t1):.0f} tok/s)"
-    )
+    sampler = G.Sampler(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, mtp=not args.no_mtp, quant_sim=not args.no_quant_sim)  # fmt: skip
+    state, folder, desc = load_model(args.ckpt)
+    cfg = state.config
+    tok = load_tokenizer(args.tokenizer or folder, cfg)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError as e:
+            raise ValueError(f"--prompt-ids {args.prompt_ids!r} is not a list of integers") from e
+        if not ids:
+            raise ValueError("--prompt-ids is empty")
+    else:
+        ids = tok.encode(args.prompt)
+    for i in ids:
+        if not 0 <= i < cfg.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {cfg.vocab_size})")
+    sampler = dataclasses.replace(sampler, eos_id=cfg.eos_token_id, pad_id=cfg.eos_token_id)
+    need = G.capacity_needed(len(ids), sampler)
+    max_len = args.max_len if args.max_len is not None else min(_round_up(need, 128), cfg.max_seq_len)
+    if len(ids) > max_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens, more than max_len={max_len}")
+    if need > max_len:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: a {len(ids)}-token prompt plus "
+                         f"{args.max_new_tokens} new tokens needs {need} cache positions, "
+                         f"max_len is {max_len}")  # fmt: skip
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    # Prefill width padded to a multiple of 64: nearby prompt lengths share one compiled program.
+    width = min(_round_up(len(ids), 64), max_len)
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, : len(ids)] = ids
+    stream = G.GenerationStream(state, tokens, [len(ids)], sampler=sampler, key=jax.random.key(args.seed),
+                                max_len=max_len)  # fmt: skip
+    print(f"model: {desc}; prompt: {len(ids)} tokens; max_len {max_len}", file=sys.stderr)
+    compile_s = stream.compile()
+    out_ids = []
+    is_bytes = isinstance(tok, ByteTokenizer)
+    for t, active in stream:
+        if not active[0]:
+            break
+        out_ids.append(int(t[0]))
+        if is_bytes:
+            sys.stdout.buffer.write(tok.token_bytes(int(t[0])))
+            sys.stdout.flush()
+    text = tok.decode(out_ids)
+    if not is_bytes:
+        sys.stdout.write(text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    n_dec = stream.decode_steps
+    print(f"generated {len(out_ids)} tokens: {out_ids}", file=sys.stderr)
+    print(f"compile {compile_s:.2f} s | prefill {len(ids)} tokens in {stream.prefill_s:.3f} s "
+          f"({len(ids) / max(stream.prefill_s, 1e-9):.1f} tok/s) | decode {n_dec} steps in {stream.decode_s:.3f} s "
+          f"({n_dec / max(stream.decode_s, 1e-9):.1f} tok/s)", file=sys.stderr)  # fmt: skip
     return 0
