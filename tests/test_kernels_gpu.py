@@ -13,6 +13,11 @@ Bounds (relative RMS error over the checked elements):
     re-quantization of h can flip by one e4m3 step where the reference and kernel SwiGLU differ in the last bit).
   * End to end: kernel logits vs reference logits no further apart than the reference from itself under one-ulp
     bf16 perturbations of the input embeddings.
+
+Observed on an H100 (2026-11-22): the FP8 linear tests compare against a float64 host reference because the pure-JAX
+reference (`ops.fp8_linear`, backend "reference") compiled by XLA for the GPU differed from the kernel by ~2.7e-2
+relative at M=64 while the kernel was within 2e-3 of float64; the reference-based checks below (routed experts, end
+to end) inherit that GPU reference error.
 """
 
 from __future__ import annotations
@@ -72,18 +77,30 @@ def test_act_quant_bit_identical(ffi, m, k):
     np.testing.assert_array_equal(np.asarray(s).view(np.uint32), np.asarray(s_ref).view(np.uint32))
 
 
+def _host_ref_rows(x, w, s, rows):
+    """float64 host reference of the quant_sim FP8 linear on `rows` (the exact FP8 operands; XLA not involved)."""
+    cpu = jax.devices("cpu")[0]
+    xq, sx = jax.jit(quant.act_quant, static_argnums=1)(jax.device_put(x, cpu), 128)
+    xd = np.asarray(xq, np.float64) * np.repeat(np.asarray(sx, np.float64), 128, axis=-1)
+    wd = np.asarray(quant.dequant_fp8_weight(jax.device_put(w, cpu), jax.device_put(s, cpu)), np.float64)
+    return xd[rows] @ wd.T
+
+
 @pytest.mark.parametrize("n,k", FLASH_LINEARS)
 @pytest.mark.parametrize("m", [1, 64, 65, 1024])
 def test_fp8_linear(ffi, m, n, k):
     key = jax.random.key(m + 3 * n + k)
     x = rand_bf16(key, (m, k), spread=False)
     w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (n, k))
-    ref = jax.jit(lambda x, w, s: ops.fp8_linear(x, w, s, ops.Opts(backend="reference")))(x, w, s)
+    rows = np.arange(m) if m <= 65 else np.sort(np.random.default_rng(m).choice(m, 48, replace=False))
+    want = _host_ref_rows(x, w, s, rows)
     poison()
-    out = jax.jit(ffi.fp8_linear)(x, w, s)
-    out = np.asarray(out, np.float32)
+    out = np.asarray(jax.jit(ffi.fp8_linear)(x, w, s), np.float32)
     assert np.isfinite(out).all()
-    assert rel_rms(out, ref) <= 2e-3
+    ref = np.asarray(jax.jit(lambda x, w, s: ops.fp8_linear(x, w, s, ops.Opts(backend="reference")))(x, w, s),
+                     np.float32)
+    err, err_xla_ref = rel_rms(out[rows], want), rel_rms(ref[rows], want)
+    assert err <= 2e-3, f"kernel vs float64: {err:.3e} (XLA reference vs float64: {err_xla_ref:.3e})"
 
 
 def _grouped_case(key, t, k, e, n, kdim):
@@ -171,17 +188,20 @@ def _perturb_embeddings(state, seed):
 def test_end_to_end_flash_layers(ffi, expert_dtype, capsys):
     import dsv4_jax
 
-    cfg = dsv4_jax.Config.flash(n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1, vocab_size=4096,
-                                expert_dtype=expert_dtype)
+    if expert_dtype == "fp4":  # full-width Flash layers (FP8 linears through the kernels), 16 experts to fit memory
+        cfg = dsv4_jax.Config.flash(n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1, vocab_size=4096,
+                                    n_routed_experts=16)
+    else:  # FP8 routed experts through the grouped kernels: tiny widths (instantiated for G=8)
+        cfg = dsv4_jax.Config.tiny(expert_dtype="fp8")
     state = dsv4_jax.init_random(cfg, 0)
-    tokens = jax.random.randint(jax.random.key(1), (2, 96), 2, cfg.vocab_size)
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 2, cfg.vocab_size)
     ref = np.asarray(dsv4_jax.forward(state, tokens, backend="reference"))
     got = np.asarray(dsv4_jax.forward(state, tokens, backend="ffi"))
     noise = max(rel_rms(np.asarray(dsv4_jax.forward(_perturb_embeddings(state, s), tokens)), ref) for s in (1, 2))
     err = rel_rms(got, ref)
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
     with capsys.disabled():
-        print(f"\n[e2e flash 2 layers, experts {expert_dtype}] rel-RMS(ffi, ref)={err:.3e} "
+        print(f"\n[e2e {expert_dtype}-experts config] rel-RMS(ffi, ref)={err:.3e} "
               f"one-ulp noise floor={noise:.3e} argmax agreement={agree:.4f}")
     assert np.isfinite(got).all()
     assert err <= noise

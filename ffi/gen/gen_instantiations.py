@@ -132,7 +132,8 @@ def plan(presets: list[str], num_sms: int) -> list[dict]:
             for bm, m_rep in ((64, 64), (128, 4096)):
                 key = (KIND_NORMAL, n, k, 1, bm)
                 entries.setdefault(key, {"presets": set()})["presets"].add(p)
-                entries[key].update(kind=KIND_NORMAL, n=n, k=k, g=1, **pick_config(KIND_NORMAL, n, k, m_rep, bm, num_sms))
+                cfg_d = pick_config(KIND_NORMAL, n, k, m_rep, bm, num_sms)
+                entries[key].update(kind=KIND_NORMAL, n=n, k=k, g=1, **cfg_d)
         for n, k, g in sorted(expert_shapes(cfg)):
             # Contiguous (psum) layout: rows of each expert start on a BLOCK_M boundary; 64 for small batches.
             for bm, m_rep in ((64, 64), (128, 8192 * cfg.n_activated_experts // g)):
