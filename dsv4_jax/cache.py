@@ -68,6 +68,11 @@ def _check_capacity(cfg: Config, max_len: int) -> None:
         raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
 
 
+def _capacity(max_len: int, ratio: int) -> int:
+    """Compressed entries a row can hold (at least one slot, so that decode indexing stays in bounds)."""
+    return max(max_len // ratio, 1)
+
+
 def _layer_cache(cfg: Config, ratio: int, batch: int, max_len: int, zeros=jnp.zeros) -> LayerCache:
     d, w = cfg.head_dim, cfg.window_size
     lc = LayerCache(window=zeros((batch, w, d), BF16))
@@ -75,12 +80,12 @@ def _layer_cache(cfg: Config, ratio: int, batch: int, max_len: int, zeros=jnp.ze
         coff = 2 if ratio == 4 else 1
         lc.comp_kv = zeros((batch, coff * ratio, coff * d), F32)
         lc.comp_score = zeros((batch, coff * ratio, coff * d), F32)
-        lc.entries = zeros((batch, max_len // ratio, d), BF16)
+        lc.entries = zeros((batch, _capacity(max_len, ratio), d), BF16)
     if ratio == 4:
         di = cfg.index_head_dim
         lc.idx_kv = zeros((batch, 8, 2 * di), F32)
         lc.idx_score = zeros((batch, 8, 2 * di), F32)
-        lc.idx_keys = zeros((batch, max_len // 4, di), BF16)
+        lc.idx_keys = zeros((batch, _capacity(max_len, 4), di), BF16)
     return lc
 
 
@@ -139,10 +144,10 @@ def layer_cache_from_prefill(pieces: dict, lengths_b: jax.Array, ratio: int, win
     lc = LayerCache(window=_ring(pieces["window"], lengths_b, window))
     if ratio:
         lc.comp_kv, lc.comp_score = _block_state(pieces["comp_kv"], pieces["comp_score"], lengths_b, ratio)
-        lc.entries = _entries(pieces["entries"], lengths_b, ratio, max_len // ratio)
+        lc.entries = _entries(pieces["entries"], lengths_b, ratio, _capacity(max_len, ratio))
     if ratio == 4:
         lc.idx_kv, lc.idx_score = _block_state(pieces["idx_kv"], pieces["idx_score"], lengths_b, 4)
-        lc.idx_keys = _entries(pieces["idx_keys"], lengths_b, 4, max_len // 4)
+        lc.idx_keys = _entries(pieces["idx_keys"], lengths_b, 4, _capacity(max_len, 4))
     return lc
 
 

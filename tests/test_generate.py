@@ -123,13 +123,13 @@ def test_eos_stops_rows_at_different_steps_without_recompiling(official_state, p
     cands = [t for t in greedy.tokens[0, 1:] if t not in greedy.tokens[1, :3]]
     eos = int(cands[0])
     first = [int(np.argmax(greedy.tokens[b] == eos)) if (greedy.tokens[b] == eos).any() else None for b in range(2)]
-    sampler = Sampler(max_new_tokens=N, eos_id=eos, pad_id=0)
+    sampler = Sampler(max_new_tokens=N, eos_id=eos)  # pad_id (static) as in `greedy`
     out = jax.tree.map(np.asarray, G.generate(official_state, toks, lengths, sampler=sampler, max_len=MAX_LEN))
     for b in range(2):
         n = N if first[b] is None else first[b] + 1
         assert out.num_tokens[b] == n
         np.testing.assert_array_equal(out.tokens[b, :n], greedy.tokens[b, :n])
-        assert (out.tokens[b, n:] == 0).all() and (out.logprobs[b, n:] == 0).all()
+        assert (out.tokens[b, n:] == sampler.pad_id).all() and (out.logprobs[b, n:] == 0).all()
         assert (out.mtp_logits[b, n:] == 0).all()
     assert out.num_tokens[0] != out.num_tokens[1]
     assert G.TRACE_COUNT["generate"] == traces  # the EOS id is a traced setting: same program
