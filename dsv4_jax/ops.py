@@ -88,7 +88,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, opts: Opts) -> jax.Arra
         return to_bf16(y).reshape(*lead, n)
     xq, sx = quant.act_quant(x2, 128)
     sw = jnp.repeat(quant.e8m0_to_f32(s), 128, axis=0)[:n]
-    y = _blockwise_gemm(xq.astype(jnp.float32), sx, w.astype(jnp.float32), sw, 128)
+    y = _blockwise_gemm(quant.e4m3_to_f32(xq), sx, quant.e4m3_to_f32(w), sw, 128)
     return to_bf16(y).reshape(*lead, n)
 
 
@@ -101,7 +101,7 @@ def fp4_linear(x: jax.Array, w: jax.Array, s: jax.Array, opts: Opts) -> jax.Arra
         return to_bf16(y).reshape(*lead, n)
     xq, sx = quant.act_quant(x2, 128)
     sx32 = jnp.repeat(sx, 4, axis=-1)  # one activation scale per 128 = four 32-wide weight blocks
-    y = _blockwise_gemm(xq.astype(jnp.float32), sx32, quant.unpack_fp4(w), quant.e8m0_to_f32(s), 32)
+    y = _blockwise_gemm(quant.e4m3_to_f32(xq), sx32, quant.unpack_fp4(w), quant.e8m0_to_f32(s), 32)
     return to_bf16(y).reshape(*lead, n)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "fp8_sim",
     "fp4_sim",
     "cast_e2m1",
+    "e4m3_to_f32",
     "dequant_fp8_weight",
     "unpack_fp4",
     "pack_fp4",
@@ -41,6 +43,11 @@ FP8_MAX = 448.0
 FP4_MAX = 6.0
 FP8_AMAX_FLOOR = 1e-4
 FP4_AMAX_FLOOR = 6.0 * 2.0**-126
+
+# e4m3 byte -> value (NaN at 0x7F/0xFF). Decoding by table lookup instead of a dtype convert matters on GPUs: XLA
+# rewrites dot(convert(f8), convert(f8)) into a cuBLASLt FP8 GEMM, whose result was measured ~2.7e-2 off the exact
+# product on an H100 (benchmarks/gpu_reference_check.py); a gather is never pattern-matched.
+E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 # e2m1 code -> value; bit 3 is the sign.
 E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
@@ -126,10 +133,15 @@ def _expand_block_scale(s: jax.Array, n: int, k: int, bn: int, bk: int) -> jax.A
     return s32[..., :n, :k]
 
 
+def e4m3_to_f32(x: jax.Array) -> jax.Array:
+    """Exact float32 values of `float8_e4m3fn` data, by table lookup on the bytes (see `E4M3_VALUES`)."""
+    return jnp.asarray(E4M3_VALUES)[jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.int32)]
+
+
 def dequant_fp8_weight(w: jax.Array, s: jax.Array) -> jax.Array:
     """`float8_e4m3fn [..., N, K]` with e8m0 `[..., ceil(N/128), ceil(K/128)]` scales -> float32 `[..., N, K]`."""
     n, k = w.shape[-2:]
-    return w.astype(jnp.float32) * _expand_block_scale(s, n, k, 128, 128)
+    return e4m3_to_f32(w) * _expand_block_scale(s, n, k, 128, 128)
 
 
 def unpack_fp4(packed: jax.Array) -> jax.Array:
