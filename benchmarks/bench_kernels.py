@@ -79,8 +79,17 @@ def bench_dense(rows, m, n, k, bw, fp8):
     wd = jnp.stack([quant.dequant_fp8_weight(a, b).astype(BF16) for a, b in ws])
     tx = timed(many(lambda x, w: x @ w.T, r), x, wd, per=r)
     flops, byts = 2 * m * n * k, n * k + m * k * 2 + m * n * 2
-    rows.append(dict(op="fp8_linear (quant+GEMM)", shape=f"M={m} N={n} K={k}", us=t * 1e6, xla_bf16_us=tx * 1e6,
-                     tflops=flops / t / 1e12, pct_fp8=100 * flops / t / fp8, pct_bw=100 * byts / t / bw))
+    rows.append(
+        dict(
+            op="fp8_linear (quant+GEMM)",
+            shape=f"M={m} N={n} K={k}",
+            us=t * 1e6,
+            xla_bf16_us=tx * 1e6,
+            tflops=flops / t / 1e12,
+            pct_fp8=100 * flops / t / fp8,
+            pct_bw=100 * byts / t / bw,
+        )
+    )
 
 
 def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6):
@@ -119,20 +128,38 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6):
         except Exception as ex:  # noqa: BLE001
             print("ragged_dot baseline failed:", ex)
         del wd
-    rows.append(dict(op=f"grouped {layout} (E=256 top-6)", shape=f"T={t_tokens} N={n} K={k} active={active}",
-                     us=tm * 1e6, xla_bf16_us=tx * 1e6, tflops=flops / tm / 1e12, pct_fp8=100 * flops / tm / fp8,
-                     pct_bw=100 * wbytes / tm / bw))
+    rows.append(
+        dict(
+            op=f"grouped {layout} (E=256 top-6)",
+            shape=f"T={t_tokens} N={n} K={k} active={active}",
+            us=tm * 1e6,
+            xla_bf16_us=tx * 1e6,
+            tflops=flops / tm / 1e12,
+            pct_fp8=100 * flops / tm / fp8,
+            pct_bw=100 * wbytes / tm / bw,
+        )
+    )
 
 
 def bench_overhead(rows):
     s = jnp.full((200, 16), 127, jnp.uint8)
-    f = jax.jit(lambda s: [jax.ffi.ffi_call("dsv4_e8m0_to_f32", jax.ShapeDtypeStruct((16,), F32))(s[i])
-                           for i in range(200)])
+    f = jax.jit(
+        lambda s: [jax.ffi.ffi_call("dsv4_e8m0_to_f32", jax.ShapeDtypeStruct((16,), F32))(s[i]) for i in range(200)]
+    )
     t = timed(f, s, per=200)
     g = jax.jit(lambda s: [(s[i].astype(F32) * 2.0) for i in range(200)])
     tg = timed(g, s, per=200)
-    rows.append(dict(op="FFI call overhead (16-element kernel)", shape="200 calls / executable", us=t * 1e6,
-                     xla_bf16_us=tg * 1e6, tflops=float("nan"), pct_fp8=float("nan"), pct_bw=float("nan")))
+    rows.append(
+        dict(
+            op="FFI call overhead (16-element kernel)",
+            shape="200 calls / executable",
+            us=t * 1e6,
+            xla_bf16_us=tg * 1e6,
+            tflops=float("nan"),
+            pct_fp8=float("nan"),
+            pct_bw=float("nan"),
+        )
+    )
 
 
 def main():
@@ -145,8 +172,10 @@ def main():
     assert mod is not None, why
     dev = jax.devices()[0]
     bw, fp8, bf16 = ceilings()
-    print(f"device {dev.device_kind}: copy {bw / 1e12:.2f} TB/s, XLA FP8 dot {fp8 / 1e12:.0f} TFLOP/s, "
-          f"bf16 {bf16 / 1e12:.0f} TFLOP/s")
+    print(
+        f"device {dev.device_kind}: copy {bw / 1e12:.2f} TB/s, XLA FP8 dot {fp8 / 1e12:.0f} TFLOP/s, "
+        f"bf16 {bf16 / 1e12:.0f} TFLOP/s"
+    )
     rows = []
     bench_overhead(rows)
     for m in (1, 64, 1024, 8192):
@@ -157,13 +186,22 @@ def main():
     for t in (1, 8, 32, 64, 128, 256):
         bench_grouped(rows, t, 2048, 4096, bw, fp8, "masked" if t <= 64 else "contig")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = dict(date=datetime.date.today().isoformat(), device=dev.device_kind, commit=commit or "unknown",
-                copy_tbs=bw / 1e12, xla_fp8_tflops=fp8 / 1e12, xla_bf16_tflops=bf16 / 1e12, jax=jax.__version__)
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        device=dev.device_kind,
+        commit=commit or "unknown",
+        copy_tbs=bw / 1e12,
+        xla_fp8_tflops=fp8 / 1e12,
+        xla_bf16_tflops=bf16 / 1e12,
+        jax=jax.__version__,
+    )
     hdr = "| op | shape | time µs | XLA bf16 µs | TFLOP/s | % FP8 ceiling | % copy BW |"
     lines = [hdr, "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['op']} | {r['shape']} | {r['us']:.1f} | {r['xla_bf16_us']:.1f} | {r['tflops']:.0f} | "
-                     f"{r['pct_fp8']:.0f} | {r['pct_bw']:.0f} |")
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['us']:.1f} | {r['xla_bf16_us']:.1f} | {r['tflops']:.0f} | "
+            f"{r['pct_fp8']:.0f} | {r['pct_bw']:.0f} |"
+        )
     text = "\n".join(lines)
     print(json.dumps(meta))
     print(text)

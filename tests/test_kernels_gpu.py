@@ -97,8 +97,9 @@ def test_fp8_linear(ffi, m, n, k):
     poison()
     out = np.asarray(jax.jit(ffi.fp8_linear)(x, w, s), np.float32)
     assert np.isfinite(out).all()
-    ref = np.asarray(jax.jit(lambda x, w, s: ops.fp8_linear(x, w, s, ops.Opts(backend="reference")))(x, w, s),
-                     np.float32)
+    ref = np.asarray(
+        jax.jit(lambda x, w, s: ops.fp8_linear(x, w, s, ops.Opts(backend="reference")))(x, w, s), np.float32
+    )
     err, err_xla_ref = rel_rms(out[rows], want), rel_rms(ref[rows], want)
     assert err <= 2e-3, f"kernel vs float64: {err:.3e} (XLA reference vs float64: {err_xla_ref:.3e})"
 
@@ -189,8 +190,9 @@ def test_end_to_end_flash_layers(ffi, expert_dtype, capsys):
     import dsv4_jax
 
     if expert_dtype == "fp4":  # full-width Flash layers (FP8 linears through the kernels), 16 experts to fit memory
-        cfg = dsv4_jax.Config.flash(n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1, vocab_size=4096,
-                                    n_routed_experts=16)
+        cfg = dsv4_jax.Config.flash(
+            n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1, vocab_size=4096, n_routed_experts=16
+        )
     else:  # FP8 routed experts through the grouped kernels: tiny widths (instantiated for G=8)
         cfg = dsv4_jax.Config.tiny(expert_dtype="fp8")
     state = dsv4_jax.init_random(cfg, 0)
@@ -201,7 +203,9 @@ def test_end_to_end_flash_layers(ffi, expert_dtype, capsys):
     err = rel_rms(got, ref)
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
     with capsys.disabled():
-        print(f"\n[e2e {expert_dtype}-experts config] rel-RMS(ffi, ref)={err:.3e} "
-              f"one-ulp noise floor={noise:.3e} argmax agreement={agree:.4f}")
+        print(
+            f"\n[e2e {expert_dtype}-experts config] rel-RMS(ffi, ref)={err:.3e} "
+            f"one-ulp noise floor={noise:.3e} argmax agreement={agree:.4f}"
+        )
     assert np.isfinite(got).all()
     assert err <= noise

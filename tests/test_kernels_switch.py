@@ -101,8 +101,11 @@ def _deepgemm_include() -> pathlib.Path | None:
     if (inc / "deep_gemm").exists():
         return inc
     dl = CACHE / "wheels"
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dl),
-                        DEEPGEMM_PIN], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dl), DEEPGEMM_PIN],
+        capture_output=True,
+        text=True,
+    )
     wheels = sorted(dl.glob("sgl_deep_gemm-0.2.5-*.whl"))
     if r.returncode or not wheels:
         return None
@@ -137,13 +140,32 @@ def test_extension_compiles_for_sm90a(tmp_path):
     cu = tmp_path / f"gemm_{entries[0]['name']}.cu"
     gencode = "-gencode=arch=compute_90a,code=sm_90a"
     base = ["nvcc", "-std=c++20", "-O3", gencode, "-Xcompiler", "-fPIC", "-c", "-I", str(FFI / "csrc")]
-    _cached_compile(base + ["--expt-relaxed-constexpr", "--expt-extended-lambda", "-I", str(inc), str(cu)],
-                    [cu, FFI / "csrc" / "gemm_entry.h"], "gemm")
+    _cached_compile(
+        base + ["--expt-relaxed-constexpr", "--expt-extended-lambda", "-I", str(inc), str(cu)],
+        [cu, FFI / "csrc" / "gemm_entry.h"],
+        "gemm",
+    )
     src = FFI / "csrc" / "quant_kernels.cu"
     _cached_compile(base + [str(src)], [src, FFI / "csrc" / "kernels.h"], "quant")
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())
     for name in ("handlers.cc", "gemm_launch.cc"):
         src = FFI / "csrc" / name
-        _cached_compile(["nvcc", "-std=c++20", "-x", "c++", "-Xcompiler", "-fPIC", "-c", "-I", str(FFI / "csrc"),
-                         "-I", str(ffi_inc), str(src)], [src, FFI / "csrc" / "kernels.h"], name.split(".")[0])
+        _cached_compile(
+            [
+                "nvcc",
+                "-std=c++20",
+                "-x",
+                "c++",
+                "-Xcompiler",
+                "-fPIC",
+                "-c",
+                "-I",
+                str(FFI / "csrc"),
+                "-I",
+                str(ffi_inc),
+                str(src),
+            ],
+            [src, FFI / "csrc" / "kernels.h"],
+            name.split(".")[0],
+        )

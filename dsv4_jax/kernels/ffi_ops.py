@@ -170,15 +170,21 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if not instantiated("dense", n, k, 1, _dense_block_m(m)):
-        warnings.warn(f"dsv4_jax_ffi has no FP8 GEMM instantiation for N={n} K={k}; using the reference "
-                      "(add the shape to ffi/gen/gen_instantiations.py and rebuild)", stacklevel=2)
+        warnings.warn(
+            f"dsv4_jax_ffi has no FP8 GEMM instantiation for N={n} K={k}; using the reference "
+            "(add the shape to ffi/gen/gen_instantiations.py and rebuild)",
+            stacklevel=2,
+        )
         from dsv4_jax import ops
 
         return ops.fp8_linear(x, w, s, ops.Opts(backend="reference"))
     out, _, _ = jax.ffi.ffi_call(
         "dsv4_fp8_linear",
-        (jax.ShapeDtypeStruct((m, n), BF16), jax.ShapeDtypeStruct((m, k), E4M3),
-         jax.ShapeDtypeStruct((k // 128, _round_up(max(m, 1), 4)), F32)),
+        (
+            jax.ShapeDtypeStruct((m, n), BF16),
+            jax.ShapeDtypeStruct((m, k), E4M3),
+            jax.ShapeDtypeStruct((k // 128, _round_up(max(m, 1), 4)), F32),
+        ),
     )(x2.astype(BF16), w, sm90_weight_scales(s))
     return out.reshape(*lead, n)
 
@@ -190,7 +196,8 @@ def grouped_gemm_contig(a, sfa, w, sw, psum, block_m: int) -> jax.Array:
     mp = a.shape[0]
     n = w.shape[1]
     return jax.ffi.ffi_call("dsv4_fp8_gemm_contig", jax.ShapeDtypeStruct((mp, n), BF16))(
-        a, sfa, w, sm90_weight_scales(sw), psum.astype(jnp.int32), block_m=np.int64(block_m))
+        a, sfa, w, sm90_weight_scales(sw), psum.astype(jnp.int32), block_m=np.int64(block_m)
+    )
 
 
 def grouped_gemm_masked(a, sfa, w, sw, masked_m, block_m: int = 64) -> jax.Array:
@@ -199,4 +206,5 @@ def grouped_gemm_masked(a, sfa, w, sw, masked_m, block_m: int = 64) -> jax.Array
     g, mm, _ = a.shape
     n = w.shape[1]
     return jax.ffi.ffi_call("dsv4_fp8_gemm_masked", jax.ShapeDtypeStruct((g, mm, n), BF16))(
-        a, sfa, w, sm90_weight_scales(sw), masked_m.astype(jnp.int32), block_m=np.int64(block_m))
+        a, sfa, w, sm90_weight_scales(sw), masked_m.astype(jnp.int32), block_m=np.int64(block_m)
+    )

@@ -70,8 +70,11 @@ def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str =
     block_m = 64 if (layout == "masked" or t <= 256) else 128
     for n_, k_ in ((inter, d), (d, inter)):
         if not ffi_ops.instantiated(layout, n_, k_, e, block_m):
-            warnings.warn(f"dsv4_jax_ffi has no {layout} grouped GEMM for N={n_} K={k_} G={e} BLOCK_M={block_m}; "
-                          "using the dense reference experts", stacklevel=2)
+            warnings.warn(
+                f"dsv4_jax_ffi has no {layout} grouped GEMM for N={n_} K={k_} G={e} BLOCK_M={block_m}; "
+                "using the dense reference experts",
+                stacklevel=2,
+            )
             return None
     wts, idx = jax.lax.top_k(weight_te.astype(F32), k)
     order = jnp.argsort(idx, axis=-1)
