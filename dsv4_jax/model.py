@@ -205,15 +205,16 @@ def abstract(cfg: Config) -> ModelState:
     return ModelState(graphdef, params, cfg)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(cfg: Config, key: jax.Array):
+    # Module level, so one compilation per config serves every call (a config is hashable and static).
+    return nnx.state(Transformer(cfg, rngs=nnx.Rngs(key)))
+
+
 def init_random(cfg: Config, key: jax.Array | int = 0) -> ModelState:
     """Random weights in the storage formats (FP8 + UE8M0, MXFP4, bf16, fp32)."""
     key = jax.random.key(key) if isinstance(key, int) else key
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def make(cfg, key):
-        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(key)))
-
-    return ModelState(_graphdef(cfg), make(cfg, key), cfg)
+    return ModelState(_graphdef(cfg), _init_params(cfg, key), cfg)
 
 
 def _check_tokens(cfg: Config, tokens) -> None:

@@ -14,6 +14,17 @@ FIXTURES = pathlib.Path(os.environ.get("DSV4_FIXTURES", REPO.parent / "shared" /
 OFFICIAL_TINY = FIXTURES / "official-tiny"
 
 
+def pytest_configure(config):
+    # Compiles dominate this suite's time on 2 cores; a persistent cache makes re-runs (and subprocess tests that
+    # compile the same programs) cheap. Set DSV4_JAX_TEST_CACHE="" to disable.
+    cache = os.environ.get("DSV4_JAX_TEST_CACHE", str(pathlib.Path.home() / ".cache" / "dsv4_jax" / "jax-test-cache"))
+    if cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _has_gpu() -> bool:
     try:
         import jax
