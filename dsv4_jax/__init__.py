@@ -1,16 +1,38 @@
 """DeepSeek-V4 (Flash and Pro) inference in JAX.
 
-import dsv4_jax
-cfg = dsv4_jax.Config.tiny()
-state = dsv4_jax.init_random(cfg, 0)
-logits = dsv4_jax.forward(state, tokens)          # [B, S, V] fp32
+    import dsv4_jax
+    cfg, state = dsv4_jax.load(path)                      # Orbax or released safetensors folder
+    logits = dsv4_jax.forward(state, tokens)              # [B, S, V] fp32
+    out = dsv4_jax.generate(state, tokens, sampler=dsv4_jax.Sampler(max_new_tokens=64))
 """
 
+from dsv4_jax.cache import Cache, cache_bytes_per_token, init_cache
 from dsv4_jax.checkpoint.restore import load
 from dsv4_jax.config import Config, ConfigError
+from dsv4_jax.decode import decode_step, prefill
+from dsv4_jax.generate import GenerateOutput, Sampler, generate, generate_stream
 from dsv4_jax.model import ModelState, Output, abstract, forward, forward_outputs, init_random
 from dsv4_jax.ops import Opts
 
-__all__ = ["Config", "ConfigError", "ModelState", "Output", "Opts", "abstract", "forward", "forward_outputs",
-           "init_random", "load"]  # fmt: skip
+__all__ = [
+    "Cache",
+    "Config",
+    "ConfigError",
+    "GenerateOutput",
+    "ModelState",
+    "Opts",
+    "Output",
+    "Sampler",
+    "abstract",
+    "cache_bytes_per_token",
+    "decode_step",
+    "forward",
+    "forward_outputs",
+    "generate",
+    "generate_stream",
+    "init_cache",
+    "init_random",
+    "load",
+    "prefill",
+]
 __version__ = "0.1.0"
