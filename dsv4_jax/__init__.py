@@ -10,7 +10,7 @@ from dsv4_jax.cache import Cache, cache_bytes_per_token, init_cache
 from dsv4_jax.checkpoint.restore import load
 from dsv4_jax.config import Config, ConfigError
 from dsv4_jax.decode import decode_step, prefill
-from dsv4_jax.generate import GenerateOutput, Sampler, generate, generate_stream
+from dsv4_jax.generation import GenerateOutput, Sampler, generate, generate_stream
 from dsv4_jax.model import ModelState, Output, abstract, forward, forward_outputs, init_random
 from dsv4_jax.ops import Opts
 

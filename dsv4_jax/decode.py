@@ -9,7 +9,7 @@
   residual stream of p and the embedding of the token at p+1, and predicts the token at p+2.
 
 The public functions are jitted with the cache donated (`donate_argnames=("cache",)`): the cache passed in is
-consumed; use the returned one. The `_`-prefixed functions are the traceable bodies (used by `dsv4_jax.generate`).
+consumed; use the returned one. The `_`-prefixed functions are the traceable bodies (used by `dsv4_jax.generation`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import dsv4_jax
-from dsv4_jax.generate import Sampler, generate
+from dsv4_jax.generation import Sampler, generate
 from dsv4_jax.tokenizer import ByteTokenizer
 
 # %%

@@ -1,4 +1,4 @@
-"""Sampling, EOS handling, reproducibility and compile reuse of `dsv4_jax.generate`."""
+"""Sampling, EOS handling, reproducibility and compile reuse of `dsv4_jax.generation`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.generate import Sampler, sample_logits
+from dsv4_jax.generation import Sampler, sample_logits
 
 N, WIDTH, MAX_LEN = 12, 160, 320  # shapes shared with test_decode (its compiled prefill/decode are reused)
 
@@ -77,7 +77,7 @@ def prompts(oracle):
 
 @pytest.fixture(scope="module")
 def greedy(official_state, prompts):
-    from dsv4_jax import generate as G
+    from dsv4_jax import generation as G
 
     toks, lengths = prompts
     out = G.generate(official_state, toks, lengths, sampler=Sampler(max_new_tokens=N, eos_id=None), max_len=MAX_LEN)
@@ -115,7 +115,7 @@ def test_greedy_tokens_are_argmax_of_decode(official_state, oracle, prompts, gre
 
 
 def test_eos_stops_rows_at_different_steps_without_recompiling(official_state, prompts, greedy):
-    from dsv4_jax import generate as G
+    from dsv4_jax import generation as G
 
     toks, lengths = prompts
     traces = G.TRACE_COUNT["generate"]
@@ -136,7 +136,7 @@ def test_eos_stops_rows_at_different_steps_without_recompiling(official_state, p
 
 
 def test_seeds_reproduce_and_second_call_does_not_recompile(official_state, prompts, greedy):
-    from dsv4_jax import generate as G
+    from dsv4_jax import generation as G
 
     toks, lengths = prompts
     traces, size = G.TRACE_COUNT["generate"], G._generate._cache_size()
@@ -150,7 +150,7 @@ def test_seeds_reproduce_and_second_call_does_not_recompile(official_state, prom
 
 
 def test_generate_rejects_bad_input(official_state):
-    from dsv4_jax import generate as G
+    from dsv4_jax import generation as G
 
     with pytest.raises(ValueError, match="600"):
         G.generate(official_state, [[5, 600, 7]], sampler=Sampler(max_new_tokens=2))

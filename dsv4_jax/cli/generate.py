@@ -51,7 +51,7 @@ def load_model(ckpt: str | None):
 def run(args) -> int:
     import jax
 
-    from dsv4_jax import generate as G
+    from dsv4_jax import generation as G
     from dsv4_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     if args.prompt is not None and args.prompt_ids is not None:
