@@ -1,9 +1,8 @@
 """DeepSeek-V4 (Flash and Pro) inference in JAX.
 
-    import dsv4_jax
-    cfg, state = dsv4_jax.load(path)                      # Orbax or released safetensors folder
-    logits = dsv4_jax.forward(state, tokens)              # [B, S, V] fp32
-    out = dsv4_jax.generate(state, tokens, sampler=dsv4_jax.Sampler(max_new_tokens=64))
+Restore weights with `load(path)` (an Orbax or released safetensors folder) or make random ones with
+`init_random(cfg)`; `forward(state, tokens)` gives fp32 logits `[B, S, V]`; `generate(state, tokens, sampler=...)`
+runs prefill and a compiled decode loop. README.md has a tour.
 """
 
 from dsv4_jax.cache import Cache, cache_bytes_per_token, init_cache
