@@ -31,7 +31,7 @@ import time
 
 from dsv4_jax.checkpoint.layout import CheckpointError, ParamSpec, check, param_table, read_param, without_mtp
 from dsv4_jax.checkpoint.native import index_tensors, read_config
-from dsv4_jax.checkpoint.writer import hf_config
+from dsv4_jax.checkpoint.writer import hf_config, replace_dir
 from dsv4_jax.config import Config
 
 __all__ = ["convert", "plan_items", "FORMAT", "FORMAT_VERSION", "META", "is_orbax_checkpoint", "read_meta"]
@@ -245,13 +245,7 @@ def convert(
         with open(os.path.join(partial, "config.json"), "w") as f:
             json.dump(hf_config(model_cfg), f, indent=2)
         os.remove(prog_path)
-        if os.path.exists(dst):
-            old = f"{dst}.old-{os.getpid()}"
-            os.rename(dst, old)
-            os.rename(partial, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(partial, dst)
+        replace_dir(partial, dst, overwrite=True)  # `overwrite` was checked before any work
     except CheckpointError:
         shutil.rmtree(partial, ignore_errors=True)  # bad source data: a re-run cannot resume, leave nothing behind
         raise

@@ -178,7 +178,8 @@ _HF_ORDER = [
 ]  # fmt: skip
 
 
-def _replace_dir(tmp: str, folder: str, overwrite: bool) -> None:
+def replace_dir(tmp: str, folder: str, overwrite: bool) -> None:
+    """Moves the finished directory `tmp` to `folder`; an existing `folder` is swapped out first, then removed."""
     if os.path.exists(folder):
         if not overwrite:
             raise FileExistsError(f"{folder} already exists (use overwrite=True)")
@@ -267,7 +268,7 @@ def write_native(
             json.dump(hf_config(cfg), f, indent=2)
         with open(os.path.join(tmp, "inference", "config.json"), "w") as f:
             json.dump(cfg.to_inference(), f, indent=4)
-        _replace_dir(tmp, folder, overwrite)
+        replace_dir(tmp, folder, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
