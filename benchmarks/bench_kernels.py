@@ -92,13 +92,14 @@ def bench_dense(rows, m, n, k, bw, fp8):
     )
 
 
-def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6):
+def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=None, baseline=True):
     key = jax.random.key(t_tokens + n)
     idx = jnp.argsort(jax.random.uniform(key, (t_tokens, e)), -1)[:, :topk].astype(jnp.int32)
     w, s = fp8_weight(jax.random.fold_in(key, 1), (e, n, k))
     s = ffi_ops.sm90_weight_scales(s)
     x = jax.random.normal(key, (t_tokens, k), F32).astype(BF16)
-    block_m = 64 if (layout == "masked" or t_tokens <= 256) else 128
+    if block_m is None:
+        block_m = moe_grouped.choose_block_m(layout, t_tokens, topk, e)
     dest, rows_total, lay = moe_grouped.plan_rows(idx, e, layout, block_m)
     tok = jnp.repeat(jnp.arange(t_tokens, dtype=jnp.int32), topk)
     src = jnp.full((rows_total,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)
@@ -118,7 +119,7 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6):
     wbytes = active * n * k
     # XLA baseline: ragged_dot on dequantized bf16 weights, rows sorted by expert.
     tx = float("nan")
-    if t_tokens >= 1:
+    if baseline:
         order = jnp.argsort(idx.reshape(-1), stable=True)
         xs = x[tok[order]]
         sizes = jnp.bincount(idx.reshape(-1), length=e).astype(jnp.int32)
@@ -130,7 +131,7 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6):
         del wd
     rows.append(
         dict(
-            op=f"grouped {layout} (E=256 top-6)",
+            op=f"grouped {layout} BLOCK_M {block_m} (E=256 top-6)",
             shape=f"T={t_tokens} N={n} K={k} active={active}",
             us=tm * 1e6,
             xla_bf16_us=tx * 1e6,
@@ -167,6 +168,7 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--markdown", default="")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--grouped-block-m", action="store_true", help="only the prefill grouped GEMMs, BLOCK_M 64 vs 128")
     args = ap.parse_args()
     mod, why = ffi_ops.load()
     assert mod is not None, why
@@ -177,6 +179,14 @@ def main():
         f"bf16 {bf16 / 1e12:.0f} TFLOP/s"
     )
     rows = []
+    if args.grouped_block_m:
+        for t in (8192, 32768):
+            for n, k in ((2048, 4096), (4096, 2048)):
+                for bm in (64, 128):
+                    bench_grouped(rows, t, n, k, bw, fp8, "contig", block_m=bm, baseline=False)
+        for r in rows:
+            print(f"{r['op']:44s} {r['shape']:36s} {r['us']:9.1f} us {r['tflops']:6.0f} TFLOP/s {r['pct_fp8']:4.0f}%")
+        return
     bench_overhead(rows)
     for m in (1, 64, 1024, 8192):
         for n, k in ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192)):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops
 
-__all__ = ["routed_experts", "plan_rows"]
+__all__ = ["routed_experts", "plan_rows", "choose_block_m"]
 
 F32 = jnp.float32
 
@@ -58,6 +58,14 @@ def plan_rows(idx_tk: jax.Array, n_experts: int, layout: str, block_m: int):
     return dest.reshape(t, k), rows, lay
 
 
+def choose_block_m(layout: str, t: int, k: int, n_experts: int) -> int:
+    """BLOCK_M of the grouped GEMMs: 64 for the masked (decode) layout and small batches; 128 once experts get
+    enough rows that the per-expert padding to a 128-row boundary stops dominating."""
+    if layout == "masked" or t <= 256:
+        return 64
+    return 128
+
+
 def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str = "auto"):
     """fp32 `[T, d]` routed-expert output. `weights` = (w1, s1, w3, s3, w2, s2) with FP8 `[E, out, in]` weights and
     UE8M0 (or FP32) `[E, out/128, in/128]` scales. Returns None when a shape has no AOT instantiation (the caller
@@ -67,7 +75,7 @@ def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str =
     e, inter, _ = w1.shape
     if layout == "auto":
         layout = "masked" if t <= 64 else "contig"
-    block_m = 64 if (layout == "masked" or t <= 256) else 128
+    block_m = choose_block_m(layout, t, k, e)
     for n_, k_ in ((inter, d), (d, inter)):
         if not ffi_ops.instantiated(layout, n_, k_, e, block_m):
             warnings.warn(
