@@ -45,3 +45,9 @@ def test_bad_input_exits_2(argv, needle, capsys, ckpt_cache, monkeypatch):
     monkeypatch.setenv("DSV4_JAX_CACHE", ckpt_cache)
     assert main(["generate", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_generated_control_bytes_are_escaped():
+    from dsv4_jax.cli.generate import _printable
+
+    assert _printable(b"ok\x1b[2J\x08\n\t\xc3\xa9") == b"ok\\x1b[2J\\x08\n\t\xc3\xa9"

@@ -11,6 +11,11 @@ import sys
 import numpy as np
 
 
+def _printable(data: bytes) -> bytes:
+    """Control bytes (a random model emits them) escaped as `\\xNN`, so they cannot drive the terminal."""
+    return b"".join(bytes([c]) if c >= 0x20 and c != 0x7F or c in b"\n\t" else b"\\x%02x" % c for c in data)
+
+
 def add_parser(sub):
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--prompt", default=None, help="text prompt (default: 'Hello, DeepSeek-V4!')")
@@ -103,11 +108,11 @@ def run(args) -> int:
             break
         out_ids.append(int(t[0]))
         if is_bytes:
-            sys.stdout.buffer.write(tok.token_bytes(int(t[0])))
+            sys.stdout.buffer.write(_printable(tok.token_bytes(int(t[0]))))
             sys.stdout.flush()
     text = tok.decode(out_ids)
     if not is_bytes:
-        sys.stdout.write(text)
+        sys.stdout.write(_printable(text.encode()).decode(errors="replace"))
     sys.stdout.write("\n")
     sys.stdout.flush()
     n_dec = stream.decode_steps
