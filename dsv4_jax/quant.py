@@ -54,7 +54,10 @@ E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3
 
 
 def e8m0_to_f32(s: jax.Array) -> jax.Array:
-    """UE8M0 scale bytes -> float32 `2**(byte - 127)`; byte 0xFF decodes to NaN (as the format defines)."""
+    """UE8M0 scale bytes -> float32 `2**(byte - 127)`; byte 0xFF decodes to NaN (as the format defines).
+    Float32 scales (already decoded, see `dsv4_jax.kernels.prepare_params`) pass through."""
+    if s.dtype == jnp.float32:
+        return s
     b = jax.lax.bitcast_convert_type(s, jnp.uint8) if s.dtype != jnp.uint8 else s
     b32 = b.astype(jnp.uint32)
     # 2**(b-127) is the float32 with biased exponent b; b == 0 is 2**-127, a denormal: 0x00400000.

@@ -169,3 +169,19 @@ def test_extension_compiles_for_sm90a(tmp_path):
             [src, FFI / "csrc" / "kernels.h"],
             name.split(".")[0],
         )
+
+
+def test_prepare_params_decodes_fp8_scales_once_and_changes_nothing():
+    import dsv4_jax
+    from dsv4_jax.kernels import prepare_params
+
+    cfg = dsv4_jax.Config.tiny()
+    state = dsv4_jax.init_random(cfg, 0)
+    prepared = prepare_params(state)
+    attn = prepared.params["layers"][2]["attn"]
+    assert attn["wq_b"]["scale"][...].dtype == jnp.float32
+    assert attn["wq_b"]["weight"][...].dtype == jnp.float8_e4m3fn  # bytes as stored
+    experts = prepared.params["layers"][2]["ffn"]["experts"]["w1"]
+    assert experts["scale"][...].dtype == jnp.float8_e8m0fnu  # MXFP4 scales untouched
+    tokens = jnp.arange(40, dtype=jnp.int32)[None] % cfg.vocab_size
+    np.testing.assert_array_equal(dsv4_jax.forward(prepared, tokens), dsv4_jax.forward(state, tokens))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["select", "disabled_ops", "available"]
+__all__ = ["select", "disabled_ops", "available", "prepare_params"]
 
 
 def disabled_ops() -> set[str]:
@@ -46,3 +46,24 @@ def select(op: str, backend: str):
     if backend == "ffi":
         raise RuntimeError(f"no FFI kernel for op {op!r}: {why or 'not implemented for this device'}")
     return None
+
+
+def prepare_params(state):
+    """The FP8 linears' UE8M0 block scales decoded once to the FP32 powers of two the SM90 GEMMs read (same shape,
+    K-major), instead of on every call. FP8 weight bytes, MXFP4 experts and their 1x32 scales stay as stored. The
+    reference computes the same with either form (`quant.e8m0_to_f32` passes FP32 through). Returns a new
+    `ModelState`; the scales grow from 1 to 4 bytes per 128x128 block (<0.01% of the weights)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv4_jax import quant
+    from dsv4_jax.model import ModelState
+
+    flat = dict(nnx.to_flat_state(state.params))
+    out = []
+    for path, var in flat.items():
+        weight = flat.get(path[:-1] + ("weight",))
+        if path[-1] == "scale" and weight is not None and weight.dtype == jnp.float8_e4m3fn:
+            var = var.replace(quant.e8m0_to_f32(var[...]))
+        out.append((path, var))
+    return ModelState(state.graphdef, nnx.from_flat_state(out), state.config)
