@@ -320,25 +320,23 @@ class Attention(nnx.Module):
         win = window_indices(s, self.cfg.window_size)
         idx = jnp.broadcast_to(jnp.asarray(win), (b, *win.shape))
         if self.ratio:
+            # Per-token projections of every position (the trailing incomplete block feeds only the cache), pooled
+            # over the complete blocks.
+            nb = s // self.ratio
+            ckv, csc = self.compressor.tokens(x_btd)
+            entries = self.compressor.blocks(ckv[:, : nb * self.ratio], csc[:, : nb * self.ratio], self.inv_freq, opts)
             if with_cache:
-                nb = s // self.ratio
-                ckv, csc = self.compressor.tokens(x_btd)
-                entries = self.compressor.blocks(ckv[:, : nb * self.ratio], csc[:, : nb * self.ratio],
-                                                 self.inv_freq, opts)  # fmt: skip
                 pieces.update(comp_kv=ckv, comp_score=csc, entries=entries)
-            else:
-                entries = self.compressor(x_btd, self.inv_freq, opts)
             kv = jnp.concatenate([kv, entries], axis=1)
             comp = jnp.asarray(compressed_indices(s, self.ratio, offset=s))
             comp = jnp.broadcast_to(comp, (b, *comp.shape))
-            if self.ratio == 4 and with_cache:
+            if self.ratio == 4:
                 ikv, isc = self.indexer.compressor.tokens(x_btd)
                 keys = self.indexer.compressor.blocks(ikv[:, : nb * 4], isc[:, : nb * 4], self.inv_freq, opts)
-                pieces.update(idx_kv=ikv, idx_score=isc, idx_keys=keys)
+                if with_cache:
+                    pieces.update(idx_kv=ikv, idx_score=isc, idx_keys=keys)
             if self.ratio == 4 and comp.shape[-1]:
                 qi, wi = self.indexer.queries(x_btd, qr, pos, self.inv_freq, opts)
-                if not with_cache:
-                    keys = self.indexer.compressor(x_btd, self.inv_freq, opts)
                 raw = self.indexer.scores(qi, wi, keys)
                 sel, masked = self.indexer.select(raw, comp >= 0)
                 comp = jnp.where(sel >= 0, sel + s, -1)
