@@ -14,8 +14,10 @@ gaps of XLA's executor). FFI call overhead = a 1-element FFI call repeated 200 t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import subprocess
 import time
 
@@ -27,6 +29,7 @@ from dsv4_jax import quant
 from dsv4_jax.kernels import ffi_ops, moe_grouped
 
 BF16, F32, E4M3 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn
+READ_BW = float("nan")  # read-only stream bandwidth (a 2 GiB reduction), measured by ceilings()
 
 
 def timed(fn, *args, reps: int = 7, per: int = 1) -> float:
@@ -52,6 +55,9 @@ def ceilings():
     x = jnp.ones((1 << 30,), BF16)  # 2 GiB
     t = timed(jax.jit(lambda x: x * 2), x)
     bw = 2 * x.nbytes / t
+    t = timed(jax.jit(lambda x: jnp.sum(x, dtype=F32)), x)
+    global READ_BW
+    READ_BW = x.nbytes / t
     del x
     n = 8192
     a = jax.random.normal(jax.random.key(0), (n, n), F32).astype(E4M3)
@@ -68,7 +74,7 @@ def ceilings():
     return bw, fp8, 2 * n**3 / t
 
 
-def bench_dense(rows, m, n, k, bw, fp8):
+def bench_dense(rows, m, n, k, bw, fp8, label=""):
     r = 8 if n * k < (64 << 20) else 2  # rotate weights through more than L2
     key = jax.random.key(m + n + k)
     ws = [fp8_weight(jax.random.fold_in(key, i), (n, k)) for i in range(r)]
@@ -81,7 +87,7 @@ def bench_dense(rows, m, n, k, bw, fp8):
     flops, byts = 2 * m * n * k, n * k + m * k * 2 + m * n * 2
     rows.append(
         dict(
-            op="fp8_linear (quant+GEMM)",
+            op=("fp8_linear (quant+GEMV)" if m <= ffi_ops.GEMV_MAX_M else "fp8_linear (quant+GEMM)") + label,
             shape=f"M={m} N={n} K={k}",
             us=t * 1e6,
             xla_bf16_us=tx * 1e6,
@@ -92,34 +98,64 @@ def bench_dense(rows, m, n, k, bw, fp8):
     )
 
 
-def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=None, baseline=True):
+def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=None, baseline=True, label=""):
+    """One expert projection (N x K per expert) of E=256 FP8 experts, top-6 random routing. Small batches (T <= 256)
+    run R = 8 calls with different routings in one executable (the launch gaps between them are counted), so the
+    weights of one call are not still in L2 from the last."""
+    reps = 8 if t_tokens <= 256 else 1
     key = jax.random.key(t_tokens + n)
-    idx = jnp.argsort(jax.random.uniform(key, (t_tokens, e)), -1)[:, :topk].astype(jnp.int32)
     w, s = fp8_weight(jax.random.fold_in(key, 1), (e, n, k))
     s = ffi_ops.sm90_weight_scales(s)
-    x = jax.random.normal(key, (t_tokens, k), F32).astype(BF16)
-    if block_m is None:
+    if block_m is None and layout != "gemv":
         block_m = moe_grouped.choose_block_m(layout, t_tokens, topk, e)
-    dest, rows_total, lay = moe_grouped.plan_rows(idx, e, layout, block_m)
-    tok = jnp.repeat(jnp.arange(t_tokens, dtype=jnp.int32), topk)
-    src = jnp.full((rows_total,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)
-    groups = e if layout == "masked" else 1
-    q, sfa = ffi_ops.act_quant_rows(x, src=src, rows_out=rows_total, groups=groups)
-    if layout == "masked":
-        qq = q.reshape(e, rows_total // e, k)
-        f = jax.jit(lambda q, sfa, w, s, lay: ffi_ops.grouped_gemm_masked(q, sfa, w, s, lay, block_m))
-        args = (qq, sfa, w, s, lay)
+    calls, actives = [], []
+    for r in range(reps):
+        kr = jax.random.fold_in(key, 100 + r)
+        idx = jnp.argsort(jax.random.uniform(kr, (t_tokens, e)), -1)[:, :topk].astype(jnp.int32)
+        x = jax.random.normal(kr, (t_tokens, k), F32).astype(BF16)
+        actives.append(int(jnp.sum(jnp.bincount(idx.reshape(-1), length=e) > 0)))
+        if layout == "gemv":
+            q, sfa = ffi_ops.act_quant_rows(x)
+            tok = jnp.arange(t_tokens * topk, dtype=jnp.int32) // topk
+            calls.append((q, sfa, tok, idx.reshape(-1)))
+            continue
+        dest, rows_total, lay = moe_grouped.plan_rows(idx, e, layout, block_m)
+        tok = jnp.repeat(jnp.arange(t_tokens, dtype=jnp.int32), topk)
+        src = jnp.full((rows_total,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)
+        groups = e if layout == "masked" else 1
+        q, sfa = ffi_ops.act_quant_rows(x, src=src, rows_out=rows_total, groups=groups)
+        if layout == "masked":
+            q = q.reshape(e, rows_total // e, k)
+        calls.append((q, sfa, lay))
+
+    if layout == "gemv":
+
+        def one(q, sfa, tok, grp):
+            return ffi_ops.fp8_gemv(q, sfa, w, s, rows=tok, groups=grp)
+    elif layout == "masked":
+
+        def one(q, sfa, lay):
+            return ffi_ops.grouped_gemm_masked(q, sfa, w, s, lay, block_m)
     else:
-        f = jax.jit(lambda q, sfa, w, s, lay: ffi_ops.grouped_gemm_contig(q, sfa, w, s, lay, block_m))
-        args = (q, sfa, w, s, lay)
-    tm = timed(f, *args)
-    active = int(jnp.sum(jnp.bincount(idx.reshape(-1), length=e) > 0))
+
+        def one(q, sfa, lay):
+            return ffi_ops.grouped_gemm_contig(q, sfa, w, s, lay, block_m)
+
+    f = jax.jit(lambda calls: [one(*c) for c in calls])
+    tm = timed(f, calls, per=reps)
+    active = float(np.mean(actives))
     a = t_tokens * topk
     flops = 2 * a * n * k
     wbytes = active * n * k
-    # XLA baseline: ragged_dot on dequantized bf16 weights, rows sorted by expert.
+    # XLA baseline: ragged_dot on dequantized bf16 weights, rows sorted by expert (first routing only).
     tx = float("nan")
     if baseline:
+        idx = calls[0][-1].reshape(t_tokens, topk) if layout == "gemv" else None
+        if idx is None:
+            kr = jax.random.fold_in(key, 100)
+            idx = jnp.argsort(jax.random.uniform(kr, (t_tokens, e)), -1)[:, :topk].astype(jnp.int32)
+        tok = jnp.repeat(jnp.arange(t_tokens, dtype=jnp.int32), topk)
+        x = jax.random.normal(jax.random.fold_in(key, 100), (t_tokens, k), F32).astype(BF16)
         order = jnp.argsort(idx.reshape(-1), stable=True)
         xs = x[tok[order]]
         sizes = jnp.bincount(idx.reshape(-1), length=e).astype(jnp.int32)
@@ -129,10 +165,11 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
         except Exception as ex:  # noqa: BLE001
             print("ragged_dot baseline failed:", ex)
         del wd
+    name = "gemv per (token, expert) pair" if layout == "gemv" else f"grouped {layout} BLOCK_M {block_m}"
     rows.append(
         dict(
-            op=f"grouped {layout} BLOCK_M {block_m} (E=256 top-6)",
-            shape=f"T={t_tokens} N={n} K={k} active={active}",
+            op=f"{name}{label} (E=256 top-6)",
+            shape=f"T={t_tokens} N={n} K={k} active={active:.0f}",
             us=tm * 1e6,
             xla_bf16_us=tx * 1e6,
             tflops=flops / tm / 1e12,
@@ -163,6 +200,20 @@ def bench_overhead(rows):
     )
 
 
+@contextlib.contextmanager
+def multicast(on: bool):
+    """DSV4_FFI_TMA_MULTICAST is read by the extension at every launch; executables built inside see the setting."""
+    old = os.environ.get("DSV4_FFI_TMA_MULTICAST")
+    os.environ["DSV4_FFI_TMA_MULTICAST"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DSV4_FFI_TMA_MULTICAST"]
+        else:
+            os.environ["DSV4_FFI_TMA_MULTICAST"] = old
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
@@ -175,8 +226,8 @@ def main():
     dev = jax.devices()[0]
     bw, fp8, bf16 = ceilings()
     print(
-        f"device {dev.device_kind}: copy {bw / 1e12:.2f} TB/s, XLA FP8 dot {fp8 / 1e12:.0f} TFLOP/s, "
-        f"bf16 {bf16 / 1e12:.0f} TFLOP/s"
+        f"device {dev.device_kind}: copy {bw / 1e12:.2f} TB/s, read {READ_BW / 1e12:.2f} TB/s, "
+        f"XLA FP8 dot {fp8 / 1e12:.0f} TFLOP/s, bf16 {bf16 / 1e12:.0f} TFLOP/s"
     )
     rows = []
     if args.grouped_block_m:
@@ -188,12 +239,22 @@ def main():
             print(f"{r['op']:44s} {r['shape']:36s} {r['us']:9.1f} us {r['tflops']:6.0f} TFLOP/s {r['pct_fp8']:4.0f}%")
         return
     bench_overhead(rows)
-    for m in (1, 64, 1024, 8192):
-        for n, k in ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192)):
+    dense_shapes = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))
+    for m in (1, 8, 64, 1024, 8192):
+        for n, k in dense_shapes:
             bench_dense(rows, m, n, k, bw, fp8)
+    with multicast(False):  # the same BLOCK_M 128 GEMMs without the TMA-multicast cluster variant
+        for m in (1024, 8192):
+            for n, k in dense_shapes:
+                bench_dense(rows, m, n, k, bw, fp8, label=" no multicast")
     for n, k in ((2048, 4096), (4096, 2048)):
-        bench_grouped(rows, 8192, n, k, bw, fp8, "contig")
-    for t in (1, 8, 32, 64, 128, 256):
+        bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=not args.quick)
+        with multicast(False):
+            bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False, label=" no multicast")
+        bench_grouped(rows, 8192, n, k, bw, fp8, "contig", block_m=64, baseline=False)
+    for t in (1, 8, 16):
+        bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv")
+    for t in (16, 32, 64, 128, 256):
         bench_grouped(rows, t, 2048, 4096, bw, fp8, "masked" if t <= 64 else "contig")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(
@@ -201,6 +262,7 @@ def main():
         device=dev.device_kind,
         commit=commit or "unknown",
         copy_tbs=bw / 1e12,
+        read_tbs=READ_BW / 1e12,
         xla_fp8_tflops=fp8 / 1e12,
         xla_bf16_tflops=bf16 / 1e12,
         jax=jax.__version__,

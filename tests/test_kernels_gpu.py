@@ -87,8 +87,9 @@ def _host_ref_rows(x, w, s, rows):
 
 
 @pytest.mark.parametrize("n,k", FLASH_LINEARS)
-@pytest.mark.parametrize("m", [1, 64, 65, 1024])
+@pytest.mark.parametrize("m", [1, 5, 8, 64, 65, 1024])
 def test_fp8_linear(ffi, m, n, k):
+    """M <= 8 runs the CUDA-core GEMV, larger M the DeepGEMM GEMMs (M=1024: the TMA-multicast variant)."""
     key = jax.random.key(m + 3 * n + k)
     x = rand_bf16(key, (m, k), spread=False)
     w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (n, k))
@@ -124,11 +125,16 @@ def _ref_rows(xq, sx, w, s, expert_of_row):
     return out
 
 
-@pytest.mark.parametrize("layout,t", [("contig", 512), ("contig", 8), ("masked", 16), ("masked", 64)])
+@pytest.mark.parametrize(
+    "layout,t,multicast",
+    [("contig", 512, "1"), ("contig", 512, "0"), ("contig", 8, "1"), ("masked", 16, "1"), ("masked", 64, "1")],
+)
 @pytest.mark.parametrize("n,kdim", [(2048, 4096), (4096, 2048)])
-def test_grouped_gemm(ffi, layout, t, n, kdim):
+def test_grouped_gemm(ffi, layout, t, multicast, n, kdim, monkeypatch):
+    """contig 512 tokens runs BLOCK_M 128: with DSV4_FFI_TMA_MULTICAST on (default) the cluster-of-2 variant."""
     from dsv4_jax.kernels import moe_grouped
 
+    monkeypatch.setenv("DSV4_FFI_TMA_MULTICAST", multicast)
     e, k = 256, 6
     idx, x, w, s = _grouped_case(jax.random.key(t + n), t, k, e, n, kdim)
     block_m = 64 if (layout == "masked" or t <= 256) else 128
@@ -152,9 +158,10 @@ def test_grouped_gemm(ffi, layout, t, n, kdim):
     assert rel_rms(got, want) <= 2e-3
 
 
-@pytest.mark.parametrize("t", [4, 100])
+@pytest.mark.parametrize("t", [4, 60, 100])
 def test_routed_experts_vs_reference(ffi, t):
-    """The grouped path through moe.Experts (dispatch hook) vs the dense reference, tiny-width FP8 experts."""
+    """The kernel path through moe.Experts (dispatch hook) vs the dense reference, tiny-width FP8 experts (top-2):
+    4 tokens run the per-pair GEMV, 60 the masked and 100 the contiguous grouped GEMMs."""
     from flax import nnx
 
     import dsv4_jax
@@ -174,6 +181,59 @@ def test_routed_experts_vs_reference(ffi, t):
     assert rel_rms(got, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("n,kdim", [(2048, 4096), (4096, 2048), (1024, 4096)])
+@pytest.mark.parametrize("pairs", [1, 6, 96])
+def test_gemv_pairs(ffi, pairs, n, kdim):
+    """Per-(token, expert) GEMV rows: output p = activation row rows[p] x expert groups[p]. With 96 pairs two rows are
+    invalid on purpose (an out-of-range activation row, a negative expert): they must come back as zeros."""
+    e, t = 32, max(1, pairs // 6)
+    ks = jax.random.split(jax.random.key(pairs * 7 + n), 4)
+    x = rand_bf16(ks[0], (t, kdim), spread=True)
+    w, s = rand_fp8_weight(ks[1], (e, n, kdim))
+    rows = jax.random.randint(ks[2], (pairs,), 0, t, jnp.int32)
+    groups = jax.random.randint(ks[3], (pairs,), 0, e, jnp.int32)
+    bad = []
+    if pairs > 2:
+        rows, groups, bad = rows.at[0].set(t + 5), groups.at[pairs - 1].set(-1), [0, pairs - 1]
+    q, sfa = ffi.act_quant_rows(x)
+    poison()
+    got = np.asarray(ffi.fp8_gemv(q, sfa, w, s, rows=rows, groups=groups), np.float32)
+    assert got.shape == (pairs, n) and np.isfinite(got).all()
+    assert (got[bad] == 0).all()
+    ok = np.setdiff1d(np.arange(pairs), bad)
+    xq, sx = quant.act_quant(x, 128)
+    r_np, g_np = np.asarray(rows)[ok], np.asarray(groups)[ok]
+    ref = _ref_rows(xq[r_np], sx[r_np], w, s, g_np)
+    want = np.stack([ref[i] for i in range(len(ok))])
+    assert rel_rms(got[ok], want) <= 2e-3
+
+
+def test_commands_buffers_capture_the_kernels():
+    """Handlers are declared command-buffer compatible: force XLA to record them into CUDA graphs (custom calls
+    included, any graph size) and check, in a fresh process, that they were recorded and that the replayed graphs
+    give bit-identical results to plain stream execution."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    probe = pathlib.Path(__file__).with_name("gpu_cmdbuf_probe.py")
+    outs = {}
+    for mode, flags in (
+        ("graphs", "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"),
+        ("stream", "--xla_gpu_enable_command_buffer="),
+    ):
+        env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_MEM_FRACTION="0.2")
+        r = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{mode}: probe failed\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        outs[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert outs["graphs"]["captured"], f"no dsv4 custom call was recorded in a command buffer: {outs['graphs']}"
+    assert not outs["stream"]["captured"]
+    assert outs["graphs"]["digests"] == outs["stream"]["digests"]
+    assert outs["graphs"]["replays_agree"]
+
+
 def _perturb_embeddings(state, seed):
     import dsv4_jax
 
@@ -185,8 +245,9 @@ def _perturb_embeddings(state, seed):
     return dsv4_jax.ModelState.from_model(model)
 
 
-@pytest.mark.parametrize("expert_dtype", ["fp4", "fp8"])
-def test_end_to_end_flash_layers(ffi, expert_dtype, capsys):
+@pytest.mark.parametrize("expert_dtype,batch,seq", [("fp4", 2, 64), ("fp8", 2, 64), ("fp8", 4, 1)])
+def test_end_to_end_flash_layers(ffi, expert_dtype, batch, seq, capsys):
+    """seq=1 (a decode-sized forward, 4 rows): every FP8 linear and the routed experts run the GEMV paths."""
     import dsv4_jax
 
     if expert_dtype == "fp4":  # full-width Flash layers (FP8 linears through the kernels), 16 experts to fit memory
@@ -196,7 +257,7 @@ def test_end_to_end_flash_layers(ffi, expert_dtype, capsys):
     else:  # FP8 routed experts through the grouped kernels: tiny widths (instantiated for G=8)
         cfg = dsv4_jax.Config.tiny(expert_dtype="fp8")
     state = dsv4_jax.init_random(cfg, 0)
-    tokens = jax.random.randint(jax.random.key(1), (2, 64), 2, cfg.vocab_size)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq), 2, cfg.vocab_size)
     ref = np.asarray(dsv4_jax.forward(state, tokens, backend="reference"))
     got = np.asarray(dsv4_jax.forward(state, tokens, backend="ffi"))
     noise = max(rel_rms(np.asarray(dsv4_jax.forward(_perturb_embeddings(state, s), tokens)), ref) for s in (1, 2))
@@ -204,7 +265,7 @@ def test_end_to_end_flash_layers(ffi, expert_dtype, capsys):
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
     with capsys.disabled():
         print(
-            f"\n[e2e {expert_dtype}-experts config] rel-RMS(ffi, ref)={err:.3e} "
+            f"\n[e2e {expert_dtype}-experts config, tokens {batch}x{seq}] rel-RMS(ffi, ref)={err:.3e} "
             f"one-ulp noise floor={noise:.3e} argmax agreement={agree:.4f}"
         )
     assert np.isfinite(got).all()

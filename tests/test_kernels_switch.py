@@ -92,6 +92,8 @@ def test_generator_covers_every_fp8_linear():
         assert e["smem"] <= gen.SMEM_CAPACITY and e["stages"] >= 2
         assert e["block_n"] % 16 == 0 and gen._block_n_ok(e["block_n"])
         assert e["k"] % 128 == 0
+        if e["multicast"] == 2:  # pairs of persistent blocks must stay inside one group: even N-block count
+            assert e["block_m"] >= 128 and -(-e["n"] // e["block_n"]) % 2 == 0
 
 
 def _deepgemm_include() -> pathlib.Path | None:
@@ -135,7 +137,8 @@ def test_extension_compiles_for_sm90a(tmp_path):
     if inc is None:
         pytest.skip(f"could not obtain {DEEPGEMM_PIN} (no registry access and DSV4_DEEPGEMM_INCLUDE unset)")
     gen = _gen()
-    entries = [e for e in gen.plan(["tiny"], 132) if e["kind"] == 0][:1]
+    # The TMA-multicast variant: the same template as the plain one plus the cluster code paths.
+    entries = [e for e in gen.plan(["tiny"], 132) if e["kind"] == 0 and e["multicast"] == 2][:1]
     gen.write(tmp_path, entries)
     cu = tmp_path / f"gemm_{entries[0]['name']}.cu"
     gencode = "-gencode=arch=compute_90a,code=sm_90a"
@@ -145,8 +148,9 @@ def test_extension_compiles_for_sm90a(tmp_path):
         [cu, FFI / "csrc" / "gemm_entry.h"],
         "gemm",
     )
-    src = FFI / "csrc" / "quant_kernels.cu"
-    _cached_compile(base + [str(src)], [src, FFI / "csrc" / "kernels.h"], "quant")
+    for name in ("quant_kernels.cu", "gemv_kernels.cu"):
+        src = FFI / "csrc" / name
+        _cached_compile(base + [str(src)], [src, FFI / "csrc" / "kernels.h"], name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())
     for name in ("handlers.cc", "gemm_launch.cc"):

@@ -6,7 +6,8 @@ it returns `({op: callable}, None)` when the extension imports and the default d
 
 Ops:
   * "fp8_gemm":     `fp8_linear(x bf16 [..., K], w e4m3 [N, K], s e8m0|f32 [N/128, K/128]) -> bf16 [..., N]`:
-                    per-token 1x128 pow2 FP8 quantization (our kernel) + DeepGEMM SM90 1D2D GEMM, one FFI call.
+                    per-token 1x128 pow2 FP8 quantization (our kernel) + DeepGEMM SM90 1D2D GEMM, one FFI call;
+                    at M <= 8 rows our CUDA-core GEMV (`fp8_gemv`) replaces the tensor-core GEMM.
   * "act_quant":    `act_quant(x) -> (e4m3, f32 [M, K/128])`, bit-identical to `dsv4_jax.quant.act_quant`.
   * "moe_grouped":  the FP8 routed experts through m-grouped GEMMs (`dsv4_jax.kernels.moe_grouped`).
 
@@ -39,7 +40,13 @@ __all__ = [
     "fp8_linear",
     "grouped_gemm_contig",
     "grouped_gemm_masked",
+    "fp8_gemv",
+    "GEMV_MAX_M",
 ]
+
+# Rows up to which the dense FP8 linear runs the CUDA-core GEMV (the extension's `gemv_max_m`; no AOT
+# instantiation is needed there).
+GEMV_MAX_M = 8
 
 E4M3, F32, BF16 = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
 
@@ -169,7 +176,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
     n = w.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if not instantiated("dense", n, k, 1, _dense_block_m(m)):
+    if m > GEMV_MAX_M and not instantiated("dense", n, k, 1, _dense_block_m(m)):
         warnings.warn(
             f"dsv4_jax_ffi has no FP8 GEMM instantiation for N={n} K={k}; using the reference "
             "(add the shape to ffi/gen/gen_instantiations.py and rebuild)",
@@ -207,4 +214,24 @@ def grouped_gemm_masked(a, sfa, w, sw, masked_m, block_m: int = 64) -> jax.Array
     n = w.shape[1]
     return jax.ffi.ffi_call("dsv4_fp8_gemm_masked", jax.ShapeDtypeStruct((g, mm, n), BF16))(
         a, sfa, w, sm90_weight_scales(sw), masked_m.astype(jnp.int32), block_m=np.int64(block_m)
+    )
+
+
+def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
+    """Small-M FP8 GEMM on CUDA cores (decode). `a` e4m3 `[R, K]` with scales `sfa` f32 `[..., K/128, pitch >= R]`
+    (the layout `act_quant_rows`/`swiglu_quant` produce); `w` e4m3 `[N, K]` or `[G, N, K]` with f32 (or UE8M0)
+    scales `[(G,) N/128, K/128]`. Output row p is activation row `rows[p]` (default p) times weight group
+    `groups[p]` (required for 3-D `w`); rows whose index or group is out of range are zeros. Returns bf16 `[P, N]`."""
+    r, k = a.shape
+    if rows is None and groups is None:
+        p = r
+    else:
+        p = (rows if rows is not None else groups).shape[0]
+    if w.ndim == 3 and groups is None:
+        raise ValueError("fp8_gemv: a grouped weight [G, N, K] needs `groups` (the group of every output row)")
+    empty = jnp.zeros((0,), jnp.int32)
+    rows = empty if rows is None else rows.astype(jnp.int32)
+    groups = empty if groups is None else groups.astype(jnp.int32)
+    return jax.ffi.ffi_call("dsv4_fp8_gemv", jax.ShapeDtypeStruct((p, w.shape[-2]), BF16))(
+        a, sfa, w, sm90_weight_scales(sw), rows, groups
     )

@@ -6,7 +6,9 @@ w3_e x)))`, fp32, experts summed in index order), for FP8 experts (`Config(exper
   1. top-k of the dense routing weights (experts with weight 0 add exact zeros, so any tie choice is equivalent);
      each token's experts sorted by index (the reference's accumulation order);
   2. rows grouped by expert: the contiguous prefix-sum layout (each expert's rows start on a BLOCK_M boundary; used
-     for prefill) or the masked layout `[E, M_max]` (decode, T <= 64); the row maps are small int32 arrays;
+     for prefill) or the masked layout `[E, M_max]` (decode, T <= 64); the row maps are small int32 arrays.
+     Smallest batches (T * k <= GEMV_MAX_PAIRS) skip grouping: one CUDA-core GEMV row per (token, expert) pair,
+     `routed_experts_gemv`;
   3. `act_quant` gathers and quantizes token rows into that layout in one kernel (padding rows are never written);
   4. grouped GEMMs w1 and w3; one kernel fuses bf16(weight * clamped SwiGLU) with the FP8 quantization for w2;
   5. grouped GEMM w2, then each token sums its k rows in fp32 in expert-index order.
@@ -24,9 +26,13 @@ import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops
 
-__all__ = ["routed_experts", "plan_rows", "choose_block_m"]
+__all__ = ["routed_experts", "routed_experts_gemv", "plan_rows", "choose_block_m", "choose_layout"]
 
 F32 = jnp.float32
+
+# Up to this many (token, expert) pairs the per-pair GEMV beats the masked tensor-core GEMM (decode batch <= 16 at
+# top-6): with so few rows per expert a 64-row tile is mostly padding and too few tiles exist to stream the weights.
+GEMV_MAX_PAIRS = 96
 
 
 def _round_up(x: int, m: int) -> int:
@@ -66,15 +72,49 @@ def choose_block_m(layout: str, t: int, k: int, n_experts: int) -> int:
     return 128
 
 
+def choose_layout(t: int, k: int) -> str:
+    if t * k <= GEMV_MAX_PAIRS:
+        return "gemv"
+    return "masked" if t <= 64 else "contig"
+
+
+def _top_k_sorted(weight_te, k: int):
+    """Top-k experts of each token, sorted by expert index (the reference's accumulation order), and their weights."""
+    wts, idx = jax.lax.top_k(weight_te.astype(F32), k)
+    order = jnp.argsort(idx, axis=-1)
+    return jnp.take_along_axis(idx, order, axis=-1).astype(jnp.int32), jnp.take_along_axis(wts, order, axis=-1)
+
+
+def routed_experts_gemv(x_td, weight_te, k: int, weights, limit: float):
+    """Decode-sized batches: each (token, expert) pair is one GEMV row; no permutation, no padding, no AOT shape."""
+    w1, s1, w3, s3, w2, s2 = weights
+    t, _ = x_td.shape
+    idx, wts = _top_k_sorted(weight_te, k)
+    expert = idx.reshape(-1)
+    token = jnp.arange(t * k, dtype=jnp.int32) // k
+    q1, sfa1 = ffi_ops.act_quant_rows(x_td)
+    g = ffi_ops.fp8_gemv(q1, sfa1, w1, s1, rows=token, groups=expert)
+    u = ffi_ops.fp8_gemv(q1, sfa1, w3, s3, rows=token, groups=expert)
+    q2, sfa2 = ffi_ops.swiglu_quant(g, u, wts.reshape(-1), None, limit)
+    y = ffi_ops.fp8_gemv(q2, sfa2, w2, s2, groups=expert).reshape(t, k, -1)
+    acc = jnp.zeros((t, y.shape[-1]), F32)
+    for j in range(k):  # expert-index order, as the reference accumulates
+        acc = acc + y[:, j].astype(F32)
+    return acc
+
+
 def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str = "auto"):
     """fp32 `[T, d]` routed-expert output. `weights` = (w1, s1, w3, s3, w2, s2) with FP8 `[E, out, in]` weights and
-    UE8M0 (or FP32) `[E, out/128, in/128]` scales. Returns None when a shape has no AOT instantiation (the caller
-    then runs the reference)."""
+    UE8M0 (or FP32) `[E, out/128, in/128]` scales. `layout`: "gemv", "masked", "contig" or "auto"
+    (`choose_layout`). Returns None when a grouped shape has no AOT instantiation (the caller then runs the
+    reference)."""
     w1, s1, w3, s3, w2, s2 = weights
     t, d = x_td.shape
     e, inter, _ = w1.shape
     if layout == "auto":
-        layout = "masked" if t <= 64 else "contig"
+        layout = choose_layout(t, k)
+    if layout == "gemv":
+        return routed_experts_gemv(x_td, weight_te, k, weights, limit)
     block_m = choose_block_m(layout, t, k, e)
     for n_, k_ in ((inter, d), (d, inter)):
         if not ffi_ops.instantiated(layout, n_, k_, e, block_m):
@@ -84,10 +124,7 @@ def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str =
                 stacklevel=2,
             )
             return None
-    wts, idx = jax.lax.top_k(weight_te.astype(F32), k)
-    order = jnp.argsort(idx, axis=-1)
-    idx = jnp.take_along_axis(idx, order, axis=-1).astype(jnp.int32)
-    wts = jnp.take_along_axis(wts, order, axis=-1)
+    idx, wts = _top_k_sorted(weight_te, k)
     dest, rows, lay = plan_rows(idx, e, layout, block_m)
     tok = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(-1)
     src = jnp.full((rows,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)

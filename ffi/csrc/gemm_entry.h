@@ -11,6 +11,7 @@ struct GemmEntry {
   int kind;
   uint32_t n, k, g;
   uint32_t block_m, block_n, stages, math_threads, tma_threads, swizzle_d, smem, num_sms;
+  uint32_t multicast;  // 1, or 2: clusters of 2 CTAs share each B tile (TMA multicast)
   const char* name;
   const void* kernel;  // host stub of the __global__ template instance
 };

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <set>
@@ -80,12 +81,21 @@ void device_info(int* major, int* minor, int* sms) {
   *major = d.major, *minor = d.minor, *sms = d.sms;
 }
 
+bool tma_multicast_enabled() {
+  // Read on every lookup (not cached) so that tests and benchmarks can compare both variants in one process.
+  const char* v = std::getenv("DSV4_FFI_TMA_MULTICAST");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m) {
+  const GemmEntry* plain = nullptr;
+  const GemmEntry* shared_b = nullptr;
   for (int i = 0; i < kGemmTableSize; ++i) {
     const GemmEntry* e = kGemmTable[i];
-    if (e->kind == kind && e->n == n && e->k == k && e->g == g && e->block_m == block_m) return e;
+    if (e->kind == kind && e->n == n && e->k == k && e->g == g && e->block_m == block_m)
+      (e->multicast > 1 ? shared_b : plain) = e;
   }
-  return nullptr;
+  return shared_b != nullptr && tma_multicast_enabled() ? shared_b : plain;
 }
 
 std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stream) {
@@ -94,6 +104,7 @@ std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stre
   if (major != 9)
     return "the FP8 GEMM kernels are built for SM90 (sm_90a) only; this device is sm_" + std::to_string(major) +
            std::to_string(minor) + " (Blackwell kernels are not built in this version)";
+  if (e.num_sms % e.multicast != 0) return std::string("instantiation ") + e.name + ": SM count not a multiple of the cluster";
   if (static_cast<uint32_t>(sms) != e.num_sms)
     return std::string("instantiation ") + e.name + " assumes " + std::to_string(e.num_sms) +
            " SMs but the device has " + std::to_string(sms) + "; rebuild with gen_instantiations.py --num-sms " +
@@ -137,6 +148,15 @@ std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stre
   cfg.blockDim = dim3(e.tma_threads + e.math_threads);
   cfg.dynamicSmemBytes = e.smem;
   cfg.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  if (e.multicast > 1) {
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim.x = e.multicast;
+    cluster[0].val.clusterDim.y = 1;
+    cluster[0].val.clusterDim.z = 1;
+    cfg.attrs = cluster;
+    cfg.numAttrs = 1;
+  }
   if (cudaLaunchKernelExC(&cfg, e.kernel, args) != cudaSuccess)
     return std::string("launch of ") + e.name + " failed: " + cudaGetErrorString(cudaGetLastError());
   return "";

@@ -137,6 +137,12 @@ ffi::Error check_b(const std::string& op, const ffi::AnyBuffer& b, const ffi::Bu
 
 int64_t dense_block_m(int64_t m) { return m <= 64 ? 64 : 128; }
 
+int gemv_tokens_per_block(int64_t rows) {
+  int tb = 1;
+  while (tb < rows && tb < kGemvMaxM) tb *= 2;
+  return tb;
+}
+
 ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa,
                        ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb, ffi::ResultBuffer<ffi::BF16> d) {
   const std::string op = "dsv4_fp8_gemm";
@@ -167,13 +173,20 @@ ffi::Error Fp8LinearImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
   if (q->element_count() != m * k) return bad(op, "workspace q " + shape_str(*q) + " is not [M, K]");
   int64_t pitch;
   if (auto e = check_quant_out(op, m, k, 1, sfa, &pitch); e.failure()) return e;
-  const GemmEntry* e = find_gemm(kDense, uint32_t(n), uint32_t(k), 1, uint32_t(dense_block_m(m)));
-  if (e == nullptr) return bad(op, missing(kDense, n, k, 1, dense_block_m(m)));
+  const bool small = m <= kGemvMaxM;  // decode sizes: the CUDA-core GEMV streams the weights faster
+  if (!small && find_gemm(kDense, uint32_t(n), uint32_t(k), 1, uint32_t(dense_block_m(m))) == nullptr)
+    return bad(op, missing(kDense, n, k, 1, dense_block_m(m)));
   if (m == 0) return ffi::Error::Success();
   if (auto err = cuda_check(op, launch_quant_rows(x.untyped_data(), nullptr, q->untyped_data(), sfa->typed_data(), m,
                                                   k, m, pitch, stream));
       err.failure())
     return err;
+  if (small) {
+    if (!aligned16(b.untyped_data())) return bad(op, "weight must be 16-byte aligned");
+    GemvArgs gv{q->untyped_data(), m, sfa->typed_data(), 1, pitch, b.untyped_data(), sfb.typed_data(), 1, nullptr,
+                nullptr, d->untyped_data(), m, n, k, gemv_tokens_per_block(m)};
+    return cuda_check(op, launch_gemv(gv, stream));
+  }
   GemmArgs ga{q->untyped_data(), sfa->typed_data(), b.untyped_data(), sfb.typed_data(), d->untyped_data(), nullptr,
               uint64_t(m), uint32_t(m), uint64_t(pitch), 1};
   return run_gemm(op, kDense, n, k, 1, dense_block_m(m), ga, stream);
@@ -220,6 +233,40 @@ ffi::Error GemmMaskedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi
   return run_gemm(op, kMasked, n, k, g, block_m, ga, stream);
 }
 
+
+ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,
+                    ffi::Buffer<ffi::F32> sfb, ffi::Buffer<ffi::S32> rows_map, ffi::Buffer<ffi::S32> group_map,
+                    ffi::ResultBuffer<ffi::BF16> d) {
+  const std::string op = "dsv4_fp8_gemv";
+  if (!is_e4m3(a)) return bad(op, "activation must be float8_e4m3fn");
+  const bool grouped = b.dimensions().size() == 3;
+  const int64_t g = grouped ? dim(b, 0) : 0;
+  int64_t n, k;
+  if (auto e = check_b(op, b, sfb, g, &n, &k); e.failure()) return e;
+  if (a.dimensions().size() != 2 || dim(a, 1) != k) return bad(op, "activation " + shape_str(a) + " is not [R, K]");
+  const int64_t r = dim(a, 0);
+  if (d->dimensions().size() != 2 || dim(*d, 1) != n)
+    return bad(op, "output " + shape_str(*d) + " is not [P, N] with N=" + std::to_string(n));
+  const int64_t p = dim(*d, 0);
+  if (rows_map.element_count() != 0 && rows_map.element_count() != p)
+    return bad(op, "rows_map has " + std::to_string(rows_map.element_count()) + " entries for " + std::to_string(p) +
+                       " output rows");
+  if (!rows_map.element_count() && p != r) return bad(op, "without rows_map the output must have the R input rows");
+  if (grouped && group_map.element_count() != p)
+    return bad(op, "group_map must have one expert per output row (" + std::to_string(p) + "), has " +
+                       std::to_string(group_map.element_count()));
+  if (!grouped && group_map.element_count() != 0) return bad(op, "group_map given for a 2-D (ungrouped) weight");
+  const int64_t kb = k / 128;
+  if (sfa.element_count() % kb != 0 || sfa.element_count() / kb < r)
+    return bad(op, "activation scales " + shape_str(sfa) + " are not [K/128, pitch >= R]");
+  if (!aligned16(a.untyped_data()) || !aligned16(b.untyped_data())) return bad(op, "buffers must be 16-byte aligned");
+  GemvArgs ga{a.untyped_data(), r, sfa.typed_data(), 1, int64_t(sfa.element_count()) / kb, b.untyped_data(),
+              sfb.typed_data(), grouped ? g : 1, rows_map.element_count() ? rows_map.typed_data() : nullptr,
+              grouped ? group_map.typed_data() : nullptr, d->untyped_data(), p, n, k,
+              grouped ? 1 : gemv_tokens_per_block(p)};
+  return cuda_check(op, launch_gemv(ga, stream));
+}
+
 }  // namespace
 }  // namespace dsv4ffi
 
@@ -229,6 +276,7 @@ using dsv4ffi::Fp8GemmImpl;
 using dsv4ffi::Fp8LinearImpl;
 using dsv4ffi::GemmContigImpl;
 using dsv4ffi::GemmMaskedImpl;
+using dsv4ffi::GemvImpl;
 using dsv4ffi::SwigluQuantImpl;
 
 #define DSV4_TRAITS {ffi::Traits::kCmdBufferCompatible}
@@ -298,4 +346,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemm_masked, GemmMaskedImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int64_t>("block_m"),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv, GemvImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
                               DSV4_TRAITS);

@@ -38,6 +38,28 @@ struct GemmArgs {
   uint32_t sf_groups;   // 1, or g for masked
 };
 
+// Small-M FP8 GEMM on CUDA cores (gemv_kernels.cu): d[r, :] = a[row(r)] x b[group(r)]^T with 1x128 activation and
+// 128x128 weight scales, bf16 out. row(r) = rows_map ? rows_map[r] : r; group(r) = group_map ? group_map[r / TB] : 0
+// (TB = tokens_per_block: 1, 2, 4 or 8 output rows share one pass over the weights). Invalid rows -> zeros.
+constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this many rows
+struct GemvArgs {
+  const void* a;          // e4m3 [a_rows, k]
+  int64_t a_rows;
+  const float* sfa;       // scale of (row, kb) at sfa[row * sfa_row_stride + kb * sfa_kb_stride]
+  int64_t sfa_row_stride, sfa_kb_stride;
+  const void* b;          // e4m3 [groups, n, k]
+  const float* sfb;       // f32 [groups, ceil(n/128), k/128]
+  int64_t groups;
+  const int32_t* rows_map;   // [out_rows] or null
+  const int32_t* group_map;  // [ceil(out_rows / TB)] or null
+  void* d;                // bf16 [out_rows, n]
+  int64_t out_rows, n, k;
+  int tokens_per_block;
+};
+cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
+// K split across a block's warps for this problem (exposed for the tests of the launch heuristic).
+int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms);
+
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);
 // Validates the device (SM90, SM count) and launches on `stream`. Returns "" or an error message.

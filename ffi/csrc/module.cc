@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 
 #include "gemm_entry.h"
+#include "kernels.h"
 #include "handlers.h"
 #include "xla/ffi/api/c_api.h"
 
@@ -34,10 +35,13 @@ NB_MODULE(_ffi, m) {
       d["n"] = e->n, d["k"] = e->k, d["g"] = e->g;
       d["block_m"] = e->block_m, d["block_n"] = e->block_n, d["stages"] = e->stages;
       d["math_threads"] = e->math_threads, d["smem"] = e->smem, d["num_sms"] = e->num_sms;
+      d["multicast"] = e->multicast;
       out.append(d);
     }
     return out;
   }, "The AOT-compiled GEMM instantiations and their launch configurations.");
+  m.attr("gemv_max_m") = dsv4ffi::kGemvMaxM;
+  m.def("gemv_ksplit", &dsv4ffi::gemv_ksplit, "K split of the GEMV launch for (out_rows, tokens_per_block, n, k, num_sms).");
   m.attr("deepgemm_source") = DSV4_DEEPGEMM_VERSION;
   m.attr("cuda_archs") = DSV4_CUDA_ARCHS;
   m.attr("xla_ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

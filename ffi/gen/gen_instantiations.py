@@ -16,7 +16,11 @@ The heuristic (our own code): BLOCK_K = 128 (one FP8 scale block); BLOCK_M from 
 128; grouped layouts use the layout's row alignment); BLOCK_N from 16..192 (steps of 16, restricted to the values
 the 1D2D kernel's B-scale promotion supports) minimising the number of waves over the persistent grid, then
 maximising the last wave's occupancy, then preferring the wider tile (less A re-reading); stages = as many as fit
-in 232448 B of shared memory, at most 8. TMA multicast is not used (cluster size 1).
+in 232448 B of shared memory, at most 8. Prefill instantiations (BLOCK_M >= 128) also get a TMA-multicast variant
+(`_mc2`: clusters of 2 CTAs on neighbouring M blocks share each B (weight) tile, loaded once) whose BLOCK_N is picked
+among tilings with an even number of N blocks: the kernel pairs blocks (2j, 2j+1) of its persistent schedule, and an
+even N-block count keeps every pair inside one expert's group (the scheduler then drops multicast itself on an odd
+M tail). The host launch chooses between the two variants (`DSV4_FFI_TMA_MULTICAST`).
 """
 
 from __future__ import annotations
@@ -89,10 +93,12 @@ def smem_bytes(bm: int, bn: int, k: int, stages: int) -> int:
     return d + stages * per_stage + sfb + stages * 2 * 8
 
 
-def pick_config(kind: int, n: int, k: int, m_rep: int, bm: int, num_sms: int) -> dict:
+def pick_config(kind: int, n: int, k: int, m_rep: int, bm: int, num_sms: int, multicast: int = 1) -> dict | None:
     best = None
     for bn in range(16, 193, 16):  # 1D2D: <= 192 keeps both accumulator sets in registers
         if not _block_n_ok(bn):
+            continue
+        if multicast > 1 and -(-n // bn) % multicast:
             continue
         if bn > max(16, -(-n // 16) * 16):
             continue
@@ -102,6 +108,8 @@ def pick_config(kind: int, n: int, k: int, m_rep: int, bm: int, num_sms: int) ->
         key = (waves, -last, -bn)
         if best is None or key < best[0]:
             best = (key, bn)
+    if best is None:
+        return None
     bn = best[1]
     stages = 0
     for s in range(MAX_STAGES, 1, -1):
@@ -118,6 +126,7 @@ def pick_config(kind: int, n: int, k: int, m_rep: int, bm: int, num_sms: int) ->
         "math_threads": 128 if bm <= 64 else 256,
         "tma_threads": 128,
         "smem": smem_bytes(bm, bn, k, stages),
+        "multicast": multicast,
     }
 
 
@@ -125,37 +134,34 @@ def plan(presets: list[str], num_sms: int) -> list[dict]:
     cfgmod = load_config_module()
     Config = cfgmod.Config
     entries: dict[tuple, dict] = {}
+
+    def add(kind, n, k, g, bm, m_rep, preset):
+        for mc in (1, 2) if bm >= 128 else (1,):
+            cfg_d = pick_config(kind, n, k, m_rep, bm, num_sms, multicast=mc)
+            if cfg_d is None:
+                continue
+            key = (kind, n, k, g, bm, mc)
+            entries.setdefault(key, {"presets": set()})["presets"].add(preset)
+            entries[key].update(kind=kind, n=n, k=k, g=g, **cfg_d)
+
     for p in presets:
         cfg = getattr(Config, p)()
         for n, k in sorted(fp8_linear_shapes(cfg)):
-            # Bucket "small M" (decode, M <= 64) and "large M" (prefill; represented by M = 4096).
+            # Bucket "small M" (M <= 64) and "large M" (prefill; represented by M = 4096). M <= 8 runs the GEMV.
             for bm, m_rep in ((64, 64), (128, 4096)):
-                key = (KIND_NORMAL, n, k, 1, bm)
-                entries.setdefault(key, {"presets": set()})["presets"].add(p)
-                cfg_d = pick_config(KIND_NORMAL, n, k, m_rep, bm, num_sms)
-                entries[key].update(kind=KIND_NORMAL, n=n, k=k, g=1, **cfg_d)
+                add(KIND_NORMAL, n, k, 1, bm, m_rep, p)
         for n, k, g in sorted(expert_shapes(cfg)):
             # Contiguous (psum) layout: rows of each expert start on a BLOCK_M boundary; 64 for small batches.
             for bm, m_rep in ((64, 64), (128, 8192 * cfg.n_activated_experts // g)):
-                key = (KIND_CONTIG_PSUM, n, k, g, bm)
-                entries.setdefault(key, {"presets": set()})["presets"].add(p)
-                entries[key].update(
-                    kind=KIND_CONTIG_PSUM,
-                    n=n,
-                    k=k,
-                    g=g,
-                    **pick_config(KIND_CONTIG_PSUM, n, k, max(m_rep, bm) * g // 1, bm, num_sms),
-                )
-            key = (KIND_MASKED, n, k, g, 64)
-            entries.setdefault(key, {"presets": set()})["presets"].add(p)
-            cfg_m = pick_config(KIND_MASKED, n, k, 64 * g, 64, num_sms)
-            entries[key].update(kind=KIND_MASKED, n=n, k=k, g=g, **cfg_m)
+                add(KIND_CONTIG_PSUM, n, k, g, bm, max(m_rep, bm) * g, p)
+            add(KIND_MASKED, n, k, g, 64, 64 * g, p)
     out = []
     for key in sorted(entries):
         e = entries[key]
         e["presets"] = sorted(e["presets"])
         e["num_sms"] = num_sms
-        e["name"] = f"{KIND_NAME[e['kind']]}_n{e['n']}_k{e['k']}_g{e['g']}_bm{e['block_m']}"
+        mc = "_mc2" if e["multicast"] == 2 else ""
+        e["name"] = f"{KIND_NAME[e['kind']]}_n{e['n']}_k{e['k']}_g{e['g']}_bm{e['block_m']}{mc}"
         out.append(e)
     return out
 
@@ -168,10 +174,10 @@ namespace dsv4ffi {{
 extern const GemmEntry gemm_{name};
 const GemmEntry gemm_{name} = {{
     {kind}, {n}u, {k}u, {g}u, {block_m}u, {block_n}u, {stages}u, {math_threads}u, {tma_threads}u, {swizzle_d}u,
-    {smem}u, {num_sms}u, "{name}",
+    {smem}u, {num_sms}u, {multicast}u, "{name}",
     reinterpret_cast<const void*>(&deep_gemm::sm90_fp8_gemm_1d2d_impl<
         cute::UMMA::Major::K, 0u, {n}u, {k}u, {g}u, {block_m}u, {block_n}u, 128u, 128u, 128u, {swizzle_d}u,
-        {stages}u, {tma_threads}u, {math_threads}u, 1u, false, {num_sms}u, deep_gemm::GemmType::{gemm_type},
+        {stages}u, {tma_threads}u, {math_threads}u, {multicast}u, false, {num_sms}u, deep_gemm::GemmType::{gemm_type},
         cutlass::bfloat16_t, 128u>)}};
 }}  // namespace dsv4ffi
 """
@@ -222,7 +228,7 @@ def main(argv=None) -> None:
         entries = entries[: a.limit]
     if a.print:
         for e in entries:
-            print(f"{e['name']:40s} bn={e['block_n']:3d} stages={e['stages']} smem={e['smem']} {e['presets']}")
+            print(f"{e['name']:44s} bn={e['block_n']:3d} stages={e['stages']} smem={e['smem']} {e['presets']}")
     write(a.out, entries)
     print(f"{len(entries)} instantiations -> {a.out}")
 

@@ -1,0 +1,69 @@
+"""Helper of tests/test_kernels_gpu.py::test_commands_buffers_capture_the_kernels (run in a subprocess, since
+XLA_FLAGS only apply at backend start-up). Runs one jitted step holding every kind of dsv4 FFI call three times and
+prints, as the last line, JSON: whether the optimized HLO put a dsv4 custom call inside a command buffer, a digest
+of each output, and whether the replays agree."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import tempfile
+
+dump = tempfile.mkdtemp(prefix="dsv4_cmdbuf_")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dsv4_jax import quant  # noqa: E402
+from dsv4_jax.kernels import ffi_ops, moe_grouped  # noqa: E402
+
+
+def main() -> None:
+    mod, why = ffi_ops.load()
+    assert mod is not None, why
+    ks = jax.random.split(jax.random.key(0), 8)
+    e, n, k, top = 8, 128, 256, 2  # tiny-config shapes (AOT-instantiated for G=8): small and quick to compile
+    w_dense, s_dense = quant.quantize_fp8_weight(jax.random.normal(ks[0], (n, k)) * k**-0.5)
+    experts = []
+    for i, shape in enumerate(((e, n, k), (e, n, k), (e, k, n))):
+        w, s = quant.quantize_fp8_weight(jax.random.normal(ks[1 + i], shape) * shape[-1] ** -0.5)
+        experts += [w, ffi_ops.sm90_weight_scales(s)]
+    x_small = jax.random.normal(ks[4], (4, k)).astype(jnp.bfloat16)
+    x_big = jax.random.normal(ks[5], (300, k)).astype(jnp.bfloat16)
+    route_small = jax.random.uniform(ks[6], (4, e))
+    route_big = jax.random.uniform(ks[7], (300, e))
+
+    @jax.jit
+    def step(xs, xb, rs, rb, wd, sd, experts):
+        return (
+            ffi_ops.fp8_linear(xs, wd, sd),  # GEMV
+            ffi_ops.fp8_linear(xb, wd, sd),  # tensor-core GEMM (multicast variant)
+            moe_grouped.routed_experts(xs, rs, top, experts, 10.0),  # per-pair GEMV path
+            moe_grouped.routed_experts(xb, rb, top, experts, 10.0),  # contiguous grouped GEMMs
+        )
+
+    args = (x_small, x_big, route_small, route_big, w_dense, s_dense, tuple(experts))
+    runs = [[np.asarray(o) for o in step(*args)] for _ in range(3)]
+    digests = [hashlib.sha256(o.tobytes()).hexdigest()[:16] for o in runs[0]]
+    agree = all(all(np.array_equal(a, b) for a, b in zip(runs[0], r, strict=True)) for r in runs[1:])
+    captured, headers = False, []
+    files = sorted(pathlib.Path(dump).glob("*jit_step*after_optimizations.txt"))
+    for f in files:
+        # Each computation starts at a line without indentation; look for command-buffer computations holding ours.
+        for comp in re.split(r"\n(?=\S)", f.read_text()):
+            header = comp.split("\n", 1)[0]
+            if "command" in header:
+                headers.append(header[:120])
+            if "command_buffer" in header and 'custom_call_target="dsv4_' in comp:
+                captured = True
+    info = dict(captured=captured, digests=digests, replays_agree=agree, files=[f.name for f in files])
+    print(json.dumps(dict(info, command_headers=headers[:5])))
+
+
+if __name__ == "__main__":
+    main()
