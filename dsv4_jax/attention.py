@@ -159,8 +159,9 @@ class Compressor(nnx.Module):
         sc = score_btc.reshape(b, nb, m, score_btc.shape[-1])
         if self.coff == 2:
             # Slots 0..3: the previous block through its Ca half (none before block 0); slots 4..7: this block's Cb.
-            prev_kv = jnp.pad(kv[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)))
-            prev_sc = jnp.pad(sc[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
+            # ([:, :nb] keeps nb = 0, a sequence shorter than one block, at zero blocks.)
+            prev_kv = jnp.pad(kv[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :nb]
+            prev_sc = jnp.pad(sc[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)[:, :nb]
             kv = jnp.concatenate([prev_kv, kv[..., dc:]], axis=2)
             sc = jnp.concatenate([prev_sc, sc[..., dc:]], axis=2)
         e = self.pool(kv, sc)

@@ -81,6 +81,17 @@ def test_causal_and_deterministic(tiny):
     assert not np.array_equal(a[0, 21:], b[0, 21:])
 
 
+def test_sequences_shorter_than_a_compression_block(tiny):
+    """1-3 tokens (fewer than the CSA ratio 4: no complete block, no compressed entry) are valid input: each gives
+    the same logits as the same positions of a longer sequence (causality)."""
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 9), 0, 512))
+    full = np.asarray(dsv4_jax.forward(tiny, tokens))
+    for t in (1, 3):
+        short = np.asarray(dsv4_jax.forward(tiny, tokens[:, :t]))
+        assert short.shape == (2, t, full.shape[-1]) and np.isfinite(short).all()
+        np.testing.assert_allclose(short, full[:, :t], rtol=0, atol=1e-4 * np.abs(full).max())
+
+
 def test_mtp_logits_and_split_merge(tiny):
     tokens = jnp.arange(40, dtype=jnp.int32)[None] % 512
     out = dsv4_jax.forward_outputs(tiny, tokens, mtp_tokens=jnp.roll(tokens, -1, axis=1))
