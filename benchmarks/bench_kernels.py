@@ -200,6 +200,18 @@ def bench_overhead(rows):
     )
 
 
+class Rows(list):
+    """Result rows, each printed as soon as it is measured (a run cut short by a time limit keeps what it has)."""
+
+    def append(self, r):
+        super().append(r)
+        print(
+            f"{r['op']:52s} {r['shape']:34s} {r['us']:9.1f} us  {r['tflops']:6.0f} TFLOP/s "
+            f"{r['pct_fp8']:4.0f}% FP8  {r['pct_bw']:4.0f}% copy BW",
+            flush=True,
+        )
+
+
 @contextlib.contextmanager
 def multicast(on: bool):
     """DSV4_FFI_TMA_MULTICAST is read by the extension at every launch; executables built inside see the setting."""
@@ -229,14 +241,12 @@ def main():
         f"device {dev.device_kind}: copy {bw / 1e12:.2f} TB/s, read {READ_BW / 1e12:.2f} TB/s, "
         f"XLA FP8 dot {fp8 / 1e12:.0f} TFLOP/s, bf16 {bf16 / 1e12:.0f} TFLOP/s"
     )
-    rows = []
+    rows = Rows()
     if args.grouped_block_m:
         for t in (8192, 32768):
             for n, k in ((2048, 4096), (4096, 2048)):
                 for bm in (64, 128):
                     bench_grouped(rows, t, n, k, bw, fp8, "contig", block_m=bm, baseline=False)
-        for r in rows:
-            print(f"{r['op']:44s} {r['shape']:36s} {r['us']:9.1f} us {r['tflops']:6.0f} TFLOP/s {r['pct_fp8']:4.0f}%")
         return
     bench_overhead(rows)
     dense_shapes = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))

@@ -62,6 +62,11 @@ def load():
         import dsv4_jax_ffi
     except ImportError as e:
         return None, f"the extension dsv4_jax_ffi is not installed ({e}); build it with `pip install ./ffi` (BUILD.md)"
+    if getattr(dsv4_jax_ffi, "gemv_max_m", None) != GEMV_MAX_M:
+        return None, (
+            f"the installed dsv4_jax_ffi ({getattr(dsv4_jax_ffi, '__file__', '?')}) does not match this dsv4_jax "
+            f"(GEMV row limit {getattr(dsv4_jax_ffi, 'gemv_max_m', 'missing')} != {GEMV_MAX_M}); rebuild it (BUILD.md)"
+        )
     for name, capsule in dsv4_jax_ffi.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     return dsv4_jax_ffi, None

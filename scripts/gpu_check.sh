@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One GPU session: build the FFI extension, run the GPU tests, then the kernel benchmarks; logs under $1.
+#   scripts/gpu_check.sh OUT [build|prebuilt] [tests|notests] [bench|quick|nobench] [PYTEST_K]
+# Offline machines: put the flax wheel under .whl/ and the sgl-deep-gemm wheel under .dg/ (BUILD.md); "prebuilt"
+# takes .so/_ffi*.so instead of building. Each phase has its own time limit so that logs always come back.
+set -u
+OUT=${1:?output directory}
+MODE=${2:-build}
+TESTS=${3:-tests}
+BENCH=${4:-bench}
+KSEL=${5:-}
+mkdir -p "$OUT"
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-deps --no-index .whl/*.whl >"$OUT/setup.log" 2>&1; fi
+pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { echo "project install failed"; tail "$OUT/setup.log"; }
+
+PKG=/tmp/ffipkg/dsv4_jax_ffi
+mkdir -p "$PKG"
+cp ffi/src/dsv4_jax_ffi/__init__.py "$PKG/"
+if [ "$MODE" = build ]; then
+  python - <<'EOF'
+import glob, zipfile
+zipfile.ZipFile(glob.glob(".dg/sgl_deep_gemm-*.whl")[0]).extractall("/tmp/dg")
+EOF
+  ( DSV4_DEEPGEMM_INCLUDE=/tmp/dg/deep_gemm/include CMAKE_BUILD_PARALLEL_LEVEL=16 \
+      pip wheel --no-build-isolation --no-deps -w /tmp/ffiwheel ./ffi ) >"$OUT/build.log" 2>&1 \
+    || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
+  python - <<'EOF'
+import glob, zipfile
+z = zipfile.ZipFile(glob.glob("/tmp/ffiwheel/dsv4_jax_ffi-*.whl")[0])
+for n in z.namelist():
+    if n.startswith("dsv4_jax_ffi/_ffi"):
+        open("/tmp/ffipkg/dsv4_jax_ffi/" + n.split("/")[-1], "wb").write(z.read(n))
+EOF
+  mkdir -p "$OUT/so" && cp "$PKG"/_ffi*.so "$OUT/so/"
+  echo "built in $(elapsed) s"
+else
+  cp .so/_ffi*.so "$PKG/"
+fi
+export PYTHONPATH=/tmp/ffipkg:${PYTHONPATH:-}
+python -c "import dsv4_jax_ffi as m; print('ffi', m.cuda_archs, m.deepgemm_source, len(m.instantiations()), 'GEMMs')"
+
+if [ "$TESTS" = tests ]; then
+  # Two pytest processes share the GPU (no preallocation): kernels+probe, and the slow end-to-end forwards.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  K1="not end_to_end"; K2="end_to_end"
+  if [ -n "$KSEL" ]; then K1="$KSEL"; K2=""; fi
+  timeout 430 python -m pytest -m gpu tests/test_kernels_gpu.py -k "$K1" -q -rs --durations=8 >"$OUT/gpu_tests_a.log" 2>&1 &
+  PA=$!
+  PB=
+  if [ -n "$K2" ]; then
+    timeout 430 python -m pytest -m gpu tests/test_kernels_gpu.py -k "$K2" -q -rs --durations=4 >"$OUT/gpu_tests_b.log" 2>&1 &
+    PB=$!
+  fi
+  wait $PA; echo "tests A rc=$?"; tail -3 "$OUT/gpu_tests_a.log"
+  if [ -n "$PB" ]; then wait $PB; echo "tests B rc=$?"; tail -3 "$OUT/gpu_tests_b.log"; fi
+  unset XLA_PYTHON_CLIENT_PREALLOCATE
+  echo "tests done at $(elapsed) s"
+fi
+
+if [ "$BENCH" != nobench ]; then
+  LEFT=$(( 575 - $(elapsed) ))
+  FLAG=""; [ "$BENCH" = quick ] && FLAG="--quick"
+  timeout "$LEFT" python benchmarks/bench_kernels.py $FLAG --out "$OUT/bench.json" --markdown "$OUT/bench.md" \
+    >"$OUT/bench.log" 2>&1
+  echo "bench rc=$? at $(elapsed) s"; tail -45 "$OUT/bench.log"
+fi
