@@ -3,6 +3,7 @@
 #   scripts/gpu_check.sh OUT [build|prebuilt] [tests|notests] [bench|quick|nobench] [PYTEST_K]
 # Offline machines: put the flax wheel under .whl/ and the sgl-deep-gemm wheel under .dg/ (BUILD.md); "prebuilt"
 # takes .so/_ffi*.so instead of building. Each phase has its own time limit so that logs always come back.
+# Always `python -m pip`: the image's bare `pip` belongs to another interpreter than `python`.
 set -u
 OUT=${1:?output directory}
 MODE=${2:-build}
@@ -13,8 +14,8 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
-if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-deps --no-index .whl/*.whl >"$OUT/setup.log" 2>&1; fi
-pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { echo "project install failed"; tail "$OUT/setup.log"; }
+if ls .whl/*.whl >/dev/null 2>&1; then python -m pip install -q --no-deps --no-index .whl/*.whl >"$OUT/setup.log" 2>&1; fi
+python -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { echo "project install failed"; tail "$OUT/setup.log"; }
 
 PKG=/tmp/ffipkg/dsv4_jax_ffi
 mkdir -p "$PKG"
@@ -25,7 +26,7 @@ import glob, zipfile
 zipfile.ZipFile(glob.glob(".dg/sgl_deep_gemm-*.whl")[0]).extractall("/tmp/dg")
 EOF
   ( DSV4_DEEPGEMM_INCLUDE=/tmp/dg/deep_gemm/include CMAKE_BUILD_PARALLEL_LEVEL=16 \
-      pip wheel --no-build-isolation --no-deps -w /tmp/ffiwheel ./ffi ) >"$OUT/build.log" 2>&1 \
+      python -m pip wheel --no-build-isolation --no-deps -w /tmp/ffiwheel ./ffi ) >"$OUT/build.log" 2>&1 \
     || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
   python - <<'EOF'
 import glob, zipfile
