@@ -87,9 +87,10 @@ def _host_ref_rows(x, w, s, rows):
 
 
 @pytest.mark.parametrize("n,k", FLASH_LINEARS)
-@pytest.mark.parametrize("m", [1, 5, 8, 64, 65, 1024])
-def test_fp8_linear(ffi, m, n, k):
-    """M <= 8 runs the CUDA-core GEMV, larger M the DeepGEMM GEMMs (M=1024: the TMA-multicast variant)."""
+@pytest.mark.parametrize("m,multicast", [(1, "0"), (5, "0"), (8, "0"), (64, "0"), (65, "0"), (1024, "0"), (1024, "1")])
+def test_fp8_linear(ffi, m, multicast, n, k, monkeypatch):
+    """M <= 8 runs the CUDA-core GEMV, larger M the DeepGEMM GEMMs (M=1024 also the opt-in TMA-multicast variant)."""
+    monkeypatch.setenv("DSV4_FFI_TMA_MULTICAST", multicast)
     key = jax.random.key(m + 3 * n + k)
     x = rand_bf16(key, (m, k), spread=False)
     w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (n, k))
@@ -127,11 +128,11 @@ def _ref_rows(xq, sx, w, s, expert_of_row):
 
 @pytest.mark.parametrize(
     "layout,t,multicast",
-    [("contig", 512, "1"), ("contig", 512, "0"), ("contig", 8, "1"), ("masked", 16, "1"), ("masked", 64, "1")],
+    [("contig", 512, "0"), ("contig", 512, "1"), ("contig", 8, "0"), ("masked", 16, "0"), ("masked", 64, "0")],
 )
 @pytest.mark.parametrize("n,kdim", [(2048, 4096), (4096, 2048)])
 def test_grouped_gemm(ffi, layout, t, multicast, n, kdim, monkeypatch):
-    """contig 512 tokens runs BLOCK_M 128: with DSV4_FFI_TMA_MULTICAST on (default) the cluster-of-2 variant."""
+    """contig 512 tokens runs BLOCK_M 128, with DSV4_FFI_TMA_MULTICAST=1 the cluster-of-2 variant."""
     from dsv4_jax.kernels import moe_grouped
 
     monkeypatch.setenv("DSV4_FFI_TMA_MULTICAST", multicast)

@@ -82,9 +82,10 @@ void device_info(int* major, int* minor, int* sms) {
 }
 
 bool tma_multicast_enabled() {
-  // Read on every lookup (not cached) so that tests and benchmarks can compare both variants in one process.
+  // Opt-in (DSV4_FFI_TMA_MULTICAST=1): measured mixed on H100 (BENCHMARKS.md), and a tiny-config forward hung with
+  // it. Read on every lookup (not cached) so that tests and benchmarks can compare both variants in one process.
   const char* v = std::getenv("DSV4_FFI_TMA_MULTICAST");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m) {
