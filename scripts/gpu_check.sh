@@ -44,21 +44,11 @@ export PYTHONPATH=/tmp/ffipkg:${PYTHONPATH:-}
 python -c "import dsv4_jax_ffi as m; print('ffi', m.cuda_archs, m.deepgemm_source, len(m.instantiations()), 'GEMMs')"
 
 if [ "$TESTS" = tests ]; then
-  # Two pytest processes share the GPU (no preallocation): kernels+probe, and the slow end-to-end forwards.
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  K1="not end_to_end"; K2="end_to_end"
-  if [ -n "$KSEL" ]; then K1="$KSEL"; K2=""; fi
-  timeout 430 python -m pytest -m gpu tests/test_kernels_gpu.py -k "$K1" -q -rs --durations=8 >"$OUT/gpu_tests_a.log" 2>&1 &
-  PA=$!
-  PB=
-  if [ -n "$K2" ]; then
-    timeout 430 python -m pytest -m gpu tests/test_kernels_gpu.py -k "$K2" -q -rs --durations=4 >"$OUT/gpu_tests_b.log" 2>&1 &
-    PB=$!
-  fi
-  wait $PA; echo "tests A rc=$?"; tail -3 "$OUT/gpu_tests_a.log"
-  if [ -n "$PB" ]; then wait $PB; echo "tests B rc=$?"; tail -3 "$OUT/gpu_tests_b.log"; fi
-  unset XLA_PYTHON_CLIENT_PREALLOCATE
-  echo "tests done at $(elapsed) s"
+  # One pytest invocation, 4 xdist workers sharing the GPU (no preallocation): the tests are compile-bound.
+  KARG=(); [ -n "$KSEL" ] && KARG=(-k "$KSEL")
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_LIMIT:-400}" python -m pytest -m gpu tests/test_kernels_gpu.py \
+    -n 4 -q -rs --durations=8 "${KARG[@]}" >"$OUT/gpu_tests.log" 2>&1
+  echo "tests rc=$? at $(elapsed) s"; grep -E "e2e|passed|failed|error" "$OUT/gpu_tests.log" | tail -12
 fi
 
 if [ "$BENCH" != nobench ]; then
