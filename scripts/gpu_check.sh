@@ -46,9 +46,10 @@ python -c "import dsv4_jax_ffi as m; print('ffi', m.cuda_archs, m.deepgemm_sourc
 if [ "$TESTS" = tests ]; then
   # One pytest invocation, 4 xdist workers sharing the GPU (no preallocation): the tests are compile-bound.
   KARG=(); [ -n "$KSEL" ] && KARG=(-k "$KSEL")
+  export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_LIMIT:-400}" python -m pytest -m gpu tests/test_kernels_gpu.py \
     -n 4 -q -rs --durations=8 "${KARG[@]}" >"$OUT/gpu_tests.log" 2>&1
-  echo "tests rc=$? at $(elapsed) s"; grep -E "e2e|passed|failed|error" "$OUT/gpu_tests.log" | tail -12
+  echo "tests rc=$? at $(elapsed) s"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -12; cat "$OUT/e2e_report.txt" 2>/dev/null
 fi
 
 if [ "$BENCH" != nobench ]; then
