@@ -30,9 +30,9 @@ __all__ = ["routed_experts", "routed_experts_gemv", "plan_rows", "choose_block_m
 
 F32 = jnp.float32
 
-# Up to this many (token, expert) pairs the per-pair GEMV beats the masked tensor-core GEMM (decode batch <= 16 at
-# top-6): with so few rows per expert a 64-row tile is mostly padding and too few tiles exist to stream the weights.
-GEMV_MAX_PAIRS = 96
+# Up to this many (token, expert) pairs the per-pair GEMV beats the masked tensor-core GEMM (decode batch <= 10 at
+# top-6; H100, BENCHMARKS.md: 8 tokens 179 us GEMV, 16 tokens 333 us GEMV vs 291 us masked).
+GEMV_MAX_PAIRS = 64
 
 
 def _round_up(x: int, m: int) -> int:
