@@ -58,13 +58,14 @@ def main() -> None:
     # Where XLA shows command buffers depends on its version (HLO computations named command_buffer, or thunk
     # dumps): report every dump file mentioning one, and count it as captured when that file also names our calls.
     captured, mentions = False, []
-    for f in sorted(pathlib.Path(dump).iterdir()):
+    files = sorted(f for f in pathlib.Path(dump).rglob("*") if f.is_file())
+    for f in files:
         text = f.read_text(errors="replace")
         hits = [ln.strip()[:160] for ln in text.splitlines() if re.search(r"command.?buffer", ln, re.IGNORECASE)]
         if hits:
             mentions.append(dict(file=f.name, n=len(hits), first=hits[:3]))
             captured = captured or "dsv4_" in text
-    info = dict(captured=captured, digests=digests, replays_agree=agree, files=len(list(pathlib.Path(dump).iterdir())))
+    info = dict(captured=captured, digests=digests, replays_agree=agree, files=len(files))
     print(json.dumps(dict(info, mentions=mentions[:6])))
 
 
