@@ -85,6 +85,14 @@ def _top_k_sorted(weight_te, k: int):
     return jnp.take_along_axis(idx, order, axis=-1).astype(jnp.int32), jnp.take_along_axis(wts, order, axis=-1)
 
 
+def _sum_expert_rows(y_rd, row_tk):
+    """fp32 `[T, d]`: token t sums rows `y[row_tk[t, j]]` over j, in expert-index order as the reference does."""
+    acc = jnp.zeros((row_tk.shape[0], y_rd.shape[-1]), F32)
+    for j in range(row_tk.shape[1]):
+        acc = acc + y_rd[row_tk[:, j]].astype(F32)
+    return acc
+
+
 def routed_experts_gemv(x_td, weight_te, k: int, weights, limit: float):
     """Decode-sized batches: each (token, expert) pair is one GEMV row; no permutation, no padding, no AOT shape."""
     w1, s1, w3, s3, w2, s2 = weights
@@ -96,11 +104,8 @@ def routed_experts_gemv(x_td, weight_te, k: int, weights, limit: float):
     g = ffi_ops.fp8_gemv(q1, sfa1, w1, s1, rows=token, groups=expert)
     u = ffi_ops.fp8_gemv(q1, sfa1, w3, s3, rows=token, groups=expert)
     q2, sfa2 = ffi_ops.swiglu_quant(g, u, wts.reshape(-1), None, limit)
-    y = ffi_ops.fp8_gemv(q2, sfa2, w2, s2, groups=expert).reshape(t, k, -1)
-    acc = jnp.zeros((t, y.shape[-1]), F32)
-    for j in range(k):  # expert-index order, as the reference accumulates
-        acc = acc + y[:, j].astype(F32)
-    return acc
+    y = ffi_ops.fp8_gemv(q2, sfa2, w2, s2, groups=expert)
+    return _sum_expert_rows(y, jnp.arange(t * k, dtype=jnp.int32).reshape(t, k))  # pair row p = t * k + j
 
 
 def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str = "auto"):
@@ -142,7 +147,4 @@ def routed_experts(x_td, weight_te, k: int, weights, limit: float, layout: str =
     u = gemm(q1, sfa1, w3, s3)
     q2, sfa2 = ffi_ops.swiglu_quant(g, u, wrow, src, limit, groups=groups)
     y = gemm(q2, sfa2, w2, s2)
-    acc = jnp.zeros((t, y.shape[-1]), F32)
-    for j in range(k):  # expert-index order, as the reference accumulates
-        acc = acc + y[dest[:, j]].astype(F32)
-    return acc
+    return _sum_expert_rows(y, dest)
