@@ -115,6 +115,23 @@ def test_fp8_linear(ffi, m, multicast, n, k, monkeypatch):
     assert err <= 2e-3, f"kernel vs float64: {err:.3e} (XLA reference vs float64: {err_xla_ref:.3e})"
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (8192, 1024), (520, 2048)])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("impl", ["mma", "cuda"])
+def test_gemv_dense_variants(ffi, m, n, k, impl, monkeypatch):
+    """Dense decode linears through both GEMV variants: 1, 2, 4 and 8 tokens per pass over the weights (M=3 leaves
+    a segment part empty), N=520 a partial 16-row mma tile and a partial 128-row scale block."""
+    monkeypatch.setenv("DSV4_FFI_GEMV", impl)
+    key = jax.random.key(m + 5 * n + k)
+    x = rand_bf16(key, (m, k), spread=True)
+    w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (n, k))
+    want = _host_ref_rows(x, w, s, np.arange(m))
+    poison()
+    out = np.asarray(jax.jit(ffi.fp8_linear)(x, w, s), np.float32)
+    assert out.shape == (m, n) and np.isfinite(out).all()
+    assert rel_rms(out, want) <= 2e-3
+
+
 def _grouped_case(key, t, k, e, n, kdim):
     """Random routing of t tokens to k of e experts (each token's experts distinct), FP8 weights, FP8 inputs."""
     ks = jax.random.split(key, 4)
@@ -194,9 +211,12 @@ def test_routed_experts_vs_reference(ffi, t):
 
 @pytest.mark.parametrize("n,kdim", [(2048, 4096), (4096, 2048), (1024, 4096)])
 @pytest.mark.parametrize("pairs", [1, 6, 96])
-def test_gemv_pairs(ffi, pairs, n, kdim):
+@pytest.mark.parametrize("impl", ["mma", "cuda"])
+def test_gemv_pairs(ffi, pairs, n, kdim, impl, monkeypatch):
     """Per-(token, expert) GEMV rows: output p = activation row rows[p] x expert groups[p]. With 96 pairs two rows are
-    invalid on purpose (an out-of-range activation row, a negative expert): they must come back as zeros."""
+    invalid on purpose (an out-of-range activation row, a negative expert): they must come back as zeros. Both
+    variants: tensor-core mma (default) and the CUDA-core loop (DSV4_FFI_GEMV=cuda)."""
+    monkeypatch.setenv("DSV4_FFI_GEMV", impl)
     e, t = 32, max(1, pairs // 6)
     ks = jax.random.split(jax.random.key(pairs * 7 + n), 4)
     x = rand_bf16(ks[0], (t, kdim), spread=True)

@@ -18,6 +18,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -131,12 +133,137 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   if (r < out_rows && col < n) d[r * n + col] = __float2bfloat16_rn(v);
 }
 
+// Tensor-core variant: one warp computes 16 weight rows x 8 tokens with mma.sync m16n8k32 (e4m3 x e4m3 -> f32).
+// Why: the CUDA-core loop above spends 4 FMAs + conversions per weight byte and token, so at 8 tokens it is bound by
+// arithmetic (and registers), not by streaming the weights; one mma does the same 16x8x32 products in one issue.
+// K order: lane (g = lane/4, q = lane%4) loads 16 contiguous bytes of weight rows g and g+8 and of token g at
+// K offset 16q of each 64-wide step, and feeds bytes 0-7 to one mma and bytes 8-15 to the next. The fragment layouts
+// of m16n8k32 (A: rows g/g+8, k = 4q..4q+3 and 16+4q..; B: token g, the same k) then pair every weight byte with the
+// activation byte of the same K position: a permutation of the summation order only. Each mma starts from zero
+// and is added in FP32 on the CUDA cores, so no more than 32 products are ever summed inside the tensor core.
+__device__ __forceinline__ void mma_e4m3_16x8x32(const uint32_t a[4], const uint32_t b[2], float d[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.f));
+}
+
+constexpr int kMmaRows = 16;  // weight rows per warp (the mma M)
+constexpr int kMmaKbPerChunk = 2;  // K blocks whose loads are issued together (8 x 16 B weights per lane in flight)
+
 template <int TB>
-cudaError_t launch_tb(const GemvArgs& p, int ksplit, cudaStream_t stream) {
-  const int64_t cols_per_block = static_cast<int64_t>(kWarps / ksplit) * kRowsPerWarp;
+__global__ void __launch_bounds__(kWarps * 32)
+gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
+                int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
+                const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
+                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
+  static_assert(TB >= 1 && TB <= 8, "at most 8 tokens per mma");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gq = lane / 4, q = lane % 4;
+  const int row_groups = kWarps / ksplit;
+  const int rg = warp / ksplit, kc = warp % ksplit;
+  const int64_t seg = blockIdx.y;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
+  const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
+
+  int64_t g = group_map != nullptr ? group_map[seg] : 0;
+  const bool group_ok = g >= 0 && g < groups;
+  if (!group_ok) g = 0;
+  // This lane feeds token gq to the mma (B operand) and owns the outputs of tokens 2q, 2q+1 (C fragment).
+  auto act_row = [&](int t) -> int64_t {
+    const int64_t r = seg * TB + t;
+    if (t >= TB || r >= out_rows || !group_ok) return -1;
+    const int64_t src = rows_map != nullptr ? rows_map[r] : r;
+    return src >= 0 && src < a_rows ? src : -1;
+  };
+  const int64_t b_row = act_row(gq), c_row0 = act_row(2 * q), c_row1 = act_row(2 * q + 1);
+  const int64_t r_lo = n0 + gq, r_hi = n0 + gq + 8;
+  const uint8_t* bg = b + (g * n) * k;
+  const uint8_t* w_lo = r_lo < n ? bg + r_lo * k : nullptr;
+  const uint8_t* w_hi = r_hi < n ? bg + r_hi * k : nullptr;
+  const uint8_t* x_row = b_row >= 0 ? a + b_row * k : nullptr;
+  const float* sfb_row = sfb + (g * nblocks + (n0 < n ? n0 : 0) / 128) * kblocks;
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // K offsets fit in 32 bits (K <= 2^31); the row pointers above carry the 64-bit part.
+  const int kbs = static_cast<int>(kblocks), kb_per = (kbs + ksplit - 1) / ksplit;
+  const int kb_begin = kc * kb_per, kb_end = kbs < kb_begin + kb_per ? kbs : kb_begin + kb_per;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const float* sfa0 = c_row0 >= 0 ? sfa + c_row0 * sfa_row_stride : nullptr;
+  const float* sfa1 = c_row1 >= 0 ? sfa + c_row1 * sfa_row_stride : nullptr;
+  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += kMmaKbPerChunk) {
+    // Issue every load of the chunk before the first mma: the weight bytes in flight are what sets the bandwidth.
+    uint4 wl[kMmaKbPerChunk][2], wh[kMmaKbPerChunk][2], xv[kMmaKbPerChunk][2];
+#pragma unroll
+    for (int c = 0; c < kMmaKbPerChunk; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int kb = kb0 + c;
+        const int col = kb * 128 + h * 64 + q * 16;
+        const bool in = kb < kb_end;
+        wl[c][h] = in && w_lo ? __ldg(reinterpret_cast<const uint4*>(w_lo + col)) : zero;
+        wh[c][h] = in && w_hi ? __ldg(reinterpret_cast<const uint4*>(w_hi + col)) : zero;
+        xv[c][h] = in && x_row ? __ldg(reinterpret_cast<const uint4*>(x_row + col)) : zero;
+      }
+#pragma unroll
+    for (int c = 0; c < kMmaKbPerChunk; ++c) {
+      const int kb = kb0 + c;
+      if (kb >= kb_end) break;
+      float blk[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a0[4] = {wl[c][h].x, wh[c][h].x, wl[c][h].y, wh[c][h].y};
+        const uint32_t b0[2] = {xv[c][h].x, xv[c][h].y};
+        const uint32_t a1[4] = {wl[c][h].z, wh[c][h].z, wl[c][h].w, wh[c][h].w};
+        const uint32_t b1[2] = {xv[c][h].z, xv[c][h].w};
+        float p0[4], p1[4];
+        mma_e4m3_16x8x32(a0, b0, p0);
+        mma_e4m3_16x8x32(a1, b1, p1);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) blk[i] += p0[i] + p1[i];
+      }
+      // Power-of-two scales: the products below are exact.
+      const float sb = sfb_row[kb];
+      const float s0 = sfa0 ? sfa0[kb * sfa_kb_stride] * sb : 0.f;
+      const float s1 = sfa1 ? sfa1[kb * sfa_kb_stride] * sb : 0.f;
+      acc[0] = fmaf(blk[0], s0, acc[0]);
+      acc[1] = fmaf(blk[1], s1, acc[1]);
+      acc[2] = fmaf(blk[2], s0, acc[2]);
+      acc[3] = fmaf(blk[3], s1, acc[3]);
+    }
+  }
+
+  __shared__ float part[kWarps][4][32];
+  if (ksplit > 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][i][lane] = acc[i];
+    __syncthreads();
+    if (kc != 0) return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.f;
+      for (int c = 0; c < ksplit; ++c) v += part[warp + c][i][lane];
+      acc[i] = v;
+    }
+  }
+  // C fragment: acc[0], acc[1] = row gq, tokens 2q, 2q+1; acc[2], acc[3] = row gq + 8, the same tokens.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int t = 2 * q + (i & 1);
+    const int64_t r = seg * TB + t, col = n0 + gq + 8 * (i >> 1);
+    const bool live = (i & 1 ? c_row1 : c_row0) >= 0;
+    if (t < TB && r < out_rows && col < n) d[r * n + col] = __float2bfloat16_rn(live ? acc[i] : 0.f);
+  }
+}
+
+template <int TB>
+cudaError_t launch_tb(const GemvArgs& p, bool mma, int ksplit, cudaStream_t stream) {
+  const int64_t cols_per_block = static_cast<int64_t>(kWarps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
   const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>((p.out_rows + TB - 1) / TB));
-  gemv_fp8_kernel<TB><<<grid, kWarps * 32, 0, stream>>>(
+  auto* kernel = mma ? gemv_mma_kernel<TB> : gemv_fp8_kernel<TB>;
+  kernel<<<grid, kWarps * 32, 0, stream>>>(
       static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
       static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map, p.group_map,
       static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
@@ -145,15 +272,25 @@ cudaError_t launch_tb(const GemvArgs& p, int ksplit, cudaStream_t stream) {
 
 }  // namespace
 
-int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms) {
-  // Split K across the block's warps until about two blocks per SM exist (a block is 8 warps; ~2 fit per SM at
-  // this kernel's register use), keeping >= 4 K blocks (two warp steps) per split.
+bool gemv_uses_mma() {
+  // DSV4_FFI_GEMV=cuda selects the CUDA-core loop (kill switch and A/B knob); read at every launch like the other
+  // DSV4_FFI_* switches, so a process can compare both.
+  const char* v = std::getenv("DSV4_FFI_GEMV");
+  return v == nullptr || std::strcmp(v, "cuda") != 0;
+}
+
+int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma) {
+  // Split K across the block's warps until about two blocks per SM exist (a block is 8 warps; ~2 fit per SM at either
+  // variant's register use), keeping >= 2 chunks of K blocks per split.
   const int64_t segs = (out_rows + tokens_per_block - 1) / tokens_per_block;
+  const int64_t rows_per_warp = mma ? kMmaRows : kRowsPerWarp;
+  const int64_t min_kb = mma ? 2 * kMmaKbPerChunk : 2 * kBlocksPerStep;
+  const int64_t want_blocks = 2 * static_cast<int64_t>(num_sms);
   int ksplit = 1;
   while (ksplit < kWarps) {
-    const int64_t cols = static_cast<int64_t>(kWarps / ksplit) * kRowsPerWarp;
+    const int64_t cols = static_cast<int64_t>(kWarps / ksplit) * rows_per_warp;
     const int64_t blocks = segs * ((n + cols - 1) / cols);
-    if (blocks >= 2 * num_sms || (k / 128) / (2 * ksplit) < 2 * kBlocksPerStep) break;
+    if (blocks >= want_blocks || (k / 128) / (2 * ksplit) < min_kb) break;
     ksplit *= 2;
   }
   return ksplit;
@@ -163,12 +300,17 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   if (p.out_rows == 0 || p.n == 0) return cudaSuccess;
   int major, minor, sms;
   device_info(&major, &minor, &sms);
-  const int ksplit = gemv_ksplit(p.out_rows, p.tokens_per_block, p.n, p.k, sms);
+  const bool mma = gemv_uses_mma();
+  int ksplit = gemv_ksplit(p.out_rows, p.tokens_per_block, p.n, p.k, sms, mma);
+  if (const char* v = std::getenv("DSV4_FFI_GEMV_KSPLIT")) {  // tuning knob for benchmarks: 1, 2, 4 or 8
+    const int f = std::atoi(v);
+    if (f == 1 || f == 2 || f == 4 || f == 8) ksplit = f;
+  }
   switch (p.tokens_per_block) {
-    case 1: return launch_tb<1>(p, ksplit, stream);
-    case 2: return launch_tb<2>(p, ksplit, stream);
-    case 4: return launch_tb<4>(p, ksplit, stream);
-    case 8: return launch_tb<8>(p, ksplit, stream);
+    case 1: return launch_tb<1>(p, mma, ksplit, stream);
+    case 2: return launch_tb<2>(p, mma, ksplit, stream);
+    case 4: return launch_tb<4>(p, mma, ksplit, stream);
+    case 8: return launch_tb<8>(p, mma, ksplit, stream);
     default: return cudaErrorInvalidValue;
   }
 }

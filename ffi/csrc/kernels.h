@@ -57,8 +57,11 @@ struct GemvArgs {
   int tokens_per_block;
 };
 cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
-// K split across a block's warps for this problem (exposed for the tests of the launch heuristic).
-int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms);
+// K split across a block's warps for this problem (exposed for the tests of the launch heuristic); mma: the
+// tensor-core variant (16 weight rows per warp) rather than the CUDA-core loop (4 rows per warp).
+int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma);
+// Whether launch_gemv takes the tensor-core variant (default) or the CUDA-core loop (DSV4_FFI_GEMV=cuda).
+bool gemv_uses_mma();
 
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);
