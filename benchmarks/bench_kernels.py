@@ -247,11 +247,11 @@ def gemv_impl(name: str):
             os.environ["DSV4_FFI_GEMV"] = old
 
 
-def bench_decode(rows, bw, fp8):
+def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
     """Decode sizes only: the GEMV's two variants on the routed experts and the dense linears, next to the
     tensor-core GEMMs that would otherwise run."""
     dense_shapes = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))
-    for impl in ("mma", "cuda"):
+    for impl in impls:
         with gemv_impl(impl):
             for t in (1, 2, 4, 8, 16):
                 bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv", baseline=False, label=f" [{impl}]")
@@ -295,6 +295,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--grouped-block-m", action="store_true", help="only the prefill grouped GEMMs, BLOCK_M 64 vs 128")
     ap.add_argument("--decode", action="store_true", help="only decode sizes: GEMV variants vs tensor-core GEMMs")
+    ap.add_argument("--gemv-impls", default="mma,cuda", help="GEMV variants for --decode (DSV4_FFI_GEMV values)")
     args = ap.parse_args()
     mod, why = ffi_ops.load()
     assert mod is not None, why
@@ -307,7 +308,7 @@ def main():
     rows = Rows()
     if args.decode:
         bench_overhead(rows)
-        bench_decode(rows, bw, fp8)
+        bench_decode(rows, bw, fp8, impls=tuple(args.gemv_impls.split(",")))
     elif args.grouped_block_m:
         for t in (8192, 32768):
             for n, k in ((2048, 4096), (4096, 2048)):
@@ -324,6 +325,7 @@ def main():
         xla_fp8_tflops=fp8 / 1e12,
         xla_bf16_tflops=bf16 / 1e12,
         jax=jax.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
     )
     hdr = "| op | shape | time µs | XLA bf16 µs | TFLOP/s | % FP8 ceiling | % copy BW |"
     lines = [hdr, "|---|---|---|---|---|---|---|"]
