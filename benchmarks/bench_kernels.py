@@ -7,8 +7,9 @@ pass) and the dense FP8 GEMM rate of XLA's own FP8 dot (e4m3 x e4m3 -> bf16, 819
 dot on dequantized bf16 weights (dense) and `jax.lax.ragged_dot` on dequantized bf16 (grouped), same run.
 
 Timing: each measurement jits R independent calls on rotating inputs (weights rotated where they fit in L2) into one
-executable, runs it after a warm-up, and takes the median of 7 wall-clock repetitions / R (includes the per-launch
-gaps of XLA's executor). FFI call overhead = a 1-element FFI call repeated 200 times in one executable.
+executable, runs it after a warm-up, dispatches 8 executions back to back and divides the wall time by 8 R (median of
+3 such batches; includes the per-launch gaps of XLA's executor, not the host-side dispatch of the executable, which
+overlaps). FFI call overhead = a 16-element FFI call repeated 200 times in one executable.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ from dsv4_jax.kernels import ffi_ops, moe_grouped
 BF16, F32, E4M3 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn
 
 
-def timed(fn, *args, reps: int = 7, per: int = 1) -> float:
-    """Median seconds per call of a jitted function returning a pytree, divided by `per`."""
+def timed(fn, *args, reps: int = 8, per: int = 1) -> float:
+    """Seconds per call of a jitted function returning a pytree, divided by `per`: `reps` executions dispatched back
+    to back and waited for once (median of 3 such batches). Pipelining matters for the many-argument executables of
+    small problems: the host-side dispatch of one (0.1-0.5 ms for a few hundred arguments) overlaps the device work
+    of the previous, so the device time is what is measured, as in a decode loop that runs ahead of the GPU."""
     jax.block_until_ready(fn(*args))
     ts = []
-    for _ in range(reps):
+    for _ in range(3):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
+        jax.block_until_ready([fn(*args) for _ in range(reps)])
+        ts.append((time.perf_counter() - t0) / reps)
     return float(np.median(ts)) / per
 
 
