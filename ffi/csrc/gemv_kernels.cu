@@ -150,10 +150,10 @@ __device__ __forceinline__ void mma_e4m3_16x8x32(const uint32_t a[4], const uint
 }
 
 constexpr int kMmaRows = 16;  // weight rows per warp (the mma M)
-constexpr int kMmaKbPerChunk = 2;  // K blocks whose loads are issued together (8 x 16 B weights per lane in flight)
+constexpr int kMmaKbPerChunk = 2;  // default K blocks whose loads are issued together (8 x 16 B weights per lane)
 
-template <int TB>
-__global__ void __launch_bounds__(kWarps * 32)
+template <int TB, int KbPerChunk, int MinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, MinBlocks)
 gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
@@ -192,11 +192,11 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const float* sfa0 = c_row0 >= 0 ? sfa + c_row0 * sfa_row_stride : nullptr;
   const float* sfa1 = c_row1 >= 0 ? sfa + c_row1 * sfa_row_stride : nullptr;
-  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += kMmaKbPerChunk) {
+  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += KbPerChunk) {
     // Issue every load of the chunk before the first mma: the weight bytes in flight are what sets the bandwidth.
-    uint4 wl[kMmaKbPerChunk][2], wh[kMmaKbPerChunk][2], xv[kMmaKbPerChunk][2];
+    uint4 wl[KbPerChunk][2], wh[KbPerChunk][2], xv[KbPerChunk][2];
 #pragma unroll
-    for (int c = 0; c < kMmaKbPerChunk; ++c)
+    for (int c = 0; c < KbPerChunk; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kb = kb0 + c;
@@ -207,7 +207,7 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
         xv[c][h] = in && x_row ? __ldg(reinterpret_cast<const uint4*>(x_row + col)) : zero;
       }
 #pragma unroll
-    for (int c = 0; c < kMmaKbPerChunk; ++c) {
+    for (int c = 0; c < KbPerChunk; ++c) {
       const int kb = kb0 + c;
       if (kb >= kb_end) break;
       float blk[4] = {0.f, 0.f, 0.f, 0.f};
@@ -262,7 +262,14 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int ksplit, cudaStream_t stre
   const int64_t cols_per_block = static_cast<int64_t>(kWarps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
   const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>((p.out_rows + TB - 1) / TB));
-  auto* kernel = mma ? gemv_mma_kernel<TB> : gemv_fp8_kernel<TB>;
+  // Tuning knob (benchmarks only): DSV4_FFI_GEMV_VARIANT = 1: 3 blocks per SM (register cap 85), 2: one K block per
+  // load chunk at 4 blocks per SM; default 0: two K blocks per chunk, 2 blocks per SM.
+  const char* var = std::getenv("DSV4_FFI_GEMV_VARIANT");
+  const int v = var ? std::atoi(var) : 0;
+  auto* kernel = !mma ? gemv_fp8_kernel<TB>
+                 : v == 1 ? gemv_mma_kernel<TB, 2, 3>
+                 : v == 2 ? gemv_mma_kernel<TB, 1, 4>
+                          : gemv_mma_kernel<TB, kMmaKbPerChunk, 1>;
   kernel<<<grid, kWarps * 32, 0, stream>>>(
       static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
       static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map, p.group_map,

@@ -1,0 +1,35 @@
+"""Launch-shape sweep of the tensor-core GEMV at decode sizes (the DSV4_FFI_GEMV_VARIANT / _KSPLIT tuning knobs), with
+the timing and ceilings of bench_kernels.py.
+
+    python benchmarks/sweep_gemv.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from bench_kernels import Rows, bench_dense, bench_grouped, ceilings
+
+from dsv4_jax.kernels import ffi_ops
+
+
+def main():
+    mod, why = ffi_ops.load()
+    assert mod is not None, why
+    bw, fp8, _ = ceilings()
+    print(f"device {jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s")
+    rows = Rows()
+    for variant in ("0", "1", "2"):
+        for ksplit in ("auto", "4", "8"):
+            os.environ["DSV4_FFI_GEMV_VARIANT"] = variant
+            os.environ["DSV4_FFI_GEMV_KSPLIT"] = "" if ksplit == "auto" else ksplit
+            label = f" [variant {variant} ksplit {ksplit}]"
+            for t in (1, 2, 8):
+                bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv", baseline=False, label=label)
+            bench_dense(rows, 1, 4096, 4096, bw, fp8, label=label)
+            bench_dense(rows, 8, 32768, 1024, bw, fp8, label=label)
+
+
+if __name__ == "__main__":
+    main()
