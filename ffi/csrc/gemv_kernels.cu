@@ -44,12 +44,20 @@ __device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]) {
   }
 }
 
+// Programmatic dependent launch (SM90+). wait: block until the grids this one depends on have completed and their
+// writes are visible (returns at once when launched without the PDL attribute); launch_dependents: let the next
+// PDL-launched grid be scheduled.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" :::); }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
 template <int TB>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
                 __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
+  pdl_wait();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_groups = kWarps / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
@@ -109,6 +117,7 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
     }
   }
 
+  pdl_launch_dependents();
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
@@ -150,10 +159,10 @@ __device__ __forceinline__ void mma_e4m3_16x8x32(const uint32_t a[4], const uint
 }
 
 constexpr int kMmaRows = 16;  // weight rows per warp (the mma M)
-constexpr int kMmaKbPerChunk = 2;  // default K blocks whose loads are issued together (8 x 16 B weights per lane)
+constexpr int kMmaKbPerChunk = 2;  // K blocks whose loads are issued together (8 x 16 B weights per lane in flight)
 
-template <int TB, int KbPerChunk, int MinBlocks>
-__global__ void __launch_bounds__(kWarps * 32, MinBlocks)
+template <int TB>
+__global__ void __launch_bounds__(kWarps * 32)
 gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
@@ -167,6 +176,21 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
+  if (group_map == nullptr) {
+    // Dense weights are not written by the kernels before this one (an expert's rows depend on the routing, which
+    // is): pull this lane's first chunk into L2 while the predecessor finishes. A prefetch only warms the cache, so
+    // it cannot return stale data even if a predecessor did write there.
+    const int kb_first = kc * static_cast<int>((kblocks + ksplit - 1) / ksplit);
+#pragma unroll
+    for (int c = 0; c < kMmaKbPerChunk; ++c)
+      if (kb_first + c < kblocks)
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          const int64_t row = n0 + gq + 8 * hi;
+          if (row < n) prefetch_l2(b + row * k + (kb_first + c) * 128 + q * 32);
+        }
+  }
+  pdl_wait();
   int64_t g = group_map != nullptr ? group_map[seg] : 0;
   const bool group_ok = g >= 0 && g < groups;
   if (!group_ok) g = 0;
@@ -192,11 +216,11 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const float* sfa0 = c_row0 >= 0 ? sfa + c_row0 * sfa_row_stride : nullptr;
   const float* sfa1 = c_row1 >= 0 ? sfa + c_row1 * sfa_row_stride : nullptr;
-  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += KbPerChunk) {
+  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += kMmaKbPerChunk) {
     // Issue every load of the chunk before the first mma: the weight bytes in flight are what sets the bandwidth.
-    uint4 wl[KbPerChunk][2], wh[KbPerChunk][2], xv[KbPerChunk][2];
+    uint4 wl[kMmaKbPerChunk][2], wh[kMmaKbPerChunk][2], xv[kMmaKbPerChunk][2];
 #pragma unroll
-    for (int c = 0; c < KbPerChunk; ++c)
+    for (int c = 0; c < kMmaKbPerChunk; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kb = kb0 + c;
@@ -207,7 +231,7 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
         xv[c][h] = in && x_row ? __ldg(reinterpret_cast<const uint4*>(x_row + col)) : zero;
       }
 #pragma unroll
-    for (int c = 0; c < KbPerChunk; ++c) {
+    for (int c = 0; c < kMmaKbPerChunk; ++c) {
       const int kb = kb0 + c;
       if (kb >= kb_end) break;
       float blk[4] = {0.f, 0.f, 0.f, 0.f};
@@ -233,6 +257,7 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
       acc[3] = fmaf(blk[3], s1, acc[3]);
     }
   }
+  pdl_launch_dependents();  // the weights are streamed; what is left is a reduction and the stores
 
   __shared__ float part[kWarps][4][32];
   if (ksplit > 1) {
@@ -262,19 +287,18 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int ksplit, cudaStream_t stre
   const int64_t cols_per_block = static_cast<int64_t>(kWarps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
   const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>((p.out_rows + TB - 1) / TB));
-  // Tuning knob (benchmarks only): DSV4_FFI_GEMV_VARIANT = 1: 3 blocks per SM (register cap 85), 2: one K block per
-  // load chunk at 4 blocks per SM; default 0: two K blocks per chunk, 2 blocks per SM.
-  const char* var = std::getenv("DSV4_FFI_GEMV_VARIANT");
-  const int v = var ? std::atoi(var) : 0;
-  auto* kernel = !mma ? gemv_fp8_kernel<TB>
-                 : v == 1 ? gemv_mma_kernel<TB, 2, 3>
-                 : v == 2 ? gemv_mma_kernel<TB, 1, 4>
-                          : gemv_mma_kernel<TB, kMmaKbPerChunk, 1>;
-  kernel<<<grid, kWarps * 32, 0, stream>>>(
-      static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
-      static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map, p.group_map,
-      static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
-  return cudaGetLastError();
+  auto* kernel = mma ? gemv_mma_kernel<TB> : gemv_fp8_kernel<TB>;
+  // Programmatic dependent launch: the GEMV may be scheduled while the kernel before it (typically our activation
+  // quantization) finishes; both kernels wait (griddepcontrol.wait) before reading anything a predecessor writes.
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid, cfg.blockDim = dim3(kWarps * 32), cfg.dynamicSmemBytes = 0, cfg.stream = stream;
+  cfg.attrs = attr, cfg.numAttrs = gemv_uses_pdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride,
+                            p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map,
+                            p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
 }
 
 }  // namespace
@@ -284,6 +308,11 @@ bool gemv_uses_mma() {
   // DSV4_FFI_* switches, so a process can compare both.
   const char* v = std::getenv("DSV4_FFI_GEMV");
   return v == nullptr || std::strcmp(v, "cuda") != 0;
+}
+
+bool gemv_uses_pdl() {
+  const char* v = std::getenv("DSV4_FFI_PDL");  // kill switch: "0" launches without programmatic dependence
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma) {
