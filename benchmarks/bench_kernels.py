@@ -270,6 +270,15 @@ def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
         bench_dense(rows, 64, n, k, bw, fp8)
 
 
+def bench_prefill(rows, bw, fp8):
+    """The two Flash expert projections at 8192 tokens: BLOCK_M 128 (plain, TMA multicast) and BLOCK_M 64."""
+    for n, k in ((2048, 4096), (4096, 2048)):
+        bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False)
+        with multicast(True):
+            bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False, label=" multicast")
+        bench_grouped(rows, 8192, n, k, bw, fp8, "contig", block_m=64, baseline=False)
+
+
 def bench_all(rows, bw, fp8, quick: bool):
     bench_overhead(rows)
     base = not quick  # --quick: no XLA bf16 baselines for the grouped rows
@@ -277,11 +286,7 @@ def bench_all(rows, bw, fp8, quick: bool):
         bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv", baseline=base)
     for t in (16, 32, 64, 128, 256):
         bench_grouped(rows, t, 2048, 4096, bw, fp8, "masked" if t <= 64 else "contig", baseline=base)
-    for n, k in ((2048, 4096), (4096, 2048)):
-        bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False)
-        with multicast(True):
-            bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False, label=" multicast")
-        bench_grouped(rows, 8192, n, k, bw, fp8, "contig", block_m=64, baseline=False)
+    bench_prefill(rows, bw, fp8)
     dense_shapes = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))
     for m in (1, 8, 64, 1024, 8192):
         for n, k in dense_shapes:
@@ -299,6 +304,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--grouped-block-m", action="store_true", help="only the prefill grouped GEMMs, BLOCK_M 64 vs 128")
     ap.add_argument("--decode", action="store_true", help="only decode sizes: GEMV variants vs tensor-core GEMMs")
+    ap.add_argument("--prefill", action="store_true", help="only the grouped GEMMs at 8192 tokens")
     ap.add_argument("--gemv-impls", default="mma,cuda", help="GEMV variants for --decode (DSV4_FFI_GEMV values)")
     args = ap.parse_args()
     mod, why = ffi_ops.load()
@@ -313,6 +319,8 @@ def main():
     if args.decode:
         bench_overhead(rows)
         bench_decode(rows, bw, fp8, impls=tuple(args.gemv_impls.split(",")))
+    elif args.prefill:
+        bench_prefill(rows, bw, fp8)
     elif args.grouped_block_m:
         for t in (8192, 32768):
             for n, k in ((2048, 4096), (4096, 2048)):

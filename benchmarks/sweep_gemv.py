@@ -1,5 +1,5 @@
-"""Launch sweep of the tensor-core GEMV at decode sizes: programmatic dependent launch on/off (DSV4_FFI_PDL) and the K
-split (DSV4_FFI_GEMV_KSPLIT tuning knob), with the timing and ceilings of bench_kernels.py.
+"""K-split sweep of the tensor-core GEMV at decode sizes (the DSV4_FFI_GEMV_KSPLIT tuning knob), with the timing and
+ceilings of bench_kernels.py.
 
     python benchmarks/sweep_gemv.py
 """
@@ -20,15 +20,13 @@ def main():
     bw, fp8, _ = ceilings()
     print(f"device {jax.devices()[0].device_kind}: copy {bw / 1e12:.2f} TB/s")
     rows = Rows()
-    for pdl in ("1", "0"):
-        for ksplit in ("auto", "8"):
-            os.environ["DSV4_FFI_PDL"] = pdl
-            os.environ["DSV4_FFI_GEMV_KSPLIT"] = "" if ksplit == "auto" else ksplit
-            label = f" [pdl {pdl} ksplit {ksplit}]"
-            for t in (1, 2, 8):
-                bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv", baseline=False, label=label)
-            bench_dense(rows, 1, 4096, 4096, bw, fp8, label=label)
-            bench_dense(rows, 8, 32768, 1024, bw, fp8, label=label)
+    for ksplit in ("auto", "1", "2", "4", "8"):
+        os.environ["DSV4_FFI_GEMV_KSPLIT"] = "" if ksplit == "auto" else ksplit
+        label = f" [ksplit {ksplit}]"
+        for t in (1, 2, 8):
+            bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv", baseline=False, label=label)
+        bench_dense(rows, 1, 4096, 4096, bw, fp8, label=label)
+        bench_dense(rows, 8, 32768, 1024, bw, fp8, label=label)
 
 
 if __name__ == "__main__":

@@ -44,20 +44,12 @@ __device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]) {
   }
 }
 
-// Programmatic dependent launch (SM90+). wait: block until the grids this one depends on have completed and their
-// writes are visible (returns at once when launched without the PDL attribute); launch_dependents: let the next
-// PDL-launched grid be scheduled.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" :::); }
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-
 template <int TB>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
                 __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
-  pdl_wait();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_groups = kWarps / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
@@ -117,7 +109,6 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
     }
   }
 
-  pdl_launch_dependents();
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
@@ -176,21 +167,6 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
-  if (group_map == nullptr) {
-    // Dense weights are not written by the kernels before this one (an expert's rows depend on the routing, which
-    // is): pull this lane's first chunk into L2 while the predecessor finishes. A prefetch only warms the cache, so
-    // it cannot return stale data even if a predecessor did write there.
-    const int kb_first = kc * static_cast<int>((kblocks + ksplit - 1) / ksplit);
-#pragma unroll
-    for (int c = 0; c < kMmaKbPerChunk; ++c)
-      if (kb_first + c < kblocks)
-#pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          const int64_t row = n0 + gq + 8 * hi;
-          if (row < n) prefetch_l2(b + row * k + (kb_first + c) * 128 + q * 32);
-        }
-  }
-  pdl_wait();
   int64_t g = group_map != nullptr ? group_map[seg] : 0;
   const bool group_ok = g >= 0 && g < groups;
   if (!group_ok) g = 0;
@@ -257,7 +233,6 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
       acc[3] = fmaf(blk[3], s1, acc[3]);
     }
   }
-  pdl_launch_dependents();  // the weights are streamed; what is left is a reduction and the stores
 
   __shared__ float part[kWarps][4][32];
   if (ksplit > 1) {
@@ -288,17 +263,11 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int ksplit, cudaStream_t stre
   const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>((p.out_rows + TB - 1) / TB));
   auto* kernel = mma ? gemv_mma_kernel<TB> : gemv_fp8_kernel<TB>;
-  // Programmatic dependent launch: the GEMV may be scheduled while the kernel before it (typically our activation
-  // quantization) finishes; both kernels wait (griddepcontrol.wait) before reading anything a predecessor writes.
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid, cfg.blockDim = dim3(kWarps * 32), cfg.dynamicSmemBytes = 0, cfg.stream = stream;
-  cfg.attrs = attr, cfg.numAttrs = gemv_uses_pdl() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride,
-                            p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map,
-                            p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
+  kernel<<<grid, kWarps * 32, 0, stream>>>(
+      static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
+      static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map, p.group_map,
+      static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -308,11 +277,6 @@ bool gemv_uses_mma() {
   // DSV4_FFI_* switches, so a process can compare both.
   const char* v = std::getenv("DSV4_FFI_GEMV");
   return v == nullptr || std::strcmp(v, "cuda") != 0;
-}
-
-bool gemv_uses_pdl() {
-  const char* v = std::getenv("DSV4_FFI_PDL");  // kill switch: "0" launches without programmatic dependence
-  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma) {

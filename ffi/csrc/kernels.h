@@ -62,8 +62,6 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
 int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma);
 // Whether launch_gemv takes the tensor-core variant (default) or the CUDA-core loop (DSV4_FFI_GEMV=cuda).
 bool gemv_uses_mma();
-// Whether the GEMV is launched with programmatic dependent launch (default; DSV4_FFI_PDL=0 turns it off).
-bool gemv_uses_pdl();
 
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);
