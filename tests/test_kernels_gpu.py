@@ -100,7 +100,7 @@ def _host_ref_rows(x, w, s, rows):
 @pytest.mark.parametrize("n,k", FLASH_LINEARS)
 @pytest.mark.parametrize("m,multicast", [(1, "0"), (5, "0"), (8, "0"), (64, "0"), (65, "0"), (1024, "0"), (1024, "1")])
 def test_fp8_linear(ffi, m, multicast, n, k, monkeypatch):
-    """M <= 8 runs the CUDA-core GEMV, larger M the DeepGEMM GEMMs (M=1024 also the opt-in TMA-multicast variant)."""
+    """M <= 8 runs the GEMV, larger M the DeepGEMM GEMMs (M=1024 also the opt-in TMA-multicast variant)."""
     monkeypatch.setenv("DSV4_FFI_TMA_MULTICAST", multicast)
     key = jax.random.key(m + 3 * n + k)
     x = rand_bf16(key, (m, k), spread=False)

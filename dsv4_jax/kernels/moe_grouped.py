@@ -7,7 +7,7 @@ w3_e x)))`, fp32, experts summed in index order), for FP8 experts (`Config(exper
      each token's experts sorted by index (the reference's accumulation order);
   2. rows grouped by expert: the contiguous prefix-sum layout (each expert's rows start on a BLOCK_M boundary; used
      for prefill) or the masked layout `[E, M_max]` (decode, T <= 64); the row maps are small int32 arrays.
-     Smallest batches (T * k <= GEMV_MAX_PAIRS) skip grouping: one CUDA-core GEMV row per (token, expert) pair,
+     Smallest batches (T * k <= GEMV_MAX_PAIRS) skip grouping: one GEMV row per (token, expert) pair,
      `routed_experts_gemv`;
   3. `act_quant` gathers and quantizes token rows into that layout in one kernel (padding rows are never written);
   4. grouped GEMMs w1 and w3; one kernel fuses bf16(weight * clamped SwiGLU) with the FP8 quantization for w2;

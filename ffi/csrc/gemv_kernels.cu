@@ -1,13 +1,16 @@
-// Small-M FP8 block-scaled GEMM on CUDA cores ("GEMV"), our own kernel, for decode-sized batches.
+// Small-M FP8 block-scaled GEMM ("GEMV"), our own kernels, for decode-sized batches (<= 8 tokens per weight pass).
 //
-// Why not the tensor-core GEMMs: at M <= 8 a 64-row WGMMA tile is >= 87% padding and the persistent tile grid over
+// Why not the DeepGEMM GEMMs: at M <= 8 a 64-row WGMMA tile is >= 87% padding and the persistent tile grid over
 // N alone gives each SM one or two long K loops: far too few bytes in flight to stream the weights at HBM speed.
-// Here every warp streams 4 weight rows with 16-byte loads, K may be split across the warps of a block, and the
-// arithmetic (<= 8 FMAs per weight byte) stays under the CUDA-core rate.
+// Here warps stream weight rows with 16-byte loads, K may be split across the warps of a block, and each warp
+// multiplies its rows with up to 8 tokens, either
+//   * gemv_mma_kernel (default): 16 rows x 8 tokens per warp on the tensor cores with mma.sync m16n8k32, or
+//   * gemv_fp8_kernel (DSV4_FFI_GEMV=cuda): 4 rows per warp on the CUDA cores (bound by arithmetic at 8 tokens).
 //
 // Numerics: the same FP8 operands and power-of-two scales as the reference blockwise GEMM: FP8 x FP8 products are
-// exact in FP32, each 16-element partial sum is scaled by s_a[row, kb] * s_b[n/128, kb] (a power of two: exact) and
-// accumulated in FP32; only the summation order differs from the reference. Output bf16 (round to nearest even).
+// exact in FP32, each partial sum of 16 (CUDA cores) or 32 (one mma) products is scaled by s_a[row, kb] *
+// s_b[n/128, kb] (a power of two: exact) and accumulated in FP32; only the summation order differs from the
+// reference. Output bf16 (round to nearest even).
 //
 // Addressing: output row r (of `out_rows`) belongs to segment r / TB; a segment's rows share one weight group.
 //   activation row of r = rows_map ? rows_map[r] : r;   group of r = group_map ? group_map[r / TB] : 0.

@@ -173,7 +173,7 @@ ffi::Error Fp8LinearImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
   if (q->element_count() != m * k) return bad(op, "workspace q " + shape_str(*q) + " is not [M, K]");
   int64_t pitch;
   if (auto e = check_quant_out(op, m, k, 1, sfa, &pitch); e.failure()) return e;
-  const bool small = m <= kGemvMaxM;  // decode sizes: the CUDA-core GEMV streams the weights faster
+  const bool small = m <= kGemvMaxM;  // decode sizes: the GEMV streams the weights faster
   if (!small && find_gemm(kDense, uint32_t(n), uint32_t(k), 1, uint32_t(dense_block_m(m))) == nullptr)
     return bad(op, missing(kDense, n, k, 1, dense_block_m(m)));
   if (m == 0) return ffi::Error::Success();
