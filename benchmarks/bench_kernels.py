@@ -224,31 +224,26 @@ class Rows(list):
 
 
 @contextlib.contextmanager
+def ffi_env(name: str, value: str):
+    """Sets one of the extension's DSV4_FFI_* switches (TMA_MULTICAST, GEMV), which it reads at every launch, so
+    executables built inside see the setting; restores the old value after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def multicast(on: bool):
-    """DSV4_FFI_TMA_MULTICAST is read by the extension at every launch; executables built inside see the setting."""
-    old = os.environ.get("DSV4_FFI_TMA_MULTICAST")
-    os.environ["DSV4_FFI_TMA_MULTICAST"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["DSV4_FFI_TMA_MULTICAST"]
-        else:
-            os.environ["DSV4_FFI_TMA_MULTICAST"] = old
+    return ffi_env("DSV4_FFI_TMA_MULTICAST", "1" if on else "0")
 
 
-@contextlib.contextmanager
 def gemv_impl(name: str):
-    """DSV4_FFI_GEMV (mma | cuda) is read by the extension at every launch, like DSV4_FFI_TMA_MULTICAST."""
-    old = os.environ.get("DSV4_FFI_GEMV")
-    os.environ["DSV4_FFI_GEMV"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["DSV4_FFI_GEMV"]
-        else:
-            os.environ["DSV4_FFI_GEMV"] = old
+    return ffi_env("DSV4_FFI_GEMV", name)  # mma | cuda
 
 
 def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
