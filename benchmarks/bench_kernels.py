@@ -81,6 +81,19 @@ def ceilings():
     return bw, fp8, 2 * n**3 / t
 
 
+def result_row(op: str, shape: str, t: float, t_xla: float, flops: float, nbytes: float, bw: float, fp8: float):
+    """One table row: time t (s) against the XLA baseline and the ceilings measured in this run."""
+    return dict(
+        op=op,
+        shape=shape,
+        us=t * 1e6,
+        xla_bf16_us=t_xla * 1e6,
+        tflops=flops / t / 1e12,
+        pct_fp8=100 * flops / t / fp8,
+        pct_bw=100 * nbytes / t / bw,
+    )
+
+
 def bench_dense(rows, m, n, k, bw, fp8, label=""):
     # Rotate weights through more than L2; small M runs 64 calls per executable so that the per-executable dispatch
     # (~0.1 ms of host time) does not count.
@@ -95,17 +108,8 @@ def bench_dense(rows, m, n, k, bw, fp8, label=""):
     tx = timed(many(lambda x, w: x @ w.T, r), x, wd, per=r)
     del wd
     flops, byts = 2 * m * n * k, n * k + m * k * 2 + m * n * 2
-    rows.append(
-        dict(
-            op=("fp8_linear (quant+GEMV)" if m <= ffi_ops.GEMV_MAX_M else "fp8_linear (quant+GEMM)") + label,
-            shape=f"M={m} N={n} K={k}",
-            us=t * 1e6,
-            xla_bf16_us=tx * 1e6,
-            tflops=flops / t / 1e12,
-            pct_fp8=100 * flops / t / fp8,
-            pct_bw=100 * byts / t / bw,
-        )
-    )
+    op = ("fp8_linear (quant+GEMV)" if m <= ffi_ops.GEMV_MAX_M else "fp8_linear (quant+GEMM)") + label
+    rows.append(result_row(op, f"M={m} N={n} K={k}", t, tx, flops, byts, bw, fp8))
 
 
 def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=None, baseline=True, label=""):
@@ -177,17 +181,8 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
             print("ragged_dot baseline failed:", ex)
         del wd
     name = "gemv per (token, expert) pair" if layout == "gemv" else f"grouped {layout} BLOCK_M {block_m}"
-    rows.append(
-        dict(
-            op=f"{name}{label} (E=256 top-6)",
-            shape=f"T={t_tokens} N={n} K={k} active={active:.0f}",
-            us=tm * 1e6,
-            xla_bf16_us=tx * 1e6,
-            tflops=flops / tm / 1e12,
-            pct_fp8=100 * flops / tm / fp8,
-            pct_bw=100 * wbytes / tm / bw,
-        )
-    )
+    shape = f"T={t_tokens} N={n} K={k} active={active:.0f}"
+    rows.append(result_row(f"{name}{label} (E=256 top-6)", shape, tm, tx, flops, wbytes, bw, fp8))
 
 
 def bench_overhead(rows):

@@ -38,8 +38,8 @@ struct GemmArgs {
   uint32_t sf_groups;   // 1, or g for masked
 };
 
-// Small-M FP8 GEMM for decode (gemv_kernels.cu; tensor-core mma by default): d[r, :] = a[row(r)] x b[group(r)]^T with 1x128 activation and
-// 128x128 weight scales, bf16 out. row(r) = rows_map ? rows_map[r] : r; group(r) = group_map ? group_map[r / TB] : 0
+// Small-M FP8 GEMM for decode (gemv_kernels.cu; tensor-core mma by default): d[r, :] = a[row(r)] x b[group(r)]^T
+// with 1x128 activation and 128x128 weight scales, bf16 out. row(r) = rows_map ? rows_map[r] : r; group(r) = group_map ? group_map[r / TB] : 0
 // (TB = tokens_per_block: 1, 2, 4 or 8 output rows share one pass over the weights). Invalid rows -> zeros.
 constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this many rows
 struct GemvArgs {
