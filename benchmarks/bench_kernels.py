@@ -30,6 +30,9 @@ from dsv4_jax import quant
 from dsv4_jax.kernels import ffi_ops, moe_grouped
 
 BF16, F32, E4M3 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn
+# Flash dense FP8 linears (N, K) and the routed-expert projections (N, K: w1/w3, then w2)
+DENSE_SHAPES = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))
+EXPERT_SHAPES = ((2048, 4096), (4096, 2048))
 
 
 def timed(fn, *args, reps: int = 8, per: int = 1) -> float:
@@ -244,7 +247,6 @@ def gemv_impl(name: str):
 def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
     """Decode sizes only: the GEMV's two variants on the routed experts and the dense linears, next to the
     tensor-core GEMMs that would otherwise run."""
-    dense_shapes = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))
     for impl in impls:
         with gemv_impl(impl):
             for t in (1, 2, 4, 8, 16):
@@ -252,17 +254,17 @@ def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
             for t in (1, 8):
                 bench_grouped(rows, t, 4096, 2048, bw, fp8, "gemv", baseline=False, label=f" [{impl}]")
             for m in (1, 2, 4, 8):
-                for n, k in dense_shapes:
+                for n, k in DENSE_SHAPES:
                     bench_dense(rows, m, n, k, bw, fp8, label=f" [{impl}]")
     for t in (8, 16):
         bench_grouped(rows, t, 2048, 4096, bw, fp8, "masked", baseline=False)
-    for n, k in dense_shapes:
+    for n, k in DENSE_SHAPES:
         bench_dense(rows, 64, n, k, bw, fp8)
 
 
 def bench_prefill(rows, bw, fp8):
     """The two Flash expert projections at 8192 tokens: BLOCK_M 128 (plain, TMA multicast) and BLOCK_M 64."""
-    for n, k in ((2048, 4096), (4096, 2048)):
+    for n, k in EXPERT_SHAPES:
         bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False)
         with multicast(True):
             bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False, label=" multicast")
@@ -277,13 +279,12 @@ def bench_all(rows, bw, fp8, quick: bool):
     for t in (16, 32, 64, 128, 256):
         bench_grouped(rows, t, 2048, 4096, bw, fp8, "masked" if t <= 64 else "contig", baseline=base)
     bench_prefill(rows, bw, fp8)
-    dense_shapes = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))
     for m in (1, 8, 64, 1024, 8192):
-        for n, k in dense_shapes:
+        for n, k in DENSE_SHAPES:
             bench_dense(rows, m, n, k, bw, fp8)
     with multicast(True):  # the same BLOCK_M 128 GEMMs as their opt-in TMA-multicast (cluster of 2) variants
         for m in (1024, 8192):
-            for n, k in dense_shapes:
+            for n, k in DENSE_SHAPES:
                 bench_dense(rows, m, n, k, bw, fp8, label=" multicast")
 
 
@@ -313,7 +314,7 @@ def main():
         bench_prefill(rows, bw, fp8)
     elif args.grouped_block_m:
         for t in (8192, 32768):
-            for n, k in ((2048, 4096), (4096, 2048)):
+            for n, k in EXPERT_SHAPES:
                 for bm in (64, 128):
                     bench_grouped(rows, t, n, k, bw, fp8, "contig", block_m=bm, baseline=False)
     else:
