@@ -7,7 +7,7 @@ it returns `({op: callable}, None)` when the extension imports and the default d
 Ops:
   * "fp8_gemm":     `fp8_linear(x bf16 [..., K], w e4m3 [N, K], s e8m0|f32 [N/128, K/128]) -> bf16 [..., N]`:
                     per-token 1x128 pow2 FP8 quantization (our kernel) + DeepGEMM SM90 1D2D GEMM, one FFI call;
-                    at M <= 8 rows our GEMV (`fp8_gemv`, mma.sync on 16 weight rows x 8 tokens per warp)
+                    at M <= 8 rows our GEMV (`fp8_gemv`, mma.sync on 16 weight rows x 8 tokens per warp tile)
                     replaces the DeepGEMM GEMM.
   * "act_quant":    `act_quant(x) -> (e4m3, f32 [M, K/128])`, bit-identical to `dsv4_jax.quant.act_quant`.
   * "moe_grouped":  the FP8 routed experts through m-grouped GEMMs (`dsv4_jax.kernels.moe_grouped`).
@@ -224,11 +224,11 @@ def grouped_gemm_masked(a, sfa, w, sw, masked_m, block_m: int = 64) -> jax.Array
 
 
 def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
-    """Small-M FP8 GEMM for decode (tensor-core mma; `DSV4_FFI_GEMV=cuda`: the CUDA-core loop). `a` e4m3 `[R, K]`
-    with scales `sfa` f32 `[..., K/128, pitch >= R]` (the layout `act_quant_rows`/`swiglu_quant` produce); `w` e4m3
-    `[N, K]` or `[G, N, K]` with f32 (or UE8M0) scales `[(G,) N/128, K/128]`. Output row p is activation row
-    `rows[p]` (default p) times weight group `groups[p]` (required for 3-D `w`); rows whose index or group is out of
-    range are zeros. Returns bf16 `[P, N]`."""
+    """Small-M FP8 GEMM for decode on the tensor cores (`DSV4_FFI_GEMV=stream|mma|cuda` forces a variant). `a` e4m3
+    `[R, K]` with scales `sfa` f32 `[..., K/128, pitch >= R]` (the layout `act_quant_rows`/`swiglu_quant` produce);
+    `w` e4m3 `[N, K]` or `[G, N, K]` with f32 (or UE8M0) scales `[(G,) N/128, K/128]`. Output row p is activation
+    row `rows[p]` (default p) times weight group `groups[p]` (required for 3-D `w`); rows whose index or group is
+    out of range are zeros. Returns bf16 `[P, N]`."""
     r, k = a.shape
     if rows is None and groups is None:
         p = r

@@ -4,8 +4,10 @@
 // N alone gives each SM one or two long K loops: far too few bytes in flight to stream the weights at HBM speed.
 // Here warps stream weight rows with 16-byte loads, K may be split across the warps of a block, and each warp
 // multiplies its rows with up to 8 tokens, either
-//   * gemv_mma_kernel (default): 16 rows x 8 tokens per warp on the tensor cores with mma.sync m16n8k32, or
+//   * gemv_mma_kernel: 16 rows x 8 tokens per warp on the tensor cores with mma.sync m16n8k32, or
 //   * gemv_fp8_kernel (DSV4_FFI_GEMV=cuda): 4 rows per warp on the CUDA cores (bound by arithmetic at 8 tokens).
+// The persistent variant that stages the weights through shared memory (gemv_stream.cu) takes the problems with at
+// least one 16-row tile per SM by default; gemv_impl() says which variant a launch takes.
 //
 // Numerics: the same FP8 operands and power-of-two scales as the reference blockwise GEMM: FP8 x FP8 products are
 // exact in FP32, each partial sum of 16 (CUDA cores) or 32 (one mma) products is scaled by s_a[row, kb] *
@@ -24,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "gemv_mma.cuh"
 #include "kernels.h"
 
 namespace dsv4ffi {
@@ -136,23 +139,9 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   if (r < out_rows && col < n) d[r * n + col] = __float2bfloat16_rn(v);
 }
 
-// Tensor-core variant: one warp computes 16 weight rows x 8 tokens with mma.sync m16n8k32 (e4m3 x e4m3 -> f32).
+// Tensor-core variant: one warp computes 16 weight rows x 8 tokens with mma.sync m16n8k32 (gemv_mma.cuh).
 // Why: the CUDA-core loop above spends 4 FMAs + conversions per weight byte and token, so at 8 tokens it is bound by
 // arithmetic (and registers), not by streaming the weights; one mma does the same 16x8x32 products in one issue.
-// K order: lane (g = lane/4, q = lane%4) loads 16 contiguous bytes of weight rows g and g+8 and of token g at
-// K offset 16q of each 64-wide step, and feeds bytes 0-7 to one mma and bytes 8-15 to the next. The fragment layouts
-// of m16n8k32 (A: rows g/g+8, k = 4q..4q+3 and 16+4q..; B: token g, the same k) then pair every weight byte with the
-// activation byte of the same K position: a permutation of the summation order only. Each mma starts from zero
-// and is added in FP32 on the CUDA cores, so no more than 32 products are ever summed inside the tensor core.
-__device__ __forceinline__ void mma_e4m3_16x8x32(const uint32_t a[4], const uint32_t b[2], float d[4]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%10, %10, %10, %10};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.f));
-}
-
-constexpr int kMmaRows = 16;  // weight rows per warp (the mma M)
 constexpr int kMmaKbPerChunk = 2;  // K blocks whose loads are issued together (8 x 16 B weights per lane in flight)
 
 template <int TB>
@@ -215,25 +204,11 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
       if (kb >= kb_end) break;
       float blk[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t a0[4] = {wl[c][h].x, wh[c][h].x, wl[c][h].y, wh[c][h].y};
-        const uint32_t b0[2] = {xv[c][h].x, xv[c][h].y};
-        const uint32_t a1[4] = {wl[c][h].z, wh[c][h].z, wl[c][h].w, wh[c][h].w};
-        const uint32_t b1[2] = {xv[c][h].z, xv[c][h].w};
-        float p0[4], p1[4];
-        mma_e4m3_16x8x32(a0, b0, p0);
-        mma_e4m3_16x8x32(a1, b1, p1);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) blk[i] += p0[i] + p1[i];
-      }
-      // Power-of-two scales: the products below are exact.
+      for (int h = 0; h < 2; ++h) mma_step64(wl[c][h], wh[c][h], xv[c][h], blk);
       const float sb = sfb_row[kb];
       const float s0 = sfa0 ? sfa0[kb * sfa_kb_stride] * sb : 0.f;
       const float s1 = sfa1 ? sfa1[kb * sfa_kb_stride] * sb : 0.f;
-      acc[0] = fmaf(blk[0], s0, acc[0]);
-      acc[1] = fmaf(blk[1], s1, acc[1]);
-      acc[2] = fmaf(blk[2], s0, acc[2]);
-      acc[3] = fmaf(blk[3], s1, acc[3]);
+      add_scaled(blk, s0, s1, acc);
     }
   }
 
@@ -250,14 +225,7 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
       acc[i] = v;
     }
   }
-  // C fragment: acc[0], acc[1] = row gq, tokens 2q, 2q+1; acc[2], acc[3] = row gq + 8, the same tokens.
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int t = 2 * q + (i & 1);
-    const int64_t r = seg * TB + t, col = n0 + gq + 8 * (i >> 1);
-    const bool live = (i & 1 ? c_row1 : c_row0) >= 0;
-    if (t < TB && r < out_rows && col < n) d[r * n + col] = __float2bfloat16_rn(live ? acc[i] : 0.f);
-  }
+  store_c_fragment<TB>(acc, lane, seg, n0, c_row0 >= 0, c_row1 >= 0, d, out_rows, n);
 }
 
 template <int TB>
@@ -275,11 +243,17 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int ksplit, cudaStream_t stre
 
 }  // namespace
 
-bool gemv_uses_mma() {
-  // DSV4_FFI_GEMV=cuda selects the CUDA-core loop (kill switch and A/B knob); read at every launch like the other
-  // DSV4_FFI_* switches, so a process can compare both.
-  const char* v = std::getenv("DSV4_FFI_GEMV");
-  return v == nullptr || std::strcmp(v, "cuda") != 0;
+const char* gemv_impl(int64_t out_rows, int tokens_per_block, int64_t n, int num_sms) {
+  // DSV4_FFI_GEMV=stream|mma|cuda forces a variant (kill switch and A/B knob); read at every launch like the other
+  // DSV4_FFI_* switches, so a process can compare them. Otherwise the persistent streaming kernel takes problems
+  // with at least one 16-row tile per SM, and the mma kernel (whose K split spreads a few tiles over many SMs) the
+  // smaller ones.
+  if (const char* v = std::getenv("DSV4_FFI_GEMV")) {
+    for (const char* name : {"stream", "mma", "cuda"})
+      if (std::strcmp(v, name) == 0) return name;
+  }
+  const int64_t units = (out_rows + tokens_per_block - 1) / tokens_per_block * ((n + kMmaRows - 1) / kMmaRows);
+  return units >= num_sms ? "stream" : "mma";
 }
 
 int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma) {
@@ -303,7 +277,9 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   if (p.out_rows == 0 || p.n == 0) return cudaSuccess;
   int major, minor, sms;
   device_info(&major, &minor, &sms);
-  const bool mma = gemv_uses_mma();
+  const char* impl = gemv_impl(p.out_rows, p.tokens_per_block, p.n, sms);
+  if (std::strcmp(impl, "stream") == 0) return launch_gemv_stream(p, sms, stream);
+  const bool mma = std::strcmp(impl, "mma") == 0;
   int ksplit = gemv_ksplit(p.out_rows, p.tokens_per_block, p.n, p.k, sms, mma);
   if (const char* v = std::getenv("DSV4_FFI_GEMV_KSPLIT")) {  // tuning knob for benchmarks: 1, 2, 4 or 8
     const int f = std::atoi(v);
