@@ -32,7 +32,7 @@
 namespace dsv4ffi {
 namespace {
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 8;  // per block (DSV4_FFI_GEMV_WARPS=4 halves it: a benchmarking knob)
 constexpr int kRowsPerWarp = 4;  // output columns (weight rows) per warp; 128 % 4 == 0 keeps them in one scale block
 constexpr int kLaneBytes = 16;
 constexpr int kBlocksPerStep = 32 * kLaneBytes / 128;  // 128-wide K blocks covered by one warp step (4)
@@ -57,7 +57,7 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
                 __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row_groups = kWarps / ksplit;
+  const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
   const int64_t seg = blockIdx.y;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kRowsPerWarp;
@@ -153,7 +153,7 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   static_assert(TB >= 1 && TB <= 8, "at most 8 tokens per mma");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane / 4, q = lane % 4;
-  const int row_groups = kWarps / ksplit;
+  const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
   const int64_t seg = blockIdx.y;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
@@ -229,12 +229,12 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
 }
 
 template <int TB>
-cudaError_t launch_tb(const GemvArgs& p, bool mma, int ksplit, cudaStream_t stream) {
-  const int64_t cols_per_block = static_cast<int64_t>(kWarps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
+cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaStream_t stream) {
+  const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
   const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>((p.out_rows + TB - 1) / TB));
   auto* kernel = mma ? gemv_mma_kernel<TB> : gemv_fp8_kernel<TB>;
-  kernel<<<grid, kWarps * 32, 0, stream>>>(
+  kernel<<<grid, warps * 32, 0, stream>>>(
       static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
       static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map, p.group_map,
       static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
@@ -285,11 +285,14 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
     const int f = std::atoi(v);
     if (f == 1 || f == 2 || f == 4 || f == 8) ksplit = f;
   }
+  int warps = kWarps;
+  if (const char* v = std::getenv("DSV4_FFI_GEMV_WARPS"); v != nullptr && std::atoi(v) == 4) warps = 4;
+  if (ksplit > warps) ksplit = warps;
   switch (p.tokens_per_block) {
-    case 1: return launch_tb<1>(p, mma, ksplit, stream);
-    case 2: return launch_tb<2>(p, mma, ksplit, stream);
-    case 4: return launch_tb<4>(p, mma, ksplit, stream);
-    case 8: return launch_tb<8>(p, mma, ksplit, stream);
+    case 1: return launch_tb<1>(p, mma, warps, ksplit, stream);
+    case 2: return launch_tb<2>(p, mma, warps, ksplit, stream);
+    case 4: return launch_tb<4>(p, mma, warps, ksplit, stream);
+    case 8: return launch_tb<8>(p, mma, warps, ksplit, stream);
     default: return cudaErrorInvalidValue;
   }
 }

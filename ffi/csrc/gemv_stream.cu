@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "gemv_mma.cuh"
 #include "kernels.h"
@@ -68,14 +69,15 @@ struct StreamPlan {
 };
 
 template <int TB>
-StreamPlan stream_plan(int64_t k) {
+StreamPlan stream_plan(int64_t k, int ring_budget) {
   const int64_t kblocks = k / 128;
   StreamPlan s{};
   s.kb_per_chunk = kMaxKbPerChunk;
   while (kblocks % s.kb_per_chunk != 0) s.kb_per_chunk /= 2;
   s.pitch = s.kb_per_chunk * 128 + kRowPad;
   s.stage_bytes = (kMmaRows + TB) * s.pitch;
-  s.stages = kRingBudget / s.stage_bytes < kMaxStages ? kRingBudget / s.stage_bytes : kMaxStages;
+  s.stages = ring_budget / s.stage_bytes < kMaxStages ? ring_budget / s.stage_bytes : kMaxStages;
+  if (s.stages < 2) s.stages = 2;
   return s;
 }
 
@@ -203,7 +205,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_stream_kernel(const GemvArgs
 
 template <int TB>
 cudaError_t launch_stream_tb(const GemvArgs& p, int num_sms, cudaStream_t stream) {
-  const StreamPlan plan = stream_plan<TB>(p.k);
+  int ring = kRingBudget;
+  if (const char* v = std::getenv("DSV4_FFI_GEMV_RING_KB")) {  // benchmarking knob: a smaller ring
+    const int kb = std::atoi(v);
+    if (kb >= 16 && kb * 1024 < kRingBudget) ring = kb * 1024;
+  }
+  const StreamPlan plan = stream_plan<TB>(p.k, ring);
   const int64_t tiles_per_seg = (p.n + kMmaRows - 1) / kMmaRows;
   const int64_t units = (p.out_rows + TB - 1) / TB * tiles_per_seg;
   const int64_t grid = units < num_sms ? units : num_sms;
