@@ -241,10 +241,10 @@ def multicast(on: bool):
 
 
 def gemv_impl(name: str):
-    return ffi_env("DSV4_FFI_GEMV", name)  # stream | mma | cuda (anything else: the launch heuristic)
+    return ffi_env("DSV4_FFI_GEMV", name)  # mma | cuda
 
 
-def bench_decode(rows, bw, fp8, impls=("stream", "mma")):
+def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
     """Decode sizes only: the GEMV's variants on the routed experts and the dense linears, next to the
     tensor-core GEMMs that would otherwise run."""
     for impl in impls:
@@ -296,7 +296,7 @@ def main():
     ap.add_argument("--grouped-block-m", action="store_true", help="only the prefill grouped GEMMs, BLOCK_M 64 vs 128")
     ap.add_argument("--decode", action="store_true", help="only decode sizes: GEMV variants vs tensor-core GEMMs")
     ap.add_argument("--prefill", action="store_true", help="only the grouped GEMMs at 8192 tokens")
-    ap.add_argument("--gemv-impls", default="stream,mma", help="GEMV variants for --decode (DSV4_FFI_GEMV values)")
+    ap.add_argument("--gemv-impls", default="mma,cuda", help="GEMV variants for --decode (DSV4_FFI_GEMV values)")
     args = ap.parse_args()
     mod, why = ffi_ops.load()
     assert mod is not None, why

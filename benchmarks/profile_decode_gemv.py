@@ -2,7 +2,7 @@
 `ncu --kernel-name regex:gemv` (the benchmark's many-calls executables would give the profiler hundreds of launches).
 
     ncu --clock-control none --kernel-name regex:gemv --launch-skip 2 --launch-count 1 \\
-        python benchmarks/profile_decode_gemv.py --tokens 1 --impl stream
+        python benchmarks/profile_decode_gemv.py --tokens 1 --impl mma
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--impl", choices=("stream", "mma", "cuda"), default="stream")
+    ap.add_argument("--impl", choices=("mma", "cuda"), default="mma")
     ap.add_argument("--launches", type=int, default=4)
     args = ap.parse_args()
     os.environ["DSV4_FFI_GEMV"] = args.impl

@@ -1,5 +1,5 @@
 """Launch sweep of the register-fed tensor-core GEMV at decode sizes (the DSV4_FFI_GEMV_KSPLIT and DSV4_FFI_GEMV_WARPS
-tuning knobs), next to the streaming variant, with the timing and ceilings of bench_kernels.py.
+tuning knobs), with the timing and ceilings of bench_kernels.py.
 
     python benchmarks/sweep_gemv.py
 """

@@ -119,12 +119,10 @@ def test_fp8_linear(ffi, m, multicast, n, k, monkeypatch):
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (8192, 1024), (520, 2048)])
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
-@pytest.mark.parametrize("impl", ["stream", "mma", "cuda"])
+@pytest.mark.parametrize("impl", ["mma", "cuda"])
 def test_gemv_dense_variants(ffi, m, n, k, impl, monkeypatch):
-    """Dense decode linears through every GEMV variant (persistent shared-memory stream, register-fed mma, CUDA-core
-    loop; forced, whatever the launch heuristic would pick): 1, 2, 4 and 8 tokens per pass over the weights (M=3
-    leaves a segment part empty), N=520 a partial 16-row mma tile and a partial 128-row scale block, N=1024 fewer
-    tiles than SMs (a partial persistent grid)."""
+    """Dense decode linears through both GEMV variants: 1, 2, 4 and 8 tokens per pass over the weights (M=3 leaves
+    a segment part empty), N=520 a partial 16-row mma tile and a partial 128-row scale block."""
     monkeypatch.setenv("DSV4_FFI_GEMV", impl)
     key = jax.random.key(m + 5 * n + k)
     x = rand_bf16(key, (m, k), spread=True)
@@ -215,11 +213,11 @@ def test_routed_experts_vs_reference(ffi, t):
 
 @pytest.mark.parametrize("n,kdim", [(2048, 4096), (4096, 2048), (1024, 4096)])
 @pytest.mark.parametrize("pairs", [1, 6, 96])
-@pytest.mark.parametrize("impl", ["stream", "mma", "cuda"])
+@pytest.mark.parametrize("impl", ["mma", "cuda"])
 def test_gemv_pairs(ffi, pairs, n, kdim, impl, monkeypatch):
     """Per-(token, expert) GEMV rows: output p = activation row rows[p] x expert groups[p]. With 96 pairs two rows are
-    invalid on purpose (an out-of-range activation row, a negative expert): they must come back as zeros. Every
-    variant (DSV4_FFI_GEMV=stream|mma|cuda)."""
+    invalid on purpose (an out-of-range activation row, a negative expert): they must come back as zeros. Both
+    variants: tensor-core mma (default) and the CUDA-core loop (DSV4_FFI_GEMV=cuda)."""
     monkeypatch.setenv("DSV4_FFI_GEMV", impl)
     e, t = 32, max(1, pairs // 6)
     ks = jax.random.split(jax.random.key(pairs * 7 + n), 4)

@@ -224,7 +224,7 @@ def grouped_gemm_masked(a, sfa, w, sw, masked_m, block_m: int = 64) -> jax.Array
 
 
 def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
-    """Small-M FP8 GEMM for decode on the tensor cores (`DSV4_FFI_GEMV=stream|mma|cuda` forces a variant). `a` e4m3
+    """Small-M FP8 GEMM for decode on the tensor cores (`DSV4_FFI_GEMV=cuda`: the CUDA-core loop). `a` e4m3
     `[R, K]` with scales `sfa` f32 `[..., K/128, pitch >= R]` (the layout `act_quant_rows`/`swiglu_quant` produce);
     `w` e4m3 `[N, K]` or `[G, N, K]` with f32 (or UE8M0) scales `[(G,) N/128, K/128]`. Output row p is activation
     row `rows[p]` (default p) times weight group `groups[p]` (required for 3-D `w`); rows whose index or group is

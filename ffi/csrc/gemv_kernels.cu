@@ -4,10 +4,8 @@
 // N alone gives each SM one or two long K loops: far too few bytes in flight to stream the weights at HBM speed.
 // Here warps stream weight rows with 16-byte loads, K may be split across the warps of a block, and each warp
 // multiplies its rows with up to 8 tokens, either
-//   * gemv_mma_kernel: 16 rows x 8 tokens per warp on the tensor cores with mma.sync m16n8k32, or
+//   * gemv_mma_kernel (default): 16 rows x 8 tokens per warp on the tensor cores with mma.sync m16n8k32, or
 //   * gemv_fp8_kernel (DSV4_FFI_GEMV=cuda): 4 rows per warp on the CUDA cores (bound by arithmetic at 8 tokens).
-// The persistent variant that stages the weights through shared memory (gemv_stream.cu) takes the problems with at
-// least one 16-row tile per SM by default; gemv_impl() says which variant a launch takes.
 //
 // Numerics: the same FP8 operands and power-of-two scales as the reference blockwise GEMM: FP8 x FP8 products are
 // exact in FP32, each partial sum of 16 (CUDA cores) or 32 (one mma) products is scaled by s_a[row, kb] *
@@ -243,22 +241,19 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaSt
 
 }  // namespace
 
-const char* gemv_impl(int64_t out_rows, int tokens_per_block, int64_t n, int num_sms) {
-  // DSV4_FFI_GEMV=stream|mma|cuda forces a variant (kill switch and A/B knob); read at every launch like the other
-  // DSV4_FFI_* switches, so a process can compare them. Otherwise the persistent streaming kernel takes problems
-  // with at least one 16-row tile per SM, and the mma kernel (whose K split spreads a few tiles over many SMs) the
-  // smaller ones.
-  if (const char* v = std::getenv("DSV4_FFI_GEMV")) {
-    for (const char* name : {"stream", "mma", "cuda"})
-      if (std::strcmp(v, name) == 0) return name;
-  }
-  const int64_t units = (out_rows + tokens_per_block - 1) / tokens_per_block * ((n + kMmaRows - 1) / kMmaRows);
-  return units >= num_sms ? "stream" : "mma";
+bool gemv_uses_mma() {
+  // DSV4_FFI_GEMV=cuda selects the CUDA-core loop (kill switch and A/B knob); read at every launch like the other
+  // DSV4_FFI_* switches, so a process can compare both.
+  const char* v = std::getenv("DSV4_FFI_GEMV");
+  return v == nullptr || std::strcmp(v, "cuda") != 0;
 }
 
 int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma) {
-  // Split K across the block's warps until about two blocks per SM exist (a block is 8 warps; ~2 fit per SM at either
-  // variant's register use), keeping >= 2 chunks of K blocks per split.
+  // Split K across the block's warps, keeping >= 2 chunks of K blocks per split:
+  //   * mma: as deep as that allows. Many short blocks balance the weight stream across the SMs better than a few
+  //     waves of long ones (H100 sweep, BENCHMARKS.md: at T = 1 ksplit 8 gave 70% of copy bandwidth where the
+  //     earlier "two blocks per SM" rule's ksplit 4 gave 67%; 82% vs 78% at T = 2).
+  //   * CUDA-core loop: until about two blocks per SM exist (a block is 8 warps; ~2 fit per SM).
   const int64_t segs = (out_rows + tokens_per_block - 1) / tokens_per_block;
   const int64_t rows_per_warp = mma ? kMmaRows : kRowsPerWarp;
   const int64_t min_kb = mma ? 2 * kMmaKbPerChunk : 2 * kBlocksPerStep;
@@ -267,7 +262,7 @@ int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, in
   while (ksplit < kWarps) {
     const int64_t cols = static_cast<int64_t>(kWarps / ksplit) * rows_per_warp;
     const int64_t blocks = segs * ((n + cols - 1) / cols);
-    if (blocks >= want_blocks || (k / 128) / (2 * ksplit) < min_kb) break;
+    if ((!mma && blocks >= want_blocks) || (k / 128) / (2 * ksplit) < min_kb) break;
     ksplit *= 2;
   }
   return ksplit;
@@ -277,9 +272,7 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   if (p.out_rows == 0 || p.n == 0) return cudaSuccess;
   int major, minor, sms;
   device_info(&major, &minor, &sms);
-  const char* impl = gemv_impl(p.out_rows, p.tokens_per_block, p.n, sms);
-  if (std::strcmp(impl, "stream") == 0) return launch_gemv_stream(p, sms, stream);
-  const bool mma = std::strcmp(impl, "mma") == 0;
+  const bool mma = gemv_uses_mma();
   int ksplit = gemv_ksplit(p.out_rows, p.tokens_per_block, p.n, p.k, sms, mma);
   if (const char* v = std::getenv("DSV4_FFI_GEMV_KSPLIT")) {  // tuning knob for benchmarks: 1, 2, 4 or 8
     const int f = std::atoi(v);

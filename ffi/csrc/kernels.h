@@ -38,7 +38,7 @@ struct GemmArgs {
   uint32_t sf_groups;   // 1, or g for masked
 };
 
-// Small-M FP8 GEMM for decode (gemv_kernels.cu, gemv_stream.cu; tensor cores): d[r, :] = a[row(r)] x b[group(r)]^T
+// Small-M FP8 GEMM for decode (gemv_kernels.cu; tensor-core mma by default): d[r, :] = a[row(r)] x b[group(r)]^T
 // with 1x128 activation and 128x128 weight scales, bf16 out. row(r) = rows_map ? rows_map[r] : r; group(r) = group_map ? group_map[r / TB] : 0
 // (TB = tokens_per_block: 1, 2, 4 or 8 output rows share one pass over the weights). Invalid rows -> zeros.
 constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this many rows
@@ -60,11 +60,8 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
 // K split across a block's warps for this problem (exposed for the tests of the launch heuristic); mma: the
 // tensor-core variant (16 weight rows per warp) rather than the CUDA-core loop (4 rows per warp).
 int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma);
-// The GEMV variant launch_gemv takes for this problem: "stream" (persistent, shared-memory ring, gemv_stream.cu),
-// "mma" (register-fed tensor cores) or "cuda" (CUDA-core loop); DSV4_FFI_GEMV=stream|mma|cuda forces one.
-const char* gemv_impl(int64_t out_rows, int tokens_per_block, int64_t n, int num_sms);
-// The streaming variant (gemv_stream.cu): a persistent grid of min(num_sms, tiles) blocks.
-cudaError_t launch_gemv_stream(const GemvArgs& p, int num_sms, cudaStream_t stream);
+// Whether launch_gemv takes the tensor-core variant (default) or the CUDA-core loop (DSV4_FFI_GEMV=cuda).
+bool gemv_uses_mma();
 
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);

@@ -43,8 +43,7 @@ NB_MODULE(_ffi, m) {
   m.attr("gemv_max_m") = dsv4ffi::kGemvMaxM;
   m.def("gemv_ksplit", &dsv4ffi::gemv_ksplit,
         "K split of the GEMV launch for (out_rows, tokens_per_block, n, k, num_sms, mma).");
-  m.def("gemv_impl", &dsv4ffi::gemv_impl,
-        "GEMV variant ('stream', 'mma' or 'cuda') for (out_rows, tokens_per_block, n, num_sms); DSV4_FFI_GEMV forces one.");
+  m.def("gemv_uses_mma", &dsv4ffi::gemv_uses_mma, "Whether the GEMV runs on tensor cores (DSV4_FFI_GEMV != 'cuda').");
   m.attr("deepgemm_source") = DSV4_DEEPGEMM_VERSION;
   m.attr("cuda_archs") = DSV4_CUDA_ARCHS;
   m.attr("xla_ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
