@@ -116,13 +116,19 @@ def bench_dense(rows, m, n, k, bw, fp8, label=""):
 
 
 def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=None, baseline=True, label=""):
-    """One expert projection (N x K per expert) of E=256 FP8 experts, top-6 random routing. Small batches (T <= 256)
-    run R = 8 calls with different routings in one executable (the launch gaps between them are counted), so the
-    weights of one call are not still in L2 from the last."""
+    """One expert projection (N x K per expert) of E=256 FP8 experts, top-6 random routing; layout "gemv_pair": the
+    gate and up projections (two such weights) in one GEMV launch. Small batches (T <= 256) run R calls with
+    different routings in one executable (the launch gaps between them are counted), so the weights of one call are
+    not still in L2 from the last."""
     reps = 32 if t_tokens <= 64 else (8 if t_tokens <= 256 else 1)
     key = jax.random.key(t_tokens + n)
     w, s = fp8_weight(jax.random.fold_in(key, 1), (e, n, k))
     s = ffi_ops.sm90_weight_scales(s)
+    pair = layout == "gemv_pair"
+    if pair:  # the up projection: a second weight of the same shape
+        w3, s3 = fp8_weight(jax.random.fold_in(key, 2), (e, n, k))
+        w, s = (w, w3), (s, ffi_ops.sm90_weight_scales(s3))
+        layout = "gemv"
     if block_m is None and layout != "gemv":
         block_m = moe_grouped.choose_block_m(layout, t_tokens, topk, e)
     calls, actives = [], []
@@ -145,7 +151,11 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
             q = q.reshape(e, rows_total // e, k)
         calls.append((q, sfa, lay))
 
-    if layout == "gemv":
+    if pair:
+
+        def one(w, s, q, sfa, tok, grp):
+            return ffi_ops.fp8_gemv_pair(q, sfa, w[0], s[0], w[1], s[1], rows=tok, groups=grp)
+    elif layout == "gemv":
 
         def one(w, s, q, sfa, tok, grp):
             return ffi_ops.fp8_gemv(q, sfa, w, s, rows=tok, groups=grp)
@@ -163,11 +173,11 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
     tm = timed(f, w, s, calls, per=reps)
     active = float(np.mean(actives))
     a = t_tokens * topk
-    flops = 2 * a * n * k
-    wbytes = active * n * k
+    flops = 2 * a * n * k * (2 if pair else 1)
+    wbytes = active * n * k * (2 if pair else 1)
     # XLA baseline: ragged_dot on dequantized bf16 weights, rows sorted by expert (first routing only).
     tx = float("nan")
-    if baseline:
+    if baseline and not pair:
         idx = calls[0][-1].reshape(t_tokens, topk) if layout == "gemv" else None
         if idx is None:
             kr = jax.random.fold_in(key, 100)
@@ -184,6 +194,7 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
             print("ragged_dot baseline failed:", ex)
         del wd
     name = "gemv per (token, expert) pair" if layout == "gemv" else f"grouped {layout} BLOCK_M {block_m}"
+    name = "gemv gate+up pair, one launch," if pair else name
     shape = f"T={t_tokens} N={n} K={k} active={active:.0f}"
     rows.append(result_row(f"{name}{label} (E=256 top-6)", shape, tm, tx, flops, wbytes, bw, fp8))
 
@@ -253,6 +264,8 @@ def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
                 bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv", baseline=False, label=f" [{impl}]")
             for t in (1, 8):
                 bench_grouped(rows, t, 4096, 2048, bw, fp8, "gemv", baseline=False, label=f" [{impl}]")
+            for t in (1, 2, 4, 8):
+                bench_grouped(rows, t, 2048, 4096, bw, fp8, "gemv_pair", baseline=False, label=f" [{impl}]")
             for m in (1, 2, 4, 8):
                 for n, k in DENSE_SHAPES:
                     bench_dense(rows, m, n, k, bw, fp8, label=f" [{impl}]")

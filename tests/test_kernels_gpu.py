@@ -241,6 +241,38 @@ def test_gemv_pairs(ffi, pairs, n, kdim, impl, monkeypatch):
     assert rel_rms(got[ok], want) <= 2e-3
 
 
+@pytest.mark.parametrize("pairs,dense", [(6, False), (48, False), (3, True)])
+@pytest.mark.parametrize("impl", ["mma", "cuda"])
+def test_gemv_pair_matches_two_gemvs(ffi, pairs, dense, impl, monkeypatch):
+    """The gate/up pair in one launch is bit-identical to two single-projection launches (same kernel, same K order),
+    grouped (T=1 and T=8 tokens x top-6, one out-of-range activation row and one negative expert: zeros in both
+    outputs) and dense (M=3: 4 tokens per weight pass, one slot empty)."""
+    monkeypatch.setenv("DSV4_FFI_GEMV", impl)
+    n, kdim, e = 2048, 4096, 32
+    ks = jax.random.split(jax.random.key(pairs + 100 * dense), 5)
+    t = pairs if dense else max(1, pairs // 6)
+    x = rand_bf16(ks[0], (t, kdim), spread=True)
+    shape = (n, kdim) if dense else (e, n, kdim)
+    w1, s1 = rand_fp8_weight(ks[1], shape)
+    w3, s3 = rand_fp8_weight(ks[2], shape)
+    q, sfa = ffi.act_quant_rows(x)
+    rows = groups = None
+    if not dense:
+        rows = jax.random.randint(ks[3], (pairs,), 0, t, jnp.int32).at[0].set(t + 5)
+        groups = jax.random.randint(ks[4], (pairs,), 0, e, jnp.int32).at[pairs - 1].set(-1)
+    poison()
+    g, u = (np.asarray(o, np.float32) for o in ffi.fp8_gemv_pair(q, sfa, w1, s1, w3, s3, rows=rows, groups=groups))
+    g1 = np.asarray(ffi.fp8_gemv(q, sfa, w1, s1, rows=rows, groups=groups), np.float32)
+    u1 = np.asarray(ffi.fp8_gemv(q, sfa, w3, s3, rows=rows, groups=groups), np.float32)
+    assert g.shape == u.shape == (pairs, n) and np.isfinite(g).all() and np.isfinite(u).all()
+    np.testing.assert_array_equal(g, g1)
+    np.testing.assert_array_equal(u, u1)
+    live = slice(None) if dense else slice(1, pairs - 1)
+    assert (g[live] != 0).mean() > 0.99 and (u[live] != 0).mean() > 0.99 and not np.array_equal(g, u)
+    if not dense:
+        assert (g[[0, pairs - 1]] == 0).all() and (u[[0, pairs - 1]] == 0).all()
+
+
 def test_commands_buffers_capture_the_kernels():
     """Handlers are declared command-buffer compatible: force XLA to record them into CUDA graphs (custom calls
     included, any graph size) and check, in a fresh process, that they were recorded and that the replayed graphs

@@ -42,12 +42,27 @@ __all__ = [
     "grouped_gemm_contig",
     "grouped_gemm_masked",
     "fp8_gemv",
+    "fp8_gemv_pair",
     "GEMV_MAX_M",
 ]
 
 # Rows up to which the dense FP8 linear runs the GEMV (the extension's `gemv_max_m`; no AOT
 # instantiation is needed there).
 GEMV_MAX_M = 8
+# The FFI targets the wrappers below call (a stale build that lacks one is refused at load, not at trace time).
+HANDLERS = frozenset(
+    "dsv4_" + n
+    for n in (
+        "act_quant",
+        "swiglu_quant",
+        "fp8_gemm",
+        "fp8_linear",
+        "fp8_gemm_contig",
+        "fp8_gemm_masked",
+        "fp8_gemv",
+        "fp8_gemv_pair",
+    )
+)
 
 E4M3, F32, BF16 = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
 
@@ -68,7 +83,13 @@ def load():
             f"the installed dsv4_jax_ffi ({getattr(dsv4_jax_ffi, '__file__', '?')}) does not match this dsv4_jax "
             f"(GEMV row limit {getattr(dsv4_jax_ffi, 'gemv_max_m', 'missing')} != {GEMV_MAX_M}); rebuild it (BUILD.md)"
         )
-    for name, capsule in dsv4_jax_ffi.registrations().items():
+    handlers = dsv4_jax_ffi.registrations()
+    if missing := sorted(HANDLERS - handlers.keys()):
+        return None, (
+            f"the installed dsv4_jax_ffi ({getattr(dsv4_jax_ffi, '__file__', '?')}) lacks the handlers {missing} "
+            "this dsv4_jax calls; rebuild it (BUILD.md)"
+        )
+    for name, capsule in handlers.items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     return dsv4_jax_ffi, None
 
@@ -223,22 +244,38 @@ def grouped_gemm_masked(a, sfa, w, sw, masked_m, block_m: int = 64) -> jax.Array
     )
 
 
+def _gemv_maps(name: str, a, w, rows, groups):
+    """Output row count and the int32 row/group maps (empty when absent) of a GEMV call."""
+    if w.ndim == 3 and groups is None:
+        raise ValueError(f"{name}: a grouped weight [G, N, K] needs `groups` (the group of every output row)")
+    p = a.shape[0] if rows is None and groups is None else (rows if rows is not None else groups).shape[0]
+    empty = jnp.zeros((0,), jnp.int32)
+    rows = empty if rows is None else rows.astype(jnp.int32)
+    groups = empty if groups is None else groups.astype(jnp.int32)
+    return p, rows, groups
+
+
 def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
     """Small-M FP8 GEMM for decode on the tensor cores (`DSV4_FFI_GEMV=cuda`: the CUDA-core loop). `a` e4m3
     `[R, K]` with scales `sfa` f32 `[..., K/128, pitch >= R]` (the layout `act_quant_rows`/`swiglu_quant` produce);
     `w` e4m3 `[N, K]` or `[G, N, K]` with f32 (or UE8M0) scales `[(G,) N/128, K/128]`. Output row p is activation
     row `rows[p]` (default p) times weight group `groups[p]` (required for 3-D `w`); rows whose index or group is
     out of range are zeros. Returns bf16 `[P, N]`."""
-    r, k = a.shape
-    if rows is None and groups is None:
-        p = r
-    else:
-        p = (rows if rows is not None else groups).shape[0]
-    if w.ndim == 3 and groups is None:
-        raise ValueError("fp8_gemv: a grouped weight [G, N, K] needs `groups` (the group of every output row)")
-    empty = jnp.zeros((0,), jnp.int32)
-    rows = empty if rows is None else rows.astype(jnp.int32)
-    groups = empty if groups is None else groups.astype(jnp.int32)
+    p, rows, groups = _gemv_maps("fp8_gemv", a, w, rows, groups)
     return jax.ffi.ffi_call("dsv4_fp8_gemv", jax.ShapeDtypeStruct((p, w.shape[-2]), BF16))(
         a, sfa, w, sm90_weight_scales(sw), rows, groups
     )
+
+
+def fp8_gemv_pair(a, sfa, w1, s1, w3, s3, *, rows=None, groups=None) -> tuple[jax.Array, jax.Array]:
+    """`(fp8_gemv(a, sfa, w1, s1, ...), fp8_gemv(a, sfa, w3, s3, ...))` in one launch, bit-identical to the two
+    calls: the gate and up projections of the routed experts at decode sizes read twice the weight bytes per launch,
+    so one launch gap less per layer. `w1` and `w3` (and their scales) must have the same shape."""
+    if w1.shape != w3.shape or s1.shape != s3.shape:
+        raise ValueError(f"fp8_gemv_pair: weights differ in shape: {w1.shape}/{s1.shape} vs {w3.shape}/{s3.shape}")
+    p, rows, groups = _gemv_maps("fp8_gemv_pair", a, w1, rows, groups)
+    out = jax.ShapeDtypeStruct((p, w1.shape[-2]), BF16)
+    g, u = jax.ffi.ffi_call("dsv4_fp8_gemv_pair", (out, out))(
+        a, sfa, w1, sm90_weight_scales(s1), w3, sm90_weight_scales(s3), rows, groups
+    )
+    return g, u

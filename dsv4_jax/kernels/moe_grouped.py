@@ -101,8 +101,7 @@ def routed_experts_gemv(x_td, weight_te, k: int, weights, limit: float):
     expert = idx.reshape(-1)
     token = jnp.arange(t * k, dtype=jnp.int32) // k
     q1, sfa1 = ffi_ops.act_quant_rows(x_td)
-    g = ffi_ops.fp8_gemv(q1, sfa1, w1, s1, rows=token, groups=expert)
-    u = ffi_ops.fp8_gemv(q1, sfa1, w3, s3, rows=token, groups=expert)
+    g, u = ffi_ops.fp8_gemv_pair(q1, sfa1, w1, s1, w3, s3, rows=token, groups=expert)
     q2, sfa2 = ffi_ops.swiglu_quant(g, u, wts.reshape(-1), None, limit)
     y = ffi_ops.fp8_gemv(q2, sfa2, w2, s2, groups=expert)
     return _sum_expert_rows(y, jnp.arange(t * k, dtype=jnp.int32).reshape(t, k))  # pair row p = t * k + j

@@ -53,11 +53,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
-                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
+                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
+                const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
-  const int64_t seg = blockIdx.y;
+  // Blocks past the segments of the first projection compute the second (a gate/up pair in one launch).
+  const int64_t segs = (out_rows + TB - 1) / TB;
+  int64_t seg = blockIdx.y;
+  if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kRowsPerWarp;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
@@ -147,13 +151,17 @@ __global__ void __launch_bounds__(kWarps * 32)
 gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
-                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
+                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
+                const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2) {
   static_assert(TB >= 1 && TB <= 8, "at most 8 tokens per mma");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane / 4, q = lane % 4;
   const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
-  const int64_t seg = blockIdx.y;
+  // Blocks past the segments of the first projection compute the second (a gate/up pair in one launch).
+  const int64_t segs = (out_rows + TB - 1) / TB;
+  int64_t seg = blockIdx.y;
+  if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
@@ -229,13 +237,15 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
 template <int TB>
 cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaStream_t stream) {
   const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
+  const int64_t segs = (p.out_rows + TB - 1) / TB;
   const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block),
-                  static_cast<unsigned>((p.out_rows + TB - 1) / TB));
+                  static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs));
   auto* kernel = mma ? gemv_mma_kernel<TB> : gemv_fp8_kernel<TB>;
   kernel<<<grid, warps * 32, 0, stream>>>(
       static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
       static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map, p.group_map,
-      static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
+      static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit, static_cast<const uint8_t*>(p.b2), p.sfb2,
+      static_cast<__nv_bfloat16*>(p.d2));
   return cudaGetLastError();
 }
 

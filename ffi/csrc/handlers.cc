@@ -234,10 +234,10 @@ ffi::Error GemmMaskedImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi
 }
 
 
-ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,
-                    ffi::Buffer<ffi::F32> sfb, ffi::Buffer<ffi::S32> rows_map, ffi::Buffer<ffi::S32> group_map,
-                    ffi::ResultBuffer<ffi::BF16> d) {
-  const std::string op = "dsv4_fp8_gemv";
+// Validates one GEMV projection and fills `ga` (shared by the single and the gate/up pair handlers).
+ffi::Error gemv_args(const std::string& op, const ffi::AnyBuffer& a, const ffi::Buffer<ffi::F32>& sfa,
+                     const ffi::AnyBuffer& b, const ffi::Buffer<ffi::F32>& sfb, const ffi::Buffer<ffi::S32>& rows_map,
+                     const ffi::Buffer<ffi::S32>& group_map, ffi::Result<ffi::Buffer<ffi::BF16>>& d, GemvArgs* ga) {
   if (!is_e4m3(a)) return bad(op, "activation must be float8_e4m3fn");
   const bool grouped = b.dimensions().size() == 3;
   const int64_t g = grouped ? dim(b, 0) : 0;
@@ -260,10 +260,36 @@ ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32>
   if (sfa.element_count() % kb != 0 || sfa.element_count() / kb < r)
     return bad(op, "activation scales " + shape_str(sfa) + " are not [K/128, pitch >= R]");
   if (!aligned16(a.untyped_data()) || !aligned16(b.untyped_data())) return bad(op, "buffers must be 16-byte aligned");
-  GemvArgs ga{a.untyped_data(), r, sfa.typed_data(), 1, int64_t(sfa.element_count()) / kb, b.untyped_data(),
-              sfb.typed_data(), grouped ? g : 1, rows_map.element_count() ? rows_map.typed_data() : nullptr,
-              grouped ? group_map.typed_data() : nullptr, d->untyped_data(), p, n, k,
-              grouped ? 1 : gemv_tokens_per_block(p)};
+  *ga = GemvArgs{a.untyped_data(), r, sfa.typed_data(), 1, int64_t(sfa.element_count()) / kb, b.untyped_data(),
+                 sfb.typed_data(), grouped ? g : 1, rows_map.element_count() ? rows_map.typed_data() : nullptr,
+                 grouped ? group_map.typed_data() : nullptr, d->untyped_data(), p, n, k,
+                 grouped ? 1 : gemv_tokens_per_block(p)};
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,
+                    ffi::Buffer<ffi::F32> sfb, ffi::Buffer<ffi::S32> rows_map, ffi::Buffer<ffi::S32> group_map,
+                    ffi::ResultBuffer<ffi::BF16> d) {
+  const std::string op = "dsv4_fp8_gemv";
+  GemvArgs ga;
+  if (auto e = gemv_args(op, a, sfa, b, sfb, rows_map, group_map, d, &ga); e.failure()) return e;
+  return cuda_check(op, launch_gemv(ga, stream));
+}
+
+// Two projections of the same activation rows in one launch (an expert MLP's gate and up weights): d1 = a x b1^T,
+// d3 = a x b3^T, each exactly what dsv4_fp8_gemv computes for it.
+ffi::Error GemvPairImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b1,
+                        ffi::Buffer<ffi::F32> sfb1, ffi::AnyBuffer b3, ffi::Buffer<ffi::F32> sfb3,
+                        ffi::Buffer<ffi::S32> rows_map, ffi::Buffer<ffi::S32> group_map,
+                        ffi::ResultBuffer<ffi::BF16> d1, ffi::ResultBuffer<ffi::BF16> d3) {
+  const std::string op = "dsv4_fp8_gemv_pair";
+  if (shape_str(b1) != shape_str(b3) || shape_str(sfb1) != shape_str(sfb3))
+    return bad(op, "the two weights differ in shape: " + shape_str(b1) + " / " + shape_str(sfb1) + " vs " +
+                       shape_str(b3) + " / " + shape_str(sfb3));
+  GemvArgs ga, ga3;
+  if (auto e = gemv_args(op, a, sfa, b1, sfb1, rows_map, group_map, d1, &ga); e.failure()) return e;
+  if (auto e = gemv_args(op, a, sfa, b3, sfb3, rows_map, group_map, d3, &ga3); e.failure()) return e;
+  ga.b2 = ga3.b, ga.sfb2 = ga3.sfb, ga.d2 = ga3.d;
   return cuda_check(op, launch_gemv(ga, stream));
 }
 
@@ -277,6 +303,7 @@ using dsv4ffi::Fp8LinearImpl;
 using dsv4ffi::GemmContigImpl;
 using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
+using dsv4ffi::GemvPairImpl;
 using dsv4ffi::SwigluQuantImpl;
 
 #define DSV4_TRAITS {ffi::Traits::kCmdBufferCompatible}
@@ -356,5 +383,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv, GemvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_pair, GemvPairImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>(),
                               DSV4_TRAITS);

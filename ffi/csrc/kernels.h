@@ -55,6 +55,11 @@ struct GemvArgs {
   void* d;                // bf16 [out_rows, n]
   int64_t out_rows, n, k;
   int tokens_per_block;
+  // Optional second projection of the same shape, the same activation rows and groups (the gate/up pair of an expert
+  // MLP in one launch): d2 = a x b2^T with scales sfb2. Null: one projection.
+  const void* b2 = nullptr;
+  const float* sfb2 = nullptr;
+  void* d2 = nullptr;
 };
 cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
 // K split across a block's warps for this problem (exposed for the tests of the launch heuristic); mma: the
