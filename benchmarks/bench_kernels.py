@@ -131,7 +131,7 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
         layout = "gemv"
     if block_m is None and layout != "gemv":
         block_m = moe_grouped.choose_block_m(layout, t_tokens, topk, e)
-    calls, actives = [], []
+    calls, actives, padded = [], [], []
     for r in range(reps):
         kr = jax.random.fold_in(key, 100 + r)
         idx = jnp.argsort(jax.random.uniform(kr, (t_tokens, e)), -1)[:, :topk].astype(jnp.int32)
@@ -143,6 +143,7 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
             calls.append((q, sfa, tok, idx.reshape(-1)))
             continue
         dest, rows_total, lay = moe_grouped.plan_rows(idx, e, layout, block_m)
+        padded.append(rows_total)
         tok = jnp.repeat(jnp.arange(t_tokens, dtype=jnp.int32), topk)
         src = jnp.full((rows_total,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)
         groups = e if layout == "masked" else 1
@@ -196,6 +197,8 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
     name = "gemv per (token, expert) pair" if layout == "gemv" else f"grouped {layout} BLOCK_M {block_m}"
     name = "gemv gate+up pair, one launch," if pair else name
     shape = f"T={t_tokens} N={n} K={k} active={active:.0f}"
+    if layout == "contig":  # rows the tile grid computes (each expert's rows padded to BLOCK_M), vs T * top-k useful
+        shape += f" rows={np.mean(padded):.0f}"
     rows.append(result_row(f"{name}{label} (E=256 top-6)", shape, tm, tx, flops, wbytes, bw, fp8))
 
 
@@ -275,8 +278,21 @@ def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
         bench_dense(rows, 64, n, k, bw, fp8)
 
 
+def bench_dense_gemm(rows, m, n, k, bw, fp8):
+    """The dense FP8 GEMM alone (activations quantized beforehand): the rate of the prefill kernels' template."""
+    key = jax.random.key(m + n + k + 1)
+    w, s = fp8_weight(key, (n, k))
+    a, sfa = ffi_ops.act_quant_rows(jax.random.normal(jax.random.fold_in(key, 1), (m, k), F32).astype(BF16))
+    t = timed(jax.jit(ffi_ops.fp8_gemm), a, sfa[0], w, ffi_ops.sm90_weight_scales(s))
+    flops, byts = 2 * m * n * k, n * k + m * k + m * n * 2
+    rows.append(result_row("fp8_gemm (GEMM only)", f"M={m} N={n} K={k}", t, float("nan"), flops, byts, bw, fp8))
+
+
 def bench_prefill(rows, bw, fp8):
-    """The two Flash expert projections at 8192 tokens: BLOCK_M 128 (plain, TMA multicast) and BLOCK_M 64."""
+    """The two Flash expert projections at 8192 tokens: BLOCK_M 128 (plain, TMA multicast) and BLOCK_M 64; and the
+    same GEMM template dense at M=8192, the rate the grouped kernel can reach on its (padded) rows."""
+    for n, k in ((4096, 4096), (4096, 8192)):
+        bench_dense_gemm(rows, 8192, n, k, bw, fp8)
     for n, k in EXPERT_SHAPES:
         bench_grouped(rows, 8192, n, k, bw, fp8, "contig", baseline=False)
         with multicast(True):

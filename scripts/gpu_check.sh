@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: build the FFI extension, run the GPU tests, then the kernel benchmarks; logs under $1.
-#   scripts/gpu_check.sh OUT [build|prebuilt] [tests|notests] [bench|quick|decode|nobench] [PYTEST_K]
+#   scripts/gpu_check.sh OUT [build|prebuilt] [tests|notests] [bench|quick|decode|prefill|nobench] [PYTEST_K]
 # Offline machines: put the flax wheel under .whl/ and the sgl-deep-gemm wheel under .dg/ (BUILD.md); "prebuilt"
 # takes .so/_ffi*.so instead of building. Each phase has its own time limit so that logs always come back.
 # Always `python -m pip`: the image's bare `pip` belongs to another interpreter than `python`.
@@ -54,7 +54,7 @@ fi
 
 if [ "$BENCH" != nobench ]; then
   LEFT=$(( 575 - $(elapsed) ))
-  FLAG=""; [ "$BENCH" = quick ] && FLAG="--quick"; [ "$BENCH" = decode ] && FLAG="--decode"
+  FLAG=""; [ "$BENCH" = quick ] && FLAG="--quick"; [ "$BENCH" = decode ] && FLAG="--decode"; [ "$BENCH" = prefill ] && FLAG="--prefill"
   timeout "$LEFT" python benchmarks/bench_kernels.py $FLAG --out "$OUT/bench.json" --markdown "$OUT/bench.md" \
     >"$OUT/bench.log" 2>&1
   echo "bench rc=$? at $(elapsed) s"; tail -45 "$OUT/bench.log"
