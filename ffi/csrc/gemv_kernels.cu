@@ -48,6 +48,23 @@ __device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]) {
   }
 }
 
+// The block's segment (blockIdx.y) and its expert g (group_ok false: out of range, the rows are written as zeros;
+// g = 0 then). Blocks past the first projection's segments compute the second: b, sfb and d switch to b2, sfb2, d2
+// (the gate/up pair in one launch).
+template <int TB>
+__device__ __forceinline__ int64_t block_segment(int64_t out_rows, const int32_t* group_map, int64_t groups,
+                                                 const uint8_t* __restrict__& b, const float* __restrict__& sfb,
+                                                 __nv_bfloat16* __restrict__& d, const uint8_t* b2, const float* sfb2,
+                                                 __nv_bfloat16* d2, int64_t* g, bool* group_ok) {
+  const int64_t segs = (out_rows + TB - 1) / TB;
+  int64_t seg = blockIdx.y;
+  if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
+  *g = group_map != nullptr ? group_map[seg] : 0;
+  *group_ok = *g >= 0 && *g < groups;
+  if (!*group_ok) *g = 0;
+  return seg;
+}
+
 template <int TB>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
@@ -58,16 +75,12 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
-  // Blocks past the segments of the first projection compute the second (a gate/up pair in one launch).
-  const int64_t segs = (out_rows + TB - 1) / TB;
-  int64_t seg = blockIdx.y;
-  if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
+  int64_t g;
+  bool group_ok;
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kRowsPerWarp;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
-  int64_t g = group_map != nullptr ? group_map[seg] : 0;
-  const bool group_ok = g >= 0 && g < groups;
-  if (!group_ok) g = 0;
   int64_t arow[TB];
   bool live[TB];
 #pragma unroll
@@ -158,16 +171,12 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int gq = lane / 4, q = lane % 4;
   const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
-  // Blocks past the segments of the first projection compute the second (a gate/up pair in one launch).
-  const int64_t segs = (out_rows + TB - 1) / TB;
-  int64_t seg = blockIdx.y;
-  if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
+  int64_t g;
+  bool group_ok;
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
-  int64_t g = group_map != nullptr ? group_map[seg] : 0;
-  const bool group_ok = g >= 0 && g < groups;
-  if (!group_ok) g = 0;
   // This lane feeds token gq to the mma (B operand) and owns the outputs of tokens 2q, 2q+1 (C fragment).
   auto act_row = [&](int t) -> int64_t {
     const int64_t r = seg * TB + t;
