@@ -2,19 +2,32 @@
 
 Restore weights with `load(path)` (an Orbax or released safetensors folder) or make random ones with
 `init_random(cfg)`; `forward(state, tokens)` gives fp32 logits `[B, S, V]`; `generate(state, tokens, sampler=...)`
-runs prefill and a compiled decode loop. README.md has a tour.
+runs prefill and a compiled decode loop. Every model function takes `opts=Opts(...)` (numerics simulation and the
+kernel backend). README.md has a tour.
 """
 
 from dsv4_jax.cache import Cache, cache_bytes_per_token, init_cache
 from dsv4_jax.checkpoint.restore import load
 from dsv4_jax.config import Config, ConfigError
-from dsv4_jax.decode import decode_step, prefill
 from dsv4_jax.generation import GenerateOutput, Sampler, generate, generate_stream
-from dsv4_jax.model import ModelState, Output, abstract, forward, forward_outputs, init_random
-from dsv4_jax.ops import Opts
+from dsv4_jax.model import ModelState, abstract, init_random, prepare_params
+from dsv4_jax.options import Opts
+from dsv4_jax.runner import (
+    Capture,
+    Output,
+    decode_step,
+    extend,
+    forward,
+    forward_outputs,
+    mtp_decode_step,
+    mtp_extend,
+    mtp_prefill,
+    prefill,
+)
 
 __all__ = [
     "Cache",
+    "Capture",
     "Config",
     "ConfigError",
     "GenerateOutput",
@@ -25,6 +38,7 @@ __all__ = [
     "abstract",
     "cache_bytes_per_token",
     "decode_step",
+    "extend",
     "forward",
     "forward_outputs",
     "generate",
@@ -32,6 +46,10 @@ __all__ = [
     "init_cache",
     "init_random",
     "load",
+    "mtp_decode_step",
+    "mtp_extend",
+    "mtp_prefill",
     "prefill",
+    "prepare_params",
 ]
 __version__ = "0.1.0"

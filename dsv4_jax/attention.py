@@ -1,9 +1,18 @@
 """Attention of DeepSeek-V4: window KV, the compressor (CSA ratio 4 / HCA ratio 128), the lightning indexer, sparse
 attention with an attention sink, inverse RoPE and the grouped low-rank output projection (spec §3.2).
 
-Shapes: `b` batch, `s` query positions, `h` heads, `D` head_dim (512), `n` KV rows, `k` keys per query.
-Full-sequence functions assume positions `0..s-1` (prefill from position 0); rows may be right-padded: a query only
-sees keys at or before its own position, so padding after a row's end never reaches its valid positions.
+One step for every mode: `Attention.step` takes `k` new tokens per row at positions `start[b] .. start[b] + k - 1`
+(the first `n_new[b]` of them real, the rest padding) on top of a layer cache (`dsv4_jax.cache.LayerCache`), and
+returns the output and what to write back (`LayerUpdate`). Prefill is a step on an empty cache (`fresh`: start 0,
+nothing read from the cache), decode a step with k = 1, extend (chunked prefill, speculative verification) any k.
+
+Keys are never concatenated into one buffer: a query's index list points into up to four sources (the window ring,
+the new tokens' KV rows, the cached compressed entries and the entries completed in this step), and
+`sparse_attention` gathers each listed row from its source. Index lists follow the official layouts: window keys
+oldest to newest then -1 (prefill: min(k, 128) columns, decode: 128), then the compressed entries (HCA: every visible
+entry in order; CSA: the indexer's top-k in score order).
+
+Shapes: `b` batch, `k` new tokens, `h` heads, `D` head_dim (512), `W` window (128), `m` compression ratio.
 """
 
 from __future__ import annotations
@@ -17,11 +26,17 @@ from flax import nnx
 
 from dsv4_jax import nn, ops, quant
 from dsv4_jax.config import Config
+from dsv4_jax.layer_view import LayerSlice, materialize
+from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["Attention", "Compressor", "Indexer", "sparse_attention", "window_indices", "compressed_indices"]
+__all__ = ["Attention", "Compressor", "Indexer", "LayerUpdate", "CompressorStep", "sparse_attention",
+           "window_indices", "compressed_indices"]  # fmt: skip
 
 BF16, F32 = jnp.bfloat16, jnp.float32
+# An invalid compressor slot's score. Finite (unlike -inf): a block with no valid slot pools to zeros instead of NaN;
+# exp(NEG - max) is exactly 0 wherever one slot is valid, as with -inf.
+NEG = float(np.finfo(np.float32).min)
 
 
 # ---- index lists -----------------------------------------------------------------------------------------------
@@ -46,15 +61,38 @@ def compressed_indices(s: int, ratio: int, offset: int) -> np.ndarray:
 # ---- sparse attention ------------------------------------------------------------------------------------------
 
 
-def sparse_attention(q_bshd, kv_bnd, idx_bsk, sink_h, scale: float, chunk: int = 1024) -> jax.Array:
+def _as_sources(kv) -> list[tuple]:
+    return [(kv, 0)] if not isinstance(kv, (list, tuple)) else list(kv)
+
+
+def gather_rows(sources, idx):
+    """Rows `[b, c, t, D]` f32 for index lists `idx [b, c, t]` (-1 = none: zeros) into the virtual concatenation
+    of `sources`, a list of `(rows [b, n, D] (array or LayerSlice), offset)`."""
+    b = idx.shape[0]
+    bi = jnp.arange(b)[:, None, None]
+    out = None
+    for src, off in sources:
+        n = src.shape[1]
+        local = idx - off
+        hit = (local >= 0) & (local < n)
+        li = jnp.clip(local, 0, n - 1)
+        rows = src.stack[src.index, bi, li] if isinstance(src, LayerSlice) else src[bi, li]
+        rows = jnp.where(hit[..., None], rows.astype(F32), 0.0)
+        out = rows if out is None else out + rows  # sources are disjoint: adding zeros is exact
+    return out
+
+
+def sparse_attention(q_bshd, kv, idx_bsk, sink_h, scale: float, chunk: int = 1024) -> jax.Array:
     """Softmax attention of each query over the KV rows listed in `idx` (-1 = none), V = K, sink in the denominator.
 
+    `kv` is one array `[b, n, D]` or a list of `(rows, offset)` sources (see `gather_rows`).
     `o = sum_u exp(z_u - M) K_u / (sum_u exp(z_u - M) + exp(sink_h - M))`, `z_u = scale * q.K_u` (fp32), the
     probabilities rounded to bf16 before the PV product (as the kernel does); returns bf16 `[b, s, h, D]`.
     Queries are processed in chunks of `chunk` to bound the gathered `[b, chunk, k, D]` block.
     """
     b, s, h, d = q_bshd.shape
     tile = 64
+    sources = _as_sources(kv)
 
     def attend(q, idx):
         # The kernel's order: 64-key tiles in index order, online softmax, probabilities rounded to bf16 against the
@@ -67,8 +105,7 @@ def sparse_attention(q_bshd, kv_bnd, idx_bsk, sink_h, scale: float, chunk: int =
 
         def step(carry, it):
             m_prev, den, acc = carry
-            rows = jnp.take_along_axis(kv_bnd[:, None, :, :], jnp.maximum(it, 0)[..., None], axis=2).astype(F32)
-            rows = jnp.where((it >= 0)[..., None], rows, 0.0)
+            rows = gather_rows(sources, it)
             z = jnp.einsum("bchd,bckd->bchk", qf, rows, precision="highest") * F32(scale)
             z = jnp.where((it >= 0)[:, :, None, :], z, -jnp.inf)
             m = jnp.maximum(m_prev, jnp.max(z, axis=-1))
@@ -103,7 +140,25 @@ def head_rms_norm_bf16(q: jax.Array, eps: float) -> jax.Array:
     return to_bf16(qf * r)
 
 
+def _take_rows(x_bnc, i_bm):
+    """`x[b, i[b, m]]` for indices already in range."""
+    return jnp.take_along_axis(x_bnc, i_bm[..., None], axis=1)
+
+
 # ---- compressor ------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CompressorStep:
+    """What one compressor step produced: the entries of the blocks this step touched (`entries [b, nblk, Dc]`;
+    block q is entry `j0[b] + q`, complete, i.e. valid, for `q < n_done[b]`) and the block state after it."""
+
+    entries: jax.Array
+    j0: jax.Array
+    n_done: jax.Array
+    kv_state: jax.Array | None
+    score_state: jax.Array | None
 
 
 class Compressor(nnx.Module):
@@ -111,6 +166,9 @@ class Compressor(nnx.Module):
 
     CSA (ratio 4) overlaps: entry j pools 8 slots, the Ca half of block j-1 and the Cb half of block j.
     Main compressor: `head_dim` 512, FP8 fake-quant of the nope dims. Indexer compressor: 128, Hadamard + FP4.
+
+    Block state (the official layout) `[b, coff*ratio, coff*Dc]` fp32, the score including `ape`: CSA rows 0..3 hold
+    the previous complete block, rows 4..7 the current one; HCA rows 0..127 the current block.
     """
 
     def __init__(self, cfg: Config, ratio: int, head_dim: int, rotate: bool, *, rngs: nnx.Rngs):
@@ -124,15 +182,15 @@ class Compressor(nnx.Module):
         self.norm = nn.RMSNorm(head_dim, cfg.norm_eps, None)
 
     def project(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """fp32 projections `(kv, score)` `[b, t, coff*Dc]` of each token (score without `ape`)."""
-        xf = x_btd.astype(F32)
-        return self.wkv(xf, fp32=True), self.wgate(xf, fp32=True)
+        """fp32 projections `(kv, score)` `[b, t, coff*Dc]` of each token (score without `ape`): the official fp32
+        linear of the bf16 input."""
+        return self.wkv(x_btd, fp32=True), self.wgate(x_btd, fp32=True)
 
     def pool(self, kv_bjrc: jax.Array, score_bjrc: jax.Array) -> jax.Array:
         """Per-channel softmax pooling over the slot axis (2) -> fp32 `[b, j, Dc]`."""
         return jnp.sum(kv_bjrc * jax.nn.softmax(score_bjrc, axis=2), axis=2)
 
-    def finish(self, e_bjc: jax.Array, pos_bj: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
+    def finish(self, e_bjc: jax.Array, pos_bj: jax.Array, inv_freq: np.ndarray, opts: Opts) -> jax.Array:
         """bf16 round, RMSNorm, RoPE at the block's first position, then FP8 (main) or Hadamard + FP4 (indexer)."""
         e = self.norm(to_bf16(e_bjc))
         e = nn.rope_tail(e, pos_bj, inv_freq)
@@ -144,67 +202,60 @@ class Compressor(nnx.Module):
             e = jnp.concatenate([quant.fp8_sim(e[..., :nope], 64), e[..., nope:]], axis=-1)
         return e
 
-    def tokens(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """fp32 `(kv, score + ape[t % ratio])` `[b, t, coff*Dc]` of tokens at positions `0..t-1`."""
-        kv, sc = self.project(x_btd)
-        return kv, sc + self.ape[...][jnp.arange(x_btd.shape[1]) % self.ratio][None]
+    def step(self, x_bkd, start_b, n_new_b, kv_state, score_state, inv_freq, opts: Opts, fresh: bool):
+        """`k` new tokens per row at positions `start..start+k-1` (the first `n_new` real) on top of the block
+        state (ignored if `fresh`: the sequence starts here) -> `CompressorStep`.
 
-    def blocks(self, kv_btc: jax.Array, score_btc: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
-        """Entries `[b, t // ratio, Dc]` bf16 of the complete blocks of per-token projections (score with `ape`)
-        of positions `0..t-1`, `t` a multiple of `ratio`."""
-        b, t, _ = kv_btc.shape
-        m, dc = self.ratio, self.head_dim
-        nb = t // m
-        kv = kv_btc.reshape(b, nb, m, kv_btc.shape[-1])
-        sc = score_btc.reshape(b, nb, m, score_btc.shape[-1])
-        if self.coff == 2:
-            # Slots 0..3: the previous block through its Ca half (none before block 0); slots 4..7: this block's Cb.
-            # ([:, :nb] keeps nb = 0, a sequence shorter than one block, at zero blocks.)
-            prev_kv = jnp.pad(kv[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :nb]
-            prev_sc = jnp.pad(sc[:, :-1, :, :dc], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)[:, :nb]
-            kv = jnp.concatenate([prev_kv, kv[..., dc:]], axis=2)
-            sc = jnp.concatenate([prev_sc, sc[..., dc:]], axis=2)
-        e = self.pool(kv, sc)
-        pos = jnp.broadcast_to(jnp.arange(nb) * m, (b, nb))
-        return self.finish(e, pos, inv_freq, opts)
+        The tokens of the blocks this step touches are laid out aligned to block boundaries (CSA: preceded by the
+        previous block, whose Ca half the first entry pools): older slots from the state, newer from the step,
+        slots outside `[0, start + n_new)` invalid (kv 0, score `NEG`)."""
+        m, coff, dc = self.ratio, self.coff, self.head_dim
+        b, k, _ = x_bkd.shape
+        kv_new, sc_new = self.project(x_bkd)
+        pos = start_b[:, None] + jnp.arange(k)
+        sc_new = sc_new + self.ape[...][pos % m]
+        r = start_b % m
+        nblk = -(-((0 if fresh else m - 1) + k) // m)
+        pre = (coff - 1) * m
+        a = jnp.arange(pre + nblk * m)[None, :]
+        base = (start_b - r)[:, None] - pre  # position of aligned slot 0
+        apos = base + a
+        end = (start_b + n_new_b)[:, None]
+        valid = (apos >= 0) & (apos < end)
+        i_new = a - pre - r[:, None]
+        kv_a = _take_rows(kv_new, jnp.clip(i_new, 0, k - 1))
+        sc_a = _take_rows(sc_new, jnp.clip(i_new, 0, k - 1))
+        if not fresh:
+            i_old = jnp.broadcast_to(jnp.clip(a, 0, coff * m - 1), apos.shape)
+            kv_a = jnp.where((i_new >= 0)[..., None], kv_a, _take_rows(kv_state, i_old))
+            sc_a = jnp.where((i_new >= 0)[..., None], sc_a, _take_rows(score_state, i_old))
+        kv_a = jnp.where(valid[..., None], kv_a, 0.0)
+        sc_a = jnp.where(valid[..., None], sc_a, NEG)
+        kv_b = kv_a.reshape(b, -1, m, coff * dc)
+        sc_b = sc_a.reshape(b, -1, m, coff * dc)
+        if coff == 2:  # entry q pools the Ca half of block q - 1 and the Cb half of block q
+            kv_b = jnp.concatenate([kv_b[:, :-1, :, :dc], kv_b[:, 1:, :, dc:]], axis=2)
+            sc_b = jnp.concatenate([sc_b[:, :-1, :, :dc], sc_b[:, 1:, :, dc:]], axis=2)
+        e = self.pool(kv_b, sc_b)
+        e = self.finish(e, (start_b - r)[:, None] + jnp.arange(nblk) * m, inv_freq, opts)
+        n_done = jnp.clip((start_b + n_new_b - (start_b - r)) // m, 0, nblk)
+        kv_s = sc_s = None
+        if kv_state is not None:
+            # The state after the step: the open block of position start + n_new (and, CSA, the block before it).
+            e_end = start_b + n_new_b
+            srow = (e_end - e_end % m)[:, None] - pre + jnp.arange(coff * m)[None, :]
+            si = jnp.clip(srow - base, 0, kv_a.shape[1] - 1)
+            ok = ((srow >= 0) & (srow < e_end[:, None]))[..., None]
+            kv_s = jnp.where(ok, _take_rows(kv_a, si), 0.0)
+            sc_s = jnp.where(ok, _take_rows(sc_a, si), NEG)
+        return CompressorStep(e, (start_b - r) // m, n_done, kv_s, sc_s)
 
-    def __call__(self, x_btd: jax.Array, inv_freq: np.ndarray, opts: ops.Opts) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, inv_freq: np.ndarray, opts: Opts) -> jax.Array:
         """All complete blocks of a sequence starting at position 0 -> entries `[b, t // ratio, Dc]` bf16."""
-        nb = x_btd.shape[1] // self.ratio
-        kv, sc = self.tokens(x_btd[:, : nb * self.ratio])
-        return self.blocks(kv, sc, inv_freq, opts)
-
-    def decode(self, x_b1d, pos_b, kv_state, score_state, entries, inv_freq: np.ndarray, opts: ops.Opts):
-        """One token per row at position `pos_b`: store its projections (score with `ape[pos % ratio]`) in the
-        block state and, in the rows whose block it completes (`(pos+1) % ratio == 0`), emit entry `pos // ratio`.
-
-        State layout (the official one): `[b, coff*ratio, coff*Dc]` fp32; CSA rows 0..3 hold the previous complete
-        block, rows 4..7 the current one; HCA rows 0..127 the current block. Returns `(kv_state, score_state,
-        entries)`."""
-        b = x_b1d.shape[0]
-        m, dc, rows = self.ratio, self.head_dim, self.coff * self.ratio
-        kv, sc = self.project(x_b1d)
-        kv, sc = kv[:, 0], sc[:, 0] + self.ape[...][pos_b % m]
-        slot = (m if self.coff == 2 else 0) + pos_b % m
-        hit = (jnp.arange(rows)[None, :] == slot[:, None])[..., None]
-        kv_state = jnp.where(hit, kv[:, None, :], kv_state)
-        score_state = jnp.where(hit, sc[:, None, :], score_state)
-        if self.coff == 2:
-            pool_kv = jnp.concatenate([kv_state[:, :m, :dc], kv_state[:, m:, dc:]], axis=1)
-            pool_sc = jnp.concatenate([score_state[:, :m, :dc], score_state[:, m:, dc:]], axis=1)
-        else:
-            pool_kv, pool_sc = kv_state, score_state
-        e = self.pool(pool_kv[:, None], pool_sc[:, None])
-        e = self.finish(e, (pos_b + 1 - m)[:, None], inv_freq, opts)[:, 0]
-        done = (pos_b + 1) % m == 0
-        rows_b, j = jnp.arange(b), pos_b // m
-        entries = entries.at[rows_b, j].set(jnp.where(done[:, None], e, entries[rows_b, j]), mode="drop")
-        if self.coff == 2:  # the completed block becomes the previous block of the next entry
-            shifted = jnp.concatenate([kv_state[:, m:], kv_state[:, m:]], axis=1)
-            kv_state = jnp.where(done[:, None, None], shifted, kv_state)
-            shifted = jnp.concatenate([score_state[:, m:], score_state[:, m:]], axis=1)
-            score_state = jnp.where(done[:, None, None], shifted, score_state)
-        return kv_state, score_state, entries
+        b, t, _ = x_btd.shape
+        zero = jnp.zeros((b,), jnp.int32)
+        out = self.step(x_btd, zero, zero + t, None, None, inv_freq, opts, fresh=True)
+        return out.entries[:, : t // self.ratio]
 
 
 # ---- indexer ---------------------------------------------------------------------------------------------------
@@ -219,7 +270,7 @@ class Indexer(nnx.Module):
         self.weights_proj = nn.Bf16Linear(cfg.dim, self.n_heads, ("index_heads_w", "embed"), rngs=rngs)
         self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True, rngs=rngs)
 
-    def queries(self, x_btd, qr_btr, pos_bt, inv_freq, opts: ops.Opts):
+    def queries(self, x_btd, qr_btr, pos_bt, inv_freq, opts: Opts):
         """(`q [b,t,h,128]` after RoPE, Hadamard, FP4; head weights `w [b,t,h]` bf16)."""
         b, t, _ = qr_btr.shape
         q = self.wq_b(qr_btr, opts).reshape(b, t, self.n_heads, self.head_dim)
@@ -243,7 +294,7 @@ class Indexer(nnx.Module):
         n = scores_btn.shape[-1]
         k = min(self.topk, n)
         masked = jnp.where(visible_btn, scores_btn, -jnp.inf)
-        top_v, top_i = jax.lax.top_k(masked, k)
+        _, top_i = jax.lax.top_k(masked, k)
         chosen_visible = jnp.take_along_axis(visible_btn, top_i, axis=-1)
         return jnp.where(chosen_visible, top_i, -1).astype(jnp.int32), masked
 
@@ -251,10 +302,34 @@ class Indexer(nnx.Module):
 # ---- attention -------------------------------------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerUpdate:
+    """What a step writes back to its layer cache: the new window ring and block states (whole: they are small) and
+    the compressed entries / indexer keys of the blocks it touched (`CompressorStep`; only complete ones are
+    written). Fields a layer's ratio does not use are None."""
+
+    window: jax.Array
+    comp: CompressorStep | None = None
+    idx: CompressorStep | None = None
+
+
+def _ring(ring_old, kv_new, start_b, n_new_b, w: int):
+    """The window ring after the step: slot s holds the latest position p < start + n_new with p % w == s (from the
+    step's rows where p >= start, else the old ring; zeros where no such position exists)."""
+    k = kv_new.shape[1]
+    s = jnp.arange(w)[None, :]
+    end = (start_b + n_new_b)[:, None]
+    p = s + w * jnp.floor_divide(end - 1 - s, w)
+    new = _take_rows(kv_new, jnp.clip(p - start_b[:, None], 0, k - 1))
+    old = jnp.zeros_like(new) if ring_old is None else ring_old
+    keep_old = jnp.where((p >= 0)[..., None], old, jnp.zeros_like(old))
+    return jnp.where((p >= start_b[:, None])[..., None], new, keep_old).astype(kv_new.dtype)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
-        self.cfg, self.layer_id = cfg, layer_id
-        self.ratio = cfg.compress_ratios[layer_id]
+    def __init__(self, cfg: Config, ratio: int, *, rngs: nnx.Rngs):
+        self.cfg, self.ratio = cfg, ratio
         h, d, g, r = cfg.n_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
         out_std = (2 * cfg.n_blocks) ** -0.5 * (g * r) ** -0.5
         self.attn_sink = nn.param(jnp.zeros((h,), F32), ("heads",))
@@ -274,8 +349,8 @@ class Attention(nnx.Module):
     def inv_freq(self) -> np.ndarray:
         return nn.layer_inv_freq(self.cfg, self.ratio)
 
-    # -- pieces shared by prefill and decode --
-    def query(self, x_btd, pos_bt, opts: ops.Opts):
+    # -- pieces --
+    def query(self, x_btd, pos_bt, opts: Opts):
         """(`q [b,t,H,D]` normed and rotated, `qr [b,t,q_lora]` which also feeds the indexer)."""
         b, t, _ = x_btd.shape
         qr = self.q_norm(self.wq_a(x_btd, opts))
@@ -283,7 +358,7 @@ class Attention(nnx.Module):
         q = head_rms_norm_bf16(q, self.cfg.norm_eps)
         return nn.rope_tail(q, pos_bt[:, :, None], self.inv_freq), qr
 
-    def window_kv(self, x_btd, pos_bt, opts: ops.Opts):
+    def window_kv(self, x_btd, pos_bt, opts: Opts):
         """The token's own KV vector `[b,t,D]`: RMSNorm, RoPE on the tail, FP8 fake-quant of the nope dims."""
         kv = nn.rope_tail(self.kv_norm(self.wkv(x_btd, opts)), pos_bt, self.inv_freq)
         if opts.quant_sim:
@@ -291,103 +366,100 @@ class Attention(nnx.Module):
             kv = jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
         return kv
 
-    def output(self, o_bthd, pos_bt, opts: ops.Opts):
+    def output(self, o_bthd, pos_bt, opts: Opts):
         """Inverse RoPE, grouped low-rank `wo_a` (bf16 dequantized, as the reference converts it), then `wo_b`."""
         b, t, h, d = o_bthd.shape
         g, r = self.cfg.o_groups, self.cfg.o_lora_rank
         o = nn.rope_tail(o_bthd, pos_bt[:, :, None], self.inv_freq, inverse=True)
         wo_a = to_bf16(self.wo_a.dequantized()).reshape(g, r, -1)
-        u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, -1).astype(F32), wo_a.astype(F32), precision="highest")
+        # bf16 x bf16 products are exact in fp32: the reference's fp32 einsum, on the tensor cores.
+        u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, -1), wo_a, preferred_element_type=F32)
         return self.wo_b(to_bf16(u).reshape(b, t, g * r), opts)
 
-    def __call__(self, x_btd: jax.Array, opts: ops.Opts, rec: dict | None = None) -> jax.Array:
-        """Full-sequence attention from position 0. `x` is the attn_norm output `[b, s, dim]` bf16."""
-        return self.prefill(x_btd, opts, rec)[0]
-
-    def prefill(self, x_btd: jax.Array, opts: ops.Opts, rec: dict | None = None, with_cache: bool = False):
-        """Full-sequence attention from position 0 -> `(out [b, s, dim] bf16, pieces)`.
-
-        With `with_cache`, `pieces` holds what a cache needs for every position (the caller keeps the rows that
-        belong to each sequence): `window` `[b,s,D]` KV rows; for ratio > 0 the compressor's per-token projections
-        `comp_kv`/`comp_score` `[b,s,coff*D]` fp32 (score with `ape`) and the entries `[b, s//ratio, D]`; for ratio
-        4 the same for the indexer (`idx_kv`, `idx_score`, `idx_keys`). Otherwise `pieces` is None."""
+    def __call__(self, x_btd: jax.Array, opts: Opts, rec=None) -> jax.Array:
+        """Full-sequence attention from position 0 (no cache). `x` is the attn_norm output `[b, s, dim]` bf16."""
         b, s, _ = x_btd.shape
-        pieces: dict | None = {} if with_cache else None
-        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        q, qr = self.query(x_btd, pos, opts)
-        kv = self.window_kv(x_btd, pos, opts)
-        if with_cache:
-            pieces["window"] = kv
-        win = window_indices(s, self.cfg.window_size)
-        idx = jnp.broadcast_to(jnp.asarray(win), (b, *win.shape))
-        if self.ratio:
-            # Per-token projections of every position (the trailing incomplete block feeds only the cache), pooled
-            # over the complete blocks.
-            nb = s // self.ratio
-            ckv, csc = self.compressor.tokens(x_btd)
-            entries = self.compressor.blocks(ckv[:, : nb * self.ratio], csc[:, : nb * self.ratio], self.inv_freq, opts)
-            if with_cache:
-                pieces.update(comp_kv=ckv, comp_score=csc, entries=entries)
-            kv = jnp.concatenate([kv, entries], axis=1)
-            comp = jnp.asarray(compressed_indices(s, self.ratio, offset=s))
-            comp = jnp.broadcast_to(comp, (b, *comp.shape))
-            if self.ratio == 4:
-                ikv, isc = self.indexer.compressor.tokens(x_btd)
-                keys = self.indexer.compressor.blocks(ikv[:, : nb * 4], isc[:, : nb * 4], self.inv_freq, opts)
-                if with_cache:
-                    pieces.update(idx_kv=ikv, idx_score=isc, idx_keys=keys)
-            if self.ratio == 4 and comp.shape[-1]:
-                qi, wi = self.indexer.queries(x_btd, qr, pos, self.inv_freq, opts)
-                raw = self.indexer.scores(qi, wi, keys)
-                sel, masked = self.indexer.select(raw, comp >= 0)
-                comp = jnp.where(sel >= 0, sel + s, -1)
-                if rec is not None:
-                    rec["indexer_topk"], rec["indexer_scores"] = comp, masked
-            idx = jnp.concatenate([idx, comp], axis=-1)
+        zero = jnp.zeros((b,), jnp.int32)
+        return self.step(x_btd, zero, zero + s, None, opts, fresh=True, rec=rec)[0]
+
+    def _compressed(self, comp: CompressorStep, lc, fresh: bool, k: int, w: int):
+        """(sources of the compressed entries, the number of entry ids, a map from entry ids `j [b, k, n]` to source
+        indices). Fresh: this step's complete entries, after the k new KV rows. Otherwise the cached entries, right
+        after the ring (the official decode offset, W), with the entries this step completed taken from the step
+        (after the new KV rows)."""
+        if fresh:  # positions start at 0: the complete blocks of the k tokens, no partial block
+            entries = comp.entries[:, : k // self.ratio]
+            return [(entries, k)], entries.shape[1], lambda j: k + j
+        cap = lc.entries.shape[1]
+
+        def to_source(j):
+            q = j - comp.j0[:, None, None]
+            new = (q >= 0) & (q < comp.n_done[:, None, None])
+            return jnp.where(new, w + cap + k + q, w + j)
+
+        return [(lc.entries, w), (comp.entries, w + cap + k)], cap, to_source
+
+    def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, visible, rec):
+        """The indexer's top-k entry ids `[b, k, topk]` (-1: none)."""
+        if fresh:
+            keys = comp_i.entries[:, : visible.shape[-1]]  # the complete blocks
+        else:
+            nb = comp_i.entries.shape[1]
+            q = jnp.arange(nb)[None, :]
+            j = jnp.where(q < comp_i.n_done[:, None], comp_i.j0[:, None] + q, lc.idx_keys.shape[1])
+            keys = materialize(lc.idx_keys).at[jnp.arange(x.shape[0])[:, None], j].set(comp_i.entries, mode="drop")
+        qi, wi = self.indexer.queries(x, qr, pos, self.inv_freq, opts)
+        raw = self.indexer.scores(qi, wi, keys)
+        sel, masked = self.indexer.select(raw, visible)
         if rec is not None:
-            rec["attn_kv"], rec["attn_topk"] = kv, idx
-        o = sparse_attention(q, kv, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
-        return self.output(o, pos, opts), pieces
+            rec.indexer_scores = masked
+        return sel
 
-    def decode(self, x_b1d: jax.Array, pos_b: jax.Array, lc, opts: ops.Opts, rec: dict | None = None):
-        """One token per row at per-row positions `pos_b [b]` against the layer cache `lc` (a
-        `dsv4_jax.cache.LayerCache`) -> `(out [b, 1, dim] bf16, updated lc)`.
-
-        KV rows are `[window ring (W slots); compressed entries]`: the token's KV goes to ring slot `pos % W`, the
-        compressors update their block state (emitting an entry when a block completes), the indexer scores the
-        visible `(pos+1)//4` keys and keeps the top `min(index_topk, .)`; index lists follow the official decode
-        layout (ring slots oldest to newest, then `W + j`)."""
-        b = x_b1d.shape[0]
+    def step(self, x_bkd, start_b, n_new_b, lc, opts: Opts, fresh: bool, rec=None):
+        """`k` new tokens per row at positions `start .. start+k-1` (the first `n_new` real) -> `(out [b, k, dim]
+        bf16, LayerUpdate)`. `lc` is the layer cache (a `LayerCache`, fields possibly `LayerSlice`s), None or unread
+        when `fresh` (positions start at 0 and nothing precedes them)."""
+        b, k, _ = x_bkd.shape
         w = self.cfg.window_size
-        pos = pos_b[:, None]
-        rows = jnp.arange(b)
-        q, qr = self.query(x_b1d, pos, opts)
-        kv = self.window_kv(x_b1d, pos, opts)
-        window = lc.window.at[rows, pos_b % w].set(kv[:, 0], mode="drop")
-        lc = dataclasses.replace(lc, window=window)
-        c = jnp.arange(w)[None, :]
-        full = pos >= w - 1
-        idx = jnp.where(full, (pos + 1 + c) % w, jnp.where(c <= pos, c, -1)).astype(jnp.int32)
-        kv_rows = window
+        pos = start_b[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
+        q, qr = self.query(x_bkd, pos, opts)
+        kv = self.window_kv(x_bkd, pos, opts)
+
+        # Window keys: positions max(0, p - W + 1) .. p, oldest first, then -1.
+        n_win = min(k, w) if fresh else w
+        u = jnp.maximum(pos - w + 1, 0)[..., None] + jnp.arange(n_win)
+        if fresh:
+            sources, row = [(kv, 0)], u
+        else:  # sources: ring [0, W), cached entries [W, W + cap), new KV rows, new entries
+            ring = materialize(lc.window)
+            new_at = w + (lc.entries.shape[1] if self.ratio else 0)
+            sources = [(ring, 0), (kv, new_at)]
+            row = jnp.where(u >= start_b[:, None, None], new_at + u - start_b[:, None, None], u % w)
+        idx = jnp.where(u <= pos[..., None], row, -1).astype(jnp.int32)
+        upd = LayerUpdate(window=_ring(None if fresh else ring, kv, start_b, n_new_b, w))
+
         if self.ratio:
-            kv_state, sc_state, entries = self.compressor.decode(x_b1d, pos_b, lc.comp_kv, lc.comp_score,
-                                                                 lc.entries, self.inv_freq, opts)  # fmt: skip
-            lc = dataclasses.replace(lc, comp_kv=kv_state, comp_score=sc_state, entries=entries)
-            n = entries.shape[1]
-            visible = jnp.arange(n)[None, :] < (pos + 1) // self.ratio
-            if self.ratio == 4:
-                ikv, isc, keys = self.indexer.compressor.decode(x_b1d, pos_b, lc.idx_kv, lc.idx_score, lc.idx_keys,
-                                                                self.inv_freq, opts)  # fmt: skip
-                lc = dataclasses.replace(lc, idx_kv=ikv, idx_score=isc, idx_keys=keys)
-                qi, wi = self.indexer.queries(x_b1d, qr, pos, self.inv_freq, opts)
-                raw = self.indexer.scores(qi, wi, keys)
-                sel, _ = self.indexer.select(raw, visible[:, None, :])
-                comp = jnp.where(sel[:, 0] >= 0, sel[:, 0] + w, -1)
-                if rec is not None:
-                    rec["indexer_topk"] = comp
+            m = self.ratio
+            state = (None, None) if lc is None else (materialize(lc.comp_kv), materialize(lc.comp_score))
+            comp = self.compressor.step(x_bkd, start_b, n_new_b, *state, self.inv_freq, opts, fresh)
+            upd = dataclasses.replace(upd, comp=comp)
+            ent_sources, n_ent, to_source = self._compressed(comp, lc, fresh, k, w)
+            sources += ent_sources
+            j = jnp.arange(n_ent, dtype=jnp.int32)[None, None, :]
+            visible = j < ((pos + 1) // m)[..., None]
+            if m == 4:
+                state_i = (None, None) if lc is None else (materialize(lc.idx_kv), materialize(lc.idx_score))
+                comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts, fresh)
+                upd = dataclasses.replace(upd, idx=comp_i)
+                sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, visible, rec)
+                comp_idx = jnp.where(sel >= 0, to_source(sel), -1)
+                if rec is not None:  # the official layouts: entry j is row k + j (prefill) or W + j (decode)
+                    rec.indexer_topk = jnp.where(sel >= 0, sel + (k if fresh else w), -1)
             else:
-                comp = jnp.where(visible, jnp.arange(n)[None, :] + w, -1).astype(jnp.int32)
-            idx = jnp.concatenate([idx, comp], axis=-1)
-            kv_rows = jnp.concatenate([window, entries], axis=1)
-        o = sparse_attention(q, kv_rows, idx[:, None, :], self.attn_sink[...], self.cfg.head_dim**-0.5)
-        return self.output(o, pos, opts), lc
+                comp_idx = jnp.where(visible, to_source(jnp.broadcast_to(j, visible.shape)), -1)
+            idx = jnp.concatenate([idx, comp_idx.astype(jnp.int32)], axis=-1)
+        if rec is not None:
+            rec.attn_kv = jnp.concatenate([materialize(s) for s, _ in sorted(sources, key=lambda so: so[1])], axis=1)
+            rec.attn_topk = idx
+        o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
+        return self.output(o, pos, opts), upd

@@ -1,18 +1,20 @@
-"""The decode cache of DeepSeek-V4: an explicit pytree, donated through every prefill / decode step (spec §7).
+"""The decode cache of DeepSeek-V4: an explicit pytree, donated through every step (spec §7).
 
 Per layer (`LayerCache`), per batch row:
 
 * `window` `[B, W, D]` bf16: the sliding-window ring (W = 128 slots); token p lives in slot `p % W`. Values are the
   KV rows exactly as attention uses them (nope dims FP8-simulated when `quant_sim`, RoPE dims bf16).
 * ratio > 0 (CSA 4 / HCA 128): the compressor's block state `comp_kv` / `comp_score` `[B, coff*ratio, coff*D]` fp32
-  (the score already includes `ape`; CSA rows 0..3 = the previous complete block, rows 4..7 = the current one; HCA
-  rows 0..127 = the current block), and the compressed entries `entries` `[B, max_len // ratio, D]` bf16.
+  (the score includes `ape`; CSA rows 0..3 = the previous complete block, rows 4..7 = the current one; HCA rows
+  0..127 = the current block; slots of positions not yet seen are masked by position, not by value), and the
+  compressed entries `entries` `[B, max_len // ratio, D]` bf16.
 * ratio 4: the same for the indexer's compressor (`idx_kv` / `idx_score` `[B, 8, 256]` fp32) and the indexer keys
   `idx_keys` `[B, max_len // 4, 128]` bf16 (after Hadamard + FP4 simulation).
 
-`Cache.mtp` holds the MTP layer's window (sliding-only). `lengths [B]` counts the tokens each row has in the main
-cache, i.e. the position of its next token; `mtp_lengths` the same for the MTP layer. A cache is per sequence: prefill
-rewrites every field of every row (the official code never resets its compressor state; we do).
+Like the parameters, the main layers' caches are stacked by layer group (`Cache.groups[g][u]`, leading axis the
+group's repeats; `dsv4_jax.model.layer_groups`), so the layer scan carries them and writes each step in place.
+`Cache.mtp` holds the MTP layer's (unstacked). `lengths [B]` counts the tokens each row has in the main cache, i.e. the
+position of its next token; `mtp_lengths` the same for the MTP layer.
 """
 
 from __future__ import annotations
@@ -24,16 +26,32 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import Config
+from dsv4_jax.layer_view import LayerSlice
 
-__all__ = ["LayerCache", "Cache", "init_cache", "layer_cache_from_prefill", "cache_bytes", "cache_bytes_per_token"]
+__all__ = ["LayerCache", "Cache", "init_cache", "cache_bytes", "cache_bytes_per_token"]
 
 BF16, F32 = jnp.bfloat16, jnp.float32
+_FIELDS = ("window", "comp_kv", "comp_score", "entries", "idx_kv", "idx_score", "idx_keys")
+
+
+def _write_entries(stack, i, step):
+    """Writes the complete entries of a `CompressorStep` into `stack` (`[R, B, cap, D]` at layer `i`, or `[B, cap,
+    D]` when `i` is None); incomplete ones are dropped."""
+    nb = step.entries.shape[1]
+    cap = stack.shape[-2]
+    q = jnp.arange(nb)[None, :]
+    j = jnp.where(q < step.n_done[:, None], step.j0[:, None] + q, cap)  # cap: out of bounds, dropped
+    rows = jnp.arange(step.entries.shape[0])[:, None]
+    vals = step.entries.astype(stack.dtype)
+    if i is None:
+        return stack.at[rows, j].set(vals, mode="drop")
+    return stack.at[i, rows, j].set(vals, mode="drop")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """One attention layer's cache (fields that a layer's ratio does not use are None)."""
+    """One attention layer's cache (fields that a layer's ratio does not use are None), or a stack of them."""
 
     window: jax.Array
     comp_kv: jax.Array | None = None
@@ -43,22 +61,62 @@ class LayerCache:
     idx_score: jax.Array | None = None
     idx_keys: jax.Array | None = None
 
+    def view(self, i) -> LayerCache:
+        """Layer `i` of a stacked cache, as `LayerSlice`s (read without copying the stack)."""
+        return LayerCache(*(None if (v := getattr(self, f)) is None else LayerSlice(v, i) for f in _FIELDS))
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "mtp", "lengths", "mtp_lengths"],
-                   meta_fields=["max_len"])  # fmt: skip
+    def slice(self, r: int) -> LayerCache:
+        """Layer `r` of a stacked cache as plain arrays (a copy; for inspection)."""
+        return LayerCache(*(None if (v := getattr(self, f)) is None else v[r] for f in _FIELDS))
+
+    def write(self, i, upd) -> LayerCache:
+        """The cache after a step's `LayerUpdate` (`dsv4_jax.attention`) at layer `i` of the stack (None: this is
+        one unstacked layer). Small fields are replaced whole, entries written row by row."""
+
+        def put(stack, value):
+            return value.astype(stack.dtype) if i is None else stack.at[i].set(value.astype(stack.dtype))
+
+        out = dataclasses.replace(self, window=put(self.window, upd.window))
+        if upd.comp is not None:
+            out.comp_kv = put(self.comp_kv, upd.comp.kv_state)
+            out.comp_score = put(self.comp_score, upd.comp.score_state)
+            out.entries = _write_entries(self.entries, i, upd.comp)
+        if upd.idx is not None:
+            out.idx_kv = put(self.idx_kv, upd.idx.kv_state)
+            out.idx_score = put(self.idx_score, upd.idx.score_state)
+            out.idx_keys = _write_entries(self.idx_keys, i, upd.idx)
+        return out
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["groups", "mtp", "lengths", "mtp_lengths"],
+                   meta_fields=["max_len", "config"])  # fmt: skip
 @dataclasses.dataclass
 class Cache:
-    """All layers' caches, the MTP layers' windows and per-row lengths; `max_len` (static) is the capacity."""
+    """All layers' caches (stacked by layer group), the MTP layers' caches and per-row lengths; `max_len` (static)
+    is the capacity of a row."""
 
-    layers: list[LayerCache]
+    groups: list[tuple[LayerCache, ...]]
     mtp: list[LayerCache]
     lengths: jax.Array
     mtp_lengths: jax.Array
     max_len: int
+    config: Config
 
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
+
+    def layer(self, layer: int) -> LayerCache:
+        """Main layer `layer`'s cache (a copy sliced out of its stack; for inspection)."""
+        from dsv4_jax.model import layer_slot
+
+        g, u, r = layer_slot(self.config, layer)
+        return self.groups[g][u].slice(r)
+
+    @property
+    def layers(self) -> list[LayerCache]:
+        """Every main layer's cache, in layer order (copies; for inspection)."""
+        return [self.layer(i) for i in range(self.config.n_layers)]
 
 
 def _check_capacity(cfg: Config, max_len: int) -> None:
@@ -69,86 +127,46 @@ def _check_capacity(cfg: Config, max_len: int) -> None:
 
 
 def _capacity(max_len: int, ratio: int) -> int:
-    """Compressed entries a row can hold (at least one slot, so that decode indexing stays in bounds)."""
+    """Compressed entries a row can hold (at least one slot, so that indexing stays in bounds)."""
     return max(max_len // ratio, 1)
 
 
-def _layer_cache(cfg: Config, ratio: int, batch: int, max_len: int, zeros=jnp.zeros) -> LayerCache:
+def _layer_cache(cfg: Config, ratio: int, batch: int, max_len: int, lead: tuple = ()) -> LayerCache:
     d, w = cfg.head_dim, cfg.window_size
-    lc = LayerCache(window=zeros((batch, w, d), BF16))
+
+    def z(*shape, dtype):
+        return jnp.zeros((*lead, *shape), dtype)
+
+    lc = LayerCache(window=z(batch, w, d, dtype=BF16))
     if ratio:
         coff = 2 if ratio == 4 else 1
-        lc.comp_kv = zeros((batch, coff * ratio, coff * d), F32)
-        lc.comp_score = zeros((batch, coff * ratio, coff * d), F32)
-        lc.entries = zeros((batch, _capacity(max_len, ratio), d), BF16)
+        lc.comp_kv = z(batch, coff * ratio, coff * d, dtype=F32)
+        lc.comp_score = z(batch, coff * ratio, coff * d, dtype=F32)
+        lc.entries = z(batch, _capacity(max_len, ratio), d, dtype=BF16)
     if ratio == 4:
         di = cfg.index_head_dim
-        lc.idx_kv = zeros((batch, 8, 2 * di), F32)
-        lc.idx_score = zeros((batch, 8, 2 * di), F32)
-        lc.idx_keys = zeros((batch, _capacity(max_len, 4), di), BF16)
+        lc.idx_kv = z(batch, 8, 2 * di, dtype=F32)
+        lc.idx_score = z(batch, 8, 2 * di, dtype=F32)
+        lc.idx_keys = z(batch, _capacity(max_len, 4), di, dtype=BF16)
     return lc
 
 
 def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:
     """An empty cache for `batch` rows of up to `max_len` tokens each (prompt + generated)."""
+    from dsv4_jax.model import layer_groups
+
     _check_capacity(cfg, max_len)
+    groups = [tuple(_layer_cache(cfg, k.ratio, batch, max_len, (g.repeats,)) for k in g.unit)
+              for g in layer_groups(cfg)]  # fmt: skip
     n = cfg.n_layers
     return Cache(
-        layers=[_layer_cache(cfg, cfg.compress_ratios[i], batch, max_len) for i in range(n)],
+        groups=groups,
         mtp=[_layer_cache(cfg, cfg.compress_ratios[n + i], batch, max_len) for i in range(cfg.n_mtp_layers)],
         lengths=jnp.zeros((batch,), jnp.int32),
         mtp_lengths=jnp.zeros((batch,), jnp.int32),
         max_len=max_len,
+        config=cfg,
     )
-
-
-# ---- writing a prefill's pieces ---------------------------------------------------------------------------------
-
-
-def _gather_rows(x_bsc, pos_bk):
-    return jnp.take_along_axis(x_bsc, jnp.clip(pos_bk, 0, x_bsc.shape[1] - 1)[..., None], axis=1)
-
-
-def _ring(kv_bsd, lengths_b, w: int):
-    """Ring slot j <- the latest position p < length with p % w == j (zeros where none)."""
-    j = jnp.arange(w)[None, :]
-    last = lengths_b[:, None] - 1
-    p = j + w * jnp.floor_divide(last - j, w)
-    return jnp.where((last >= j)[..., None], _gather_rows(kv_bsd, p), 0).astype(kv_bsd.dtype)
-
-
-def _block_state(kv_bsc, sc_bsc, lengths_b, ratio: int):
-    """The compressor state after `length` tokens: CSA rows 0..3 = the last complete block, rows 4.. (HCA: 0..) =
-    the tokens of the incomplete block; unused rows get kv 0 and score -inf."""
-    nb, r = (lengths_b // ratio)[:, None], (lengths_b % ratio)[:, None]
-    i = jnp.arange(ratio)[None, :]
-    pos, valid = nb * ratio + i, i < r
-    if ratio == 4:
-        pos = jnp.concatenate([(nb - 1) * ratio + i, pos], axis=1)
-        valid = jnp.concatenate([jnp.broadcast_to(nb >= 1, (nb.shape[0], ratio)), valid], axis=1)
-    kv = jnp.where(valid[..., None], _gather_rows(kv_bsc, pos), 0.0)
-    sc = jnp.where(valid[..., None], _gather_rows(sc_bsc, pos), -jnp.inf)
-    return kv, sc
-
-
-def _entries(e_bjd, lengths_b, ratio: int, capacity: int):
-    nb = e_bjd.shape[1]
-    keep = jnp.arange(nb)[None, :] < (lengths_b // ratio)[:, None]
-    e = jnp.where(keep[..., None], e_bjd, 0).astype(e_bjd.dtype)
-    return jnp.zeros((e.shape[0], capacity, e.shape[2]), e.dtype).at[:, :nb].set(e)
-
-
-def layer_cache_from_prefill(pieces: dict, lengths_b: jax.Array, ratio: int, window: int, max_len: int) -> LayerCache:
-    """A layer's cache after prefilling each row's first `lengths[b]` tokens, from `Attention.prefill(...,
-    with_cache=True)` pieces; everything at or after a row's length (padding) is left out."""
-    lc = LayerCache(window=_ring(pieces["window"], lengths_b, window))
-    if ratio:
-        lc.comp_kv, lc.comp_score = _block_state(pieces["comp_kv"], pieces["comp_score"], lengths_b, ratio)
-        lc.entries = _entries(pieces["entries"], lengths_b, ratio, _capacity(max_len, ratio))
-    if ratio == 4:
-        lc.idx_kv, lc.idx_score = _block_state(pieces["idx_kv"], pieces["idx_score"], lengths_b, 4)
-        lc.idx_keys = _entries(pieces["idx_keys"], lengths_b, 4, _capacity(max_len, 4))
-    return lc
 
 
 # ---- sizes ------------------------------------------------------------------------------------------------------

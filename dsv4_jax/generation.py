@@ -8,8 +8,10 @@ reuse one compiled program. Per row, generation stops after the EOS token (inclu
 `max_new_tokens`; later positions hold `pad_id` (log-prob 0, MTP logits 0); `num_tokens[b]` counts the real ones.
 
 Step i emits token `i` of each row: step 0 samples from the prefill logits; step i >= 1 decodes token i-1 at
-position `length + i - 1`. With `mtp`, each step also runs the MTP layer on the main stream of the position just
-decoded and the token just sampled: `mtp_logits[:, i]` is the draft distribution of token i+1.
+position `length + i - 1`. Only what is asked for runs: with `Sampler(mtp=True)` each step also runs the MTP layer on
+the main stream of the position just decoded and the token just sampled (`mtp_logits[:, i]` is the draft
+distribution of token i+1); greedy sampling takes an argmax, top-k / top-p find their thresholds by bisection over
+the float ordering (32 passes over the vocabulary, no sort). `opts` selects numerics and kernels as everywhere.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import decode as dec
+from dsv4_jax import runner
 from dsv4_jax.cache import Cache, init_cache
 from dsv4_jax.model import ModelState
-from dsv4_jax.ops import Opts
+from dsv4_jax.options import Opts
 
 __all__ = ["Sampler", "GenerateOutput", "generate", "generate_stream", "GenerationStream", "sample_logits",
            "capacity_needed"]  # fmt: skip
@@ -40,7 +42,8 @@ class Sampler:
 
     temperature 0 is greedy (argmax); otherwise sample from `softmax(logits / temperature)` restricted to the
     `top_k` most likely tokens (0 = all) and to the smallest set whose probability reaches `top_p` (1 = all).
-    `eos_id` None never stops early. `mtp` also returns the MTP draft logits of each step.
+    `eos_id` None never stops early. `mtp` also runs the MTP layer and returns its draft logits of each step
+    (`[B, N, V]` fp32: off by default).
     """
 
     max_new_tokens: int = 32
@@ -49,8 +52,7 @@ class Sampler:
     top_p: float = 1.0
     eos_id: int | None = 1
     pad_id: int = 1
-    mtp: bool = True
-    quant_sim: bool = True
+    mtp: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -62,10 +64,6 @@ class Sampler:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
-    @property
-    def opts(self) -> Opts:
-        return Opts(quant_sim=self.quant_sim)
-
     def static(self) -> Sampler:
         """The settings that shape the program (the jit key); the others are passed as traced scalars."""
         return dataclasses.replace(self, temperature=0.0, top_k=0, top_p=1.0, eos_id=None)
@@ -76,26 +74,52 @@ class Sampler:
                 "top_p": jnp.float32(self.top_p), "eos": jnp.int32(eos)}  # fmt: skip
 
 
+def _order_keys(x):
+    """uint32 keys with the order of the float32 values `x` (negatives below positives)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(F32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key_where(keys, pred):
+    """The largest uint32 `t` with `pred(t)` False, for `pred` monotone (False below some key, True above), built
+    bit by bit from the top: 32 passes, each one reduction over the keys. `pred(t) -> [B, 1] bool`."""
+
+    def bit(i, ans):
+        cand = ans | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(pred(cand), ans, cand)
+
+    return jax.lax.fori_loop(0, 32, bit, jnp.zeros((keys.shape[0], 1), jnp.uint32))
+
+
+def _sample(logits, key, temperature, top_k, top_p):
+    v = logits.shape[-1]
+    lg = logits / jnp.maximum(temperature, F32(1e-6))
+    keys = _order_keys(lg)
+    # top-k: keep values >= the k-th largest (ties with it kept): the largest key t with count(keys >= t) >= k.
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
+    kth = _largest_key_where(keys, lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) < k)
+    lg = jnp.where(keys >= kth, lg, -jnp.inf)
+    # top-p: keep token i if the probability of the strictly more likely tokens is < top_p (the first is always
+    # kept; ties are kept together): keys above the largest key t whose strictly-greater mass still reaches top_p.
+    p = jax.nn.softmax(lg, axis=-1)
+    pkeys = _order_keys(p)
+    cut = _largest_key_where(pkeys, lambda t: jnp.sum(jnp.where(pkeys > t, p, 0.0), -1, keepdims=True) < top_p)
+    lg = jnp.where((top_p < 1) & (pkeys <= cut), -jnp.inf, lg)
+    return jax.random.categorical(key, lg, axis=-1).astype(jnp.int32)
+
+
 def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature=0.0, top_k=0, top_p=1.0) -> jax.Array:
     """Token ids `[B]` from logits `[B, V]`. The settings may be traced scalars (one program serves them all):
-    temperature 0 = argmax; else sample `softmax(logits / temperature)` over the `top_k` largest logits (0 = all;
-    ties with the k-th are kept) further cut to the smallest most-likely set whose probability reaches `top_p`."""
+    temperature 0 = argmax (nothing else runs); else sample `softmax(logits / temperature)` over the `top_k`
+    largest logits (0 = all; ties with the k-th are kept) further cut to the smallest most-likely set whose
+    probability reaches `top_p`. No full-vocabulary sort: the thresholds are found by bisection."""
     logits = logits_bv.astype(F32)
-    v = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     temperature, top_k, top_p = jnp.asarray(temperature, F32), jnp.asarray(top_k), jnp.asarray(top_p, F32)
-    lg = logits / jnp.maximum(temperature, F32(1e-6))
-    s = -jnp.sort(-lg, axis=-1)  # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
-    kth = jax.lax.dynamic_index_in_dim(s, k - 1, axis=-1, keepdims=True)
-    lg = jnp.where(lg < kth, -jnp.inf, lg)
-    s = jnp.where(jnp.arange(v) < k, s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    before = jnp.cumsum(p, axis=-1) - p  # probability mass of the more likely tokens; the first is always kept
-    thr = jnp.min(jnp.where(before < top_p, s, jnp.inf), axis=-1, keepdims=True)
-    lg = jnp.where((top_p < 1) & (lg < thr), -jnp.inf, lg)
-    sampled = jax.random.categorical(key, lg, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature == 0, greedy, sampled)
+    return jax.lax.cond(
+        temperature == 0,
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        lambda: _sample(logits, key, temperature, top_k, top_p),
+    )
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "logprobs", "mtp_logits", "num_tokens"],
@@ -141,25 +165,24 @@ def _emit(sampler: Sampler, loop: _Loop, i, tok, logits, mtp_logits, active) -> 
     return dataclasses.replace(loop, step=i + 1, last=jnp.where(active, tok, loop.last), done=done, out=out)
 
 
-def _sample(loop_knobs, logits, key):
+def _sample_knobs(loop_knobs, logits, key):
     return sample_logits(logits, key, loop_knobs["temperature"], loop_knobs["top_k"], loop_knobs["top_p"])
 
 
-def _start(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max_len: int) -> _Loop:
+def _start(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max_len: int, opts: Opts) -> _Loop:
     """Prefill, sample token 0, MTP over the prompt."""
     b, s = tokens.shape
     n, v = sampler.max_new_tokens, state.config.vocab_size
-    opts = sampler.opts
     cache = init_cache(state.config, b, max_len)
-    logits, hidden, cache = dec._prefill(state, cache, tokens, lengths, opts)
+    logits, hidden, cache = runner._prefill(state, cache, tokens, lengths, opts)
     key, sub = jax.random.split(key)
-    tok = _sample(knobs, logits, sub)
+    tok = _sample_knobs(knobs, logits, sub)
     mtp_logits = None
     use_mtp = sampler.mtp and state.config.n_mtp_layers > 0
     if use_mtp:  # MTP input at p: token p+1; at the last prompt position that is the token just sampled
         nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
         nxt = jnp.where(jnp.arange(s)[None, :] == (lengths - 1)[:, None], tok[:, None], nxt)
-        mtp_logits, cache = dec._mtp_prefill(state, cache, hidden, nxt, opts)
+        mtp_logits, cache = runner._mtp_prefill(state, cache, hidden, nxt, opts)
     out = GenerateOutput(
         tokens=jnp.full((b, n), sampler.pad_id, jnp.int32),
         logprobs=jnp.zeros((b, n), F32),
@@ -170,16 +193,15 @@ def _start(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max
     return _emit(sampler, loop, 0, tok, logits, mtp_logits, jnp.ones((b,), bool))
 
 
-def _step(state: ModelState, loop: _Loop, sampler: Sampler) -> _Loop:
+def _step(state: ModelState, loop: _Loop, sampler: Sampler, opts: Opts) -> _Loop:
     """Decode the last token of every unfinished row, sample the next one, run MTP on it."""
-    opts = sampler.opts
     active = ~loop.done
-    logits, hidden, cache = dec._decode(state, loop.cache, loop.last, opts, active)
+    logits, hidden, cache = runner._decode(state, loop.cache, loop.last, opts, active)
     key, sub = jax.random.split(loop.key)
-    tok = _sample(loop.knobs, logits, sub)
+    tok = _sample_knobs(loop.knobs, logits, sub)
     mtp_logits = None
     if loop.out.mtp_logits is not None:
-        mtp_logits, cache = dec._mtp_decode(state, cache, hidden, tok, opts, active)
+        mtp_logits, cache = runner._mtp_decode(state, cache, hidden, tok, opts, active)
     loop = dataclasses.replace(loop, cache=cache, key=key)
     return _emit(sampler, loop, loop.step, tok, logits, mtp_logits, active)
 
@@ -187,20 +209,21 @@ def _step(state: ModelState, loop: _Loop, sampler: Sampler) -> _Loop:
 TRACE_COUNT = {"generate": 0}  # incremented each time the whole-generation program is traced (tests use it)
 
 
-@functools.partial(jax.jit, static_argnames=("sampler", "max_len"))
-def _generate(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max_len: int) -> GenerateOutput:
+@functools.partial(jax.jit, static_argnames=("sampler", "max_len", "opts"))
+def _generate(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max_len: int,
+              opts: Opts) -> GenerateOutput:  # fmt: skip
     TRACE_COUNT["generate"] += 1
-    loop = _start(state, tokens, lengths, key, knobs, sampler, max_len)
+    loop = _start(state, tokens, lengths, key, knobs, sampler, max_len, opts)
     loop = jax.lax.while_loop(
         lambda lp: (lp.step < sampler.max_new_tokens) & ~jnp.all(lp.done),
-        lambda lp: _step(state, lp, sampler),
+        lambda lp: _step(state, lp, sampler, opts),
         loop,
     )
     return loop.out
 
 
-_start_jit = jax.jit(_start, static_argnames=("sampler", "max_len"))
-_step_jit = jax.jit(_step, static_argnames=("sampler",), donate_argnames=("loop",))
+_start_jit = jax.jit(_start, static_argnames=("sampler", "max_len", "opts"))
+_step_jit = jax.jit(_step, static_argnames=("sampler", "opts"), donate_argnames=("loop",))
 
 
 def capacity_needed(prompt_len: int, sampler: Sampler) -> int:
@@ -214,7 +237,7 @@ def _prepare(state, tokens, lengths, sampler, key, max_len):
         tokens = tokens[None]
     width = tokens.shape[-1] if tokens.ndim == 2 else 0
     max_len = max(width + sampler.max_new_tokens, 1) if max_len is None else int(max_len)
-    tokens, lengths = dec.check_prompts(state.config, tokens, lengths, max_len)
+    tokens, lengths = runner.check_prompts(state.config, tokens, lengths, max_len)
     if width > max_len:
         raise ValueError(f"padded prompt width {width} exceeds max_len={max_len}")
     need = capacity_needed(int(lengths.max()), sampler)
@@ -228,12 +251,12 @@ def _prepare(state, tokens, lengths, sampler, key, max_len):
 
 
 def generate(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(), key: jax.Array | int = 0,
-             max_len: int | None = None) -> GenerateOutput:  # fmt: skip
+             max_len: int | None = None, opts: Opts = Opts()) -> GenerateOutput:  # fmt: skip
     """Generates up to `sampler.max_new_tokens` tokens for each right-padded prompt of `tokens [B, S]` (`lengths
-    [B]`, default all S). One compiled program (prefill + `lax.while_loop`) per (shapes, sampler, max_len); the
-    cache holds `max_len` positions (default S + max_new_tokens). Same key, same output."""
+    [B]`, default all S). One compiled program (prefill + `lax.while_loop`) per (shapes, sampler, max_len, opts);
+    the cache holds `max_len` positions (default S + max_new_tokens). Same key, same output."""
     tokens, lengths, key, max_len = _prepare(state, tokens, lengths, sampler, key, max_len)
-    return _generate(state, tokens, lengths, key, sampler.knobs(), sampler.static(), max_len)
+    return _generate(state, tokens, lengths, key, sampler.knobs(), sampler.static(), max_len, opts)
 
 
 class GenerationStream:
@@ -244,12 +267,12 @@ class GenerationStream:
     `decode_s` time the runs (prefill includes sampling token 0 and the MTP pass over the prompt)."""
 
     def __init__(self, state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(),
-                 key: jax.Array | int = 0, max_len: int | None = None):  # fmt: skip
-        self.state, self.sampler = state, sampler.static()
+                 key: jax.Array | int = 0, max_len: int | None = None, opts: Opts = Opts()):  # fmt: skip
+        self.state, self.sampler, self.opts = state, sampler.static(), opts
         self.tokens, self.lengths, self.key, self.max_len = _prepare(state, tokens, lengths, sampler, key, max_len)
         self.key = (self.key, sampler.knobs())
-        self._start = functools.partial(_start_jit, sampler=self.sampler, max_len=self.max_len)
-        self._step = functools.partial(_step_jit, sampler=self.sampler)
+        self._start = functools.partial(_start_jit, sampler=self.sampler, max_len=self.max_len, opts=opts)
+        self._step = functools.partial(_step_jit, sampler=self.sampler, opts=opts)
         self.output: GenerateOutput | None = None
         self.compile_s = self.prefill_s = self.decode_s = 0.0
         self.decode_steps = 0
@@ -257,9 +280,10 @@ class GenerationStream:
     def compile(self) -> float:
         t0 = time.perf_counter()
         args = (self.state, self.tokens, self.lengths, *self.key)
-        start = _start_jit.lower(*args, sampler=self.sampler, max_len=self.max_len).compile()
-        shape = jax.eval_shape(functools.partial(_start, sampler=self.sampler, max_len=self.max_len), *args)
-        step = _step_jit.lower(self.state, shape, sampler=self.sampler).compile()
+        start = _start_jit.lower(*args, sampler=self.sampler, max_len=self.max_len, opts=self.opts).compile()
+        shape = jax.eval_shape(functools.partial(_start, sampler=self.sampler, max_len=self.max_len, opts=self.opts),
+                               *args)  # fmt: skip
+        step = _step_jit.lower(self.state, shape, sampler=self.sampler, opts=self.opts).compile()
         self._start, self._step = start, lambda st, lp: step(st, lp)
         self.compile_s = time.perf_counter() - t0
         return self.compile_s
@@ -281,6 +305,6 @@ class GenerationStream:
 
 
 def generate_stream(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(),
-                    key: jax.Array | int = 0, max_len: int | None = None) -> GenerationStream:  # fmt: skip
+                    key: jax.Array | int = 0, max_len: int | None = None, opts: Opts = Opts()) -> GenerationStream:  # fmt: skip
     """A `GenerationStream` (iterate it for tokens as they arrive)."""
-    return GenerationStream(state, tokens, lengths, sampler=sampler, key=key, max_len=max_len)
+    return GenerationStream(state, tokens, lengths, sampler=sampler, key=key, max_len=max_len, opts=opts)

@@ -1,11 +1,17 @@
-"""The DeepSeek-V4 model: blocks with mHC, the MTP block, the transformer, and the functional API.
+"""The DeepSeek-V4 model: blocks with mHC, the MTP block, the transformer with its layers stacked by kind, and the
+parameter state.
 
 Use it functionally (the flax Gemma sampler pattern): `ModelState` holds `nnx.split` of a `Transformer` (static graph
-definition + parameter state); `forward` is a jitted pure function of that state.
+definition + parameter state); every model function (`dsv4_jax.runner`) is a jitted pure function of that state.
 
-Parameter names mirror the released checkpoint (`layers.{L}.attn.wq_a.weight` is
-`state.params["layers"][L]["attn"]["wq_a"]["weight"]`); routed experts are stacked over a leading expert axis
-(`layers.{L}.ffn.experts.w1.weight` is `[E, out, in/2]`).
+Layers of the same structure are stored stacked and run under one `lax.scan` (`dsv4_jax.runner`), so a program
+compiles a handful of layer bodies, not 43 (Pro: 61). `layer_groups(cfg)` splits the layers into runs of a repeating
+unit of layer kinds (ratio, hash routing): V4-Flash is `[window, hash] x 2`, `[CSA, hash] x 1`, `[HCA, CSA] x 20`;
+Pro `[HCA, hash] x 2`, `[CSA, hash] x 1`, `[HCA, CSA] x 29`. Layer L's parameters are
+`state.params["groups"][g][u][...]` at index r of the leading (`"layers"`) axis, `(g, u, r) = layer_slot(cfg, L)`;
+`state.block(L)` gives that layer as a `Block`. Checkpoints keep the released per-layer names
+(`layers.{L}.attn.wq_a.weight`, `dsv4_jax.checkpoint.layout`); routed experts are stacked over an expert axis
+(`...ffn.experts.w1.weight` is `[E, out, in/2]`).
 """
 
 from __future__ import annotations
@@ -23,12 +29,81 @@ from dsv4_jax import mhc, nn, ops
 from dsv4_jax.attention import Attention
 from dsv4_jax.config import Config
 from dsv4_jax.moe import MoE
+from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["Block", "MTPBlock", "Transformer", "ModelState", "Output", "init_random", "abstract", "forward",
-           "forward_outputs"]  # fmt: skip
+__all__ = ["Block", "MTPBlock", "Transformer", "ModelState", "LayerKind", "LayerGroup", "layer_groups", "layer_slot",
+           "init_random", "abstract", "prepare_params"]  # fmt: skip
 
 BF16, F32 = jnp.bfloat16, jnp.float32
+
+
+# ---- layer kinds and groups ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What makes two layers structurally different: the compression ratio and hash routing."""
+
+    ratio: int
+    hash_routed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Layers `first ..` made of `repeats` copies of the unit `unit` (consecutive layer kinds)."""
+
+    first: int
+    unit: tuple[LayerKind, ...]
+    repeats: int
+
+    def layer(self, u: int, r: int) -> int:
+        return self.first + r * len(self.unit) + u
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.unit) * self.repeats
+
+
+def layer_kinds(cfg: Config) -> tuple[LayerKind, ...]:
+    return tuple(LayerKind(cfg.compress_ratios[i], cfg.is_hash_layer(i)) for i in range(cfg.n_layers))
+
+
+@functools.lru_cache(maxsize=32)
+def layer_groups(cfg: Config, max_unit: int = 4) -> tuple[LayerGroup, ...]:
+    """Greedy split of the layers into repeated units: at each layer, the unit (of up to `max_unit` kinds) whose
+    repeats cover the most layers, the shortest unit on ties."""
+    kinds = layer_kinds(cfg)
+    groups, i = [], 0
+    while i < len(kinds):
+        best = (1, 1)  # (layers covered, unit length)
+        for u in range(1, max_unit + 1):
+            unit = kinds[i : i + u]
+            if len(unit) < u:
+                break
+            r = 1
+            while kinds[i + r * u : i + (r + 1) * u] == unit:
+                r += 1
+            if (u == 1 or r > 1) and r * u > best[0]:  # a longer unit only counts if it repeats
+                best = (r * u, u)
+        covered, u = best
+        groups.append(LayerGroup(i, kinds[i : i + u], covered // u))
+        i += covered
+    return tuple(groups)
+
+
+def layer_slot(cfg: Config, layer: int) -> tuple[int, int, int]:
+    """(group, position in the unit, repeat) of main layer `layer`."""
+    if not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"layer {layer} is outside 0..{cfg.n_layers - 1}")
+    for g, grp in enumerate(layer_groups(cfg)):
+        if layer < grp.first + grp.n_layers:
+            r, u = divmod(layer - grp.first, len(grp.unit))
+            return g, u, r
+    raise AssertionError("unreachable")
+
+
+# ---- blocks ----------------------------------------------------------------------------------------------------
 
 
 def _hc_params(cfg: Config, n_out: int, rngs: nnx.Rngs, pre_only: bool = False):
@@ -44,53 +119,56 @@ def _hc_params(cfg: Config, n_out: int, rngs: nnx.Rngs, pre_only: bool = False):
 class Block(nnx.Module):
     """One decoder layer: attention and MoE sublayers, each wrapped by hc_pre / hc_post."""
 
-    def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
-        self.cfg, self.layer_id = cfg, layer_id
+    def __init__(self, cfg: Config, kind: LayerKind, *, rngs: nnx.Rngs):
+        self.cfg, self.kind = cfg, kind
         n_mix = (2 + cfg.hc_mult) * cfg.hc_mult
         self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base = _hc_params(cfg, n_mix, rngs)
         self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base = _hc_params(cfg, n_mix, rngs)
         self.attn_norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_id, rngs=rngs)
-        self.ffn = MoE(cfg, layer_id, rngs=rngs)
+        self.attn = Attention(cfg, kind.ratio, rngs=rngs)
+        self.ffn = MoE(cfg, kind.hash_routed, rngs=rngs)
 
     def hc_pre(self, X_btnd, which: str):
         fn, scale, base = (getattr(self, f"hc_{which}_{p}")[...] for p in ("fn", "scale", "base"))
         c = self.cfg
         return mhc.hc_pre(X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps)
 
-    def ffn_sublayer(self, X_btnd, tokens_bt, opts, rec=None, valid_bt=None):
+    def ffn_sublayer(self, X_btnd, tokens_bt, opts: Opts, rec=None, valid_bt=None):
         x, post, comb = self.hc_pre(X_btnd, "ffn")
         x = self.ffn_norm(x)
         y = self.ffn(x, tokens_bt, opts, rec, valid_bt)
         if rec is not None:
-            rec["ffn_in"], rec["ffn_out"] = x, y
+            rec.ffn_in, rec.ffn_out = x, y
         return mhc.hc_post(y, X_btnd, post, comb)
 
-    def attn_sublayer(self, X_btnd, attend, rec: dict | None = None):
-        """hc_pre, attn_norm, `attend(x) -> (y, aux)`, hc_post -> `(X, aux)`; `attend` is the full-sequence
-        attention, its cache-writing variant, or one decode step."""
-        x, post, comb = self.hc_pre(X_btnd, "attn")
+    def step(self, X_bknd, tokens_bk, start_b, n_new_b, lc, opts: Opts, fresh: bool, rec=None):
+        """k new tokens per row on top of the layer cache `lc` (see `Attention.step`) -> (streams, LayerUpdate).
+        Tokens past a row's `n_new` (padding) get no routed experts."""
+        x, post, comb = self.hc_pre(X_bknd, "attn")
         x = self.attn_norm(x)
-        y, aux = attend(x)
+        y, upd = self.attn.step(x, start_b, n_new_b, lc, opts, fresh, rec)
         if rec is not None:
-            rec["attn_in"], rec["attn_out"] = x, y
-        X_btnd = mhc.hc_post(y, X_btnd, post, comb)
+            rec.attn_in, rec.attn_out = x, y
+        X_bknd = mhc.hc_post(y, X_bknd, post, comb)
         if rec is not None:
-            rec["mid"] = X_btnd
-        return X_btnd, aux
+            rec.mid = X_bknd
+        valid = jnp.arange(tokens_bk.shape[1])[None, :] < n_new_b[:, None]
+        return self.ffn_sublayer(X_bknd, tokens_bk, opts, rec, valid), upd
 
-    def __call__(self, X_btnd, tokens_bt, opts: ops.Opts, rec: dict | None = None, valid_bt=None):
-        X_btnd, _ = self.attn_sublayer(X_btnd, lambda x: (self.attn(x, opts, rec), None), rec)
-        return self.ffn_sublayer(X_btnd, tokens_bt, opts, rec, valid_bt)
+    def __call__(self, X_btnd, tokens_bt, opts: Opts = Opts(), rec=None):
+        """The whole sequence from position 0, no cache (for studying one block)."""
+        b, s = tokens_bt.shape
+        zero = jnp.zeros((b,), jnp.int32)
+        return self.step(X_btnd, tokens_bt, zero, zero + s, None, opts, True, rec)[0]
 
 
 class MTPBlock(Block):
     """The multi-token-prediction layer: mixes the main residual stream of position p with the embedding of the token
     at p+1 and runs one more (sliding-window, bias-routed) block; its own hc_head and norm, the shared head."""
 
-    def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
-        super().__init__(cfg, layer_id, rngs=rngs)
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, LayerKind(cfg.compress_ratios[cfg.n_layers], False), rngs=rngs)
         d = cfg.dim
         self.e_proj = nn.Fp8Linear(d, d, ("embed_out", "embed"), rngs=rngs, std=0.5 * d**-0.5)
         self.h_proj = nn.Fp8Linear(d, d, ("embed_out", "embed"), rngs=rngs, std=0.5 * d**-0.5)
@@ -99,7 +177,7 @@ class MTPBlock(Block):
         self.norm = nn.RMSNorm(d, cfg.norm_eps)
         self.hc_head_fn, self.hc_head_scale, self.hc_head_base = _hc_params(cfg, cfg.hc_mult, rngs, pre_only=True)
 
-    def mix_inputs(self, X_main_btnd, emb_btd, opts):
+    def mix_inputs(self, X_main_btnd, emb_btd, opts: Opts):
         e = self.enorm(emb_btd)
         h = self.hnorm(X_main_btnd)
         return to_bf16(self.h_proj(h, opts).astype(F32) + self.e_proj(e, opts).astype(F32)[:, :, None, :])
@@ -121,15 +199,32 @@ class Head(nnx.Module):
         return ops.f32_linear(x_btd, self.weight[...])
 
 
+def _with_layer_axis(state):
+    return jax.tree.map(lambda v: v.replace(logical_axes=("layers", *v.get_metadata()["logical_axes"])), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))  # fmt: skip
+
+
+def stacked_block(cfg: Config, kind: LayerKind, repeats: int, key: jax.Array) -> Block:
+    """A `Block` whose every parameter is stacked over `repeats` layers (leading logical axis "layers"), each layer
+    initialised from its own key, one after the other (`lax.map`: one layer's temporaries at a time)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, kind, rngs=nnx.Rngs(0))))
+    states = jax.lax.map(lambda k: nnx.state(nn.pooled(lambda rngs: Block(cfg, kind, rngs=rngs), k)),
+                         jax.random.split(key, repeats))  # fmt: skip
+    return nnx.merge(graphdef, _with_layer_axis(states))
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.dim, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.groups = nnx.List(
+            [nnx.List([stacked_block(cfg, kind, grp.repeats, rngs.params()) for kind in grp.unit])
+             for grp in layer_groups(cfg)]
+        )  # fmt: skip
         self.norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = Head(cfg.vocab_size, cfg.dim, rngs=rngs)
         self.hc_head_fn, self.hc_head_scale, self.hc_head_base = _hc_params(cfg, cfg.hc_mult, rngs, pre_only=True)
-        self.mtp = nnx.List([MTPBlock(cfg, cfg.n_layers + i, rngs=rngs) for i in range(cfg.n_mtp_layers)])
+        self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs) for _ in range(cfg.n_mtp_layers)])
 
     def head_logits(self, X_btnd, owner) -> jax.Array:
         """hc_head collapse (with `owner`'s hc_head params), final RMSNorm (`owner.norm`), fp32 logits."""
@@ -143,37 +238,8 @@ class Transformer(nnx.Module):
         h = self.embed(tokens_bt)
         return jnp.broadcast_to(h[:, :, None, :], (*h.shape[:2], self.cfg.hc_mult, h.shape[-1]))
 
-    def __call__(self, tokens_bt, opts: ops.Opts, mtp_tokens_bt=None, capture: bool = False) -> Output:
-        caps: dict[str, Any] = {}
-        X = self.streams(tokens_bt)
-        for i, layer in enumerate(self.layers):
-            rec = {} if capture else None
-            X = layer(X, tokens_bt, opts, rec)
-            if capture:
-                rec["block_out"] = X
-                caps[f"layer{i}"] = rec
-        logits = self.head_logits(X, self)
-        mtp_logits = None
-        if mtp_tokens_bt is not None and len(self.mtp):
-            mtp = self.mtp[0]
-            rec = {} if capture else None
-            Xm = mtp(mtp.mix_inputs(X, self.embed(mtp_tokens_bt), opts), mtp_tokens_bt, opts, rec)
-            mtp_logits = self.head_logits(Xm, mtp)
-            if capture:
-                caps["mtp"] = rec
-        return Output(logits=logits, mtp_logits=mtp_logits, hidden=X, captures=caps if capture else None)
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Output:
-    """logits `[b,s,V]` fp32; mtp_logits `[b,s,V]` or None; hidden: residual streams before hc_head `[b,s,n,d]`;
-    captures: per-layer activations when asked for."""
-
-    logits: jax.Array
-    mtp_logits: jax.Array | None = None
-    hidden: jax.Array | None = None
-    captures: dict | None = None
+# ---- the parameter state ---------------------------------------------------------------------------------------
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["graphdef", "config"])
@@ -193,6 +259,12 @@ class ModelState:
         graphdef, params = nnx.split(model)
         return cls(graphdef, params, model.cfg)
 
+    def block(self, layer: int) -> Block:
+        """Main layer `layer` as a `Block` of its own (its parameters sliced out of the stacks), for studying it."""
+        g, u, r = layer_slot(self.config, layer)
+        graphdef, params = nnx.split(self.model().groups[g][u])
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
+
 
 def _graphdef(cfg: Config):
     return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -208,7 +280,7 @@ def abstract(cfg: Config) -> ModelState:
 @functools.partial(jax.jit, static_argnums=0)
 def _init_params(cfg: Config, key: jax.Array):
     # Module level, so one compilation per config serves every call (a config is hashable and static).
-    return nnx.state(Transformer(cfg, rngs=nnx.Rngs(key)))
+    return nnx.state(nn.pooled(lambda rngs: Transformer(cfg, rngs=rngs), key))
 
 
 def init_random(cfg: Config, key: jax.Array | int = 0) -> ModelState:
@@ -217,38 +289,18 @@ def init_random(cfg: Config, key: jax.Array | int = 0) -> ModelState:
     return ModelState(_graphdef(cfg), _init_params(cfg, key), cfg)
 
 
-def _check_tokens(cfg: Config, tokens) -> None:
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    if tokens.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the configured maximum {cfg.max_seq_len}")
-    if not isinstance(tokens, jax.core.Tracer):
-        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
-        if lo < 0 or hi >= cfg.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+def prepare_params(state: ModelState) -> ModelState:
+    """The FP8 linears' UE8M0 block scales decoded once to the FP32 powers of two the SM90 GEMMs read (same shape,
+    K-major), instead of on every call. FP8 weight bytes, MXFP4 experts and their 1x32 scales stay as stored. The
+    reference computes the same with either form (`quant.e8m0_to_f32` passes FP32 through). Returns a new
+    `ModelState`; the scales grow from 1 to 4 bytes per 128x128 block (<0.01% of the weights)."""
+    from dsv4_jax import quant
 
-
-@functools.partial(jax.jit, static_argnames=("opts", "capture"))
-def _forward(state: ModelState, tokens, mtp_tokens, opts: ops.Opts, capture: bool) -> Output:
-    return state.model()(tokens, opts, mtp_tokens, capture)
-
-
-def forward_outputs(state: ModelState, tokens, *, mtp_tokens=None, capture: bool = False, quant_sim: bool = True,
-                    backend: str = "reference") -> Output:  # fmt: skip
-    """Full-sequence forward from position 0 with everything: logits, MTP logits (if `mtp_tokens` — the token at
-    p+1 for each position p — is given), the final residual streams and, with `capture`, per-layer activations
-    (sublayer inputs/outputs, block outputs, router choices and weights, indexer selections, KV rows and indices)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    _check_tokens(state.config, tokens)
-    if mtp_tokens is not None:
-        mtp_tokens = jnp.asarray(mtp_tokens, jnp.int32)
-        _check_tokens(state.config, mtp_tokens)
-        if mtp_tokens.shape != tokens.shape:
-            raise ValueError(f"mtp_tokens shape {mtp_tokens.shape} differs from tokens shape {tokens.shape}")
-    return _forward(state, tokens, mtp_tokens, ops.Opts(quant_sim=quant_sim, backend=backend), capture)
-
-
-def forward(state: ModelState, tokens, *, quant_sim: bool = True, backend: str = "reference") -> jax.Array:
-    """Logits `[B, S, V]` fp32 for `tokens [B, S]` (positions 0..S-1), jitted."""
-    return forward_outputs(state, tokens, quant_sim=quant_sim, backend=backend).logits
+    flat = dict(nnx.to_flat_state(state.params))
+    out = []
+    for path, var in flat.items():
+        weight = flat.get(path[:-1] + ("weight",))
+        if path[-1] == "scale" and weight is not None and weight.dtype == jnp.float8_e4m3fn:
+            var = var.replace(quant.e8m0_to_f32(var[...]))
+        out.append((path, var))
+    return ModelState(state.graphdef, nnx.from_flat_state(out), state.config)

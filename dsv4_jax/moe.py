@@ -1,10 +1,18 @@
 """Mixture of experts: sqrt-softplus gate, hash or bias-corrected top-k routing, clamped SwiGLU experts (MXFP4
 routed, FP8 shared), routing weight applied before w2 (spec §3.3).
 
-`T` tokens (flattened batch x sequence), `E` routed experts, `k` experts per token, `I` expert width.
+The routed experts are sparse end to end: `route -> dispatch -> ops.moe_experts -> combine`.
+  * `route(x)` gives each token its k experts and weights `(ids [T, k], w [T, k])`;
+  * `dispatch` sorts the (token, expert) pairs by expert into rows `x [R, d]` (R = T * k) with an `ExpertLayout`;
+  * `ops.moe_experts` (reference or kernel) runs every row through its expert;
+  * `combine` sums each token's rows in fp32, in expert-index order (the official accumulation order).
+Under expert parallelism dispatch and combine become all-to-alls and `moe_experts` sees only the local experts
+(`dsv4_jax.parallel`). `T` tokens (flattened batch x sequence), `E` routed experts, `k` experts per token.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +20,13 @@ from flax import nnx
 
 from dsv4_jax import nn, ops, quant
 from dsv4_jax.config import Config
+from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["MoE", "Gate", "route", "swiglu"]
+__all__ = ["MoE", "Gate", "route", "swiglu", "ExpertLayout", "dispatch", "combine"]
 
 BF16, F32 = jnp.bfloat16, jnp.float32
+swiglu = ops.swiglu
 
 
 def _softplus(x):
@@ -40,19 +50,55 @@ def route(logits_te, bias_e, hash_idx_tk, k: int, route_scale: float):
     return w * F32(route_scale), idx.astype(jnp.int32)
 
 
-def swiglu(gate_f32, up_f32, limit: float):
-    """`silu(min(gate, L)) * clip(up, -L, L)`: the gate is clamped from above only."""
-    if limit > 0:
-        up_f32 = jnp.clip(up_f32, -limit, limit)
-        gate_f32 = jnp.minimum(gate_f32, limit)
-    return gate_f32 / (1.0 + jnp.exp(-gate_f32)) * up_f32
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """Where each (token, expert) pair went: rows sorted by expert (stable in token order), invalid pairs last.
+
+    expert `[R]` int32 (-1: no expert); weight `[R]` f32 routing weight; group_sizes `[E]` int32 rows per expert;
+    row_of_pair `[T, k]` int32: the row of each token's j-th expert, the experts of a token in index order.
+    """
+
+    expert: jax.Array
+    weight: jax.Array
+    group_sizes: jax.Array
+    row_of_pair: jax.Array
+
+
+def dispatch(x_td, idx_tk, w_tk, n_experts: int, valid_t=None) -> tuple[jax.Array, ExpertLayout]:
+    """Sorts the (token, expert) pairs by expert: `(x_rows [T*k, d], layout)`. Tokens with `valid` False (padding)
+    get no expert (their rows come last with expert -1)."""
+    t, k = idx_tk.shape
+    order = jnp.argsort(idx_tk, axis=-1)  # each token's experts in index order: the combine order
+    idx = jnp.take_along_axis(idx_tk, order, axis=-1)
+    w = jnp.take_along_axis(w_tk, order, axis=-1)
+    if valid_t is not None:
+        idx = jnp.where(valid_t[:, None], idx, -1)
+    flat = idx.reshape(-1)
+    key = jnp.where(flat >= 0, flat, n_experts)
+    perm = jnp.argsort(key, stable=True)  # row -> pair
+    expert = flat[perm]
+    rows = jnp.zeros((t * k,), jnp.int32).at[perm].set(jnp.arange(t * k, dtype=jnp.int32))
+    group_sizes = jnp.zeros((n_experts,), jnp.int32).at[key].add(1, mode="drop")
+    layout = ExpertLayout(expert, w.reshape(-1)[perm], group_sizes, rows.reshape(t, k))
+    return x_td[perm // k], layout
+
+
+def combine(y_rd, layout: ExpertLayout) -> jax.Array:
+    """fp32 `[T, d]`: token t sums its rows in expert-index order, starting from 0 (the reference adds each expert's
+    bf16 output to an fp32 accumulator in index order)."""
+    rows = layout.row_of_pair
+    acc = jnp.zeros((rows.shape[0], y_rd.shape[-1]), F32)
+    for j in range(rows.shape[1]):
+        acc = acc + y_rd[rows[:, j]].astype(F32)
+    return acc
 
 
 class Gate(nnx.Module):
-    def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, hash_routed: bool, *, rngs: nnx.Rngs):
         e, k = cfg.n_routed_experts, cfg.n_activated_experts
         self.k, self.route_scale = k, cfg.route_scale
-        self.is_hash = cfg.is_hash_layer(layer_id)
+        self.is_hash = hash_routed
         self.weight = nn.param(nn.normal(rngs, (e, cfg.dim), cfg.dim**-0.5, BF16), ("expert_gate", "embed"))
         if self.is_hash:
             # A fixed token -> k distinct experts table (int64 in the checkpoint, held as int32).
@@ -81,34 +127,19 @@ class ExpertWeight(nnx.Module):
 class Experts(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         e, d, i, fmt = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.expert_dtype
-        self.limit, self.k = cfg.swiglu_limit, cfg.n_activated_experts
+        self.limit = cfg.swiglu_limit
         self.w1 = ExpertWeight(e, d, i, ("expert_ffn", "embed"), fmt, d**-0.5, rngs=rngs)
         self.w3 = ExpertWeight(e, d, i, ("expert_ffn", "embed"), fmt, d**-0.5, rngs=rngs)
         self.w2 = ExpertWeight(e, i, d, ("embed", "expert_ffn"), fmt, i**-0.5 * (2 * cfg.n_blocks) ** -0.5, rngs=rngs)
 
-    def __call__(self, x_td: jax.Array, weight_te: jax.Array, opts: ops.Opts) -> jax.Array:
-        """`sum_e` over experts in index order of `w2_e(bf16(weight[:, e] * swiglu(w1_e x, w3_e x)))`, fp32 `[T, d]`.
+    def weights(self) -> tuple:
+        """(w1, s1, w3, s3, w2, s2) as stored (a `LayerSlice` each inside the layer scan)."""
+        return tuple(p.get_value() for m in (self.w1, self.w3, self.w2) for p in (m.weight, m.scale))
 
-        Reference implementation: every expert runs on every token with a dense weight (0 where not routed), which
-        adds exact zeros and so equals the official per-expert accumulation bit for bit.
-        """
-        # Kernel dispatch: FP8 experts through m-grouped GEMMs (dsv4_jax.kernels.moe_grouped) when selected.
-        if opts.quant_sim and self.w1.weight.dtype == jnp.float8_e4m3fn and (kern := ops._kernel("moe_grouped", opts)):
-            ws = tuple(p[...] for m in (self.w1, self.w3, self.w2) for p in (m.weight, m.scale))
-            if (y := kern(x_td, weight_te, self.k, ws, self.limit)) is not None:
-                return y
-
-        def one_expert(acc, ew):
-            (w1, s1, w3, s3, w2, s2), wt = ew
-            g = ops.expert_linear(x_td, w1, s1, opts).astype(F32)
-            u = ops.expert_linear(x_td, w3, s3, opts).astype(F32)
-            h = to_bf16(wt[:, None] * swiglu(g, u, self.limit))
-            return acc + ops.expert_linear(h, w2, s2, opts).astype(F32), None
-
-        ws = tuple(p[...] for m in (self.w1, self.w3, self.w2) for p in (m.weight, m.scale))
-        acc0 = jnp.zeros((x_td.shape[0], self.w2.weight.shape[1]), F32)
-        acc, _ = jax.lax.scan(one_expert, acc0, (ws, weight_te.T))
-        return acc
+    def __call__(self, x_rd, layout: ExpertLayout, opts: Opts) -> jax.Array:
+        """bf16 `[R, d]`: each dispatched row through its expert (`ops.moe_experts`)."""
+        return ops.moe_experts(x_rd, layout.expert, layout.weight, layout.group_sizes, self.weights(), self.limit,
+                               opts=opts)  # fmt: skip
 
 
 class SharedExpert(nnx.Module):
@@ -119,28 +150,28 @@ class SharedExpert(nnx.Module):
         self.w3 = nn.Fp8Linear(d, i, ("ffn", "embed"), rngs=rngs)
         self.w2 = nn.Fp8Linear(i, d, ("embed", "ffn"), rngs=rngs, std=i**-0.5 * (2 * cfg.n_blocks) ** -0.5)
 
-    def __call__(self, x_td, opts: ops.Opts) -> jax.Array:
+    def __call__(self, x_td, opts: Opts) -> jax.Array:
         h = swiglu(self.w1(x_td, opts).astype(F32), self.w3(x_td, opts).astype(F32), self.limit)
         return self.w2(to_bf16(h), opts)
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, hash_routed: bool, *, rngs: nnx.Rngs):
         self.n_experts = cfg.n_routed_experts
-        self.gate = Gate(cfg, layer_id, rngs=rngs)
+        self.gate = Gate(cfg, hash_routed, rngs=rngs)
         self.experts = Experts(cfg, rngs=rngs)
         self.shared_experts = SharedExpert(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, tokens_bt, opts: ops.Opts, rec: dict | None = None, valid_bt=None) -> jax.Array:
+    def __call__(self, x_btd, tokens_bt, opts: Opts, rec=None, valid_bt=None) -> jax.Array:
         """`bf16(sum_routed + shared)` for the ffn_norm output `x [b, s, dim]`. Tokens with `valid` False (padding)
-        get no routed experts."""
+        get no routed experts. `rec` (a `dsv4_jax.runner.Capture`) receives the routing."""
         b, s, d = x_btd.shape
         x = x_btd.reshape(b * s, d)
         w, idx = self.gate(x, tokens_bt.reshape(-1))
-        if valid_bt is not None:
-            w = w * valid_bt.reshape(-1, 1).astype(F32)
         if rec is not None:
-            rec["route_idx"], rec["route_w"] = idx, w
-        dense_w = jnp.zeros((b * s, self.n_experts), F32).at[jnp.arange(b * s)[:, None], idx].add(w)
-        y = self.experts(x, dense_w, opts) + self.shared_experts(x, opts).astype(F32)
+            rec.route_idx, rec.route_w = idx, w
+        valid = None if valid_bt is None else valid_bt.reshape(-1)
+        x_rows, layout = dispatch(x, idx, w, self.n_experts, valid)
+        y_rows = self.experts(x_rows, layout, opts)
+        y = combine(y_rows, layout) + self.shared_experts(x, opts).astype(F32)
         return to_bf16(y).reshape(b, s, d)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax import ops, quant
+from dsv4_jax.options import Opts
 from dsv4_jax.rounding import cast
 
 __all__ = [
@@ -39,8 +40,47 @@ def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
-def normal(rngs: nnx.Rngs, shape, std: float, dtype=F32) -> jax.Array:
+def normal(rngs, shape, std: float, dtype=F32) -> jax.Array:
+    """Random init values: a fresh normal draw per call, or the next slice of a `NormalPool`."""
+    if isinstance(rngs, NormalPool):
+        return (rngs.take(shape) * std).astype(dtype)
     return (jax.random.normal(rngs.params(), shape, F32) * std).astype(dtype)
+
+
+class NormalPool:
+    """Stands in for `nnx.Rngs` at init: `normal` takes consecutive slices of one normal draw of `size` values,
+    `params()` gives fresh keys. One draw instead of one per parameter: XLA compiles a kernel per draw (~0.3 s each
+    on a CPU), which made a tiny model's init take ~40 s to compile. `size=None` only counts (run it under
+    `jax.eval_shape` first, see `pooled`)."""
+
+    def __init__(self, key, size: int | None = None):
+        self.key, self.size, self.used, self.keys = key, size, 0, 0
+        self.buf = None if size is None else jax.random.normal(jax.random.fold_in(key, 0), (max(size, 1),), F32)
+
+    def take(self, shape) -> jax.Array:
+        n = int(np.prod(shape, dtype=np.int64))
+        start, self.used = self.used, self.used + n
+        if self.buf is None:
+            return jnp.zeros(shape, F32)
+        return jax.lax.slice(self.buf, (start,), (start + n,)).reshape(shape)
+
+    def params(self) -> jax.Array:
+        self.keys += 1
+        return jax.random.fold_in(self.key, self.keys)
+
+
+# Above this many values per module, pooling would hold one huge fp32 draw (a full-size block: ~7 G values);
+# draw per parameter instead.
+POOL_MAX = 1 << 26
+
+
+def pooled(make, key):
+    """`make(rngs)` with a `NormalPool` sized by a counting pass (or per-parameter draws past `POOL_MAX`)."""
+    counter = NormalPool(key)
+    jax.eval_shape(lambda: nnx.state(make(counter)))
+    if counter.used > POOL_MAX:
+        return make(nnx.Rngs(key))
+    return make(NormalPool(key, counter.used))
 
 
 # ---- norms -----------------------------------------------------------------------------------------------------
@@ -78,8 +118,9 @@ class Fp8Linear(nnx.Module):
     def dequantized(self) -> jax.Array:
         return quant.dequant_fp8_weight(self.weight[...], self.scale[...])
 
-    def __call__(self, x: jax.Array, opts: ops.Opts) -> jax.Array:
-        return ops.fp8_linear(x, self.weight[...], self.scale[...], opts)
+    def __call__(self, x: jax.Array, opts: Opts) -> jax.Array:
+        # get_value(): inside the layer scan a LayerSlice, which the kernels take as (stack, layer) without a copy.
+        return ops.fp8_linear(x, self.weight.get_value(), self.scale.get_value(), opts=opts)
 
 
 class Bf16Linear(nnx.Module):

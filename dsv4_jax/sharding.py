@@ -35,6 +35,7 @@ MeshAxes = str | tuple[str, ...] | None
 class ShardingRules:
     """Logical axis name -> mesh axis (a name, a tuple of names, or None = replicated)."""
 
+    layers: MeshAxes = None  # the stacking axis of layers of one kind (never sharded: the layer scan walks it)
     vocab: MeshAxes = "tensor"
     embed: MeshAxes = None
     embed_out: MeshAxes = None

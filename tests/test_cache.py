@@ -3,6 +3,9 @@ and the compressor's one-token update against its full-sequence pooling."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,38 +46,31 @@ def test_cache_bytes():
         assert C.cache_bytes_per_token(c)["per_token"] > 0
 
 
-def test_prefill_pieces_written_per_row():
-    """Ring slot j holds the latest position p < length with p % W == j; CSA state rows 0..3 = last complete block,
-    4.. = the partial block (score -inf where empty); entries past a row's complete blocks are zero."""
-    b, s, w, d = 2, 11, 4, 3
-    pos = jnp.arange(s, dtype=jnp.float32)[None, :, None] + 100 * jnp.arange(b)[:, None, None]
-    x = jnp.broadcast_to(pos, (b, s, d))
-    lengths = jnp.array([10, 3])
-    ent = jnp.ones((b, s // 4, d), jnp.bfloat16)
-    pieces = {"window": x, "comp_kv": x, "comp_score": x, "entries": ent, "idx_kv": x, "idx_score": x,
-              "idx_keys": ent}  # fmt: skip
-    lc = C.layer_cache_from_prefill(pieces, lengths, 4, w, 16)
-    ring = np.asarray(lc.window)[..., 0]
-    np.testing.assert_array_equal(ring[0], [8, 9, 6, 7])
-    np.testing.assert_array_equal(ring[1], [100, 101, 102, 0])
-    kv, sc = np.asarray(lc.comp_kv)[..., 0], np.asarray(lc.comp_score)[..., 0]
-    np.testing.assert_array_equal(kv[0], [4, 5, 6, 7, 8, 9, 0, 0])
-    assert np.isneginf(sc[0, 6:]).all() and np.isneginf(sc[1, :4]).all() and np.isneginf(sc[1, 7:]).all()
-    np.testing.assert_array_equal(kv[1, 4:7], [100, 101, 102])
-    e = np.asarray(lc.entries, np.float32)[..., 0]
-    assert e.shape == (2, 4)
-    np.testing.assert_array_equal(e, [[1, 1, 0, 0], [0, 0, 0, 0]])
+def test_window_ring_after_a_step():
+    """Slot j holds the latest position p < start + n_new with p % W == j: from the step's rows where p >= start,
+    else the old ring; zeros where no position has reached it. Rows advance by their own n_new (0: unchanged)."""
+    from dsv4_jax.attention import _ring
+
+    w, k, d = 4, 6, 3
+    start = jnp.array([0, 5, 7])
+    n_new = jnp.array([3, 6, 0])
+    new = (100 * (1 + jnp.arange(3))[:, None] + start[:, None] + jnp.arange(k)[None, :]).astype(jnp.float32)
+    new = jnp.broadcast_to(new[..., None], (3, k, d))
+    old = jnp.broadcast_to((-1.0 - jnp.arange(w, dtype=jnp.float32))[None, :, None], (3, w, d))
+    ring = np.asarray(_ring(old, new, start, n_new, w))[..., 0]
+    np.testing.assert_array_equal(ring[0], [100, 101, 102, 0])  # positions 0..2 written, slot 3 never reached
+    np.testing.assert_array_equal(ring[1], [208, 209, 210, 207])  # positions 7..10 (5, 6 overwritten)
+    np.testing.assert_array_equal(ring[2], [-1, -2, -3, -4])  # nothing new: the old ring
 
 
 @pytest.mark.parametrize("ratio", [4, 128])
-def test_compressor_decode_matches_full_sequence(ratio):
-    """Feeding tokens one at a time (two rows at different positions) emits the same entries as pooling the whole
-    sequence, quant_sim off (CSA overlap, HCA 128-token blocks, state shift)."""
+def test_compressor_steps_match_full_sequence(ratio):
+    """Feeding a sequence in steps of varying sizes (two rows at different offsets, one padded) emits the entries
+    of pooling the whole sequence, quant_sim off (CSA overlap across steps, HCA 128-token blocks, state carry)."""
     from flax import nnx
 
-    from dsv4_jax import nn
+    from dsv4_jax import Opts, nn
     from dsv4_jax.attention import Compressor
-    from dsv4_jax.ops import Opts
     from dsv4_jax.rounding import to_bf16
 
     cfg = Config.tiny()
@@ -82,26 +78,30 @@ def test_compressor_decode_matches_full_sequence(ratio):
     graph, params = nnx.split(comp)
     inv = nn.layer_inv_freq(cfg, ratio)
     opts = Opts(quant_sim=False)
-    t = 2 * ratio + 3 if ratio == 4 else 260
+    t = 3 * ratio + 3 if ratio == 4 else 300
     x = to_bf16(jax.random.normal(jax.random.key(1), (2, t, cfg.dim)))
     full = jax.jit(lambda p, x: nnx.merge(graph, p)(x, inv, opts))(params, x)
 
-    @jax.jit
-    def step(p, x1, pos, kv, sc, ent):
-        return nnx.merge(graph, p).decode(x1, pos, kv, sc, ent, inv, opts)
+    @functools.partial(jax.jit, static_argnums=6)
+    def step(p, xs, start, n_new, lc, first, _k):
+        out = nnx.merge(graph, p).step(xs, start, n_new, lc.comp_kv, lc.comp_score, inv, opts, fresh=False)
+        return dataclasses.replace(lc, comp_kv=out.kv_state, comp_score=out.score_state,
+                                   entries=C._write_entries(lc.entries, None, out))  # fmt: skip
 
     lc = C._layer_cache(cfg, ratio, 2, t + 8)
-    kv, sc, ent = lc.comp_kv, jnp.full_like(lc.comp_score, -jnp.inf), lc.entries
-    offset = 5  # row 1 runs 5 positions behind row 0: rows complete blocks at different steps
-    for i in range(t + offset):
-        pos = jnp.array([min(i, t - 1), max(i - offset, 0)])
-        if i >= t:  # row 0 is finished: feed its last token again at the clamped position only if row 1 needs steps
-            pos = pos.at[0].set(t + 7)  # a position whose block never completes within capacity
-        xs = jnp.stack([x[0, min(i, t - 1)], x[1, max(i - offset, 0)]])[:, None]
-        if i < offset:  # row 1 has not started: keep it at position 0 until it does
-            xs = xs.at[1].set(x[1, 0][None])
-        kv, sc, ent = step(params, xs, pos, kv, sc, ent)
+    pos = np.array([0, 0])
+    sizes = [1, 3, 7, 1, 2, 5, 64, 1, 130, 9] * 4
+    for i, k in enumerate(sizes):
+        if (pos == t).all():
+            break
+        n_new = np.minimum([k, max(k - 1, 0) if i % 2 else k], t - pos)  # row 1 sometimes one token short (padding)
+        idx = np.minimum(pos[:, None] + np.arange(k)[None, :], t - 1)
+        xs = x[jnp.arange(2)[:, None], idx]
+        lc = step(params, xs, jnp.asarray(pos), jnp.asarray(n_new), lc, i == 0, k)
+        pos = pos + n_new
+    assert (pos == t).all()
     nb = t // ratio
-    e, f = np.asarray(ent[:, :nb], np.float32), np.asarray(full, np.float32)
+    e, f = np.asarray(lc.entries[:, :nb], np.float32), np.asarray(full, np.float32)
     rel = np.sqrt(np.mean((e - f) ** 2) / np.mean(f**2))
     assert rel < 2e-3, rel
+    assert not np.asarray(lc.entries[:, nb:], np.float32).any()  # no incomplete block was written

@@ -17,9 +17,9 @@ B, WIDTH, MAX_LEN = 2, 160, 320
 
 def _run(state, toks, lengths, steps, quant_sim, capture=False):
     """Prefill rows' first `lengths` tokens of `toks`, then teacher-force `steps` decode steps."""
+    from dsv4_jax import Opts
     from dsv4_jax import cache as C
-    from dsv4_jax import decode as D
-    from dsv4_jax.ops import Opts
+    from dsv4_jax import runner as D
 
     opts = Opts(quant_sim=quant_sim)
     cache = C.init_cache(state.config, B, MAX_LEN)
@@ -33,8 +33,12 @@ def _run(state, toks, lengths, steps, quant_sim, capture=False):
         lg, h, cache = r[:3]
         out.append(np.asarray(lg))
         hid.append(h)
-        if capture:
-            caps.append({k: np.asarray(v) for k, v in r[3].items()})
+        if capture:  # per step: block outputs [L, B, n, d] and the CSA layers' selections [B, topk]
+            layers = [r[3][f"layer{l}"] for l in range(state.config.n_layers)]
+            step = {"block_out": np.stack([np.asarray(c.block_out)[:, 0] for c in layers])}
+            step.update({f"indexer_topk_L{l}": np.asarray(c.indexer_topk)[:, 0] for l, c in enumerate(layers)
+                         if c.indexer_topk is not None})  # fmt: skip
+            caps.append(step)
     res.update(decode_logits=np.stack(out, 1), hidden=hid, caps=caps, cache=cache)
     return res
 
@@ -57,7 +61,7 @@ def test_prefill_writes_window_ring_exactly(official_state, parity_tokens, exact
     import dsv4_jax
 
     lengths, res = exact_run
-    out = dsv4_jax.forward_outputs(official_state, parity_tokens, quant_sim=False, capture=True)
+    out = dsv4_jax.forward_outputs(official_state, parity_tokens, opts=dsv4_jax.Opts(quant_sim=False), capture=True)
     ref = np.asarray(out.logits)
     for b in range(B):  # prefill reuses the forward's math (other matmul shapes: reduction-order noise only)
         assert rel_rms(res["prefill_logits"][b], ref[b, lengths[b] - 1]) < 0.012
@@ -143,7 +147,7 @@ def test_decode_matches_forward_quant_sim(official_state, fixture_run):
 
 
 def test_mtp_decode_matches_official_fixture(official_state, oracle, fixture_run):
-    from dsv4_jax import decode as D
+    from dsv4_jax import runner as D
 
     toks, lengths, res = fixture_run
     # a fresh cache with the main prefill (the MTP pass needs the prompt's residual streams)

@@ -80,13 +80,14 @@ def greedy(official_state, prompts):
     from dsv4_jax import generation as G
 
     toks, lengths = prompts
-    out = G.generate(official_state, toks, lengths, sampler=Sampler(max_new_tokens=N, eos_id=None), max_len=MAX_LEN)
+    out = G.generate(official_state, toks, lengths, sampler=Sampler(max_new_tokens=N, eos_id=None, mtp=True),
+                     max_len=MAX_LEN)
     return jax.tree.map(np.asarray, out)
 
 
 def test_greedy_tokens_are_argmax_of_decode(official_state, oracle, prompts, greedy):
     from dsv4_jax import cache as C
-    from dsv4_jax import decode as D
+    from dsv4_jax import runner as D
 
     toks, lengths = prompts
     assert greedy.tokens.shape == (2, N) and (greedy.num_tokens == N).all()
@@ -123,7 +124,7 @@ def test_eos_stops_rows_at_different_steps_without_recompiling(official_state, p
     cands = [t for t in greedy.tokens[0, 1:] if t not in greedy.tokens[1, :3]]
     eos = int(cands[0])
     first = [int(np.argmax(greedy.tokens[b] == eos)) if (greedy.tokens[b] == eos).any() else None for b in range(2)]
-    sampler = Sampler(max_new_tokens=N, eos_id=eos)  # pad_id (static) as in `greedy`
+    sampler = Sampler(max_new_tokens=N, eos_id=eos, mtp=True)  # pad_id (static) as in `greedy`
     out = jax.tree.map(np.asarray, G.generate(official_state, toks, lengths, sampler=sampler, max_len=MAX_LEN))
     for b in range(2):
         n = N if first[b] is None else first[b] + 1
@@ -140,7 +141,7 @@ def test_seeds_reproduce_and_second_call_does_not_recompile(official_state, prom
 
     toks, lengths = prompts
     traces, size = G.TRACE_COUNT["generate"], G._generate._cache_size()
-    s = Sampler(max_new_tokens=N, eos_id=None, temperature=1.0, top_k=8)
+    s = Sampler(max_new_tokens=N, eos_id=None, temperature=1.0, top_k=8, mtp=True)
     a = np.asarray(G.generate(official_state, toks, lengths, sampler=s, key=3, max_len=MAX_LEN).tokens)
     b = np.asarray(G.generate(official_state, toks, lengths, sampler=s, key=3, max_len=MAX_LEN).tokens)
     c = np.asarray(G.generate(official_state, toks, lengths, sampler=s, key=4, max_len=MAX_LEN).tokens)

@@ -1,13 +1,18 @@
-"""MoE routing and experts against hand-derived expectations."""
+"""MoE routing, dispatch / combine and the sparse experts against hand-derived expectations."""
 
 from __future__ import annotations
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from dsv4_jax import Config, ops
-from dsv4_jax.moe import MoE, route, swiglu
+from dsv4_jax import Capture, Config, Opts, ops
+from dsv4_jax.moe import MoE, combine, dispatch, route, swiglu
+from dsv4_jax.ops import experts as ME
 from dsv4_jax.rounding import to_bf16
 
 CFG = Config.tiny()
@@ -48,39 +53,93 @@ def test_swiglu_clamp_is_asymmetric():
 
 def test_hash_and_bias_layers_and_padding():
     rngs = nnx.Rngs(0)
-    hash_moe, bias_moe = MoE(CFG, 0, rngs=rngs), MoE(CFG, CFG.n_hash_layers, rngs=rngs)
+    hash_moe, bias_moe = MoE(CFG, True, rngs=rngs), MoE(CFG, False, rngs=rngs)
     assert hash_moe.gate.is_hash and not hasattr(hash_moe.gate, "bias")
     assert not bias_moe.gate.is_hash and not hasattr(bias_moe.gate, "tid2eid")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, CFG.dim)), jnp.bfloat16)
     tokens = jnp.asarray([[3, 3, 7, 7, 9, 11]])
-    rec = {}
-    hash_moe(x, tokens, ops.Opts(), rec)
+    rec = Capture()
+    hash_moe(x, tokens, Opts(), rec)
     idx = np.asarray(rec["route_idx"])
     np.testing.assert_array_equal(idx[0], idx[1])  # same token, same experts, whatever the hidden state
     np.testing.assert_array_equal(idx, np.asarray(hash_moe.gate.tid2eid[...])[np.asarray(tokens[0])])
     # Padding (valid False) gets no routed experts: only the shared expert contributes.
     valid = jnp.asarray([[True] * 5 + [False]])
-    y = np.asarray(bias_moe(x, tokens, ops.Opts(), None, valid), np.float32)
-    shared = np.asarray(bias_moe.shared_experts(x.reshape(6, -1), ops.Opts()), np.float32)
+    y = np.asarray(bias_moe(x, tokens, Opts(), None, valid), np.float32)
+    shared = np.asarray(bias_moe.shared_experts(x.reshape(6, -1), Opts()), np.float32)
     np.testing.assert_array_equal(y[0, 5], shared[5])
     assert not np.array_equal(y[0, 4], shared[4])
 
 
+def test_dispatch_sorts_by_expert_and_combine_sums_in_index_order():
+    idx = jnp.asarray([[3, 1], [1, 0], [2, 3]], jnp.int32)  # token 0: experts 3 and 1, ...
+    w = jnp.asarray([[0.25, 0.75], [0.5, 0.5], [1.0, 2.0]], jnp.float32)
+    x = jnp.arange(3, dtype=jnp.float32)[:, None] * jnp.ones((3, 2))
+    rows, lay = dispatch(x, idx, w, 4, valid_t=jnp.asarray([True, True, False]))
+    np.testing.assert_array_equal(np.asarray(lay.expert), [0, 1, 1, 3, -1, -1])  # sorted; the padding token last
+    np.testing.assert_array_equal(np.asarray(lay.group_sizes), [1, 2, 0, 1])
+    np.testing.assert_array_equal(np.asarray(rows)[:4, 0], [1, 0, 1, 0])  # e0: token 1; e1: tokens 0, 1; e3: token 0
+    np.testing.assert_allclose(np.asarray(lay.weight)[:4], [0.5, 0.75, 0.5, 0.25])
+    np.testing.assert_array_equal(np.asarray(lay.row_of_pair)[:2], [[1, 3], [0, 2]])  # each token's experts in order
+    # combine: token t sums its rows in expert-index order
+    y = jnp.asarray(np.arange(6, dtype=np.float32)[:, None] * np.ones((6, 2)), jnp.bfloat16)
+    out = np.asarray(combine(y, lay))
+    np.testing.assert_allclose(out[:, 0], [1 + 3, 0 + 2, np.asarray(lay.row_of_pair)[2].sum()])
+
+
+def _experts(fmt: str, e: int, d: int = 256, inter: int = 128):
+    from dsv4_jax.moe import Experts
+
+    cfg = Config.tiny(n_routed_experts=e, dim=d, moe_inter_dim=inter, expert_dtype=fmt)
+    return Experts(cfg, rngs=nnx.Rngs(3)).weights()
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_sparse_experts_per_row_and_per_expert_paths_agree(fmt, monkeypatch):
+    """The reference gathers each row's expert weights for few rows and scans the experts that have rows for many:
+    the same numbers either way (a row's result does not depend on the batch), and unrouted rows are exact zeros."""
+    ws = _experts(fmt, 8)
+    rng = np.random.default_rng(0)
+    t, k = 7, 2
+    x = jnp.asarray(rng.normal(size=(t, 256)), jnp.bfloat16)
+    idx = jnp.asarray(np.argsort(rng.random((t, 8)), -1)[:, :k], jnp.int32)
+    w = jnp.asarray(rng.random((t, k)) + 0.5, jnp.float32)
+    rows, lay = dispatch(x, idx, w, 8, valid_t=jnp.asarray([True] * 6 + [False]))
+    args = (rows, lay.expert, lay.weight, lay.group_sizes, ws, 10.0)
+    per_row = np.asarray(ME._moe_experts_reference(*args, quant_sim=True), np.float32)
+    monkeypatch.setattr(ME, "PER_ROW_ELEMENTS", 0)
+    monkeypatch.setattr(ME, "CHUNK_ROWS", 2)  # several chunks per expert
+    per_expert = np.asarray(ME._moe_experts_reference(*args, quant_sim=True), np.float32)
+    np.testing.assert_array_equal(per_row, per_expert)
+    assert (per_row[-2:] == 0).all() and np.abs(per_row[:-2]).min(axis=-1).max() > 0
+
+
 def test_routing_weight_is_applied_before_w2():
     """The official order: w2 sees bf16(weight * swiglu(...)) (its FP8 input quantization differs from applying the
-    weight after w2, which HF does)."""
-    moe = MoE(CFG, CFG.n_hash_layers, rngs=nnx.Rngs(1))
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, CFG.dim)), jnp.bfloat16)
-    dense = jnp.zeros((5, CFG.n_routed_experts)).at[:, 3].set(0.37)
-    got = np.asarray(moe.experts(x, dense, ops.Opts()))
-    e = moe.experts
-    w = {n: (getattr(e, n).weight[...][3], getattr(e, n).scale[...][3]) for n in ("w1", "w2", "w3")}
-    g = ops.expert_linear(x, *w["w1"], ops.Opts()).astype(jnp.float32)
-    u = ops.expert_linear(x, *w["w3"], ops.Opts()).astype(jnp.float32)
-    h = swiglu(g, u, CFG.swiglu_limit)
-    before = np.asarray(ops.expert_linear(to_bf16(0.37 * h), *w["w2"], ops.Opts()), np.float32)
-    after = 0.37 * np.asarray(ops.expert_linear(to_bf16(h), *w["w2"], ops.Opts()), np.float32)
+    weight after w2, which HF does). One row, expert 3 of the fp4 experts."""
+    ws = _experts("fp4", 8)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 256)), jnp.bfloat16)
+    got = np.asarray(ops.moe_experts(x, jnp.asarray([3]), jnp.asarray([0.37]), jnp.asarray([0, 0, 0, 1, 0, 0, 0, 0]),
+                                     ws, 10.0), np.float32)  # fmt: skip
+    w1, s1, w3, s3, w2, s2 = (a[3] for a in ws)
+    g = ops.fp4_linear(x, w1, s1).astype(jnp.float32)
+    u = ops.fp4_linear(x, w3, s3).astype(jnp.float32)
+    h = swiglu(g, u, 10.0)
+    before = np.asarray(ops.fp4_linear(to_bf16(0.37 * h), w2, s2), np.float32)
+    after = 0.37 * np.asarray(ops.fp4_linear(to_bf16(h), w2, s2), np.float32)
     np.testing.assert_array_equal(got, before)
     assert not np.array_equal(got, after)
-    y0 = np.asarray(moe.experts(x, jnp.zeros_like(dense), ops.Opts()))
-    np.testing.assert_array_equal(y0, 0.0)  # unrouted tokens contribute exact zeros
+    none = np.asarray(ops.moe_experts(x, jnp.asarray([-1]), jnp.asarray([0.37]), jnp.zeros(8, jnp.int32), ws, 10.0))
+    np.testing.assert_array_equal(none, 0.0)  # an unrouted row gives exact zeros
+
+
+def test_moe_reference_cost_grows_with_routed_rows_not_experts():
+    """The lowered reference for 256 experts holds no [tokens, experts] array: its work is per routed row."""
+    ws = _experts("fp4", 256)
+    x = jnp.ones((16, 256), jnp.bfloat16)
+    e = jnp.zeros((16,), jnp.int32)
+    text = jax.jit(lambda x, e: ops.moe_experts(x, e, jnp.ones(16), jnp.zeros(256, jnp.int32), ws, 10.0)).lower(
+        x, e).as_text()  # fmt: skip
+    decoded = re.findall(r"tensor<(256x[0-9x]+)xf32>", text)
+    assert not decoded, decoded  # no decoded stack of all experts: only the 16 rows' experts are decoded
+    assert re.findall(r"tensor<16x128x256xf32>", text)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import rel_rms
 
-from dsv4_jax import forward_outputs, ops
+from dsv4_jax import Capture, Opts, forward_outputs
 
 LAYERS = range(6)
 CSA_LAYERS = (2, 4)
@@ -23,21 +23,21 @@ CSA_LAYERS = (2, 4)
 
 @functools.partial(jax.jit, static_argnums=2)
 def _attn(state, x, layer):
-    rec = {}
-    y = state.model().layers[layer].attn(x, ops.Opts(), rec)
+    rec = Capture()
+    y = state.block(layer).attn(x, Opts(), rec)
     return y, rec
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def _ffn(state, x, tokens, layer):
-    rec = {}
-    y = state.model().layers[layer].ffn(x, tokens, ops.Opts(), rec)
+    rec = Capture()
+    y = state.block(layer).ffn(x, tokens, Opts(), rec)
     return y, rec
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _block(state, X, layer, tokens):
-    return state.model().layers[layer](X, tokens, ops.Opts())
+    return state.block(layer)(X, tokens, Opts())
 
 
 def _bf16(a):

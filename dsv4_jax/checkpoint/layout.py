@@ -23,7 +23,7 @@ from dsv4_jax.checkpoint.safetensors_io import DTYPES, SafetensorsError, TensorI
 from dsv4_jax.config import Config
 
 __all__ = ["CheckpointError", "ParamSpec", "DISK_DTYPE", "param_table", "tensor_table", "without_mtp", "validate",
-           "check", "read_param", "check_values", "group_of"]  # fmt: skip
+           "check", "read_param", "check_values", "group_of", "assemble", "layer_sharding"]  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -44,14 +44,16 @@ DISK_DTYPE: dict[np.dtype, str] = {
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    path: tuple  # parameter path, e.g. ("layers", 3, "ffn", "experts", "w1", "weight")
-    shape: tuple[int, ...]  # in-memory shape (experts stacked on axis 0)
+    path: tuple  # released parameter path, e.g. ("layers", 3, "ffn", "experts", "w1", "weight")
+    shape: tuple[int, ...]  # in-memory shape of this layer's parameter (experts stacked on axis 0)
     dtype: np.dtype  # in-memory dtype
     axes: tuple  # logical axes
     names: tuple[str, ...]  # native tensor name(s): one per expert for routed experts
     disk_dtype: str  # safetensors dtype of each native tensor
     disk_shape: tuple[int, ...]  # shape of each native tensor
     group: str  # streaming group: "globals", "layer_{i}" or "mtp_{i}"
+    state_path: tuple = ()  # where it lives in `ModelState.params` (main layers: a stack over layers, see
+    layer_index: int | None = None  # `dsv4_jax.model.layer_groups`) and its index on the stack's axis 0, or None
 
     @property
     def stacked(self) -> bool:
@@ -96,17 +98,26 @@ def param_table(cfg: Config) -> tuple[ParamSpec, ...]:
 
     from dsv4_jax.model import abstract
 
+    from dsv4_jax.model import layer_groups
+
+    groups = layer_groups(cfg)
     specs = []
-    for path, var in nnx.to_flat_state(abstract(cfg).params):
+    for state_path, var in nnx.to_flat_state(abstract(cfg).params):
         dtype = np.dtype(var.dtype)
         axes = tuple(var.get_metadata().get("logical_axes", (None,) * len(var.shape)))
-        if len(path) >= 3 and path[-3] == "experts":
-            names = tuple(_native(path, e) for e in range(var.shape[0]))
-            disk_shape = tuple(var.shape[1:])
+        if state_path[0] == "groups":  # ("groups", g, u, *rest) stacked over the group's repeats
+            grp, u, rest = groups[state_path[1]], state_path[2], state_path[3:]
+            copies = [(("layers", grp.layer(u, r), *rest), r) for r in range(grp.repeats)]
+            shape, axes = tuple(var.shape[1:]), axes[1:]
         else:
-            names, disk_shape = (_native(path),), tuple(var.shape)
-        specs.append(ParamSpec(path, tuple(var.shape), dtype, axes, names, DISK_DTYPE[dtype], disk_shape,
-                               group_of(path)))  # fmt: skip
+            copies, shape = [(state_path, None)], tuple(var.shape)
+        for path, r in copies:
+            if len(path) >= 3 and path[-3] == "experts":
+                names, disk_shape = tuple(_native(path, e) for e in range(shape[0])), shape[1:]
+            else:
+                names, disk_shape = (_native(path),), shape
+            specs.append(ParamSpec(path, shape, dtype, axes, names, DISK_DTYPE[dtype], disk_shape, group_of(path),
+                                   state_path, r))  # fmt: skip
     order = {"globals": (0, 0), **{f"layer_{i}": (1, i) for i in range(cfg.n_layers)},
              **{f"mtp_{i}": (2, i) for i in range(cfg.n_mtp_layers)}}  # fmt: skip
     return tuple(sorted(specs, key=lambda s: (order[s.group], s.key)))
@@ -306,3 +317,53 @@ def read_param(tensors: dict[str, TensorInfo], spec: ParamSpec, n_experts: int |
         except SafetensorsError as err:
             raise CheckpointError(str(err)) from None
     return out
+
+
+# ---- from per-layer values to the stacked state ------------------------------------------------------------------
+
+
+def layer_sharding(spec: ParamSpec, state_sharding):
+    """The sharding of one layer's copy of a stacked parameter: the stack's sharding without its leading (layers)
+    axis, which is never sharded."""
+    import jax
+
+    if spec.layer_index is None or not isinstance(state_sharding, jax.sharding.NamedSharding):
+        return state_sharding
+    return jax.sharding.NamedSharding(state_sharding.mesh, jax.sharding.PartitionSpec(*state_sharding.spec[1:]))
+
+
+def assemble(ab, cfg: Config, values: dict, shardings: dict | None = None):
+    """A `ModelState` from per-layer values keyed by released path (`ParamSpec.path`): the copies of a stacked
+    parameter are stacked one parameter at a time (at most one stack is held twice), into `shardings[state_path]`
+    when given. Raises `CheckpointError` listing every missing or mismatched value."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv4_jax.model import ModelState
+
+    flat = dict(nnx.to_flat_state(ab.params))
+    by_state: dict[tuple, list[ParamSpec]] = defaultdict(list)
+    problems = []
+    for spec in param_table(cfg):
+        v = values.get(spec.path)
+        if v is None:
+            problems.append(f"{spec.key}: not restored")
+        elif tuple(v.shape) != spec.shape or np.dtype(v.dtype) != spec.dtype:
+            problems.append(f"{spec.key}: {np.dtype(v.dtype).name}{list(v.shape)}, expected {spec.dtype.name}"
+                            f"{list(spec.shape)}")  # fmt: skip
+        by_state[spec.state_path].append(spec)
+    if problems:
+        raise CheckpointError("restored parameters do not match the model:\n  " + "\n  ".join(problems))
+    out = []
+    for path, var in flat.items():
+        specs = by_state[path]
+        if specs[0].layer_index is None:
+            value = values.pop(specs[0].path)
+        else:
+            parts = [values.pop(s.path) for s in sorted(specs, key=lambda s: s.layer_index)]
+            target = None if shardings is None else shardings[path]
+            value = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=target)(*parts)
+            del parts
+        out.append((path, var.replace(value)))
+    return ModelState(ab.graphdef, nnx.from_flat_state(out), cfg)

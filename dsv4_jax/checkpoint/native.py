@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dsv4_jax.checkpoint.layout import CheckpointError, check, param_table, read_param, without_mtp
+from dsv4_jax.checkpoint.layout import CheckpointError, assemble, check, param_table, read_param, without_mtp
 from dsv4_jax.checkpoint.safetensors_io import SafetensorsError, TensorInfo, read_header
 from dsv4_jax.config import Config
 
@@ -118,11 +117,9 @@ def iter_params(folder, cfg: Config, *, mtp: bool | None = None, tensors: dict |
 def load_native(folder: str | os.PathLike, cfg: Config | None = None, *, mtp: bool | None = None):
     """A `ModelState` read directly from a released checkpoint folder on the default device (small models; use
     `dsv4_jax.checkpoint.restore.load` for sharding or large models). `mtp=False` drops the MTP layer."""
-    from dsv4_jax.model import ModelState, abstract
+    from dsv4_jax.model import abstract
 
     cfg = read_config(folder) if cfg is None else cfg
     model_cfg = cfg if (cfg.n_mtp_layers and mtp is not False) else without_mtp(cfg)
-    ab = abstract(model_cfg)
-    flat = dict(nnx.to_flat_state(ab.params))
-    values = [(path, flat[path].replace(jnp.asarray(v))) for path, v in iter_params(folder, cfg, mtp=mtp)]
-    return ModelState(ab.graphdef, nnx.from_flat_state(values), model_cfg)
+    values = {path: jnp.asarray(v) for path, v in iter_params(folder, cfg, mtp=mtp)}
+    return assemble(abstract(model_cfg), model_cfg, values)

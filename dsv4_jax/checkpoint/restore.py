@@ -18,8 +18,10 @@ from dsv4_jax.checkpoint.convert import META, is_orbax_checkpoint, item_key, rea
 from dsv4_jax.checkpoint.layout import (
     CheckpointError,
     ParamSpec,
+    assemble,
     check,
     check_values,
+    layer_sharding,
     param_table,
     read_param,
     without_mtp,
@@ -60,25 +62,6 @@ def _shardings(cfg: Config, mesh, rules):
     from dsv4_jax.sharding import param_shardings
 
     return ab, dict(nnx.to_flat_state(param_shardings(ab, mesh, rules)))
-
-
-def _assemble(ab, cfg: Config, values: dict) -> object:
-    from flax import nnx
-
-    from dsv4_jax.model import ModelState
-
-    flat = dict(nnx.to_flat_state(ab.params))
-    problems = []
-    for path, var in flat.items():
-        v = values.get(path)
-        if v is None:
-            problems.append(f"{'.'.join(map(str, path))}: not restored")
-        elif v.shape != var.shape or v.dtype != var.dtype:
-            problems.append(f"{'.'.join(map(str, path))}: {v.dtype}{list(v.shape)}, expected {var.dtype}{var.shape}")
-    if problems:
-        raise CheckpointError("restored parameters do not match the model:\n  " + "\n  ".join(problems))
-    state = nnx.from_flat_state([(p, var.replace(values[p])) for p, var in flat.items()])
-    return ModelState(ab.graphdef, state, cfg)
 
 
 def _want_mtp(cfg: Config, mtp: bool | None) -> bool:
@@ -130,12 +113,13 @@ def _load_orbax(path: str, mesh, rules, mtp: bool | None, concurrent_gb: int, pr
         target, restore_args = {}, {}
         for s in item_specs:
             key = item_key(s)
-            sds = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings[s.path])
+            sharding = layer_sharding(s, shardings[s.state_path])
+            sds = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
             d, r = target, restore_args
             for k in key[:-1]:
                 d, r = d.setdefault(k, {}), r.setdefault(k, {})
             d[key[-1]] = sds
-            r[key[-1]] = ocp.ArrayRestoreArgs(sharding=shardings[s.path], global_shape=s.shape, dtype=s.dtype)
+            r[key[-1]] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=s.shape, dtype=s.dtype)
         try:
             out = ckptr.restore(
                 os.path.join(path, item), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
@@ -148,7 +132,7 @@ def _load_orbax(path: str, mesh, rules, mtp: bool | None, concurrent_gb: int, pr
                 v = v[k]
             values[s.path] = v
         del out
-    return model_cfg, _assemble(ab, model_cfg, values)
+    return model_cfg, assemble(ab, model_cfg, values, shardings)
 
 
 def _native_array(tensors, spec: ParamSpec, sharding, n_experts: int) -> jax.Array:
@@ -188,8 +172,9 @@ def _load_native(path: str, mesh, rules, mtp: bool | None, progress: bool):
         from tqdm import tqdm
 
         it = tqdm(specs, desc=f"load {os.path.basename(path)}", unit="param")
-    values = {s.path: _native_array(tensors, s, shardings[s.path], cfg.n_routed_experts) for s in it}
-    return model_cfg, _assemble(ab, model_cfg, values)
+    values = {s.path: _native_array(tensors, s, layer_sharding(s, shardings[s.state_path]), cfg.n_routed_experts)
+              for s in it}  # fmt: skip
+    return model_cfg, assemble(ab, model_cfg, values, shardings)
 
 
 def load(

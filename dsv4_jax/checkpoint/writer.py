@@ -117,7 +117,9 @@ class _StateSource:
 
     def __call__(self, name, spec: ParamSpec, expert):
         if self.cached[0] != spec.path:
-            self.cached = (spec.path, np.asarray(self.flat[spec.path].get_value()))
+            value = self.flat[spec.state_path].get_value()
+            value = value if spec.layer_index is None else value[spec.layer_index]
+            self.cached = (spec.path, np.asarray(value))
         arr = self.cached[1]
         return _to_disk(arr[expert] if expert is not None else arr, spec)
 

@@ -1,16 +1,16 @@
 """JAX wrappers of the dsv4_jax_ffi CUDA kernels (XLA FFI custom calls) and their registration.
 
-The extension (`ffi/`, package `dsv4_jax_ffi`) is optional. `kernels()` is what `dsv4_jax.kernels.select` consults:
-it returns `({op: callable}, None)` when the extension imports and the default device is a CUDA SM90 GPU, else
-`({}, reason)`. On CPU the reason is only reported when `backend="ffi"` asks for a kernel.
+The extension (`ffi/`, package `dsv4_jax_ffi`) is optional: `load()` imports it and registers its handlers, or says
+why it cannot. These are plain functions of arrays: they never import model code and know nothing of `Opts`; which
+op runs which of them is decided in `dsv4_jax.ops` (the registry), never here.
 
-Ops:
-  * "fp8_gemm":     `fp8_linear(x bf16 [..., K], w e4m3 [N, K], s e8m0|f32 [N/128, K/128]) -> bf16 [..., N]`:
-                    per-token 1x128 pow2 FP8 quantization (our kernel) + DeepGEMM SM90 1D2D GEMM, one FFI call;
-                    at M <= 8 rows our GEMV (`fp8_gemv`, mma.sync on 16 weight rows x 8 tokens per warp tile)
-                    replaces the DeepGEMM GEMM.
-  * "act_quant":    `act_quant(x) -> (e4m3, f32 [M, K/128])`, bit-identical to `dsv4_jax.quant.act_quant`.
-  * "moe_grouped":  the FP8 routed experts through m-grouped GEMMs (`dsv4_jax.kernels.moe_grouped`).
+Wrappers:
+  * `fp8_linear(x bf16 [..., K], w e4m3 [N, K], s e8m0|f32 [N/128, K/128]) -> bf16 [..., N]`: per-token 1x128 pow2
+    FP8 quantization (our kernel) + DeepGEMM SM90 1D2D GEMM, one FFI call; at M <= 8 rows our GEMV (`fp8_gemv`,
+    mma.sync on 16 weight rows x 8 tokens per warp tile) replaces the DeepGEMM GEMM.
+  * `act_quant(x) -> (e4m3, f32 [M, K/128])`, bit-identical to `dsv4_jax.quant.act_quant`; `act_quant_rows` gathers
+    rows into grouped layouts; `swiglu_quant` fuses `bf16(w * SwiGLU)` with it.
+  * grouped GEMMs (`grouped_gemm_contig`, `grouped_gemm_masked`) and the GEMVs (`fp8_gemv`, `fp8_gemv_pair`).
 
 Weight scales: the SM90 kernels read FP32 scales `[G, ceil(N/128), K/128]` (K-major). `sm90_weight_scales` converts the
 checkpoint's UE8M0 bytes once (a loader can store its result); wrappers also accept UE8M0 and convert in-graph.
@@ -21,7 +21,6 @@ MN-major, `[groups, K/128, align(rows, 4)]`.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,8 @@ import numpy as np
 from dsv4_jax import quant
 
 __all__ = [
-    "kernels",
     "load",
+    "device_problem",
     "instantiated",
     "sm90_weight_scales",
     "act_quant",
@@ -94,7 +93,8 @@ def load():
     return dsv4_jax_ffi, None
 
 
-def _device_problem() -> str | None:
+def device_problem() -> str | None:
+    """Why the default JAX device cannot run these kernels (None: it can)."""
     try:
         dev = jax.devices()[0]
     except RuntimeError as e:
@@ -117,17 +117,6 @@ def _table() -> frozenset:
 
 def instantiated(kind: str, n: int, k: int, g: int, block_m: int) -> bool:
     return (kind, n, k, g, block_m) in _table()
-
-
-def kernels() -> tuple[dict, str | None]:
-    mod, why = load()
-    if mod is None:
-        return {}, why
-    if (why := _device_problem()) is not None:
-        return {}, why
-    from dsv4_jax.kernels import moe_grouped
-
-    return {"fp8_gemm": fp8_linear, "act_quant": act_quant, "moe_grouped": moe_grouped.routed_experts}, None
 
 
 # ---- weight scales -------------------------------------------------------------------------------------------
@@ -185,7 +174,7 @@ def swiglu_quant(g: jax.Array, u: jax.Array, w: jax.Array, valid: jax.Array | No
 # ---- GEMMs -----------------------------------------------------------------------------------------------------
 
 
-def _dense_block_m(m: int) -> int:
+def dense_block_m(m: int) -> int:
     return 64 if m <= 64 else 128
 
 
@@ -203,15 +192,9 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
     n = w.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m > GEMV_MAX_M and not instantiated("dense", n, k, 1, _dense_block_m(m)):
-        warnings.warn(
-            f"dsv4_jax_ffi has no FP8 GEMM instantiation for N={n} K={k}; using the reference "
-            "(add the shape to ffi/gen/gen_instantiations.py and rebuild)",
-            stacklevel=2,
-        )
-        from dsv4_jax import ops
-
-        return ops.fp8_linear(x, w, s, ops.Opts(backend="reference"))
+    if m > GEMV_MAX_M and not instantiated("dense", n, k, 1, dense_block_m(m)):
+        raise ValueError(f"fp8_linear: dsv4_jax_ffi has no FP8 GEMM instantiation for N={n} K={k} (M={m}); add the "
+                         "shape to ffi/gen/gen_instantiations.py and rebuild")  # fmt: skip
     out, _, _ = jax.ffi.ffi_call(
         "dsv4_fp8_linear",
         (

@@ -1,0 +1,43 @@
+"""The kernel side of `dsv4_jax.ops.fp8_linear`: our FP8 quantization + GEMV (M <= 8 rows) or DeepGEMM's SM90 GEMM.
+
+A weight that is one layer of a stack (`LayerSlice`, inside the layer scan) goes to the GEMV as the whole stack with
+the layer as its weight group, so no step copies it; the DeepGEMM GEMMs (M > 8: prefill, large batches) take the
+layer's slice, which XLA materialises (a copy of the weight per call; acceptable where thousands of rows amortise it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.kernels import ffi_ops
+from dsv4_jax.layer_view import LayerSlice, materialize
+
+__all__ = ["fp8_linear", "fp8_linear_unsupported"]
+
+
+def fp8_linear_unsupported(x, w, s) -> str | None:
+    """Why the kernel cannot compute `fp8_linear(x, w, s)` (None: it can)."""
+    k = x.shape[-1]
+    n = w.shape[-2]
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    if k % 128:
+        return f"K={k} is not a multiple of 128"
+    if m > ffi_ops.GEMV_MAX_M and not ffi_ops.instantiated("dense", n, k, 1, ffi_ops.dense_block_m(m)):
+        return f"no AOT GEMM instantiation for N={n} K={k} (add the shape to ffi/gen/gen_instantiations.py)"
+    return None
+
+
+def fp8_linear(x: jax.Array, w, s) -> jax.Array:
+    """bf16 `[..., K]` x e4m3 `[N, K]` (UE8M0 or f32 block scales) -> bf16 `[..., N]`, quant_sim numerics."""
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k)
+    if isinstance(w, LayerSlice) and x2.shape[0] <= ffi_ops.GEMV_MAX_M:
+        q, sfa = ffi_ops.act_quant_rows(x2)
+        groups = jnp.full((x2.shape[0],), w.index, jnp.int32)
+        stack_s = s.stack if isinstance(s, LayerSlice) else s[None]
+        y = ffi_ops.fp8_gemv(q, sfa, w.stack, stack_s, groups=groups)
+        return y.reshape(*lead, w.shape[0])
+    return ffi_ops.fp8_linear(x, materialize(w), materialize(s))

@@ -1,0 +1,25 @@
+"""The ops of DeepSeek-V4 that have (or may have) a kernel, each a pure-JAX reference twin registered with its kernel
+and kill switch in `registry`; plus the reference-only linears.
+
+    from dsv4_jax import ops
+    y = ops.fp8_linear(x, w, s, opts=opts)      # reference or kernel, decided by opts.backend (registry)
+"""
+
+from dsv4_jax.ops.linear import bf16_linear, blockwise_gemm, f32_linear, fp4_linear, fp8_linear, sum_in_order
+from dsv4_jax.ops.experts import moe_experts, swiglu
+from dsv4_jax.ops.registry import KernelUnavailable, record
+from dsv4_jax.options import Opts
+
+__all__ = [
+    "KernelUnavailable",
+    "Opts",
+    "bf16_linear",
+    "blockwise_gemm",
+    "f32_linear",
+    "fp4_linear",
+    "fp8_linear",
+    "moe_experts",
+    "record",
+    "sum_in_order",
+    "swiglu",
+]

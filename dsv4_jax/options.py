@@ -1,0 +1,35 @@
+"""`Opts`: the static switches of every model function (`forward`, `prefill`, `decode_step`, `extend`, `generate`).
+
+Hashable, so it is part of each jit cache key: changing a switch compiles a new program, calling again with the same
+switches reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Opts", "BACKENDS"]
+
+BACKENDS = ("reference", "ffi", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Opts:
+    """quant_sim: simulate the official in-forward quantization (FP8 activations before every FP8/FP4 GEMM, FP8 KV
+      and FP4 indexer fake-quant). False gives the exact-arithmetic model that e.g. HF transformers implements.
+    backend: which implementation each op runs (`dsv4_jax.ops.registry`):
+      * "auto" (default): the FFI kernel where it can run (extension importable, CUDA SM90 device, shape supported,
+        not killed by `DSV4_JAX_DISABLE_KERNELS`), else the pure-JAX reference: silently on CPU, with one log line
+        per op and reason on a GPU;
+      * "ffi": the kernel or a clear error naming the op and why it cannot run;
+      * "reference": the pure-JAX reference everywhere.
+    """
+
+    quant_sim: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+        if not isinstance(self.quant_sim, bool):
+            raise ValueError(f"quant_sim={self.quant_sim!r} must be a bool")
