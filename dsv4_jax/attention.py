@@ -73,13 +73,15 @@ def gather_rows(sources, idx):
     out = None
     for src, off in sources:
         n = src.shape[1]
+        if n == 0:  # e.g. no complete compressed block yet
+            continue
         local = idx - off
         hit = (local >= 0) & (local < n)
         li = jnp.clip(local, 0, n - 1)
         rows = src.stack[src.index, bi, li] if isinstance(src, LayerSlice) else src[bi, li]
         rows = jnp.where(hit[..., None], rows.astype(F32), 0.0)
         out = rows if out is None else out + rows  # sources are disjoint: adding zeros is exact
-    return out
+    return out if out is not None else jnp.zeros((*idx.shape, sources[0][0].shape[-1]), F32)
 
 
 def sparse_attention(q_bshd, kv, idx_bsk, sink_h, scale: float, chunk: int = 1024) -> jax.Array:

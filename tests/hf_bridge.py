@@ -14,11 +14,9 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 from dsv4_jax import Config, quant
-from dsv4_jax.checkpoint.native import path_to_native
 
 __all__ = ["hf_config", "native_float_tensors", "hf_state_dict", "build_hf_model", "to_bf16_like_hf"]
 
@@ -93,7 +91,9 @@ def native_float_tensors(state) -> dict[str, np.ndarray]:
     """Every parameter of `state` under its native name, dequantized to float32 numpy (FP8 128x128-block and MXFP4
     weights through `dsv4_jax.quant`); routed experts stay stacked (`layers.L.ffn.experts.w1.weight` `[E, out, in]`)
     and `tid2eid` stays integer."""
-    flat = {path_to_native(p): v[...] for p, v in nnx.to_flat_state(state.params)}
+    from dsv4_jax.checkpoint.layout import per_layer
+
+    flat = {spec.key: v for spec, v in per_layer(state)}
     out = {}
     for name, v in flat.items():
         if name.endswith(".scale") and name[: -len("scale")] + "weight" in flat:

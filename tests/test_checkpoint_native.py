@@ -67,9 +67,9 @@ def test_official_fixture_loads_like_load_native(official_dir, official_state):
 
 
 def _flat(state):
-    from flax import nnx
+    from dsv4_jax.checkpoint.layout import per_layer
 
-    return [(p, np.asarray(v.get_value())) for p, v in nnx.to_flat_state(state.params)]
+    return [(spec.path, np.asarray(v)) for spec, v in per_layer(state)]
 
 
 def test_writer_reproduces_the_official_files_byte_for_byte(official_dir, official_state, tmp_path):

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax import kernels, ops, quant
+from dsv4_jax import ops, quant
+from dsv4_jax.ops import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FFI = REPO / "ffi"
@@ -38,35 +39,79 @@ cpu_only = pytest.mark.skipif(_on_gpu(), reason="checks CPU behaviour of the swi
 
 
 @cpu_only
-def test_auto_is_reference_on_cpu():
-    assert kernels.select("fp8_gemm", "auto") is None
-    assert kernels.select("moe_grouped", "auto") is None
-    assert kernels.select("fp8_gemm", "reference") is None
-
-
-@cpu_only
-def test_ffi_backend_fails_clearly_on_cpu():
-    with pytest.raises(RuntimeError, match=r"no FFI kernel for op 'fp8_gemm': .*(not installed|not a CUDA GPU)"):
-        kernels.select("fp8_gemm", "ffi")
-
-
-def test_kill_switch(monkeypatch):
-    monkeypatch.setenv("DSV4_JAX_DISABLE_KERNELS", "fp8_gemm, act_quant")
-    assert kernels.disabled_ops() == {"fp8_gemm", "act_quant"}
-    assert kernels.select("fp8_gemm", "auto") is None
-    with pytest.raises(RuntimeError, match="disabled by DSV4_JAX_DISABLE_KERNELS"):
-        kernels.select("fp8_gemm", "ffi")
-    monkeypatch.setenv("DSV4_JAX_DISABLE_KERNELS", "all")
-    assert kernels.select("moe_grouped", "auto") is None
-
-
-@cpu_only
-def test_auto_forward_matches_reference_on_cpu():
+def test_auto_is_reference_on_cpu_and_says_nothing(caplog):
     x = jax.random.normal(jax.random.key(0), (5, 256), jnp.float32).astype(jnp.bfloat16)
     w, s = quant.quantize_fp8_weight(jax.random.normal(jax.random.key(1), (128, 256)) * 0.06)
-    a = ops.fp8_linear(x, w, s, ops.Opts(backend="auto"))
-    r = ops.fp8_linear(x, w, s, ops.Opts(backend="reference"))
+    with ops.record() as rec, caplog.at_level("WARNING", logger="dsv4_jax.ops"):
+        a = ops.fp8_linear(x, w, s, opts=ops.Opts(backend="auto"))
+    r = ops.fp8_linear(x, w, s, opts=ops.Opts(backend="reference"))
+    assert rec == {"fp8_linear": "reference"}
+    assert not caplog.records  # silent on CPU: the reference is the implementation there
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(r, np.float32))
+    assert ops.Opts().backend == "auto"  # the product default
+
+
+@cpu_only
+def test_ffi_backend_fails_clearly_naming_the_op():
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    w, s = quant.quantize_fp8_weight(jnp.ones((128, 256)) * 0.06)
+    with pytest.raises(ops.KernelUnavailable, match=r"op 'fp8_linear': .*(not installed|not a CUDA GPU)"):
+        ops.fp8_linear(x, w, s, opts=ops.Opts(backend="ffi"))
+
+
+def test_registry_holds_reference_kernel_and_kill_switch_side_by_side():
+    table = registry.ops()
+    assert {"fp8_linear", "moe_experts"} <= table.keys()
+    for name, op in table.items():
+        assert op.name == name and callable(op.reference)
+        module, func = op.kernel.split(":")
+        assert module.startswith("dsv4_jax.kernels.") and func  # kernels live in dsv4_jax.kernels
+    # the registry key is the name of the function it selects
+    assert ops.fp8_linear.__name__ == "fp8_linear" and ops.moe_experts.__name__ == "moe_experts"
+
+
+def test_kill_switch_and_the_one_fallback_place(monkeypatch, caplog):
+    """Killed kernels: auto falls back (logging once per op and reason), ffi raises naming the op and why; the
+    choice is made in the registry, with the kernel made available by a stand-in."""
+    calls = []
+    monkeypatch.setattr(registry, "_global_reason", lambda: (None, False))  # as if on an SM90 GPU
+    op = registry.register("_test_op", lambda x, *, quant_sim: ("ref", x), kernel="dsv4_jax.kernels.gemm:fp8_linear",
+                           supports=lambda x, *, quant_sim: None if x < 10 else "x too large")  # fmt: skip
+    monkeypatch.setattr(registry.Op, "load_kernel", lambda self: lambda x: calls.append(x) or ("kernel", x))
+    try:
+        assert op(1, opts=ops.Opts(backend="auto")) == ("kernel", 1)
+        assert op(11, opts=ops.Opts(backend="auto")) == ("ref", 11)  # unsupported arguments: the reference
+        with pytest.raises(ops.KernelUnavailable, match="'_test_op'.*x too large"):
+            op(11, opts=ops.Opts(backend="ffi"))
+        monkeypatch.setenv("DSV4_JAX_DISABLE_KERNELS", "fp8_linear, _test_op")
+        assert registry.disabled() == {"fp8_linear", "_test_op"}
+        with caplog.at_level("WARNING", logger="dsv4_jax.ops"):
+            assert op(2, opts=ops.Opts(backend="auto")) == ("ref", 2)
+            assert op(3, opts=ops.Opts(backend="auto")) == ("ref", 3)
+        logged = [r for r in caplog.records if "_test_op" in r.getMessage() and "DISABLE" in r.getMessage()]
+        assert len(logged) == 1  # one line per op and reason
+        with pytest.raises(ops.KernelUnavailable, match="disabled by DSV4_JAX_DISABLE_KERNELS"):
+            op(2, opts=ops.Opts(backend="ffi"))
+        monkeypatch.setenv("DSV4_JAX_DISABLE_KERNELS", "all")
+        assert op(4, opts=ops.Opts(backend="auto")) == ("ref", 4)
+        assert op(5, opts=ops.Opts(backend="reference")) == ("ref", 5)
+        assert calls == [1]
+    finally:
+        registry._OPS.pop("_test_op")
+
+
+def test_kernels_never_import_model_code():
+    """The kernel modules import neither the model nor the ops (no import cycle: ops -> kernels only)."""
+    import ast
+
+    for f in (REPO / "dsv4_jax" / "kernels").glob("*.py"):
+        tree = ast.parse(f.read_text())
+        names = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 for a in n.names]  # fmt: skip
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        allowed = ("dsv4_jax.kernels", "dsv4_jax.quant", "dsv4_jax.layer_view", "dsv4_jax_ffi")
+        bad = [m for m in names if m.startswith("dsv4_jax") and not m.startswith(allowed)]
+        assert not bad, (f.name, bad)
 
 
 def _gen():
@@ -191,15 +236,13 @@ def test_extension_compiles_for_sm90a(tmp_path):
 
 def test_prepare_params_decodes_fp8_scales_once_and_changes_nothing():
     import dsv4_jax
-    from dsv4_jax.kernels import prepare_params
 
     cfg = dsv4_jax.Config.tiny()
     state = dsv4_jax.init_random(cfg, 0)
-    prepared = prepare_params(state)
-    attn = prepared.params["layers"][2]["attn"]
-    assert attn["wq_b"]["scale"][...].dtype == jnp.float32
-    assert attn["wq_b"]["weight"][...].dtype == jnp.float8_e4m3fn  # bytes as stored
-    experts = prepared.params["layers"][2]["ffn"]["experts"]["w1"]
-    assert experts["scale"][...].dtype == jnp.float8_e8m0fnu  # MXFP4 scales untouched
+    prepared = dsv4_jax.prepare_params(state)
+    block = prepared.block(2)
+    assert block.attn.wq_b.scale[...].dtype == jnp.float32
+    assert block.attn.wq_b.weight[...].dtype == jnp.float8_e4m3fn  # bytes as stored
+    assert block.ffn.experts.w1.scale[...].dtype == jnp.float8_e8m0fnu  # MXFP4 scales untouched
     tokens = jnp.arange(40, dtype=jnp.int32)[None] % cfg.vocab_size
     np.testing.assert_array_equal(dsv4_jax.forward(prepared, tokens), dsv4_jax.forward(state, tokens))

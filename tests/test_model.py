@@ -31,18 +31,36 @@ def test_flash_abstract_counts_and_formats():
     assert abs(main - 284.3) < 0.5 and abs(total - 290.9) < 0.5  # README: 284B; spec: 290.9B with MTP
     assert abs(sum(by_dtype.values()) / 1e9 - 159.6) < 1.0  # the released checkpoint is 159.6 GB
     ab = dsv4_jax.abstract(Config.flash()).params
-    w1 = ab["layers"][3]["ffn"]["experts"]["w1"]
-    assert w1["weight"].shape == (256, 2048, 2048) and w1["weight"].dtype == jnp.uint8
-    assert w1["scale"].shape == (256, 2048, 128) and w1["scale"].dtype == jnp.float8_e8m0fnu
-    assert w1["weight"].logical_axes == ("expert", "expert_ffn", "embed")
-    wq_b = ab["layers"][2]["attn"]["wq_b"]
-    assert wq_b["weight"].shape == (32768, 1024) and wq_b["weight"].dtype == jnp.float8_e4m3fn
-    assert wq_b["scale"].shape == (256, 8)
-    assert ab["layers"][2]["attn"]["compressor"]["ape"].shape == (4, 1024)
-    assert ab["layers"][3]["attn"]["compressor"]["ape"].shape == (128, 512)
-    assert "indexer" not in ab["layers"][3]["attn"] and "compressor" not in ab["layers"][0]["attn"]
-    assert ab["layers"][0]["ffn"]["gate"]["tid2eid"].shape == (129280, 6)
-    assert "bias" in ab["layers"][3]["ffn"]["gate"] and "tid2eid" not in ab["mtp"][0]["ffn"]["gate"]
+    # layers 3..42 alternate HCA, CSA: one stack of 20 each (group 2); layer 2 (CSA, hash-routed) its own group
+    hca, csa = ab["groups"][2][0], ab["groups"][2][1]
+    w1 = hca["ffn"]["experts"]["w1"]
+    assert w1["weight"].shape == (20, 256, 2048, 2048) and w1["weight"].dtype == jnp.uint8
+    assert w1["scale"].shape == (20, 256, 2048, 128) and w1["scale"].dtype == jnp.float8_e8m0fnu
+    assert w1["weight"].logical_axes == ("layers", "expert", "expert_ffn", "embed")
+    wq_b = csa["attn"]["wq_b"]
+    assert wq_b["weight"].shape == (20, 32768, 1024) and wq_b["weight"].dtype == jnp.float8_e4m3fn
+    assert wq_b["scale"].shape == (20, 256, 8)
+    assert csa["attn"]["compressor"]["ape"].shape == (20, 4, 1024)
+    assert hca["attn"]["compressor"]["ape"].shape == (20, 128, 512)
+    assert "indexer" not in hca["attn"] and "compressor" not in ab["groups"][0][0]["attn"]
+    assert ab["groups"][0][0]["ffn"]["gate"]["tid2eid"].shape == (2, 129280, 6)
+    assert ab["groups"][1][0]["ffn"]["gate"]["tid2eid"].shape == (1, 129280, 6)
+    assert "bias" in hca["ffn"]["gate"] and "tid2eid" not in ab["mtp"][0]["ffn"]["gate"]
+
+
+def test_layer_groups_compile_a_handful_of_bodies():
+    from dsv4_jax.model import layer_groups, layer_slot
+
+    def kinds(cfg):
+        return [(g.first, [(k.ratio, k.hash_routed) for k in g.unit], g.repeats) for g in layer_groups(cfg)]
+
+    assert kinds(Config.flash()) == [(0, [(0, True)], 2), (2, [(4, True)], 1), (3, [(128, False), (4, False)], 20)]
+    assert kinds(Config.pro()) == [(0, [(128, True)], 2), (2, [(4, True)], 1), (3, [(128, False), (4, False)], 29)]
+    assert [layer_slot(Config.flash(), i) for i in (0, 1, 2, 3, 4, 42)] == [
+        (0, 0, 0), (0, 0, 1), (1, 0, 0), (2, 0, 0), (2, 1, 0), (2, 1, 19)]  # fmt: skip
+    for cfg in (Config.flash(), Config.pro(), Config.tiny()):  # every layer exactly once, in order
+        layers = [g.layer(u, r) for g in layer_groups(cfg) for r in range(g.repeats) for u in range(len(g.unit))]
+        assert layers == list(range(cfg.n_layers))
 
 
 def test_pro_abstract_counts():
@@ -56,9 +74,12 @@ def tiny():
 
 
 def test_random_init_keeps_storage_formats_and_activations_order_one(tiny):
-    p = tiny.params
-    assert p["layers"][2]["attn"]["wq_a"]["weight"].dtype == jnp.float8_e4m3fn
-    assert p["layers"][2]["ffn"]["experts"]["w2"]["weight"].dtype == jnp.uint8
+    block = tiny.block(2)
+    assert block.attn.wq_a.weight[...].dtype == jnp.float8_e4m3fn
+    assert block.ffn.experts.w2.weight[...].dtype == jnp.uint8
+    # layers of one stack got their own random weights
+    assert not np.array_equal(np.asarray(tiny.block(2).attn.wq_a.weight[...], np.float32),
+                              np.asarray(tiny.block(4).attn.wq_a.weight[...], np.float32))  # fmt: skip
     tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 512)
     out = dsv4_jax.forward_outputs(tiny, tokens, capture=True)
     rms = [float(jnp.sqrt(jnp.mean(out.captures[f"layer{i}"]["block_out"].astype(jnp.float32) ** 2))) for i in range(6)]

@@ -96,7 +96,7 @@ def test_fp8_linear_blockwise_matches_dequantized_math():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(5, 256)), jnp.bfloat16)
     w, s = quant.quantize_fp8_weight(jnp.asarray(rng.normal(size=(384, 256)) * 0.05, jnp.float32))
-    y = ops.fp8_linear(x, w, s, ops.Opts())
+    y = ops.fp8_linear(x, w, s, opts=ops.Opts())
     xq, sx = quant.act_quant(x, 128)
     xd = np.asarray(xq.astype(jnp.float32)).reshape(5, 2, 128) * np.asarray(sx)[..., None]
     ref = xd.reshape(5, 256).astype(np.float64) @ np.asarray(quant.dequant_fp8_weight(w, s), np.float64).T
@@ -104,7 +104,7 @@ def test_fp8_linear_blockwise_matches_dequantized_math():
     got = np.asarray(y, np.float32)
     assert np.mean(got == ref_bf16) > 0.99
     # and quant_sim=False skips the activation quantization
-    y0 = ops.fp8_linear(x, w, s, ops.Opts(quant_sim=False))
+    y0 = ops.fp8_linear(x, w, s, opts=ops.Opts(quant_sim=False))
     assert not np.array_equal(np.asarray(y0), np.asarray(y))
 
 
@@ -114,6 +114,6 @@ def test_fp4_linear_uses_32_wide_weight_scales():
     w = rng.normal(size=(64, 128)).astype(np.float32)
     w[:, 32:64] *= 100.0  # a different scale per 32-block must be honoured
     p, s = quant.quantize_fp4_weight(jnp.asarray(w))
-    y = np.asarray(ops.fp4_linear(x, p, s, ops.Opts(quant_sim=False)), np.float32)
+    y = np.asarray(ops.fp4_linear(x, p, s, quant_sim=False), np.float32)
     ref = np.asarray(x, np.float32) @ np.asarray(quant.dequant_fp4_weight(p, s)).T
     np.testing.assert_allclose(y, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())

@@ -126,9 +126,10 @@ def run():
     state = _randomize_trivial(dsv4_jax.init_random(cfg, 0), 1)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, SEQ)).astype(np.int64)
 
-    ours = dsv4_jax.forward_outputs(state, tokens, capture=True, quant_sim=False)
+    ours = dsv4_jax.forward_outputs(state, tokens, capture=True, opts=dsv4_jax.Opts(quant_sim=False))
     # Same jitted function (capture=True), so no second compilation.
-    perturbed = dsv4_jax.forward_outputs(_perturb_embeddings(state, 3), tokens, capture=True, quant_sim=False)
+    perturbed = dsv4_jax.forward_outputs(_perturb_embeddings(state, 3), tokens, capture=True,
+                                         opts=dsv4_jax.Opts(quant_sim=False))
 
     hf = hf_bridge.build_hf_model(state)
     hf_logits, hf_blocks = _hf_block_outputs(hf, tokens)

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -23,7 +23,7 @@ from dsv4_jax.checkpoint.safetensors_io import DTYPES, SafetensorsError, TensorI
 from dsv4_jax.config import Config
 
 __all__ = ["CheckpointError", "ParamSpec", "DISK_DTYPE", "param_table", "tensor_table", "without_mtp", "validate",
-           "check", "read_param", "check_values", "group_of", "assemble", "layer_sharding"]  # fmt: skip
+           "check", "read_param", "check_values", "group_of", "assemble", "layer_sharding", "per_layer"]  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -330,6 +330,17 @@ def layer_sharding(spec: ParamSpec, state_sharding):
     if spec.layer_index is None or not isinstance(state_sharding, jax.sharding.NamedSharding):
         return state_sharding
     return jax.sharding.NamedSharding(state_sharding.mesh, jax.sharding.PartitionSpec(*state_sharding.spec[1:]))
+
+
+def per_layer(state) -> Iterator[tuple[ParamSpec, object]]:
+    """(spec, value) of every parameter of a `ModelState` under its released per-layer name (`spec.path`): one
+    layer's copy of a stacked parameter is sliced out of its stack (lazily: one at a time)."""
+    from flax import nnx
+
+    flat = dict(nnx.to_flat_state(state.params))
+    for spec in param_table(state.config):
+        value = flat[spec.state_path].get_value()
+        yield spec, (value if spec.layer_index is None else value[spec.layer_index])
 
 
 def assemble(ab, cfg: Config, values: dict, shardings: dict | None = None):

@@ -10,6 +10,9 @@ import sys
 
 import numpy as np
 
+from dsv4_jax.cli import compile_cache
+from dsv4_jax.options import BACKENDS
+
 
 def _printable(data: bytes) -> bytes:
     """Control bytes (a random model emits them) escaped as `\\xNN`, so they cannot drive the terminal."""
@@ -31,8 +34,24 @@ def add_parser(sub):
     p.add_argument("--max-len", type=int, default=None, help="cache capacity (default: prompt + new tokens, rounded "
                    "up to a multiple of 128)")  # fmt: skip
     p.add_argument("--no-quant-sim", action="store_true", help="exact arithmetic instead of the FP8/FP4 simulation")
-    p.add_argument("--no-mtp", action="store_true", help="skip the MTP draft head")
+    p.add_argument("--mtp", action="store_true", help="also run the MTP draft head at every step")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="kernels or the pure-JAX reference (default auto: kernels where they run, i.e. CUDA SM90 "
+                   "with the extension installed; the reference elsewhere)")  # fmt: skip
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache "
+                   f"({compile_cache.describe()})")  # fmt: skip
     p.set_defaults(run=run)
+
+
+def describe_backend(backend: str, ran: dict[str, str]) -> str:
+    """`auto: kernels fp8_linear; reference moe_experts` from the ops' choices recorded while compiling."""
+    kern = sorted(k for k, v in ran.items() if v != "reference")
+    ref = sorted(k for k, v in ran.items() if v == "reference")
+    if not ran:
+        return f"{backend} (programs from the compilation cache: choices not recorded)"
+    if not kern:
+        return f"{backend}: reference (pure JAX) for every op"
+    return f"{backend}: kernels for {', '.join(kern)}" + (f"; reference for {', '.join(ref)}" if ref else "")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -56,7 +75,11 @@ def load_model(ckpt: str | None):
 def run(args) -> int:
     import jax
 
+    if not args.no_compile_cache:
+        compile_cache.enable()
     from dsv4_jax import generation as G
+    from dsv4_jax import ops
+    from dsv4_jax.options import Opts
     from dsv4_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     if args.prompt is not None and args.prompt_ids is not None:
@@ -66,7 +89,8 @@ def run(args) -> int:
     if args.prompt is not None and args.prompt == "":
         raise ValueError("--prompt is empty")
     sampler = G.Sampler(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, mtp=not args.no_mtp, quant_sim=not args.no_quant_sim)  # fmt: skip
+                        top_p=args.top_p, mtp=args.mtp)  # fmt: skip
+    opts = Opts(quant_sim=not args.no_quant_sim, backend=args.backend)
     state, folder, desc = load_model(args.ckpt)
     cfg = state.config
     tok = load_tokenizer(args.tokenizer or folder, cfg)
@@ -98,9 +122,11 @@ def run(args) -> int:
     tokens = np.zeros((1, width), np.int32)
     tokens[0, : len(ids)] = ids
     stream = G.GenerationStream(state, tokens, [len(ids)], sampler=sampler, key=jax.random.key(args.seed),
-                                max_len=max_len)  # fmt: skip
+                                max_len=max_len, opts=opts)  # fmt: skip
     print(f"model: {desc}; prompt: {len(ids)} tokens; max_len {max_len}", file=sys.stderr)
-    compile_s = stream.compile()
+    with ops.record() as ran:
+        compile_s = stream.compile()
+    print(f"backend: {describe_backend(args.backend, ran)}", file=sys.stderr)
     out_ids = []
     is_bytes = isinstance(tok, ByteTokenizer)
     for t, active in stream:
