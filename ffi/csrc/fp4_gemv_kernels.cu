@@ -54,9 +54,11 @@ constexpr int kMaxSeg = kFp4SegmentRows;     // 8: tokens per weight pass (the m
 // float32(1/448), the constant the reference multiplies by (0x1.24924ap-9).
 constexpr float kInvFp8Max = 0x1.24924ap-9f;
 
-template <int NW>
+template <int NW, int TBMAX>
 struct Cfg {
-  static constexpr int kStages = NW == 2 ? 3 : 4;             // ring depth: 4 KB (2 in flight) / 3 KB per warp
+  // Ring depth: 4 = a warp's whole K slice of four steps in flight at once, except for the fused kernel with an
+  // 8-token activation buffer (33 KB at K = 4096), where 3 keeps two blocks per SM (the register limit anyway).
+  static constexpr int kStages = NW == 2 && TBMAX > 1 ? 3 : 4;
   static constexpr int kStageW = NW * kRows * kRowPitch;       // weight bytes of a stage
   static constexpr int kStageBytes = kStageW + NW * kRows * 4; // + one scale word (4 x 32 K) per row
   static constexpr int kTableBytes = NW * kRows * 16;          // the step's decoded scales, 4 floats per row
@@ -195,21 +197,86 @@ __device__ __forceinline__ void store_tile(const Fp4Params& p, const float acc[N
   }
 }
 
+// Occupancy targets: the fused kernel (two weights) fits two blocks of 256 threads per SM (<= 128 registers), the
+// plain one three (<= 85 registers; its shared memory allows it).
 template <int NW, int TBMAX, bool BITS>
-__global__ void __launch_bounds__(kWarps * 32) fp4_gemv_kernel(const Fp4Params p) {
-  using C = Cfg<NW>;
+__global__ void __launch_bounds__(kWarps * 32, NW == 1 ? 3 : 2) fp4_gemv_kernel(const Fp4Params p) {
+  using C = Cfg<NW, TBMAX>;
   constexpr int S = C::kStages;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int32_t seg_src[kMaxSeg];
-  __shared__ int32_t seg_info[3];
+  __shared__ int32_t seg_info[2];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane / 4, q = lane % 4;
   const int64_t r0 = blockIdx.y;
+  const int32_t g0 = p.group_map != nullptr ? p.group_map[r0] : 0;
+  const int64_t g = g0;
+  const bool group_ok = g >= 0 && g < p.groups;
+  const int ksplit = p.ksplit, row_tiles = kWarps / ksplit;
+  const int rg = warp / ksplit, kc = warp % ksplit;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_tiles + rg) * kRows;
+  const bool tile_live = n0 < p.n;
 
-  // ---- 1. the segment starting at output row r0 (if it starts a segment): rows and tokens ----------------------
+  const int64_t k = p.k, kbs = k / kStepK;
+  const int act_pitch = static_cast<int>(k) + kActPad;
+  uint8_t* act = smem;
+  float* sa = reinterpret_cast<float*>(smem + TBMAX * act_pitch);  // [kbs][8]
+  uint8_t* ring = smem + TBMAX * act_pitch + kbs * kMaxSeg * 4;
+  uint8_t* wsm = ring + warp * C::kWarpBytes;
+  float* table = reinterpret_cast<float*>(wsm + S * C::kStageBytes);
+
+  // ---- 1. start this warp's weight stream as soon as the expert is known: before the segment is worked out (a
+  // block that turns out not to start a segment drops its copies) and before the activation work ----------------
+  const int kb_per = static_cast<int>((kbs + ksplit - 1) / ksplit);
+  const int kb_begin = kc * kb_per;
+  const int kb_end = kbs < kb_begin + kb_per ? static_cast<int>(kbs) : kb_begin + kb_per;
+  const int steps = group_ok && tile_live && kb_end > kb_begin ? kb_end - kb_begin : 0;
+  // Lane copies 16 bytes (segment lane % 4) of rows lane / 4 and lane / 4 + 8 of each weight per step, and, for
+  // lanes < 16 NW, the step's scale word of row lane % 16 of weight lane / 16. Rows past N repeat row N - 1 (their
+  // outputs are not stored).
+  const uint8_t* wsrc[NW][2];
+  const uint8_t* ssrc = nullptr;
+  {
+    const int64_t half_k = k / 2, sk = k / 32, ge = group_ok ? g : 0;
+#pragma unroll
+    for (int wi = 0; wi < NW; ++wi) {
+      const uint8_t* wb = wi == 0 ? p.w0 : p.w1;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int64_t row = n0 + lane / 4 + 8 * h;
+        row = row < p.n ? row : p.n - 1;
+        wsrc[wi][h] = wb + (ge * p.n + row) * half_k + (lane % 4) * 16 +
+                      static_cast<int64_t>(kb_begin) * kStepBytes;
+      }
+    }
+    if (lane < NW * kRows) {
+      int64_t row = n0 + lane % kRows;
+      row = row < p.n ? row : p.n - 1;
+      ssrc = (lane < kRows ? p.s0 : p.s1) + (ge * p.n + row) * sk + static_cast<int64_t>(kb_begin) * 4;
+    }
+  }
+  const uint32_t ring_addr = smem_addr(wsm);
+  auto issue = [&](int i) {  // step i (relative to kb_begin) into stage i % S
+    const uint32_t st = ring_addr + (i % S) * C::kStageBytes;
+#pragma unroll
+    for (int wi = 0; wi < NW; ++wi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        cp_async16(st + (wi * kRows + 8 * h + lane / 4) * kRowPitch + (lane % 4) * 16,
+                   wsrc[wi][h] + static_cast<int64_t>(i) * kStepBytes);
+    if (lane < NW * kRows) cp_async4(st + C::kStageW + lane * 4, ssrc + i * 4);
+  };
+  if (steps > 0) {
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) {
+      if (i < steps) issue(i);
+      cp_async_commit();
+    }
+  }
+
+  // ---- 2. the segment starting at output row r0 (if it starts one): its rows and their activation rows ----------
   if (warp == 0) {
-    const int32_t g0 = p.group_map != nullptr ? p.group_map[r0] : 0;
     int64_t start = 0;  // first row of the run of equal groups holding r0
     if (p.group_map != nullptr) {
       start = r0;
@@ -234,78 +301,20 @@ __global__ void __launch_bounds__(kWarps * 32) fp4_gemv_kernel(const Fp4Params p
       }
       seg_src[lane] = src;
     }
-    if (lane == 0) seg_info[0] = (r0 - start) % TBMAX == 0, seg_info[1] = rows, seg_info[2] = g0;
+    if (lane == 0) seg_info[0] = (r0 - start) % TBMAX == 0, seg_info[1] = rows;
   }
   __syncthreads();
-  if (!seg_info[0]) return;  // a row inside a segment: its start block computes it
+  if (!seg_info[0]) {  // a row inside a segment: its start block computes it
+    cp_async_wait<0>();  // the speculative copies land before this block's shared memory can be reused
+    return;
+  }
   const int seg_rows = seg_info[1];
-  const int64_t g = seg_info[2];
-  const int ksplit = p.ksplit, row_tiles = kWarps / ksplit;
-  const int rg = warp / ksplit, kc = warp % ksplit;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_tiles + rg) * kRows;
-  const bool tile_live = n0 < p.n;
-
-  if (g < 0 || g >= p.groups) {  // no such expert: zeros
+  if (!group_ok) {  // no such expert (nothing was copied): zeros
     if (kc == 0 && tile_live) {
       const float zero[NW][4] = {};
       store_tile<NW>(p, zero, lane, r0, seg_rows, seg_src, n0, true);
     }
     return;
-  }
-
-  const int64_t k = p.k, kbs = k / kStepK;
-  const int act_pitch = static_cast<int>(k) + kActPad;
-  uint8_t* act = smem;
-  float* sa = reinterpret_cast<float*>(smem + TBMAX * act_pitch);  // [kbs][8]
-  uint8_t* ring = smem + TBMAX * act_pitch + kbs * kMaxSeg * 4;
-  uint8_t* wsm = ring + warp * C::kWarpBytes;
-  float* table = reinterpret_cast<float*>(wsm + S * C::kStageBytes);
-
-  // ---- 2. start this warp's weight stream (before the activation work, which hides its latency) -----------------
-  const int kb_per = static_cast<int>((kbs + ksplit - 1) / ksplit);
-  const int kb_begin = kc * kb_per;
-  const int kb_end = kbs < kb_begin + kb_per ? static_cast<int>(kbs) : kb_begin + kb_per;
-  const int steps = tile_live && kb_end > kb_begin ? kb_end - kb_begin : 0;
-  // Lane copies 16 bytes (segment lane % 4) of rows lane / 4 and lane / 4 + 8 of each weight per step, and, for
-  // lanes < 16 NW, the step's scale word of row lane % 16 of weight lane / 16. Rows past N repeat row N - 1 (their
-  // outputs are not stored).
-  const uint8_t* wsrc[NW][2];
-  const uint8_t* ssrc = nullptr;
-  {
-    const int64_t half_k = k / 2, sk = k / 32;
-#pragma unroll
-    for (int wi = 0; wi < NW; ++wi) {
-      const uint8_t* wb = wi == 0 ? p.w0 : p.w1;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        int64_t row = n0 + lane / 4 + 8 * h;
-        row = row < p.n ? row : p.n - 1;
-        wsrc[wi][h] = wb + (g * p.n + row) * half_k + (lane % 4) * 16 + static_cast<int64_t>(kb_begin) * kStepBytes;
-      }
-    }
-    if (lane < NW * kRows) {
-      int64_t row = n0 + lane % kRows;
-      row = row < p.n ? row : p.n - 1;
-      ssrc = (lane < kRows ? p.s0 : p.s1) + (g * p.n + row) * sk + static_cast<int64_t>(kb_begin) * 4;
-    }
-  }
-  const uint32_t ring_addr = smem_addr(wsm);
-  auto issue = [&](int i) {  // step i (relative to kb_begin) into stage i % S
-    const uint32_t st = ring_addr + (i % S) * C::kStageBytes;
-#pragma unroll
-    for (int wi = 0; wi < NW; ++wi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        cp_async16(st + (wi * kRows + 8 * h + lane / 4) * kRowPitch + (lane % 4) * 16,
-                   wsrc[wi][h] + static_cast<int64_t>(i) * kStepBytes);
-    if (lane < NW * kRows) cp_async4(st + C::kStageW + lane * 4, ssrc + i * 4);
-  };
-  if (steps > 0) {
-#pragma unroll
-    for (int i = 0; i < S - 1; ++i) {
-      if (i < steps) issue(i);
-      cp_async_commit();
-    }
   }
 
   // ---- 3. the segment's activation rows quantized to e4m3 in shared memory (all threads; 16 lanes per chunk) ---
@@ -319,7 +328,10 @@ __global__ void __launch_bounds__(kWarps * 32) fp4_gemv_kernel(const Fp4Params p
       const int kb = in ? u % static_cast<int>(kbs) : 0;
       const int32_t src = in ? seg_src[t] : -1;
       uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-      if (src >= 0) raw = __ldg(reinterpret_cast<const uint4*>(p.x + (static_cast<int64_t>(src) * k + kb * kStepK + l16 * 8) * 2));
+      if (src >= 0) {
+        const int64_t e0 = static_cast<int64_t>(src) * k + kb * kStepK + l16 * 8;  // 8 bf16 = 16 bytes
+        raw = __ldg(reinterpret_cast<const uint4*>(p.x + 2 * e0));
+      }
       const uint32_t rw[4] = {raw.x, raw.y, raw.z, raw.w};
       float v[8];
 #pragma unroll
@@ -337,7 +349,8 @@ __global__ void __launch_bounds__(kWarps * 32) fp4_gemv_kernel(const Fp4Params p
       uint32_t qw[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+        qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE,
+                                         __NV_E4M3);
       uint32_t lo = qw[0] | (qw[1] << 16), hi = qw[2] | (qw[3] << 16);
       if constexpr (BITS) {  // even elements first, then odd (the order of e2m1x8_to_e4m3_bits)
         const uint32_t e = prmt(lo, hi, 0x6420u), o = prmt(lo, hi, 0x7531u);
@@ -463,7 +476,7 @@ __global__ void __launch_bounds__(kWarps * 32) fp4_gemv_kernel(const Fp4Params p
 template <int NW, int TBMAX, bool BITS>
 size_t smem_bytes(int64_t k) {
   return static_cast<size_t>(TBMAX) * (k + kActPad) + static_cast<size_t>(k / kStepK) * kMaxSeg * 4 +
-         static_cast<size_t>(kWarps) * Cfg<NW>::kWarpBytes;
+         static_cast<size_t>(kWarps) * Cfg<NW, TBMAX>::kWarpBytes;
 }
 
 // Raises the kernel's dynamic shared-memory limit once per (kernel, device) to what the device allows (not a
