@@ -11,7 +11,10 @@
   X(dsv4_fp8_gemm_contig)    \
   X(dsv4_fp8_gemm_masked)    \
   X(dsv4_fp8_gemv)           \
-  X(dsv4_fp8_gemv_pair)
+  X(dsv4_fp8_gemv_pair)      \
+  X(dsv4_fp4_gemv)           \
+  X(dsv4_fp4_moe_gate_up)    \
+  X(dsv4_fp4_moe_down)
 
 #define DSV4_DECLARE(name) extern "C" XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);
 DSV4_FFI_HANDLERS(DSV4_DECLARE)

@@ -68,6 +68,38 @@ int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, in
 // Whether launch_gemv takes the tensor-core variant (default) or the CUDA-core loop (DSV4_FFI_GEMV=cuda).
 bool gemv_uses_mma();
 
+// MXFP4 GEMV for decode (fp4_gemv_kernels.cu): packed e2m1 weights [groups, n, k/2] (low nibble = even element)
+// with UE8M0 scale bytes [groups, n, k/32]; bf16 activations quantized to e4m3 per 1x128 inside the kernel
+// (bit-identical to quant.act_quant); bf16 out. Output row r reads activation row rows_map ? rows_map[r] : r and
+// weight group group_map ? group_map[r] : 0; a negative or out-of-range row or group gives a zero row. Consecutive
+// rows with the same group share one pass over the weights, up to kFp4SegmentRows rows (only 1 when max_share <= 1).
+// With w[1] set (the fused gate/up pair of an expert MLP): out[r] = bf16(route_w[r] * silu(min(g, L)) *
+// clip(u, -L, L)), g = f32(bf16(x W0^T)), u = f32(bf16(x W1^T)), L = limit (no clamp if limit <= 0).
+constexpr int kFp4SegmentRows = 8;
+struct Fp4GemvArgs {
+  const void* x;  // bf16 [x_rows, k]
+  int64_t x_rows;
+  const int32_t* rows_map;   // [out_rows] or null
+  const int32_t* group_map;  // [out_rows] or null
+  const uint8_t* w[2];       // packed e2m1 [groups, n, k/2]; w[1] null: one projection
+  const uint8_t* s[2];       // UE8M0 bytes [groups, n, k/32]
+  int64_t groups;
+  void* out;  // bf16 [out_rows, n]
+  int64_t out_rows, n, k;
+  int64_t max_share;  // most rows that can share a weight pass (e.g. the token count); only sizes the launch
+  const float* route_w = nullptr;  // fused: [out_rows]
+  float limit = 0.f;
+};
+cudaError_t launch_fp4_gemv(const Fp4GemvArgs& a, cudaStream_t stream);
+// Shared memory one launch needs (the handlers refuse what the device cannot hold, e.g. a very large K).
+size_t fp4_gemv_smem(bool fused, int64_t k, int64_t max_share);
+// Rows per weight pass the launch is built for (1 or kFp4SegmentRows) given max_share.
+int fp4_tokens_per_pass(int64_t max_share);
+// K split across a block's 8 warps (DSV4_FFI_FP4_KSPLIT=1|2|4|8 overrides).
+int fp4_ksplit(int64_t k);
+// Whether e2m1 -> e4m3 runs by bit placement (DSV4_FFI_FP4_CVT=bits) instead of the prmt table lookup (default).
+bool fp4_uses_bit_conversion();
+
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);
 // Validates the device (SM90, SM count) and launches on `stream`. Returns "" or an error message.

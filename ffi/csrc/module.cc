@@ -44,6 +44,11 @@ NB_MODULE(_ffi, m) {
   m.def("gemv_ksplit", &dsv4ffi::gemv_ksplit,
         "K split of the GEMV launch for (out_rows, tokens_per_block, n, k, num_sms, mma).");
   m.def("gemv_uses_mma", &dsv4ffi::gemv_uses_mma, "Whether the GEMV runs on tensor cores (DSV4_FFI_GEMV != 'cuda').");
+  m.attr("fp4_segment_rows") = dsv4ffi::kFp4SegmentRows;
+  m.def("fp4_ksplit", &dsv4ffi::fp4_ksplit,
+        "K split of the MXFP4 GEMV launch for K (DSV4_FFI_FP4_KSPLIT overrides).");
+  m.def("fp4_uses_bit_conversion", &dsv4ffi::fp4_uses_bit_conversion,
+        "Whether the MXFP4 GEMV converts e2m1 -> e4m3 by bit placement (DSV4_FFI_FP4_CVT=bits) or by table.");
   m.attr("deepgemm_source") = DSV4_DEEPGEMM_VERSION;
   m.attr("cuda_archs") = DSV4_CUDA_ARCHS;
   m.attr("xla_ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
