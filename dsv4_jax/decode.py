@@ -125,29 +125,11 @@ _mtp_decode_jit = jax.jit(_mtp_decode, static_argnames=("opts",), donate_argname
 
 
 def check_prompts(cfg, tokens, lengths, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validates right-padded prompts on the host -> (`tokens [B, S]` int32, `lengths [B]` int32).
+    """Validates right-padded prompts on the host -> (`tokens [B, S]` int32, `lengths [B]` int32): see
+    `dsv4_jax.inputs.check_tokens` (the one validation every entry point shares)."""
+    from dsv4_jax.inputs import check_tokens
 
-    Raises ValueError naming the offending value: not 2-D, an empty prompt (length < 1), a length past the padded
-    width, a prompt longer than `max_len`, a token id outside `[0, vocab_size)` (padding is not checked)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    b, s = tokens.shape
-    lengths = np.full((b,), s, np.int64) if lengths is None else np.asarray(lengths).reshape(-1)
-    if lengths.shape != (b,):
-        raise ValueError(f"lengths has shape {lengths.shape}, expected ({b},)")
-    if b == 0 or s == 0 or int(lengths.min()) < 1:
-        raise ValueError(f"empty prompt: lengths {lengths.tolist()} (every prompt needs at least one token)")
-    if int(lengths.max()) > s:
-        raise ValueError(f"length {int(lengths.max())} exceeds the padded prompt width {s}")
-    if int(lengths.max()) > max_len:
-        raise ValueError(f"prompt length {int(lengths.max())} exceeds max_len={max_len}")
-    valid = np.arange(s)[None, :] < lengths[:, None]
-    ids = tokens[valid]
-    bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
-    if bad.size:
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
-    return np.where(valid, tokens, 0).astype(np.int32), lengths.astype(np.int32)
+    return check_tokens(cfg, tokens, lengths, max_len=max_len)
 
 
 def prefill(state: ModelState, cache: Cache, tokens, lengths=None, *, opts: Opts = _DEFAULT_OPTS):

@@ -53,6 +53,10 @@ class Sampler:
     quant_sim: bool = True
 
     def __post_init__(self):
+        for field in ("max_new_tokens", "top_k"):  # 3.5 would otherwise be accepted and truncated inside jit
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer):
+                raise ValueError(f"{field}={v!r} must be an integer, got {type(v).__name__}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if not self.temperature >= 0:
@@ -209,12 +213,12 @@ def capacity_needed(prompt_len: int, sampler: Sampler) -> int:
 
 
 def _prepare(state, tokens, lengths, sampler, key, max_len):
-    tokens = np.asarray(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    width = tokens.shape[-1] if tokens.ndim == 2 else 0
-    max_len = max(width + sampler.max_new_tokens, 1) if max_len is None else int(max_len)
-    tokens, lengths = dec.check_prompts(state.config, tokens, lengths, max_len)
+    # The shared validation (dsv4_jax.inputs): a 1-D prompt is refused as in `forward`, not made batch 1.
+    from dsv4_jax.inputs import check_tokens
+
+    tokens, lengths = check_tokens(state.config, tokens, lengths, max_len=max_len)
+    width = tokens.shape[1]
+    max_len = width + sampler.max_new_tokens if max_len is None else int(max_len)
     if width > max_len:
         raise ValueError(f"padded prompt width {width} exceeds max_len={max_len}")
     need = capacity_needed(int(lengths.max()), sampler)

@@ -218,15 +218,10 @@ def init_random(cfg: Config, key: jax.Array | int = 0) -> ModelState:
 
 
 def _check_tokens(cfg: Config, tokens) -> None:
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    if tokens.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the configured maximum {cfg.max_seq_len}")
-    if not isinstance(tokens, jax.core.Tracer):
-        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
-        if lo < 0 or hi >= cfg.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+    # One validation for every entry point (dtype, rank, empty batch, vocabulary): dsv4_jax.inputs.check_tokens.
+    from dsv4_jax.inputs import check_tokens
+
+    check_tokens(cfg, tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "capture"))
@@ -239,11 +234,11 @@ def forward_outputs(state: ModelState, tokens, *, mtp_tokens=None, capture: bool
     """Full-sequence forward from position 0 with everything: logits, MTP logits (if `mtp_tokens` — the token at
     p+1 for each position p — is given), the final residual streams and, with `capture`, per-layer activations
     (sublayer inputs/outputs, block outputs, router choices and weights, indexer selections, KV rows and indices)."""
+    _check_tokens(state.config, tokens)  # before the int32 cast, which would truncate float ids
     tokens = jnp.asarray(tokens, jnp.int32)
-    _check_tokens(state.config, tokens)
     if mtp_tokens is not None:
-        mtp_tokens = jnp.asarray(mtp_tokens, jnp.int32)
         _check_tokens(state.config, mtp_tokens)
+        mtp_tokens = jnp.asarray(mtp_tokens, jnp.int32)
         if mtp_tokens.shape != tokens.shape:
             raise ValueError(f"mtp_tokens shape {mtp_tokens.shape} differs from tokens shape {tokens.shape}")
     return _forward(state, tokens, mtp_tokens, ops.Opts(quant_sim=quant_sim, backend=backend), capture)
