@@ -1,7 +1,19 @@
 """`dsv4-jax convert SRC DST`: a released DeepSeek-V4 checkpoint folder -> this package's Orbax layout, streamed
-layer by layer (peak host memory about one 1 GiB part plus Orbax's copy of it), FP8/FP4 bytes kept as stored."""
+layer by layer (peak host memory about one 1 GiB part plus Orbax's copy of it), FP8/FP4 bytes kept as stored.
+
+An interruption (Ctrl-C) or a full disk keeps `DST.partial`; the same command resumes from it."""
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shlex
+import sys
+import threading
+
+from dsv4_jax.cli.errors import DataError, Interrupted, UsageError
 
 
 def add_parser(sub):
@@ -16,13 +28,64 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
+def _command(args) -> str:
+    """The command line that resumes this conversion (the same source and output options: a different one would not
+    match the partial folder's fingerprint and would start over)."""
+    words = ["dsv4-jax", "convert", args.src, args.dst]
+    words += ["--no-mtp"] * args.no_mtp + ["--compress"] * args.compress
+    words += ["--part-gb", str(args.part_gb)] if args.part_gb != 1.0 else []
+    return shlex.join(words)
+
+
+@contextlib.contextmanager
+def _quiet_background_errors(debug: bool):
+    """A failed write is reported by each of Orbax's worker threads (absl ERROR records with tracebacks), by
+    asyncio for the abandoned tasks, and by TensorStore's callbacks into closed event loops (printed through
+    `sys.excepthook`): hundreds of lines for one problem, which the command reports itself in one line. The
+    loggers are disabled rather than raised in level because `convert` sets absl's level itself."""
+    if debug:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax", "jax")]
+    disabled = [lg.disabled for lg in loggers]
+    hooks = sys.excepthook, threading.excepthook
+    for lg in loggers:
+        lg.disabled = True
+    sys.excepthook = lambda *a: None
+    threading.excepthook = lambda a: None
+    try:
+        yield
+    finally:
+        for lg, d in zip(loggers, disabled, strict=True):
+            lg.disabled = d
+        sys.excepthook, threading.excepthook = hooks
+
+
 def run(args) -> int:
-    from dsv4_jax.checkpoint.convert import convert
+    from dsv4_jax.checkpoint.convert import convert, partial_dir
+    from dsv4_jax.paths import user_path
 
     if args.part_gb <= 0:
-        raise ValueError(f"--part-gb must be positive, got {args.part_gb}")
-    dst = convert(args.src, args.dst, mtp=False if args.no_mtp else None, part_bytes=int(args.part_gb * 2**30),
-                  compress=args.compress, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+        raise UsageError(f"--part-gb must be positive, got {args.part_gb}")
+    dst = user_path(args.dst)
+    if os.path.exists(dst) and not args.overwrite:
+        raise UsageError(f"{dst} already exists (add --overwrite to replace it)")
+    partial = partial_dir(dst)
+    try:
+        with _quiet_background_errors(getattr(args, "debug", False)):
+            dst = convert(args.src, dst, mtp=False if args.no_mtp else None, part_bytes=int(args.part_gb * 2**30),
+                          compress=args.compress, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+    except KeyboardInterrupt as e:
+        if os.path.isdir(partial):
+            raise Interrupted(f"interrupted; the partial conversion is kept in {partial}: re-run `{_command(args)}` "
+                              "to resume") from e  # fmt: skip
+        raise Interrupted("interrupted before anything was written") from e
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = f"the partial conversion is kept in {partial}" if os.path.isdir(partial) else "nothing was kept"
+        raise DataError(f"no space left on device while writing {dst}; {kept}: free space, then re-run "
+                        f"`{_command(args)}` to resume") from e  # fmt: skip
     st = convert.last_stats
     gbs = st["bytes"] / 1e9 / max(st["seconds"], 1e-9)
     print(f"converted {args.src} -> {dst}: {st['bytes'] / 1e9:.3f} GB, {st['items']} items, {st['seconds']:.1f} s "
