@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from dsv4_jax.cli.errors import EPILOG, describe
+from dsv4_jax.cli.interrupt import ctrl_c_outside_gc
 
 SUBCOMMANDS = ("generate", "convert", "info")
 
@@ -45,14 +46,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug = args.debug or os.environ.get("DSV4_JAX_DEBUG", "") not in ("", "0")
     try:
-        return int(args.run(args) or 0)
+        with ctrl_c_outside_gc():
+            return int(args.run(args) or 0)
     except (Exception, KeyboardInterrupt) as e:
         code, message = describe(e)
         if debug:
             traceback.print_exc()
         sys.stdout.flush()
         print(f"dsv4-jax {args.command}: {message}", file=sys.stderr)
-        return code
+    if not debug:
+        _collect_quietly()
+    return code
+
+
+def _collect_quietly() -> None:
+    """Finalizes what the failed command left behind (Orbax's abandoned read coroutines) now, without their
+    "Exception ignored in: <coroutine ...>" reports, which would otherwise be printed at exit after our one line."""
+    import gc
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 if __name__ == "__main__":

@@ -5,15 +5,11 @@ An interruption (Ctrl-C) or a full disk keeps `DST.partial`; the same command re
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
 import os
 import shlex
-import sys
-import threading
 
-from dsv4_jax.cli.errors import DataError, Interrupted, UsageError
+from dsv4_jax.cli.errors import DataError, Interrupted, UsageError, quiet_background_errors
 
 
 def add_parser(sub):
@@ -37,30 +33,6 @@ def _command(args) -> str:
     return shlex.join(words)
 
 
-@contextlib.contextmanager
-def _quiet_background_errors(debug: bool):
-    """A failed write is reported by each of Orbax's worker threads (absl ERROR records with tracebacks), by
-    asyncio for the abandoned tasks, and by TensorStore's callbacks into closed event loops (printed through
-    `sys.excepthook`): hundreds of lines for one problem, which the command reports itself in one line. The
-    loggers are disabled rather than raised in level because `convert` sets absl's level itself."""
-    if debug:
-        yield
-        return
-    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax", "jax")]
-    disabled = [lg.disabled for lg in loggers]
-    hooks = sys.excepthook, threading.excepthook
-    for lg in loggers:
-        lg.disabled = True
-    sys.excepthook = lambda *a: None
-    threading.excepthook = lambda a: None
-    try:
-        yield
-    finally:
-        for lg, d in zip(loggers, disabled, strict=True):
-            lg.disabled = d
-        sys.excepthook, threading.excepthook = hooks
-
-
 def run(args) -> int:
     from dsv4_jax.checkpoint.convert import convert, partial_dir
     from dsv4_jax.paths import user_path
@@ -72,7 +44,7 @@ def run(args) -> int:
         raise UsageError(f"{dst} already exists (add --overwrite to replace it)")
     partial = partial_dir(dst)
     try:
-        with _quiet_background_errors(getattr(args, "debug", False)):
+        with quiet_background_errors(getattr(args, "debug", False)):
             dst = convert(args.src, dst, mtp=False if args.no_mtp else None, part_bytes=int(args.part_gb * 2**30),
                           compress=args.compress, overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
     except KeyboardInterrupt as e:

@@ -6,8 +6,12 @@ or a bug (1, the only case where a traceback helps, shown with --debug).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import re
+import sys
+import threading
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -51,6 +55,31 @@ def flag_message(message: str, fields: dict[str, str]) -> str:
     for field, flag in fields.items():
         message = re.sub(rf"\b{re.escape(field)}=", f"{flag} ", message)
     return message
+
+
+@contextlib.contextmanager
+def quiet_background_errors(debug: bool):
+    """Around an Orbax save or restore: a failed write or read is reported by each of Orbax's worker threads (absl
+    ERROR records with tracebacks), by asyncio for the abandoned tasks, and by TensorStore's callbacks into closed
+    event loops (printed through `sys.excepthook`): up to hundreds of lines for one problem, which the command
+    reports itself in one line. The loggers are disabled rather than raised in level because `convert` and `load`
+    set absl's level themselves. With `debug`, nothing is hidden."""
+    if debug:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax", "jax")]
+    disabled = [lg.disabled for lg in loggers]
+    hooks = sys.excepthook, threading.excepthook
+    for lg in loggers:
+        lg.disabled = True
+    sys.excepthook = lambda *a: None
+    threading.excepthook = lambda a: None
+    try:
+        yield
+    finally:
+        for lg, d in zip(loggers, disabled, strict=True):
+            lg.disabled = d
+        sys.excepthook, threading.excepthook = hooks
 
 
 def describe(e: BaseException) -> tuple[int, str]:

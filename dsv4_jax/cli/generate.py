@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from dsv4_jax.cli.errors import UsageError, flag_message
+from dsv4_jax.cli.errors import UsageError, flag_message, quiet_background_errors
 
 # Sampler field -> the flag that sets it: the library's messages ("top_p=0.0 must be ...") are shown as flags.
 SAMPLER_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -94,7 +94,8 @@ def run(args) -> int:
             raise UsageError(f"--prompt-ids {args.prompt_ids!r} is not a list of integers") from e
         if not ids:
             raise UsageError("--prompt-ids is empty")
-    state, folder, desc = load_model(args.ckpt, progress=not args.no_progress)
+    with quiet_background_errors(getattr(args, "debug", False)):
+        state, folder, desc = load_model(args.ckpt, progress=not args.no_progress)
     cfg = state.config
     tok = load_tokenizer(user_path(args.tokenizer) if args.tokenizer else folder, cfg)
     if args.prompt_ids is None:
