@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from dsv4_jax.cli.errors import UsageError, flag_message, quiet_background_errors
+from dsv4_jax.cli.errors import DataError, UsageError, flag_message, quiet_background_errors
 
 # Sampler field -> the flag that sets it: the library's messages ("top_p=0.0 must be ...") are shown as flags.
 SAMPLER_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -102,7 +102,10 @@ def run(args) -> int:
         ids = tok.encode(args.prompt)
     for i in ids:
         if not 0 <= i < cfg.vocab_size:
-            raise UsageError(f"--prompt-ids: token id {i} is outside the vocabulary [0, {cfg.vocab_size})")
+            if args.prompt_ids is not None:
+                raise UsageError(f"--prompt-ids: token id {i} is outside the vocabulary [0, {cfg.vocab_size})")
+            raise DataError(f"the tokenizer gave token id {i}, outside the model's vocabulary [0, {cfg.vocab_size}) "
+                            "(a tokenizer of another model? see --tokenizer)")  # fmt: skip
     sampler = dataclasses.replace(sampler, eos_id=cfg.eos_token_id, pad_id=cfg.eos_token_id)
     need = G.capacity_needed(len(ids), sampler)
     max_len = args.max_len if args.max_len is not None else min(_round_up(need, 128), cfg.max_seq_len)
