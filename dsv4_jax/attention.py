@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4_jax import nn, ops, quant
+from dsv4_jax import nn, quant
 from dsv4_jax.config import Config
 from dsv4_jax.layer_view import LayerSlice, materialize
 from dsv4_jax.options import Opts

@@ -55,6 +55,10 @@ class Sampler:
     mtp: bool = False
 
     def __post_init__(self):
+        for field in ("max_new_tokens", "top_k"):  # 3.5 would otherwise be accepted and truncated inside jit
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer):
+                raise ValueError(f"{field}={v!r} must be an integer, got {type(v).__name__}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if not self.temperature >= 0:
@@ -232,12 +236,10 @@ def capacity_needed(prompt_len: int, sampler: Sampler) -> int:
 
 
 def _prepare(state, tokens, lengths, sampler, key, max_len):
-    tokens = np.asarray(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    width = tokens.shape[-1] if tokens.ndim == 2 else 0
-    max_len = max(width + sampler.max_new_tokens, 1) if max_len is None else int(max_len)
+    # The shared validation (dsv4_jax.inputs): a 1-D prompt is refused as in `forward`, not made batch 1.
     tokens, lengths = runner.check_prompts(state.config, tokens, lengths, max_len)
+    width = tokens.shape[1]
+    max_len = width + sampler.max_new_tokens if max_len is None else int(max_len)
     if width > max_len:
         raise ValueError(f"padded prompt width {width} exceeds max_len={max_len}")
     need = capacity_needed(int(lengths.max()), sampler)
@@ -304,7 +306,7 @@ class GenerationStream:
         self.output = loop.out
 
 
-def generate_stream(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(),
-                    key: jax.Array | int = 0, max_len: int | None = None, opts: Opts = Opts()) -> GenerationStream:  # fmt: skip
+def generate_stream(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Sampler(), key: jax.Array | int = 0,
+                    max_len: int | None = None, opts: Opts = Opts()) -> GenerationStream:  # fmt: skip
     """A `GenerationStream` (iterate it for tokens as they arrive)."""
     return GenerationStream(state, tokens, lengths, sampler=sampler, key=key, max_len=max_len, opts=opts)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4_jax.cache import Cache
+from dsv4_jax.inputs import check_tokens
 from dsv4_jax.layer_view import LayerSlice
 from dsv4_jax.model import ModelState, layer_groups
 from dsv4_jax.options import Opts
@@ -223,56 +224,31 @@ _mtp_decode_jit = jax.jit(_mtp_decode, static_argnames=("opts",), donate_argname
 # ---- public API -------------------------------------------------------------------------------------------------
 
 
-def _check_tokens(cfg, tokens) -> None:
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    if tokens.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the configured maximum {cfg.max_seq_len}")
-    if not isinstance(tokens, jax.core.Tracer):
-        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
-        if lo < 0 or hi >= cfg.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-
-
-def check_prompts(cfg, tokens, lengths, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validates right-padded prompts on the host -> (`tokens [B, S]` int32, `lengths [B]` int32).
-
-    Raises ValueError naming the offending value: not 2-D, an empty prompt (length < 1), a length past the padded
-    width, a prompt longer than `max_len`, a token id outside `[0, vocab_size)` (padding is not checked)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    b, s = tokens.shape
-    lengths = np.full((b,), s, np.int64) if lengths is None else np.asarray(lengths).reshape(-1)
-    if lengths.shape != (b,):
-        raise ValueError(f"lengths has shape {lengths.shape}, expected ({b},)")
-    if b == 0 or s == 0 or int(lengths.min()) < 1:
-        raise ValueError(f"empty prompt: lengths {lengths.tolist()} (every prompt needs at least one token)")
-    if int(lengths.max()) > s:
-        raise ValueError(f"length {int(lengths.max())} exceeds the padded prompt width {s}")
-    if int(lengths.max()) > max_len:
-        raise ValueError(f"prompt length {int(lengths.max())} exceeds max_len={max_len}")
-    valid = np.arange(s)[None, :] < lengths[:, None]
-    ids = tokens[valid]
-    bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
-    if bad.size:
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
-    return np.where(valid, tokens, 0).astype(np.int32), lengths.astype(np.int32)
+def check_prompts(cfg, tokens, lengths, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validates right-padded prompts on the host -> (`tokens [B, S]` int32, `lengths [B]` int32): the one
+    validation every entry point shares (`dsv4_jax.inputs.check_tokens`)."""
+    return check_tokens(cfg, tokens, lengths, max_len=max_len)
 
 
 def forward_outputs(state: ModelState, tokens, *, mtp_tokens=None, capture: bool = False,
                     opts: Opts = _DEFAULT) -> Output:  # fmt: skip
     """Full-sequence forward from position 0 with everything: logits, MTP logits (if `mtp_tokens` — the token at
     p+1 for each position p — is given), the final residual streams and, with `capture`, a `Capture` per layer."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    _check_tokens(state.config, tokens)
+    tokens = _checked(state.config, tokens, "tokens")
     if mtp_tokens is not None:
-        mtp_tokens = jnp.asarray(mtp_tokens, jnp.int32)
-        _check_tokens(state.config, mtp_tokens)
+        mtp_tokens = _checked(state.config, mtp_tokens, "mtp_tokens")
         if mtp_tokens.shape != tokens.shape:
             raise ValueError(f"mtp_tokens shape {mtp_tokens.shape} differs from tokens shape {tokens.shape}")
     return _forward_jit(state, tokens, mtp_tokens, opts, capture)
+
+
+def _checked(cfg, tokens, name: str):
+    """`tokens` validated (before any int32 cast, which would truncate float ids) as a device int32 array."""
+    if isinstance(tokens, jax.core.Tracer):
+        check_tokens(cfg, tokens, name=name)
+        return tokens
+    out, _ = check_tokens(cfg, tokens, name=name)
+    return jnp.asarray(out)
 
 
 def forward(state: ModelState, tokens, *, opts: Opts = _DEFAULT) -> jax.Array:

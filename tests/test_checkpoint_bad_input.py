@@ -1,5 +1,5 @@
-"""Bad checkpoints: each gives a clear error naming the file and tensor, exit status 2 from the CLI, and leaves no
-output behind. Only safetensors and JSON are read: pickles and code in the folder are ignored."""
+"""Bad checkpoints: each gives a clear error naming the file and tensor, exit status 3 (bad input data) from the CLI,
+and leaves no output behind. Only safetensors and JSON are read: pickles and code in the folder are ignored."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ CASES = [truncate, corrupt_header, missing_file, wrong_dtype, nan_scale, other_m
 def test_bad_input(bad, tmp_path, capsys, case):
     expect = case(bad)
     dst = tmp_path / "out"
-    assert main(["convert", str(bad), str(dst), "--quiet"]) == 2
+    assert main(["convert", str(bad), str(dst), "--quiet"]) == 3
     err = capsys.readouterr().err
     assert err.startswith("dsv4-jax convert: error:")
     for part in expect:

@@ -120,8 +120,8 @@ def test_cli_convert_and_info(native, tmp_path, capsys):
     assert main(["convert", str(native), str(dst), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "converted" in out and "GB/s" in out and "peak RSS" in out
-    assert main(["convert", str(native), str(dst), "--quiet"]) == 2  # exists
-    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(native), str(dst), "--quiet"]) == 2  # exists: a usage error (--overwrite)
+    assert "already exists (add --overwrite to replace it)" in capsys.readouterr().err
     for path in (native, dst):
         assert main(["info", str(path)]) == 0
         out = capsys.readouterr().out

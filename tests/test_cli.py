@@ -1,4 +1,5 @@
-"""`dsv4-jax generate`: runs end to end on the embedded tiny checkpoint; bad input exits 2 naming the value."""
+"""`dsv4-jax generate`: runs end to end on the embedded tiny checkpoint; a bad flag exits 2 naming the flag;
+`dsv4-jax info` without a path describes that same embedded checkpoint."""
 
 from __future__ import annotations
 
@@ -35,16 +36,24 @@ def test_generate_runs(ckpt_cache):
     "argv, needle",
     [
         (["--prompt", ""], "--prompt is empty"),
-        (["--prompt-ids", "5, 600"], "token id 600"),
-        (["--prompt", "hello world", "--max-len", "4"], "12 tokens, more than max_len=4"),
+        (["--prompt-ids", "5, 600"], "--prompt-ids: token id 600"),
+        (["--prompt", "hello world", "--max-len", "4"], "12 tokens, more than --max-len 4"),
         (["--prompt", "hi", "--max-new-tokens", "100", "--max-len", "16"], "--max-new-tokens 100"),
-        (["--prompt", "hi", "--top-p", "0"], "top_p=0.0"),
+        (["--prompt", "hi", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
     ],
 )
-def test_bad_input_exits_2(argv, needle, capsys, ckpt_cache, monkeypatch):
+def test_bad_flag_exits_2(argv, needle, capsys, ckpt_cache, monkeypatch):
     monkeypatch.setenv("DSV4_JAX_CACHE", ckpt_cache)
     assert main(["generate", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_info_without_a_path_describes_the_embedded_checkpoint(capsys, ckpt_cache, monkeypatch):
+    monkeypatch.setenv("DSV4_JAX_CACHE", ckpt_cache)  # built by the tests above: generate's default
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("checkpoint: embedded tiny checkpoint (the default of `dsv4-jax generate`; random weights)")
+    assert os.path.join(ckpt_cache, "orbax") in out and "parameters:" in out
 
 
 def test_generated_control_bytes_are_escaped():

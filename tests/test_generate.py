@@ -80,8 +80,9 @@ def greedy(official_state, prompts):
     from dsv4_jax import generation as G
 
     toks, lengths = prompts
-    out = G.generate(official_state, toks, lengths, sampler=Sampler(max_new_tokens=N, eos_id=None, mtp=True),
-                     max_len=MAX_LEN)
+    out = G.generate(
+        official_state, toks, lengths, sampler=Sampler(max_new_tokens=N, eos_id=None, mtp=True), max_len=MAX_LEN
+    )
     return jax.tree.map(np.asarray, out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import pathlib
 
@@ -26,7 +27,15 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert not errors
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "generated ids:" in text and "random weights" not in text.split("generated ids:")[0]
+    logprobs = ast.literal_eval(text.split("log-probs: ")[1].splitlines()[0])
+    assert logprobs and all(x <= 0 and len(repr(x).split(".")[1]) <= 3 for x in logprobs)  # rounded, no fp32 noise
     assert fig.exists() and fig.stat().st_size > 5000
+
+
+def test_quickstart_has_no_silent_fallback():
+    """A checkpoint that cannot be restored is an error the reader sees, not a switch to other weights."""
+    source = NOTEBOOK.read_text()
+    assert "except" not in source and "init_random" not in source
 
 
 def test_paired_ipynb_is_in_sync_and_stripped():

@@ -125,7 +125,8 @@ SCRIPT = textwrap.dedent(
                 n_sharded += any(s is not None for s in a.sharding.spec)
                 ref = read_param(tensors, specs[spec.path], cfg.n_routed_experts)
                 for s in a.addressable_shards:
-                    assert np.asarray(s.data).tobytes() == np.ascontiguousarray(ref[s.index]).tobytes(), (spec.key, s.index)
+                    want_bytes = np.ascontiguousarray(ref[s.index]).tobytes()
+                    assert np.asarray(s.data).tobytes() == want_bytes, (spec.key, s.index)
             e = dict(nnx.to_flat_state(state.params))[("groups", 0, 0, "ffn", "experts", "w1", "weight")].get_value()
             assert e.addressable_shards[0].data.shape[1] == (2 if rules is None else 1), e.sharding
             assert n_sharded > 20, n_sharded

@@ -22,6 +22,7 @@ source is opened read-only and never modified; nothing from it is executed (only
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -33,8 +34,10 @@ from dsv4_jax.checkpoint.layout import CheckpointError, ParamSpec, check, param_
 from dsv4_jax.checkpoint.native import index_tensors, read_config
 from dsv4_jax.checkpoint.writer import hf_config, replace_dir
 from dsv4_jax.config import Config
+from dsv4_jax.paths import user_path
 
-__all__ = ["convert", "plan_items", "FORMAT", "FORMAT_VERSION", "META", "is_orbax_checkpoint", "read_meta"]
+__all__ = ["convert", "plan_items", "partial_dir", "FORMAT", "FORMAT_VERSION", "META", "is_orbax_checkpoint",
+           "read_meta", "is_disk_full"]  # fmt: skip
 
 FORMAT = "dsv4_jax.orbax"
 FORMAT_VERSION = 1
@@ -79,6 +82,26 @@ def _nest(pairs) -> dict:
             d = d.setdefault(k, {})
         d[key[-1]] = value
     return tree
+
+
+def partial_dir(dst: str | os.PathLike) -> str:
+    """Where `convert(src, dst)` writes until it is complete (kept after an interruption, to resume from)."""
+    return user_path(dst) + ".partial"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An ENOSPC anywhere in `e`'s chain: Orbax/TensorStore report it as a ValueError ("RESOURCE_EXHAUSTED: ...
+    No space left on device [os_error_code='28']"), plain writes as OSError(ENOSPC)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        msg = str(e)
+        if "No space left on device" in msg or "os_error_code='28'" in msg:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
@@ -149,11 +172,12 @@ def convert(
       part_bytes: largest Orbax item (host-memory bound; a single larger array is its own item).
       compress: zstd-compress the arrays (smaller, slower; FP8/FP4 bytes compress little).
       overwrite: replace an existing complete `dst`.
-    Raises `CheckpointError` (a ValueError) listing every problem before anything is written.
+    Raises `CheckpointError` (a ValueError) listing every problem before anything is written. A full disk raises
+    `OSError(ENOSPC)` (Orbax's error chained); the finished items stay in `DST.partial` for a resume.
     """
     import orbax.checkpoint as ocp
 
-    src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    src, dst = user_path(src), user_path(dst)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a folder")
     if os.path.realpath(src) == os.path.realpath(dst):
@@ -164,10 +188,10 @@ def convert(
     check(tensors, cfg, mtp=want_mtp, where=src)  # every problem, before anything is written
     model_cfg = cfg if want_mtp else without_mtp(cfg)
     if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
 
     items = plan_items(model_cfg, part_bytes)
-    partial = dst + ".partial"
+    partial = partial_dir(dst)
     fp = _fingerprint(src, want_mtp, part_bytes, compress)
     done: list[str] = []
     prog_path = os.path.join(partial, "progress.json")
@@ -248,6 +272,11 @@ def convert(
         replace_dir(partial, dst, overwrite=True)  # `overwrite` was checked before any work
     except CheckpointError:
         shutil.rmtree(partial, ignore_errors=True)  # bad source data: a re-run cannot resume, leave nothing behind
+        raise
+    except Exception as e:
+        if is_disk_full(e):  # one plain error instead of TensorStore's; the finished items stay for a resume
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {dst} (the finished part is kept "
+                          f"in {partial}; free space and convert again to resume)", partial) from e  # fmt: skip
         raise
     finally:
         if bar is not None:

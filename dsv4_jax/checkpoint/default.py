@@ -15,6 +15,7 @@ import os
 import shutil
 
 from dsv4_jax.checkpoint.convert import FORMAT_VERSION, is_orbax_checkpoint, read_meta
+from dsv4_jax.paths import user_path
 
 __all__ = ["ensure_default_checkpoint", "default_cache_dir", "DEFAULT_SEED"]
 
@@ -43,7 +44,7 @@ def ensure_default_checkpoint(cache_dir: str | os.PathLike | None = None) -> str
     from dsv4_jax.checkpoint.writer import write_native
     from dsv4_jax.config import Config
 
-    cache = os.path.abspath(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir())
+    cache = user_path(cache_dir if cache_dir is not None else default_cache_dir())
     orbax, native = os.path.join(cache, "orbax"), os.path.join(cache, "native")
     if _valid(orbax):
         return orbax

@@ -96,9 +96,7 @@ def param_table(cfg: Config) -> tuple[ParamSpec, ...]:
     """Every parameter of `cfg`'s model, in a stable order (globals, layers, MTP; within a block, by path)."""
     from flax import nnx
 
-    from dsv4_jax.model import abstract
-
-    from dsv4_jax.model import layer_groups
+    from dsv4_jax.model import abstract, layer_groups
 
     groups = layer_groups(cfg)
     specs = []

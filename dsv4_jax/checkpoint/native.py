@@ -19,6 +19,7 @@ import numpy as np
 from dsv4_jax.checkpoint.layout import CheckpointError, assemble, check, param_table, read_param, without_mtp
 from dsv4_jax.checkpoint.safetensors_io import SafetensorsError, TensorInfo, read_header
 from dsv4_jax.config import Config
+from dsv4_jax.paths import user_path
 
 __all__ = ["native_to_path", "path_to_native", "index_tensors", "iter_params", "load_native", "read_config",
            "CheckpointError"]  # fmt: skip
@@ -46,7 +47,7 @@ def path_to_native(path: tuple, expert: int | None = None) -> str:
 
 def index_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
     """Every tensor of a released checkpoint folder (via `model.safetensors.index.json`, or all `*.safetensors`)."""
-    folder = os.fspath(folder)
+    folder = user_path(folder)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -96,7 +97,7 @@ def index_tensors(folder: str | os.PathLike) -> dict[str, TensorInfo]:
 
 def read_config(folder: str | os.PathLike) -> Config:
     """The `Config` of a released checkpoint folder (its HF-style `config.json`, else `inference/config.json`)."""
-    folder = os.fspath(folder)
+    folder = user_path(folder)
     for rel in ("config.json", os.path.join("inference", "config.json")):
         if os.path.exists(os.path.join(folder, rel)):
             return Config.from_hf(os.path.join(folder, rel))

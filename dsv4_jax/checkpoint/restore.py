@@ -8,13 +8,15 @@ time with a bounded concurrent read budget. A released (native safetensors) fold
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
 
-from dsv4_jax.checkpoint.convert import META, is_orbax_checkpoint, item_key, read_meta
+from dsv4_jax.checkpoint.convert import META, is_orbax_checkpoint, item_key, partial_dir, read_meta
 from dsv4_jax.checkpoint.layout import (
     CheckpointError,
     ParamSpec,
@@ -29,25 +31,47 @@ from dsv4_jax.checkpoint.layout import (
 from dsv4_jax.checkpoint.native import index_tensors, read_config
 from dsv4_jax.checkpoint.safetensors_io import read_tensor
 from dsv4_jax.config import Config
+from dsv4_jax.paths import user_path
 
-__all__ = ["load", "detect_format"]
+__all__ = ["load", "detect_format", "checkpoint_nbytes"]
 
 log = logging.getLogger(__name__)
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """'orbax' (a `dsv4-jax convert` output) or 'native' (released safetensors); raises otherwise."""
-    path = os.fspath(path)
+    path = user_path(path)
+    if path.endswith(".partial") and os.path.isdir(path):
+        raise CheckpointError(_interrupted(path[: -len(".partial")]))
     if not os.path.isdir(path):
+        if os.path.isdir(partial_dir(path)):  # convert writes DST.partial and renames it to DST when complete
+            raise CheckpointError(_interrupted(path))
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if is_orbax_checkpoint(path):
         return "orbax"
     names = os.listdir(path)
     if "model.safetensors.index.json" in names or any(n.endswith(".safetensors") for n in names):
         return "native"
-    if os.path.isdir(path + ".partial") or path.endswith(".partial"):
-        raise CheckpointError(f"{path}: an interrupted conversion (re-run `dsv4-jax convert` to finish it)")
     raise CheckpointError(f"{path}: neither a converted checkpoint ({META}) nor safetensors files")
+
+
+def _interrupted(dst: str) -> str:
+    """The message for a conversion that was interrupted: what exists, and the command that finishes it."""
+    src = "SRC"
+    try:  # convert records the source in DST.partial/progress.json
+        with open(os.path.join(partial_dir(dst), "progress.json")) as f:
+            src = json.load(f)["fingerprint"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return (f"{dst}: not converted yet: an interrupted conversion ({partial_dir(dst)}) can be resumed with "
+            f"`dsv4-jax convert {src} {dst}`")  # fmt: skip
+
+
+def checkpoint_nbytes(path: str | os.PathLike) -> int:
+    """Bytes of the parameters a checkpoint folder holds (from its config and metadata; no array is read)."""
+    path = user_path(path)
+    cfg = Config.from_hf(read_meta(path)["config"]) if detect_format(path) == "orbax" else read_config(path)
+    return sum(s.nbytes for s in param_table(cfg))
 
 
 def _shardings(cfg: Config, mesh, rules):
@@ -124,8 +148,8 @@ def _load_orbax(path: str, mesh, rules, mtp: bool | None, concurrent_gb: int, pr
             out = ckptr.restore(
                 os.path.join(path, item), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
             )
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{os.path.join(path, item)}: cannot restore ({type(e).__name__}: {e})") from e
+        except Exception as e:  # Orbax raises a bare Exception (TensorStore details) for unreadable data files
+            raise CheckpointError(_unreadable(os.path.join(path, item), item_specs, e)) from e
         for s in item_specs:
             v = out
             for k in item_key(s):
@@ -133,6 +157,24 @@ def _load_orbax(path: str, mesh, rules, mtp: bool | None, concurrent_gb: int, pr
             values[s.path] = v
         del out
     return model_cfg, assemble(ab, model_cfg, values, shardings)
+
+
+def _unreadable(folder: str, specs: list[ParamSpec], e: BaseException) -> str:
+    """One line naming the item folder and the parameter(s) that could not be read.
+
+    TensorStore names the array inside the item (`Error reading "attn.wkv.weight/0.0" in OCDBT database ...`);
+    that name is the parameter's `item_key`, mapped back to its full key. Without such a name, every parameter
+    of the item is listed."""
+    by_name = {".".join(item_key(s)): s.key for s in specs}
+    names, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names += [by_name[n] for n in re.findall(r'"([^"/]+)/[^"]*"', str(e)) if n in by_name]
+        e = e.__cause__ or e.__context__
+    keys = list(dict.fromkeys(names)) or [s.key for s in specs]
+    what = "cannot read parameter" if len(keys) == 1 else "cannot read one of the parameters"
+    return (f"{folder}: {what} {', '.join(keys)}: its data files are missing or damaged (re-run `dsv4-jax convert` "
+            "into a new folder)")  # fmt: skip
 
 
 def _native_array(tensors, spec: ParamSpec, sharding, n_experts: int) -> jax.Array:
@@ -195,7 +237,7 @@ def load(
       mtp: load the MTP layer (default: if the checkpoint has one); False drops it (the config then has none).
       concurrent_gb: Orbax read budget in flight (host memory bound while restoring).
     """
-    path = os.fspath(path)
+    path = user_path(path)
     if detect_format(path) == "orbax":
         return _load_orbax(path, mesh, rules, mtp, concurrent_gb, progress)
     return _load_native(path, mesh, rules, mtp, progress)

@@ -24,6 +24,7 @@ import numpy as np
 from dsv4_jax.checkpoint.layout import ParamSpec, tensor_table, without_mtp
 from dsv4_jax.checkpoint.safetensors_io import DTYPES, data_order, write_safetensors
 from dsv4_jax.config import Config
+from dsv4_jax.paths import user_path
 
 __all__ = ["write_native", "native_order", "shard_plan", "hf_config"]
 
@@ -234,10 +235,10 @@ def write_native(
     sizes = {n: int(np.prod(s.disk_shape, dtype=np.int64)) * DTYPES[s.disk_dtype].itemsize
              for n, (s, _) in table.items()}  # fmt: skip
     files = shard_plan(native_order(table), sizes, shards)
-    folder = os.fspath(folder)
+    folder = user_path(folder)
     if os.path.exists(folder) and not overwrite:
         raise FileExistsError(f"{folder} already exists (use overwrite=True)")
-    parent = os.path.dirname(os.path.abspath(folder))
+    parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,14 @@ import sys
 import numpy as np
 
 from dsv4_jax.cli import compile_cache
+from dsv4_jax.cli.errors import DataError, UsageError, flag_message, quiet_background_errors
 from dsv4_jax.options import BACKENDS
+
+# Sampler field -> the flag that sets it: the library's messages ("top_p=0.0 must be ...") are shown as flags.
+SAMPLER_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                 "top_p": "--top-p"}  # fmt: skip
+# A checkpoint larger than this shows a restore progress bar (on stderr) unless --no-progress.
+PROGRESS_MIN_BYTES = 1 << 30
 
 
 def _printable(data: bytes) -> bytes:
@@ -40,6 +47,8 @@ def add_parser(sub):
                    "with the extension installed; the reference elsewhere)")  # fmt: skip
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache "
                    f"({compile_cache.describe()})")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no restore progress bar (shown for checkpoints "
+                   f"over {PROGRESS_MIN_BYTES / 2**30:g} GiB)")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -58,9 +67,11 @@ def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
 
 
-def load_model(ckpt: str | None):
-    """(state, folder or None, description). No `ckpt`: the embedded tiny checkpoint (`ensure_default_checkpoint`)."""
+def load_model(ckpt: str | None, progress: bool = True):
+    """(state, folder or None, description). No `ckpt`: the embedded tiny checkpoint (`ensure_default_checkpoint`).
+    `progress`: a restore progress bar if the checkpoint is over `PROGRESS_MIN_BYTES`."""
     from dsv4_jax.checkpoint import restore
+    from dsv4_jax.paths import user_path
 
     if ckpt is None:
         from dsv4_jax.checkpoint.default import ensure_default_checkpoint
@@ -68,7 +79,9 @@ def load_model(ckpt: str | None):
         path = ensure_default_checkpoint()
         _, state = restore.load(path)
         return state, None, f"embedded tiny checkpoint ({path})"
-    _, state = restore.load(ckpt)
+    ckpt = user_path(ckpt)
+    progress = progress and restore.checkpoint_nbytes(ckpt) > PROGRESS_MIN_BYTES
+    _, state = restore.load(ckpt, progress=progress)
     return state, ckpt, ckpt
 
 
@@ -80,43 +93,53 @@ def run(args) -> int:
     from dsv4_jax import generation as G
     from dsv4_jax import ops
     from dsv4_jax.options import Opts
+    from dsv4_jax.paths import user_path
     from dsv4_jax.tokenizer import ByteTokenizer, load_tokenizer
 
     if args.prompt is not None and args.prompt_ids is not None:
-        raise ValueError("give --prompt or --prompt-ids, not both")
+        raise UsageError("give --prompt or --prompt-ids, not both")
     if args.prompt is None and args.prompt_ids is None:
         args.prompt = "Hello, DeepSeek-V4!"
     if args.prompt is not None and args.prompt == "":
-        raise ValueError("--prompt is empty")
-    sampler = G.Sampler(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, mtp=args.mtp)  # fmt: skip
+        raise UsageError("--prompt is empty")
+    try:  # the Sampler checks the values; its messages name fields, which are shown as the flags here
+        sampler = G.Sampler(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, mtp=args.mtp)  # fmt: skip
+    except ValueError as e:
+        raise UsageError(flag_message(str(e), SAMPLER_FLAGS)) from e
     opts = Opts(quant_sim=not args.no_quant_sim, backend=args.backend)
-    state, folder, desc = load_model(args.ckpt)
-    cfg = state.config
-    tok = load_tokenizer(args.tokenizer or folder, cfg)
+    if args.max_len is not None and args.max_len < 1:
+        raise UsageError(f"--max-len must be positive, got {args.max_len}")
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
         except ValueError as e:
-            raise ValueError(f"--prompt-ids {args.prompt_ids!r} is not a list of integers") from e
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r} is not a list of integers") from e
         if not ids:
-            raise ValueError("--prompt-ids is empty")
-    else:
+            raise UsageError("--prompt-ids is empty")
+    with quiet_background_errors(getattr(args, "debug", False)):
+        state, folder, desc = load_model(args.ckpt, progress=not args.no_progress)
+    cfg = state.config
+    tok = load_tokenizer(user_path(args.tokenizer) if args.tokenizer else folder, cfg)
+    if args.prompt_ids is None:
         ids = tok.encode(args.prompt)
     for i in ids:
         if not 0 <= i < cfg.vocab_size:
-            raise ValueError(f"token id {i} is outside the vocabulary [0, {cfg.vocab_size})")
+            if args.prompt_ids is not None:
+                raise UsageError(f"--prompt-ids: token id {i} is outside the vocabulary [0, {cfg.vocab_size})")
+            raise DataError(f"the tokenizer gave token id {i}, outside the model's vocabulary [0, {cfg.vocab_size}) "
+                            "(a tokenizer of another model? see --tokenizer)")  # fmt: skip
     sampler = dataclasses.replace(sampler, eos_id=cfg.eos_token_id, pad_id=cfg.eos_token_id)
     need = G.capacity_needed(len(ids), sampler)
     max_len = args.max_len if args.max_len is not None else min(_round_up(need, 128), cfg.max_seq_len)
     if len(ids) > max_len:
-        raise ValueError(f"the prompt has {len(ids)} tokens, more than max_len={max_len}")
+        raise UsageError(f"the prompt has {len(ids)} tokens, more than --max-len {max_len}")
     if need > max_len:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit: a {len(ids)}-token prompt plus "
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} does not fit: a {len(ids)}-token prompt plus "
                          f"{args.max_new_tokens} new tokens needs {need} cache positions, "
-                         f"max_len is {max_len}")  # fmt: skip
+                         f"--max-len is {max_len}")  # fmt: skip
     if max_len > cfg.max_seq_len:
-        raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        raise UsageError(f"--max-len {max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     # Prefill width padded to a multiple of 64: nearby prompt lengths share one compiled program.
     width = min(_round_up(len(ids), 64), max_len)
     tokens = np.zeros((1, width), np.int32)

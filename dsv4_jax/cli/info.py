@@ -1,20 +1,23 @@
 """`dsv4-jax info PATH`: what a checkpoint holds: config summary, parameter counts (total and activated per token),
 bytes per dtype, and KV-cache bytes per token of context. PATH is a released folder or a `dsv4-jax convert` output;
+without PATH, the embedded tiny checkpoint that `generate` uses by default (built on first use);
 `--preset tiny|flash|pro` describes a preset config instead (no checkpoint needed)."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import ml_dtypes
 import numpy as np
 
+from dsv4_jax.cli.errors import UsageError
+
 
 def add_parser(sub):
     p = sub.add_parser("info", help="summarize a checkpoint (config, parameter counts, bytes per dtype)")
-    p.add_argument("path", nargs="?", help="checkpoint folder (released safetensors or converted Orbax)")
+    p.add_argument("path", nargs="?", help="checkpoint folder (released safetensors or converted Orbax); default: "
+                   "the embedded tiny checkpoint that `generate` uses")  # fmt: skip
     p.add_argument("--preset", choices=("tiny", "flash", "pro"), help="describe a preset config instead")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
@@ -43,9 +46,11 @@ def param_counts(cfg) -> dict[str, int]:
             "activated_per_token_no_embed": active - cfg.vocab_size * cfg.dim}  # fmt: skip
 
 
-def summarize(path: str | None = None, preset: str | None = None) -> dict:
+def summarize(path: str | None = None, preset: str | None = None, *, label: str | None = None) -> dict:
+    """`label`: how the summary names the checkpoint (default: its path)."""
     from dsv4_jax.checkpoint.layout import param_table
     from dsv4_jax.config import Config
+    from dsv4_jax.paths import user_path
 
     out: dict = {}
     by_dtype: Counter = Counter()
@@ -57,8 +62,9 @@ def summarize(path: str | None = None, preset: str | None = None) -> dict:
     else:
         from dsv4_jax.checkpoint.restore import detect_format
 
+        path = user_path(path)
         fmt = detect_format(path)
-        out["source"] = f"{path} ({fmt})"
+        out["source"] = f"{label or path} ({fmt})"
         if fmt == "orbax":
             from dsv4_jax.checkpoint.convert import read_meta
 
@@ -106,11 +112,15 @@ def _fmt_n(n: float) -> str:
 
 
 def run(args) -> int:
-    if bool(args.path) == bool(args.preset):
-        raise ValueError("give a checkpoint PATH or --preset (one of them)")
-    if args.path and not os.path.exists(args.path):
-        raise FileNotFoundError(f"{args.path}: no such checkpoint folder")
-    s = summarize(args.path, args.preset)
+    if args.path and args.preset:
+        raise UsageError("give a checkpoint PATH or --preset, not both")
+    path, label = args.path, None
+    if not path and not args.preset:  # what `generate` runs without --ckpt
+        from dsv4_jax.checkpoint.default import ensure_default_checkpoint
+
+        path = ensure_default_checkpoint()
+        label = f"embedded tiny checkpoint (the default of `dsv4-jax generate`; random weights) at {path}"
+    s = summarize(path, args.preset, label=label)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0

@@ -5,8 +5,8 @@ and kill switch in `registry`; plus the reference-only linears.
     y = ops.fp8_linear(x, w, s, opts=opts)      # reference or kernel, decided by opts.backend (registry)
 """
 
-from dsv4_jax.ops.linear import bf16_linear, blockwise_gemm, f32_linear, fp4_linear, fp8_linear, sum_in_order
 from dsv4_jax.ops.experts import moe_experts, swiglu
+from dsv4_jax.ops.linear import bf16_linear, blockwise_gemm, f32_linear, fp4_linear, fp8_linear, sum_in_order
 from dsv4_jax.ops.registry import KernelUnavailable, record
 from dsv4_jax.options import Opts
 
