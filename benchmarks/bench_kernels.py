@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax import quant
-from dsv4_jax.kernels import ffi_ops, moe_grouped
+from dsv4_jax.kernels import ffi_ops, moe_fp8
+from dsv4_jax.moe import dispatch
 
 BF16, F32, E4M3 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn
 # Flash dense FP8 linears (N, K) and the routed-expert projections (N, K: w1/w3, then w2)
@@ -131,7 +132,7 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
         w, s = (w, w3), (s, ffi_ops.sm90_weight_scales(s3))
         layout = "gemv"
     if block_m is None and layout != "gemv":
-        block_m = moe_grouped.choose_block_m(layout, t_tokens, topk, e)
+        block_m = moe_fp8.choose_block_m(layout, t_tokens * topk)
     calls, actives, padded = [], [], []
     for r in range(reps):
         kr = jax.random.fold_in(key, 100 + r)
@@ -143,10 +144,12 @@ def bench_grouped(rows, t_tokens, n, k, bw, fp8, layout, e=256, topk=6, block_m=
             tok = jnp.arange(t_tokens * topk, dtype=jnp.int32) // topk
             calls.append((q, sfa, tok, idx.reshape(-1)))
             continue
-        dest, rows_total, lay = moe_grouped.plan_rows(idx, e, layout, block_m)
+        _, dl = dispatch(jnp.zeros((t_tokens, 1), BF16), idx, jnp.ones(idx.shape, F32), e)
+        dest, rows_total, lay = moe_fp8.plan_rows(dl.expert, dl.group_sizes, layout, block_m)
         padded.append(rows_total)
-        tok = jnp.repeat(jnp.arange(t_tokens, dtype=jnp.int32), topk)
-        src = jnp.full((rows_total,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)
+        tok = jnp.zeros((t_tokens * topk,), jnp.int32).at[dl.row_of_pair.reshape(-1)].set(
+            jnp.repeat(jnp.arange(t_tokens, dtype=jnp.int32), topk))  # fmt: skip
+        src = jnp.full((rows_total,), -1, jnp.int32).at[dest].set(tok, mode="drop")
         groups = e if layout == "masked" else 1
         q, sfa = ffi_ops.act_quant_rows(x, src=src, rows_out=rows_total, groups=groups)
         if layout == "masked":

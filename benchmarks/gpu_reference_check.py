@@ -42,7 +42,7 @@ for m, n, k in [(64, 4096, 2048), (64, 1024, 4096), (256, 2048, 4096)]:
     key = jax.random.key(m + n + k)
     x = (jax.random.normal(key, (m, k)) * 3).astype(jnp.bfloat16)
     w, s = quant.quantize_fp8_weight(jax.random.normal(jax.random.fold_in(key, 1), (n, k)) * k**-0.5)
-    f = lambda x, w, s: ops.fp8_linear(x, w, s, ops.Opts())
+    f = lambda x, w, s: ops.fp8_linear(x, w, s, opts=ops.Opts(backend="reference"))
     ref = on(cpu, f, x, w, s)
     got = on(gpu, f, x, w, s)
     q_c, s_c = on(cpu, quant.act_quant, x)

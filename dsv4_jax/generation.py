@@ -42,8 +42,8 @@ class Sampler:
 
     temperature 0 is greedy (argmax); otherwise sample from `softmax(logits / temperature)` restricted to the
     `top_k` most likely tokens (0 = all) and to the smallest set whose probability reaches `top_p` (1 = all).
-    `eos_id` None never stops early. `mtp` also runs the MTP layer and returns its draft logits of each step
-    (`[B, N, V]` fp32: off by default).
+    `eos_id` None never stops early. `mtp` also runs the MTP layer and returns its draft logits of each step;
+    `logits` keeps the logits each token was sampled from (both `[B, N, V]` fp32: off by default).
     """
 
     max_new_tokens: int = 32
@@ -53,6 +53,7 @@ class Sampler:
     eos_id: int | None = 1
     pad_id: int = 1
     mtp: bool = False
+    logits: bool = False
 
     def __post_init__(self):
         for field in ("max_new_tokens", "top_k"):  # 3.5 would otherwise be accepted and truncated inside jit
@@ -126,17 +127,20 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature=0.0, top_k=0
     )
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "logprobs", "mtp_logits", "num_tokens"],
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "logprobs", "mtp_logits", "num_tokens", "logits"],
                    meta_fields=[])  # fmt: skip
 @dataclasses.dataclass
 class GenerateOutput:
     """tokens `[B, N]` int32 (pad after a row's end); logprobs `[B, N]` fp32: log-probability of each token under
-    the model (temperature 1, before filtering); mtp_logits `[B, N, V]` fp32 or None; num_tokens `[B]` int32."""
+    the model (temperature 1, before filtering); mtp_logits `[B, N, V]` fp32 or None; num_tokens `[B]` int32;
+    logits `[B, N, V]` fp32: the distribution each token was sampled from (only with `Sampler(logits=True)`)."""
 
     tokens: jax.Array
     logprobs: jax.Array
     mtp_logits: jax.Array | None
     num_tokens: jax.Array
+    logits: jax.Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -163,9 +167,12 @@ def _emit(sampler: Sampler, loop: _Loop, i, tok, logits, mtp_logits, active) -> 
     mtp = out.mtp_logits
     if mtp is not None:
         mtp = mtp.at[:, i].set(jnp.where(active[:, None], mtp_logits, 0.0))
+    kept = out.logits
+    if kept is not None:
+        kept = kept.at[:, i].set(jnp.where(active[:, None], logits.astype(F32), 0.0))
     done = loop.done | ~active | (tok == loop.knobs["eos"])
     done = done | (i + 1 >= sampler.max_new_tokens)
-    out = GenerateOutput(tokens, logprobs, mtp, out.num_tokens + active.astype(jnp.int32))
+    out = GenerateOutput(tokens, logprobs, mtp, out.num_tokens + active.astype(jnp.int32), kept)
     return dataclasses.replace(loop, step=i + 1, last=jnp.where(active, tok, loop.last), done=done, out=out)
 
 
@@ -192,6 +199,7 @@ def _start(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max
         logprobs=jnp.zeros((b, n), F32),
         mtp_logits=jnp.zeros((b, n, v), F32) if use_mtp else None,
         num_tokens=jnp.zeros((b,), jnp.int32),
+        logits=jnp.zeros((b, n, v), F32) if sampler.logits else None,
     )
     loop = _Loop(cache, jnp.int32(0), tok, jnp.zeros((b,), bool), key, out, knobs)
     return _emit(sampler, loop, 0, tok, logits, mtp_logits, jnp.ones((b,), bool))

@@ -277,16 +277,52 @@ def abstract(cfg: Config) -> ModelState:
     return ModelState(graphdef, params, cfg)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_params(cfg: Config, key: jax.Array):
-    # Module level, so one compilation per config serves every call (a config is hashable and static).
-    return nnx.state(nn.pooled(lambda rngs: Transformer(cfg, rngs=rngs), key))
+@functools.lru_cache(maxsize=8)
+def _init_fn(cfg: Config, values: str, shardings_key):
+    """The jitted init of `cfg` (one compilation per config, value kind and placement)."""
+    mesh_rules, shardings = shardings_key if shardings_key is not None else (None, None)
+
+    def init(key):
+        with nn.init_values(values):
+            return nnx.state(nn.pooled(lambda rngs: Transformer(cfg, rngs=rngs), key))
+
+    return jax.jit(init, out_shardings=shardings)
 
 
-def init_random(cfg: Config, key: jax.Array | int = 0) -> ModelState:
-    """Random weights in the storage formats (FP8 + UE8M0, MXFP4, bf16, fp32)."""
+def init_random(cfg: Config, key: jax.Array | int = 0, *, mesh=None, rules=None, values: str = "normal") -> ModelState:
+    """Random weights in the storage formats (FP8 + UE8M0, MXFP4, bf16, fp32), created where they live.
+
+    Args:
+      mesh: place every parameter by `dsv4_jax.sharding.param_shardings(abstract(cfg), mesh, rules)`: each device
+        draws only its own shards (abstract -> shardings -> init); the model never exists on one device or the host.
+      values: "normal" (normal draws, quantized: a well-behaved random model) or "bytes" (random bytes in the
+        storage formats, block scales set for the same standard deviation: no fp32 copy and no quantization pass;
+        for speed runs of the full-size models).
+    """
     key = jax.random.key(key) if isinstance(key, int) else key
-    return ModelState(_graphdef(cfg), _init_params(cfg, key), cfg)
+    shardings_key = None
+    if mesh is not None:
+        from dsv4_jax.sharding import param_shardings
+
+        shardings_key = ((mesh, rules), param_shardings(abstract(cfg), mesh, rules))
+    fn = _init_fn(cfg, values, _Hashable(shardings_key) if shardings_key else None)
+    return ModelState(_graphdef(cfg), fn(key), cfg)
+
+
+class _Hashable:
+    """Hashes the (mesh, rules) that determine a shardings tree, and unpacks to (key, shardings)."""
+
+    def __init__(self, item):
+        self.key, self.value = item
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Hashable) and self.key == other.key
+
+    def __iter__(self):
+        return iter((self.key, self.value))
 
 
 def prepare_params(state: ModelState) -> ModelState:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv4_jax import nn, ops, quant
+from dsv4_jax import nn, ops
 from dsv4_jax.config import Config
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
@@ -118,8 +118,7 @@ class ExpertWeight(nnx.Module):
     in/32]`) or FP8 (`e4m3 [E, out, in]` + e8m0 `[E, out/128, in/128]`)."""
 
     def __init__(self, n_experts, in_f, out_f, axes, fmt: str, std: float, *, rngs: nnx.Rngs):
-        w = nn.normal(rngs, (n_experts, out_f, in_f), std)
-        q, s = quant.quantize_fp4_weight(w) if fmt == "fp4" else quant.quantize_fp8_weight(w)
+        q, s = nn.quantized_weight(rngs, (n_experts, out_f, in_f), std, fmt)
         self.weight = nn.param(q, ("expert", *axes))
         self.scale = nn.param(s, ("expert", *axes))
 

@@ -7,6 +7,8 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -106,12 +108,52 @@ class RMSNorm(nnx.Module):
 # ---- linear layers ---------------------------------------------------------------------------------------------
 
 
+# How quantized weights are initialised: "normal" (normal draws, quantized: a well-behaved random model) or "bytes"
+# (random bytes in the storage format with block scales chosen for the same standard deviation: no fp32 copy, no
+# quantization pass; what a speed run of a full-size model needs). Set with `init_values(...)`.
+_INIT = contextvars.ContextVar("dsv4_jax_init_values", default="normal")
+
+
+@contextlib.contextmanager
+def init_values(kind: str):
+    if kind not in ("normal", "bytes"):
+        raise ValueError(f"init values {kind!r}: expected 'normal' or 'bytes'")
+    token = _INIT.set(kind)
+    try:
+        yield
+    finally:
+        _INIT.reset(token)
+
+
+def _pow2_scale_bytes(shape, std_target: float, value_std: float) -> jax.Array:
+    """UE8M0 bytes of the power of two closest to `std_target / value_std`, for every block."""
+    e = int(round(math.log2(std_target / value_std)))
+    return jax.lax.bitcast_convert_type(jnp.full(shape, 127 + e, jnp.uint8), jnp.float8_e8m0fnu)
+
+
+def quantized_weight(rngs, shape, std: float, fmt: str) -> tuple[jax.Array, jax.Array]:
+    """A random weight `[..., N, K]` in storage format `fmt` ("fp8": e4m3 + 128x128 UE8M0 scales, "fp4": packed e2m1
+    + 1x32 UE8M0 scales) with standard deviation about `std`."""
+    *lead, n, k = shape
+    if _INIT.get() == "normal":
+        w = normal(rngs, shape, std)
+        return quant.quantize_fp4_weight(w) if fmt == "fp4" else quant.quantize_fp8_weight(w)
+    key = rngs.params()
+    if fmt == "fp4":  # uniform e2m1 codes: std of the values ~2.9
+        w = jax.random.bits(key, (*lead, n, k // 2), jnp.uint8)
+        return w, _pow2_scale_bytes((*lead, n, k // 32), std, 2.93)
+    # sign + exponent 2^0 + random mantissa: values +-[1, 1.875], std ~1.45
+    b = jax.random.bits(key, shape, jnp.uint8)
+    w = jax.lax.bitcast_convert_type((b & 0x87) | 0x38, jnp.float8_e4m3fn)
+    return w, _pow2_scale_bytes((*lead, -(-n // 128), -(-k // 128)), std, 1.45)
+
+
 class Fp8Linear(nnx.Module):
     """FP8 e4m3 weight `[out, in]` with UE8M0 128x128 block scales `[ceil(out/128), ceil(in/128)]`."""
 
     def __init__(self, in_features: int, out_features: int, axes: tuple, *, rngs: nnx.Rngs, std: float | None = None):
         std = in_features**-0.5 if std is None else std
-        w, s = quant.quantize_fp8_weight(normal(rngs, (out_features, in_features), std))
+        w, s = quantized_weight(rngs, (out_features, in_features), std, "fp8")
         self.weight = param(w, axes)
         self.scale = param(s, axes)
 

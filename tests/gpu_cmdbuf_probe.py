@@ -19,7 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsv4_jax import quant  # noqa: E402
-from dsv4_jax.kernels import ffi_ops, moe_grouped  # noqa: E402
+from dsv4_jax.kernels import ffi_ops, moe_fp8  # noqa: E402
+from dsv4_jax.moe import dispatch  # noqa: E402
 
 
 def main() -> None:
@@ -37,13 +38,18 @@ def main() -> None:
     route_small = jax.random.uniform(ks[6], (4, e))
     route_big = jax.random.uniform(ks[7], (300, e))
 
+    def experts_of(x, route, experts):
+        w, idx = jax.lax.top_k(route, top)
+        rows, lay = dispatch(x, idx.astype(jnp.int32), w, e)
+        return moe_fp8.routed_experts(rows, lay.expert, lay.weight, lay.group_sizes, experts, 10.0)
+
     @jax.jit
     def step(xs, xb, rs, rb, wd, sd, experts):
         return (
             ffi_ops.fp8_linear(xs, wd, sd),  # GEMV
             ffi_ops.fp8_linear(xb, wd, sd),  # tensor-core GEMM
-            moe_grouped.routed_experts(xs, rs, top, experts, 10.0),  # per-pair GEMV path
-            moe_grouped.routed_experts(xb, rb, top, experts, 10.0),  # contiguous grouped GEMMs
+            experts_of(xs, rs, experts),  # per-row GEMV path
+            experts_of(xb, rb, experts),  # contiguous grouped GEMMs
         )
 
     args = (x_small, x_big, route_small, route_big, w_dense, s_dense, tuple(experts))

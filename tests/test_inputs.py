@@ -69,8 +69,8 @@ def test_forward_checks_mtp_tokens_before_the_cast(state):
 
 
 def test_prefill_uses_the_same_check(state):
-    # decode.check_prompts is what `prefill` calls; it delegates to inputs.check_tokens.
-    from dsv4_jax.decode import check_prompts
+    # runner.check_prompts is what `prefill` calls; it delegates to inputs.check_tokens.
+    from dsv4_jax.runner import check_prompts
 
     with pytest.raises(ValueError, match="got dtype float64"):
         check_prompts(CFG, np.array([[1.5]]), None, 8)

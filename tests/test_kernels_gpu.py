@@ -155,59 +155,69 @@ def _ref_rows(xq, sx, w, s, expert_of_row):
     return out
 
 
+def _dispatched(key, t, k, e, d):
+    """Random routing of t tokens to k of e experts (distinct per token), dispatched (`moe.dispatch`)."""
+    from dsv4_jax.moe import dispatch
+
+    ks = jax.random.split(key, 3)
+    idx = jnp.argsort(jax.random.uniform(ks[0], (t, e)), axis=-1)[:, :k].astype(jnp.int32)
+    x = rand_bf16(ks[1], (t, d), spread=False)
+    w = jax.random.uniform(ks[2], (t, k), minval=0.1, maxval=1.0)
+    return dispatch(x, idx, w, e)
+
+
 @pytest.mark.parametrize(
     "layout,t,multicast",
     [("contig", 512, "0"), ("contig", 512, "1"), ("contig", 8, "0"), ("masked", 16, "0"), ("masked", 64, "0")],
 )
-@pytest.mark.parametrize("n,kdim", [(2048, 4096), (4096, 2048)])
-def test_grouped_gemm(ffi, layout, t, multicast, n, kdim, monkeypatch):
-    """contig 512 tokens runs BLOCK_M 128, with DSV4_FFI_TMA_MULTICAST=1 the cluster-of-2 variant."""
-    from dsv4_jax.kernels import moe_grouped
+def test_grouped_gemm_paths_vs_reference(ffi, layout, t, multicast, monkeypatch):
+    """The FP8 routed experts through the grouped GEMMs (layout forced; contig 512 tokens runs BLOCK_M 128, with
+    DSV4_FFI_TMA_MULTICAST=1 the cluster-of-2 variant) vs the sparse reference, Flash widths, 256 experts, top-6."""
+    from dsv4_jax.kernels import moe_fp8
+    from dsv4_jax.ops import experts as ref_experts
 
     monkeypatch.setenv("DSV4_FFI_TMA_MULTICAST", multicast)
-    e, k = 256, 6
-    idx, x, w, s = _grouped_case(jax.random.key(t + n), t, k, e, n, kdim)
-    block_m = 64 if (layout == "masked" or t <= 256) else 128
-    dest, rows, lay = moe_grouped.plan_rows(idx, e, layout, block_m)
-    tok = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
-    src = jnp.full((rows,), -1, jnp.int32).at[dest.reshape(-1)].set(tok)
-    groups = e if layout == "masked" else 1
-    q, sfa = ffi.act_quant_rows(x, src=src, rows_out=rows, groups=groups)
+    monkeypatch.setattr(moe_fp8, "choose_layout", lambda rows: layout)
+    e, k, d, inter = 256, 6, 4096, 2048
+    rows, lay = _dispatched(jax.random.key(t), t, k, e, d)
+    ks = jax.random.split(jax.random.key(t + 1), 3)
+    (w1, s1), (w3, s3) = rand_fp8_weight(ks[0], (e, inter, d)), rand_fp8_weight(ks[1], (e, inter, d))
+    w2, s2 = rand_fp8_weight(ks[2], (e, d, inter))
+    ws = (w1, s1, w3, s3, w2, s2)
+    args = (rows, lay.expert, lay.weight, lay.group_sizes, ws, 10.0)
     poison()
-    if layout == "masked":
-        y = ffi.grouped_gemm_masked(q.reshape(e, rows // e, -1), sfa, w, s, lay, block_m).reshape(rows, n)
-    else:
-        y = ffi.grouped_gemm_contig(q, sfa, w, s, lay, block_m)
-    y = np.asarray(y, np.float32)
-    d = np.asarray(dest).reshape(-1)
-    xq, sx = quant.act_quant(x, 128)
-    ref = _ref_rows(xq[np.asarray(tok)], sx[np.asarray(tok)], w, s, np.asarray(idx).reshape(-1))
-    got = y[d]
-    want = np.stack([ref[i] for i in range(len(d))])
+    got = np.asarray(jax.jit(moe_fp8.routed_experts, static_argnums=5)(*args), np.float32)
+    ref = np.asarray(jax.jit(lambda *a: ref_experts._moe_experts_reference(*a, 10.0, quant_sim=True))(*args[:5]),
+                     np.float32)  # fmt: skip
     assert np.isfinite(got).all()
-    assert rel_rms(got, want) <= 2e-3
+    assert rel_rms(got, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("t", [4, 60, 100])
-def test_routed_experts_vs_reference(ffi, t):
-    """The kernel path through moe.Experts (dispatch hook) vs the dense reference, tiny-width FP8 experts (top-2):
-    4 tokens run the per-pair GEMV (8 pairs), 60 the masked and 100 the contiguous grouped GEMMs."""
+@pytest.mark.parametrize("fmt,t", [("fp8", 4), ("fp8", 60), ("fp8", 100), ("fp4", 1), ("fp4", 8), ("fp4", 100)])
+def test_moe_experts_kernel_vs_reference(ffi, fmt, t):
+    """`ops.moe_experts` with backend "ffi" vs "reference" on dispatched rows, tiny widths: FP8 experts (top-2 of 8)
+    through the per-row GEMV (4 tokens), masked (60) and contiguous (100) grouped GEMMs; MXFP4 experts through the
+    fused FP8 x MXFP4 GEMVs. Also proves which implementation ran (the registry's record)."""
     from flax import nnx
 
     import dsv4_jax
     from dsv4_jax import moe
 
-    cfg = dsv4_jax.Config.tiny(expert_dtype="fp8")
-    experts = moe.Experts(cfg, rngs=nnx.Rngs(t))
-    key = jax.random.key(t)
-    x = rand_bf16(key, (t, cfg.dim), spread=False)
-    idx = jnp.argsort(jax.random.uniform(jax.random.fold_in(key, 1), (t, cfg.n_routed_experts)), -1)[:, :2]
-    w = jax.random.uniform(jax.random.fold_in(key, 2), (t, 2), minval=0.1, maxval=1.0)
-    dense = jnp.zeros((t, cfg.n_routed_experts)).at[jnp.arange(t)[:, None], idx].add(w)
-    ref = experts(x, dense, ops.Opts(backend="reference"))
+    cfg = dsv4_jax.Config.tiny(expert_dtype=fmt)
+    ws = moe.Experts(cfg, rngs=nnx.Rngs(t)).weights()
+    rows, lay = _dispatched(jax.random.key(t), t, 2, cfg.n_routed_experts, cfg.dim)
+
+    def run(backend):
+        with ops.record() as rec:
+            y = jax.jit(lambda r, e, w, g: ops.moe_experts(r, e, w, g, ws, 10.0, opts=ops.Opts(backend=backend)))(
+                rows, lay.expert, lay.weight, lay.group_sizes)  # fmt: skip
+        return np.asarray(y, np.float32), rec
+
+    ref, rec_ref = run("reference")
     poison()
-    got = experts(x, dense, ops.Opts(backend="ffi"))
-    assert np.isfinite(np.asarray(got)).all()
+    got, rec_ffi = run("ffi")
+    assert rec_ref == {"moe_experts": "reference"} and rec_ffi == {"moe_experts": "kernel"}
+    assert np.isfinite(got).all()
     assert rel_rms(got, ref) <= 1e-2
 
 
@@ -312,32 +322,96 @@ def _perturb_embeddings(state, seed):
     return dsv4_jax.ModelState.from_model(model)
 
 
-@pytest.mark.parametrize("expert_dtype,batch,seq", [("fp4", 2, 64), ("fp8", 2, 64), ("fp8", 4, 1)])
-def test_end_to_end_flash_layers(ffi, expert_dtype, batch, seq, capsys):
-    """seq=1 (a decode-sized forward, 4 rows): every FP8 linear and the routed experts run the GEMV paths."""
-    import dsv4_jax
-
-    if expert_dtype == "fp4":  # full-width Flash layers (FP8 linears through the kernels), 16 experts to fit memory
-        cfg = dsv4_jax.Config.flash(
-            n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1, vocab_size=4096, n_routed_experts=16
-        )
-    else:  # FP8 routed experts through the grouped kernels: tiny widths (instantiated for G=8)
-        cfg = dsv4_jax.Config.tiny(expert_dtype="fp8")
-    state = dsv4_jax.init_random(cfg, 0)
-    tokens = jax.random.randint(jax.random.key(1), (batch, seq), 2, cfg.vocab_size)
-    ref = np.asarray(dsv4_jax.forward(state, tokens, backend="reference"))
-    got = np.asarray(dsv4_jax.forward(state, tokens, backend="ffi"))
-    noise = max(rel_rms(np.asarray(dsv4_jax.forward(_perturb_embeddings(state, s), tokens)), ref) for s in (1, 2))
-    err = rel_rms(got, ref)
-    agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    line = (
-        f"[e2e {expert_dtype}-experts config, tokens {batch}x{seq}] rel-RMS(ffi, ref)={err:.3e} "
-        f"one-ulp noise floor={noise:.3e} argmax agreement={agree:.4f}"
-    )
+def _report(line: str, capsys) -> None:
     with capsys.disabled():
         print("\n" + line)
     if report := os.environ.get("DSV4_GPU_REPORT"):  # pytest-xdist workers do not forward prints
         with open(report, "a") as f:
             f.write(line + "\n")
+
+
+def _flash_layers(expert_dtype: str, n_experts: int = 256):
+    """Two full-width V4-Flash layers (one CSA, one HCA) and the MTP layer, with the released expert format."""
+    import dsv4_jax
+
+    return dsv4_jax.Config.flash(n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=0, vocab_size=8192,
+                                 n_routed_experts=n_experts, expert_dtype=expert_dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("expert_dtype,batch,seq", [("fp4", 2, 64), ("fp8", 2, 64), ("fp8", 4, 1)])
+def test_end_to_end_forward(ffi, expert_dtype, batch, seq, capsys):
+    """`forward`, backend ffi vs reference. seq=1 (a decode-sized forward, 4 rows): every FP8 linear and the routed
+    experts run the GEMV paths."""
+    import dsv4_jax
+
+    if expert_dtype == "fp4":  # full-width Flash layers, the released MXFP4 experts (16 of them: to fit 2x64 rows)
+        cfg = _flash_layers("fp4", 16)
+    else:  # FP8 routed experts through the grouped kernels: tiny widths (instantiated for G=8)
+        cfg = dsv4_jax.Config.tiny(expert_dtype="fp8")
+    state = dsv4_jax.init_random(cfg, 0)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq), 2, cfg.vocab_size)
+    ref_opts = dsv4_jax.Opts(backend="reference")
+    ref = np.asarray(dsv4_jax.forward(state, tokens, opts=ref_opts))
+    with ops.record() as ran:
+        got = np.asarray(dsv4_jax.forward(state, tokens, opts=dsv4_jax.Opts(backend="ffi")))
+    assert ran == {"fp8_linear": "kernel", "moe_experts": "kernel"}, ran
+    noise = max(rel_rms(np.asarray(dsv4_jax.forward(_perturb_embeddings(state, s), tokens, opts=ref_opts)), ref)
+                for s in (1, 2))  # fmt: skip
+    err = rel_rms(got, ref)
+    agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+    _report(f"[e2e forward {expert_dtype}-experts, tokens {batch}x{seq}] rel-RMS(ffi, ref)={err:.3e} one-ulp noise "
+            f"floor={noise:.3e} argmax agreement={agree:.4f}", capsys)  # fmt: skip
     assert np.isfinite(got).all()
     assert err <= noise
+
+
+def _custom_calls(lowered_text: str) -> dict[str, int]:
+    import re
+
+    calls = re.findall(r'custom_call @(dsv4_\w+)|call_target_name = "(dsv4_\w+)"', lowered_text)
+    out: dict[str, int] = {}
+    for a, b in calls:
+        out[a or b] = out.get(a or b, 0) + 1
+    return out
+
+
+def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
+    """The product path: `generate` on two full-width Flash layers with the released MXFP4 experts (all 256), greedy,
+    backend ffi vs reference. Same tokens up to the first near-tie (a top-2 margin of the reference logits below 3x
+    the one-ulp noise level), logits within the one-ulp noise floor (the reference against itself with one-ulp
+    perturbed embeddings), and the compiled program really calls the kernels."""
+    import dsv4_jax
+    from dsv4_jax import generation as G
+
+    cfg = _flash_layers("fp4")
+    state = dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0))
+    prompt = np.asarray(jax.random.randint(jax.random.key(3), (1, 16), 2, cfg.vocab_size))
+    sampler = G.Sampler(max_new_tokens=12, eos_id=None, logits=True)
+    ref_opts, ffi_opts = dsv4_jax.Opts(backend="reference"), dsv4_jax.Opts(backend="ffi")
+    ref = jax.tree.map(np.asarray, G.generate(state, prompt, sampler=sampler, opts=ref_opts))
+    pert = jax.tree.map(np.asarray, G.generate(_perturb_embeddings(state, 1), prompt, sampler=sampler, opts=ref_opts))
+    with ops.record() as ran:
+        got = jax.tree.map(np.asarray, G.generate(state, prompt, sampler=sampler, opts=ffi_opts))
+    assert ran == {"fp8_linear": "kernel", "moe_experts": "kernel"}, ran
+    toks, lens = G._prepare(state, prompt, None, sampler, 0, None)[:2]
+    text = G._generate.lower(state, toks, lens, jax.random.key(0), sampler.knobs(), sampler.static(),
+                             16 + 12, ffi_opts).as_text()  # fmt: skip
+    calls = _custom_calls(text)
+    assert calls.get("dsv4_fp4_moe_gate_up", 0) >= 2 and calls.get("dsv4_fp4_moe_down", 0) >= 2, calls
+    # noise: the reference against its one-ulp perturbed self, over the steps where their tokens agree
+    same = int(np.argmin(np.append(pert.tokens[0] == ref.tokens[0], False)))
+    diff = pert.logits[0, : max(same, 1)] - ref.logits[0, : max(same, 1)]
+    noise_rel = max(rel_rms(pert.logits[0, i], ref.logits[0, i]) for i in range(max(same, 1)))
+    noise_abs = float(np.sqrt(np.mean(diff.astype(np.float64) ** 2)))
+    top2 = np.sort(ref.logits[0], -1)[:, -2:]
+    ties = np.nonzero(top2[:, 1] - top2[:, 0] < 3 * noise_abs)[0]
+    upto = int(ties[0]) + 1 if len(ties) else 12
+    np.testing.assert_array_equal(got.tokens[0, :upto], ref.tokens[0, :upto])
+    agree = int(np.argmin(np.append(got.tokens[0] == ref.tokens[0], False)))
+    errs = [rel_rms(got.logits[0, i], ref.logits[0, i]) for i in range(max(agree, 1))]
+    _report(
+        f"[e2e generate mxfp4 2 Flash layers] tokens equal for {agree}/12 steps (first near-tie: {upto}); "
+        f"max step rel-RMS(ffi, ref)={max(errs):.3e}, one-ulp noise floor={noise_rel:.3e}; calls {calls}",
+        capsys,
+    )
+    assert max(errs) <= noise_rel

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import LayerSlice, materialize
 
-__all__ = ["routed_experts", "routed_experts_unsupported", "choose_layout", "choose_block_m", "GEMV_MAX_PAIRS"]
+__all__ = ["routed_experts", "routed_experts_unsupported", "choose_layout", "choose_block_m", "plan_rows",
+           "GEMV_MAX_PAIRS"]  # fmt: skip
 
 F32 = jnp.float32
 
@@ -57,7 +58,7 @@ def _dims(weights):
 def routed_experts_unsupported(x, expert, weight, group_sizes, weights, limit: float) -> str | None:
     """Why the FP8 expert kernels cannot run these arguments (None: they can)."""
     if weights[0].dtype != jnp.float8_e4m3fn:
-        return f"no kernel for {weights[0].dtype} experts yet (FP8 experts only)"
+        return f"not FP8 experts ({weights[0].dtype})"
     e, inter, d = _dims(weights)
     layout = choose_layout(x.shape[0])
     if layout == "gemv":
@@ -90,12 +91,13 @@ def _gemv(x, expert, weight, weights, limit):
     return ffi_ops.fp8_gemv(q2, sfa2, w2, s2, groups=groups)
 
 
-def _grouped(x, expert, weight, group_sizes, weights, limit):
-    w1, s1, w3, s3, w2, s2 = (materialize(w) for w in weights)
-    r = x.shape[0]
-    e = w1.shape[0]
-    layout = choose_layout(r)
-    block_m = choose_block_m(layout, r)
+def plan_rows(expert, group_sizes, layout: str, block_m: int):
+    """Where each dispatched row (sorted by expert) goes in a grouped GEMM's row layout: `(dest [R] int32 (rows with
+    expert -1: `rows`, out of bounds), rows (the layout's static row count), the layout array)`; the layout array is
+    the masked layout's per-expert counts `[E]` or the contiguous layout's prefix sums `[E]` (each expert's rows
+    start on a `block_m` boundary)."""
+    r = expert.shape[0]
+    e = group_sizes.shape[0]
     starts = jnp.cumsum(group_sizes) - group_sizes
     rank = jnp.arange(r, dtype=jnp.int32) - starts[jnp.maximum(expert, 0)]
     if layout == "masked":
@@ -108,7 +110,16 @@ def _grouped(x, expert, weight, group_sizes, weights, limit):
         dest = astart[jnp.maximum(expert, 0)] + rank
         rows = _round_up(r + min(e, r) * (block_m - 1), block_m)
         lay = (astart + group_sizes).astype(jnp.int32)
-    dest = jnp.where(expert >= 0, dest, rows).astype(jnp.int32)  # invalid rows: dropped
+    return jnp.where(expert >= 0, dest, rows).astype(jnp.int32), rows, lay.astype(jnp.int32)
+
+
+def _grouped(x, expert, weight, group_sizes, weights, limit):
+    w1, s1, w3, s3, w2, s2 = (materialize(w) for w in weights)
+    r = x.shape[0]
+    e = w1.shape[0]
+    layout = choose_layout(r)
+    block_m = choose_block_m(layout, r)
+    dest, rows, lay = plan_rows(expert, group_sizes, layout, block_m)
     src = jnp.full((rows,), -1, jnp.int32).at[dest].set(jnp.arange(r, dtype=jnp.int32), mode="drop")
     wrow = jnp.zeros((rows,), F32).at[dest].set(weight, mode="drop")
     groups = e if layout == "masked" else 1

@@ -143,14 +143,14 @@ def _moe_experts_reference(x, expert, weight, group_sizes, weights, limit: float
 def _moe_experts_supports(x, expert, weight, group_sizes, weights, limit: float, *, quant_sim: bool) -> str | None:
     if not quant_sim:
         return "the kernels implement the quant_sim numerics only"
-    from dsv4_jax.kernels import moe_fp8
+    from dsv4_jax.kernels import experts
 
-    return moe_fp8.routed_experts_unsupported(x, expert, weight, group_sizes, weights, limit)
+    return experts.routed_experts_unsupported(x, expert, weight, group_sizes, weights, limit)
 
 
 moe_experts = registry.register(
     "moe_experts",
     _moe_experts_reference,
-    kernel="dsv4_jax.kernels.moe_fp8:routed_experts",
+    kernel="dsv4_jax.kernels.experts:routed_experts",
     supports=_moe_experts_supports,
 )
