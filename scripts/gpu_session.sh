@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One device call: set up the project with a prebuilt extension, then run the named phases, each under its own time
+# limit, logs under OUT (the device tool brings OUT back).
+#   scripts/gpu_session.sh OUT PHASE[:SECONDS] ...
+# Phases: tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS], bench-compile[=ARGS], bench-decode.
+# Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
+# (BUILD.md: built on a CPU box with nvcc, carried). Always `python -m pip`: the image's bare pip is another Python's.
+set -u
+OUT=${1:?output directory}
+shift
+mkdir -p "$OUT"
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/setup.log" 2>&1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+python -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { echo "project install failed"; tail "$OUT/setup.log"; }
+mkdir -p /tmp/ffipkg/dsv4_jax_ffi
+cp ffi/src/dsv4_jax_ffi/__init__.py /tmp/ffipkg/dsv4_jax_ffi/
+cp .gpu/so/_ffi*.so /tmp/ffipkg/dsv4_jax_ffi/
+export PYTHONPATH=/tmp/ffipkg:$PWD:${PYTHONPATH:-}
+python -c "import jax, flax, dsv4_jax_ffi as m; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices(), len(m.instantiations()), 'GEMMs')" 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+
+for spec in "$@"; do
+  name=${spec%%:*}; limit=300
+  [[ "$spec" == *:* ]] && limit=${spec##*:}
+  arg=""; [[ "$name" == *=* ]] && arg=${name#*=} && name=${name%%=*}
+  echo "== $name (limit $limit s) at $(elapsed) s"
+  case "$name" in
+    tests-fp4)
+      timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py -n 4 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
+      echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_fp4.log" | tail -15 ;;
+    tests-kernels)
+      export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
+      KARG=(); [ -n "$arg" ] && KARG=(-k "$arg")
+      timeout "$limit" python -m pytest -m gpu tests/test_kernels_gpu.py -n 3 -q -rs --durations=8 "${KARG[@]}" \
+        >"$OUT/tests_kernels.log" 2>&1
+      echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_kernels.log" | tail -15; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
+    bench-fp4)
+      timeout "$limit" python benchmarks/bench_kernels.py --fp4-decode --out "$OUT/bench_fp4.json" \
+        --markdown "$OUT/bench_fp4.md" >"$OUT/bench_fp4.log" 2>&1
+      echo "rc=$?"; tail -25 "$OUT/bench_fp4.log" ;;
+    bench-e2e)
+      # shellcheck disable=SC2086
+      timeout "$limit" python benchmarks/bench_e2e.py $arg --out "$OUT/bench_e2e.json" --markdown "$OUT/bench_e2e.md" \
+        >"$OUT/bench_e2e.log" 2>&1
+      echo "rc=$?"; tail -14 "$OUT/bench_e2e.log" ;;
+    bench-compile)
+      # shellcheck disable=SC2086
+      timeout "$limit" python benchmarks/bench_compile.py $arg --out "$OUT/bench_compile.json" >"$OUT/bench_compile.log" 2>&1
+      echo "rc=$?"; tail -6 "$OUT/bench_compile.log" ;;
+    *) echo "unknown phase $name" ;;
+  esac
+done
+echo "done at $(elapsed) s"
