@@ -111,7 +111,7 @@ def test_fp8_linear(ffi, m, multicast, n, k, monkeypatch):
     out = np.asarray(jax.jit(ffi.fp8_linear)(x, w, s), np.float32)
     assert np.isfinite(out).all()
     ref = np.asarray(
-        jax.jit(lambda x, w, s: ops.fp8_linear(x, w, s, ops.Opts(backend="reference")))(x, w, s), np.float32
+        jax.jit(lambda x, w, s: ops.fp8_linear(x, w, s, opts=ops.Opts(backend="reference")))(x, w, s), np.float32
     )
     err, err_xla_ref = rel_rms(out[rows], want), rel_rms(ref[rows], want)
     assert err <= 2e-3, f"kernel vs float64: {err:.3e} (XLA reference vs float64: {err_xla_ref:.3e})"
