@@ -75,7 +75,7 @@ def floor_bytes(state: dsv4_jax.ModelState, batch: int) -> dict[str, float]:
     return parts
 
 
-def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[int, int], long_prefill: int):
+def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[int, int] | None, long_prefill: int):
     opts = dsv4_jax.Opts(backend=backend)
     t0 = time.perf_counter()
     state = dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0, values="bytes"))
@@ -83,7 +83,7 @@ def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[
     init_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, cfg.vocab_size, (batch, prompt)).astype(np.int32)
-    max_len = prompt + max(steps + 8, gen[1] + 8)
+    max_len = prompt + max(steps + 8, (gen[1] if gen else 0) + 8)
     out: dict = {"backend": backend, "batch": batch, "prompt": prompt, "init_s": init_s}
 
     with ops.record() as ran:
@@ -111,13 +111,14 @@ def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[
     out["decode_step_min_ms"] = 1e3 * min(times[3:])
 
     per = {}
-    for n in gen:
+    for n in gen or ():
         sampler = G.Sampler(max_new_tokens=n, eos_id=None)
         G.generate(state, tokens, sampler=sampler, opts=opts).tokens.block_until_ready()  # compile
-        per[n] = min(_timed(lambda s=sampler: G.generate(state, tokens, sampler=s, opts=opts).tokens.block_until_ready())
-                     for _ in range(2))  # fmt: skip
-    out["generate_s"] = {str(k): v for k, v in per.items()}
-    out["generate_token_ms"] = 1e3 * (per[gen[1]] - per[gen[0]]) / (gen[1] - gen[0])
+        run = lambda s=sampler: G.generate(state, tokens, sampler=s, opts=opts).tokens.block_until_ready()  # noqa: E731
+        per[n] = min(_timed(run) for _ in range(2))
+    if gen:
+        out["generate_s"] = {str(k): v for k, v in per.items()}
+        out["generate_token_ms"] = 1e3 * (per[gen[1]] - per[gen[0]]) / (gen[1] - gen[0])
 
     if long_prefill:
         long = rng.integers(2, cfg.vocab_size, (1, long_prefill)).astype(np.int32)
@@ -130,7 +131,6 @@ def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[
         out["long_prefill_tokens"] = long_prefill
     floor = floor_bytes(state, batch)
     out["floor_bytes"] = floor
-    del state
     return out
 
 
@@ -143,6 +143,9 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--gen", default="8,24", help="two generate lengths for the per-token time")
+    ap.add_argument("--gen-backends", default="auto,reference", help="backends whose generate is timed")
+    ap.add_argument("--batch-backends", default="auto,reference", help="backends run at batch sizes > 1")
+    ap.add_argument("--cases", default=None, help="only these experts:backend pairs, e.g. fp4:auto,fp8:auto")
     ap.add_argument("--long-prefill", type=int, default=0, help="also time a prefill of this many tokens (batch 1)")
     ap.add_argument("--long-prefill-backends", default="reference,auto")
     ap.add_argument("--out", default=None)
@@ -153,7 +156,8 @@ def main(argv=None):
     meta = {
         "device": getattr(dev, "device_kind", str(dev)),
         "jax": jax.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        or "unknown",
         "layers": args.layers,
     }
     bw = copy_bandwidth()
@@ -163,9 +167,14 @@ def main(argv=None):
     for fmt in args.experts.split(","):
         cfg = flash_layers(args.layers, fmt)
         for backend in args.backends.split(","):
+            if args.cases and f"{fmt}:{backend}" not in args.cases.split(","):
+                continue
             for b in (int(x) for x in args.batch.split(",")):
+                if b > 1 and backend not in args.batch_backends.split(","):
+                    continue
                 lp = args.long_prefill if (b == 1 and backend in args.long_prefill_backends.split(",")) else 0
-                r = run_case(cfg, backend, b, args.prompt, args.steps, gen, lp)
+                g = gen if (b == 1 and backend in args.gen_backends.split(",")) else None
+                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp)
                 r["experts"] = fmt
                 total = sum(r["floor_bytes"].values())
                 r["floor_ms"] = 1e3 * total / bw
@@ -197,7 +206,8 @@ def markdown(result) -> str:
         kern = ", ".join(f"{k}:{v}" for k, v in sorted(r["ran"].items()))
         lines.append(
             f"| {r['experts']} | {r['backend']} | {r['batch']} | {r['decode_step_ms']:.2f} | {r['floor_ms']:.3f} | "
-            f"{r['ratio']:.1f}x | {r['generate_token_ms']:.2f} | {r['prefill_first_s']:.1f} / {r['prefill_s']:.3f} | "
+            f"{r['ratio']:.1f}x | {r.get('generate_token_ms', float('nan')):.2f} | {r['prefill_first_s']:.1f} / "
+            f"{r['prefill_s']:.3f} | "
             f"{lp} | {kern} |"
         )
     return "\n".join(lines) + "\n"

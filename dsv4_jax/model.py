@@ -208,8 +208,12 @@ def stacked_block(cfg: Config, kind: LayerKind, repeats: int, key: jax.Array) ->
     """A `Block` whose every parameter is stacked over `repeats` layers (leading logical axis "layers"), each layer
     initialised from its own key, one after the other (`lax.map`: one layer's temporaries at a time)."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, kind, rngs=nnx.Rngs(0))))
-    states = jax.lax.map(lambda k: nnx.state(nn.pooled(lambda rngs: Block(cfg, kind, rngs=rngs), k)),
-                         jax.random.split(key, repeats))  # fmt: skip
+    one = lambda k: nnx.state(nn.pooled(lambda rngs: Block(cfg, kind, rngs=rngs), k))  # noqa: E731
+    keys = jax.random.split(key, repeats)
+    # Random bytes need no fp32 temporaries, so all layers are drawn at once (vmap); normal draws + quantization
+    # would hold every layer's fp32 weights at once, so those go one layer at a time (lax.map, whose stacked output
+    # XLA then copies: a stack's worth of temporaries).
+    states = jax.vmap(one)(keys) if nn.init_kind() == "bytes" else jax.lax.map(one, keys)
     return nnx.merge(graphdef, _with_layer_axis(states))
 
 

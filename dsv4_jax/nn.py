@@ -125,10 +125,32 @@ def init_values(kind: str):
         _INIT.reset(token)
 
 
+def init_kind() -> str:
+    """The kind of init values in effect ("normal" or "bytes", see `init_values`)."""
+    return _INIT.get()
+
+
 def _pow2_scale_bytes(shape, std_target: float, value_std: float) -> jax.Array:
     """UE8M0 bytes of the power of two closest to `std_target / value_std`, for every block."""
     e = int(round(math.log2(std_target / value_std)))
     return jax.lax.bitcast_convert_type(jnp.full(shape, 127 + e, jnp.uint8), jnp.float8_e8m0fnu)
+
+
+_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C)
+
+
+def _random_bytes(key, shape) -> jax.Array:
+    """Pseudo-random uint8 `shape`: an integer hash of each element's coordinates and a seed drawn from `key`. One
+    elementwise pass writing the bytes in place (no uint32 draw to hold, which XLA keeps alive for every parameter
+    at once: as much again as the weights), and a sharded output computes only its own shards. Random enough for
+    weights of a speed run, not for statistics."""
+    seed = jax.random.bits(key, (), jnp.uint32)
+    h = jnp.broadcast_to(seed, shape)
+    for d, mult in zip(range(len(shape)), _HASH_MULTIPLIERS * 2, strict=False):
+        h = h ^ (jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(mult))
+        h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)  # a round of a 32-bit integer mixer per coordinate
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return (h ^ (h >> 16)).astype(jnp.uint8)
 
 
 def quantized_weight(rngs, shape, std: float, fmt: str) -> tuple[jax.Array, jax.Array]:
@@ -140,10 +162,10 @@ def quantized_weight(rngs, shape, std: float, fmt: str) -> tuple[jax.Array, jax.
         return quant.quantize_fp4_weight(w) if fmt == "fp4" else quant.quantize_fp8_weight(w)
     key = rngs.params()
     if fmt == "fp4":  # uniform e2m1 codes: std of the values ~2.9
-        w = jax.random.bits(key, (*lead, n, k // 2), jnp.uint8)
+        w = _random_bytes(key, (*lead, n, k // 2))
         return w, _pow2_scale_bytes((*lead, n, k // 32), std, 2.93)
     # sign + exponent 2^0 + random mantissa: values +-[1, 1.875], std ~1.45
-    b = jax.random.bits(key, shape, jnp.uint8)
+    b = _random_bytes(key, tuple(shape))
     w = jax.lax.bitcast_convert_type((b & 0x87) | 0x38, jnp.float8_e4m3fn)
     return w, _pow2_scale_bytes((*lead, -(-n // 128), -(-k // 128)), std, 1.45)
 
