@@ -118,8 +118,9 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, DSV4_JAX_BENCH_CACHE=cache)
             for phase in ("cold", "warm"):
-                cmd = [sys.executable, __file__, "--child", f"{mode}:{layers}", "--preset", args.preset, "--prompt",
-                       str(args.prompt), "--new", str(args.new), "--backend", args.backend, "--width", str(args.width)]  # fmt: skip
+                cmd = [sys.executable, __file__, "--child", f"{mode}:{layers}", "--preset", args.preset,
+                       "--prompt", str(args.prompt), "--new", str(args.new), "--backend", args.backend,
+                       "--width", str(args.width)]  # fmt: skip
                 t = time.perf_counter()
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 wall = time.perf_counter() - t
