@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up the project with a prebuilt extension, then run the named phases, each under its own time
 # limit, logs under OUT (the device tool brings OUT back).
-#   scripts/gpu_session.sh OUT PHASE[:SECONDS] ...
+#   scripts/gpu_session.sh OUT "PHASE[=ARGS][@SECONDS]" ...
 # Phases: tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS], bench-compile[=ARGS], bench-decode.
 # Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
 # (BUILD.md: built on a CPU box with nvcc, carried). Always `python -m pip`: the image's bare pip is another Python's.
@@ -26,8 +26,8 @@ python -c "import jax, flax, dsv4_jax_ffi as m; print('jax', jax.__version__, 'f
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
 for spec in "$@"; do
-  name=${spec%%:*}; limit=300
-  [[ "$spec" == *:* ]] && limit=${spec##*:}
+  name=${spec%@*}; limit=300
+  [[ "$spec" == *@* ]] && limit=${spec##*@}
   arg=""; [[ "$name" == *=* ]] && arg=${name#*=} && name=${name%%=*}
   echo "== $name (limit $limit s) at $(elapsed) s"
   case "$name" in
