@@ -443,7 +443,8 @@ class Attention(nnx.Module):
         if self.ratio:
             m = self.ratio
             state = (None, None) if lc is None else (materialize(lc.comp_kv), materialize(lc.comp_score))
-            comp = self.compressor.step(x_bkd, start_b, n_new_b, *state, self.inv_freq, opts, fresh)
+            with jax.named_scope("compressor"):
+                comp = self.compressor.step(x_bkd, start_b, n_new_b, *state, self.inv_freq, opts, fresh)
             upd = dataclasses.replace(upd, comp=comp)
             ent_sources, n_ent, to_source = self._compressed(comp, lc, fresh, k, w)
             sources += ent_sources
@@ -451,9 +452,11 @@ class Attention(nnx.Module):
             visible = j < ((pos + 1) // m)[..., None]
             if m == 4:
                 state_i = (None, None) if lc is None else (materialize(lc.idx_kv), materialize(lc.idx_score))
-                comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts, fresh)
+                with jax.named_scope("indexer"):
+                    comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts,
+                                                          fresh)  # fmt: skip
+                    sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, visible, rec)
                 upd = dataclasses.replace(upd, idx=comp_i)
-                sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, visible, rec)
                 comp_idx = jnp.where(sel >= 0, to_source(sel), -1)
                 if rec is not None:  # the official layouts: entry j is row k + j (prefill) or W + j (decode)
                     rec.indexer_topk = jnp.where(sel >= 0, sel + (k if fresh else w), -1)
@@ -463,5 +466,6 @@ class Attention(nnx.Module):
         if rec is not None:
             rec.attn_kv = jnp.concatenate([materialize(s) for s, _ in sorted(sources, key=lambda so: so[1])], axis=1)
             rec.attn_topk = idx
-        o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
+        with jax.named_scope("sparse_attention"):
+            o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
         return self.output(o, pos, opts), upd

@@ -135,22 +135,28 @@ class Block(nnx.Module):
         return mhc.hc_pre(X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps)
 
     def ffn_sublayer(self, X_btnd, tokens_bt, opts: Opts, rec=None, valid_bt=None):
-        x, post, comb = self.hc_pre(X_btnd, "ffn")
-        x = self.ffn_norm(x)
-        y = self.ffn(x, tokens_bt, opts, rec, valid_bt)
+        with jax.named_scope("mhc"):
+            x, post, comb = self.hc_pre(X_btnd, "ffn")
+        with jax.named_scope("moe"):
+            x = self.ffn_norm(x)
+            y = self.ffn(x, tokens_bt, opts, rec, valid_bt)
         if rec is not None:
             rec.ffn_in, rec.ffn_out = x, y
-        return mhc.hc_post(y, X_btnd, post, comb)
+        with jax.named_scope("mhc"):
+            return mhc.hc_post(y, X_btnd, post, comb)
 
     def step(self, X_bknd, tokens_bk, start_b, n_new_b, lc, opts: Opts, fresh: bool, rec=None):
         """k new tokens per row on top of the layer cache `lc` (see `Attention.step`) -> (streams, LayerUpdate).
         Tokens past a row's `n_new` (padding) get no routed experts."""
-        x, post, comb = self.hc_pre(X_bknd, "attn")
-        x = self.attn_norm(x)
-        y, upd = self.attn.step(x, start_b, n_new_b, lc, opts, fresh, rec)
+        with jax.named_scope("mhc"):
+            x, post, comb = self.hc_pre(X_bknd, "attn")
+        with jax.named_scope("attention"):
+            x = self.attn_norm(x)
+            y, upd = self.attn.step(x, start_b, n_new_b, lc, opts, fresh, rec)
         if rec is not None:
             rec.attn_in, rec.attn_out = x, y
-        X_bknd = mhc.hc_post(y, X_bknd, post, comb)
+        with jax.named_scope("mhc"):
+            X_bknd = mhc.hc_post(y, X_bknd, post, comb)
         if rec is not None:
             rec.mid = X_bknd
         valid = jnp.arange(tokens_bk.shape[1])[None, :] < n_new_b[:, None]
@@ -233,9 +239,10 @@ class Transformer(nnx.Module):
     def head_logits(self, X_btnd, owner) -> jax.Array:
         """hc_head collapse (with `owner`'s hc_head params), final RMSNorm (`owner.norm`), fp32 logits."""
         c = self.cfg
-        y = mhc.hc_head(X_btnd, owner.hc_head_fn[...], owner.hc_head_scale[...], owner.hc_head_base[...],
-                        eps=c.hc_eps, norm_eps=c.norm_eps)  # fmt: skip
-        return self.head(owner.norm(y))
+        with jax.named_scope("head"):
+            y = mhc.hc_head(X_btnd, owner.hc_head_fn[...], owner.hc_head_scale[...], owner.hc_head_base[...],
+                            eps=c.hc_eps, norm_eps=c.norm_eps)  # fmt: skip
+            return self.head(owner.norm(y))
 
     def streams(self, tokens_bt):
         """Embedding repeated over the hc_mult residual streams `[b, s, n, d]`."""

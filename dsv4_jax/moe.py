@@ -136,9 +136,14 @@ class Experts(nnx.Module):
         return tuple(p.get_value() for m in (self.w1, self.w3, self.w2) for p in (m.weight, m.scale))
 
     def __call__(self, x_rd, layout: ExpertLayout, opts: Opts) -> jax.Array:
-        """bf16 `[R, d]`: each dispatched row through its expert (`ops.moe_experts`)."""
-        return ops.moe_experts(x_rd, layout.expert, layout.weight, layout.group_sizes, self.weights(), self.limit,
-                               opts=opts)  # fmt: skip
+        """bf16 `[R, d]`: each dispatched row through its expert (`ops.moe_experts`); split over the mesh's
+        `expert` axis when a mesh with one is in context (`dsv4_jax.parallel.expert_parallel`)."""
+        from dsv4_jax.parallel import expert_parallel
+
+        args = (x_rd, layout.expert, layout.weight, layout.group_sizes, self.weights(), self.limit)
+        if expert_parallel.expert_axis_size() > 1:
+            return expert_parallel.routed_experts(*args, opts)
+        return ops.moe_experts(*args, opts=opts)
 
 
 class SharedExpert(nnx.Module):
@@ -166,11 +171,14 @@ class MoE(nnx.Module):
         get no routed experts. `rec` (a `dsv4_jax.runner.Capture`) receives the routing."""
         b, s, d = x_btd.shape
         x = x_btd.reshape(b * s, d)
-        w, idx = self.gate(x, tokens_bt.reshape(-1))
+        with jax.named_scope("router"):
+            w, idx = self.gate(x, tokens_bt.reshape(-1))
+            valid = None if valid_bt is None else valid_bt.reshape(-1)
+            x_rows, layout = dispatch(x, idx, w, self.n_experts, valid)
         if rec is not None:
             rec.route_idx, rec.route_w = idx, w
-        valid = None if valid_bt is None else valid_bt.reshape(-1)
-        x_rows, layout = dispatch(x, idx, w, self.n_experts, valid)
-        y_rows = self.experts(x_rows, layout, opts)
-        y = combine(y_rows, layout) + self.shared_experts(x, opts).astype(F32)
+        with jax.named_scope("experts"):
+            y = combine(self.experts(x_rows, layout, opts), layout)
+        with jax.named_scope("shared_expert"):
+            y = y + self.shared_experts(x, opts).astype(F32)
         return to_bf16(y).reshape(b, s, d)

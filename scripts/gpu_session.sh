@@ -53,6 +53,10 @@ for spec in "$@"; do
       # shellcheck disable=SC2086
       timeout "$limit" python benchmarks/bench_compile.py $arg --out "$OUT/bench_compile.json" >"$OUT/bench_compile.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/bench_compile.log" ;;
+    full-size)
+      # shellcheck disable=SC2086
+      timeout "$limit" python scripts/run_full_size.py $arg >"$OUT/full_size.log" 2>&1
+      echo "rc=$?"; grep -v Warning "$OUT/full_size.log" | cut -c1-1500 | tail -12 ;;
     *) echo "unknown phase $name" ;;
   esac
 done

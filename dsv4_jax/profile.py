@@ -1,0 +1,102 @@
+"""Where a decode step's time goes: device kernel time by part of the model, and what is left for launches and the
+host.
+
+    br = decode_breakdown(state, cache, tokens, opts=opts, steps=5)
+    br["step_ms"], br["kernel_ms"], br["overhead_ms"], br["by_part"]   # per step
+
+It traces `steps` decode steps with `jax.profiler`, reads the device's kernel events back (`jax.profiler.ProfileData`),
+and maps each kernel to the part of the model that launched it through the `jax.named_scope` names the model code
+carries ("attention", "indexer", "compressor", "sparse_attention", "router", "experts", "shared_expert", "mhc",
+"head"), read from the compiled program's op metadata. `overhead_ms` is the step's wall time minus its busy device
+time: launch gaps and host work.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import tempfile
+import time
+
+import jax
+
+__all__ = ["decode_breakdown", "kernel_events", "op_names", "PARTS"]
+
+# Most specific first: a kernel belongs to the first part whose scope appears in its op name.
+PARTS = ("indexer", "compressor", "sparse_attention", "attention", "router", "experts", "shared_expert", "moe", "mhc",
+         "head", "embed")  # fmt: skip
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]+)\"", re.M)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op_name metadata (the jit / named-scope path) from a compiled program's text."""
+    return {m[1]: m[2] for m in _INSTR.finditer(hlo_text)}
+
+
+def kernel_events(xplane_path: str) -> list[tuple[str, str, float, float]]:
+    """(kernel name, hlo_op, start ns, duration ns) of every device kernel event (GPU planes; the CPU backend's
+    thunks when there is no GPU)."""
+    data = jax.profiler.ProfileData.from_file(xplane_path)
+    out, cpu = [], []
+    for plane in data.planes:
+        gpu = plane.name.startswith("/device:GPU")
+        for line in plane.lines:
+            for ev in line.events:
+                stats = dict(ev.stats)
+                if "hlo_op" not in stats or not ev.duration_ns:
+                    continue
+                item = (ev.name, str(stats["hlo_op"]), float(ev.start_ns), float(ev.duration_ns))
+                (out if gpu else cpu).append(item)
+    return out or cpu
+
+
+def _part(op_name: str) -> str:
+    for p in PARTS:
+        if f"/{p}/" in f"/{op_name}/":
+            return p
+    return "other"
+
+
+def _busy_ns(events) -> float:
+    """Time at least one kernel ran (overlapping kernels counted once)."""
+    spans = sorted((s, s + d) for _, _, s, d in events)
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return busy
+
+
+def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5) -> dict:
+    """Profiles `steps` decode steps (after a warm-up) -> per-step milliseconds: wall (`step_ms`), device busy
+    (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), and kernels per step."""
+    from dsv4_jax import runner
+
+    tokens = jax.numpy.asarray(tokens, jax.numpy.int32)
+    compiled = runner._decode_jit.lower(state, cache, tokens, opts, None, False).compile()
+    names = op_names(compiled.as_text())
+    logits, _, cache = compiled(state, cache, tokens, None)
+    logits.block_until_ready()
+    folder = tempfile.mkdtemp(prefix="dsv4_profile_")
+    with jax.profiler.trace(folder):
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits, _, cache = compiled(state, cache, tokens, None)
+        logits.block_until_ready()
+        wall = time.perf_counter() - t
+    events = kernel_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    by_part: dict[str, float] = {}
+    for _, op, _, dur in events:
+        part = _part(names.get(op, op))
+        by_part[part] = by_part.get(part, 0.0) + dur / 1e6 / steps
+    kernel_ms = _busy_ns(events) / 1e6 / steps
+    step_ms = 1e3 * wall / steps
+    return {
+        "step_ms": step_ms,
+        "kernel_ms": kernel_ms,
+        "overhead_ms": max(step_ms - kernel_ms, 0.0),
+        "kernels_per_step": len(events) / steps,
+        "by_part": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
+        "cache": cache,
+    }
