@@ -21,7 +21,10 @@ import jax.numpy as jnp
 from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import LayerSlice
 
-__all__ = ["routed_experts", "routed_experts_unsupported"]
+__all__ = ["routed_experts", "routed_experts_unsupported", "MAX_ROWS"]
+
+# One block row per output row: CUDA's grid y dimension caps a launch at 65535 rows.
+MAX_ROWS = 65535
 
 
 def _stack(w, s, expert):
@@ -50,6 +53,10 @@ def routed_experts(x, expert, weight, group_sizes, weights, limit: float) -> jax
     w1, s1, groups = _stack(w1, s1, expert)
     w3, s3, _ = _stack(w3, s3, expert)
     w2, s2, _ = _stack(w2, s2, expert)
-    rows = jnp.arange(x.shape[0], dtype=jnp.int32)
-    h = ffi_ops.fp4_moe_gate_up(x, rows, groups, weight, w1, s1, w3, s3, limit)
-    return ffi_ops.fp4_moe_down(h, groups, w2, s2, tokens=x.shape[0])
+    out = []
+    for lo in range(0, x.shape[0], MAX_ROWS):  # the kernels take at most MAX_ROWS output rows a launch
+        hi = min(lo + MAX_ROWS, x.shape[0])
+        rows = jnp.arange(hi - lo, dtype=jnp.int32)
+        h = ffi_ops.fp4_moe_gate_up(x[lo:hi], rows, groups[lo:hi], weight[lo:hi], w1, s1, w3, s3, limit)
+        out.append(ffi_ops.fp4_moe_down(h, groups[lo:hi], w2, s2, tokens=hi - lo))
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
