@@ -1,0 +1,127 @@
+"""`extend` (k new tokens per row on top of a cache: chunked prefill, speculative verification) against k decode
+steps and against the full-sequence `forward`, on the official tiny checkpoint; MTP through `mtp_extend`.
+
+Rows have different lengths and different numbers of real tokens per chunk (the rest padding), chunks cross the
+window edge (128), CSA blocks (4) and an HCA block (128). quant_sim is off (the exact-arithmetic model), so the
+three paths differ only by reduction order (matmul shapes), which the bf16 roundings amplify to at most the model's
+own noise floor (~0.7% rel-RMS for a one-ulp input nudge).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import rel_rms
+
+B, TOTAL, MAX_LEN = 2, 150, 160
+CHUNKS = [17, 1, 40, 3, 64, 5]  # after a 20-token prefill: positions 20..149
+
+
+@pytest.fixture(scope="module")
+def runs(official_state):
+    import dsv4_jax
+
+    opts = dsv4_jax.Opts(quant_sim=False)
+    rng = np.random.default_rng(7)
+    toks = rng.integers(2, 512, (B, TOTAL)).astype(np.int32)
+    fwd = np.asarray(dsv4_jax.forward(official_state, toks, opts=opts))
+
+    def prefilled():
+        cache = dsv4_jax.init_cache(official_state.config, B, MAX_LEN)
+        return dsv4_jax.prefill(official_state, cache, toks[:, :20], opts=opts)
+
+    # decode steps, one token at a time
+    logits, _, cache = prefilled()
+    dec = [np.asarray(logits)]
+    for p in range(20, TOTAL - 1):
+        lg, _, cache = dsv4_jax.decode_step(official_state, cache, toks[:, p], opts=opts)
+        dec.append(np.asarray(lg))
+    dec = np.stack(dec, 1)  # logits predicting positions 20 .. TOTAL-1, i.e. at positions 19 .. TOTAL-2
+
+    # extend in chunks; row 1 takes one token fewer in odd chunks (padding), and catches up in the next
+    logits, _, cache = prefilled()
+    ext = {b: {19: np.asarray(logits)[b]} for b in range(B)}
+    pos = np.array([20, 20])
+    for i, k in enumerate(CHUNKS):
+        n_new = np.array([k, k - 1 if i % 2 else k + (1 if i else 0)])
+        n_new = np.minimum(np.maximum(n_new, 0), TOTAL - pos)
+        width = int(n_new.max())
+        chunk = np.zeros((B, width), np.int32)
+        for b in range(B):
+            chunk[b, : n_new[b]] = toks[b, pos[b] : pos[b] + n_new[b]]
+        lg, _, cache = dsv4_jax.extend(official_state, cache, chunk, n_new, opts=opts)
+        lg = np.asarray(lg)
+        for b in range(B):
+            for j in range(n_new[b]):
+                ext[b][int(pos[b] + j)] = lg[b, j]
+        pos = pos + n_new
+    return toks, fwd, dec, ext, cache, pos
+
+
+def test_extend_equals_decode_steps_and_forward(runs):
+    toks, fwd, dec, ext, cache, pos = runs
+    errs_dec, errs_fwd = [], []
+    for b in range(B):
+        for p, lg in ext[b].items():
+            if p == 19:
+                continue
+            if p - 19 < dec.shape[1]:  # decode steps stop one position earlier (the last token is not fed)
+                errs_dec.append(rel_rms(lg, dec[b, p - 19]))
+            errs_fwd.append(rel_rms(lg, fwd[b, p]))
+    errs_dec, errs_fwd = np.array(errs_dec), np.array(errs_fwd)
+    assert len(errs_dec) > 200
+    assert errs_dec.mean() < 0.012 and errs_dec.max() < 0.05, (errs_dec.mean(), errs_dec.max())
+    # against forward, the rare position whose indexer top-k flips at a near-tie (other matmul shapes) may reach ~7%
+    assert errs_fwd.mean() < 0.012 and np.percentile(errs_fwd, 99) < 0.05 and errs_fwd.max() < 0.1, (
+        errs_fwd.mean(), np.percentile(errs_fwd, 99), errs_fwd.max())  # fmt: skip
+    agree = np.mean([ext[b][p].argmax() == fwd[b, p].argmax() for b in range(B) for p in ext[b] if p > 19])
+    assert agree > 0.95
+    np.testing.assert_array_equal(np.asarray(cache.lengths), pos)  # rows advanced by their real tokens only
+
+
+def test_extend_padding_is_never_written(official_state, runs):
+    """A row's padding tokens leave no trace: the same row extended without padding gives the same cache."""
+    import dsv4_jax
+
+    toks = runs[0]
+    opts = dsv4_jax.Opts(quant_sim=False)
+
+    def run(chunk, n_new):
+        cache = dsv4_jax.init_cache(official_state.config, 1, MAX_LEN)
+        _, _, cache = dsv4_jax.prefill(official_state, cache, toks[:1, :20], opts=opts)
+        lg, _, cache = dsv4_jax.extend(official_state, cache, chunk, n_new, opts=opts)
+        return np.asarray(lg), cache
+
+    real = toks[:1, 20:25]
+    padded = np.concatenate([real, np.full((1, 3), 7, np.int32)], axis=1)
+    lg_a, ca = run(real, np.array([5]))
+    lg_b, cb = run(padded, np.array([5]))
+    for g_a, g_b in zip(ca.groups, cb.groups, strict=True):
+        for la, lb in zip(g_a, g_b, strict=True):
+            for f in ("window", "comp_kv", "comp_score", "entries", "idx_kv", "idx_score", "idx_keys"):
+                if getattr(la, f) is not None:
+                    np.testing.assert_array_equal(np.asarray(getattr(la, f)), np.asarray(getattr(lb, f)), f)
+    assert rel_rms(lg_b[0, :5], lg_a[0]) < 0.02
+
+
+def test_mtp_extend_equals_mtp_decode_steps(official_state):
+    import dsv4_jax
+
+    opts = dsv4_jax.Opts(quant_sim=False)
+    toks = np.random.default_rng(3).integers(2, 512, (1, 40)).astype(np.int32)
+
+    def prefilled():  # each path gets its own cache: steps donate theirs
+        cache = dsv4_jax.init_cache(official_state.config, 1, 64)
+        _, hidden, cache = dsv4_jax.prefill(official_state, cache, toks[:, :30], opts=opts)
+        return dsv4_jax.mtp_prefill(official_state, cache, hidden, toks[:, 1:31], opts=opts)[1]
+
+    _, hid_e, c_e = dsv4_jax.extend(official_state, prefilled(), toks[:, 30:36], opts=opts)
+    mtp_e, _ = dsv4_jax.mtp_extend(official_state, c_e, hid_e, toks[:, 31:37], opts=opts)
+    steps = []
+    c = prefilled()
+    for i in range(6):
+        _, h, c = dsv4_jax.decode_step(official_state, c, toks[:, 30 + i], opts=opts)
+        m, c = dsv4_jax.mtp_decode_step(official_state, c, h, toks[:, 31 + i], opts=opts)
+        steps.append(np.asarray(m)[0])
+    errs = [rel_rms(np.asarray(mtp_e)[0, i], steps[i]) for i in range(6)]
+    assert max(errs) < 0.05 and np.mean(errs) < 0.012, errs
