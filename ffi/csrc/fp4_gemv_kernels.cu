@@ -980,10 +980,11 @@ __global__ void __launch_bounds__(kWgThreads, 3) fp4_wg_kernel(const Fp4Params p
 #pragma unroll
       for (int wi = 0; wi < NW; ++wi) part[((wi * S_ + sigma) * R + rho) * TBN + t] = acc[wi][i];
     }
-    __syncthreads();
-    const int tid = threadIdx.x;
-    for (int o = tid; o < R * TBN; o += 128) {
-      const int rho = o / TBN, t = o % TBN;
+    // All s slices of a weight row are A rows of one warp (s divides 16): warp w sums its own 16/s rows.
+    __syncwarp();
+    constexpr int kRowsWarp = 16 / S_;
+    for (int o = lane; o < kRowsWarp * TBN; o += 32) {
+      const int rho = w4 * kRowsWarp + o / TBN, t = o % TBN;
       const int64_t col = (tile0 + tile) * R + rho;
       if (t >= seg_rows || col >= p.n) continue;
       float v[NW];
@@ -1004,7 +1005,7 @@ __global__ void __launch_bounds__(kWgThreads, 3) fp4_wg_kernel(const Fp4Params p
       }
       p.out[r * p.n + col] = __float2bfloat16_rn(y);
     }
-    __syncthreads();  // part is rewritten by the next tile
+    __syncwarp();  // part is rewritten by the next tile
 #pragma unroll
     for (int wi = 0; wi < NW; ++wi)
 #pragma unroll
