@@ -723,63 +723,75 @@ __global__ void __launch_bounds__(kWgThreads, 3) fp4_wg_kernel(const Fp4Params p
     return;
   }
 
-  // ---- 3. the segment's activation rows quantized to e4m3 into B (16 lanes per 128-wide block) -------------------
+  // ---- 3. the segment's activation rows quantized to e4m3 into B (16 lanes per 128-wide block; the loads of up to
+  // four blocks per thread issued together: the prologue is one L2 round trip, not one per block) ----------------
   {
+    constexpr int kU = 4;
     const int units = seg_rows * nch_all;
     const int half = threadIdx.x / 16, l16 = threadIdx.x % 16;
-    for (int u0 = 0; u0 < units; u0 += kWgThreads / 16) {
-      const int u = u0 + half;
-      const bool in = u < units;
-      const int t = in ? u / nch_all : 0;
-      const int kb = in ? u % nch_all : 0;
-      const int32_t src = in ? seg_src[t] : -1;
-      uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-      if (src >= 0) {
-        const int64_t e0 = static_cast<int64_t>(src) * k + kb * kStepK + l16 * 8;
-        raw = __ldg(reinterpret_cast<const uint4*>(p.x + 2 * e0));
-      }
-      const uint32_t rw[4] = {raw.x, raw.y, raw.z, raw.w};
-      float v[8];
+    for (int u0 = 0; u0 < units; u0 += kU * (kWgThreads / 16)) {  // the same trip count for every thread
+      uint4 raw[kU];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        v[2 * i] = __uint_as_float(rw[i] << 16);
-        v[2 * i + 1] = __uint_as_float(rw[i] & 0xFFFF0000u);
-      }
-      float amax = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-      for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      const float s = pow2_scale(amax);
-      const float inv = __frcp_rn(s);
-      uint32_t qw[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE,
-                                         __NV_E4M3);
-      if (in) {
-        const int sl = kb / cps, c = kb % cps, col = sl * TBN + t;
-        const int qq = l16 / 4, m = l16 % 4;  // elements 32qq + 8m .. +7 of the chunk
-        if constexpr (F16) {
-          // k16 step 2m + p holds, per lane quad qq, elements (2p, 2p + 4) in its first core matrix and (2p + 1,
-          // 2p + 5) in its second (e2m1x8_to_f16's pairs); the e4m3 values become f16 exactly.
-          uint32_t h2[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(qw[i]), __NV_E4M3);
-            h2[i] = static_cast<uint32_t>(hr.x) | (static_cast<uint32_t>(hr.y) << 16);
-          }
-          uint8_t* base = bsm + (c * 8 + 2 * m) * 256 + col * 16 + 4 * qq;
-          *reinterpret_cast<uint32_t*>(base) = prmt(h2[0], h2[2], 0x5410u);        // (0, 4)
-          *reinterpret_cast<uint32_t*>(base + 128) = prmt(h2[0], h2[2], 0x7632u);  // (1, 5)
-          *reinterpret_cast<uint32_t*>(base + 256) = prmt(h2[1], h2[3], 0x5410u);  // (2, 6)
-          *reinterpret_cast<uint32_t*>(base + 384) = prmt(h2[1], h2[3], 0x7632u);  // (3, 7)
-        } else {
-          uint8_t* base = bsm + ((c * 4 + m) * 2) * 128 + col * 16 + 4 * qq;
-          *reinterpret_cast<uint32_t*>(base) = qw[0] | (qw[1] << 16);
-          *reinterpret_cast<uint32_t*>(base + 128) = qw[2] | (qw[3] << 16);
+      for (int j = 0; j < kU; ++j) {
+        const int u = u0 + j * (kWgThreads / 16) + half;
+        const int32_t src = u < units ? seg_src[u / nch_all] : -1;
+        raw[j] = make_uint4(0u, 0u, 0u, 0u);
+        if (src >= 0) {
+          const int64_t e0 = static_cast<int64_t>(src) * k + (u % nch_all) * kStepK + l16 * 8;
+          raw[j] = __ldg(reinterpret_cast<const uint4*>(p.x + 2 * e0));
         }
-        if (l16 == 0) sa[(sl * cps + c) * kMaxSeg + t] = src >= 0 ? s : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kU; ++j) {
+        const int u = u0 + j * (kWgThreads / 16) + half;
+        const bool in = u < units;
+        const int t = in ? u / nch_all : 0;
+        const int kb = in ? u % nch_all : 0;
+        const int32_t src = in ? seg_src[t] : -1;
+        const uint32_t rw[4] = {raw[j].x, raw[j].y, raw[j].z, raw[j].w};
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          v[2 * i] = __uint_as_float(rw[i] << 16);
+          v[2 * i + 1] = __uint_as_float(rw[i] & 0xFFFF0000u);
+        }
+        float amax = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+        for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float s = pow2_scale(amax);
+        const float inv = __frcp_rn(s);
+        uint32_t qw[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE,
+                                           __NV_E4M3);
+        if (in) {
+          const int sl = kb / cps, c = kb % cps, col = sl * TBN + t;
+          const int qq = l16 / 4, m = l16 % 4;  // elements 32qq + 8m .. +7 of the chunk
+          if constexpr (F16) {
+            // k16 step 2m + p holds, per lane quad qq, elements (2p, 2p + 4) in its first core matrix and (2p + 1,
+            // 2p + 5) in its second (e2m1x8_to_f16's pairs); the e4m3 values become f16 exactly.
+            uint32_t h2[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const __half2_raw hr =
+                  __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(qw[i]), __NV_E4M3);
+              h2[i] = static_cast<uint32_t>(hr.x) | (static_cast<uint32_t>(hr.y) << 16);
+            }
+            uint8_t* base = bsm + (c * 8 + 2 * m) * 256 + col * 16 + 4 * qq;
+            *reinterpret_cast<uint32_t*>(base) = prmt(h2[0], h2[2], 0x5410u);        // (0, 4)
+            *reinterpret_cast<uint32_t*>(base + 128) = prmt(h2[0], h2[2], 0x7632u);  // (1, 5)
+            *reinterpret_cast<uint32_t*>(base + 256) = prmt(h2[1], h2[3], 0x5410u);  // (2, 6)
+            *reinterpret_cast<uint32_t*>(base + 384) = prmt(h2[1], h2[3], 0x7632u);  // (3, 7)
+          } else {
+            uint8_t* base = bsm + ((c * 4 + m) * 2) * 128 + col * 16 + 4 * qq;
+            *reinterpret_cast<uint32_t*>(base) = qw[0] | (qw[1] << 16);
+            *reinterpret_cast<uint32_t*>(base + 128) = qw[2] | (qw[3] << 16);
+          }
+          if (l16 == 0) sa[(sl * cps + c) * kMaxSeg + t] = src >= 0 ? s : 0.f;
+        }
       }
     }
   }
