@@ -306,6 +306,7 @@ def bench_fp4_decode(
     topk=6,
     reps=32,
     rounds=3,
+    tag="",
 ):
     """The MXFP4 routed experts of a decode step at Flash shapes (E=256, top-6, hidden 4096, intermediate 2048):
     `fp4_moe_gate_up` (gate + up projections, SwiGLU and routing weight; FP8 activation quantization inside) then
@@ -382,7 +383,7 @@ def bench_fp4_decode(
                             best[v][1] = min(best[v][1], timed(f_gu, ws, calls, per=reps))
                             best[v][2] = min(best[v][2], timed(f_dn, ws, calls, hs[v], per=reps))
                 for v in variants:
-                    label = f" [{v}]"
+                    label = f" [{v}{tag}]"
                     tm, tg, td = best[v]
                     rows.append(
                         result_row(
@@ -494,8 +495,11 @@ def main():
     ap.add_argument(
         "--fp4-cvt", default="lut", help="ring variant's e2m1 -> e4m3 conversion for --fp4-decode: lut, bits"
     )
+    ap.add_argument("--fp4-ksplit", default="auto", help="ring variant's K split for --fp4-decode: auto, 1, 2, 4, 8")
     ap.add_argument(
-        "--fp4-ksplit", default="auto", help="ring variant's K split for --fp4-decode: auto, 1, 2, 4, 8"
+        "--fp4-tiles",
+        default="",
+        help="after the main comparison, also the wg variants with DSV4_FFI_FP4_TILES = each of these (comma list)",
     )
     args = ap.parse_args()
     mod, why = ffi_ops.load()
@@ -511,6 +515,10 @@ def main():
         bench_fp4_decode(
             rows, bw, fp8, variants=tuple(args.fp4_variants.split(",")), cvt=args.fp4_cvt, ksplit=args.fp4_ksplit
         )
+        for tiles in filter(None, args.fp4_tiles.split(",")):  # row tiles per block of the wg kernels (tuning)
+            with ffi_env("DSV4_FFI_FP4_TILES", tiles):
+                wg = tuple(v for v in args.fp4_variants.split(",") if v.startswith("wg"))
+                bench_fp4_decode(rows, bw, fp8, variants=wg, rounds=1, tag=f", tiles {tiles}")
     elif args.decode:
         bench_overhead(rows)
         bench_decode(rows, bw, fp8, impls=tuple(args.gemv_impls.split(",")))
