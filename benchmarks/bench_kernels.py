@@ -427,7 +427,8 @@ def bench_fp4_decode(
                     (shape, {v: (best[v], 100 * (wbytes + act_gu + act_dn) / best[v][0] / bw) for v in variants})
                 )
     print(
-        "\nMXFP4 decode step (gate/up + down), best of the interleaved rounds; % of copy bandwidth on the bytes read:"
+        f"\nMXFP4 decode step (gate/up + down){tag}, best of the interleaved rounds; % of copy bandwidth on the bytes"
+        " read:"
     )
     for shape, res in summary:
         parts = [f"{v} {r[0][0] * 1e6:7.1f} us {pct:3.0f}%" for v, (r, pct) in res.items()]
