@@ -1,7 +1,8 @@
-// Developer tool, not part of the extension build. Standalone timing of the MXFP4 decode kernels (no JAX): Flash shapes (E=256, D=4096, I=2048, top-6), pairs sorted
-// by expert, R different routings per CUDA graph (XLA's command buffers replay graphs too), both variants
-// interleaved; the bytes read are the packed weights + scales of the experts hit (+ activations). Also compares the
-// variants' outputs (the reg variant must agree with the ring variant up to summation order).
+// Developer tool, not part of the extension build. Standalone timing of the MXFP4 decode kernels (no JAX): Flash
+// shapes (E=256, D=4096, I=2048, top-6), pairs sorted by expert, R different routings per CUDA graph (XLA's command
+// buffers replay graphs too), the variants (wg, wg8, ring) interleaved; the bytes read are the packed weights +
+// scales of the experts hit (+ activations). Also compares the wg variants' outputs with ring's (wg: summation order
+// only; wg8: its 13-bit FP8 accumulator). span >= 12 exercises the wg variants' exact per-block path.
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/csrc ffi/csrc/fp4_bench.cu \
 //        ffi/csrc/fp4_gemv_kernels.cu -o /tmp/fp4_bench && /tmp/fp4_bench [span [time|cmp|once [E D I]]]
 #include <cuda_bf16.h>
