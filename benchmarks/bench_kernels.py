@@ -1,7 +1,7 @@
 """Benchmarks of the dsv4_jax_ffi kernels at DeepSeek-V4-Flash shapes, against ceilings measured in the same run.
 
     python benchmarks/bench_kernels.py [--out results.json] [--markdown table.md]
-        [--decode | --prefill | --fp4-decode [--fp4-cvt lut,bits] [--fp4-ksplit auto,4,8]]
+        [--decode | --prefill | --fp4-decode [--fp4-variants wg,wg8,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]]
 
 Ceilings (measured here, same process): device copy bandwidth (bytes read + written of a 2 GiB bf16 elementwise
 pass) and the dense FP8 GEMM rate of XLA's own FP8 dot (e4m3 x e4m3 -> bf16, 8192^3; cuBLASLt). Baselines: XLA's
@@ -293,13 +293,32 @@ def fp4_weight(key, shape, scale_bytes=(117, 125)):
     return w, jax.lax.bitcast_convert_type(s, jnp.float8_e8m0fnu)
 
 
-def bench_fp4_decode(rows, bw, fp8, cvts=("lut",), ksplits=("auto",), e=256, d=4096, inter=2048, topk=6, reps=32):
+def bench_fp4_decode(
+    rows,
+    bw,
+    fp8,
+    variants=("wg", "wg8", "ring"),
+    cvt="lut",
+    ksplit="auto",
+    e=256,
+    d=4096,
+    inter=2048,
+    topk=6,
+    reps=32,
+    rounds=3,
+    tag="",
+):
     """The MXFP4 routed experts of a decode step at Flash shapes (E=256, top-6, hidden 4096, intermediate 2048):
     `fp4_moe_gate_up` (gate + up projections, SwiGLU and routing weight; FP8 activation quantization inside) then
-    `fp4_moe_down`: two launches per step, T = 1, 2, 4, 8 tokens. Each executable runs `reps` steps with different
-    routings (the launch gaps between them are counted; the weights of one step are not in L2 from the last). Pairs
-    are sorted by expert, as a caller should pass them (pairs of one expert share a weight pass); at T = 8 also in
-    token order (no sharing). Rows per launch as well: gate/up alone, down alone (on the h of the same steps).
+    `fp4_moe_down`: two launches per step, T = 1, 2, 4, 8 tokens, for each kernel variant (`variant=` of the
+    wrappers: the variant is part of the program, so command buffers replay what was asked for). Each executable runs
+    `reps` steps with different routings (the launch gaps between them are counted; the weights of one step are not
+    in L2 from the last). The variants are measured in interleaved rounds (`rounds` x, best kept), so that clock or
+    thermal drift does not favour one. Pairs are sorted by expert, as a caller should pass them (pairs of one expert
+    share a weight pass); at T = 8 also in token order (no sharing). Rows per launch as well: gate/up alone, down
+    alone (on the h of the same steps). `cvt` (DSV4_FFI_FP4_CVT) and `ksplit` (DSV4_FFI_FP4_KSPLIT) only affect the
+    ring variant. "wg8" is not the reference's numerics (FP8 accumulator: see ffi_ops.FP4_VARIANTS): it is measured
+    to show what the FP8 tensor cores would give.
 
     "% copy BW" counts the bytes read: packed weights and scales of the experts hit (3 projections; distinct experts
     per step, averaged) + the activations read (x by gate/up, h by down); the bf16 outputs written are not counted
@@ -312,92 +331,112 @@ def bench_fp4_decode(rows, bw, fp8, cvts=("lut",), ksplits=("auto",), e=256, d=4
     per_expert = 3 * (inter * d // 2 + inter * d // 32)  # packed bytes + scale bytes of one expert's 3 projections
     limit = 10.0
 
-    def gate_up(ws, c):
-        x, tok, grp, rw = c
-        return ffi_ops.fp4_moe_gate_up(x, tok, grp, rw, *ws[:4], limit)
-
-    def jitted(t: int):
+    def jitted(t: int, variant: str):
         """(both launches, gate/up alone, down alone on given h) over a list of steps, for t tokens."""
 
+        def gate_up(ws, c):
+            x, tok, grp, rw = c
+            return ffi_ops.fp4_moe_gate_up(x, tok, grp, rw, *ws[:4], limit, variant=variant)
+
         def down(ws, c, h):
-            return ffi_ops.fp4_moe_down(h, c[2], ws[4], ws[5], tokens=t)
+            return ffi_ops.fp4_moe_down(h, c[2], ws[4], ws[5], tokens=t, variant=variant)
 
         both = jax.jit(lambda ws, calls: [down(ws, c, gate_up(ws, c)) for c in calls])
         gu = jax.jit(lambda ws, calls: [gate_up(ws, c) for c in calls])
         dn = jax.jit(lambda ws, calls, hs: [down(ws, c, h) for c, h in zip(calls, hs, strict=True)])
         return both, gu, dn
 
-    for cvt in cvts:
-        for ks in ksplits:
-            env = {"DSV4_FFI_FP4_CVT": cvt}
-            if ks != "auto":
-                env["DSV4_FFI_FP4_KSPLIT"] = ks
-            label = f" [{cvt}" + ("" if ks == "auto" else f", ksplit {ks}") + "]"
-            with contextlib.ExitStack() as stack:
-                for name, value in env.items():
-                    stack.enter_context(ffi_env(name, value))
-                for t in (1, 2, 4, 8):
-                    for sort in (True, False) if t == 8 else (True,):
-                        calls, actives = [], []
-                        for r in range(reps):
-                            kr = jax.random.fold_in(key, 1000 * t + r)
-                            idx = np.asarray(jnp.argsort(jax.random.uniform(kr, (t, e)), -1)[:, :topk])
-                            tok, grp = np.repeat(np.arange(t), topk).astype(np.int32), idx.reshape(-1).astype(np.int32)
-                            if sort:
-                                order = np.argsort(grp, kind="stable")
-                                tok, grp = tok[order], grp[order]
-                            x = jax.random.normal(jax.random.fold_in(kr, 1), (t, d), F32).astype(BF16)
-                            rw = jax.random.uniform(jax.random.fold_in(kr, 2), (t * topk,), F32, 0.05, 1.0)
-                            calls.append((x, jnp.asarray(tok), jnp.asarray(grp), rw))
-                            actives.append(len(np.unique(grp)))
-                        f_step, f_gu, f_dn = jitted(t)
-                        pairs, active = t * topk, float(np.mean(actives))
-                        wbytes = active * per_expert
-                        act_gu, act_dn = t * d * 2, pairs * inter * 2  # x read by gate/up, h read by down
-                        shape = f"T={t} pairs={pairs} active={active:.1f}" + ("" if sort else " (token order)")
-                        tm = timed(f_step, ws, calls, per=reps)
-                        flops = 6.0 * pairs * inter * d
-                        rows.append(
-                            result_row(
-                                f"fp4 routed experts: gate/up + down{label}",
-                                shape,
-                                tm,
-                                float("nan"),
-                                flops,
-                                wbytes + act_gu + act_dn,
-                                bw,
-                                fp8,
-                            )
+    env = {"DSV4_FFI_FP4_CVT": cvt}
+    if ksplit != "auto":
+        env["DSV4_FFI_FP4_KSPLIT"] = ksplit
+    summary = []
+    with contextlib.ExitStack() as stack:
+        for name, value in env.items():
+            stack.enter_context(ffi_env(name, value))
+        for t in (1, 2, 4, 8):
+            for sort in (True, False) if t == 8 else (True,):
+                calls, actives = [], []
+                for r in range(reps):
+                    kr = jax.random.fold_in(key, 1000 * t + r)
+                    idx = np.asarray(jnp.argsort(jax.random.uniform(kr, (t, e)), -1)[:, :topk])
+                    tok, grp = np.repeat(np.arange(t), topk).astype(np.int32), idx.reshape(-1).astype(np.int32)
+                    if sort:
+                        order = np.argsort(grp, kind="stable")
+                        tok, grp = tok[order], grp[order]
+                    x = jax.random.normal(jax.random.fold_in(kr, 1), (t, d), F32).astype(BF16)
+                    rw = jax.random.uniform(jax.random.fold_in(kr, 2), (t * topk,), F32, 0.05, 1.0)
+                    calls.append((x, jnp.asarray(tok), jnp.asarray(grp), rw))
+                    actives.append(len(np.unique(grp)))
+                pairs, active = t * topk, float(np.mean(actives))
+                wbytes = active * per_expert
+                act_gu, act_dn = t * d * 2, pairs * inter * 2  # x read by gate/up, h read by down
+                shape = f"T={t} pairs={pairs} active={active:.1f}" + ("" if sort else " (token order)")
+                flops = 6.0 * pairs * inter * d
+                fns = {v: jitted(t, v) for v in variants}
+                hs = {v: jax.block_until_ready(fns[v][1](ws, calls)) for v in variants} if sort else {}
+                best = {v: [float("inf")] * 3 for v in variants}
+                for _ in range(rounds):  # interleaved: every variant once per round
+                    for v in variants:
+                        f_step, f_gu, f_dn = fns[v]
+                        best[v][0] = min(best[v][0], timed(f_step, ws, calls, per=reps))
+                        if sort:
+                            best[v][1] = min(best[v][1], timed(f_gu, ws, calls, per=reps))
+                            best[v][2] = min(best[v][2], timed(f_dn, ws, calls, hs[v], per=reps))
+                for v in variants:
+                    label = f" [{v}{tag}]"
+                    tm, tg, td = best[v]
+                    rows.append(
+                        result_row(
+                            f"fp4 routed experts: gate/up + down{label}",
+                            shape,
+                            tm,
+                            float("nan"),
+                            flops,
+                            wbytes + act_gu + act_dn,
+                            bw,
+                            fp8,
                         )
-                        if not sort:
-                            continue
-                        tg = timed(f_gu, ws, calls, per=reps)
-                        rows.append(
-                            result_row(
-                                f"  fp4 gate/up + SwiGLU alone{label}",
-                                shape,
-                                tg,
-                                float("nan"),
-                                flops * 2 / 3,
-                                wbytes * 2 / 3 + act_gu,
-                                bw,
-                                fp8,
-                            )
+                    )
+                    if not sort:
+                        continue
+                    rows.append(
+                        result_row(
+                            f"  fp4 gate/up + SwiGLU alone{label}",
+                            shape,
+                            tg,
+                            float("nan"),
+                            flops * 2 / 3,
+                            wbytes * 2 / 3 + act_gu,
+                            bw,
+                            fp8,
                         )
-                        hs = jax.block_until_ready(f_gu(ws, calls))
-                        td = timed(f_dn, ws, calls, hs, per=reps)
-                        rows.append(
-                            result_row(
-                                f"  fp4 down alone{label}",
-                                shape,
-                                td,
-                                float("nan"),
-                                flops / 3,
-                                wbytes / 3 + act_dn,
-                                bw,
-                                fp8,
-                            )
+                    )
+                    rows.append(
+                        result_row(
+                            f"  fp4 down alone{label}",
+                            shape,
+                            td,
+                            float("nan"),
+                            flops / 3,
+                            wbytes / 3 + act_dn,
+                            bw,
+                            fp8,
                         )
+                    )
+                summary.append(
+                    (shape, {v: (best[v], 100 * (wbytes + act_gu + act_dn) / best[v][0] / bw) for v in variants})
+                )
+    print(
+        f"\nMXFP4 decode step (gate/up + down){tag}, best of the interleaved rounds; % of copy bandwidth on the bytes"
+        " read:"
+    )
+    for shape, res in summary:
+        parts = [f"{v} {r[0][0] * 1e6:7.1f} us {pct:3.0f}%" for v, (r, pct) in res.items()]
+        ref = res.get("ring")
+        speed = "".join(
+            f"  {v}/ring x{ref[0][0] / r[0][0]:.2f}" for v, (r, _) in res.items() if ref is not None and v != "ring"
+        )
+        print(f"  {shape:40s} " + " | ".join(parts) + speed)
 
 
 def bench_dense_gemm(rows, m, n, k, bw, fp8):
@@ -453,8 +492,16 @@ def main():
         action="store_true",
         help="only the MXFP4 routed experts of a decode step (gate/up + down launches), T = 1, 2, 4, 8",
     )
-    ap.add_argument("--fp4-cvt", default="lut,bits", help="e2m1 -> e4m3 conversions for --fp4-decode (lut, bits)")
-    ap.add_argument("--fp4-ksplit", default="auto", help="K splits for --fp4-decode: auto, 1, 2, 4, 8 (comma list)")
+    ap.add_argument("--fp4-variants", default="wg,wg8,ring", help="MXFP4 kernel variants for --fp4-decode (comma list)")
+    ap.add_argument(
+        "--fp4-cvt", default="lut", help="ring variant's e2m1 -> e4m3 conversion for --fp4-decode: lut, bits"
+    )
+    ap.add_argument("--fp4-ksplit", default="auto", help="ring variant's K split for --fp4-decode: auto, 1, 2, 4, 8")
+    ap.add_argument(
+        "--fp4-tiles",
+        default="",
+        help="after the main comparison, also the wg variants with DSV4_FFI_FP4_TILES = each of these (comma list)",
+    )
     args = ap.parse_args()
     mod, why = ffi_ops.load()
     assert mod is not None, why
@@ -466,7 +513,13 @@ def main():
     )
     rows = Rows()
     if args.fp4_decode:
-        bench_fp4_decode(rows, bw, fp8, cvts=tuple(args.fp4_cvt.split(",")), ksplits=tuple(args.fp4_ksplit.split(",")))
+        bench_fp4_decode(
+            rows, bw, fp8, variants=tuple(args.fp4_variants.split(",")), cvt=args.fp4_cvt, ksplit=args.fp4_ksplit
+        )
+        for tiles in filter(None, args.fp4_tiles.split(",")):  # row tiles per block of the wg kernels (tuning)
+            with ffi_env("DSV4_FFI_FP4_TILES", tiles):
+                wg = tuple(v for v in args.fp4_variants.split(",") if v.startswith("wg"))
+                bench_fp4_decode(rows, bw, fp8, variants=wg, rounds=1, tag=f", tiles {tiles}")
     elif args.decode:
         bench_overhead(rows)
         bench_decode(rows, bw, fp8, impls=tuple(args.gemv_impls.split(",")))

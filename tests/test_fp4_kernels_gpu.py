@@ -27,10 +27,18 @@ Bounds and why:
     and `moe.swiglu`): rel-RMS <= 1e-2 for h and y (the down projection re-quantizes h to FP8, where one bf16 ulp
     of h moves an e4m3 rounding by one step).
 Pairs with an expert < 0 or >= E, or a token out of range, must come back as exact zeros.
+
+Kernel variants (`variant=` of the wrappers, DSV4_FFI_FP4_VARIANT for the unsuffixed targets): every test runs each
+variant on the same inputs. "wg" (the default) and "ring" are held to the bounds above. "wg8" (FP8 wgmma) is not the
+reference's numerics: Hopper's FP8 tensor cores keep 13 mantissa bits of the accumulator, about 1e-4 relative on g/u,
+which moves ~10% of the bf16 roundings of h by one ulp; it must still be bit-exact where a single product is summed
+(identity weights) and within the per-linear rel-RMS bound, and its bit-identical fractions are checked looser
+(`BIT_IDENTICAL_MIN`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -52,6 +60,10 @@ E2M1 = quant.E2M1_VALUES.astype(np.float64)
 BF16 = ml_dtypes.bfloat16
 SMALL = dict(e=8, d=256, i=128)  # tiny-config widths: hidden (K of gate/up, N of down) and intermediate
 FLASH = dict(e=256, d=4096, i=2048)
+VARIANTS = ("wg", "wg8", "ring")  # dsv4_jax.kernels.ffi_ops.FP4_VARIANTS
+# Least fraction of h bit-identical to the float64 reference rounded at the reference's points (gate/up test), and of
+# the fused launch bit-identical to two plain launches + numpy SwiGLU (same kernel family: expf vs exp only).
+BIT_IDENTICAL_MIN = {"wg": 0.9, "ring": 0.9, "wg8": 0.75}
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +202,17 @@ def identity_weight(n: int, k: int, perm: np.ndarray, rng: np.random.Generator, 
     return w, s, E2M1[code]
 
 
-@pytest.mark.parametrize("cvt", ["lut", "bits"])
+@pytest.mark.parametrize("variant", ["wg", "wg8", "ring", "ring-bits"])
 @pytest.mark.parametrize("n,k,m", [(256, 256, 1), (512, 4096, 5), (384, 2048, 13), (4096, 2048, 8)])
-def test_fp4_gemv_identity_bit_exact(ffi, n, k, m, cvt, monkeypatch):
+def test_fp4_gemv_identity_bit_exact(ffi, n, k, m, variant, monkeypatch):
     """Dense (2-D weight, no maps; M=13: a full and a partial 8-token pass): y[r, n] = bf16(xq[r, perm[n]] *
     v[n] * s_act * s_w) exactly. K=256: inputs of ordinary magnitude and a few rows with scale byte 0 (2^-127,
-    products in the fp32 denormal range, still exact); otherwise row magnitudes over 10 binades. `bits`
-    (DSV4_FFI_FP4_CVT=bits) makes e2m1 0.5 an e4m3 subnormal: a failure of `bits` alone means the tensor cores
-    flush subnormal inputs (keep the default table conversion)."""
-    monkeypatch.setenv("DSV4_FFI_FP4_CVT", cvt)
+    products in the fp32 denormal range, still exact); otherwise row magnitudes over 10 binades. "ring-bits" (ring
+    with DSV4_FFI_FP4_CVT=bits) makes e2m1 0.5 an e4m3 subnormal: a failure of it alone means the tensor cores flush
+    subnormal inputs (keep the table conversion). Every variant sums one exact product per output here, so even wg8
+    (13-bit FP8 accumulator) must be exact; a failure points at the layout (K order, nibble order, scales)."""
+    monkeypatch.setenv("DSV4_FFI_FP4_CVT", "bits" if variant == "ring-bits" else "lut")
+    kernel = variant.split("-")[0]
     rng = np.random.default_rng(n + k + m)
     perm = rng.permutation(k)[:n] if n <= k else rng.integers(0, k, n)
     w, s, v = identity_weight(n, k, perm, rng, special_scales=k == 256)
@@ -207,22 +221,77 @@ def test_fp4_gemv_identity_bit_exact(ffi, n, k, m, cvt, monkeypatch):
     # + 0.0: an accumulator starting at +0 (the kernel's, and the reference's) turns an exact -0 product into +0
     want = (xd[:, perm] * v * np.exp2(s[np.arange(n), perm // 32].astype(np.float64) - 127) + 0.0).astype(BF16)
     poison()
-    got = np.asarray(jax.jit(ffi.fp4_gemv)(x, jnp.asarray(w), jnp.asarray(s)))
+    got = np.asarray(jax.jit(functools.partial(ffi.fp4_gemv, variant=kernel))(x, jnp.asarray(w), jnp.asarray(s)))
     assert got.shape == (m, n)
     same = bf16_bits_equal(got, want)
     if not same.all():
         r, c = np.nonzero(~same)
         pytest.fail(
-            f"[{cvt}] {np.count_nonzero(~same)} of {same.size} outputs differ from the exact product, e.g. "
+            f"[{variant}] {np.count_nonzero(~same)} of {same.size} outputs differ from the exact product, e.g. "
             + ", ".join(
                 f"(row {a}, col {b}: got {got[a, b]} want {want[a, b]})" for a, b in zip(r[:6], c[:6], strict=True)
             )
         )
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_fp4_gemv_scale_spans_bit_exact(ffi, m):
+    """Per-32 scales spanning up to 80 binades inside one 128-wide chunk of a row, for every variant: identity-like
+    weights (one nonzero per row) whose nonzero sits in a block 7, 8, 17, 18, 20, 30 or 60 binades above or below the
+    other blocks of its chunk (or in a block with ordinary scale next to such a block). The wg variants fold the
+    per-32 scales into the widened weights relative to a per-(row, chunk) base: wg exactly while byte_q - byte_0 is
+    in [-17, 7], wg8 while the chunk spans <= 11 binades; other chunks take their exact per-block path. Either way
+    y[r, n] = bf16(xq[r, perm[n]] * v[n] * s_act * s_w) exactly. Also a scale byte 255 (NaN) in another block of a
+    row's chunk: that row is NaN (as the reference's 0 * NaN). M=1/3/8: 1, 4 and 8 tokens per weight pass (wg: 8, 2,
+    1 K-slices)."""
+    rng = np.random.default_rng(41 + m)
+    n, k = 520, 1024  # N = 520: a partial last row tile
+    perm = rng.permutation(k)[:n]
+    code = rng.choice(np.array([1, 9, 2, 10, 5, 15], np.uint8), n)
+    codes = np.zeros((n, k), np.uint8)
+    codes[np.arange(n), perm] = code
+    w = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    s = rng.integers(118, 123, (n, k // 32)).astype(np.int64)
+    offsets = [0, 7, -7, 8, -17, -18, 20, -30, 60, -60]
+    nan_rows = []
+    for r in range(n):
+        c, j = perm[r] // 128, (perm[r] % 128) // 32
+        d = offsets[r % len(offsets)]
+        s[r, 4 * c : 4 * c + 4] = 120
+        if r % 3 == 0:  # the nonzero's block is the extreme one
+            s[r, 4 * c + j] = 120 + d
+        else:  # another block of the chunk is
+            s[r, 4 * c + (j + 1 + r % 3) % 4] = 120 + d
+        if r % 47 == 5:
+            s[r, 4 * c + (j + 2) % 4] = 255
+            nan_rows.append(r)
+    s = s.astype(np.uint8)
+    v = E2M1[code]
+    x = rand_bf16(jax.random.key(m), (m, k), spread=True)
+    xd = act_quant_host(x)
+    want = (xd[:, perm] * v * np.exp2(s[np.arange(n), perm // 32].astype(np.float64) - 127) + 0.0).astype(BF16)
+    ok = np.ones(n, bool)
+    ok[nan_rows] = False
+    for variant in VARIANTS:
+        poison()
+        got = np.asarray(ffi.fp4_gemv(x, jnp.asarray(w), jnp.asarray(s), variant=variant))
+        assert np.isnan(got[:, nan_rows].astype(np.float32)).all(), f"[{variant}] a scale byte 255 must give NaN"
+        same = bf16_bits_equal(got[:, ok], want[:, ok])
+        if not same.all():
+            r, c = np.nonzero(~same)
+            cols = np.nonzero(ok)[0][c]
+            pytest.fail(
+                f"[{variant}] {np.count_nonzero(~same)} of {same.size} outputs differ from the exact product, e.g. "
+                + ", ".join(
+                    f"(row {a}, col {b}, offset {offsets[b % len(offsets)]}: got {got[a, b]} want {want[a, b]})"
+                    for a, b in zip(r[:6], cols[:6], strict=True)
+                )
+            )
+
+
 def test_fp4_gemv_identity_grouped_rows_bit_exact(ffi):
     """Grouped weights with a row map: 20 output rows, each a (token, expert) pair of 5 tokens and 4 experts with
-    different permutations; pairs in arbitrary order (some runs of one expert: shared passes)."""
+    different permutations; pairs in arbitrary order (some runs of one expert: shared passes). Every variant."""
     rng = np.random.default_rng(7)
     e, n, k, t = 4, 256, 1024, 5
     perms = [rng.permutation(k)[:n] for _ in range(e)]
@@ -239,11 +308,14 @@ def test_fp4_gemv_identity_grouped_rows_bit_exact(ffi):
         ]
     )
     want = (want + 0.0).astype(BF16)  # +0 for an exact -0, as the kernel's and the reference's accumulators give
-    poison()
-    got = np.asarray(
-        ffi.fp4_gemv(x, jnp.asarray(w), jnp.asarray(s), rows=jnp.asarray(rows), groups=jnp.asarray(groups))
-    )
-    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    for variant in VARIANTS:
+        poison()
+        got = np.asarray(
+            ffi.fp4_gemv(
+                x, jnp.asarray(w), jnp.asarray(s), rows=jnp.asarray(rows), groups=jnp.asarray(groups), variant=variant
+            )
+        )
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16), err_msg=f"variant {variant}")
 
 
 # ---- one MXFP4 linear: random realistic weights ------------------------------------------------------------------
@@ -282,22 +354,25 @@ def test_fp4_gemv_grouped_vs_float64(ffi, shape, t, sort):
     s_np[e1, 9, :] = 0  # row 9 of expert e1: all scales 2^-127
     s = jax.lax.bitcast_convert_type(jnp.asarray(s_np), jnp.float8_e8m0fnu)
     want = ref_linear(act_quant_host(x), w, s_np, rows, groups)
-    poison()
-    got = np.asarray(ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups)), np.float64)
-    assert got.shape == (len(rows), n)
-    assert (got[bad] == 0).all(), "invalid pairs must give zero rows"
-    nan_rows = np.setdiff1d(np.nonzero(groups == e0)[0], bad)
-    assert np.isnan(got[nan_rows, 5]).all() and np.isnan(want[nan_rows, 5]).all(), "scale 255 must give NaN"
     keep = np.ones(n, bool)
     keep[5] = False
-    check_close(got[:, keep], want[:, keep], 2e-3, f"fp4_gemv {shape} T={t} sort={sort}")
+    nan_rows = np.setdiff1d(np.nonzero(groups == e0)[0], bad)
+    for variant in VARIANTS:
+        poison()
+        got = ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups), variant=variant)
+        got = np.asarray(got, np.float64)
+        assert got.shape == (len(rows), n)
+        assert (got[bad] == 0).all(), f"[{variant}] invalid pairs must give zero rows"
+        assert np.isnan(got[nan_rows, 5]).all() and np.isnan(want[nan_rows, 5]).all(), f"[{variant}] scale 255: NaN"
+        check_close(got[:, keep], want[:, keep], 2e-3, f"fp4_gemv [{variant}] {shape} T={t} sort={sort}")
 
 
 @pytest.mark.parametrize("ksplit", ["1", "2", "4", "8"])
 @pytest.mark.parametrize("cvt", ["lut", "bits"])
 def test_fp4_gemv_launch_knobs(ffi, ksplit, cvt, monkeypatch):
-    """The benchmarking knobs DSV4_FFI_FP4_KSPLIT (K split across a block's warps) and DSV4_FFI_FP4_CVT (e2m1 ->
-    e4m3 by table or by bit placement) change only the summation order: every setting within the bound."""
+    """The ring variant's benchmarking knobs DSV4_FFI_FP4_KSPLIT (K split across a block's warps) and
+    DSV4_FFI_FP4_CVT (e2m1 -> e4m3 by table or by bit placement) change only the summation order: every setting
+    within the bound; and the wg variants' DSV4_FFI_FP4_TILES (row tiles per block) likewise."""
     monkeypatch.setenv("DSV4_FFI_FP4_KSPLIT", ksplit)
     monkeypatch.setenv("DSV4_FFI_FP4_CVT", cvt)
     e, n, k, t = 16, 520, 2048, 3  # N=520: a partial 16-row tile and a partial block
@@ -307,8 +382,13 @@ def test_fp4_gemv_launch_knobs(ffi, ksplit, cvt, monkeypatch):
     rows, groups = routing(ks[2], t, e, 6)
     want = ref_linear(act_quant_host(x), w, s, rows, groups)
     poison()
-    got = ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups))
+    got = ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups), variant="ring")
     check_close(got, want, 2e-3, f"fp4_gemv ksplit={ksplit} cvt={cvt}")
+    monkeypatch.setenv("DSV4_FFI_FP4_TILES", ksplit)
+    for variant in ("wg", "wg8"):
+        poison()
+        got = ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups), variant=variant)
+        check_close(got, want, 2e-3, f"fp4_gemv [{variant}] tiles={ksplit}")
 
 
 # ---- the fused gate/up + SwiGLU and the down projection -----------------------------------------------------------
@@ -348,15 +428,21 @@ def test_fp4_moe_gate_up_vs_float64(ffi, shape, t, sort, limit):
     if limit > 0:
         frac = float(np.mean(np.abs(u64) > limit) + np.mean(g64 > limit))
         assert frac > 1e-3, f"the case does not exercise the clamp (fraction beyond the limit {frac})"
-    poison()
     args = (x, jnp.asarray(rows), jnp.asarray(groups), jnp.asarray(route_w), w1, s1, w3, s3)
-    got = np.asarray(jax.jit(ffi.fp4_moe_gate_up, static_argnums=8)(*args, limit))
-    assert got.shape == (len(rows), w1.shape[1])
-    assert (got[[1, len(rows) - 1]] == 0).all(), "pairs with an expert -1 or >= E must give zero rows"
-    err = check_close(got.astype(np.float64), want.astype(np.float64), 1e-2, f"h {shape} T={t} limit={limit}")
-    same = float(np.mean(bf16_bits_equal(got, want)))
-    print(f"\n[fp4 gate/up {shape} T={t} sort={sort} limit={limit}] rel-RMS {err:.2e}, bit-identical {same:.4f}")
-    assert same >= 0.9, f"only {same:.4f} of h bit-identical to the float64 reference rounded at the same points"
+    for variant in VARIANTS:
+        poison()
+        fn = jax.jit(functools.partial(ffi.fp4_moe_gate_up, variant=variant), static_argnums=8)
+        got = np.asarray(fn(*args, limit))
+        assert got.shape == (len(rows), w1.shape[1])
+        assert (got[[1, len(rows) - 1]] == 0).all(), f"[{variant}] pairs with an expert -1 or >= E must be zero rows"
+        what = f"h [{variant}] {shape} T={t} limit={limit}"
+        err = check_close(got.astype(np.float64), want.astype(np.float64), 1e-2, what)
+        same = float(np.mean(bf16_bits_equal(got, want)))
+        tag = f"{variant} {shape} T={t} sort={sort} limit={limit}"
+        print(f"\n[fp4 gate/up {tag}] rel-RMS {err:.2e}, bit-identical {same:.4f}")
+        assert same >= BIT_IDENTICAL_MIN[variant], (
+            f"[{variant}] only {same:.4f} of h bit-identical to the float64 reference rounded at the same points"
+        )
 
 
 @pytest.mark.parametrize("shape,t", [("small", 8), ("flash", 1), ("flash", 8)])
@@ -366,18 +452,19 @@ def test_fp4_moe_gate_up_equals_two_gemvs(ffi, shape, t):
     x, w1, s1, w3, s3, rows, groups, route_w = _moe_case(shape, t, True, seed("two gemvs", shape, t))
     limit = 10.0
     r, g = jnp.asarray(rows), jnp.asarray(groups)
-    poison()
-    h = np.asarray(ffi.fp4_moe_gate_up(x, r, g, jnp.asarray(route_w), w1, s1, w3, s3, limit))
-    poison()
-    g1 = np.asarray(ffi.fp4_gemv(x, w1, s1, rows=r, groups=g), np.float32)
-    u1 = np.asarray(ffi.fp4_gemv(x, w3, s3, rows=r, groups=g), np.float32)
-    want = swiglu_f32(g1, u1, route_w, limit)
-    same = bf16_bits_equal(h, want)
-    hf, wf = h.astype(np.float64), want.astype(np.float64)
-    far = np.abs(hf - wf) > 2 * 2.0**-8 * np.maximum(np.abs(wf), 1e-30)
-    print(f"\n[fp4 fused vs two GEMVs {shape} T={t}] bit-identical {same.mean():.5f}")
-    assert not far.any(), f"{far.sum()} elements differ by more than 2 bf16 ulps, e.g. {hf[far][:5]} vs {wf[far][:5]}"
-    assert same.mean() >= 0.98
+    for variant in VARIANTS:
+        poison()
+        h = np.asarray(ffi.fp4_moe_gate_up(x, r, g, jnp.asarray(route_w), w1, s1, w3, s3, limit, variant=variant))
+        poison()
+        g1 = np.asarray(ffi.fp4_gemv(x, w1, s1, rows=r, groups=g, variant=variant), np.float32)
+        u1 = np.asarray(ffi.fp4_gemv(x, w3, s3, rows=r, groups=g, variant=variant), np.float32)
+        want = swiglu_f32(g1, u1, route_w, limit)
+        same = bf16_bits_equal(h, want)
+        hf, wf = h.astype(np.float64), want.astype(np.float64)
+        far = np.abs(hf - wf) > 2 * 2.0**-8 * np.maximum(np.abs(wf), 1e-30)
+        print(f"\n[fp4 fused vs two GEMVs {variant} {shape} T={t}] bit-identical {same.mean():.5f}")
+        assert not far.any(), f"[{variant}] {far.sum()} elements off by > 2 bf16 ulps: {hf[far][:5]} vs {wf[far][:5]}"
+        assert same.mean() >= 0.98, f"[{variant}] {same.mean():.5f}"
 
 
 @pytest.mark.parametrize(
@@ -395,10 +482,11 @@ def test_fp4_moe_down_vs_float64(ffi, shape, t, sort):
     h = rand_bf16(ks[1], (len(groups), i), scale=0.5)
     w2, s2 = rand_fp4_weight(ks[2], (e, d, i))
     want = ref_linear(act_quant_host(h), w2, s2, np.arange(len(groups)), groups)
-    poison()
-    got = np.asarray(ffi.fp4_moe_down(h, jnp.asarray(groups), w2, s2, tokens=t), np.float64)
-    assert (got[0] == 0).all(), "a pair with expert -1 must give a zero row"
-    check_close(got, want, 2e-3, f"down {shape} T={t} sort={sort}")
+    for variant in VARIANTS:
+        poison()
+        got = np.asarray(ffi.fp4_moe_down(h, jnp.asarray(groups), w2, s2, tokens=t, variant=variant), np.float64)
+        assert (got[0] == 0).all(), f"[{variant}] a pair with expert -1 must give a zero row"
+        check_close(got, want, 2e-3, f"down [{variant}] {shape} T={t} sort={sort}")
 
 
 @pytest.mark.parametrize(
@@ -445,6 +533,33 @@ def test_fp4_moe_step_matches_reference_ops(ffi, shape, t, limit):
     err_h = check_close(h, h_ref, 1e-2, f"h vs reference ops {shape} T={t}")
     err_y = check_close(y, y_ref, 1e-2, f"y vs reference ops {shape} T={t}")
     print(f"\n[fp4 step vs reference ops {shape} T={t} limit={limit}] h {err_h:.2e}, y {err_y:.2e}")
+
+
+def test_fp4_variant_env_knob(ffi, monkeypatch):
+    """The unsuffixed targets launch the variant DSV4_FFI_FP4_VARIANT names (read at launch), "wg" when unset: the
+    default equals variant="wg" and the knob set to ring/wg8 equals that variant, bit for bit (eager calls)."""
+    import dsv4_jax_ffi
+
+    e, n, k, t = 16, 256, 1024, 3
+    ks = jax.random.split(jax.random.key(77), 3)
+    x = rand_bf16(ks[0], (t, k), spread=True)
+    w, s = rand_fp4_weight(ks[1], (e, n, k))
+    rows, groups = routing(ks[2], t, e, 6)
+    r, g = jnp.asarray(rows), jnp.asarray(groups)
+    assert set(dsv4_jax_ffi.fp4_variants) == set(VARIANTS)
+    monkeypatch.delenv("DSV4_FFI_FP4_VARIANT", raising=False)
+    assert dsv4_jax_ffi.fp4_variant() == "wg"
+    named = {v: np.asarray(ffi.fp4_gemv(x, w, s, rows=r, groups=g, variant=v)) for v in VARIANTS}
+    np.testing.assert_array_equal(
+        np.asarray(ffi.fp4_gemv(x, w, s, rows=r, groups=g)).view(np.uint16), named["wg"].view(np.uint16)
+    )
+    for v in ("ring", "wg8"):
+        monkeypatch.setenv("DSV4_FFI_FP4_VARIANT", v)
+        assert dsv4_jax_ffi.fp4_variant() == v
+        got = np.asarray(ffi.fp4_gemv(x, w, s, rows=r, groups=g))
+        np.testing.assert_array_equal(got.view(np.uint16), named[v].view(np.uint16), err_msg=v)
+    with pytest.raises(ValueError, match="variant"):
+        ffi.fp4_gemv(x, w, s, rows=r, groups=g, variant="nope")
 
 
 def test_fp4_handlers_reject_bad_shapes(ffi):

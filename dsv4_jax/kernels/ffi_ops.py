@@ -47,6 +47,7 @@ __all__ = [
     "fp4_moe_gate_up",
     "fp4_moe_down",
     "FP4_SEGMENT_ROWS",
+    "FP4_VARIANTS",
 ]
 
 # Rows up to which the dense FP8 linear runs the GEMV (the extension's `gemv_max_m`; no AOT
@@ -275,6 +276,21 @@ def fp8_gemv_pair(a, sfa, w1, s1, w3, s3, *, rows=None, groups=None) -> tuple[ja
 
 # Most output rows (pairs) that share one pass over an expert's weights (the extension's `fp4_segment_rows`).
 FP4_SEGMENT_ROWS = 8
+# The MXFP4 kernel variants (`variant=` of the fp4 wrappers; None: DSV4_FFI_FP4_VARIANT at launch, default "wg"):
+# "wg" wgmma on f16 operands (e2m1 widened and pre-scaled in registers, fp32 accumulation: the reference's numerics
+# up to summation order), "ring" the first design (per-warp cp.async ring + ldmatrix, one mma per 32-wide block; the
+# same numerics), "wg8" wgmma on FP8 operands (faster; Hopper's FP8 accumulator keeps 13 mantissa bits, so NOT the
+# reference's numerics: opt-in, for measurements).
+FP4_VARIANTS = ("wg", "wg8", "ring")
+
+
+def _sfx(variant: str | None) -> str:
+    """The FFI target suffix of an MXFP4 kernel variant ("" for None: the variant is chosen at launch)."""
+    if variant is None:
+        return ""
+    if variant not in FP4_VARIANTS:
+        raise ValueError(f"MXFP4 kernel variant {variant!r} is not one of {FP4_VARIANTS}")
+    return "_" + variant
 
 
 def _e8m0_bytes(name: str, s: jax.Array) -> jax.Array:
@@ -295,7 +311,7 @@ def _i32(v) -> jax.Array:
     return jnp.asarray(v).astype(jnp.int32)
 
 
-def fp4_gemv(x: jax.Array, w: jax.Array, s: jax.Array, *, rows=None, groups=None) -> jax.Array:
+def fp4_gemv(x: jax.Array, w: jax.Array, s: jax.Array, *, rows=None, groups=None, variant=None) -> jax.Array:
     """MXFP4 linear at decode sizes, one launch: `y[p] = bf16(act_quant(x[rows[p]]) . dequant(w[groups[p]]))` with
     the official numerics of `ops.fp4_linear` (FP8 e4m3 activations per 1x128 block with power-of-two scales, each
     32-wide K block's fp32 partial times `s_act * s_w` added in K order).
@@ -304,7 +320,8 @@ def fp4_gemv(x: jax.Array, w: jax.Array, s: jax.Array, *, rows=None, groups=None
     element) with scales `s` float8_e8m0fnu (or uint8 bytes) `[(E,) N, K/32]`. `rows` int32 `[P]`: activation row
     of output row p (default p, then P = R); `groups` int32 `[P]`: expert of output row p (required for 3-D `w`).
     A negative or out-of-range row or group gives a zero output row. Consecutive output rows with the same group
-    share one weight pass (up to `FP4_SEGMENT_ROWS`): sort rows by expert to get that. Returns bf16 `[P, N]`."""
+    share one weight pass (up to `FP4_SEGMENT_ROWS`): sort rows by expert to get that. `variant`: one of
+    `FP4_VARIANTS` (None: DSV4_FFI_FP4_VARIANT at launch, default "wg"). Returns bf16 `[P, N]`."""
     s = _fp4_weight("fp4_gemv", w, s, grouped=False)
     if w.ndim == 3 and groups is None:
         raise ValueError("fp4_gemv: a grouped weight [E, N, K/2] needs `groups` (the expert of every output row)")
@@ -312,12 +329,12 @@ def fp4_gemv(x: jax.Array, w: jax.Array, s: jax.Array, *, rows=None, groups=None
     empty = jnp.zeros((0,), jnp.int32)
     rows = empty if rows is None else _i32(rows)
     groups = empty if groups is None else _i32(groups)
-    return jax.ffi.ffi_call("dsv4_fp4_gemv", jax.ShapeDtypeStruct((p, w.shape[-2]), BF16))(
+    return jax.ffi.ffi_call("dsv4_fp4_gemv" + _sfx(variant), jax.ShapeDtypeStruct((p, w.shape[-2]), BF16))(
         x.astype(BF16), rows, groups, w, s
     )
 
 
-def fp4_moe_gate_up(x, rows, groups, route_w, w1, s1, w3, s3, limit: float) -> jax.Array:
+def fp4_moe_gate_up(x, rows, groups, route_w, w1, s1, w3, s3, limit: float, *, variant=None) -> jax.Array:
     """Gate and up projections of the MXFP4 routed experts for a decode step, fused with the clamped SwiGLU and the
     routing weight, in one launch (both weights read once):
 
@@ -331,27 +348,27 @@ def fp4_moe_gate_up(x, rows, groups, route_w, w1, s1, w3, s3, limit: float) -> j
     `x` bf16 `[T, K]` token rows; `rows`, `groups` int32 `[P]`: token and expert of each (token, expert) pair;
     `route_w` f32 `[P]`; `w1`, `w3` uint8 `[E, I, K/2]` with scales float8_e8m0fnu (or uint8) `[E, I, K/32]`.
     A pair with an expert < 0 or >= E (or a token out of range) gets a zero row. Pairs sorted by expert share a
-    weight pass (up to `FP4_SEGMENT_ROWS` of them). Returns bf16 `[P, I]`."""
+    weight pass (up to `FP4_SEGMENT_ROWS` of them). `variant`: as for `fp4_gemv`. Returns bf16 `[P, I]`."""
     s1 = _fp4_weight("fp4_moe_gate_up", w1, s1, grouped=True)
     s3 = _fp4_weight("fp4_moe_gate_up", w3, s3, grouped=True)
     if w1.shape != w3.shape:
         raise ValueError(f"fp4_moe_gate_up: w1 {w1.shape} and w3 {w3.shape} differ")
     p = groups.shape[0]
-    return jax.ffi.ffi_call("dsv4_fp4_moe_gate_up", jax.ShapeDtypeStruct((p, w1.shape[1]), BF16))(
+    return jax.ffi.ffi_call("dsv4_fp4_moe_gate_up" + _sfx(variant), jax.ShapeDtypeStruct((p, w1.shape[1]), BF16))(
         x.astype(BF16), _i32(rows), _i32(groups), route_w.astype(F32), w1, s1, w3, s3, limit=np.float32(limit)
     )
 
 
-def fp4_moe_down(h, groups, w2, s2, *, tokens: int | None = None) -> jax.Array:
+def fp4_moe_down(h, groups, w2, s2, *, tokens: int | None = None, variant=None) -> jax.Array:
     """Down projection of the MXFP4 routed experts for a decode step, one launch: `y[p] = bf16(fp4_linear(h[p],
     w2[e], s2[e]))`, e = groups[p] (h quantized to FP8 per 1x128 inside the kernel, as `quant.act_quant` would).
 
     `h` bf16 `[P, I]` (the output of `fp4_moe_gate_up`); `groups` int32 `[P]`; `w2` uint8 `[E, D, I/2]` with scales
     float8_e8m0fnu (or uint8) `[E, D, I/32]`. An expert < 0 or >= E gives a zero row. `tokens`: the step's token
     count if known (at most that many pairs share an expert: it only sizes the launch; 1 picks the one-token
-    kernel). Returns bf16 `[P, D]`."""
+    kernel). `variant`: as for `fp4_gemv`. Returns bf16 `[P, D]`."""
     s2 = _fp4_weight("fp4_moe_down", w2, s2, grouped=True)
     p = h.shape[0]
-    return jax.ffi.ffi_call("dsv4_fp4_moe_down", jax.ShapeDtypeStruct((p, w2.shape[1]), BF16))(
+    return jax.ffi.ffi_call("dsv4_fp4_moe_down" + _sfx(variant), jax.ShapeDtypeStruct((p, w2.shape[1]), BF16))(
         h.astype(BF16), _i32(groups), w2, s2, tokens=np.int64(tokens or 0)
     )

@@ -333,7 +333,7 @@ ffi::Error run_fp4(const std::string& op, Fp4GemvArgs& a, cudaStream_t stream) {
     return bad(op, std::to_string(a.out_rows) + " output rows exceed the " + std::to_string(kMaxGridY) +
                        " this decode kernel takes (one block row per output row)");
   if (!aligned16(a.x)) return bad(op, "the activation must be 16-byte aligned");
-  const size_t smem = fp4_gemv_smem(a.w[1] != nullptr, a.k, a.max_share);
+  const size_t smem = fp4_gemv_smem(a.w[1] != nullptr, a.k, a.max_share, a.variant);
   if (smem > 227 * 1024)
     return bad(op, "K=" + std::to_string(a.k) + " needs " + std::to_string(smem) +
                        " bytes of shared memory per block (more than the 227 KB an SM90 block can have)");
@@ -343,6 +343,7 @@ ffi::Error run_fp4(const std::string& op, Fp4GemvArgs& a, cudaStream_t stream) {
 int64_t share_cap(int64_t v) { return v < kFp4SegmentRows ? v : kFp4SegmentRows; }
 
 // y = bf16(x[rows] W[groups]^T), x bf16 [R, K], W MXFP4; rows/groups optional (empty arrays).
+template <int V>
 ffi::Error Fp4GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> rows,
                        ffi::Buffer<ffi::S32> groups, ffi::AnyBuffer w, ffi::AnyBuffer s,
                        ffi::ResultBuffer<ffi::BF16> y) {
@@ -375,11 +376,13 @@ ffi::Error Fp4GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffe
                 {static_cast<const uint8_t*>(w.untyped_data()), nullptr},
                 {static_cast<const uint8_t*>(s.untyped_data()), nullptr}, e, y->untyped_data(), p, n, k,
                 share_cap(grouped || mapped ? (r < p ? r : p) : p)};
+  a.variant = V;
   return run_fp4(op, a, stream);
 }
 
 // The routed experts' gate and up projections of a decode step, fused with the clamped SwiGLU and the routing
 // weight: h[p] = bf16(route_w[p] * silu(min(g, L)) * clip(u, -L, L)), g/u = f32(bf16(x[rows[p]] W1/W3[groups[p]]^T)).
+template <int V>
 ffi::Error Fp4MoeGateUpImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> rows,
                             ffi::Buffer<ffi::S32> groups, ffi::Buffer<ffi::F32> route_w, ffi::AnyBuffer w1,
                             ffi::AnyBuffer s1, ffi::AnyBuffer w3, ffi::AnyBuffer s3, ffi::ResultBuffer<ffi::BF16> h,
@@ -404,11 +407,13 @@ ffi::Error Fp4MoeGateUpImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::
                 {static_cast<const uint8_t*>(w1.untyped_data()), static_cast<const uint8_t*>(w3.untyped_data())},
                 {static_cast<const uint8_t*>(s1.untyped_data()), static_cast<const uint8_t*>(s3.untyped_data())},
                 e, h->untyped_data(), p, n, k, share_cap(t < p ? t : p), route_w.typed_data(), limit};
+  a.variant = V;
   return run_fp4(op, a, stream);
 }
 
 // The routed experts' down projection of a decode step: y[p] = bf16(h[p] W2[groups[p]]^T). `tokens`: the step's
 // token count (at most that many pairs share an expert; 0 = unknown), which only sizes the launch.
+template <int V>
 ffi::Error Fp4MoeDownImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> h, ffi::Buffer<ffi::S32> groups,
                           ffi::AnyBuffer w2, ffi::AnyBuffer s2, ffi::ResultBuffer<ffi::BF16> y, int64_t tokens) {
   const std::string op = "dsv4_fp4_moe_down";
@@ -426,6 +431,7 @@ ffi::Error Fp4MoeDownImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> h, ffi::Bu
                 {static_cast<const uint8_t*>(w2.untyped_data()), nullptr},
                 {static_cast<const uint8_t*>(s2.untyped_data()), nullptr}, e, y->untyped_data(), p, n, k,
                 share_cap(tokens > 0 && tokens < p ? tokens : p)};
+  a.variant = V;
   return run_fp4(op, a, stream);
 }
 
@@ -539,36 +545,52 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_pair, GemvPairImpl,
                                   .Ret<ffi::Buffer<ffi::BF16>>(),
                               DSV4_TRAITS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv, Fp4GemvImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>(),
-                              DSV4_TRAITS);
+// The MXFP4 handlers, each in four targets: the plain name launches the variant DSV4_FFI_FP4_VARIANT names at launch
+// (default wg); the _wg, _wg8 and _ring targets always launch that variant (A/B in one process: the choice is part of
+// the program, so re-recorded command buffers cannot pick up a changed environment).
+#define DSV4_FP4_GEMV_BIND                                \
+  ffi::Ffi::Bind()                                        \
+      .STREAM.Arg<ffi::Buffer<ffi::BF16>>()               \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Ret<ffi::Buffer<ffi::BF16>>()
+#define DSV4_FP4_GATE_UP_BIND                             \
+  ffi::Ffi::Bind()                                        \
+      .STREAM.Arg<ffi::Buffer<ffi::BF16>>()               \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Ret<ffi::Buffer<ffi::BF16>>()                      \
+      .Attr<float>("limit")
+#define DSV4_FP4_DOWN_BIND                                \
+  ffi::Ffi::Bind()                                        \
+      .STREAM.Arg<ffi::Buffer<ffi::BF16>>()               \
+      .Arg<ffi::Buffer<ffi::S32>>()                       \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Ret<ffi::Buffer<ffi::BF16>>()                      \
+      .Attr<int64_t>("tokens")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up, Fp4MoeGateUpImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<float>("limit"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv, Fp4GemvImpl<dsv4ffi::kFp4Default>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv_wg, Fp4GemvImpl<dsv4ffi::kFp4Wg>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv_wg8, Fp4GemvImpl<dsv4ffi::kFp4Wg8>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv_ring, Fp4GemvImpl<dsv4ffi::kFp4Ring>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up, Fp4MoeGateUpImpl<dsv4ffi::kFp4Default>, DSV4_FP4_GATE_UP_BIND,
                               DSV4_TRAITS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down, Fp4MoeDownImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<int64_t>("tokens"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up_wg, Fp4MoeGateUpImpl<dsv4ffi::kFp4Wg>, DSV4_FP4_GATE_UP_BIND,
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up_wg8, Fp4MoeGateUpImpl<dsv4ffi::kFp4Wg8>, DSV4_FP4_GATE_UP_BIND,
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up_ring, Fp4MoeGateUpImpl<dsv4ffi::kFp4Ring>, DSV4_FP4_GATE_UP_BIND,
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down, Fp4MoeDownImpl<dsv4ffi::kFp4Default>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_wg, Fp4MoeDownImpl<dsv4ffi::kFp4Wg>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_wg8, Fp4MoeDownImpl<dsv4ffi::kFp4Wg8>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_ring, Fp4MoeDownImpl<dsv4ffi::kFp4Ring>, DSV4_FP4_DOWN_BIND,
                               DSV4_TRAITS);

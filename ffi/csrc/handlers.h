@@ -13,8 +13,17 @@
   X(dsv4_fp8_gemv)           \
   X(dsv4_fp8_gemv_pair)      \
   X(dsv4_fp4_gemv)           \
+  X(dsv4_fp4_gemv_wg)        \
+  X(dsv4_fp4_gemv_wg8)       \
+  X(dsv4_fp4_gemv_ring)      \
   X(dsv4_fp4_moe_gate_up)    \
-  X(dsv4_fp4_moe_down)
+  X(dsv4_fp4_moe_gate_up_wg) \
+  X(dsv4_fp4_moe_gate_up_wg8) \
+  X(dsv4_fp4_moe_gate_up_ring) \
+  X(dsv4_fp4_moe_down)       \
+  X(dsv4_fp4_moe_down_wg)    \
+  X(dsv4_fp4_moe_down_wg8)   \
+  X(dsv4_fp4_moe_down_ring)
 
 #define DSV4_DECLARE(name) extern "C" XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);
 DSV4_FFI_HANDLERS(DSV4_DECLARE)

@@ -11,6 +11,8 @@ from dsv4_jax_ffi._ffi import (
     fp4_ksplit,
     fp4_segment_rows,
     fp4_uses_bit_conversion,
+    fp4_variant,
+    fp4_variants,
     gemv_ksplit,
     gemv_max_m,
     instantiations,
@@ -29,4 +31,6 @@ __all__ = [
     "fp4_segment_rows",
     "fp4_ksplit",
     "fp4_uses_bit_conversion",
+    "fp4_variant",
+    "fp4_variants",
 ]
