@@ -536,8 +536,9 @@ def test_fp4_moe_step_matches_reference_ops(ffi, shape, t, limit):
 
 
 def test_fp4_variant_env_knob(ffi, monkeypatch):
-    """The unsuffixed targets launch the variant DSV4_FFI_FP4_VARIANT names (read at launch), "wg" when unset: the
-    default equals variant="wg" and the knob set to ring/wg8 equals that variant, bit for bit (eager calls)."""
+    """The unsuffixed targets launch the variant DSV4_FFI_FP4_VARIANT names (read at launch), "ring" when unset (the
+    variant tested on a GPU first): the default equals variant="ring" and the knob set to wg/wg8 equals that variant,
+    bit for bit (eager calls)."""
     import dsv4_jax_ffi
 
     e, n, k, t = 16, 256, 1024, 3
@@ -548,12 +549,12 @@ def test_fp4_variant_env_knob(ffi, monkeypatch):
     r, g = jnp.asarray(rows), jnp.asarray(groups)
     assert set(dsv4_jax_ffi.fp4_variants) == set(VARIANTS)
     monkeypatch.delenv("DSV4_FFI_FP4_VARIANT", raising=False)
-    assert dsv4_jax_ffi.fp4_variant() == "wg"
+    assert dsv4_jax_ffi.fp4_variant() == "ring"
     named = {v: np.asarray(ffi.fp4_gemv(x, w, s, rows=r, groups=g, variant=v)) for v in VARIANTS}
     np.testing.assert_array_equal(
-        np.asarray(ffi.fp4_gemv(x, w, s, rows=r, groups=g)).view(np.uint16), named["wg"].view(np.uint16)
+        np.asarray(ffi.fp4_gemv(x, w, s, rows=r, groups=g)).view(np.uint16), named["ring"].view(np.uint16)
     )
-    for v in ("ring", "wg8"):
+    for v in ("wg", "wg8"):
         monkeypatch.setenv("DSV4_FFI_FP4_VARIANT", v)
         assert dsv4_jax_ffi.fp4_variant() == v
         got = np.asarray(ffi.fp4_gemv(x, w, s, rows=r, groups=g))
