@@ -75,8 +75,15 @@ def test_processes_take_the_outer_axes_and_hold_contiguous_blocks():
 def test_parse_mesh_and_mesh_shape():
     assert parse_mesh("expert=2") == {"expert": 2}
     assert parse_mesh(" expert=4, tensor=2 ,data=1") == {"expert": 4, "tensor": 2, "data": 1}
-    for bad, msg in [("expert", "expected AXIS=N"), ("gpu=2", "expected AXIS=N"), ("expert=two", "positive integer"),
-                     ("expert=0", "positive integer"), ("expert=2,expert=4", "given twice"), ("", "e.g. expert=2")]:  # fmt: skip
+    bad_specs = [
+        ("expert", "expected AXIS=N"),
+        ("gpu=2", "expected AXIS=N"),
+        ("expert=two", "positive integer"),
+        ("expert=0", "positive integer"),
+        ("expert=2,expert=4", "given twice"),
+        ("", "e.g. expert=2"),
+    ]
+    for bad, msg in bad_specs:
         with pytest.raises(ValueError, match=msg):
             parse_mesh(bad)
     assert mesh_shape({"expert": 2}) == {"data": 1, "expert": 2, "tensor": 1}
