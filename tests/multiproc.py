@@ -45,9 +45,15 @@ class Result:
 
 
 def env_for(devices: int, **extra: str) -> dict:
-    """The environment of one CPU process with `devices` fake devices and this checkout first on the path."""
+    """The environment of one CPU process with `devices` fake devices, this checkout first on the path, and the
+    test session's persistent compilation cache (`conftest.py`), so that re-runs skip the compiles."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    import jax
+
+    if cache := jax.config.jax_compilation_cache_dir:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     for key in ("DSV4_JAX_COORDINATOR", "DSV4_JAX_NUM_PROCESSES", "DSV4_JAX_PROCESS_ID"):
         env.pop(key, None)
     env.update(extra)
