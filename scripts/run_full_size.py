@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""A full-size model on a mesh, end to end: the memory plan, random weights initialised straight into their shardings
+(`init_random(..., mesh=, values="bytes")`: no host copy, no checkpoint needed), generation from a prompt, and each
+device's memory against the plan.
+
+    # V4-Flash on 2 x H200, experts split in two (issue #15)
+    python scripts/run_full_size.py --preset flash --mesh expert=2 --rules ep
+    # V4-Pro on 8 x H200 (issue #17): attention split over the same 8 devices as the experts
+    python scripts/run_full_size.py --preset pro --mesh expert=8 --rules ep-tp
+    # a dry run at reduced depth (the same layer pattern, first N layers + MTP)
+    python scripts/run_full_size.py --preset pro --mesh expert=8 --rules ep-tp --layers 4
+    # several hosts: one process per host, DSV4_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID set on each
+    # CI: 8 simulated CPU devices
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python scripts/run_full_size.py --preset tiny --mesh expert=8 --values normal
+
+JAX's GPU memory pool is 75 % of the device by default; the script sets `XLA_PYTHON_CLIENT_MEM_FRACTION` (and its
+newer name `XLA_CLIENT_MEM_FRACTION`) to `--mem-fraction` (0.95) before JAX starts, unless they are already set.
+Exit status: 0 done, 2 bad flags, 3 the plan does not fit (`--ignore-plan` runs anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=("tiny", "flash", "pro"), default="flash")
+    p.add_argument("--mesh", default="expert=2", help="devices per mesh axis, e.g. expert=8 or expert=4,tensor=2")
+    p.add_argument("--rules", default="ep", help="sharding rules preset: ep, ep-tp, default, replicated")
+    p.add_argument("--layers", type=int, help="keep only the first N main layers (and the MTP layer): a dry run")
+    p.add_argument("--values", choices=("bytes", "normal"), default="bytes", help="random bytes in the storage "
+                   "formats (fast, any size) or quantized normal draws (a well-behaved model)")  # fmt: skip
+    p.add_argument("--prompt", default="DeepSeek-V4 in JAX on a mesh: ")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1, help="copies of the prompt generated at once")
+    p.add_argument("--context", type=int, help="tokens the plan assumes per sequence (default: prompt + new tokens)")
+    p.add_argument("--mem-fraction", type=float, default=0.95)
+    p.add_argument("--ignore-plan", action="store_true", help="run even if the memory plan says it does not fit")
+    p.add_argument("--json", help="write the results to this file")
+    return p.parse_args(argv)
+
+
+def truncated(cfg, n_layers: int | None):
+    """`cfg` with only its first `n_layers` main layers (same kinds in the same order) and its MTP layers."""
+    if n_layers is None or n_layers == cfg.n_layers:
+        return cfg
+    if not 1 <= n_layers <= cfg.n_layers:
+        raise ValueError(f"--layers {n_layers} must be in 1..{cfg.n_layers}")
+    ratios = cfg.compress_ratios[:n_layers] + cfg.compress_ratios[cfg.n_layers :]
+    return cfg.replace(n_layers=n_layers, compress_ratios=ratios, n_hash_layers=min(cfg.n_hash_layers, n_layers))
+
+
+def device_memory() -> list[dict]:
+    """Per local device: `bytes_in_use` / `peak_bytes_in_use` / `bytes_limit` where the backend reports them."""
+    import jax
+
+    out = []
+    for d in jax.local_devices():
+        stats = d.memory_stats() or {}
+        out.append({"device": d.id, **{k: stats[k] for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+                                       if k in stats}})  # fmt: skip
+    return out
+
+
+def param_bytes_per_device(state) -> dict[int, int]:
+    import jax
+
+    out: dict[int, int] = {}
+    for leaf in jax.tree.leaves(state.params):
+        for s in leaf.addressable_shards:
+            out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION"):
+        os.environ.setdefault(name, str(args.mem_fraction))
+
+    from dsv4_jax.parallel import distributed
+
+    distributed.initialize()  # several hosts: from the DSV4_JAX_* variables; one host: nothing to do
+    import jax
+    import numpy as np
+
+    import dsv4_jax
+    from dsv4_jax.parallel import describe_mesh, make_mesh, memory_plan, parse_mesh
+    from dsv4_jax.parallel.plan import GiB
+    from dsv4_jax.sharding import rules_preset
+    from dsv4_jax.tokenizer import ByteTokenizer
+
+    main_proc = jax.process_index() == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    try:
+        cfg = truncated(getattr(dsv4_jax.Config, args.preset)(), args.layers)
+        mesh = make_mesh(**parse_mesh(args.mesh))
+        rules = rules_preset(args.rules)
+        tok = ByteTokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
+        prompt = tok.encode(args.prompt)
+        context = args.context or len(prompt) + args.max_new_tokens
+        plan = memory_plan(cfg, dict(mesh.shape), rules, args.batch, context, mem_fraction=args.mem_fraction)
+    except ValueError as e:
+        print(f"run_full_size: error: {e}", file=sys.stderr)
+        return 2
+    say(f"model: {args.preset}, {cfg.n_layers} layers (+{cfg.n_mtp_layers} MTP), {cfg.n_routed_experts} experts")
+    say(describe_mesh(mesh))
+    say(plan.summary())
+    if not plan.fits and not args.ignore_plan:
+        say("the plan does not fit: stopping (--ignore-plan runs anyway)")
+        return 3
+
+    t0 = time.perf_counter()
+    state = dsv4_jax.init_random(cfg, 0, mesh=mesh, rules=rules, values=args.values)
+    jax.block_until_ready(state.params)
+    init_s = time.perf_counter() - t0
+    placed = param_bytes_per_device(state)
+    say(f"init_random ({args.values}) straight into the shardings: {init_s:.1f} s")
+    for d in device_memory():
+        have = placed.get(d["device"], 0)
+        used = f", in use {d['bytes_in_use'] / GiB:.2f} GiB" if "bytes_in_use" in d else ""
+        say(f"  device {d['device']}: parameters {have / GiB:.3f} GiB (plan {plan.weights / GiB:.3f}){used}")
+    mismatch = {i: b for i, b in placed.items() if b != plan.weights}
+
+    tokens = np.asarray([prompt] * args.batch, np.int32)
+    sampler = dsv4_jax.Sampler(max_new_tokens=args.max_new_tokens, eos_id=None)
+    stream = dsv4_jax.generate_stream(state, tokens, sampler=sampler, key=0, max_len=context)
+    compile_s = stream.compile()
+    for _ in stream:
+        pass
+    out = stream.output
+    new = np.asarray(out.tokens[0, : int(out.num_tokens[0])]).tolist()
+    steps = max(stream.decode_steps, 1)
+    say(f"generate: compile {compile_s:.1f} s, prefill of {len(prompt)} tokens {stream.prefill_s * 1e3:.1f} ms, "
+        f"{stream.decode_steps} decode steps {stream.decode_s / steps * 1e3:.2f} ms each")  # fmt: skip
+    say(f"generated ids: {new} (random weights: the text is noise)")
+    memory = device_memory()
+    for d in memory:
+        if "peak_bytes_in_use" in d:
+            say(f"  device {d['device']}: peak {d['peak_bytes_in_use'] / GiB:.2f} GiB of {plan.budget / GiB:.2f} "
+                f"planned budget ({plan.total / GiB:.2f} planned total)")  # fmt: skip
+    if args.json and main_proc:
+        result = {"plan": plan.as_dict(), "init_s": init_s, "compile_s": compile_s, "prefill_s": stream.prefill_s,
+                  "decode_s_per_step": stream.decode_s / steps, "generated": new, "param_bytes": placed,
+                  "memory": memory}  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    if mismatch:
+        say(f"parameters per device differ from the plan: {mismatch}")
+        return 1
+    say("RUN OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
