@@ -34,8 +34,8 @@ def add_parser(sub):
                    "axis; default = heads on the tensor axis (default: ep)")  # fmt: skip
     g.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
     g.add_argument("--context", type=int, default=4096, help="tokens per sequence, prompt + generated (default 4096)")
-    g.add_argument("--prefill-chunk", type=int, help="prefill in chunks of N tokens (`extend`) instead of the whole "
-                   "prompt in one step")  # fmt: skip
+    g.add_argument("--prefill-chunk", type=int, help="plan a chunked prefill of N tokens per step (not built yet) "
+                   "instead of the whole prompt in one step")  # fmt: skip
     g.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"), help="bf16: this implementation's cache; "
                    "fp8: the official packed layout (a projection)")  # fmt: skip
     g.add_argument("--device-gib", type=float, default=H200_BYTES / GiB, help="memory of one device in GiB (default: "
@@ -227,6 +227,6 @@ def run(args) -> int:
             if alt.max_context > plan.max_context:
                 fit = "fits" if alt.fits else "does not fit"
                 print(f"  hint: the whole-prompt prefill step dominates; with --prefill-chunk {HINT_CHUNK} (chunked "
-                      f"prefill through `extend`): {fit}, longest context at batch 1 {alt.max_context:,} tokens, "
+                      f"prefill, not built yet): {fit}, longest context at batch 1 {alt.max_context:,} tokens, "
                       f"largest batch at {alt.context:,} tokens {alt.max_batch}")  # fmt: skip
     return 0

@@ -12,7 +12,7 @@
   V4 attention has one KV head, so tensor parallelism does not split the cache. `kv_dtype="fp8"` projects the
   official packed layout instead (584 B per FP8 KV entry, 68 B per FP4 indexer key; not implemented here).
 * **Workspace** is `dsv4_jax.parallel.workspace.step_workspace` for the larger of a prefill step (the whole prompt,
-  assumed to fill the context, or a chunk of `prefill_chunk` tokens through `extend`) and a decode step.
+  assumed to fill the context, or a chunk of `prefill_chunk` tokens) and a decode step.
 * **Reserve** (3 GiB): what the estimate leaves out inside XLA's pool: 1 GiB for cuBLAS / collective buffers and
   fragmentation, 2 GiB for temporaries the workspace estimate misses (at V4-Flash width on CPU, XLA kept the fp32
   weight decodes of two layer bodies alive at once: 0.6 to 2.2 GiB beyond the estimate; see `workspace`).
@@ -210,7 +210,9 @@ def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = Non
     mesh of `mesh_shape` (`{"expert": 2}`; missing axes are 1) under `rules` (default `ShardingRules()`).
 
     `prefill_chunk`: None = each prompt is prefilled in one step (today's `prefill` / `generate`), assumed to fill
-    the context; N = chunked prefill through `extend`, N tokens per step. Capacity (`Plan.max_context`,
+    the context; N = a chunked prefill of N tokens per step on top of the cache (not built yet: `extend` does the
+    step, but returns logits for all N tokens, 8 N V bytes per row with the sampler's softmax, 4 GiB at N = 4096;
+    the plan assumes a chunked prefill keeps only each row's last, as `prefill` does). Capacity (`Plan.max_context`,
     `Plan.max_batch`) is searched with everything else fixed.
     """
     rules = ShardingRules() if rules is None else rules
@@ -235,10 +237,10 @@ def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = Non
 
     def workspace(rows: int, ctx: int) -> tuple[int, dict, str]:
         k = ctx if prefill_chunk is None else min(prefill_chunk, ctx)
-        pre = step_workspace(cfg, rows, k, ctx, logits_all=prefill_chunk is not None, **split)
+        pre = step_workspace(cfg, rows, k, ctx, **split)
         dec = step_workspace(cfg, rows, 1, ctx, **split)
         if pre["peak"] >= dec["peak"]:
-            how = "whole prompt" if prefill_chunk is None else "chunked prefill"
+            how = "the whole prompt at once" if prefill_chunk is None else "chunked prefill"
             return pre["peak"], pre, f"prefill step of {k:,} tokens x {rows} rows ({how}); decode needs less"
         return dec["peak"], dec, f"decode step of {rows} rows; prefill needs less"
 

@@ -1,17 +1,24 @@
-"""The activation / workspace allowance of one model step on one device: an estimate, term by term.
+"""The activation / workspace allowance of one model step on one device: an estimate, phase by phase.
 
 A step is `k` new tokens on each of `rows` rows on top of a cache of capacity `n` tokens (prefill: k = the prompt,
-the cache empty; decode: k = 1). The layers run one after the other under `lax.scan`, so what is alive at the peak
-is the residual streams carried between layers plus the temporaries of ONE sublayer (attention with its indexer,
-or the MoE), plus, after the last layer, the head's logits. Each term below names the arrays it counts, at the
-dtype the reference path (`dsv4_jax.attention`, `moe`, `ops`) creates them; the GPU kernels need less (they do not
-decode weights to fp32). What the terms leave out (small vectors, the index lists of the window, XLA's own copies)
-is covered by the plan's fixed reserve.
+the cache empty; decode: k = 1). The layers run one after the other under `lax.scan`, and within a layer the phases
+(query projection, indexer, sparse attention, output projection, MoE) one after the other, so what is alive at the
+peak is the residual streams carried between layers, plus the largest phase, plus the weights the reference decodes
+to fp32; after the last layer, the head's logits. Each term names the arrays it counts, at the dtype the reference
+path (`dsv4_jax.attention`, `moe`, `ops`) creates them; the GPU kernels need less (they do not decode weights to
+fp32). What the terms leave out (small vectors, XLA's own copies) is covered by the plan's reserve.
 
 The term that grows fastest is the lightning indexer's: every query scores every compressed entry of the cache with
-each indexer head (`[rows, k, index_heads, n/4]` fp32 before the head sum), i.e. `64 k n` bytes per row for V4's 64
-indexer heads. A prefill of a whole 64K-token prompt needs 256 GiB for it alone; a chunked prefill (`extend` in
-chunks of `k` tokens) bounds it by `k`.
+each indexer head (`[rows, k, index_heads, n/4]` fp32, twice: the product and its weighted relu before the head
+sum), i.e. `128 k n` bytes per row for V4's 64 indexer heads. A whole 64K-token prompt in one step needs 512 GiB
+for it alone; a chunked prefill of `k` tokens per step bounds it by `k`.
+
+Checked against XLA's own buffer assignment (`compiled.memory_analysis().temp_size_in_bytes`) of `prefill` on CPU,
+where the reference path is what runs (`tests/test_memory_plan.py::test_workspace_tracks_xla`): within 10 % on a
+small Pro-shaped model (1 x 512, 1 x 4096 and 2 x 2048 tokens). At V4-Flash width (2 layers; prefill of 1024 / 4096
+tokens, decode at 16K) XLA's CPU temp was 3.7 / 4.2 / 2.6 GiB above the estimate: 2 GiB of that is an fp32 copy of
+the head's `[vocab, dim]` bf16 weight that only the CPU backend makes (it upcasts bf16 matmul operands), the rest
+(1.7 / 2.2 / 0.6 GiB) fp32 decodes of two layer bodies' weights alive at once, which the plan's reserve covers.
 """
 
 from __future__ import annotations
