@@ -114,6 +114,17 @@ def test_capacity_is_the_boundary(chunk):
     assert small.max_context < p.max_context and small.budget == int(0.75 * p.device_bytes)
 
 
+def test_prefilling_one_row_at_a_time_serves_more_rows():
+    """At 64K tokens a chunk of 4096 costs ~34 GiB of indexer scores per row prefilled together: prefilling each new
+    prompt alone (then decoding all rows together) leaves that room to the cache."""
+    cfg, mesh = Config.flash(), {"expert": 2}
+    together = memory_plan(cfg, mesh, EP, 1, 65536, prefill_chunk=4096)
+    alone = memory_plan(cfg, mesh, EP, 1, 65536, prefill_chunk=4096, prefill_rows=1)
+    assert alone.max_batch > 10 * together.max_batch > 0
+    p = memory_plan(cfg, mesh, EP, alone.max_batch, 65536, prefill_chunk=4096, prefill_rows=1)
+    assert p.fits and "x 1 rows" in p.workspace_step and p.cache_rows == alone.max_batch
+
+
 def test_whole_prompt_prefill_is_bounded_by_the_indexer():
     """A 64K-token prompt in one step needs its indexer's q.K (64 heads x 16K entries per token, fp32) more than
     anything else; a 4K chunk bounds it, and decode barely needs any."""
@@ -188,9 +199,11 @@ def test_info_plan_of_a_checkpoint_reads_only_its_config(tmp_path, capsys):
         (["--mesh", "expert=2", "--batch", "0"], "--batch 0 and --context 4096 must be positive"),
         (["--mesh", "expert=2", "--context", "2000000"], "--context 2000000 exceeds the model's max_seq_len"),
         (["--mesh", "expert=2", "--prefill-chunk", "0"], "--prefill-chunk 0 must be positive"),
+        (["--mesh", "expert=2", "--prefill-rows", "0"], "--prefill-rows 0 must be positive"),
         (["--mesh", "expert=2", "--mem-fraction", "1.5"], "--mem-fraction 1.5 must be in (0, 1]"),
         (["--mesh", "expert=2", "--device-gib", "-1"], "--device-gib -1.0 must be positive"),
         (["--context", "8192"], "--context is a memory-plan flag: give --mesh too"),
+        (["--prefill-rows", "1"], "--prefill-rows is a memory-plan flag: give --mesh too"),
     ],
 )
 def test_info_plan_flag_errors_exit_2(argv, needle, capsys):

@@ -36,6 +36,8 @@ def add_parser(sub):
     g.add_argument("--context", type=int, default=4096, help="tokens per sequence, prompt + generated (default 4096)")
     g.add_argument("--prefill-chunk", type=int, help="plan a chunked prefill of N tokens per step (not built yet) "
                    "instead of the whole prompt in one step")  # fmt: skip
+    g.add_argument("--prefill-rows", type=int, help="rows prefilled together (default: the whole batch; 1: each "
+                   "prompt alone, then all rows decode together)")  # fmt: skip
     g.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"), help="bf16: this implementation's cache; "
                    "fp8: the official packed layout (a projection)")  # fmt: skip
     g.add_argument("--device-gib", type=float, default=H200_BYTES / GiB, help="memory of one device in GiB (default: "
@@ -49,7 +51,7 @@ HINT_CHUNK = 4096
 
 # Plan keyword -> flag, for error messages (`context=70000 exceeds` -> `--context 70000 exceeds`).
 _PLAN_FLAGS = {"batch": "--batch", "context": "--context", "prefill_chunk": "--prefill-chunk",
-               "mem_fraction": "--mem-fraction"}  # fmt: skip
+               "prefill_rows": "--prefill-rows", "mem_fraction": "--mem-fraction"}  # fmt: skip
 
 
 def param_counts(cfg) -> dict[str, int]:
@@ -108,7 +110,8 @@ def plan_for(cfg, args):
         raise UsageError(f"--device-gib {args.device_gib} must be positive")
     try:
         return memory_plan(cfg, mesh, rules_preset(args.rules), args.batch, args.context, kv_dtype=args.kv_dtype,
-                           prefill_chunk=args.prefill_chunk, device_bytes=int(args.device_gib * GiB),
+                           prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows,
+                           device_bytes=int(args.device_gib * GiB),
                            mem_fraction=args.mem_fraction)  # fmt: skip
     except ValueError as e:
         raise UsageError(flag_message(str(e), _PLAN_FLAGS)) from None
@@ -188,8 +191,8 @@ def run(args) -> int:
 
         path = ensure_default_checkpoint()
         label = f"embedded tiny checkpoint (the default of `dsv4-jax generate`; random weights) at {path}"
-    plan_flags = [f for f in ("batch", "context", "prefill_chunk") if getattr(args, f) != {"batch": 1,
-                  "context": 4096}.get(f)]  # fmt: skip
+    plan_defaults = {"batch": 1, "context": 4096, "prefill_chunk": None, "prefill_rows": None}
+    plan_flags = [f for f, default in plan_defaults.items() if getattr(args, f) != default]
     if args.mesh is None and plan_flags:
         raise UsageError(f"--{plan_flags[0].replace('_', '-')} is a memory-plan flag: give --mesh too (e.g. --mesh "
                          "expert=2)")  # fmt: skip

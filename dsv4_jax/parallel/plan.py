@@ -145,6 +145,7 @@ class Plan:
     kv_dtype: str
     cache_batch_axes: tuple[str, ...]
     prefill_chunk: int | None
+    prefill_rows: int | None
     weights: int
     weights_by_kind: dict
     weights_unsharded: int
@@ -204,7 +205,8 @@ class Plan:
 
 def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = None, batch: int = 1,
                 context: int = 4096, *, kv_dtype: str = "bf16", cache_batch_axes: tuple[str, ...] = ("data",),
-                prefill_chunk: int | None = None, device_bytes: int = H200_BYTES, mem_fraction: float = MEM_FRACTION,
+                prefill_chunk: int | None = None, prefill_rows: int | None = None, device_bytes: int = H200_BYTES,
+                mem_fraction: float = MEM_FRACTION,
                 reserve_bytes: int = RESERVE_BYTES, prepared_scales: bool = False) -> Plan:  # fmt: skip
     """The memory of one device serving `batch` rows of up to `context` tokens (prompt + generated) of `cfg` on a
     mesh of `mesh_shape` (`{"expert": 2}`; missing axes are 1) under `rules` (default `ShardingRules()`).
@@ -212,8 +214,10 @@ def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = Non
     `prefill_chunk`: None = each prompt is prefilled in one step (today's `prefill` / `generate`), assumed to fill
     the context; N = a chunked prefill of N tokens per step on top of the cache (not built yet: `extend` does the
     step, but returns logits for all N tokens, 8 N V bytes per row with the sampler's softmax, 4 GiB at N = 4096;
-    the plan assumes a chunked prefill keeps only each row's last, as `prefill` does). Capacity (`Plan.max_context`,
-    `Plan.max_batch`) is searched with everything else fixed.
+    the plan assumes a chunked prefill keeps only each row's last, as `prefill` does). `prefill_rows`: rows
+    prefilled together (None: the whole batch at once, as `generate` does; 1: a server that prefills each new
+    prompt alone and decodes all rows together). Capacity (`Plan.max_context`, `Plan.max_batch`) is searched with
+    everything else fixed.
     """
     rules = ShardingRules() if rules is None else rules
     sizes = _mesh_shape(mesh_shape)
@@ -226,6 +230,8 @@ def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = Non
         raise ValueError(f"context={context} exceeds the model's max_seq_len={cfg.max_seq_len}")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk={prefill_chunk} must be positive")
+    if prefill_rows is not None and prefill_rows < 1:
+        raise ValueError(f"prefill_rows={prefill_rows} must be positive")
     if not 0 < mem_fraction <= 1:
         raise ValueError(f"mem_fraction={mem_fraction} must be in (0, 1]")
     w = weight_bytes(cfg, sizes, rules, prepared_scales=prepared_scales)
@@ -237,11 +243,12 @@ def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = Non
 
     def workspace(rows: int, ctx: int) -> tuple[int, dict, str]:
         k = ctx if prefill_chunk is None else min(prefill_chunk, ctx)
-        pre = step_workspace(cfg, rows, k, ctx, **split)
+        pre_rows = rows if prefill_rows is None else min(rows, prefill_rows)
+        pre = step_workspace(cfg, pre_rows, k, ctx, **split)
         dec = step_workspace(cfg, rows, 1, ctx, **split)
         if pre["peak"] >= dec["peak"]:
             how = "the whole prompt at once" if prefill_chunk is None else "chunked prefill"
-            return pre["peak"], pre, f"prefill step of {k:,} tokens x {rows} rows ({how}); decode needs less"
+            return pre["peak"], pre, f"prefill step of {k:,} tokens x {pre_rows} rows ({how}); decode needs less"
         return dec["peak"], dec, f"decode step of {rows} rows; prefill needs less"
 
     def total(rows: int, ctx: int) -> int:
@@ -252,7 +259,8 @@ def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = Non
     ws, parts, step = workspace(rows, context)
     return Plan(
         cfg=cfg, mesh_shape=sizes, rules=rules, batch=batch, context=context, kv_dtype=kv_dtype,
-        cache_batch_axes=tuple(cache_batch_axes), prefill_chunk=prefill_chunk, weights=w["per_device"],
+        cache_batch_axes=tuple(cache_batch_axes), prefill_chunk=prefill_chunk, prefill_rows=prefill_rows,
+        weights=w["per_device"],
         weights_by_kind=w["by_kind"], weights_unsharded=w["unsharded"], cache=cache, cache_rows=rows,
         workspace=ws, workspace_parts={k: v for k, v in parts.items() if k != "peak"}, workspace_step=step,
         reserve=reserve_bytes, device_bytes=device_bytes, mem_fraction=mem_fraction,
