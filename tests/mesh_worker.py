@@ -15,6 +15,7 @@ process layout to OUT.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 
 import numpy as np
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="tiny16")
     p.add_argument("--runs", default="ep")
     args = p.parse_args(argv)
+    # A process that hangs (e.g. waiting at a collective for another) shows where, in the log the test reports.
+    faulthandler.dump_traceback_later(300, repeat=True)
 
     from dsv4_jax.parallel import distributed
 
@@ -99,6 +102,9 @@ def main(argv: list[str]) -> None:
     results["process_count"] = np.asarray(jax.process_count())
     if jax.process_index() == 0:
         np.savez(args.out, **results)
+    if jax.process_count() > 1:  # leave together: a process that exits alone waits at jax's shutdown barrier
+        multihost_utils.sync_global_devices("mesh_worker done")
+        jax.distributed.shutdown()
     print("WORKER OK", jax.process_index(), flush=True)
 
 

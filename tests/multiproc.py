@@ -37,10 +37,11 @@ class Result:
     def ok(self) -> bool:
         return not self.timed_out and all(rc == 0 for rc in self.returncodes)
 
-    def report(self, tail: int = 3000) -> str:
+    def report(self, tail: int = 4000) -> str:
         parts = [f"timed out: {self.timed_out}; return codes {self.returncodes}"]
         for i, out in enumerate(self.outputs):
-            parts.append(f"--- process {i} ---\n{out[-tail:]}")
+            lines = [ln for ln in out.splitlines() if not ln.startswith("[Gloo]")]  # one line per connection
+            parts.append(f"--- process {i} ---\n" + "\n".join(lines)[-tail:])
         return "\n".join(parts)
 
 
