@@ -4,6 +4,12 @@
     shardings = param_shardings(abstract(cfg), mesh)          # NamedSharding per parameter (same tree)
     cfg, state = dsv4_jax.checkpoint.restore.load(path, mesh)  # every leaf restored straight into its sharding
 
+Presets for the expert-parallel meshes (`rules_preset("ep" | "ep-tp")`): `ShardingRules.expert_parallel()` splits
+only the routed experts and replicates everything else (data-parallel attention); `expert_tensor_parallel()` also
+splits the reference's tensor-parallel dimensions, by default over the same devices as the experts. Several logical
+axes may name one mesh axis: a collision is two dimensions of *one* array on the same mesh axis, and no parameter has
+both an expert dimension and a head / vocab / group dimension.
+
 Default rules follow the reference's tensor parallelism (spec §5.3: embed/head on the vocab, wq_b and indexer wq_b
 on heads, wo_a on groups (rows), wo_b on groups (columns), attn_sink and weights_proj on heads; everything else
 replicated) and put routed experts on the `expert` axis. The `data` axis shards activations only.
@@ -23,12 +29,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["ShardingRules", "logical_to_spec", "param_shardings", "shard", "make_mesh", "AXES"]
+__all__ = ["ShardingRules", "logical_to_spec", "param_shardings", "shard", "make_mesh", "rules_preset", "AXES",
+           "RULE_PRESETS", "TENSOR_PARALLEL_AXES"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 AXES = ("data", "expert", "tensor")
 MeshAxes = str | tuple[str, ...] | None
+# The logical axes the reference splits for tensor parallelism (spec §5.3): the vocabulary (embedding, head, hash
+# table), attention heads (wq_b rows, attn_sink), indexer heads (wq_b rows, weights_proj) and the wo groups.
+TENSOR_PARALLEL_AXES = ("vocab", "q_heads", "heads", "index_heads", "index_heads_w", "o_groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +68,21 @@ class ShardingRules:
     @classmethod
     def replicated(cls) -> ShardingRules:
         return cls(**{f.name: None for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def expert_parallel(cls, expert: MeshAxes = "expert") -> ShardingRules:
+        """Routed experts split over `expert`; every other weight replicated, so attention, the shared expert and
+        the head run data-parallel (each device computes them for the rows it holds). On a (data=1, expert=2) mesh:
+        half the experts per device plus a full copy of the rest."""
+        return dataclasses.replace(cls.replicated(), expert=expert)
+
+    @classmethod
+    def expert_tensor_parallel(cls, expert: MeshAxes = "expert", tensor: MeshAxes = "expert") -> ShardingRules:
+        """Routed experts over `expert`, and the tensor-parallel dimensions (`TENSOR_PARALLEL_AXES`: vocab, heads,
+        indexer heads, wo groups) over `tensor`, by default the same devices: on a (data=1, expert=2) mesh each
+        device holds half the experts and half of every head-split weight. For a mesh with its own tensor axis pass
+        e.g. `tensor="tensor"` or `tensor=("expert", "tensor")`."""
+        return dataclasses.replace(cls.expert_parallel(expert), **dict.fromkeys(TENSOR_PARALLEL_AXES, tensor))
 
     def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
         if logical is None:
@@ -153,14 +178,31 @@ def param_shardings(abstract_state, mesh: Mesh, rules: ShardingRules | None = No
     return nnx.from_flat_state(out)
 
 
+# name -> rules: the presets the CLI and scripts accept (`--rules`).
+RULE_PRESETS = {
+    "default": ShardingRules,
+    "ep": ShardingRules.expert_parallel,
+    "ep-tp": ShardingRules.expert_tensor_parallel,
+    "replicated": ShardingRules.replicated,
+}
+
+
+def rules_preset(name: str) -> ShardingRules:
+    """The `ShardingRules` of a preset name: "ep" (experts split, the rest replicated), "ep-tp" (experts and the
+    tensor-parallel dims split over the expert axis), "default" (experts on "expert", tensor-parallel dims on
+    "tensor") or "replicated"."""
+    try:
+        return RULE_PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown sharding rules preset {name!r}; known: {sorted(RULE_PRESETS)}") from None
+
+
 def make_mesh(data: int = 1, expert: int | None = None, tensor: int = 1, devices=None) -> Mesh:
-    """A ("data", "expert", "tensor") mesh; `expert` defaults to the devices left over."""
-    devices = jax.devices() if devices is None else devices
-    if expert is None:
-        expert = len(devices) // (data * tensor)
-    if data * expert * tensor != len(devices):
-        raise ValueError(f"mesh {data}x{expert}x{tensor} does not use the {len(devices)} devices")
-    return Mesh(np.asarray(devices).reshape(data, expert, tensor), AXES)
+    """A ("data", "expert", "tensor") mesh; `expert` defaults to the devices left over. The same as
+    `dsv4_jax.parallel.mesh.make_mesh` (which orders the devices of several processes), kept for its signature."""
+    from dsv4_jax.parallel.mesh import make_mesh as _make_mesh
+
+    return _make_mesh(expert, data, tensor, devices=devices)
 
 
 def shard(x: jax.Array, axes: tuple, rules: ShardingRules | None = None) -> jax.Array:

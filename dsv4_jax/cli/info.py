@@ -1,7 +1,11 @@
 """`dsv4-jax info PATH`: what a checkpoint holds: config summary, parameter counts (total and activated per token),
 bytes per dtype, and KV-cache bytes per token of context. PATH is a released folder or a `dsv4-jax convert` output;
 without PATH, the embedded tiny checkpoint that `generate` uses by default (built on first use);
-`--preset tiny|flash|pro` describes a preset config instead (no checkpoint needed)."""
+`--preset tiny|flash|pro` describes a preset config instead (no checkpoint needed).
+
+With `--mesh expert=2[,tensor=1,data=1]` (and `--rules`, `--batch`, `--context`, ...) it also prints the memory plan
+of one device (`dsv4_jax.parallel.plan.memory_plan`): weights as they would be placed, cache, workspace, whether it
+fits and the longest context / largest batch that would. Only the config is read: nothing is loaded."""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from collections import Counter
 import ml_dtypes
 import numpy as np
 
-from dsv4_jax.cli.errors import UsageError
+from dsv4_jax.cli.errors import UsageError, flag_message
+from dsv4_jax.parallel.plan import H200_BYTES, MEM_FRACTION, GiB
+from dsv4_jax.sharding import RULE_PRESETS
 
 
 def add_parser(sub):
@@ -20,7 +26,32 @@ def add_parser(sub):
                    "the embedded tiny checkpoint that `generate` uses")  # fmt: skip
     p.add_argument("--preset", choices=("tiny", "flash", "pro"), help="describe a preset config instead")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g = p.add_argument_group("memory plan (printed when --mesh is given)")
+    g.add_argument("--mesh", metavar="AXIS=N[,AXIS=N]", help="devices per mesh axis (data, expert, tensor), e.g. "
+                   "expert=2 for 2 x H200 with the routed experts split in two")  # fmt: skip
+    g.add_argument("--rules", default="ep", choices=sorted(RULE_PRESETS), help="sharding rules preset: ep = experts "
+                   "split, the rest replicated; ep-tp = experts and heads / vocab / wo groups split over the expert "
+                   "axis; default = heads on the tensor axis (default: ep)")  # fmt: skip
+    g.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
+    g.add_argument("--context", type=int, default=4096, help="tokens per sequence, prompt + generated (default 4096)")
+    g.add_argument("--prefill-chunk", type=int, help="plan a chunked prefill of N tokens per step (not built yet) "
+                   "instead of the whole prompt in one step")  # fmt: skip
+    g.add_argument("--prefill-rows", type=int, help="rows prefilled together (default: the whole batch; 1: each "
+                   "prompt alone, then all rows decode together)")  # fmt: skip
+    g.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"), help="bf16: this implementation's cache; "
+                   "fp8: the official packed layout (a projection)")  # fmt: skip
+    g.add_argument("--device-gib", type=float, default=H200_BYTES / GiB, help="memory of one device in GiB (default: "
+                   "an H200's 140.4)")  # fmt: skip
+    g.add_argument("--mem-fraction", type=float, default=MEM_FRACTION, help="share of it XLA may use "
+                   "(XLA_PYTHON_CLIENT_MEM_FRACTION; default 0.95)")  # fmt: skip
     p.set_defaults(run=run)
+
+
+HINT_CHUNK = 4096
+
+# Plan keyword -> flag, for error messages (`context=70000 exceeds` -> `--context 70000 exceeds`).
+_PLAN_FLAGS = {"batch": "--batch", "context": "--context", "prefill_chunk": "--prefill-chunk",
+               "prefill_rows": "--prefill-rows", "mem_fraction": "--mem-fraction"}  # fmt: skip
 
 
 def param_counts(cfg) -> dict[str, int]:
@@ -44,6 +75,46 @@ def param_counts(cfg) -> dict[str, int]:
     active = main - routed_main + routed_main * cfg.n_activated_experts // cfg.n_routed_experts
     return {"total": total, "main": main, "mtp": total - main, "activated_per_token": active,
             "activated_per_token_no_embed": active - cfg.vocab_size * cfg.dim}  # fmt: skip
+
+
+def read_config(path: str | None = None, preset: str | None = None):
+    """The `Config` of a preset or of a checkpoint folder (its metadata only)."""
+    from dsv4_jax.config import Config
+    from dsv4_jax.paths import user_path
+
+    if preset:
+        return getattr(Config, preset)()
+    from dsv4_jax.checkpoint.restore import detect_format
+
+    path = user_path(path)
+    if detect_format(path) == "orbax":
+        from dsv4_jax.checkpoint.convert import read_meta
+
+        return Config.from_hf(read_meta(path)["config"])
+    from dsv4_jax.checkpoint.native import read_config as read_native_config
+
+    return read_native_config(path)
+
+
+def plan_for(cfg, args):
+    """The memory plan the `--mesh` ... flags ask for; bad values are usage errors naming the flag."""
+    from dsv4_jax.parallel.mesh import parse_mesh
+    from dsv4_jax.parallel.plan import memory_plan
+    from dsv4_jax.sharding import rules_preset
+
+    try:
+        mesh = parse_mesh(args.mesh)
+    except ValueError as e:
+        raise UsageError(f"--mesh: {e}") from None
+    if args.device_gib <= 0:
+        raise UsageError(f"--device-gib {args.device_gib} must be positive")
+    try:
+        return memory_plan(cfg, mesh, rules_preset(args.rules), args.batch, args.context, kv_dtype=args.kv_dtype,
+                           prefill_chunk=args.prefill_chunk, prefill_rows=args.prefill_rows,
+                           device_bytes=int(args.device_gib * GiB),
+                           mem_fraction=args.mem_fraction)  # fmt: skip
+    except ValueError as e:
+        raise UsageError(flag_message(str(e), _PLAN_FLAGS)) from None
 
 
 def summarize(path: str | None = None, preset: str | None = None, *, label: str | None = None) -> dict:
@@ -120,8 +191,16 @@ def run(args) -> int:
 
         path = ensure_default_checkpoint()
         label = f"embedded tiny checkpoint (the default of `dsv4-jax generate`; random weights) at {path}"
+    plan_defaults = {"batch": 1, "context": 4096, "prefill_chunk": None, "prefill_rows": None}
+    plan_flags = [f for f, default in plan_defaults.items() if getattr(args, f) != default]
+    if args.mesh is None and plan_flags:
+        raise UsageError(f"--{plan_flags[0].replace('_', '-')} is a memory-plan flag: give --mesh too (e.g. --mesh "
+                         "expert=2)")  # fmt: skip
     s = summarize(path, args.preset, label=label)
+    plan = plan_for(read_config(path, args.preset), args) if args.mesh else None
     if args.json:
+        if plan is not None:
+            s["memory_plan"] = plan.as_dict()
         print(json.dumps(s, indent=2))
         return 0
     print(f"checkpoint: {s['source']}")
@@ -143,4 +222,14 @@ def run(args) -> int:
         print("KV cache per sequence: " + ", ".join(f"{k} {v:,.1f} B" for k, v in cb.items()))
     elif cb:
         print(f"KV cache: {cb}")
+    if plan is not None:
+        print(plan.summary())
+        if not plan.fits and plan.prefill_chunk is None and plan.workspace_step.startswith("prefill"):
+            args.prefill_chunk = HINT_CHUNK
+            alt = plan_for(read_config(path, args.preset), args)
+            if alt.max_context > plan.max_context:
+                fit = "fits" if alt.fits else "does not fit"
+                print(f"  hint: the whole-prompt prefill step dominates; with --prefill-chunk {HINT_CHUNK} (chunked "
+                      f"prefill, not built yet): {fit}, longest context at batch 1 {alt.max_context:,} tokens, "
+                      f"largest batch at {alt.context:,} tokens {alt.max_batch}")  # fmt: skip
     return 0

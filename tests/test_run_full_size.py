@@ -1,0 +1,61 @@
+"""`scripts/run_full_size.py`: the full-size run's script, exercised at tiny size on 8 simulated CPU devices (a
+subprocess), its reduced-depth configs and its exit codes (in-process, nothing compiled)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from multiproc import REPO, env_for
+
+from dsv4_jax.config import Config
+from dsv4_jax.model import layer_groups
+from dsv4_jax.parallel.plan import weight_bytes
+
+SCRIPT = REPO / "scripts" / "run_full_size.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("run_full_size", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_on_8_devices(tmp_path):
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--mesh", "expert=8", "--values", "normal",
+           "--max-new-tokens", "4", "--json", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=env_for(8), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "RUN OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    want = weight_bytes(Config.tiny(), {"expert": 8})["per_device"]
+    assert res["plan"]["weights"] == want and res["plan"]["fits"]
+    assert sorted(map(int, res["param_bytes"])) == list(range(8)) and set(res["param_bytes"].values()) == {want}
+    assert len(res["generated"]) == 4 and all(0 <= t < 512 for t in res["generated"])
+    assert "mesh data=1 x expert=8 x tensor=1" in r.stdout and "generate: compile" in r.stdout
+
+
+def test_reduced_depth_keeps_the_layer_pattern():
+    truncated = _script().truncated
+    pro = truncated(Config.pro(), 7)
+    assert pro.n_layers == 7 and pro.compress_ratios == (128, 128, 4, 128, 4, 128, 4, 0) and pro.n_hash_layers == 3
+    assert [(len(g.unit), g.repeats) for g in layer_groups(pro)] == [(1, 2), (1, 1), (2, 2)]  # as the full Pro
+    flash = truncated(Config.flash(), 2)
+    assert flash.compress_ratios == (0, 0, 0) and flash.n_hash_layers == 2
+    assert truncated(Config.flash(), None) == Config.flash()
+    with pytest.raises(ValueError, match="--layers 44 must be in 1..43"):
+        truncated(Config.flash(), 44)
+
+
+def test_exit_codes(monkeypatch, capsys):
+    main = _script().main
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # main sets it only where unset
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.95")
+    assert main(["--preset", "tiny", "--mesh", "expert=2"]) == 2  # this process has one device
+    assert "there are 1" in capsys.readouterr().err
+    assert main(["--preset", "flash", "--mesh", "expert=1"]) == 3  # 149 GiB of weights on one H200: stop early
+    assert "DOES NOT FIT" in capsys.readouterr().out
