@@ -12,6 +12,7 @@ from dsv4_jax.config import Config, ConfigError
 from dsv4_jax.generation import GenerateOutput, Sampler, generate, generate_stream
 from dsv4_jax.model import ModelState, abstract, init_random, prepare_params
 from dsv4_jax.options import Opts
+from dsv4_jax.parallel import Plan, make_mesh, memory_plan
 from dsv4_jax.runner import (
     Capture,
     Output,
@@ -34,6 +35,7 @@ __all__ = [
     "ModelState",
     "Opts",
     "Output",
+    "Plan",
     "Sampler",
     "abstract",
     "cache_bytes_per_token",
@@ -46,6 +48,8 @@ __all__ = [
     "init_cache",
     "init_random",
     "load",
+    "make_mesh",
+    "memory_plan",
     "mtp_decode_step",
     "mtp_extend",
     "mtp_prefill",
