@@ -65,3 +65,23 @@ def official_state(official_dir):
 def rel_rms(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+
+def poison(nbytes: int = 1 << 30) -> None:
+    """Fills freed device memory with 0xFF (NaN in bf16, f32 and e4m3): XLA's allocator then hands a kernel poisoned
+    output buffers, so an element the kernel fails to write shows up."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.block_until_ready(jnp.full((nbytes // 4,), 0xFFFFFFFF, jnp.uint32)).delete()
+
+
+@pytest.fixture(scope="module")
+def ffi():
+    """The FFI wrappers, after loading the extension (GPU tests: fails, not skips, if the extension is missing)."""
+    from dsv4_jax.kernels import ffi_ops
+
+    mod, why = ffi_ops.load()
+    if mod is None:
+        pytest.fail(f"GPU present but the FFI extension is unavailable: {why}")
+    return ffi_ops

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import poison, rel_rms  # the `ffi` fixture lives in conftest too
 
 from dsv4_jax import quant
 
@@ -64,25 +65,6 @@ VARIANTS = ("wg", "wg8", "ring")  # dsv4_jax.kernels.ffi_ops.FP4_VARIANTS
 # Least fraction of h bit-identical to the float64 reference rounded at the reference's points (gate/up test), and of
 # the fused launch bit-identical to two plain launches + numpy SwiGLU (same kernel family: expf vs exp only).
 BIT_IDENTICAL_MIN = {"wg": 0.9, "ring": 0.9, "wg8": 0.75}
-
-
-@pytest.fixture(scope="module")
-def ffi():
-    from dsv4_jax.kernels import ffi_ops
-
-    mod, why = ffi_ops.load()
-    if mod is None:
-        pytest.fail(f"GPU present but the FFI extension is unavailable: {why}")
-    return ffi_ops
-
-
-def poison(nbytes: int = 1 << 30) -> None:
-    jax.block_until_ready(jnp.full((nbytes // 4,), 0xFFFFFFFF, jnp.uint32)).delete()
-
-
-def rel_rms(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
 def check_close(got, want, bound: float, what: str) -> float:

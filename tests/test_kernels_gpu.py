@@ -28,31 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import poison, rel_rms  # the `ffi` fixture lives in conftest too
 
 from dsv4_jax import ops, quant
 
 pytestmark = pytest.mark.gpu
 
 FLASH_LINEARS = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1024), (2048, 4096), (4096, 2048)]
-
-
-def rel_rms(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
-
-
-@pytest.fixture(scope="module")
-def ffi():
-    from dsv4_jax.kernels import ffi_ops
-
-    mod, why = ffi_ops.load()
-    if mod is None:
-        pytest.fail(f"GPU present but the FFI extension is unavailable: {why}")
-    return ffi_ops
-
-
-def poison(nbytes: int = 1 << 30) -> None:
-    jax.block_until_ready(jnp.full((nbytes // 4,), 0xFFFFFFFF, jnp.uint32)).delete()
 
 
 def rand_bf16(key, shape, spread: bool = True):
