@@ -29,7 +29,7 @@ from flax import nnx
 
 import dsv4_jax
 from dsv4_jax import generation as G
-from dsv4_jax import ops
+from dsv4_jax import ops, profile
 
 
 def flash_layers(n_layers: int, expert_dtype: str) -> dsv4_jax.Config:
@@ -75,7 +75,8 @@ def floor_bytes(state: dsv4_jax.ModelState, batch: int) -> dict[str, float]:
     return parts
 
 
-def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[int, int] | None, long_prefill: int):
+def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[int, int] | None, long_prefill: int,
+             breakdown: str | None = None):
     opts = dsv4_jax.Opts(backend=backend)
     t0 = time.perf_counter()
     state = dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0, values="bytes"))
@@ -109,6 +110,11 @@ def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[
         times.append(time.perf_counter() - t)
     out["decode_step_ms"] = 1e3 * statistics.median(times[3:])
     out["decode_step_min_ms"] = 1e3 * min(times[3:])
+    if breakdown:  # a path prefix for the compiled program's text
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        br = profile.decode_breakdown(state, cache, tok, opts=opts, steps=10, hlo_path=f"{breakdown}.hlo.txt")
+        cache = br.pop("cache")
+        out["breakdown"] = br
 
     per = {}
     for n in gen or ():
@@ -148,6 +154,8 @@ def main(argv=None):
     ap.add_argument("--cases", default=None, help="only these experts:backend pairs, e.g. fp4:auto,fp8:auto")
     ap.add_argument("--long-prefill", type=int, default=0, help="also time a prefill of this many tokens (batch 1)")
     ap.add_argument("--long-prefill-backends", default="reference,auto")
+    ap.add_argument("--breakdown", default=None, help="profile the decode step of each case; the compiled programs "
+                    "are written as PREFIX-<case>.hlo.txt")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -174,7 +182,8 @@ def main(argv=None):
                     continue
                 lp = args.long_prefill if (b == 1 and backend in args.long_prefill_backends.split(",")) else 0
                 g = gen if (b == 1 and backend in args.gen_backends.split(",")) else None
-                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp)
+                bd = f"{args.breakdown}-{fmt}-{backend}-b{b}" if args.breakdown else None
+                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd)
                 r["experts"] = fmt
                 total = sum(r["floor_bytes"].values())
                 r["floor_ms"] = 1e3 * total / bw

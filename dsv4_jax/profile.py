@@ -68,14 +68,20 @@ def _busy_ns(events) -> float:
     return busy
 
 
-def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5) -> dict:
+def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 40, hlo_path: str | None = None) -> dict:
     """Profiles `steps` decode steps (after a warm-up) -> per-step milliseconds: wall (`step_ms`), device busy
-    (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), and kernels per step."""
+    (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), kernels per step, and the `top`
+    kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step). `hlo_path`: also write the
+    compiled program's text there (to read which fusions the kernels are)."""
     from dsv4_jax import runner
 
     tokens = jax.numpy.asarray(tokens, jax.numpy.int32)
     compiled = runner._decode_jit.lower(state, cache, tokens, opts, None, False).compile()
-    names = op_names(compiled.as_text())
+    hlo_text = compiled.as_text()
+    names = op_names(hlo_text)
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo_text)
     logits, _, cache = compiled(state, cache, tokens, None)
     logits.block_until_ready()
     folder = tempfile.mkdtemp(prefix="dsv4_profile_")
@@ -87,9 +93,14 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5) -> dict:
         wall = time.perf_counter() - t
     events = kernel_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
     by_part: dict[str, float] = {}
-    for _, op, _, dur in events:
+    by_kernel: dict[tuple[str, str], list[float]] = {}
+    for name, op, _, dur in events:
         part = _part(names.get(op, op))
         by_part[part] = by_part.get(part, 0.0) + dur / 1e6 / steps
+        k = by_kernel.setdefault((part, name[:120]), [0.0, 0.0])
+        k[0] += 1 / steps
+        k[1] += dur / 1e6 / steps
+    ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]
     kernel_ms = _busy_ns(events) / 1e6 / steps
     step_ms = 1e3 * wall / steps
     return {
@@ -98,5 +109,6 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5) -> dict:
         "overhead_ms": max(step_ms - kernel_ms, 0.0),
         "kernels_per_step": len(events) / steps,
         "by_part": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [(part, name, round(n, 2), ms) for (part, name), (n, ms) in ranked],
         "cache": cache,
     }

@@ -2,7 +2,8 @@
 # One device call: set up the project with a prebuilt extension, then run the named phases, each under its own time
 # limit, logs under OUT (the device tool brings OUT back).
 #   scripts/gpu_session.sh OUT "PHASE[=ARGS][@SECONDS]" ...
-# Phases: tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS], bench-compile[=ARGS], bench-decode.
+# Phases: tests-gpu (the whole GPU suite), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
+# bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them).
 # Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
 # (BUILD.md: built on a CPU box with nvcc, carried). Always `python -m pip`: the image's bare pip is another Python's.
 set -u
@@ -31,6 +32,12 @@ for spec in "$@"; do
   arg=""; [[ "$name" == *=* ]] && arg=${name#*=} && name=${name%%=*}
   echo "== $name (limit $limit s) at $(elapsed) s"
   case "$name" in
+    xla)
+      export XLA_FLAGS="$arg"; echo "XLA_FLAGS=$XLA_FLAGS" ;;
+    tests-gpu)
+      export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
+      timeout "$limit" python -m pytest -m gpu tests -n 3 -q -rs --durations=10 -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
+      echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_gpu.log" | tail -25; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
     tests-fp4)
       timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py -n 4 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_fp4.log" | tail -15 ;;
@@ -46,9 +53,10 @@ for spec in "$@"; do
       echo "rc=$?"; tail -25 "$OUT/bench_fp4.log" ;;
     bench-e2e)
       # shellcheck disable=SC2086
-      timeout "$limit" python benchmarks/bench_e2e.py $arg --out "$OUT/bench_e2e.json" --markdown "$OUT/bench_e2e.md" \
-        >"$OUT/bench_e2e.log" 2>&1
-      echo "rc=$?"; tail -14 "$OUT/bench_e2e.log" ;;
+      n=$(ls "$OUT"/bench_e2e*.log 2>/dev/null | wc -l); tag="bench_e2e_$n"
+      timeout "$limit" python benchmarks/bench_e2e.py $arg --out "$OUT/$tag.json" --markdown "$OUT/$tag.md" \
+        >"$OUT/$tag.log" 2>&1
+      echo "rc=$?"; tail -8 "$OUT/$tag.log" | cut -c1-600 ;;
     bench-compile)
       # shellcheck disable=SC2086
       timeout "$limit" python benchmarks/bench_compile.py $arg --out "$OUT/bench_compile.json" >"$OUT/bench_compile.log" 2>&1

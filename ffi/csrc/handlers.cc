@@ -546,7 +546,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_pair, GemvPairImpl,
                               DSV4_TRAITS);
 
 // The MXFP4 handlers, each in four targets: the plain name launches the variant DSV4_FFI_FP4_VARIANT names at launch
-// (default wg); the _wg, _wg8 and _ring targets always launch that variant (A/B in one process: the choice is part of
+// (default ring); the _wg, _wg8 and _ring targets always launch that variant (A/B in one process: the choice is part of
 // the program, so re-recorded command buffers cannot pick up a changed environment).
 #define DSV4_FP4_GEMV_BIND                                \
   ffi::Ffi::Bind()                                        \

@@ -80,7 +80,7 @@ constexpr int kFp4SegmentRows = 8;
 // registers, pre-scaled per (row, 128-chunk), fp32 accumulation; exact-path fallback per 32-wide block), kFp4Wg8
 // (the same on FP8 wgmma: faster, but Hopper's FP8 accumulator keeps 13 mantissa bits: not the reference's numerics,
 // opt-in), kFp4Ring (the first design: per-warp cp.async ring + ldmatrix, one emulated e4m3 mma per 32-wide block).
-// kFp4Default: DSV4_FFI_FP4_VARIANT=wg|wg8|ring, read at launch, wg if unset; non-SM90 devices run ring.
+// kFp4Default: DSV4_FFI_FP4_VARIANT=wg|wg8|ring, read at launch, ring if unset; non-SM90 devices run ring.
 enum Fp4Variant : int { kFp4Default = 0, kFp4Ring = 2, kFp4Wg = 3, kFp4Wg8 = 4 };
 struct Fp4GemvArgs {
   const void* x;  // bf16 [x_rows, k]
@@ -95,12 +95,12 @@ struct Fp4GemvArgs {
   int64_t max_share;  // most rows that can share a weight pass (e.g. the token count); only sizes the launch
   const float* route_w = nullptr;  // fused: [out_rows]
   float limit = 0.f;
-  int variant = 0;  // Fp4Variant: which kernels (kFp4Default: DSV4_FFI_FP4_VARIANT, else wg)
+  int variant = 0;  // Fp4Variant: which kernels (kFp4Default: DSV4_FFI_FP4_VARIANT, else ring)
 };
 cudaError_t launch_fp4_gemv(const Fp4GemvArgs& a, cudaStream_t stream);
 // Shared memory one launch needs (the handlers refuse what the device cannot hold, e.g. a very large K).
 size_t fp4_gemv_smem(bool fused, int64_t k, int64_t max_share, int variant);
-// The Fp4Variant a request resolves to (kFp4Default: DSV4_FFI_FP4_VARIANT, kFp4Wg if unset).
+// The Fp4Variant a request resolves to (kFp4Default: DSV4_FFI_FP4_VARIANT, kFp4Ring if unset).
 int fp4_resolve_variant(int requested);
 // Rows per weight pass the launch is built for (1 or kFp4SegmentRows) given max_share.
 int fp4_tokens_per_pass(int64_t max_share);

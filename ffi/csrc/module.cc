@@ -52,7 +52,7 @@ NB_MODULE(_ffi, m) {
   m.def("fp4_variant", [] {
     const int v = dsv4ffi::fp4_resolve_variant(dsv4ffi::kFp4Default);
     return v == dsv4ffi::kFp4Ring ? "ring" : v == dsv4ffi::kFp4Wg8 ? "wg8" : "wg";
-  }, "The MXFP4 kernels the dsv4_fp4_* targets without a suffix launch now (DSV4_FFI_FP4_VARIANT; default wg).");
+  }, "The MXFP4 kernels the dsv4_fp4_* targets without a suffix launch now (DSV4_FFI_FP4_VARIANT; default ring).");
   m.attr("fp4_variants") = nb::make_tuple("wg", "wg8", "ring");
   m.attr("deepgemm_source") = DSV4_DEEPGEMM_VERSION;
   m.attr("cuda_archs") = DSV4_CUDA_ARCHS;
