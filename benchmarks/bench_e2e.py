@@ -75,8 +75,16 @@ def floor_bytes(state: dsv4_jax.ModelState, batch: int) -> dict[str, float]:
     return parts
 
 
-def run_case(cfg, backend: str, batch: int, prompt: int, steps: int, gen: tuple[int, int] | None, long_prefill: int,
-             breakdown: str | None = None):
+def run_case(
+    cfg,
+    backend: str,
+    batch: int,
+    prompt: int,
+    steps: int,
+    gen: tuple[int, int] | None,
+    long_prefill: int,
+    breakdown: str | None = None,
+):
     opts = dsv4_jax.Opts(backend=backend)
     t0 = time.perf_counter()
     state = dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0, values="bytes"))
@@ -154,8 +162,11 @@ def main(argv=None):
     ap.add_argument("--cases", default=None, help="only these experts:backend pairs, e.g. fp4:auto,fp8:auto")
     ap.add_argument("--long-prefill", type=int, default=0, help="also time a prefill of this many tokens (batch 1)")
     ap.add_argument("--long-prefill-backends", default="reference,auto")
-    ap.add_argument("--breakdown", default=None, help="profile the decode step of each case; the compiled programs "
-                    "are written as PREFIX-<case>.hlo.txt")
+    ap.add_argument(
+        "--breakdown",
+        default=None,
+        help="profile the decode step of each case; the compiled programs are written as PREFIX-<case>.hlo.txt",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)

@@ -84,6 +84,60 @@ def gather_rows(sources, idx):
     return out if out is not None else jnp.zeros((*idx.shape, sources[0][0].shape[-1]), F32)
 
 
+# Few queries (decode, short extends): every tile's gather and products at once, only the online-softmax recurrence
+# unrolled over the tiles (elementwise, one fusion): a handful of kernels instead of a loop of ~10 per tile, with the
+# same arithmetic per tile as the loop.
+_ALL_TILES_MAX = 32
+_ALL_TILES_BYTES = 256 << 20
+
+
+def _online_max(m_prev, den, z_t):
+    """One tile of the online softmax: (new running max, rescaled denominator, the rescale factor alpha of the
+    accumulator, the tile's probabilities)."""
+    m = jnp.maximum(m_prev, jnp.max(z_t, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    alpha = jnp.exp(m_prev - m_safe)
+    p = jnp.exp(z_t - m_safe[..., None])
+    return m, den * alpha + jnp.sum(p, axis=-1), alpha, p
+
+
+def _tiles_in_a_loop(qf, sources, idx, init, scale, tile):
+    b, c = idx.shape[:2]
+    idx_t = idx.reshape(b, c, -1, tile).transpose(2, 0, 1, 3)  # [nt, b, c, tile]
+
+    def step(carry, it):
+        m_prev, den, acc = carry
+        rows = gather_rows(sources, it)
+        z = jnp.einsum("bchd,bckd->bchk", qf, rows, precision="highest") * F32(scale)
+        z = jnp.where((it >= 0)[:, :, None, :], z, -jnp.inf)
+        m, den, alpha, p = _online_max(m_prev, den, z)
+        pv = jnp.einsum("bchk,bckd->bchd", to_bf16(p).astype(F32), rows, precision="highest")
+        return (m, den, acc * alpha[..., None] + pv), None
+
+    return jax.lax.scan(step, init, idx_t)[0]
+
+
+def _tiles_at_once(qf, sources, idx, init, scale, tile):
+    b, c, kp = idx.shape
+    nt = kp // tile
+    rows = gather_rows(sources, idx).reshape(b, c, nt, tile, -1)  # [b, c, nt, tile, D]
+    z = jnp.einsum("bchd,bctkd->bchtk", qf, rows, precision="highest") * F32(scale)
+    z = jnp.where((idx >= 0).reshape(b, c, 1, nt, tile), z, -jnp.inf)
+    # The running max after each tile decides that tile's probabilities; with all maxima known, every tile's PV
+    # product is one batched contraction, and the recurrence only rescales and adds.
+    m, den, acc = init
+    ps, alphas = [], []
+    for t in range(nt):
+        m, den, alpha, p = _online_max(m, den, z[:, :, :, t])
+        ps.append(p)
+        alphas.append(alpha)
+    p_all = jnp.stack(ps, axis=3)  # [b, c, h, nt, tile]
+    pv = jnp.einsum("bchtk,bctkd->bchtd", to_bf16(p_all).astype(F32), rows, precision="highest")
+    for t in range(nt):
+        acc = acc * alphas[t][..., None] + pv[:, :, :, t]
+    return m, den, acc
+
+
 def sparse_attention(q_bshd, kv, idx_bsk, sink_h, scale: float, chunk: int = 1024) -> jax.Array:
     """Softmax attention of each query over the KV rows listed in `idx` (-1 = none), V = K, sink in the denominator.
 
@@ -102,24 +156,12 @@ def sparse_attention(q_bshd, kv, idx_bsk, sink_h, scale: float, chunk: int = 102
         c, k = idx.shape[1], idx.shape[2]
         idx = jnp.pad(idx, ((0, 0), (0, 0), (0, (-k) % tile)), constant_values=-1)
         nt = idx.shape[-1] // tile
-        idx_t = idx.reshape(b, c, nt, tile).transpose(2, 0, 1, 3)  # [nt, b, c, tile]
         qf = q.astype(F32)
-
-        def step(carry, it):
-            m_prev, den, acc = carry
-            rows = gather_rows(sources, it)
-            z = jnp.einsum("bchd,bckd->bchk", qf, rows, precision="highest") * F32(scale)
-            z = jnp.where((it >= 0)[:, :, None, :], z, -jnp.inf)
-            m = jnp.maximum(m_prev, jnp.max(z, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-            alpha = jnp.exp(m_prev - m_safe)
-            p = jnp.exp(z - m_safe[..., None])
-            den = den * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bchk,bckd->bchd", to_bf16(p).astype(F32), rows, precision="highest")
-            return (m, den, acc * alpha[..., None] + pv), None
-
         init = (jnp.full((b, c, h), -jnp.inf, F32), jnp.zeros((b, c, h), F32), jnp.zeros((b, c, h, d), F32))
-        (m, den, acc), _ = jax.lax.scan(step, init, idx_t)
+        if nt <= _ALL_TILES_MAX and b * c * h * nt * d * 4 <= _ALL_TILES_BYTES:
+            m, den, acc = _tiles_at_once(qf, sources, idx, init, scale, tile)
+        else:
+            m, den, acc = _tiles_in_a_loop(qf, sources, idx, init, scale, tile)
         den = den + jnp.exp(sink_h.astype(F32)[None, None, :] - m)
         return to_bf16(acc / den[..., None])
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv4_jax.ops.mhc import hc_split_mixes, sinkhorn, split_mixes
+from dsv4_jax.options import Opts
 from dsv4_jax.rounding import cast
 
 __all__ = ["hc_pre", "hc_post", "hc_head", "sinkhorn", "split_mixes"]
 
 F32 = jnp.float32
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
 
 
 def _mixes(X_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -28,39 +26,14 @@ def _mixes(X_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax
     return xf, jnp.dot(xf, fn.astype(F32).T, precision="highest") * rs
 
 
-def sinkhorn(logits_btnn: jax.Array, iters: int, eps: float) -> jax.Array:
-    """Row softmax (+eps), column normalise, then `iters - 1` rounds of (row, column) normalisation, eps in every
-    denominator. Rows are the first index j (source stream), columns the second index k (target stream)."""
-    c = jax.nn.softmax(logits_btnn, axis=-1) + F32(eps)
-    c = c / (jnp.sum(c, axis=-2, keepdims=True) + F32(eps))
-
-    def rows_then_columns(_, c):
-        c = c / (jnp.sum(c, axis=-1, keepdims=True) + F32(eps))
-        return c / (jnp.sum(c, axis=-2, keepdims=True) + F32(eps))
-
-    # A loop, not unrolled: 19 unrolled rounds were one of the costliest things to compile in a layer (~2.5 s).
-    return jax.lax.fori_loop(0, iters - 1, rows_then_columns, c)
-
-
-def split_mixes(mix: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float):
-    """The official `hc_split_sinkhorn`: mixes `[..., (2+n)*n]` -> (pre `[..., n]`, post `[..., n]`,
-    comb `[..., n, n]`)."""
-    scale, base = scale.astype(F32), base.astype(F32)
-    pre = _sigmoid(mix[..., :n] * scale[0] + base[:n]) + F32(eps)
-    post = 2.0 * _sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
-    comb = mix[..., 2 * n :] * scale[2] + base[2 * n :]
-    comb = comb.reshape(*comb.shape[:-1], n, n)
-    return pre, post, sinkhorn(comb, iters, eps)
-
-
-def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float):
-    """Collapses the n streams into one sublayer input.
+def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float, opts: Opts = Opts()):
+    """Collapses the n streams into one sublayer input (the split of the mixes: `ops.hc_split_mixes`).
 
     Returns `(x_btd bf16, post_btn fp32, comb_btnn fp32)`; `x = bf16(sum_j pre[j] * X[j])`.
     """
     n = X_btnd.shape[2]
     xf, mix = _mixes(X_btnd, fn, norm_eps)
-    pre, post, comb = split_mixes(mix, scale, base, n, iters, eps)
+    pre, post, comb = hc_split_mixes(mix, scale, base, n=n, iters=iters, eps=eps, opts=opts)
     x = jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2)
     return cast(x, X_btnd.dtype), post, comb
 

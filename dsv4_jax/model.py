@@ -129,14 +129,16 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, kind.ratio, rngs=rngs)
         self.ffn = MoE(cfg, kind.hash_routed, rngs=rngs)
 
-    def hc_pre(self, X_btnd, which: str):
+    def hc_pre(self, X_btnd, which: str, opts: Opts):
         fn, scale, base = (getattr(self, f"hc_{which}_{p}")[...] for p in ("fn", "scale", "base"))
         c = self.cfg
-        return mhc.hc_pre(X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps)
+        return mhc.hc_pre(
+            X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps, opts=opts
+        )
 
     def ffn_sublayer(self, X_btnd, tokens_bt, opts: Opts, rec=None, valid_bt=None):
         with jax.named_scope("mhc"):
-            x, post, comb = self.hc_pre(X_btnd, "ffn")
+            x, post, comb = self.hc_pre(X_btnd, "ffn", opts)
         with jax.named_scope("moe"):
             x = self.ffn_norm(x)
             y = self.ffn(x, tokens_bt, opts, rec, valid_bt)
@@ -149,7 +151,7 @@ class Block(nnx.Module):
         """k new tokens per row on top of the layer cache `lc` (see `Attention.step`) -> (streams, LayerUpdate).
         Tokens past a row's `n_new` (padding) get no routed experts."""
         with jax.named_scope("mhc"):
-            x, post, comb = self.hc_pre(X_bknd, "attn")
+            x, post, comb = self.hc_pre(X_bknd, "attn", opts)
         with jax.named_scope("attention"):
             x = self.attn_norm(x)
             y, upd = self.attn.step(x, start_b, n_new_b, lc, opts, fresh, rec)

@@ -138,3 +138,31 @@ def test_sparse_attention_chunking_changes_nothing_but_summation_order():
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.mean(a != b) < 1e-3  # XLA may order an fp32 reduction differently per shape: a rare 1-ulp flip
     np.testing.assert_allclose(a, b, rtol=2**-7)
+
+
+def test_sparse_attention_tiles_at_once_equal_the_tile_loop():
+    """Decode's path (every tile's products at once, the online-softmax recurrence unrolled) and the loop over 64-key
+    tiles do the same arithmetic per tile (up to the order of the dots' fp32 sums); two sources (a ring and compressed
+    entries), -1 padding, a tile with no visible key, a query with none at all."""
+    from dsv4_jax import attention as A
+
+    rng = np.random.default_rng(7)
+    b, c, h, d = 2, 3, 4, 512
+    qf = jnp.asarray(rng.normal(size=(b, c, h, d)), jnp.float32)
+    ring = jnp.asarray(rng.normal(size=(b, 128, d)) * 3, jnp.bfloat16)
+    entries = jnp.asarray(rng.normal(size=(b, 40, d)), jnp.bfloat16)
+    sources = [(ring, 0), (entries, 128)]
+    idx = rng.integers(0, 168, size=(b, c, 256))
+    idx[:, :, 64:128] = -1  # a tile with no key
+    idx[:, 1, 200:] = -1
+    idx[1, 2, :] = -1  # a query with no key at all
+    idx = jnp.asarray(idx, jnp.int32)
+    init = (jnp.full((b, c, h), -jnp.inf), jnp.zeros((b, c, h)), jnp.zeros((b, c, h, d)))
+    m1, den1, acc1 = A._tiles_at_once(qf, sources, idx, init, 0.04, 64)
+    m2, den2, acc2 = A._tiles_in_a_loop(qf, sources, idx, init, 0.04, 64)
+    # The scores come from differently shaped dots (XLA may add a 512-long product in another order): fp32 noise.
+    # Scores are ~3 here, sums of 512 products of size ~3: a few 1e-6 relative.
+    np.testing.assert_allclose(np.asarray(m1), np.asarray(m2), rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(den1), np.asarray(den2), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(acc1), np.asarray(acc2), rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(den1)[1, 2] == 0) and np.all(np.asarray(acc1)[1, 2] == 0)

@@ -203,6 +203,36 @@ def test_moe_experts_kernel_vs_reference(ffi, fmt, t):
     assert rel_rms(got, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("rows,n", [(1, 4), (7, 4), (333, 4), (5, 2), (9, 8)])
+def test_hc_split_mixes_kernel_vs_reference(ffi, rows, n):
+    """The mHC split (sigmoids + 20 Sinkhorn rounds) in one kernel vs the reference loop: fp32, the same operations
+    per element; only the order of the n-term sums may differ (XLA's reductions), so a few ulps after 20 rounds.
+    Logits up to |12|: softmax rows from near-uniform to near-one-hot."""
+    m = (2 + n) * n
+    k1, k2, k3 = jax.random.split(jax.random.key(rows * 10 + n), 3)
+    mix = jax.random.normal(k1, (rows, 1, m), jnp.float32) * 4.0
+    scale = jax.random.uniform(k2, (3,), jnp.float32, 0.5, 3.0)
+    base = jax.random.normal(k3, (m,), jnp.float32)
+
+    def run(backend):
+        with ops.record() as rec:
+            opts = ops.Opts(backend=backend)
+            f = jax.jit(lambda a, s, b: ops.hc_split_mixes(a, s, b, n=n, iters=20, eps=1e-6, opts=opts))
+            out = [np.asarray(o) for o in f(mix, scale, base)]
+        return out, rec
+
+    ref, rec_ref = run("reference")
+    poison()
+    got, rec_ffi = run("ffi")
+    assert rec_ref == {"hc_split_mixes": "reference"} and rec_ffi == {"hc_split_mixes": "kernel"}
+    for g, r, name in zip(got, ref, ("pre", "post", "comb"), strict=True):
+        assert g.shape == r.shape == (rows, 1, n) + ((n,) if name == "comb" else ()), name
+        assert np.isfinite(g).all(), name
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=name)
+    # Doubly stochastic up to eps: the kernel really ran the Sinkhorn rounds.
+    np.testing.assert_allclose(got[2].sum(-1), 1.0, atol=1e-3)
+
+
 @pytest.mark.parametrize("n,kdim", [(2048, 4096), (4096, 2048), (1024, 4096)])
 @pytest.mark.parametrize("pairs", [1, 6, 96])
 @pytest.mark.parametrize("impl", ["mma", "cuda"])

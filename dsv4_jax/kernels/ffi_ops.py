@@ -36,6 +36,7 @@ __all__ = [
     "act_quant",
     "act_quant_rows",
     "swiglu_quant",
+    "hc_split_sinkhorn",
     "fp8_gemm",
     "fp8_linear",
     "grouped_gemm_contig",
@@ -59,6 +60,7 @@ HANDLERS = frozenset(
     for n in (
         "act_quant",
         "swiglu_quant",
+        "hc_split_sinkhorn",
         "fp8_gemm",
         "fp8_linear",
         "fp8_gemm_contig",
@@ -177,6 +179,15 @@ def swiglu_quant(g: jax.Array, u: jax.Array, w: jax.Array, valid: jax.Array | No
         "dsv4_swiglu_quant",
         (jax.ShapeDtypeStruct((r, i), E4M3), jax.ShapeDtypeStruct((groups, i // 128, pitch), F32)),
     )(g, u, w.astype(F32), valid, limit=np.float32(limit), groups=np.int64(groups))
+
+
+def hc_split_sinkhorn(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: int, iters: int, eps: float):
+    """mHC split, one thread per row: mix f32 `[R, (2+n)*n]` -> (pre `[R, n]`, post `[R, n]`, comb `[R, n, n]`)."""
+    r = mix.shape[0]
+    return jax.ffi.ffi_call(
+        "dsv4_hc_split_sinkhorn",
+        (jax.ShapeDtypeStruct((r, n), F32), jax.ShapeDtypeStruct((r, n), F32), jax.ShapeDtypeStruct((r, n, n), F32)),
+    )(mix, scale.astype(F32), base.astype(F32), n=np.int64(n), iters=np.int64(iters), eps=np.float32(eps))
 
 
 # ---- GEMMs -----------------------------------------------------------------------------------------------------

@@ -100,6 +100,28 @@ ffi::Error E8m0ToF32Impl(cudaStream_t stream, ffi::Buffer<ffi::U8> s, ffi::Resul
                     launch_e8m0_to_f32(s.typed_data(), out->typed_data(), s.element_count(), stream));
 }
 
+// ---- mHC ---------------------------------------------------------------------------------------------------------
+
+ffi::Error HcSplitSinkhornImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> mix, ffi::Buffer<ffi::F32> scale,
+                               ffi::Buffer<ffi::F32> base, ffi::ResultBuffer<ffi::F32> pre,
+                               ffi::ResultBuffer<ffi::F32> post, ffi::ResultBuffer<ffi::F32> comb, int64_t n,
+                               int64_t iters, float eps) {
+  const std::string op = "dsv4_hc_split_sinkhorn";
+  if (!hc_supported_streams(int(n))) return bad(op, "n=" + std::to_string(n) + " streams: the kernel has 1, 2, 4, 8");
+  const int64_t m = (2 + n) * n;
+  if (mix.dimensions().size() < 1 || dim(mix, -1) != m)
+    return bad(op, "mix " + shape_str(mix) + " must end in (2+n)*n = " + std::to_string(m));
+  if (scale.element_count() != 3) return bad(op, "scale " + shape_str(scale) + " must hold 3 values");
+  if (base.element_count() != m) return bad(op, "base " + shape_str(base) + " must hold (2+n)*n values");
+  const int64_t rows = mix.element_count() / m;
+  if (pre->element_count() != rows * n || post->element_count() != rows * n || comb->element_count() != rows * n * n)
+    return bad(op, "results must be [rows, n], [rows, n], [rows, n, n] for " + std::to_string(rows) + " rows");
+  if (iters < 1) return bad(op, "iters must be >= 1");
+  return cuda_check(op, launch_hc_split_sinkhorn(mix.typed_data(), scale.typed_data(), base.typed_data(),
+                                                 pre->typed_data(), post->typed_data(), comb->typed_data(), rows,
+                                                 int(n), int(iters), eps, stream));
+}
+
 // ---- GEMMs -----------------------------------------------------------------------------------------------------
 
 std::string missing(int kind, int64_t n, int64_t k, int64_t g, int64_t bm) {
@@ -449,6 +471,7 @@ using dsv4ffi::GemmContigImpl;
 using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
 using dsv4ffi::GemvPairImpl;
+using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::SwigluQuantImpl;
 
 #define DSV4_TRAITS {ffi::Traits::kCmdBufferCompatible}
@@ -475,6 +498,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_swiglu_quant, SwigluQuantImpl,
                                   .Attr<int64_t>("groups"),
                               DSV4_TRAITS);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("iters")
+                                  .Attr<float>("eps"),
+                              DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_e8m0_to_f32, E8m0ToF32Impl,
                               ffi::Ffi::Bind().STREAM.Arg<ffi::Buffer<ffi::U8>>().Ret<ffi::Buffer<ffi::F32>>(),
                               DSV4_TRAITS);
