@@ -94,8 +94,12 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 4
     events = kernel_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
     by_part: dict[str, float] = {}
     by_kernel: dict[tuple[str, str], list[float]] = {}
+    unmapped: dict[str, str] = {}
     for name, op, _, dur in events:
-        part = _part(names.get(op, op))
+        op_name = names.get(op) or names.get(op.lstrip("%").split(" ")[0])
+        part = _part(op_name) if op_name else "other"
+        if op_name is None and len(unmapped) < 8:
+            unmapped[name[:60]] = op
         by_part[part] = by_part.get(part, 0.0) + dur / 1e6 / steps
         k = by_kernel.setdefault((part, name[:120]), [0.0, 0.0])
         k[0] += 1 / steps
@@ -110,5 +114,6 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 4
         "kernels_per_step": len(events) / steps,
         "by_part": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
         "top_kernels": [(part, name, round(n, 2), ms) for (part, name), (n, ms) in ranked],
+        "unmapped": unmapped,  # kernel -> its hlo_op, for kernels whose op has no named-scope metadata
         "cache": cache,
     }

@@ -55,8 +55,8 @@ def _reference(mix, scale, base, *, n: int, iters: int, eps: float, quant_sim: b
 
 
 def _supports(mix, scale, base, *, n: int, iters: int, eps: float, quant_sim: bool = True) -> str | None:
-    if n not in (1, 2, 4, 8):
-        return f"{n} hyper-connection streams (the kernel has 1, 2, 4, 8)"
+    if n not in (1, 2, 4):
+        return f"{n} hyper-connection streams (the kernel has 1, 2, 4: a token's n*n lanes within one warp)"
     if iters < 1:
         return f"iters={iters}"
     return None

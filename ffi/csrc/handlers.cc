@@ -107,7 +107,7 @@ ffi::Error HcSplitSinkhornImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> mix, f
                                ffi::ResultBuffer<ffi::F32> post, ffi::ResultBuffer<ffi::F32> comb, int64_t n,
                                int64_t iters, float eps) {
   const std::string op = "dsv4_hc_split_sinkhorn";
-  if (!hc_supported_streams(int(n))) return bad(op, "n=" + std::to_string(n) + " streams: the kernel has 1, 2, 4, 8");
+  if (!hc_supported_streams(int(n))) return bad(op, "n=" + std::to_string(n) + " streams: the kernel has 1, 2, 4");
   const int64_t m = (2 + n) * n;
   if (mix.dimensions().size() < 1 || dim(mix, -1) != m)
     return bad(op, "mix " + shape_str(mix) + " must end in (2+n)*n = " + std::to_string(m));

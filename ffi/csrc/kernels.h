@@ -22,10 +22,10 @@ cudaError_t launch_swiglu_quant(const void* g, const void* u, const float* w, co
                                 float* sfa, int64_t rows, int64_t k, int64_t rows_per_group, int64_t sf_pitch,
                                 float limit, cudaStream_t stream);
 
-// mHC split of one connection's mixes, one thread per row: mix [rows, (2+n)*n], scale [3], base [(2+n)*n] f32 ->
+// mHC split of one connection's mixes, n*n lanes per row: mix [rows, (2+n)*n], scale [3], base [(2+n)*n] f32 ->
 // pre [rows, n] = sigmoid(mix[:n]*scale0 + base) + eps, post [rows, n] = 2 sigmoid(...), comb [rows, n, n] = Sinkhorn
 // (row softmax + eps, columns, then iters-1 rounds of rows and columns, eps in every denominator).
-bool hc_supported_streams(int n);  // n in {1, 2, 4, 8}
+bool hc_supported_streams(int n);  // n in {1, 2, 4} (a row's n*n lanes within one warp)
 cudaError_t launch_hc_split_sinkhorn(const float* mix, const float* scale, const float* base, float* pre, float* post,
                                      float* comb, int64_t rows, int n, int iters, float eps, cudaStream_t stream);
 
