@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--values", choices=("bytes", "normal"), default="bytes", help="random bytes in the storage "
                    "formats (fast, any size) or quantized normal draws (a well-behaved model)")  # fmt: skip
     p.add_argument("--prompt", default="DeepSeek-V4 in JAX on a mesh: ")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=0, help="repeat the prompt to this many tokens (TPOT at a longer context)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt generated at once")
     p.add_argument("--context", type=int, help="tokens the plan assumes per sequence (default: prompt + new tokens)")
@@ -164,6 +167,8 @@ def main(argv=None) -> int:
         rules = rules_preset(args.rules)
         tok = ByteTokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)
         prompt = tok.encode(args.prompt)
+        if args.prompt_tokens:  # a long context for TPOT: the text repeated to this many tokens
+            prompt = (prompt * (args.prompt_tokens // max(len(prompt), 1) + 1))[: args.prompt_tokens]
         context = args.context or len(prompt) + args.max_new_tokens
         plan = memory_plan(cfg, dict(mesh.shape), rules, args.batch, context, mem_fraction=args.mem_fraction)
     except ValueError as e:
