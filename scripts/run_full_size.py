@@ -16,8 +16,9 @@ device's memory against the plan.
     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python scripts/run_full_size.py --preset tiny --mesh expert=8 --values normal
 
-JAX's GPU memory pool is 75 % of the device by default; the script sets `XLA_PYTHON_CLIENT_MEM_FRACTION` (and its
-newer name `XLA_CLIENT_MEM_FRACTION`) to `--mem-fraction` (0.95) before JAX starts, unless they are already set.
+JAX's GPU memory pool is 75 % of the device by default; the script sets `XLA_CLIENT_MEM_FRACTION` (the newer name of
+`XLA_PYTHON_CLIENT_MEM_FRACTION`; jaxlib 0.11 refuses both together) to `--mem-fraction` (0.95) before JAX starts,
+unless one of them is already set.
 Exit status: 0 done, 2 bad flags, 3 the plan does not fit (`--ignore-plan` runs anyway).
 """
 
@@ -144,8 +145,9 @@ def param_bytes_per_device(state) -> dict[int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for name in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION"):
-        os.environ.setdefault(name, str(args.mem_fraction))
+    # jaxlib 0.11 refuses the two names together (the older one is deprecated): set the new one unless either is set.
+    if not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION"} & os.environ.keys():
+        os.environ["XLA_CLIENT_MEM_FRACTION"] = str(args.mem_fraction)
 
     from dsv4_jax.parallel import distributed
 

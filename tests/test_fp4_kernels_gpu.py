@@ -612,7 +612,7 @@ def test_fp4_kernels_in_command_buffers(tmp_path):
         ("graphs", "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"),
         ("stream", "--xla_gpu_enable_command_buffer="),
     ):
-        env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_MEM_FRACTION="0.2")
+        env = dict(os.environ, XLA_FLAGS=flags, XLA_CLIENT_MEM_FRACTION="0.2")
         here = str(pathlib.Path(__file__).parent)
         try:
             r = subprocess.run([sys.executable, str(probe), here], env=env, capture_output=True, text=True, timeout=200)

@@ -43,7 +43,7 @@ def add_parser(sub):
     g.add_argument("--device-gib", type=float, default=H200_BYTES / GiB, help="memory of one device in GiB (default: "
                    "an H200's 140.4)")  # fmt: skip
     g.add_argument("--mem-fraction", type=float, default=MEM_FRACTION, help="share of it XLA may use "
-                   "(XLA_PYTHON_CLIENT_MEM_FRACTION; default 0.95)")  # fmt: skip
+                   "(XLA_CLIENT_MEM_FRACTION; default 0.95)")  # fmt: skip
     p.set_defaults(run=run)
 
 

@@ -17,7 +17,7 @@
   fragmentation, 2 GiB for temporaries the workspace estimate misses (at V4-Flash width on CPU, XLA kept the fp32
   weight decodes of two layer bodies alive at once: 0.6 to 2.2 GiB beyond the estimate; see `workspace`).
 * **Budget**: XLA's pool, `mem_fraction` of the device memory. JAX takes 75 % by default (105 GiB of an H200's
-  140.4); a full-size run sets `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (and its newer name `XLA_CLIENT_MEM_FRACTION`)
+  140.4); a full-size run sets `XLA_CLIENT_MEM_FRACTION=0.95` (the newer name of `XLA_PYTHON_CLIENT_MEM_FRACTION`)
   before JAX starts, for 133 GiB. `XLA_PYTHON_CLIENT_PREALLOCATE=false` alone keeps the 75 % limit.
 """
 
