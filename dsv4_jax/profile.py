@@ -33,9 +33,9 @@ def op_names(hlo_text: str) -> dict[str, str]:
     return {m[1]: m[2] for m in _INSTR.finditer(hlo_text)}
 
 
-def kernel_events(xplane_path: str) -> list[tuple[str, str, float, float]]:
-    """(kernel name, hlo_op, start ns, duration ns) of every device kernel event (GPU planes; the CPU backend's
-    thunks when there is no GPU)."""
+def kernel_events(xplane_path: str) -> list[tuple[str, str, str, float, float]]:
+    """(device plane, kernel name, hlo_op, start ns, duration ns) of every device kernel event (GPU planes; the CPU
+    backend's thunks when there is no GPU)."""
     data = jax.profiler.ProfileData.from_file(xplane_path)
     out, cpu = [], []
     for plane in data.planes:
@@ -45,9 +45,15 @@ def kernel_events(xplane_path: str) -> list[tuple[str, str, float, float]]:
                 stats = dict(ev.stats)
                 if "hlo_op" not in stats or not ev.duration_ns:
                     continue
-                item = (ev.name, str(stats["hlo_op"]), float(ev.start_ns), float(ev.duration_ns))
+                item = (plane.name, ev.name, str(stats["hlo_op"]), float(ev.start_ns), float(ev.duration_ns))
                 (out if gpu else cpu).append(item)
     return out or cpu
+
+
+def _op_name(names: dict[str, str], kernel_names: dict[str, str], kernel: str, hlo_op: str) -> str | None:
+    """The op_name of a kernel event: by its hlo_op; inside a command buffer (hlo_op `command_buffer_N`) by the
+    kernel's own name, which for an XLA fusion is the instruction's name with `.` -> `_`."""
+    return names.get(hlo_op) or names.get(hlo_op.lstrip("%").split(" ")[0]) or kernel_names.get(kernel)
 
 
 def _part(op_name: str) -> str:
@@ -59,7 +65,7 @@ def _part(op_name: str) -> str:
 
 def _busy_ns(events) -> float:
     """Time at least one kernel ran (overlapping kernels counted once)."""
-    spans = sorted((s, s + d) for _, _, s, d in events)
+    spans = sorted((s, s + d) for *_, s, d in events)
     busy, end = 0.0, float("-inf")
     for s, e in spans:
         if e > end:
@@ -71,7 +77,9 @@ def _busy_ns(events) -> float:
 def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 40, hlo_path: str | None = None) -> dict:
     """Profiles `steps` decode steps (after a warm-up) -> per-step milliseconds: wall (`step_ms`), device busy
     (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), kernels per step, and the `top`
-    kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step). `hlo_path`: also write the
+    kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step). Device figures are per device
+    (the mean over the devices that ran kernels, e.g. the two GPUs of an expert-parallel mesh). Custom-call kernels
+    launched inside XLA command buffers carry no op name: their part is "custom call". `hlo_path`: also write the
     compiled program's text there (to read which fusions the kernels are)."""
     from dsv4_jax import runner
 
@@ -92,26 +100,30 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 4
         logits.block_until_ready()
         wall = time.perf_counter() - t
     events = kernel_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    devices = sorted({e[0] for e in events})
+    per = steps * max(len(devices), 1)  # every figure is per step and per device (the mean over the devices)
+    kernel_names = {k.replace(".", "_"): v for k, v in names.items()}
     by_part: dict[str, float] = {}
     by_kernel: dict[tuple[str, str], list[float]] = {}
     unmapped: dict[str, str] = {}
-    for name, op, _, dur in events:
-        op_name = names.get(op) or names.get(op.lstrip("%").split(" ")[0])
-        part = _part(op_name) if op_name else "other"
+    for _, name, op, _, dur in events:
+        op_name = _op_name(names, kernel_names, name, op)
+        part = _part(op_name) if op_name else ("custom call" if op.startswith("command_buffer") else "other")
         if op_name is None and len(unmapped) < 8:
             unmapped[name[:60]] = op
-        by_part[part] = by_part.get(part, 0.0) + dur / 1e6 / steps
+        by_part[part] = by_part.get(part, 0.0) + dur / 1e6 / per
         k = by_kernel.setdefault((part, name[:120]), [0.0, 0.0])
-        k[0] += 1 / steps
-        k[1] += dur / 1e6 / steps
+        k[0] += 1 / per
+        k[1] += dur / 1e6 / per
     ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]
-    kernel_ms = _busy_ns(events) / 1e6 / steps
+    kernel_ms = sum(_busy_ns([e for e in events if e[0] == d]) for d in devices) / 1e6 / per
     step_ms = 1e3 * wall / steps
     return {
         "step_ms": step_ms,
         "kernel_ms": kernel_ms,
         "overhead_ms": max(step_ms - kernel_ms, 0.0),
-        "kernels_per_step": len(events) / steps,
+        "kernels_per_step": len(events) / per,
+        "devices": len(devices),
         "by_part": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
         "top_kernels": [(part, name, round(n, 2), ms) for (part, name), (n, ms) in ranked],
         "unmapped": unmapped,  # kernel -> its hlo_op, for kernels whose op has no named-scope metadata
