@@ -185,13 +185,21 @@ def _start(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max
     b, s = tokens.shape
     n, v = sampler.max_new_tokens, state.config.vocab_size
     cache = init_cache(state.config, b, max_len)
-    logits, hidden, cache = runner._prefill(state, cache, tokens, lengths, opts)
+    use_mtp = sampler.mtp and state.config.n_mtp_layers > 0
+    # MTP input at p: token p+1; at the last prompt position that is the token sampled from the prefill's logits
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    if runner.chunked(opts, s):
+        logits, X_last, cache = runner._prefill_chunks(state, cache, tokens, lengths, opts, nxt if use_mtp else None)
+    else:
+        logits, hidden, cache = runner._prefill(state, cache, tokens, lengths, opts)
     key, sub = jax.random.split(key)
     tok = _sample_knobs(knobs, logits, sub)
     mtp_logits = None
-    use_mtp = sampler.mtp and state.config.n_mtp_layers > 0
-    if use_mtp:  # MTP input at p: token p+1; at the last prompt position that is the token just sampled
-        nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    if use_mtp and runner.chunked(opts, s):  # the chunks ran MTP on all but each row's last prompt position
+        one = jnp.ones((b,), jnp.int32)
+        mtp_logits, cache = runner._mtp_extend(state, cache, X_last, tok[:, None], one, opts)
+        mtp_logits = mtp_logits[:, 0]
+    elif use_mtp:
         nxt = jnp.where(jnp.arange(s)[None, :] == (lengths - 1)[:, None], tok[:, None], nxt)
         mtp_logits, cache = runner._mtp_prefill(state, cache, hidden, nxt, opts)
     out = GenerateOutput(

@@ -23,13 +23,21 @@ class Opts:
         per op and reason on a GPU;
       * "ffi": the kernel or a clear error naming the op and why it cannot run;
       * "reference": the pure-JAX reference everywhere.
+    prefill_chunk: prefill prompts longer than this many tokens in chunks of it (the extend step, one compiled body
+      in a loop), so that no score tensor grows with the square of the prompt (whole-prompt prefill builds the
+      indexer's `[B, S, heads, S/4]` scores); None (default): the whole prompt at once. Chunked and whole prefill
+      agree within the reference's reduction-order noise.
     """
 
     quant_sim: bool = True
     backend: str = "auto"
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         if not isinstance(self.quant_sim, bool):
             raise ValueError(f"quant_sim={self.quant_sim!r} must be a bool")
+        c = self.prefill_chunk
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"prefill_chunk={c!r} must be a positive int or None")

@@ -157,8 +157,55 @@ def _forward(state: ModelState, tokens_bs, mtp_tokens_bs, opts: Opts, capture: b
     return Output(logits=logits, mtp_logits=mtp_logits, hidden=X, captures=caps if capture else None)
 
 
+def chunked(opts: Opts, prompt_width: int) -> bool:
+    """Whether a prompt of this (padded) width is prefilled in chunks (`Opts.prefill_chunk`)."""
+    return opts.prefill_chunk is not None and prompt_width > opts.prefill_chunk
+
+
+def _prefill_chunks(state: ModelState, cache: Cache, tokens_bs, lengths_b, opts: Opts, mtp_next_bs=None):
+    """Prefill in chunks of `opts.prefill_chunk` tokens: the extend step on each, one compiled body in a loop.
+
+    -> (logits at each row's last prompt token `[B, V]`, the streams at that token `[B, 1, n, d]`, cache). With
+    `mtp_next_bs` (the token after each position) the MTP layer runs on every chunk too, on all positions but each
+    row's last prompt position (its next token is the one sampled from these logits: the caller runs it)."""
+    model = state.model()
+    c = opts.prefill_chunk
+    b, s = tokens_bs.shape
+    n_chunks = -(-s // c)
+    pad = ((0, 0), (0, n_chunks * c - s))
+    tokens = jnp.pad(tokens_bs, pad)
+    nxt = None if mtp_next_bs is None else jnp.pad(mtp_next_bs, pad)
+    zero = jnp.zeros_like(lengths_b, jnp.int32)
+    cache = dataclasses.replace(cache, lengths=zero, mtp_lengths=zero)
+    X_last = jnp.zeros_like(model.streams(tokens[:, :1]))  # [b, 1, n, d]
+
+    def chunk(i, carry):
+        cache, X_last = carry
+        off = i * c
+        tk = jax.lax.dynamic_slice_in_dim(tokens, off, c, axis=1)
+        n_new = jnp.clip(lengths_b - off, 0, c).astype(jnp.int32)
+        X, groups, _ = walk(model, model.streams(tk), tk, cache.lengths, n_new, cache.groups, opts, False)
+        cache = dataclasses.replace(cache, groups=groups, lengths=cache.lengths + n_new)
+        j = lengths_b - 1 - off  # each row's last prompt token within this chunk, if there
+        here = (j >= 0) & (j < c)
+        X_last = jnp.where(here[:, None, None, None], _last(X, j + 1), X_last)
+        if nxt is not None:
+            n_mtp = jnp.clip(lengths_b - 1 - off, 0, c).astype(jnp.int32)
+            nk = jax.lax.dynamic_slice_in_dim(nxt, off, c, axis=1)
+            _, lc, _ = _mtp(model, X, nk, cache.mtp_lengths, n_mtp, cache.mtp[0], opts, False, False)
+            cache = dataclasses.replace(cache, mtp=[lc, *cache.mtp[1:]], mtp_lengths=cache.mtp_lengths + n_mtp)
+        return cache, X_last
+
+    cache, X_last = jax.lax.fori_loop(0, n_chunks, chunk, (cache, X_last))
+    return model.head_logits(X_last, model)[:, 0], X_last, cache
+
+
 def _prefill(state: ModelState, cache: Cache, tokens_bs, lengths_b, opts: Opts):
-    """-> (logits at each row's last prompt token `[B, V]` fp32, residual streams `[B, S, n, d]`, cache)."""
+    """-> (logits at each row's last prompt token `[B, V]` fp32, residual streams `[B, S, n, d]` (with
+    `Opts.prefill_chunk` and a longer prompt: None), cache)."""
+    if chunked(opts, tokens_bs.shape[1]):
+        logits, _, cache = _prefill_chunks(state, cache, tokens_bs, lengths_b, opts)
+        return logits, None, cache
     model = state.model()
     zero = jnp.zeros_like(lengths_b)
     X, groups, _ = walk(model, model.streams(tokens_bs), tokens_bs, zero, lengths_b, cache.groups, opts, True)
@@ -260,7 +307,8 @@ def prefill(state: ModelState, cache: Cache, tokens, lengths=None, *, opts: Opts
     """Prefill right-padded prompts `tokens [B, S]` of `lengths [B]` tokens (default: all S) from position 0.
 
     Returns `(logits [B, V], hidden [B, S, n, d], cache)`: the logits at each row's last prompt token, the residual
-    streams before hc_head (the MTP input) and the cache (the one passed in is donated)."""
+    streams before hc_head (the MTP input) and the cache (the one passed in is donated). A prompt wider than
+    `opts.prefill_chunk` is prefilled in chunks; `hidden` is then None (`generate` runs MTP chunk by chunk)."""
     tokens, lengths = check_prompts(state.config, tokens, lengths, cache.max_len)
     if tokens.shape[1] > cache.max_len:
         raise ValueError(f"padded prompt width {tokens.shape[1]} exceeds max_len={cache.max_len}")

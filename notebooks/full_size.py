@@ -77,8 +77,8 @@ print(plan.summary())
 
 # %% [markdown]
 # For the full model, both rule presets side by side, and what a chunked prefill (4096 tokens per step through
-# `extend`) would change: a whole 64K-token prompt in one step needs hundreds of GiB for the lightning indexer's
-# scores alone.
+# `extend`: `Opts(prefill_chunk=4096)`) changes: a whole 64K-token prompt in one step needs hundreds of GiB for the
+# lightning indexer's scores alone.
 
 # %%
 rows = []

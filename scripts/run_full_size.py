@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--prompt-tokens", type=int, default=0, help="repeat the prompt to this many tokens (TPOT at a longer context)"
     )
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of N tokens (Opts.prefill_chunk)")
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt generated at once")
     p.add_argument("--context", type=int, help="tokens the plan assumes per sequence (default: prompt + new tokens)")
     p.add_argument("--mem-fraction", type=float, default=0.95)
@@ -58,16 +59,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed_generate(state, tokens, n: int, repeats: int = 2) -> float:
+def timed_generate(state, tokens, n: int, opts, repeats: int = 2) -> float:
     """Best wall time of `generate` of `n` new tokens (after a compiling call)."""
     import dsv4_jax
 
     sampler = dsv4_jax.Sampler(max_new_tokens=n, eos_id=None)
-    dsv4_jax.generate(state, tokens, sampler=sampler).tokens.block_until_ready()
+    dsv4_jax.generate(state, tokens, sampler=sampler, opts=opts).tokens.block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        dsv4_jax.generate(state, tokens, sampler=sampler).tokens.block_until_ready()
+        dsv4_jax.generate(state, tokens, sampler=sampler, opts=opts).tokens.block_until_ready()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -84,14 +85,16 @@ def measure(args, state, cfg, prompt, mesh, say) -> dict:
     tokens = np.asarray([prompt], np.int32)
     if args.tpot:
         n1, n2 = (int(x) for x in args.tpot.split(","))
-        t1, t2 = timed_generate(state, tokens, n1), timed_generate(state, tokens, n2)
+        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk)
+        t1, t2 = timed_generate(state, tokens, n1, opts), timed_generate(state, tokens, n2, opts)
         out["tpot_ms"] = 1e3 * (t2 - t1) / (n2 - n1)
         say(f"batch 1: generate {n1} tokens {t1:.3f} s, {n2} tokens {t2:.3f} s: TPOT {out['tpot_ms']:.2f} ms")
     if args.throughput_batch:
         n1, n2 = (int(x) for x in (args.tpot or "16,48").split(","))
         b = args.throughput_batch
         bt = np.random.default_rng(0).integers(2, cfg.vocab_size, (b, args.throughput_prompt)).astype(np.int32)
-        t1, t2 = timed_generate(state, bt, n1, repeats=1), timed_generate(state, bt, n2, repeats=1)
+        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk)
+        t1, t2 = timed_generate(state, bt, n1, opts, repeats=1), timed_generate(state, bt, n2, opts, repeats=1)
         step = (t2 - t1) / (n2 - n1)
         per_device = b / step / jax.device_count()
         out["throughput"] = {"batch": b, "step_ms": 1e3 * step, "tokens_per_s_per_device": per_device}
@@ -172,7 +175,15 @@ def main(argv=None) -> int:
         if args.prompt_tokens:  # a long context for TPOT: the text repeated to this many tokens
             prompt = (prompt * (args.prompt_tokens // max(len(prompt), 1) + 1))[: args.prompt_tokens]
         context = args.context or len(prompt) + args.max_new_tokens
-        plan = memory_plan(cfg, dict(mesh.shape), rules, args.batch, context, mem_fraction=args.mem_fraction)
+        plan = memory_plan(
+            cfg,
+            dict(mesh.shape),
+            rules,
+            args.batch,
+            context,
+            mem_fraction=args.mem_fraction,
+            prefill_chunk=args.prefill_chunk,
+        )
     except ValueError as e:
         print(f"run_full_size: error: {e}", file=sys.stderr)
         return 2
@@ -199,7 +210,9 @@ def main(argv=None) -> int:
     sampler = dsv4_jax.Sampler(max_new_tokens=args.max_new_tokens, eos_id=None)
     # The mesh in context: the routed experts run expert-parallel (dsv4_jax.parallel.expert_parallel).
     with jax.set_mesh(mesh), dsv4_jax.ops.record() as ran:
-        stream = dsv4_jax.generate_stream(state, tokens, sampler=sampler, key=0, max_len=context)
+        stream = dsv4_jax.generate_stream(
+            state, tokens, sampler=sampler, key=0, max_len=context, opts=dsv4_jax.Opts(prefill_chunk=args.prefill_chunk)
+        )
         compile_s = stream.compile()
         for _ in stream:
             pass

@@ -45,6 +45,9 @@ def add_parser(sub):
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="kernels or the pure-JAX reference (default auto: kernels where they run, i.e. CUDA SM90 "
                    "with the extension installed; the reference elsewhere)")  # fmt: skip
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill prompts longer than N tokens in chunks of N (bounds prefill memory; default: the "
+                   "whole prompt at once)")  # fmt: skip
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache "
                    f"({compile_cache.describe()})")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no restore progress bar (shown for checkpoints "
@@ -107,7 +110,9 @@ def run(args) -> int:
                             top_p=args.top_p, mtp=args.mtp)  # fmt: skip
     except ValueError as e:
         raise UsageError(flag_message(str(e), SAMPLER_FLAGS)) from e
-    opts = Opts(quant_sim=not args.no_quant_sim, backend=args.backend)
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    opts = Opts(quant_sim=not args.no_quant_sim, backend=args.backend, prefill_chunk=args.prefill_chunk)
     if args.max_len is not None and args.max_len < 1:
         raise UsageError(f"--max-len must be positive, got {args.max_len}")
     if args.prompt_ids is not None:

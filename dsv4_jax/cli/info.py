@@ -34,8 +34,8 @@ def add_parser(sub):
                    "axis; default = heads on the tensor axis (default: ep)")  # fmt: skip
     g.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
     g.add_argument("--context", type=int, default=4096, help="tokens per sequence, prompt + generated (default 4096)")
-    g.add_argument("--prefill-chunk", type=int, help="plan a chunked prefill of N tokens per step (not built yet) "
-                   "instead of the whole prompt in one step")  # fmt: skip
+    g.add_argument("--prefill-chunk", type=int, help="plan a chunked prefill of N tokens per step (`generate "
+                   "--prefill-chunk N`) instead of the whole prompt in one step")  # fmt: skip
     g.add_argument("--prefill-rows", type=int, help="rows prefilled together (default: the whole batch; 1: each "
                    "prompt alone, then all rows decode together)")  # fmt: skip
     g.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"), help="bf16: this implementation's cache; "
@@ -229,7 +229,7 @@ def run(args) -> int:
             alt = plan_for(read_config(path, args.preset), args)
             if alt.max_context > plan.max_context:
                 fit = "fits" if alt.fits else "does not fit"
-                print(f"  hint: the whole-prompt prefill step dominates; with --prefill-chunk {HINT_CHUNK} (chunked "
-                      f"prefill, not built yet): {fit}, longest context at batch 1 {alt.max_context:,} tokens, "
+                print(f"  hint: the whole-prompt prefill step dominates; with `generate --prefill-chunk {HINT_CHUNK}` "
+                      f"(chunked prefill): {fit}, longest context at batch 1 {alt.max_context:,} tokens, "
                       f"largest batch at {alt.context:,} tokens {alt.max_batch}")  # fmt: skip
     return 0

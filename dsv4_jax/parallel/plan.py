@@ -211,10 +211,9 @@ def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = Non
     """The memory of one device serving `batch` rows of up to `context` tokens (prompt + generated) of `cfg` on a
     mesh of `mesh_shape` (`{"expert": 2}`; missing axes are 1) under `rules` (default `ShardingRules()`).
 
-    `prefill_chunk`: None = each prompt is prefilled in one step (today's `prefill` / `generate`), assumed to fill
-    the context; N = a chunked prefill of N tokens per step on top of the cache (not built yet: `extend` does the
-    step, but returns logits for all N tokens, 8 N V bytes per row with the sampler's softmax, 4 GiB at N = 4096;
-    the plan assumes a chunked prefill keeps only each row's last, as `prefill` does). `prefill_rows`: rows
+    `prefill_chunk`: None = each prompt is prefilled in one step, assumed to fill the context; N = a chunked prefill
+    of N tokens per step on top of the cache (`Opts(prefill_chunk=N)`, `generate --prefill-chunk N`), which keeps
+    only each row's last logits, as `prefill` does. `prefill_rows`: rows
     prefilled together (None: the whole batch at once, as `generate` does; 1: a server that prefills each new
     prompt alone and decodes all rows together). Capacity (`Plan.max_context`, `Plan.max_batch`) is searched with
     everything else fixed.
