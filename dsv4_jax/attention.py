@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4_jax import nn, quant
+from dsv4_jax import nn, ops, quant
 from dsv4_jax.config import Config
 from dsv4_jax.layer_view import LayerSlice, materialize
 from dsv4_jax.options import Opts
@@ -415,10 +415,9 @@ class Attention(nnx.Module):
         b, t, h, d = o_bthd.shape
         g, r = self.cfg.o_groups, self.cfg.o_lora_rank
         o = nn.rope_tail(o_bthd, pos_bt[:, :, None], self.inv_freq, inverse=True)
-        wo_a = to_bf16(self.wo_a.dequantized()).reshape(g, r, -1)
-        # bf16 x bf16 products are exact in fp32: the reference's fp32 einsum, on the tensor cores.
-        u = jnp.einsum("btgi,gri->btgr", o.reshape(b, t, g, -1), wo_a, preferred_element_type=F32)
-        return self.wo_b(to_bf16(u).reshape(b, t, g * r), opts)
+        u = ops.grouped_dequant_linear(o.reshape(b, t, g, -1), self.wo_a.weight.get_value(),
+                                       self.wo_a.scale.get_value(), opts=opts)  # fmt: skip
+        return self.wo_b(u.reshape(b, t, g * r), opts)
 
     def __call__(self, x_btd: jax.Array, opts: Opts, rec=None) -> jax.Array:
         """Full-sequence attention from position 0 (no cache). `x` is the attn_norm output `[b, s, dim]` bf16."""

@@ -35,7 +35,7 @@ from dsv4_jax import ops, quant
 pytestmark = pytest.mark.gpu
 
 # The ops a Flash-shaped forward runs, every one through its kernel.
-KERNEL_OPS = {"fp8_linear": "kernel", "moe_experts": "kernel", "hc_split_mixes": "kernel"}
+KERNEL_OPS = dict.fromkeys(("fp8_linear", "moe_experts", "hc_split_mixes", "grouped_dequant_linear"), "kernel")
 FLASH_LINEARS = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1024), (2048, 4096), (4096, 2048)]
 
 
@@ -203,6 +203,36 @@ def test_moe_experts_kernel_vs_reference(ffi, fmt, t):
     assert rec_ref == {"moe_experts": "reference"} and rec_ffi == {"moe_experts": "kernel"}
     assert np.isfinite(got).all()
     assert rel_rms(got, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("m,stacked", [(1, True), (3, True), (8, True), (2, False)])
+def test_grouped_dequant_linear_kernel_vs_reference(ffi, m, stacked):
+    """Attention's grouped `wo_a` at V4-Flash widths (8 groups x 1024 rows, I = 4096): our decode GEMV (the FP8
+    weight dequantised to bf16 in registers) vs the reference's bf16 einsum, on layer 1 of a 3-layer stack (the
+    `LayerSlice` path: the stack and the layer index go to the kernel) and on a plain weight. The same exact bf16
+    products; fp32 sums in another order, one bf16 rounding: <= 2e-3 rel-RMS."""
+    from dsv4_jax.layer_view import LayerSlice
+
+    k1, k2 = jax.random.split(jax.random.key(100 + m))
+    w, s = rand_fp8_weight(k1, (3, 8192, 4096) if stacked else (8192, 4096))
+    x = rand_bf16(k2, (m, 1, 8, 4096), spread=False)
+
+    def run(backend):
+        def f(x, w, s):
+            ws = (LayerSlice(w, jnp.int32(1)), LayerSlice(s, jnp.int32(1))) if stacked else (w, s)
+            return ops.grouped_dequant_linear(x, *ws, opts=ops.Opts(backend=backend))
+
+        with ops.record() as rec:
+            y = np.asarray(jax.jit(f)(x, w, s), np.float32)
+        return y, rec
+
+    ref, rec_ref = run("reference")
+    poison()
+    got, rec_ffi = run("ffi")
+    assert rec_ref == {"grouped_dequant_linear": "reference"} and rec_ffi == {"grouped_dequant_linear": "kernel"}
+    assert got.shape == ref.shape == (m, 1, 8, 1024)
+    assert np.isfinite(got).all()
+    assert rel_rms(got, ref) <= 2e-3
 
 
 @pytest.mark.parametrize("rows,n", [(1, 4), (7, 4), (333, 4), (5, 2), (9, 1)])
@@ -413,7 +443,7 @@ def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
                              16 + 12, ffi_opts).as_text()  # fmt: skip
     calls = _custom_calls(text)
     assert calls.get("dsv4_fp4_moe_gate_up", 0) >= 2 and calls.get("dsv4_fp4_moe_down", 0) >= 2, calls
-    assert calls.get("dsv4_hc_split_sinkhorn", 0) >= 4, calls
+    assert calls.get("dsv4_hc_split_sinkhorn", 0) >= 4 and calls.get("dsv4_dequant_bf16_gemv", 0) >= 2, calls
     # noise: the reference against its one-ulp perturbed self (two perturbations, as the forward test), over the
     # steps where their tokens agree
     noise_rel, noise_abs = 0.0, 0.0

@@ -110,7 +110,7 @@ def test_kernels_never_import_model_code():
         names = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                  for a in n.names]  # fmt: skip
         names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        allowed = ("dsv4_jax.kernels", "dsv4_jax.quant", "dsv4_jax.layer_view", "dsv4_jax_ffi")
+        allowed = ("dsv4_jax.kernels", "dsv4_jax.quant", "dsv4_jax.layer_view", "dsv4_jax.rounding", "dsv4_jax_ffi")
         bad = [m for m in names if m.startswith("dsv4_jax") and not m.startswith(allowed)]
         assert not bad, (f.name, bad)
 
@@ -195,6 +195,24 @@ def test_wrappers_call_only_exported_handlers():
     assert ffi_ops.HANDLERS == called
 
 
+def test_unvalidated_kernels_need_the_opt_in(monkeypatch):
+    """A kernel registered with validated=False (not yet through its GPU tests): "ffi" runs it, "auto" only where
+    DSV4_JAX_ENABLE_KERNELS names it."""
+    monkeypatch.setattr(registry, "_global_reason", lambda: (None, False))  # as if on an SM90 GPU
+    op = registry.register("_test_new", lambda x, *, quant_sim: "ref", kernel="dsv4_jax.kernels.gemm:fp8_linear",
+                           validated=False)  # fmt: skip
+    monkeypatch.setattr(registry.Op, "load_kernel", lambda self: lambda x: "kernel")
+    try:
+        monkeypatch.delenv(registry.OPT_IN, raising=False)
+        assert op(1, opts=ops.Opts(backend="auto")) == "ref"
+        assert op(1, opts=ops.Opts(backend="ffi")) == "kernel"
+        monkeypatch.setenv(registry.OPT_IN, "fp8_linear,_test_new")
+        assert op(1, opts=ops.Opts(backend="auto")) == "kernel"
+    finally:
+        registry._OPS.pop("_test_new")
+    assert registry.ops()["grouped_dequant_linear"].validated is False  # until its GPU test has passed
+
+
 def test_extension_compiles_for_sm90a(tmp_path):
     inc = _deepgemm_include()
     if inc is None:
@@ -211,9 +229,9 @@ def test_extension_compiles_for_sm90a(tmp_path):
         [cu, FFI / "csrc" / "gemm_entry.h"],
         "gemm",
     )
-    for name in ("quant_kernels.cu", "gemv_kernels.cu"):
+    for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu"):
         src = FFI / "csrc" / name
-        deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh"]
+        deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh"]
         _cached_compile(base + [str(src)], deps, name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())

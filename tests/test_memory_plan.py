@@ -167,7 +167,8 @@ def test_info_prints_the_plan_of_a_preset(capsys):
 def test_info_hints_at_chunked_prefill_when_the_prompt_step_does_not_fit(capsys):
     assert main(["info", "--preset", "flash", "--mesh", "expert=2", "--context", "65536"]) == 0
     out = capsys.readouterr().out
-    assert "DOES NOT FIT" in out and "hint: the whole-prompt prefill step dominates; with `generate --prefill-chunk 4096`" in out
+    assert "DOES NOT FIT" in out
+    assert "hint: the whole-prompt prefill step dominates; with `generate --prefill-chunk 4096`" in out
 
 
 def test_info_json_has_the_plan(capsys):

@@ -37,6 +37,8 @@ __all__ = [
     "act_quant_rows",
     "swiglu_quant",
     "hc_split_sinkhorn",
+    "dequant_bf16_gemv",
+    "DEQUANT_GEMV_MAX_M",
     "fp8_gemm",
     "fp8_linear",
     "grouped_gemm_contig",
@@ -61,6 +63,7 @@ HANDLERS = frozenset(
         "act_quant",
         "swiglu_quant",
         "hc_split_sinkhorn",
+        "dequant_bf16_gemv",
         "fp8_gemm",
         "fp8_linear",
         "fp8_gemm_contig",
@@ -188,6 +191,20 @@ def hc_split_sinkhorn(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: i
         "dsv4_hc_split_sinkhorn",
         (jax.ShapeDtypeStruct((r, n), F32), jax.ShapeDtypeStruct((r, n), F32), jax.ShapeDtypeStruct((r, n, n), F32)),
     )(mix, scale.astype(F32), base.astype(F32), n=np.int64(n), iters=np.int64(iters), eps=np.float32(eps))
+
+
+DEQUANT_GEMV_MAX_M = 8  # rows of x one launch takes (the extension's kDequantGemvMaxM)
+
+
+def dequant_bf16_gemv(x: jax.Array, w: jax.Array, s: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """`y [M, N] = bf16(x . bf16(W * s))` (the grouped `wo_a`): x bf16 `[M, G, K]` (M <= 8), weight row r belongs
+    to group `r // (N / G)`; W e4m3 `[N, K]`, or a layer stack `[L, N, K]` with `layer` (an int32 scalar) naming
+    the layer; f32 or UE8M0 block scales `[(L,) ceil(N/128), K/128]`."""
+    m = x.shape[0]
+    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    return jax.ffi.ffi_call("dsv4_dequant_bf16_gemv", jax.ShapeDtypeStruct((m, w.shape[-2]), BF16))(
+        x, w, sm90_weight_scales(s), layer
+    )
 
 
 # ---- GEMMs -----------------------------------------------------------------------------------------------------

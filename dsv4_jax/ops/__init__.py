@@ -6,7 +6,15 @@ and kill switch in `registry`; plus the reference-only linears.
 """
 
 from dsv4_jax.ops.experts import moe_experts, swiglu
-from dsv4_jax.ops.linear import bf16_linear, blockwise_gemm, f32_linear, fp4_linear, fp8_linear, sum_in_order
+from dsv4_jax.ops.linear import (
+    bf16_linear,
+    blockwise_gemm,
+    f32_linear,
+    fp4_linear,
+    fp8_linear,
+    grouped_dequant_linear,
+    sum_in_order,
+)
 from dsv4_jax.ops.mhc import hc_split_mixes
 from dsv4_jax.ops.registry import KernelUnavailable, record
 from dsv4_jax.options import Opts
@@ -19,6 +27,7 @@ __all__ = [
     "f32_linear",
     "fp4_linear",
     "fp8_linear",
+    "grouped_dequant_linear",
     "hc_split_mixes",
     "moe_experts",
     "record",

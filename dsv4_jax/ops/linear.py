@@ -18,7 +18,8 @@ from dsv4_jax.layer_view import materialize
 from dsv4_jax.ops import registry
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["fp8_linear", "fp4_linear", "bf16_linear", "f32_linear", "blockwise_gemm", "sum_in_order"]
+__all__ = ["fp8_linear", "fp4_linear", "bf16_linear", "f32_linear", "grouped_dequant_linear", "blockwise_gemm",
+           "sum_in_order"]  # fmt: skip
 
 F32 = jnp.float32
 
@@ -87,6 +88,40 @@ def _fp8_linear_supports(x, w, s, *, quant_sim: bool) -> str | None:
 
 fp8_linear = registry.register(
     "fp8_linear", _fp8_linear_reference, kernel="dsv4_jax.kernels.gemm:fp8_linear", supports=_fp8_linear_supports
+)
+
+
+def _grouped_dequant_linear_reference(x, w, s, *, quant_sim: bool = True) -> jax.Array:
+    """The grouped low-rank output projection `wo_a` as the reference runs it: the FP8 weight dequantised to bf16
+    (f32 `e4m3 * scale`, rounded), a bf16 einsum with fp32 accumulation, bf16 out (no FP8 activation quantisation,
+    so `quant_sim` changes nothing).
+
+    Args:
+      x: `[..., G, I]` bf16 (G groups).  w: `[G * R, I]` float8_e4m3fn, rows `g*R .. (g+1)*R - 1` of group g.
+        s: its block scales `[G * R / 128, I / 128]` (e8m0 or f32).
+    Returns:
+      `[..., G, R]` bf16.
+    """
+    del quant_sim
+    g, i = x.shape[-2:]
+    wv = to_bf16(quant.dequant_fp8_weight(materialize(w), materialize(s))).reshape(g, -1, i)
+    # bf16 x bf16 products are exact in fp32: the reference's fp32 einsum, on the tensor cores.
+    return to_bf16(jnp.einsum("...gi,gri->...gr", x, wv, preferred_element_type=F32))
+
+
+def _grouped_dequant_linear_supports(x, w, s, *, quant_sim: bool = True) -> str | None:
+    from dsv4_jax.kernels import dequant
+
+    return dequant.grouped_dequant_linear_unsupported(x, w, s)
+
+
+# Written and compiled, not yet run on a GPU: "auto" takes the kernel only with DSV4_JAX_ENABLE_KERNELS naming it.
+grouped_dequant_linear = registry.register(
+    "grouped_dequant_linear",
+    _grouped_dequant_linear_reference,
+    kernel="dsv4_jax.kernels.dequant:grouped_dequant_linear",
+    supports=_grouped_dequant_linear_supports,
+    validated=False,
 )
 
 

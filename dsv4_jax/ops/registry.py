@@ -13,6 +13,9 @@ trace, which implementation runs, and the one place that falls back.
   there the reference is the implementation), "ffi" raises `KernelUnavailable` naming the op and the reason.
 * Otherwise the kernel.
 
+A kernel registered with `validated=False` (written, compiled, its GPU tests not yet passed on a GPU) runs under
+"ffi" (so its GPU tests can run it) but "auto" takes it only where `DSV4_JAX_ENABLE_KERNELS` names it.
+
 The registry key of an op is the name of the function it selects (`fp8_linear`, `moe_experts`, ...); the kill switch
 takes those names: `DSV4_JAX_DISABLE_KERNELS=all` or `fp8_linear,moe_experts`. References receive the traced
 arguments plus `quant_sim`; kernels receive the same arguments without it (they implement the quant_sim numerics;
@@ -31,11 +34,12 @@ from collections.abc import Callable, Iterator
 
 from dsv4_jax.options import Opts
 
-__all__ = ["Op", "KernelUnavailable", "register", "ops", "disabled", "record", "KILL_SWITCH"]
+__all__ = ["Op", "KernelUnavailable", "register", "ops", "disabled", "enabled", "record", "KILL_SWITCH", "OPT_IN"]
 
 log = logging.getLogger("dsv4_jax.ops")
 
 KILL_SWITCH = "DSV4_JAX_DISABLE_KERNELS"
+OPT_IN = "DSV4_JAX_ENABLE_KERNELS"
 
 
 class KernelUnavailable(RuntimeError):
@@ -48,6 +52,7 @@ class Op:
     reference: Callable
     kernel: str | None = None  # "module:function", imported lazily (the extension is optional)
     supports: Callable[..., str | None] | None = None  # why the kernel cannot run these arguments (None: it can)
+    validated: bool = True  # False: its GPU tests have not yet passed on a GPU; "auto" needs the opt-in
 
     def load_kernel(self) -> Callable:
         module, func = self.kernel.split(":")
@@ -67,6 +72,11 @@ def ops() -> dict[str, Op]:
 def disabled() -> set[str]:
     """Op names killed by `DSV4_JAX_DISABLE_KERNELS` (comma list; `all` kills every kernel)."""
     return {s.strip() for s in os.environ.get(KILL_SWITCH, "").split(",") if s.strip()}
+
+
+def enabled() -> set[str]:
+    """Op names whose not-yet-validated kernels "auto" may run (`DSV4_JAX_ENABLE_KERNELS`, a comma list)."""
+    return {s.strip() for s in os.environ.get(OPT_IN, "").split(",") if s.strip()}
 
 
 def _global_reason() -> tuple[str | None, bool]:
@@ -91,6 +101,8 @@ def _choose(op: Op, opts: Opts, args, kwargs) -> tuple[Callable, str]:
         why, silent = _global_reason()
         if why is None and op.supports is not None:
             why = op.supports(*args, quant_sim=opts.quant_sim, **kwargs)
+        if why is None and not op.validated and opts.backend == "auto" and op.name not in enabled():
+            why = f"its kernel has not yet passed its GPU tests (opt in: {OPT_IN}={op.name})"
         if why is None:
             return op.load_kernel(), "kernel"
     if opts.backend == "ffi":
@@ -102,11 +114,11 @@ def _choose(op: Op, opts: Opts, args, kwargs) -> tuple[Callable, str]:
 
 
 def register(name: str, reference: Callable, kernel: str | None = None,
-             supports: Callable[..., str | None] | None = None) -> Callable:  # fmt: skip
+             supports: Callable[..., str | None] | None = None, validated: bool = True) -> Callable:  # fmt: skip
     """Registers an op and returns its dispatching function `f(*args, opts=Opts(), **kwargs)`."""
     if name in _OPS:
         raise ValueError(f"op {name!r} is registered twice")
-    op = Op(name, reference, kernel, supports)
+    op = Op(name, reference, kernel, supports, validated)
     _OPS[name] = op
 
     def call(*args, opts: Opts = Opts(), **kwargs):

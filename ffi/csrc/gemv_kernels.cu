@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "fp8_convert.cuh"
 #include "gemv_mma.cuh"
 #include "kernels.h"
 
@@ -34,19 +35,6 @@ constexpr int kWarps = 8;  // per block (DSV4_FFI_GEMV_WARPS=4 halves it: a benc
 constexpr int kRowsPerWarp = 4;  // output columns (weight rows) per warp; 128 % 4 == 0 keeps them in one scale block
 constexpr int kLaneBytes = 16;
 constexpr int kBlocksPerStep = 32 * kLaneBytes / 128;  // 128-wide K blocks covered by one warp step (4)
-
-__device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    // cvt.rn.f16x2.e4m3x2: exact (every e4m3 value is an f16 value); the low byte is the first element.
-    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] & 0xFFFFu), __NV_E4M3);
-    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] >> 16), __NV_E4M3);
-    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
-    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
-    f[4 * i + 0] = a.x, f[4 * i + 1] = a.y, f[4 * i + 2] = b.x, f[4 * i + 3] = b.y;
-  }
-}
 
 // The block's segment (blockIdx.y) and its expert g (group_ok false: out of range, the rows are written as zeros;
 // g = 0 then). Blocks past the first projection's segments compute the second: b, sfb and d switch to b2, sfb2, d2

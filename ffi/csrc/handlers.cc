@@ -100,6 +100,34 @@ ffi::Error E8m0ToF32Impl(cudaStream_t stream, ffi::Buffer<ffi::U8> s, ffi::Resul
                     launch_e8m0_to_f32(s.typed_data(), out->typed_data(), s.element_count(), stream));
 }
 
+// ---- wo_a: bf16 x an FP8 weight dequantised to bf16 ------------------------------------------------------------
+
+ffi::Error DequantGemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> s,
+                           ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> out) {
+  const std::string op = "dsv4_dequant_bf16_gemv";
+  if (!is_e4m3(w)) return bad(op, "w must be float8_e4m3fn");
+  if (x.dimensions().size() != 3) return bad(op, "x " + shape_str(x) + " must be [m, groups, k]");
+  const auto wd = w.dimensions();
+  if (wd.size() != 2 && wd.size() != 3) return bad(op, "w " + shape_str(w) + " must be [n, k] or [layers, n, k]");
+  const int64_t m = dim(x, 0), groups = dim(x, 1), k = dim(x, 2), n = dim(w, -2), layers = wd.size() == 3 ? wd[0] : 1;
+  if (dim(w, -1) != k) return bad(op, "w " + shape_str(w) + " and x " + shape_str(x) + " differ in k");
+  if (k % 128 != 0) return bad(op, "k=" + std::to_string(k) + " is not a multiple of 128");
+  if (m < 1 || m > kDequantGemvMaxM) return bad(op, "m=" + std::to_string(m) + " rows: the kernel takes 1.." +
+                                                         std::to_string(kDequantGemvMaxM));
+  if (groups < 1 || n % groups != 0) return bad(op, std::to_string(n) + " rows do not split into " +
+                                                     std::to_string(groups) + " groups");
+  if (s.element_count() != layers * ((n + 127) / 128) * (k / 128))
+    return bad(op, "scales " + shape_str(s) + " are not [(layers,) ceil(n/128), k/128]");
+  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
+  if (wd.size() == 3 && layer.element_count() != 1) return bad(op, "a layer stack needs the layer index");
+  if (out->element_count() != m * n) return bad(op, "out " + shape_str(*out) + " is not [m, n]");
+  if (!aligned16(x.untyped_data()) || !aligned16(w.untyped_data())) return bad(op, "buffers must be 16-byte aligned");
+  DequantGemvArgs a{x.untyped_data(), w.untyped_data(), s.typed_data(),
+                    layer.element_count() ? layer.typed_data() : nullptr, out->untyped_data(), m, n, k, n / groups,
+                    groups};
+  return cuda_check(op, launch_dequant_bf16_gemv(a, stream));
+}
+
 // ---- mHC ---------------------------------------------------------------------------------------------------------
 
 ffi::Error HcSplitSinkhornImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> mix, ffi::Buffer<ffi::F32> scale,
@@ -461,6 +489,7 @@ ffi::Error Fp4MoeDownImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> h, ffi::Bu
 }  // namespace dsv4ffi
 
 using dsv4ffi::ActQuantImpl;
+using dsv4ffi::DequantGemvImpl;
 using dsv4ffi::E8m0ToF32Impl;
 using dsv4ffi::Fp4GemvImpl;
 using dsv4ffi::Fp4MoeDownImpl;
@@ -498,6 +527,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_swiglu_quant, SwigluQuantImpl,
                                   .Attr<int64_t>("groups"),
                               DSV4_TRAITS);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_dequant_bf16_gemv, DequantGemvImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
+                              DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
                               ffi::Ffi::Bind()
                                   .STREAM.Arg<ffi::Buffer<ffi::F32>>()

@@ -29,6 +29,20 @@ bool hc_supported_streams(int n);  // n in {1, 2, 4} (a row's n*n lanes within o
 cudaError_t launch_hc_split_sinkhorn(const float* mix, const float* scale, const float* base, float* pre, float* post,
                                      float* comb, int64_t rows, int n, int iters, float eps, cudaStream_t stream);
 
+// y [m, n] = bf16(x . bf16(W * s)) for the grouped `wo_a` at decode sizes (m <= kDequantGemvMaxM): x [m, groups, k]
+// bf16, weight row r of group r / rows_per_group; W e4m3 [layers, n, k] with f32 block scales [layers, ceil(n/128),
+// k/128], the layer read from `layer` ([1] int32 on the device; null: 0). k % 128 == 0, 16-byte aligned buffers.
+constexpr int kDequantGemvMaxM = 8;
+struct DequantGemvArgs {
+  const void* x;
+  const void* w;
+  const float* s;
+  const int32_t* layer;
+  void* out;
+  int64_t m, n, k, rows_per_group, groups;
+};
+cudaError_t launch_dequant_bf16_gemv(const DequantGemvArgs& a, cudaStream_t stream);
+
 // UE8M0 bytes -> FP32 2^(b-127) (0 -> 2^-127, 255 -> NaN).
 cudaError_t launch_e8m0_to_f32(const uint8_t* s, float* out, int64_t count, cudaStream_t stream);
 
