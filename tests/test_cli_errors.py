@@ -299,3 +299,10 @@ def test_restore_progress_above_the_threshold(converted, monkeypatch, capsys):
     assert "restore orbax" in capsys.readouterr().err  # tqdm on stderr
     cli_generate.load_model(str(converted), progress=False)  # --no-progress
     assert "restore" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mesh", ["expert=3", "experts=1", "expert=0"])
+def test_generate_mesh_errors_are_usage_errors(mesh, capsys):
+    """A mesh the devices cannot form, or a malformed one, is a usage error naming the flag (nothing is loaded)."""
+    assert main(["generate", "--mesh", mesh, "--prompt-ids", "5"]) == 2
+    assert "error: --mesh:" in _one_line(capsys.readouterr().err)

@@ -4,6 +4,7 @@ throughput and compile time."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -48,6 +49,14 @@ def add_parser(sub):
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prefill prompts longer than N tokens in chunks of N (bounds prefill memory; default: the "
                    "whole prompt at once)")  # fmt: skip
+    p.add_argument(
+        "--mesh",
+        metavar="AXIS=N[,AXIS=N]",
+        default=None,
+        help="place the model on a device mesh (data, expert, tensor), e.g. expert=2: the routed experts "
+        "split over 2 GPUs (expert parallelism); the product of the sizes must be the device count",
+    )
+    p.add_argument("--rules", default="ep", help="sharding rules preset with --mesh (ep, ep-tp, default, replicated)")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache "
                    f"({compile_cache.describe()})")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no restore progress bar (shown for checkpoints "
@@ -70,9 +79,10 @@ def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
 
 
-def load_model(ckpt: str | None, progress: bool = True):
+def load_model(ckpt: str | None, progress: bool = True, mesh=None, rules=None):
     """(state, folder or None, description). No `ckpt`: the embedded tiny checkpoint (`ensure_default_checkpoint`).
-    `progress`: a restore progress bar if the checkpoint is over `PROGRESS_MIN_BYTES`."""
+    `progress`: a restore progress bar if the checkpoint is over `PROGRESS_MIN_BYTES`. `mesh`/`rules`: restored
+    straight into those shardings."""
     from dsv4_jax.checkpoint import restore
     from dsv4_jax.paths import user_path
 
@@ -80,12 +90,27 @@ def load_model(ckpt: str | None, progress: bool = True):
         from dsv4_jax.checkpoint.default import ensure_default_checkpoint
 
         path = ensure_default_checkpoint()
-        _, state = restore.load(path)
+        _, state = restore.load(path, mesh, rules)
         return state, None, f"embedded tiny checkpoint ({path})"
     ckpt = user_path(ckpt)
     progress = progress and restore.checkpoint_nbytes(ckpt) > PROGRESS_MIN_BYTES
-    _, state = restore.load(ckpt, progress=progress)
+    _, state = restore.load(ckpt, mesh, rules, progress=progress)
     return state, ckpt, ckpt
+
+
+def mesh_from_flags(args):
+    """(mesh or None, rules or None) from `--mesh` / `--rules`; bad values are usage errors naming the flag."""
+    if args.mesh is None:
+        return None, None
+    from dsv4_jax.parallel.mesh import make_mesh, parse_mesh
+    from dsv4_jax.sharding import RULE_PRESETS, rules_preset
+
+    if args.rules not in RULE_PRESETS:
+        raise UsageError(f"--rules {args.rules!r}: expected one of {', '.join(sorted(RULE_PRESETS))}")
+    try:
+        return make_mesh(**parse_mesh(args.mesh)), rules_preset(args.rules)
+    except ValueError as e:
+        raise UsageError(f"--mesh: {e}") from None
 
 
 def run(args) -> int:
@@ -94,10 +119,9 @@ def run(args) -> int:
     if not args.no_compile_cache:
         compile_cache.enable()
     from dsv4_jax import generation as G
-    from dsv4_jax import ops
     from dsv4_jax.options import Opts
     from dsv4_jax.paths import user_path
-    from dsv4_jax.tokenizer import ByteTokenizer, load_tokenizer
+    from dsv4_jax.tokenizer import load_tokenizer
 
     if args.prompt is not None and args.prompt_ids is not None:
         raise UsageError("give --prompt or --prompt-ids, not both")
@@ -122,8 +146,11 @@ def run(args) -> int:
             raise UsageError(f"--prompt-ids {args.prompt_ids!r} is not a list of integers") from e
         if not ids:
             raise UsageError("--prompt-ids is empty")
+    mesh, rules = mesh_from_flags(args)
     with quiet_background_errors(getattr(args, "debug", False)):
-        state, folder, desc = load_model(args.ckpt, progress=not args.no_progress)
+        state, folder, desc = load_model(args.ckpt, progress=not args.no_progress, mesh=mesh, rules=rules)
+    if mesh is not None:
+        desc += f"; mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())}, rules {args.rules}"
     cfg = state.config
     tok = load_tokenizer(user_path(args.tokenizer) if args.tokenizer else folder, cfg)
     if args.prompt_ids is None:
@@ -145,6 +172,19 @@ def run(args) -> int:
                          f"--max-len is {max_len}")  # fmt: skip
     if max_len > cfg.max_seq_len:
         raise UsageError(f"--max-len {max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    with contextlib.ExitStack() as scope:
+        if mesh is not None:  # the expert-parallel MoE (a shard_map over "expert") runs with the mesh in context
+            scope.enter_context(jax.set_mesh(mesh))
+        return _generate(args, state, tok, ids, sampler, max_len, opts, desc)
+
+
+def _generate(args, state, tok, ids, sampler, max_len: int, opts, desc: str) -> int:
+    import jax
+
+    from dsv4_jax import generation as G
+    from dsv4_jax import ops
+    from dsv4_jax.tokenizer import ByteTokenizer
+
     # Prefill width padded to a multiple of 64: nearby prompt lengths share one compiled program.
     width = min(_round_up(len(ids), 64), max_len)
     tokens = np.zeros((1, width), np.int32)
