@@ -179,9 +179,6 @@ class Fp8Linear(nnx.Module):
         self.weight = param(w, axes)
         self.scale = param(s, axes)
 
-    def dequantized(self) -> jax.Array:
-        return quant.dequant_fp8_weight(self.weight[...], self.scale[...])
-
     def __call__(self, x: jax.Array, opts: Opts) -> jax.Array:
         # get_value(): inside the layer scan a LayerSlice, which the kernels take as (stack, layer) without a copy.
         return ops.fp8_linear(x, self.weight.get_value(), self.scale.get_value(), opts=opts)
