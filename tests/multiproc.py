@@ -54,7 +54,7 @@ def env_for(devices: int, **extra: str) -> dict:
 
     if cache := jax.config.jax_compilation_cache_dir:
         env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
-        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     for key in ("DSV4_JAX_COORDINATOR", "DSV4_JAX_NUM_PROCESSES", "DSV4_JAX_PROCESS_ID"):
         env.pop(key, None)
     env.update(extra)
