@@ -88,6 +88,7 @@ def gather_rows(sources, idx):
 # unrolled over the tiles (elementwise, one fusion): a handful of kernels instead of a loop of ~10 per tile, with the
 # same arithmetic per tile as the loop.
 _ALL_TILES_MAX = 32
+_ALL_TILES_QUERIES = 16  # queries per row (decode: 1; short extends); prefill keeps the loop and its small workspace
 _ALL_TILES_BYTES = 256 << 20
 
 
@@ -158,7 +159,7 @@ def sparse_attention(q_bshd, kv, idx_bsk, sink_h, scale: float, chunk: int = 102
         nt = idx.shape[-1] // tile
         qf = q.astype(F32)
         init = (jnp.full((b, c, h), -jnp.inf, F32), jnp.zeros((b, c, h), F32), jnp.zeros((b, c, h, d), F32))
-        if nt <= _ALL_TILES_MAX and b * c * h * nt * d * 4 <= _ALL_TILES_BYTES:
+        if nt <= _ALL_TILES_MAX and c <= _ALL_TILES_QUERIES and b * c * h * nt * d * 4 <= _ALL_TILES_BYTES:
             m, den, acc = _tiles_at_once(qf, sources, idx, init, scale, tile)
         else:
             m, den, acc = _tiles_in_a_loop(qf, sources, idx, init, scale, tile)
