@@ -46,6 +46,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def default_ckpt_cache(tmp_path_factory) -> str:
+    """`DSV4_JAX_CACHE` for the tests that use the embedded default checkpoint (the CLI's `generate`, the
+    quickstart): the variable when set, else one folder for the whole session, shared by the xdist workers, so that
+    the checkpoint is built once (`ensure_default_checkpoint` locks: a second builder waits, then finds it)."""
+    if env := os.environ.get("DSV4_JAX_CACHE"):
+        return env
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder; each worker's own is a subfolder
+    path = root / "dsv4_jax_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def official_dir() -> pathlib.Path:
     if not (OFFICIAL_TINY / "oracle.npz").exists():
         pytest.skip(f"official fixture not found at {OFFICIAL_TINY} (set DSV4_FIXTURES)")

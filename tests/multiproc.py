@@ -45,16 +45,25 @@ class Result:
         return "\n".join(parts)
 
 
-def env_for(devices: int, **extra: str) -> dict:
-    """The environment of one CPU process with `devices` fake devices, this checkout first on the path, and the
-    test session's persistent compilation cache (`conftest.py`), so that re-runs skip the compiles."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+def cache_env() -> dict:
+    """The variables that point a JAX subprocess at the test session's persistent compilation cache (`conftest.py`),
+    every program kept, and the CLI's cache setting at the same folder; empty when the cache is off."""
     import jax
 
-    if cache := jax.config.jax_compilation_cache_dir:
-        env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
-        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache:
+        return {}
+    return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "DSV4_JAX_COMPILE_CACHE": cache}  # fmt: skip
+
+
+def env_for(devices: int, **extra: str) -> dict:
+    """The environment of one CPU process with `devices` fake devices, this checkout first on the path, and the
+    test session's persistent compilation cache (`cache_env`), so that re-runs and later tests skip the compiles."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    for key, value in cache_env().items():
+        env.setdefault(key, value)
     for key in ("DSV4_JAX_COORDINATOR", "DSV4_JAX_NUM_PROCESSES", "DSV4_JAX_PROCESS_ID"):
         env.pop(key, None)
     env.update(extra)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from multiproc import cache_env
 
 from dsv4_jax.cli import main
 
@@ -16,12 +17,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ckpt_cache(tmp_path_factory):
-    return os.environ.get("DSV4_JAX_CACHE") or str(tmp_path_factory.mktemp("dsv4_cache"))
+def ckpt_cache(default_ckpt_cache):
+    return default_ckpt_cache  # built once per session (the quickstart notebook uses it too)
 
 
 def test_generate_runs(ckpt_cache):
-    env = {**os.environ, "DSV4_JAX_CACHE": ckpt_cache, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "DSV4_JAX_CACHE": ckpt_cache, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **cache_env()}
     cmd = [sys.executable, "-m", "dsv4_jax.cli", "generate", "--prompt", "Hello", "--max-new-tokens", "8"]
     r = subprocess.run(cmd, capture_output=True, env=env, timeout=900)
     err = r.stderr.decode()

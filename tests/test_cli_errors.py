@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -126,10 +127,12 @@ def test_ctrl_c_during_generate(monkeypatch, capsys):
 def test_ctrl_c_inside_a_gc_callback_is_not_lost():
     """Python swallows a KeyboardInterrupt raised in a gc callback (jax has one; convert collects after each item):
     the CLI delivers such a Ctrl-C again once the callback has returned."""
-    fired = []
+    armed, fired = [], []
 
     def callback(phase, info):
-        if phase == "start" and not fired:
+        # Only in the collection below: an automatic one (any thread) before the handler is in place would swallow
+        # the signal and disarm the test.
+        if phase == "start" and armed and not fired and threading.current_thread() is threading.main_thread():
             fired.append(True)
             signal.raise_signal(signal.SIGINT)
             sum(range(1000))  # the handler runs here, inside the callback
@@ -137,6 +140,7 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost():
     gc.callbacks.append(callback)
     try:
         with pytest.raises(KeyboardInterrupt), ctrl_c_outside_gc():
+            armed.append(True)
             gc.collect()
             time.sleep(2)  # re-delivered after 50 ms
     finally:

@@ -5,24 +5,25 @@ combine adds the same bf16 rows in the same order). `forward` under the same mes
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multiproc import REPO, env_for
 
 SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np
     import dsv4_jax
-    from dsv4_jax.sharding import make_mesh
+    from dsv4_jax.sharding import make_mesh, param_shardings
     assert len(jax.devices()) == 8
     mesh = make_mesh(expert=8)
     toks = np.random.default_rng(0).integers(2, 512, (2, 20)).astype(np.int32)
     cfg = dsv4_jax.Config.tiny(n_routed_experts=16)
     one = dsv4_jax.init_random(cfg, 0)
-    ep = dsv4_jax.init_random(cfg, 0, mesh=mesh)
+    # The same parameters placed on the mesh (init_random straight into the shardings compiles a partitioned init
+    # of its own, ~30 s; that it draws the same values is test_multihost's and test_pro_mesh's check).
+    ep = dsv4_jax.ModelState(one.graphdef, jax.device_put(one.params, param_shardings(one, mesh)), cfg)
     w1 = dict(__import__("flax").nnx.to_flat_state(ep.params))[("groups", 1, 0, "ffn", "experts", "w1", "weight")]
     assert w1.get_value().addressable_shards[0].data.shape[1] == 2  # 16 experts split over the 8
     with jax.set_mesh(mesh):  # the expert-parallel path lowers to a collective (forward: lowering only)
@@ -41,6 +42,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_expert_parallel_equals_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env_for(8), capture_output=True, text=True,
+                       timeout=900)  # fmt: skip
     assert r.returncode == 0 and "EP OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]

@@ -288,17 +288,3 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
         assert int(regs[0]) <= limit, f"{name} uses {regs[0]} registers (> {limit}: below its occupancy target)"
         found[kind] = found.get(kind, 0) + 1
     assert found == {"ring": 8, "wg": 16}, f"expected 8 ring and 16 wg instantiations, found {found}:\n{log[-3000:]}"
-
-
-def test_prepare_params_decodes_fp8_scales_once_and_changes_nothing():
-    import dsv4_jax
-
-    cfg = dsv4_jax.Config.tiny()
-    state = dsv4_jax.init_random(cfg, 0)
-    prepared = dsv4_jax.prepare_params(state)
-    block = prepared.block(2)
-    assert block.attn.wq_b.scale[...].dtype == jnp.float32
-    assert block.attn.wq_b.weight[...].dtype == jnp.float8_e4m3fn  # bytes as stored
-    assert block.ffn.experts.w1.scale[...].dtype == jnp.float8_e8m0fnu  # MXFP4 scales untouched
-    tokens = jnp.arange(40, dtype=jnp.int32)[None] % cfg.vocab_size
-    np.testing.assert_array_equal(dsv4_jax.forward(prepared, tokens), dsv4_jax.forward(state, tokens))

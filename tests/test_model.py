@@ -1,4 +1,5 @@
-"""Model-level behaviour: abstract shapes and parameter counts at full size, random init, causality, determinism."""
+"""Model-level behaviour: abstract shapes and parameter counts at full size, random init, causality, determinism,
+and `prepare_params` (the kernels' one-time scale decoding) changing no logit."""
 
 from __future__ import annotations
 
@@ -68,20 +69,27 @@ def test_pro_abstract_counts():
     assert abs(total - 1598.8) < 1.0  # ~1.6 T
 
 
+# The tests below share compiled programs: `forward_outputs` of [2, 40] tokens with MTP and captures (`captured`),
+# and `forward` of [1, 40] tokens (a compile costs ~10 s on 2 CPU cores).
 @pytest.fixture(scope="module")
 def tiny():
     return dsv4_jax.init_random(Config.tiny(), 0)
 
 
-def test_random_init_keeps_storage_formats_and_activations_order_one(tiny):
+@pytest.fixture(scope="module")
+def captured(tiny):
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 512)
+    return dsv4_jax.forward_outputs(tiny, tokens, mtp_tokens=jnp.roll(tokens, -1, axis=1), capture=True)
+
+
+def test_random_init_keeps_storage_formats_and_activations_order_one(tiny, captured):
     block = tiny.block(2)
     assert block.attn.wq_a.weight[...].dtype == jnp.float8_e4m3fn
     assert block.ffn.experts.w2.weight[...].dtype == jnp.uint8
     # layers of one stack got their own random weights
     assert not np.array_equal(np.asarray(tiny.block(2).attn.wq_a.weight[...], np.float32),
                               np.asarray(tiny.block(4).attn.wq_a.weight[...], np.float32))  # fmt: skip
-    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 512)
-    out = dsv4_jax.forward_outputs(tiny, tokens, capture=True)
+    out = captured
     rms = [float(jnp.sqrt(jnp.mean(out.captures[f"layer{i}"]["block_out"].astype(jnp.float32) ** 2))) for i in range(6)]
     assert all(0.3 < r < 3.0 for r in rms), f"residual RMS per layer {rms}"
     sub = [float(jnp.sqrt(jnp.mean(out.captures[f"layer{i}"][k].astype(jnp.float32) ** 2)))
@@ -105,19 +113,18 @@ def test_causal_and_deterministic(tiny):
 def test_sequences_shorter_than_a_compression_block(tiny):
     """1-3 tokens (fewer than the CSA ratio 4: no complete block, no compressed entry) are valid input: each gives
     the same logits as the same positions of a longer sequence (causality)."""
-    tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 9), 0, 512))
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (1, 40), 0, 512))
     full = np.asarray(dsv4_jax.forward(tiny, tokens))
     for t in (1, 3):
         short = np.asarray(dsv4_jax.forward(tiny, tokens[:, :t]))
-        assert short.shape == (2, t, full.shape[-1]) and np.isfinite(short).all()
+        assert short.shape == (1, t, full.shape[-1]) and np.isfinite(short).all()
         np.testing.assert_allclose(short, full[:, :t], rtol=0, atol=1e-4 * np.abs(full).max())
 
 
-def test_mtp_logits_and_split_merge(tiny):
-    tokens = jnp.arange(40, dtype=jnp.int32)[None] % 512
-    out = dsv4_jax.forward_outputs(tiny, tokens, mtp_tokens=jnp.roll(tokens, -1, axis=1))
+def test_mtp_logits_and_split_merge(tiny, captured):
+    out = captured
     assert out.mtp_logits.shape == out.logits.shape and np.isfinite(np.asarray(out.mtp_logits)).all()
-    assert out.hidden.shape == (1, 40, 4, 256)
+    assert out.hidden.shape == (2, 40, 4, 256)
     # nnx.split / merge round trip keeps every parameter
     model = tiny.model()
     again = dsv4_jax.ModelState.from_model(model)
@@ -135,3 +142,13 @@ def test_bad_input_is_named(tiny):
         dsv4_jax.forward(short, np.zeros((1, 9), np.int32))
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         dsv4_jax.forward(tiny, np.zeros((9,), np.int32))
+
+
+def test_prepare_params_decodes_fp8_scales_once_and_changes_nothing(tiny):
+    prepared = dsv4_jax.prepare_params(tiny)
+    block = prepared.block(2)
+    assert block.attn.wq_b.scale[...].dtype == jnp.float32
+    assert block.attn.wq_b.weight[...].dtype == jnp.float8_e4m3fn  # bytes as stored
+    assert block.ffn.experts.w1.scale[...].dtype == jnp.float8_e8m0fnu  # MXFP4 scales untouched
+    tokens = jnp.arange(40, dtype=jnp.int32)[None] % tiny.config.vocab_size
+    np.testing.assert_array_equal(dsv4_jax.forward(prepared, tokens), dsv4_jax.forward(tiny, tokens))

@@ -8,18 +8,21 @@ import os
 import pathlib
 
 import pytest
+from multiproc import cache_env
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.py"
 FULL_SIZE = NOTEBOOK.with_name("full_size.py")
 
 
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+def test_quickstart_notebook_executes(tmp_path, monkeypatch, default_ckpt_cache):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
     fig = tmp_path / "routing.png"
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("QUICKSTART_FIG", str(fig))
-    monkeypatch.setenv("DSV4_JAX_CACHE", os.environ.get("DSV4_JAX_CACHE", str(tmp_path / "ckpt")))
+    monkeypatch.setenv("DSV4_JAX_CACHE", default_ckpt_cache)  # built once per session (test_cli uses it too)
+    for key, value in cache_env().items():  # the session's persistent compilation cache (conftest.py)
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH", "")]))
     nb = jupytext.read(NOTEBOOK)
     nbclient.NotebookClient(
@@ -52,16 +55,14 @@ def test_paired_ipynb_is_in_sync_and_stripped(notebook):
 def test_full_size_notebook_executes_tiny_on_8_devices(tmp_path, monkeypatch):
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
-    import jax
-
     fig = tmp_path / "decode.png"
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("FULL_SIZE_FIG", str(fig))
     monkeypatch.setenv("DSV4_NOTEBOOK_SIZE", "tiny")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    if cache := jax.config.jax_compilation_cache_dir:  # the session's persistent cache (conftest.py)
-        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
+    for key, value in cache_env().items():  # the session's persistent compilation cache (conftest.py)
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH", "")]))
     nb = jupytext.read(FULL_SIZE)
     nbclient.NotebookClient(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_rms
+from flax import nnx
 
 from dsv4_jax import Capture, Opts, forward_outputs
 
@@ -21,23 +22,30 @@ LAYERS = range(6)
 CSA_LAYERS = (2, 4)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _attn(state, x, layer):
+# Sublayers and blocks run as (graph definition, parameters) of the layer's own module: the graph definition is the
+# layer's kind, so the layers of one kind (0-1, 2 and 4, 3 and 5) share one compiled program.
+def _split(state, layer: int, part: str | None = None):
+    block = state.block(layer)
+    return nnx.split(block if part is None else getattr(block, part))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attn(graphdef, params, x):
     rec = Capture()
-    y = state.block(layer).attn(x, Opts(), rec)
+    y = nnx.merge(graphdef, params)(x, Opts(), rec)
     return y, rec
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _ffn(state, x, tokens, layer):
+@functools.partial(jax.jit, static_argnums=0)
+def _ffn(graphdef, params, x, tokens):
     rec = Capture()
-    y = state.block(layer).ffn(x, tokens, Opts(), rec)
+    y = nnx.merge(graphdef, params)(x, tokens, Opts(), rec)
     return y, rec
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _block(state, X, layer, tokens):
-    return state.block(layer)(X, tokens, Opts())
+@functools.partial(jax.jit, static_argnums=0)
+def _block(graphdef, params, X, tokens):
+    return nnx.merge(graphdef, params)(X, tokens, Opts())
 
 
 def _bf16(a):
@@ -46,7 +54,7 @@ def _bf16(a):
 
 @pytest.fixture(scope="module")
 def attn_runs(official_state, oracle):
-    return {l: _attn(official_state, _bf16(oracle["prefill_attn_in"][l]), l) for l in LAYERS}
+    return {l: _attn(*_split(official_state, l, "attn"), _bf16(oracle["prefill_attn_in"][l])) for l in LAYERS}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,7 @@ def test_indexer_scores_and_selection(attn_runs, oracle, layer):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_moe_sublayer_bit_exact(official_state, oracle, layer):
     tokens = jnp.asarray(oracle["prompt_tokens"], jnp.int32)
-    y, rec = _ffn(official_state, _bf16(oracle["prefill_ffn_in"][layer]), tokens, layer)
+    y, rec = _ffn(*_split(official_state, layer, "ffn"), _bf16(oracle["prefill_ffn_in"][layer]), tokens)
     np.testing.assert_array_equal(np.asarray(y, np.float32)[0], oracle["prefill_ffn_out"][layer][0])
     np.testing.assert_array_equal(np.asarray(rec["route_idx"]), oracle[f"route_idx_L{layer}"])
     np.testing.assert_allclose(np.asarray(rec["route_w"]), oracle[f"route_w_L{layer}"], rtol=1e-6)
@@ -116,7 +124,7 @@ def test_block_chains(official_state, oracle, layer):
         X = official_state.model().streams(tokens)
     else:
         X = _bf16(oracle["prefill_block_out"][layer - 1])
-    got = _block(official_state, X, layer, tokens)
+    got = _block(*_split(official_state, layer), X, tokens)
     keep = ~_tie_rows(oracle, layer)
     assert rel_rms(np.asarray(got)[0][keep], oracle["prefill_block_out"][layer][0][keep]) < 5e-3
 
