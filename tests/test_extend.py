@@ -82,8 +82,10 @@ def test_extend_equals_decode_steps_and_forward(runs):
             errs_fwd.append(rel_rms(lg, fwd[b, p]))
     errs_dec, errs_fwd = np.array(errs_dec), np.array(errs_fwd)
     assert len(errs_dec) > 200
-    assert errs_dec.mean() < 0.012 and errs_dec.max() < 0.05, (errs_dec.mean(), errs_dec.max())
-    # against forward, the rare position whose indexer top-k flips at a near-tie (other matmul shapes) may reach ~7%
+    # the rare position whose indexer top-k flips at a near-tie (other matmul shapes) may reach ~7%; which one
+    # flips depends on the CPU's reduction order
+    assert errs_dec.mean() < 0.012 and np.percentile(errs_dec, 99) < 0.05 and errs_dec.max() < 0.1, (
+        errs_dec.mean(), np.percentile(errs_dec, 99), errs_dec.max())  # fmt: skip
     assert errs_fwd.mean() < 0.012 and np.percentile(errs_fwd, 99) < 0.05 and errs_fwd.max() < 0.1, (
         errs_fwd.mean(), np.percentile(errs_fwd, 99), errs_fwd.max())  # fmt: skip
     agree = np.mean([ext[b][p].argmax() == fwd[b, p].argmax() for b in range(B) for p in ext[b] if p > 19])
@@ -92,7 +94,9 @@ def test_extend_equals_decode_steps_and_forward(runs):
 
 
 def test_extend_padding_is_never_written(official_state, runs):
-    """A row's padding tokens leave no trace: the same rows extended without padding give the same cache."""
+    """A row's padding tokens leave no trace: the cache after a padded chunk does not depend on what the padding
+    holds (same program, so bit for bit), and it matches the same rows extended without padding (another chunk
+    width is another program: equal up to reduction order, which differs between CPUs)."""
     import dsv4_jax
 
     toks = runs[0]
@@ -105,15 +109,23 @@ def test_extend_padding_is_never_written(official_state, runs):
         return np.asarray(lg), cache
 
     real = toks[:, 20 : 20 + WIDTHS[0]]
-    padded = np.concatenate([real, np.full((B, WIDTHS[1] - WIDTHS[0]), 7, np.int32)], axis=1)
+    pad = WIDTHS[1] - WIDTHS[0]
     lg_a, ca = run(real)
-    lg_b, cb = run(padded)
-    for g_a, g_b in zip(ca.groups, cb.groups, strict=True):
-        for la, lb in zip(g_a, g_b, strict=True):
-            for f in ("window", "comp_kv", "comp_score", "entries", "idx_kv", "idx_score", "idx_keys"):
-                if getattr(la, f) is not None:
-                    np.testing.assert_array_equal(np.asarray(getattr(la, f)), np.asarray(getattr(lb, f)), f)
+    lg_b, cb = run(np.concatenate([real, np.full((B, pad), 7, np.int32)], axis=1))
+    lg_c, cc = run(np.concatenate([real, toks[:, 80 : 80 + pad]], axis=1))
+    fields = ("window", "comp_kv", "comp_score", "entries", "idx_kv", "idx_score", "idx_keys")
+    for g_a, g_b, g_c in zip(ca.groups, cb.groups, cc.groups, strict=True):
+        for la, lb, lc in zip(g_a, g_b, g_c, strict=True):
+            for f in fields:
+                if getattr(la, f) is None:
+                    continue
+                a, b, c = (np.asarray(getattr(x, f)).astype(np.float32) for x in (la, lb, lc))
+                np.testing.assert_array_equal(b, c, f)
+                np.testing.assert_array_equal((a != 0).any(-1), (b != 0).any(-1), f)  # untouched slots stay empty
+                assert (not a.any() and not b.any()) or rel_rms(b, a) < 0.01, (f, rel_rms(b, a))
+    np.testing.assert_array_equal(np.asarray(cb.lengths), np.asarray(cc.lengths))
     np.testing.assert_array_equal(np.asarray(ca.lengths), np.asarray(cb.lengths))
+    np.testing.assert_array_equal(lg_b[:, : WIDTHS[0]], lg_c[:, : WIDTHS[0]])
     assert rel_rms(lg_b[:, : WIDTHS[0]], lg_a) < 0.02
 
 

@@ -32,11 +32,14 @@ PLACEMENT = textwrap.dedent(
     from dsv4_jax.sharding import param_shardings, rules_preset
 
     assert len(jax.devices()) == 8, jax.devices()
+    abstracts = {}  # tracing a full-size model's shapes takes seconds: once per model
     for name, n, rules in [("flash", 2, "ep"), ("flash", 2, "ep-tp"), ("flash", 8, "ep"), ("pro", 8, "ep"),
                            ("pro", 8, "ep-tp")]:
         cfg = getattr(Config, name)()
         mesh = make_mesh(expert=n, devices=jax.devices()[:n])
-        ab = abstract(cfg)
+        if name not in abstracts:
+            abstracts[name] = abstract(cfg)
+        ab = abstracts[name]
         sh = dict(nnx.to_flat_state(param_shardings(ab, mesh, rules_preset(rules))))
         per_device = dict.fromkeys(mesh.devices.flat, 0)
         shard_sum = 0

@@ -3,7 +3,6 @@ fixes its device count when it initialises)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,12 +10,11 @@ import textwrap
 import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
+from multiproc import REPO, env_for
 
 from dsv4_jax.config import Config
 from dsv4_jax.model import abstract
 from dsv4_jax.sharding import AXES, ShardingRules, logical_to_spec, param_shardings, shard
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_logical_to_spec():
@@ -139,7 +137,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_restore_into_shardings_on_8_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+    # env_for: the session's compilation cache, so that the four loads share their stacking programs
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env_for(8), capture_output=True,
                        text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0 and "SHARDING OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
