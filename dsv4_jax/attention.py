@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4_jax import nn, ops, quant
+from dsv4_jax import kv_format, nn, ops, quant
 from dsv4_jax.config import Config
+from dsv4_jax.kv_format import PackedKV
 from dsv4_jax.layer_view import LayerSlice, materialize
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
@@ -67,7 +68,7 @@ def _as_sources(kv) -> list[tuple]:
 
 def gather_rows(sources, idx):
     """Rows `[b, c, t, D]` f32 for index lists `idx [b, c, t]` (-1 = none: zeros) into the virtual concatenation
-    of `sources`, a list of `(rows [b, n, D] (array or LayerSlice), offset)`."""
+    of `sources`, a list of `(rows [b, n, D] (array, LayerSlice or PackedKV), offset)`."""
     b = idx.shape[0]
     bi = jnp.arange(b)[:, None, None]
     out = None
@@ -78,7 +79,12 @@ def gather_rows(sources, idx):
         local = idx - off
         hit = (local >= 0) & (local < n)
         li = jnp.clip(local, 0, n - 1)
-        rows = src.stack[src.index, bi, li] if isinstance(src, LayerSlice) else src[bi, li]
+        if isinstance(src, PackedKV):  # only the gathered rows are unpacked
+            rows = src.take(bi, li)
+        elif isinstance(src, LayerSlice):
+            rows = src.stack[src.index, bi, li]
+        else:
+            rows = src[bi, li]
         rows = jnp.where(hit[..., None], rows.astype(F32), 0.0)
         out = rows if out is None else out + rows  # sources are disjoint: adding zeros is exact
     return out if out is not None else jnp.zeros((*idx.shape, sources[0][0].shape[-1]), F32)
@@ -372,6 +378,21 @@ def _ring(ring_old, kv_new, start_b, n_new_b, w: int):
     return jnp.where((p >= start_b[:, None])[..., None], new, keep_old).astype(kv_new.dtype)
 
 
+def _is_packed(lc) -> bool:
+    """Whether a layer cache stores the packed FP8 KV layout (`dsv4_jax.kv_format`) rather than bf16 rows."""
+    return lc is not None and lc.window.dtype == jnp.uint8
+
+
+def _pack_update(upd: LayerUpdate, rope_dim: int) -> LayerUpdate:
+    """A step's update in the packed layout: window ring and compressed entries as FP8 KV rows, indexer keys FP4."""
+    comp, idx = upd.comp, upd.idx
+    return LayerUpdate(
+        window=kv_format.pack_kv(upd.window, rope_dim),
+        comp=None if comp is None else dataclasses.replace(comp, entries=kv_format.pack_kv(comp.entries, rope_dim)),
+        idx=None if idx is None else dataclasses.replace(idx, entries=kv_format.pack_index_keys(idx.entries)),
+    )
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: Config, ratio: int, *, rngs: nnx.Rngs):
         self.cfg, self.ratio = cfg, ratio
@@ -441,7 +462,8 @@ class Attention(nnx.Module):
             new = (q >= 0) & (q < comp.n_done[:, None, None])
             return jnp.where(new, w + cap + k + q, w + j)
 
-        return [(lc.entries, w), (comp.entries, w + cap + k)], cap, to_source
+        cached = PackedKV(lc.entries, self.cfg.rope_head_dim) if _is_packed(lc) else lc.entries
+        return [(cached, w), (comp.entries, w + cap + k)], cap, to_source
 
     def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, visible, rec):
         """The indexer's top-k entry ids `[b, k, topk]` (-1: none)."""
@@ -451,7 +473,9 @@ class Attention(nnx.Module):
             nb = comp_i.entries.shape[1]
             q = jnp.arange(nb)[None, :]
             j = jnp.where(q < comp_i.n_done[:, None], comp_i.j0[:, None] + q, lc.idx_keys.shape[1])
-            keys = materialize(lc.idx_keys).at[jnp.arange(x.shape[0])[:, None], j].set(comp_i.entries, mode="drop")
+            keys = materialize(lc.idx_keys)
+            keys = kv_format.unpack_index_keys(keys) if _is_packed(lc) else keys
+            keys = keys.at[jnp.arange(x.shape[0])[:, None], j].set(comp_i.entries, mode="drop")
         qi, wi = self.indexer.queries(x, qr, pos, self.inv_freq, opts)
         raw = self.indexer.scores(qi, wi, keys)
         sel, masked = self.indexer.select(raw, visible)
@@ -465,6 +489,10 @@ class Attention(nnx.Module):
         when `fresh` (positions start at 0 and nothing precedes them)."""
         b, k, _ = x_bkd.shape
         w = self.cfg.window_size
+        packed = _is_packed(lc)
+        if packed and not opts.quant_sim:
+            raise ValueError("this cache stores KV rows in the packed FP8 layout, which holds only FP8-simulated "
+                             "values; with quant_sim=False use init_cache(..., kv='bf16') (Opts.kv_cache)")  # fmt: skip
         pos = start_b[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
         q, qr = self.query(x_bkd, pos, opts)
         kv = self.window_kv(x_bkd, pos, opts)
@@ -476,6 +504,7 @@ class Attention(nnx.Module):
             sources, row = [(kv, 0)], u
         else:  # sources: ring [0, W), cached entries [W, W + cap), new KV rows, new entries
             ring = materialize(lc.window)
+            ring = kv_format.unpack_kv(ring, self.cfg.rope_head_dim) if packed else ring
             new_at = w + (lc.entries.shape[1] if self.ratio else 0)
             sources = [(ring, 0), (kv, new_at)]
             row = jnp.where(u >= start_b[:, None, None], new_at + u - start_b[:, None, None], u % w)
@@ -510,4 +539,4 @@ class Attention(nnx.Module):
             rec.attn_topk = idx
         with jax.named_scope("sparse_attention"):
             o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
-        return self.output(o, pos, opts), upd
+        return self.output(o, pos, opts), (_pack_update(upd, self.cfg.rope_head_dim) if packed else upd)

@@ -1,15 +1,18 @@
 """The decode cache of DeepSeek-V4: an explicit pytree, donated through every step (spec §7).
 
-Per layer (`LayerCache`), per batch row:
+Per layer (`LayerCache`), per batch row, in one of two layouts (`init_cache(..., kv=)`): "fp8" (the default, the
+official serving layout of `dsv4_jax.kv_format`: a KV row is 584 packed bytes, an indexer key 68) or "bf16" (rows as
+bf16 values: what the exact-arithmetic model, `Opts(quant_sim=False)`, needs, since FP8 cannot hold its values).
 
-* `window` `[B, W, D]` bf16: the sliding-window ring (W = 128 slots); token p lives in slot `p % W`. Values are the
-  KV rows exactly as attention uses them (nope dims FP8-simulated when `quant_sim`, RoPE dims bf16).
+* `window` `[B, W, D]` bf16 or `[B, W, 584]` uint8: the sliding-window ring (W = 128 slots); token p lives in slot
+  `p % W`. Values are the KV rows exactly as attention uses them (nope dims FP8-simulated when `quant_sim`, RoPE dims
+  bf16).
 * ratio > 0 (CSA 4 / HCA 128): the compressor's block state `comp_kv` / `comp_score` `[B, coff*ratio, coff*D]` fp32
   (the score includes `ape`; CSA rows 0..3 = the previous complete block, rows 4..7 = the current one; HCA rows
   0..127 = the current block; slots of positions not yet seen are masked by position, not by value), and the
-  compressed entries `entries` `[B, max_len // ratio, D]` bf16.
+  compressed entries `entries` `[B, max_len // ratio, D]` bf16 (or 584-byte rows).
 * ratio 4: the same for the indexer's compressor (`idx_kv` / `idx_score` `[B, 8, 256]` fp32) and the indexer keys
-  `idx_keys` `[B, max_len // 4, 128]` bf16 (after Hadamard + FP4 simulation).
+  `idx_keys` `[B, max_len // 4, 128]` bf16 after Hadamard + FP4 simulation (or 68-byte packed MXFP4 rows).
 
 Like the parameters, the main layers' caches are stacked by layer group (`Cache.groups[g][u]`, leading axis the
 group's repeats; `dsv4_jax.model.layer_groups`), so the layer scan carries them and writes each step in place.
@@ -25,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsv4_jax import kv_format
 from dsv4_jax.config import Config
 from dsv4_jax.layer_view import LayerSlice
 
@@ -32,6 +36,7 @@ __all__ = ["LayerCache", "Cache", "init_cache", "cache_bytes", "cache_bytes_per_
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 _FIELDS = ("window", "comp_kv", "comp_score", "entries", "idx_kv", "idx_score", "idx_keys")
+KV_LAYOUTS = ("fp8", "bf16")
 
 
 def _write_entries(stack, i, step):
@@ -68,6 +73,22 @@ class LayerCache:
     def slice(self, r: int) -> LayerCache:
         """Layer `r` of a stacked cache as plain arrays (a copy; for inspection)."""
         return LayerCache(*(None if (v := getattr(self, f)) is None else v[r] for f in _FIELDS))
+
+    @property
+    def packed(self) -> bool:
+        """Whether the rows are in the packed FP8 layout (`dsv4_jax.kv_format`)."""
+        return self.window.dtype == jnp.uint8
+
+    def unpacked(self, rope_dim: int) -> LayerCache:
+        """The same cache with packed rows decoded to bf16 (window, entries, indexer keys; for inspection)."""
+        if not self.packed:
+            return self
+
+        def kv(x):
+            return None if x is None else kv_format.unpack_kv(x, rope_dim)
+
+        keys = None if self.idx_keys is None else kv_format.unpack_index_keys(self.idx_keys)
+        return dataclasses.replace(self, window=kv(self.window), entries=kv(self.entries), idx_keys=keys)
 
     def write(self, i, upd) -> LayerCache:
         """The cache after a step's `LayerUpdate` (`dsv4_jax.attention`) at layer `i` of the stack (None: this is
@@ -106,16 +127,18 @@ class Cache:
     def batch(self) -> int:
         return self.lengths.shape[0]
 
-    def layer(self, layer: int) -> LayerCache:
-        """Main layer `layer`'s cache (a copy sliced out of its stack; for inspection)."""
+    def layer(self, layer: int, unpack: bool = True) -> LayerCache:
+        """Main layer `layer`'s cache (a copy sliced out of its stack; for inspection), packed rows decoded to bf16
+        unless `unpack` is False."""
         from dsv4_jax.model import layer_slot
 
         g, u, r = layer_slot(self.config, layer)
-        return self.groups[g][u].slice(r)
+        lc = self.groups[g][u].slice(r)
+        return lc.unpacked(self.config.rope_head_dim) if unpack else lc
 
     @property
     def layers(self) -> list[LayerCache]:
-        """Every main layer's cache, in layer order (copies; for inspection)."""
+        """Every main layer's cache, in layer order (copies, rows as bf16; for inspection)."""
         return [self.layer(i) for i in range(self.config.n_layers)]
 
 
@@ -131,37 +154,50 @@ def _capacity(max_len: int, ratio: int) -> int:
     return max(max_len // ratio, 1)
 
 
-def _layer_cache(cfg: Config, ratio: int, batch: int, max_len: int, lead: tuple = ()) -> LayerCache:
+def _row_shapes(cfg: Config, kv: str) -> tuple[tuple[int, jnp.dtype], tuple[int, jnp.dtype]]:
+    """((last dim, dtype) of a KV row, (last dim, dtype) of an indexer key) in layout `kv`."""
+    if kv not in KV_LAYOUTS:
+        raise ValueError(f"kv={kv!r}; expected one of {', '.join(map(repr, KV_LAYOUTS))}")
+    if kv == "bf16":
+        return (cfg.head_dim, BF16), (cfg.index_head_dim, BF16)
+    return ((kv_format.kv_row_bytes(cfg.head_dim, cfg.rope_head_dim), jnp.uint8),
+            (kv_format.index_key_bytes(cfg.index_head_dim), jnp.uint8))  # fmt: skip
+
+
+def _layer_cache(cfg: Config, ratio: int, batch: int, max_len: int, kv: str, lead: tuple = ()) -> LayerCache:
     d, w = cfg.head_dim, cfg.window_size
+    (row, row_dtype), (key, key_dtype) = _row_shapes(cfg, kv)
 
     def z(*shape, dtype):
         return jnp.zeros((*lead, *shape), dtype)
 
-    lc = LayerCache(window=z(batch, w, d, dtype=BF16))
+    lc = LayerCache(window=z(batch, w, row, dtype=row_dtype))
     if ratio:
         coff = 2 if ratio == 4 else 1
         lc.comp_kv = z(batch, coff * ratio, coff * d, dtype=F32)
         lc.comp_score = z(batch, coff * ratio, coff * d, dtype=F32)
-        lc.entries = z(batch, _capacity(max_len, ratio), d, dtype=BF16)
+        lc.entries = z(batch, _capacity(max_len, ratio), row, dtype=row_dtype)
     if ratio == 4:
         di = cfg.index_head_dim
         lc.idx_kv = z(batch, 8, 2 * di, dtype=F32)
         lc.idx_score = z(batch, 8, 2 * di, dtype=F32)
-        lc.idx_keys = z(batch, _capacity(max_len, 4), di, dtype=BF16)
+        lc.idx_keys = z(batch, _capacity(max_len, 4), key, dtype=key_dtype)
     return lc
 
 
-def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:
-    """An empty cache for `batch` rows of up to `max_len` tokens each (prompt + generated)."""
+def init_cache(cfg: Config, batch: int, max_len: int, kv: str = "fp8") -> Cache:
+    """An empty cache for `batch` rows of up to `max_len` tokens each (prompt + generated), KV rows in layout `kv`:
+    "fp8" (packed, `dsv4_jax.kv_format`; needs `Opts.quant_sim`) or "bf16" (`Opts.kv_cache` picks it for
+    `generate`)."""
     from dsv4_jax.model import layer_groups
 
     _check_capacity(cfg, max_len)
-    groups = [tuple(_layer_cache(cfg, k.ratio, batch, max_len, (g.repeats,)) for k in g.unit)
+    groups = [tuple(_layer_cache(cfg, k.ratio, batch, max_len, kv, (g.repeats,)) for k in g.unit)
               for g in layer_groups(cfg)]  # fmt: skip
     n = cfg.n_layers
     return Cache(
         groups=groups,
-        mtp=[_layer_cache(cfg, cfg.compress_ratios[n + i], batch, max_len) for i in range(cfg.n_mtp_layers)],
+        mtp=[_layer_cache(cfg, cfg.compress_ratios[n + i], batch, max_len, kv) for i in range(cfg.n_mtp_layers)],
         lengths=jnp.zeros((batch,), jnp.int32),
         mtp_lengths=jnp.zeros((batch,), jnp.int32),
         max_len=max_len,
@@ -172,31 +208,34 @@ def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:
 # ---- sizes ------------------------------------------------------------------------------------------------------
 
 
-def cache_bytes(cfg: Config, batch: int, max_len: int) -> int:
-    """Bytes of a `Cache` for `batch` rows of capacity `max_len` (this implementation's layout)."""
-    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len))
+def cache_bytes(cfg: Config, batch: int, max_len: int, kv: str = "fp8") -> int:
+    """Bytes of a `Cache` for `batch` rows of capacity `max_len` in layout `kv`."""
+    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, kv))
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
-def cache_bytes_per_token(cfg: Config) -> dict[str, float]:
-    """Cache bytes per token of context, per sequence.
+def cache_bytes_per_token(cfg: Config, kv: str = "fp8") -> dict[str, float]:
+    """Cache bytes per token of context, per sequence, in layout `kv`.
 
-    Returns a dict: `per_token` (the growth per token: compressed entries and indexer keys, as stored here: bf16),
-    `per_token_fp8` (the same in the official/vLLM packed layout: 584 B per FP8 KV entry, 68 B per MXFP4 indexer
-    key), and `fixed` (bytes independent of length: window rings of every layer incl. MTP, and compressor states).
+    Returns a dict: `per_token` (the growth per token: compressed entries and indexer keys), `fixed` (bytes
+    independent of length: window rings of every layer incl. MTP, and compressor states), and `per_token_fp8` /
+    `per_token_bf16` (the growth in either layout: 584 B per packed FP8 KV entry and 68 B per MXFP4 indexer key, the
+    official serving layout, or bf16 rows).
     """
+    (row, row_dtype), _ = _row_shapes(cfg, kv)
     d, w, di = cfg.head_dim, cfg.window_size, cfg.index_head_dim
-    per_tok = per_tok_fp8 = 0.0
+    kv_fp8, key_fp8 = kv_format.kv_row_bytes(d, cfg.rope_head_dim), kv_format.index_key_bytes(di)
+    per = {"fp8": 0.0, "bf16": 0.0}
     fixed = 0
     for ratio in cfg.compress_ratios:  # main layers and MTP
-        fixed += w * d * 2
+        fixed += w * row * jnp.dtype(row_dtype).itemsize
         if ratio:
             coff = 2 if ratio == 4 else 1
             fixed += 2 * coff * ratio * coff * d * 4
-            per_tok += d * 2 / ratio
-            per_tok_fp8 += 584 / ratio
+            per["bf16"] += d * 2 / ratio
+            per["fp8"] += kv_fp8 / ratio
         if ratio == 4:
             fixed += 2 * 8 * 2 * di * 4
-            per_tok += di * 2 / 4
-            per_tok_fp8 += 68 / 4
-    return {"per_token": per_tok, "per_token_fp8": per_tok_fp8, "fixed": float(fixed)}
+            per["bf16"] += di * 2 / 4
+            per["fp8"] += key_fp8 / 4
+    return {"per_token": per[kv], "fixed": float(fixed), "per_token_fp8": per["fp8"], "per_token_bf16": per["bf16"]}

@@ -184,7 +184,7 @@ def _start(state: ModelState, tokens, lengths, key, knobs, sampler: Sampler, max
     """Prefill, sample token 0, MTP over the prompt."""
     b, s = tokens.shape
     n, v = sampler.max_new_tokens, state.config.vocab_size
-    cache = init_cache(state.config, b, max_len)
+    cache = init_cache(state.config, b, max_len, opts.cache_layout)
     use_mtp = sampler.mtp and state.config.n_mtp_layers > 0
     # MTP input at p: token p+1; at the last prompt position that is the token sampled from the prefill's logits
     nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)

@@ -43,8 +43,10 @@ class LayerSlice:
 
 
 def materialize(x):
-    """The array a `LayerSlice` stands for (any other value passes through)."""
-    return x.get() if isinstance(x, LayerSlice) else x
+    """The array a `LayerSlice` (or a `dsv4_jax.kv_format.PackedKV`) stands for; any other value passes through."""
+    from dsv4_jax.kv_format import PackedKV
+
+    return x.get() if isinstance(x, (LayerSlice, PackedKV)) else x
 
 
 def stack_and_index(x):

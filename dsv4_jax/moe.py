@@ -65,10 +65,22 @@ class ExpertLayout:
     row_of_pair: jax.Array
 
 
+# Up to this many (token, expert) pairs, `dispatch` ranks the pairs by counting (an R x R comparison, a few fused
+# element-wise kernels) instead of sorting: a decode step's handful of pairs would otherwise cost two sort kernels and
+# two scatters per layer, launches that dominate a batch-1 step. Both give the same permutation.
+COUNTING_DISPATCH_MAX_PAIRS = 1024
+
+
 def dispatch(x_td, idx_tk, w_tk, n_experts: int, valid_t=None) -> tuple[jax.Array, ExpertLayout]:
     """Sorts the (token, expert) pairs by expert: `(x_rows [T*k, d], layout)`. Tokens with `valid` False (padding)
-    get no expert (their rows come last with expert -1)."""
+    get no expert (their rows come last with expert -1).
+
+    The order: by expert, then token, then the token's experts in index order; every row's position is that of a
+    stable sort of the expert ids (invalid pairs keyed past the last expert) over the pairs in (token, index) order.
+    """
     t, k = idx_tk.shape
+    if t * k <= COUNTING_DISPATCH_MAX_PAIRS:
+        return _dispatch_by_counting(x_td, idx_tk, w_tk, n_experts, valid_t)
     order = jnp.argsort(idx_tk, axis=-1)  # each token's experts in index order: the combine order
     idx = jnp.take_along_axis(idx_tk, order, axis=-1)
     w = jnp.take_along_axis(w_tk, order, axis=-1)
@@ -82,6 +94,42 @@ def dispatch(x_td, idx_tk, w_tk, n_experts: int, valid_t=None) -> tuple[jax.Arra
     group_sizes = jnp.zeros((n_experts,), jnp.int32).at[key].add(1, mode="drop")
     layout = ExpertLayout(expert, w.reshape(-1)[perm], group_sizes, rows.reshape(t, k))
     return x_td[perm // k], layout
+
+
+def _stable_rank(key_n):
+    """Position of each entry of `key [..., n]` in a stable ascending sort along the last axis: `[..., n]` int32."""
+    n = key_n.shape[-1]
+    pos = jnp.arange(n, dtype=jnp.int32)
+    a, b = key_n[..., :, None], key_n[..., None, :]  # a: the entry ranked, b: the others
+    before = (b < a) | ((b == a) & (pos[None, :] < pos[:, None]))
+    return jnp.sum(before, axis=-1, dtype=jnp.int32)
+
+
+def _dispatch_by_counting(x_td, idx_tk, w_tk, n_experts: int, valid_t):
+    """`dispatch` without sorts: the same permutation from ranks counted by comparison, inverted by one-hot sums."""
+    t, k = idx_tk.shape
+    r = t * k
+    q_tk = _stable_rank(idx_tk)  # each pair's place among its token's experts (index order)
+    expert_tk = idx_tk if valid_t is None else jnp.where(valid_t[:, None], idx_tk, -1)
+    key_r = jnp.where(expert_tk >= 0, expert_tk, n_experts).reshape(r)
+    # a pair's place in the (token, index-order) sequence, then its row: a stable rank of the key over that sequence
+    seq_r = (jnp.arange(t, dtype=jnp.int32)[:, None] * k + q_tk).reshape(r)
+    before = (key_r[None, :] < key_r[:, None]) | (
+        (key_r[None, :] == key_r[:, None]) & (seq_r[None, :] < seq_r[:, None])
+    )
+    row_r = jnp.sum(before, axis=-1, dtype=jnp.int32)
+    at_row = row_r[None, :] == jnp.arange(r, dtype=jnp.int32)[:, None]  # [row, pair] one-hot
+
+    def by_row(v_r):
+        return jnp.sum(jnp.where(at_row, v_r[None, :], jnp.zeros((), v_r.dtype)), axis=-1)
+
+    token_r = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
+    expert = by_row(expert_tk.reshape(r))
+    weight = by_row(w_tk.reshape(r))
+    group_sizes = jnp.sum(key_r[None, :] == jnp.arange(n_experts, dtype=jnp.int32)[:, None], axis=-1, dtype=jnp.int32)
+    at_q = q_tk[:, :, None] == jnp.arange(k, dtype=jnp.int32)  # [t, pair j, place q]
+    row_of_pair = jnp.sum(jnp.where(at_q, row_r.reshape(t, k, 1), 0), axis=1, dtype=jnp.int32)
+    return x_td[by_row(token_r)], ExpertLayout(expert, weight, group_sizes, row_of_pair)
 
 
 def combine(y_rd, layout: ExpertLayout) -> jax.Array:

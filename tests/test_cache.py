@@ -15,19 +15,25 @@ from dsv4_jax import cache as C
 from dsv4_jax.config import Config
 
 
-def test_layout_per_ratio():
+@pytest.mark.parametrize("kv,row,key", [("bf16", 512, 128), ("fp8", 584, 68)])
+def test_layout_per_ratio(kv, row, key):
     cfg = Config.tiny()
-    c = C.init_cache(cfg, 3, 256)
+    c = C.init_cache(cfg, 3, 256, kv)
     assert len(c.layers) == cfg.n_layers and len(c.mtp) == 1 and c.max_len == 256
-    for r, lc in zip(cfg.compress_ratios, [*c.layers, *c.mtp], strict=True):
-        assert lc.window.shape == (3, 128, 512) and lc.window.dtype == jnp.bfloat16
+    dtype = jnp.bfloat16 if kv == "bf16" else jnp.uint8
+    raw = [c.layer(i, unpack=False) for i in range(cfg.n_layers)]
+    for r, lc in zip(cfg.compress_ratios, [*raw, *c.mtp], strict=True):
+        assert lc.window.shape == (3, 128, row) and lc.window.dtype == dtype
         assert (lc.entries is None) == (r == 0)
         assert (lc.idx_keys is None) == (r != 4)
         if r == 4:
-            assert lc.comp_kv.shape == (3, 8, 1024) and lc.entries.shape == (3, 64, 512)
-            assert lc.idx_kv.shape == (3, 8, 256) and lc.idx_keys.shape == (3, 64, 128)
+            assert lc.comp_kv.shape == (3, 8, 1024) and lc.entries.shape == (3, 64, row)
+            assert lc.idx_kv.shape == (3, 8, 256) and lc.idx_keys.shape == (3, 64, key)
+            assert lc.idx_keys.dtype == dtype and lc.entries.dtype == dtype
         if r == 128:
-            assert lc.comp_score.shape == (3, 128, 512) and lc.entries.shape == (3, 2, 512)
+            assert lc.comp_score.shape == (3, 128, 512) and lc.entries.shape == (3, 2, row)
+    for lc in c.layers:  # for inspection: rows decoded
+        assert lc.window.shape == (3, 128, 512) and lc.window.dtype == jnp.bfloat16
     leaves, tree = jax.tree.flatten(c)
     c2 = jax.tree.unflatten(tree, leaves)
     assert c2.max_len == 256 and isinstance(c2, C.Cache)
@@ -37,11 +43,18 @@ def test_layout_per_ratio():
 
 def test_cache_bytes():
     cfg = Config.tiny()
-    per = C.cache_bytes_per_token(cfg)
+    per = C.cache_bytes_per_token(cfg, "bf16")
     # two CSA layers (512*2/4 + 128*2/4 bytes per token) and two HCA layers (512*2/128)
     assert per["per_token"] == pytest.approx(2 * (256 + 64) + 2 * 8)
-    growth = C.cache_bytes(cfg, 1, 1024) - C.cache_bytes(cfg, 1, 512)
-    assert growth == pytest.approx(512 * per["per_token"])
+    # packed: 584 B per KV row, 68 B per indexer key
+    assert C.cache_bytes_per_token(cfg)["per_token"] == pytest.approx(2 * (584 / 4 + 68 / 4) + 2 * 584 / 128)
+    for kv in ("bf16", "fp8"):
+        per = C.cache_bytes_per_token(cfg, kv)
+        growth = C.cache_bytes(cfg, 1, 1024, kv) - C.cache_bytes(cfg, 1, 512, kv)
+        assert growth == pytest.approx(512 * per["per_token"])
+        assert C.cache_bytes(cfg, 1, 512, kv) == per["fixed"] + 512 * per["per_token"] + 8  # + lengths (int32 x 2)
+    # V4-Flash: the released layout's 3,514 B per token of context (indexer keys included)
+    assert round(C.cache_bytes_per_token(Config.flash())["per_token"]) == 3514
     for c in (Config.flash(), Config.pro()):
         assert C.cache_bytes_per_token(c)["per_token"] > 0
 
@@ -88,7 +101,7 @@ def test_compressor_steps_match_full_sequence(ratio):
         return dataclasses.replace(lc, comp_kv=out.kv_state, comp_score=out.score_state,
                                    entries=C._write_entries(lc.entries, None, out))  # fmt: skip
 
-    lc = C._layer_cache(cfg, ratio, 2, t + 8)
+    lc = C._layer_cache(cfg, ratio, 2, t + 8, "bf16")
     pos = np.array([0, 0])
     sizes = [1, 3, 7, 1, 2, 5, 64, 1, 130, 9] * 4
     for i, k in enumerate(sizes):

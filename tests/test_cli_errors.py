@@ -224,6 +224,7 @@ def test_interrupted_destination_says_how_to_resume(native, tmp_path, capsys):
         (["generate", "--prompt", "a", "--prompt-ids", "1"], "give --prompt or --prompt-ids, not both"),
         (["generate", "--max-len", "0"], "--max-len must be positive"),
         (["generate", "--prefill-chunk", "0"], "--prefill-chunk must be positive"),
+        (["generate", "--kv-cache", "fp8", "--no-quant-sim"], "--kv-cache fp8 needs the FP8 simulation"),
         (["convert", "a", "b", "--part-gb", "0"], "--part-gb must be positive"),
         (["info", "x", "--preset", "tiny"], "give a checkpoint PATH or --preset, not both"),
     ],

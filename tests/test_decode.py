@@ -22,7 +22,7 @@ def _run(state, toks, lengths, steps, quant_sim, capture=False):
     from dsv4_jax import runner as D
 
     opts = Opts(quant_sim=quant_sim)
-    cache = C.init_cache(state.config, B, MAX_LEN)
+    cache = C.init_cache(state.config, B, MAX_LEN, opts.cache_layout)
     pt = np.where(np.arange(WIDTH)[None] < lengths[:, None], toks[:, :WIDTH], 0)
     logits, hidden, cache = D.prefill(state, cache, pt, lengths, opts=opts)
     res = {"prefill_logits": np.asarray(logits), "prefill_hidden": hidden, "cache_after_prefill": None}

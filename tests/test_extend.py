@@ -29,7 +29,7 @@ def _width(n: int) -> int:
 def _prefilled(state, toks, opts):
     import dsv4_jax
 
-    cache = dsv4_jax.init_cache(state.config, B, MAX_LEN)
+    cache = dsv4_jax.init_cache(state.config, B, MAX_LEN, opts.cache_layout)  # bf16: quant_sim is off
     return dsv4_jax.prefill(state, cache, toks[:, :20], opts=opts)
 
 

@@ -92,8 +92,9 @@ def test_cache_rows_and_kv_layouts():
     assert p.cache_rows == 2 and p.cache == cache_bytes(cfg, 2, 8192)  # batch split over "data", rounded up
     p = memory_plan(cfg, {"expert": 2}, EP, batch=4, context=8192, cache_batch_axes=("data", "expert"))
     assert p.cache_rows == 2  # data-parallel attention: each expert device holds its own rows
-    fp8 = memory_plan(cfg, {"expert": 2}, EP, batch=1, context=1 << 20, kv_dtype="fp8")
-    bf16 = memory_plan(cfg, {"expert": 2}, EP, batch=1, context=1 << 20)
+    fp8 = memory_plan(cfg, {"expert": 2}, EP, batch=1, context=1 << 20)
+    bf16 = memory_plan(cfg, {"expert": 2}, EP, batch=1, context=1 << 20, kv_dtype="bf16")
+    assert fp8.cache == cache_bytes(cfg, 1, 1 << 20, "fp8") and bf16.cache == cache_bytes(cfg, 1, 1 << 20, "bf16")
     assert 0.5 < fp8.cache / bf16.cache < 0.55  # 3,514 vs 6,880 B per token
     with pytest.raises(ValueError, match="kv_dtype='int8'"):
         memory_plan(cfg, {"expert": 2}, EP, kv_dtype="int8")

@@ -87,6 +87,24 @@ def test_dispatch_sorts_by_expert_and_combine_sums_in_index_order():
     np.testing.assert_allclose(out[:, 0], [1 + 3, 0 + 2, np.asarray(lay.row_of_pair)[2].sum()])
 
 
+@pytest.mark.parametrize("t,k,e", [(1, 6, 256), (5, 2, 4), (64, 6, 16)])
+def test_dispatch_by_counting_equals_dispatch_by_sorting(t, k, e, monkeypatch):
+    """Small batches rank the pairs by counting instead of sorting: the same rows, layout and order, bit for bit
+    (hash routing's repeated experts across tokens, padding tokens, and a token whose experts are not in order)."""
+    import dsv4_jax.moe as M
+
+    rng = np.random.default_rng(t)
+    idx = jnp.asarray(np.argsort(rng.random((t, e)), -1)[:, :k], jnp.int32)
+    w = jnp.asarray(rng.random((t, k)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(t, 8)), jnp.bfloat16)
+    valid = jnp.asarray(rng.random(t) < 0.8)
+    counted = jax.jit(dispatch, static_argnums=3)(x, idx, w, e, valid)
+    monkeypatch.setattr(M, "COUNTING_DISPATCH_MAX_PAIRS", 0)
+    sorted_ = jax.jit(dispatch, static_argnums=3)(x, idx, w, e, valid)
+    for a, b in zip(jax.tree.leaves(counted), jax.tree.leaves(sorted_), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _experts(fmt: str, e: int, d: int = 256, inter: int = 128):
     from dsv4_jax.moe import Experts
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from dsv4_jax.cli import compile_cache
 from dsv4_jax.cli.errors import DataError, UsageError, flag_message, quiet_background_errors
-from dsv4_jax.options import BACKENDS
+from dsv4_jax.options import BACKENDS, KV_CACHES
 
 # Sampler field -> the flag that sets it: the library's messages ("top_p=0.0 must be ...") are shown as flags.
 SAMPLER_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -42,6 +42,8 @@ def add_parser(sub):
     p.add_argument("--max-len", type=int, default=None, help="cache capacity (default: prompt + new tokens, rounded "
                    "up to a multiple of 128)")  # fmt: skip
     p.add_argument("--no-quant-sim", action="store_true", help="exact arithmetic instead of the FP8/FP4 simulation")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="auto", help="cache layout: fp8 (packed, the official "
+                   "serving layout), bf16, or auto (default: fp8, bf16 with --no-quant-sim)")  # fmt: skip
     p.add_argument("--mtp", action="store_true", help="also run the MTP draft head at every step")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="kernels or the pure-JAX reference (default auto: kernels where they run, i.e. CUDA SM90 "
@@ -136,7 +138,10 @@ def run(args) -> int:
         raise UsageError(flag_message(str(e), SAMPLER_FLAGS)) from e
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UsageError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
-    opts = Opts(quant_sim=not args.no_quant_sim, backend=args.backend, prefill_chunk=args.prefill_chunk)
+    if args.kv_cache == "fp8" and args.no_quant_sim:
+        raise UsageError("--kv-cache fp8 needs the FP8 simulation: drop --no-quant-sim or use --kv-cache bf16")
+    opts = Opts(quant_sim=not args.no_quant_sim, backend=args.backend, prefill_chunk=args.prefill_chunk,
+                kv_cache=args.kv_cache)  # fmt: skip
     if args.max_len is not None and args.max_len < 1:
         raise UsageError(f"--max-len must be positive, got {args.max_len}")
     if args.prompt_ids is not None:

@@ -38,8 +38,8 @@ def add_parser(sub):
                    "--prefill-chunk N`) instead of the whole prompt in one step")  # fmt: skip
     g.add_argument("--prefill-rows", type=int, help="rows prefilled together (default: the whole batch; 1: each "
                    "prompt alone, then all rows decode together)")  # fmt: skip
-    g.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"), help="bf16: this implementation's cache; "
-                   "fp8: the official packed layout (a projection)")  # fmt: skip
+    g.add_argument("--kv-dtype", default="fp8", choices=("fp8", "bf16"), help="the cache layout: fp8 (default) the "
+                   "packed official layout, bf16 the exact model's rows (`generate --no-quant-sim`)")  # fmt: skip
     g.add_argument("--device-gib", type=float, default=H200_BYTES / GiB, help="memory of one device in GiB (default: "
                    "an H200's 140.4)")  # fmt: skip
     g.add_argument("--mem-fraction", type=float, default=MEM_FRACTION, help="share of it XLA may use "

@@ -7,10 +7,10 @@
 * **Weights** are the real placement: `param_shardings(abstract(cfg), AbstractMesh(mesh_shape), rules)` gives every
   parameter's sharding, and a device holds `sharding.shard_shape(shape)` of it (sharded dims divided by their mesh
   axes' sizes, replicated dims whole; dims that do not divide fall back to replication, as at restore time).
-* **Cache** is `dsv4_jax.cache.cache_bytes` (this implementation's layout, bf16 entries) for the rows one device
-  holds: the cache's batch axis is split over `cache_batch_axes` (default "data") and replicated over the others —
-  V4 attention has one KV head, so tensor parallelism does not split the cache. `kv_dtype="fp8"` projects the
-  official packed layout instead (584 B per FP8 KV entry, 68 B per FP4 indexer key; not implemented here).
+* **Cache** is `dsv4_jax.cache.cache_bytes` in the cache layout `kv_dtype` ("fp8", the default: the official packed
+  layout, 584 B per FP8 KV entry and 68 B per FP4 indexer key; "bf16": the exact-arithmetic model's rows) for the
+  rows one device holds: the cache's batch axis is split over `cache_batch_axes` (default "data") and replicated over
+  the others — V4 attention has one KV head, so tensor parallelism does not split the cache.
 * **Workspace** is `dsv4_jax.parallel.workspace.step_workspace` for the larger of a prefill step (the whole prompt,
   assumed to fill the context, or a chunk of `prefill_chunk` tokens) and a decode step.
 * **Reserve** (3 GiB): what the estimate leaves out inside XLA's pool: 1 GiB for cuBLAS / collective buffers and
@@ -107,19 +107,16 @@ def _rows(batch: int, sizes: dict, batch_axes: tuple[str, ...]) -> int:
 @functools.lru_cache(maxsize=4096)
 def _cache_row_bytes(cfg: Config, context: int, kv_dtype: str) -> int:
     """Cache bytes of one row of capacity `context` (a cache is exactly linear in its rows)."""
-    from dsv4_jax.cache import cache_bytes, cache_bytes_per_token
+    from dsv4_jax.cache import KV_LAYOUTS, cache_bytes
 
-    if kv_dtype == "bf16":
-        return cache_bytes(cfg, 1, context)
-    if kv_dtype == "fp8":
-        c = cache_bytes_per_token(cfg)
-        return int(c["fixed"] + c["per_token_fp8"] * context)
-    raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'bf16' (this implementation) or 'fp8' (projection)")
+    if kv_dtype not in KV_LAYOUTS:
+        raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'fp8' (the packed cache) or 'bf16' (bf16 rows)")
+    return cache_bytes(cfg, 1, context, kv_dtype)
 
 
 def cache_bytes_per_device(cfg: Config, batch: int, context: int, mesh_shape: dict, *,
                            cache_batch_axes: tuple[str, ...] = ("data",),
-                           kv_dtype: str = "bf16") -> tuple[int, int]:  # fmt: skip
+                           kv_dtype: str = "fp8") -> tuple[int, int]:  # fmt: skip
     """(cache bytes one device holds, its rows) for `batch` rows of capacity `context`, the batch axis split over
     `cache_batch_axes`."""
     sizes = _mesh_shape(mesh_shape)
@@ -204,7 +201,7 @@ class Plan:
 
 
 def memory_plan(cfg: Config, mesh_shape: dict, rules: ShardingRules | None = None, batch: int = 1,
-                context: int = 4096, *, kv_dtype: str = "bf16", cache_batch_axes: tuple[str, ...] = ("data",),
+                context: int = 4096, *, kv_dtype: str = "fp8", cache_batch_axes: tuple[str, ...] = ("data",),
                 prefill_chunk: int | None = None, prefill_rows: int | None = None, device_bytes: int = H200_BYTES,
                 mem_fraction: float = MEM_FRACTION,
                 reserve_bytes: int = RESERVE_BYTES, prepared_scales: bool = False) -> Plan:  # fmt: skip
