@@ -8,6 +8,10 @@ A KV row (`head_dim` D = nope + rope, e.g. 448 + 64) is one byte string per entr
     [nope + 2 rope, + nope / 64)   the tiles' UE8M0 scale bytes
     then zero padding to a multiple of 8 bytes
 
+The bytes of a row are those of the serving layout; their arrangement differs in one respect: the cache here is not
+paged, so each row carries its scales (FlashMLA's and vLLM's pages put all rows' 576-byte data regions first and the
+8-byte scale areas after them).
+
 An indexer key (128 values after the Hadamard rotation) is 64 B of e2m1 pairs (low nibble first) and 4 UE8M0 scale
 bytes, one per 32 values: 68 B.
 
