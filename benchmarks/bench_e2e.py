@@ -84,8 +84,9 @@ def run_case(
     gen: tuple[int, int] | None,
     long_prefill: int,
     breakdown: str | None = None,
+    kv_cache: str = "auto",
 ):
-    opts = dsv4_jax.Opts(backend=backend)
+    opts = dsv4_jax.Opts(backend=backend, kv_cache=kv_cache)
     t0 = time.perf_counter()
     state = dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0, values="bytes"))
     jax.block_until_ready(state.params)
@@ -96,7 +97,7 @@ def run_case(
     out: dict = {"backend": backend, "batch": batch, "prompt": prompt, "init_s": init_s}
 
     with ops.record() as ran:
-        cache = dsv4_jax.init_cache(cfg, batch, max_len)
+        cache = dsv4_jax.init_cache(cfg, batch, max_len, opts.cache_layout)
         t = time.perf_counter()
         logits, _, cache = dsv4_jax.prefill(state, cache, tokens, opts=opts)
         logits.block_until_ready()
@@ -107,7 +108,7 @@ def run_case(
         logits.block_until_ready()
         out["decode_first_s"] = time.perf_counter() - t
     out["ran"] = ran
-    cache2 = dsv4_jax.init_cache(cfg, batch, max_len)
+    cache2 = dsv4_jax.init_cache(cfg, batch, max_len, opts.cache_layout)
     out["prefill_s"] = _timed(lambda: dsv4_jax.prefill(state, cache2, tokens, opts=opts)[0].block_until_ready())
     times = []
     for _ in range(steps + 3):
@@ -136,11 +137,11 @@ def run_case(
 
     if long_prefill:
         long = rng.integers(2, cfg.vocab_size, (1, long_prefill)).astype(np.int32)
-        c = dsv4_jax.init_cache(cfg, 1, long_prefill + 8)
+        c = dsv4_jax.init_cache(cfg, 1, long_prefill + 8, opts.cache_layout)
         t = time.perf_counter()
         dsv4_jax.prefill(state, c, long, opts=opts)[0].block_until_ready()
         out["long_prefill_first_s"] = time.perf_counter() - t
-        c = dsv4_jax.init_cache(cfg, 1, long_prefill + 8)
+        c = dsv4_jax.init_cache(cfg, 1, long_prefill + 8, opts.cache_layout)
         out["long_prefill_s"] = _timed(lambda: dsv4_jax.prefill(state, c, long, opts=opts)[0].block_until_ready())
         out["long_prefill_tokens"] = long_prefill
     floor = floor_bytes(state, batch)
@@ -167,6 +168,7 @@ def main(argv=None):
         default=None,
         help="profile the decode step of each case; the compiled programs are written as PREFIX-<case>.hlo.txt",
     )
+    ap.add_argument("--kv-cache", default="auto", choices=("auto", "fp8", "bf16"), help="cache layout (Opts.kv_cache)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -178,6 +180,7 @@ def main(argv=None):
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         or "unknown",
         "layers": args.layers,
+        "kv_cache": args.kv_cache,
     }
     bw = copy_bandwidth()
     meta["copy_bandwidth_GBps"] = bw / 1e9
@@ -194,7 +197,7 @@ def main(argv=None):
                 lp = args.long_prefill if (b == 1 and backend in args.long_prefill_backends.split(",")) else 0
                 g = gen if (b == 1 and backend in args.gen_backends.split(",")) else None
                 bd = f"{args.breakdown}-{fmt}-{backend}-b{b}" if args.breakdown else None
-                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd)
+                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache)
                 r["experts"] = fmt
                 total = sum(r["floor_bytes"].values())
                 r["floor_ms"] = 1e3 * total / bw

@@ -384,10 +384,11 @@ def _is_packed(lc) -> bool:
 
 
 def _pack_update(upd: LayerUpdate, rope_dim: int) -> LayerUpdate:
-    """A step's update in the packed layout: window ring and compressed entries as FP8 KV rows, indexer keys FP4."""
+    """A step's update in the packed layout (its window ring already is): compressed entries as FP8 KV rows, indexer
+    keys as MXFP4."""
     comp, idx = upd.comp, upd.idx
     return LayerUpdate(
-        window=kv_format.pack_kv(upd.window, rope_dim),
+        window=upd.window,
         comp=None if comp is None else dataclasses.replace(comp, entries=kv_format.pack_kv(comp.entries, rope_dim)),
         idx=None if idx is None else dataclasses.replace(idx, entries=kv_format.pack_index_keys(idx.entries)),
     )
@@ -504,12 +505,13 @@ class Attention(nnx.Module):
             sources, row = [(kv, 0)], u
         else:  # sources: ring [0, W), cached entries [W, W + cap), new KV rows, new entries
             ring = materialize(lc.window)
-            ring = kv_format.unpack_kv(ring, self.cfg.rope_head_dim) if packed else ring
             new_at = w + (lc.entries.shape[1] if self.ratio else 0)
-            sources = [(ring, 0), (kv, new_at)]
+            sources = [(PackedKV(ring, self.cfg.rope_head_dim) if packed else ring, 0), (kv, new_at)]
             row = jnp.where(u >= start_b[:, None, None], new_at + u - start_b[:, None, None], u % w)
         idx = jnp.where(u <= pos[..., None], row, -1).astype(jnp.int32)
-        upd = LayerUpdate(window=_ring(None if fresh else ring, kv, start_b, n_new_b, w))
+        # the ring is rebuilt in the cache's layout: packed, only the step's own rows are packed (k, not W)
+        kv_stored = kv_format.pack_kv(kv, self.cfg.rope_head_dim) if packed else kv
+        upd = LayerUpdate(window=_ring(None if fresh else ring, kv_stored, start_b, n_new_b, w))
 
         if self.ratio:
             m = self.ratio

@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of N tokens (Opts.prefill_chunk)")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "fp8", "bf16"), help="cache layout (Opts.kv_cache)")
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt generated at once")
     p.add_argument("--context", type=int, help="tokens the plan assumes per sequence (default: prompt + new tokens)")
     p.add_argument("--mem-fraction", type=float, default=0.95)
@@ -85,7 +86,7 @@ def measure(args, state, cfg, prompt, mesh, say) -> dict:
     tokens = np.asarray([prompt], np.int32)
     if args.tpot:
         n1, n2 = (int(x) for x in args.tpot.split(","))
-        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk)
+        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
         t1, t2 = timed_generate(state, tokens, n1, opts), timed_generate(state, tokens, n2, opts)
         out["tpot_ms"] = 1e3 * (t2 - t1) / (n2 - n1)
         say(f"batch 1: generate {n1} tokens {t1:.3f} s, {n2} tokens {t2:.3f} s: TPOT {out['tpot_ms']:.2f} ms")
@@ -93,7 +94,7 @@ def measure(args, state, cfg, prompt, mesh, say) -> dict:
         n1, n2 = (int(x) for x in (args.tpot or "16,48").split(","))
         b = args.throughput_batch
         bt = np.random.default_rng(0).integers(2, cfg.vocab_size, (b, args.throughput_prompt)).astype(np.int32)
-        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk)
+        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
         t1, t2 = timed_generate(state, bt, n1, opts, repeats=1), timed_generate(state, bt, n2, opts, repeats=1)
         step = (t2 - t1) / (n2 - n1)
         per_device = b / step / jax.device_count()
@@ -103,9 +104,10 @@ def measure(args, state, cfg, prompt, mesh, say) -> dict:
         from dsv4_jax import profile
 
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        cache = jax.device_put(dsv4_jax.init_cache(cfg, 1, len(prompt) + 64), rep)
-        logits, _, cache = dsv4_jax.prefill(state, cache, tokens)
-        br = profile.decode_breakdown(state, cache, jnp.argmax(logits, -1).astype(jnp.int32), opts=dsv4_jax.Opts())
+        opts = dsv4_jax.Opts(kv_cache=args.kv_cache)
+        cache = jax.device_put(dsv4_jax.init_cache(cfg, 1, len(prompt) + 64, opts.cache_layout), rep)
+        logits, _, cache = dsv4_jax.prefill(state, cache, tokens, opts=opts)
+        br = profile.decode_breakdown(state, cache, jnp.argmax(logits, -1).astype(jnp.int32), opts=opts)
         br.pop("cache")
         out["breakdown"] = br
         say(f"decode step: {br['step_ms']:.2f} ms, kernels {br['kernel_ms']:.2f} ms, rest {br['overhead_ms']:.2f} ms, "
@@ -183,6 +185,7 @@ def main(argv=None) -> int:
             context,
             mem_fraction=args.mem_fraction,
             prefill_chunk=args.prefill_chunk,
+            kv_dtype=dsv4_jax.Opts(kv_cache=args.kv_cache).cache_layout,
         )
     except ValueError as e:
         print(f"run_full_size: error: {e}", file=sys.stderr)
@@ -211,7 +214,12 @@ def main(argv=None) -> int:
     # The mesh in context: the routed experts run expert-parallel (dsv4_jax.parallel.expert_parallel).
     with jax.set_mesh(mesh), dsv4_jax.ops.record() as ran:
         stream = dsv4_jax.generate_stream(
-            state, tokens, sampler=sampler, key=0, max_len=context, opts=dsv4_jax.Opts(prefill_chunk=args.prefill_chunk)
+            state,
+            tokens,
+            sampler=sampler,
+            key=0,
+            max_len=context,
+            opts=dsv4_jax.Opts(prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache),
         )
         compile_s = stream.compile()
         for _ in stream:

@@ -4,9 +4,13 @@ Started by the multi-device tests in a fresh process (jax fixes its device count
 several processes (`tests/multiproc.py` sets the `DSV4_JAX_*` variables). For each run in `--runs`:
 
 * `single`: the model on one device (`init_random` without a mesh), `forward` on the fixed tokens;
-* `ep`, `ep-tp`, `default`: `make_mesh(expert=all devices)`, `init_random` straight into the shardings of that rules
-  preset, `forward`; the logits gathered to every host with `process_allgather`; and each device's bytes of
-  parameters as placed (the sum of its shards), to compare with the memory plan.
+* `ep`, `ep-tp`, `default`: `make_mesh(expert=all devices)`, the parameters in the shardings of that rules preset,
+  `forward`; the logits gathered to every host with `process_allgather`; and each device's bytes of parameters as
+  placed (the sum of its shards), to compare with the memory plan. The first mesh run draws its parameters with
+  `init_random` straight into the shardings (each device its own shards); later ones move those parameters to their
+  shardings (a partitioned init compiles a program of its own: ~20 s each on the 2-core CI box).
+
+Parameters are random bytes in the storage formats (`init_random(values="bytes")`: no quantization pass to compile).
 
 Process 0 writes `logits_<run>`, `device_bytes_<run>` (per global device id), `plan_bytes_<run>` and the mesh's
 process layout to OUT.
@@ -43,6 +47,9 @@ def pro_small():
                       n_routed_experts=16, n_activated_experts=2, moe_inter_dim=128, max_seq_len=8192)  # fmt: skip
 
 
+VALUES = "bytes"  # init_random's values: the tests that compare with one device draw the same
+
+
 def tokens_for(cfg) -> np.ndarray:
     """Fixed `[2, 40]` tokens: past 32 positions, so CSA's indexer selects among more entries than index_topk."""
     return np.random.default_rng(7).integers(2, cfg.vocab_size, (2, 40)).astype(np.int32)
@@ -76,20 +83,25 @@ def main(argv: list[str]) -> None:
 
     import dsv4_jax
     from dsv4_jax.parallel import make_mesh, memory_plan
-    from dsv4_jax.sharding import rules_preset
+    from dsv4_jax.sharding import param_shardings, rules_preset
 
     cfg = model_config(args.model)
     tokens = tokens_for(cfg)
     results: dict[str, np.ndarray] = {}
+    placed = None  # the first mesh run's parameters
     n = len(jax.devices())
     for run in args.runs.split(","):
         if run == "single":
-            state = dsv4_jax.init_random(cfg, 0)
+            state = dsv4_jax.init_random(cfg, 0, values=VALUES)
             results["logits_single"] = np.asarray(dsv4_jax.forward(state, tokens))
             continue
         mesh = make_mesh(expert=n)
         rules = rules_preset(run)
-        state = dsv4_jax.init_random(cfg, 0, mesh=mesh, rules=rules)
+        if placed is None:
+            state = placed = dsv4_jax.init_random(cfg, 0, mesh=mesh, rules=rules, values=VALUES)
+        else:
+            shardings = param_shardings(placed, mesh, rules)
+            state = dsv4_jax.ModelState(placed.graphdef, jax.device_put(placed.params, shardings), cfg)
         with jax.set_mesh(mesh):  # the mesh in context: the routed experts run expert-parallel (a shard_map)
             logits = dsv4_jax.forward(state, tokens)
         results[f"logits_{run}"] = np.asarray(multihost_utils.process_allgather(logits, tiled=True))

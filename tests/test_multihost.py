@@ -1,6 +1,6 @@
 """Two JAX processes on this machine (4 simulated CPU devices each, joined through `jax.distributed` on loopback)
 run the expert-parallel program: `make_mesh(expert=8)` over the global devices, `init_random` straight into the
-shardings, `forward` on fixed tokens, the logits gathered with `process_allgather`. They must give, bit for bit, the
+shardings (random bytes in the storage formats), `forward` on fixed tokens, the logits gathered with `process_allgather`. They must give, bit for bit, the
 logits of the same model on one device (computed here, in the test's own process).
 
 The model code does not know how many processes there are; whether the MoE runs through XLA's automatic
@@ -12,7 +12,7 @@ check (and `test_expert_parallel`'s, through `generate`)."""
 from __future__ import annotations
 
 import numpy as np
-from mesh_worker import model_config, tokens_for
+from mesh_worker import VALUES, model_config, tokens_for
 from multiproc import launch
 
 import dsv4_jax
@@ -32,7 +32,7 @@ def test_two_processes_compute_what_one_does(tmp_path):
     assert len(set(a["mesh_ids"].reshape(-1).tolist())) == 8
     # The same model on one device (mesh_worker's `single` run): the same bits.
     cfg = model_config("tiny16")
-    single = np.asarray(dsv4_jax.forward(dsv4_jax.init_random(cfg, 0), tokens_for(cfg)))
+    single = np.asarray(dsv4_jax.forward(dsv4_jax.init_random(cfg, 0, values=VALUES), tokens_for(cfg)))
     assert a["logits_ep"].shape == single.shape == (2, 40, 512)
     np.testing.assert_array_equal(a["logits_ep"], single)
     # Every device of both processes holds the bytes the memory plan says.

@@ -61,12 +61,12 @@ def test_exit_codes(monkeypatch, capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
-def test_cli_generate_with_a_mesh_on_8_devices():
-    """`dsv4-jax generate --mesh expert=8`: the embedded tiny checkpoint restored into the expert-parallel shardings
-    and generated from with the mesh in context (8 simulated CPU devices); a mesh the devices cannot form is a usage
-    error naming the flag."""
-    cmd = [sys.executable, "-m", "dsv4_jax", "generate", "--mesh", "expert=8", "--prompt-ids", "5,6,7",
+def test_cli_generate_with_a_mesh_on_2_devices():
+    """`dsv4-jax generate --mesh expert=2` (V4-Flash's 2 x H200 layout): the embedded tiny checkpoint restored into
+    the expert-parallel shardings and generated from with the mesh in context (2 simulated CPU devices; 8 are
+    `test_tiny_on_8_devices`'s); a mesh the devices cannot form is a usage error naming the flag."""
+    cmd = [sys.executable, "-m", "dsv4_jax", "generate", "--mesh", "expert=2", "--prompt-ids", "5,6,7",
            "--max-new-tokens", "3", "--no-compile-cache"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, env=env_for(8), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=REPO, env=env_for(2), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "mesh data=1, expert=8, tensor=1, rules ep" in r.stderr and "generated 3 tokens" in r.stderr, r.stderr
+    assert "mesh data=1, expert=2, tensor=1, rules ep" in r.stderr and "generated 3 tokens" in r.stderr, r.stderr
