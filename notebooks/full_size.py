@@ -97,14 +97,14 @@ for r in rows:
 # `make_mesh(expert=N)` covers every device of every process (after `dsv4_jax.parallel.distributed.initialize()`
 # on several hosts). `init_random(..., mesh=mesh)` creates every parameter in its sharding: each device draws only
 # its own shards, so the 160 GB model never exists on one device or on the host. `values="bytes"` writes random
-# bytes in the storage formats (no fp32 draws, no quantization pass): the way to fill 160 GB quickly.
+# bytes in the storage formats (no fp32 draws, no quantization pass): the way to fill 160 GB quickly (and the tiny
+# model is drawn the same way, so that both sizes run the same program).
 
 # %%
 mesh = make_mesh(expert=N_DEVICES)
 print(describe_mesh(mesh))
 t0 = time.perf_counter()
-values = "normal" if SIZE == "tiny" else "bytes"
-state = dsv4_jax.init_random(cfg, 0, mesh=mesh, rules=rules_preset(RULES), values=values)
+state = dsv4_jax.init_random(cfg, 0, mesh=mesh, rules=rules_preset(RULES), values="bytes")
 jax.block_until_ready(state.params)
 print(f"init_random: {time.perf_counter() - t0:.1f} s")
 

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     mesh = make_mesh(expert=8)
     toks = np.random.default_rng(0).integers(2, 512, (2, 20)).astype(np.int32)
     cfg = dsv4_jax.Config.tiny(n_routed_experts=16)
-    one = dsv4_jax.init_random(cfg, 0)
+    one = dsv4_jax.init_random(cfg, 0, values="bytes")
     # The same parameters placed on the mesh (init_random straight into the shardings compiles a partitioned init
     # of its own, ~30 s; that it draws the same values is test_multihost's and test_pro_mesh's check).
     ep = dsv4_jax.ModelState(one.graphdef, jax.device_put(one.params, param_shardings(one, mesh)), cfg)
