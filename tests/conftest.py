@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import gc
-import glob
 import os
 import pathlib
 
@@ -14,16 +13,6 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("DSV4_FIXTURES", REPO.parent / "shared" / "fixtures"))
 OFFICIAL_TINY = FIXTURES / "official-tiny"
-
-# On a machine without a GPU, XLA's CPU backend compiles without LLVM optimizations: the suite is compile-bound
-# (each test's programs are new), and -O0 cuts a tiny model's `generate` compile from ~21 s to ~12 s while its
-# steps run ~2.5x slower. The results are the same bits (no fast-math at any level). Set before JAX starts, so this
-# process and every subprocess it starts (`multiproc.env_for`) get it; DSV4_JAX_TEST_XLA_OPT=1 keeps the default.
-# Never on a GPU machine: the flag would also apply to the GPU backend's kernels.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-if not glob.glob("/dev/nvidia[0-9]*") and os.environ.get("DSV4_JAX_TEST_XLA_OPT", "") != "1":
-    if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
 def pytest_configure(config):

@@ -57,16 +57,10 @@ def cache_env() -> dict:
             "DSV4_JAX_COMPILE_CACHE": cache}  # fmt: skip
 
 
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a CPU process with `devices` fake devices, plus the test session's own (`conftest.py`)."""
-    own = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    return f"{own} --xla_force_host_platform_device_count={devices}".strip()
-
-
 def env_for(devices: int, **extra: str) -> dict:
     """The environment of one CPU process with `devices` fake devices, this checkout first on the path, and the
     test session's persistent compilation cache (`cache_env`), so that re-runs and later tests skip the compiles."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     for key, value in cache_env().items():
         env.setdefault(key, value)

@@ -8,7 +8,7 @@ import os
 import pathlib
 
 import pytest
-from multiproc import cache_env, xla_flags
+from multiproc import cache_env
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.py"
 FULL_SIZE = NOTEBOOK.with_name("full_size.py")
@@ -60,7 +60,7 @@ def test_full_size_notebook_executes_tiny_on_8_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("FULL_SIZE_FIG", str(fig))
     monkeypatch.setenv("DSV4_NOTEBOOK_SIZE", "tiny")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", xla_flags(8))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     for key, value in cache_env().items():  # the session's persistent compilation cache (conftest.py)
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK.parents[1]), os.environ.get("PYTHONPATH", "")]))
