@@ -62,8 +62,9 @@ def test_bad_row_widths_are_named():
 
 
 def test_packed_cache_decodes_like_the_bf16_cache(official_state):
-    """Prefill, decode steps and MTP on the packed cache give the bf16 cache's logits bit for bit: the cache holds
-    the same values (FP8/FP4-simulated), only stored in the official layout. The exact model refuses it."""
+    """Prefill, decode steps and an extend with padding on the packed cache give the bf16 cache's logits bit for bit:
+    the cache holds the same values (FP8/FP4-simulated), only stored in the official layout. The exact model refuses
+    it."""
     import dsv4_jax
     from dsv4_jax import runner as D
 
@@ -76,11 +77,15 @@ def test_packed_cache_decodes_like_the_bf16_cache(official_state):
     def run(kv):
         cache = dsv4_jax.init_cache(cfg, 2, 320, kv)
         logits, hidden, cache = D.prefill(official_state, cache, pt, lengths)
-        out = [np.asarray(logits)]
+        out = [np.asarray(logits)[:, None]]
         for i in range(4):
             lg, hidden, cache = D.decode_step(official_state, cache, toks[np.arange(2), lengths + i])
-            out.append(np.asarray(lg))
-        return np.stack(out), cache
+            out.append(np.asarray(lg)[:, None])
+        # an extend (chunked prefill, speculative verification): 5 new tokens on row 0, 3 and padding on row 1
+        chunk = np.stack([toks[0, 154:159], np.concatenate([toks[1, 104:107], [7, 7]])]).astype(np.int32)
+        lg, hidden, cache = dsv4_jax.extend(official_state, cache, chunk, np.array([5, 3]))
+        out.append(np.asarray(lg))
+        return np.concatenate(out, axis=1), cache
 
     packed, cache_p = run("fp8")
     plain, cache_b = run("bf16")

@@ -1,7 +1,8 @@
 """Two JAX processes on this machine (4 simulated CPU devices each, joined through `jax.distributed` on loopback)
 run the expert-parallel program: `make_mesh(expert=8)` over the global devices, `init_random` straight into the
-shardings (random bytes in the storage formats), `forward` on fixed tokens, the logits gathered with `process_allgather`. They must give, bit for bit, the
-logits of the same model on one device (computed here, in the test's own process).
+shardings (random bytes in the storage formats), `forward` on fixed tokens, the logits gathered with
+`process_allgather`. They must give, bit for bit, the logits of the same model on one device (computed here, in the
+test's own process).
 
 The model code does not know how many processes there are; whether the MoE runs through XLA's automatic
 partitioning or an explicit `shard_map`, two processes must compute exactly what one computes. Expert parallelism
