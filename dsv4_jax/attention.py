@@ -27,7 +27,7 @@ from flax import nnx
 from dsv4_jax import kv_format, nn, ops, quant
 from dsv4_jax.config import Config
 from dsv4_jax.kv_format import PackedKV
-from dsv4_jax.layer_view import LayerSlice, materialize
+from dsv4_jax.layer_view import materialize, take
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
@@ -79,12 +79,7 @@ def gather_rows(sources, idx):
         local = idx - off
         hit = (local >= 0) & (local < n)
         li = jnp.clip(local, 0, n - 1)
-        if isinstance(src, PackedKV):  # only the gathered rows are unpacked
-            rows = src.take(bi, li)
-        elif isinstance(src, LayerSlice):
-            rows = src.stack[src.index, bi, li]
-        else:
-            rows = src[bi, li]
+        rows = src.take(bi, li) if isinstance(src, PackedKV) else take(src, bi, li)  # PackedKV: unpacks these rows
         rows = jnp.where(hit[..., None], rows.astype(F32), 0.0)
         out = rows if out is None else out + rows  # sources are disjoint: adding zeros is exact
     return out if out is not None else jnp.zeros((*idx.shape, sources[0][0].shape[-1]), F32)
@@ -379,8 +374,8 @@ def _ring(ring_old, kv_new, start_b, n_new_b, w: int):
 
 
 def _is_packed(lc) -> bool:
-    """Whether a layer cache stores the packed FP8 KV layout (`dsv4_jax.kv_format`) rather than bf16 rows."""
-    return lc is not None and lc.window.dtype == jnp.uint8
+    """Whether a layer cache (if any) stores the packed FP8 KV layout (`LayerCache.packed`)."""
+    return lc is not None and lc.packed
 
 
 def _pack_update(upd: LayerUpdate, rope_dim: int) -> LayerUpdate:

@@ -60,12 +60,9 @@ def _bytes_of(x: jax.Array) -> jax.Array:
 def pack_kv(kv: jax.Array, rope_dim: int) -> jax.Array:
     """KV rows `[..., D]` (NoPE values FP8-simulated in tiles of 64) -> packed uint8 `[..., kv_row_bytes]`."""
     *lead, d = kv.shape
-    nope = d - rope_dim
-    tiles = kv[..., :nope].astype(F32).reshape(*lead, nope // KV_TILE, KV_TILE)
-    s = quant._block_scale(tiles, quant.FP8_AMAX_FLOOR, quant.FP8_MAX)
-    q = jnp.clip(tiles / s, -quant.FP8_MAX, quant.FP8_MAX).astype(jnp.float8_e4m3fn).reshape(*lead, nope)
-    parts = [_bytes_of(q), _bytes_of(kv[..., nope:].astype(BF16)), _bytes_of(quant.f32_to_e8m0(s[..., 0]))]
-    pad = kv_row_bytes(d, rope_dim) - (nope + 2 * rope_dim + nope // KV_TILE)
+    q, s = quant.act_quant(kv[..., : d - rope_dim], KV_TILE)  # the simulation's own quantization, tiles of 64
+    parts = [_bytes_of(q), _bytes_of(kv[..., d - rope_dim :].astype(BF16)), _bytes_of(quant.f32_to_e8m0(s))]
+    pad = kv_row_bytes(d, rope_dim) - sum(p.shape[-1] for p in parts)
     if pad:
         parts.append(jnp.zeros((*lead, pad), jnp.uint8))
     return jnp.concatenate(parts, axis=-1)
@@ -83,7 +80,7 @@ def unpack_kv(packed: jax.Array, rope_dim: int, dtype=BF16) -> jax.Array:
     *lead, nb = packed.shape
     nope = _nope_dim(nb, rope_dim)
     r0, s0 = nope + 2 * rope_dim, nope + 2 * rope_dim + nope // KV_TILE
-    q = jnp.asarray(quant.E4M3_VALUES)[packed[..., :nope].astype(jnp.int32)]  # a table, as `quant.e4m3_to_f32`
+    q = quant.e4m3_to_f32(jax.lax.bitcast_convert_type(packed[..., :nope], jnp.float8_e4m3fn))
     s = quant.e8m0_to_f32(packed[..., r0:s0])
     nope_v = (q.reshape(*lead, nope // KV_TILE, KV_TILE) * s[..., None]).reshape(*lead, nope)
     rope = jax.lax.bitcast_convert_type(packed[..., nope:r0].reshape(*lead, rope_dim, 2), BF16)
@@ -91,23 +88,19 @@ def unpack_kv(packed: jax.Array, rope_dim: int, dtype=BF16) -> jax.Array:
 
 
 def pack_index_keys(keys: jax.Array) -> jax.Array:
-    """Indexer keys `[..., 128]` (FP4-simulated in blocks of 32) -> packed uint8 `[..., 68]`."""
-    *lead, d = keys.shape
-    blocks = keys.astype(F32).reshape(*lead, d // INDEX_BLOCK, INDEX_BLOCK)
-    s = quant._block_scale(blocks, quant.FP4_AMAX_FLOOR, quant.FP4_MAX)
-    q = jnp.clip(blocks / s, -quant.FP4_MAX, quant.FP4_MAX).reshape(*lead, d)
-    return jnp.concatenate([quant.pack_fp4(q), _bytes_of(quant.f32_to_e8m0(s[..., 0]))], axis=-1)
+    """Indexer keys `[..., n, 128]` (FP4-simulated in blocks of 32) -> packed uint8 `[..., n, 68]`: the MXFP4
+    format of the routed experts' weights (`quant.quantize_fp4_weight`), one row per key."""
+    packed, s = quant.quantize_fp4_weight(keys)
+    return jnp.concatenate([packed, _bytes_of(s)], axis=-1)
 
 
 def unpack_index_keys(packed: jax.Array, dtype=BF16) -> jax.Array:
-    """Packed uint8 `[..., 68]` -> indexer keys `[..., 128]` in `dtype`."""
-    *lead, nb = packed.shape
+    """Packed uint8 `[..., n, 68]` -> indexer keys `[..., n, 128]` in `dtype`."""
+    nb = packed.shape[-1]
     d = nb * 2 * INDEX_BLOCK // (INDEX_BLOCK + 2)
     if index_key_bytes(d) != nb:
         raise ValueError(f"{nb} bytes per row is not a packed indexer key")
-    v = quant.unpack_fp4(packed[..., : d // 2]).reshape(*lead, d // INDEX_BLOCK, INDEX_BLOCK)
-    s = quant.e8m0_to_f32(packed[..., d // 2 :])
-    return (v * s[..., None]).reshape(*lead, d).astype(dtype)
+    return quant.dequant_fp4_weight(packed[..., : d // 2], packed[..., d // 2 :]).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +118,9 @@ class PackedKV:
 
     def take(self, bi, li) -> jax.Array:
         """f32 rows `[b, ..., D]` at batch indices `bi` and row indices `li` (broadcast together)."""
-        from dsv4_jax.layer_view import LayerSlice
+        from dsv4_jax.layer_view import take
 
-        r = self.rows
-        raw = r.stack[r.index, bi, li] if isinstance(r, LayerSlice) else r[bi, li]
-        return unpack_kv(raw, self.rope_dim, F32)
+        return unpack_kv(take(self.rows, bi, li), self.rope_dim, F32)
 
     def get(self) -> jax.Array:
         from dsv4_jax.layer_view import materialize

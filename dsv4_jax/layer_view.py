@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 
-__all__ = ["LayerSlice", "materialize", "stack_and_index"]
+__all__ = ["LayerSlice", "materialize", "take", "stack_and_index"]
 
 
 @jax.tree_util.register_dataclass
@@ -47,6 +47,12 @@ def materialize(x):
     from dsv4_jax.kv_format import PackedKV
 
     return x.get() if isinstance(x, (LayerSlice, PackedKV)) else x
+
+
+def take(x, *idx):
+    """`x[idx]` (advanced indexing) of an array, or of the array a `LayerSlice` stands for, read straight from its
+    stack: only the indexed elements are gathered."""
+    return x.stack[(x.index, *idx)] if isinstance(x, LayerSlice) else x[idx]
 
 
 def stack_and_index(x):

@@ -96,12 +96,13 @@ def dispatch(x_td, idx_tk, w_tk, n_experts: int, valid_t=None) -> tuple[jax.Arra
     return x_td[perm // k], layout
 
 
-def _stable_rank(key_n):
-    """Position of each entry of `key [..., n]` in a stable ascending sort along the last axis: `[..., n]` int32."""
-    n = key_n.shape[-1]
-    pos = jnp.arange(n, dtype=jnp.int32)
+def _stable_rank(key_n, order_n=None):
+    """Position of each entry of `key [..., n]` in an ascending sort along the last axis, equal keys in the order
+    of `order [..., n]` (distinct values; default: their positions, i.e. a stable sort): `[..., n]` int32."""
+    if order_n is None:
+        order_n = jnp.broadcast_to(jnp.arange(key_n.shape[-1], dtype=jnp.int32), key_n.shape)
     a, b = key_n[..., :, None], key_n[..., None, :]  # a: the entry ranked, b: the others
-    before = (b < a) | ((b == a) & (pos[None, :] < pos[:, None]))
+    before = (b < a) | ((b == a) & (order_n[..., None, :] < order_n[..., :, None]))
     return jnp.sum(before, axis=-1, dtype=jnp.int32)
 
 
@@ -112,12 +113,9 @@ def _dispatch_by_counting(x_td, idx_tk, w_tk, n_experts: int, valid_t):
     q_tk = _stable_rank(idx_tk)  # each pair's place among its token's experts (index order)
     expert_tk = idx_tk if valid_t is None else jnp.where(valid_t[:, None], idx_tk, -1)
     key_r = jnp.where(expert_tk >= 0, expert_tk, n_experts).reshape(r)
-    # a pair's place in the (token, index-order) sequence, then its row: a stable rank of the key over that sequence
+    # a pair's place in the (token, index-order) sequence, then its row: the key's rank, ties in that sequence's order
     seq_r = (jnp.arange(t, dtype=jnp.int32)[:, None] * k + q_tk).reshape(r)
-    before = (key_r[None, :] < key_r[:, None]) | (
-        (key_r[None, :] == key_r[:, None]) & (seq_r[None, :] < seq_r[:, None])
-    )
-    row_r = jnp.sum(before, axis=-1, dtype=jnp.int32)
+    row_r = _stable_rank(key_r, seq_r)
     at_row = row_r[None, :] == jnp.arange(r, dtype=jnp.int32)[:, None]  # [row, pair] one-hot
 
     def by_row(v_r):
