@@ -25,6 +25,7 @@ Exit status: 0 done, 2 bad flags, 3 the plan does not fit (`--ignore-plan` runs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -74,7 +75,7 @@ def timed_generate(state, tokens, n: int, opts, repeats: int = 2) -> float:
     return best
 
 
-def measure(args, state, cfg, prompt, mesh, say) -> dict:
+def measure(args, state, cfg, prompt, mesh, opts, say) -> dict:
     """The optional measurements: TPOT, batch throughput, the decode-step breakdown."""
     import jax
     import jax.numpy as jnp
@@ -86,7 +87,6 @@ def measure(args, state, cfg, prompt, mesh, say) -> dict:
     tokens = np.asarray([prompt], np.int32)
     if args.tpot:
         n1, n2 = (int(x) for x in args.tpot.split(","))
-        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
         t1, t2 = timed_generate(state, tokens, n1, opts), timed_generate(state, tokens, n2, opts)
         out["tpot_ms"] = 1e3 * (t2 - t1) / (n2 - n1)
         say(f"batch 1: generate {n1} tokens {t1:.3f} s, {n2} tokens {t2:.3f} s: TPOT {out['tpot_ms']:.2f} ms")
@@ -94,7 +94,6 @@ def measure(args, state, cfg, prompt, mesh, say) -> dict:
         n1, n2 = (int(x) for x in (args.tpot or "16,48").split(","))
         b = args.throughput_batch
         bt = np.random.default_rng(0).integers(2, cfg.vocab_size, (b, args.throughput_prompt)).astype(np.int32)
-        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
         t1, t2 = timed_generate(state, bt, n1, opts, repeats=1), timed_generate(state, bt, n2, opts, repeats=1)
         step = (t2 - t1) / (n2 - n1)
         per_device = b / step / jax.device_count()
@@ -104,10 +103,10 @@ def measure(args, state, cfg, prompt, mesh, say) -> dict:
         from dsv4_jax import profile
 
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        opts = dsv4_jax.Opts(kv_cache=args.kv_cache)
+        step_opts = dataclasses.replace(opts, prefill_chunk=None)  # the prompt in one prefill, then decode steps
         cache = jax.device_put(dsv4_jax.init_cache(cfg, 1, len(prompt) + 64, opts.cache_layout), rep)
-        logits, _, cache = dsv4_jax.prefill(state, cache, tokens, opts=opts)
-        br = profile.decode_breakdown(state, cache, jnp.argmax(logits, -1).astype(jnp.int32), opts=opts)
+        logits, _, cache = dsv4_jax.prefill(state, cache, tokens, opts=step_opts)
+        br = profile.decode_breakdown(state, cache, jnp.argmax(logits, -1).astype(jnp.int32), opts=step_opts)
         br.pop("cache")
         out["breakdown"] = br
         say(f"decode step: {br['step_ms']:.2f} ms, kernels {br['kernel_ms']:.2f} ms, rest {br['overhead_ms']:.2f} ms, "
@@ -177,6 +176,7 @@ def main(argv=None) -> int:
         if args.prompt_tokens:  # a long context for TPOT: the text repeated to this many tokens
             prompt = (prompt * (args.prompt_tokens // max(len(prompt), 1) + 1))[: args.prompt_tokens]
         context = args.context or len(prompt) + args.max_new_tokens
+        opts = dsv4_jax.Opts(prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
         plan = memory_plan(
             cfg,
             dict(mesh.shape),
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             context,
             mem_fraction=args.mem_fraction,
             prefill_chunk=args.prefill_chunk,
-            kv_dtype=dsv4_jax.Opts(kv_cache=args.kv_cache).cache_layout,
+            kv_dtype=opts.cache_layout,
         )
     except ValueError as e:
         print(f"run_full_size: error: {e}", file=sys.stderr)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             sampler=sampler,
             key=0,
             max_len=context,
-            opts=dsv4_jax.Opts(prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache),
+            opts=opts,
         )
         compile_s = stream.compile()
         for _ in stream:
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         f"{stream.decode_steps} decode steps {stream.decode_s / steps * 1e3:.2f} ms each")  # fmt: skip
     say(f"generated ids: {new} (random weights: the text is noise); ops: {ran}")
     with jax.set_mesh(mesh):
-        measured = measure(args, state, cfg, prompt, mesh, say)
+        measured = measure(args, state, cfg, prompt, mesh, opts, say)
     memory = device_memory()
     for d in memory:
         if "peak_bytes_in_use" in d:
