@@ -2,8 +2,10 @@
 # One device call: set up the project with a prebuilt extension, then run the named phases, each under its own time
 # limit, logs under OUT (the device tool brings OUT back).
 #   scripts/gpu_session.sh OUT "PHASE[=ARGS][@SECONDS]" ...
-# Phases: tests-gpu (the whole GPU suite), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
-# bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them).
+# The device tool brings back at most 8 files from OUT: keep the phases' outputs under that.
+# Phases: tests-gpu[=WORKERS] (the whole GPU suite), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
+# bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them),
+# env=NAME=VALUE (exported for the phases after it; "env=NAME=" empties it).
 # Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
 # (BUILD.md: built on a CPU box with nvcc, carried). Always `python -m pip`: the image's bare pip is another Python's.
 set -u
@@ -34,10 +36,19 @@ for spec in "$@"; do
   case "$name" in
     xla)
       export XLA_FLAGS="$arg"; echo "XLA_FLAGS=$XLA_FLAGS" ;;
+    env)
+      export "${arg?}"; echo "$arg" ;;
     tests-gpu)
       export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
-      timeout "$limit" python -m pytest -m gpu tests -n 3 -q -rs --durations=10 -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
-      echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_gpu.log" | tail -25; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
+      # The workers share one GPU: with the default BFC allocator each grows its pool by doubling regions, and one
+      # asked for 64 GiB while seven others held theirs (OOM in test_end_to_end_generate_mxfp4_flash_layers, 8
+      # workers). The platform allocator (this phase only) takes what each buffer needs, no more.
+      # ARG: xdist workers (default 3); compiling the full-width end-to-end tests is what takes the time. --dist load:
+      # the CPU suite's loadfile (pyproject addopts) would put every test of test_kernels_gpu.py on one worker.
+      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" python -m pytest -m gpu tests -n "${arg:-3}" --dist load \
+        -q -rs --durations=15 -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
+      echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_gpu.log" | tail -25
+      sed -n '/slowest/,/^$/p' "$OUT/tests_gpu.log" | head -18; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
     tests-fp4)
       timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py -n 4 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_fp4.log" | tail -15 ;;
@@ -63,8 +74,9 @@ for spec in "$@"; do
       echo "rc=$?"; tail -6 "$OUT/bench_compile.log" ;;
     full-size)
       # shellcheck disable=SC2086
-      timeout "$limit" python scripts/run_full_size.py $arg >"$OUT/full_size.log" 2>&1
-      echo "rc=$?"; grep -v Warning "$OUT/full_size.log" | cut -c1-1500 | tail -12 ;;
+      n=$(ls "$OUT"/full_size*.log 2>/dev/null | wc -l); tag="full_size_$n"
+      timeout "$limit" python scripts/run_full_size.py $arg >"$OUT/$tag.log" 2>&1
+      echo "rc=$?"; grep -v Warning "$OUT/$tag.log" | cut -c1-1500 | tail -12 ;;
     *) echo "unknown phase $name" ;;
   esac
 done

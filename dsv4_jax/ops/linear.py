@@ -115,13 +115,11 @@ def _grouped_dequant_linear_supports(x, w, s, *, quant_sim: bool = True) -> str 
     return dequant.grouped_dequant_linear_unsupported(x, w, s)
 
 
-# Written and compiled, not yet run on a GPU: "auto" takes the kernel only with DSV4_JAX_ENABLE_KERNELS naming it.
 grouped_dequant_linear = registry.register(
     "grouped_dequant_linear",
     _grouped_dequant_linear_reference,
     kernel="dsv4_jax.kernels.dequant:grouped_dequant_linear",
     supports=_grouped_dequant_linear_supports,
-    validated=False,
 )
 
 
