@@ -26,6 +26,25 @@ def pytest_configure(config):
 
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if log := os.environ.get("DSV4_JAX_COMPILE_LOG"):  # where the suite's time goes: compiles per test
+        _log_compiles(log)
+
+
+def _log_compiles(path: str) -> None:
+    """Appends `time  test  event  seconds  function` per trace, lowering and XLA compile to PATH.<worker> (through
+    jax.monitoring, not jax_log_compiles: its log records would reach the tests that check a run is silent)."""
+    import time
+
+    import jax
+
+    out = open(f"{path}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a", buffering=1)  # noqa: SIM115
+
+    def listener(event: str, seconds: float, fun_name: str = "?", **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            test = os.environ.get("PYTEST_CURRENT_TEST", "-").split(" ")[0]
+            out.write(f"{time.time():.3f}\t{test}\t{event.rsplit('/', 1)[1]}\t{seconds:.3f}\t{fun_name}\n")
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -6,9 +6,11 @@ window edge (128), CSA blocks (4) and an HCA block (128). quant_sim is off (the 
 three paths differ only by reduction order (matmul shapes), which the bf16 roundings amplify to at most the model's
 own noise floor (~0.7% rel-RMS for a one-ulp input nudge).
 
-Every call has batch 2 and max_len 160, and a chunk is 5 or 65 tokens wide (`WIDTHS`; the real tokens of each row
+Every call has batch 2 and max_len 320, and a chunk is 5 or 65 tokens wide (`WIDTHS`; the real tokens of each row
 first, then padding), so the three tests share a handful of compiled programs (a new width is a new compile; on 2
-CPU cores each costs ~10 s). Width 1 is `decode_step` itself.
+CPU cores each costs ~10 s). Width 1 is `decode_step` itself. The prefill (a 160-wide padded prompt), the decode
+step and `forward_outputs` have test_decode's shapes and options, so those programs come from the persistent
+compilation cache when test_decode compiled them first.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 import pytest
 from conftest import rel_rms
 
-B, TOTAL, MAX_LEN = 2, 150, 160
+B, TOTAL, MAX_LEN = 2, 150, 320
+PREFILL_WIDTH, FORWARD_WIDTH = 160, 303  # test_decode's prefill and forward widths
 CHUNKS = [17, 1, 40, 3, 64, 5]  # after a 20-token prefill: positions 20..149
 WIDTHS = (5, 65)  # a chunk's array: the narrowest of these that holds its longest row
 
@@ -30,7 +33,9 @@ def _prefilled(state, toks, opts):
     import dsv4_jax
 
     cache = dsv4_jax.init_cache(state.config, B, MAX_LEN, opts.cache_layout)  # bf16: quant_sim is off
-    return dsv4_jax.prefill(state, cache, toks[:, :20], opts=opts)
+    prompt = np.zeros((B, PREFILL_WIDTH), np.int32)
+    prompt[:, :20] = toks[:, :20]
+    return dsv4_jax.prefill(state, cache, prompt, np.full(B, 20), opts=opts)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,8 @@ def runs(official_state):
     opts = dsv4_jax.Opts(quant_sim=False)
     rng = np.random.default_rng(7)
     toks = rng.integers(2, 512, (B, TOTAL)).astype(np.int32)
-    fwd = np.asarray(dsv4_jax.forward(official_state, toks, opts=opts))
+    wide = np.concatenate([toks, np.full((B, FORWARD_WIDTH - TOTAL), 5, np.int32)], 1)  # causal: changes nothing
+    fwd = np.asarray(dsv4_jax.forward_outputs(official_state, wide, opts=opts, capture=True).logits)[:, :TOTAL]
 
     # decode steps, one token at a time
     logits, _, cache = _prefilled(official_state, toks, opts)
@@ -137,7 +143,9 @@ def test_mtp_extend_equals_mtp_decode_steps(official_state, runs):
 
     def prefilled():  # each path gets its own cache: steps donate theirs
         _, hidden, cache = _prefilled(official_state, toks, opts)
-        return dsv4_jax.mtp_prefill(official_state, cache, hidden, toks[:, 1:21], opts=opts)[1]
+        mtp_toks = np.zeros((B, PREFILL_WIDTH), np.int32)  # as the prompt: 20 real tokens, then padding
+        mtp_toks[:, :20] = toks[:, 1:21]
+        return dsv4_jax.mtp_prefill(official_state, cache, hidden, mtp_toks, opts=opts)[1]
 
     _, hid_e, c_e = dsv4_jax.extend(official_state, prefilled(), toks[:, 20 : 20 + k], opts=opts)
     mtp_e, _ = dsv4_jax.mtp_extend(official_state, c_e, hid_e, toks[:, 21 : 21 + k], opts=opts)

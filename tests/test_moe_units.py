@@ -52,21 +52,29 @@ def test_swiglu_clamp_is_asymmetric():
 
 
 def test_hash_and_bias_layers_and_padding():
-    rngs = nnx.Rngs(0)
-    hash_moe, bias_moe = MoE(CFG, True, rngs=rngs), MoE(CFG, False, rngs=rngs)
+    # Built and called under jit: eagerly, each of the modules' ~460 small ops compiles on its own (~15 s of the
+    # suite's 2-core time).
+    hash_moe, bias_moe = nnx.jit(lambda: (MoE(CFG, True, rngs=nnx.Rngs(0)), MoE(CFG, False, rngs=nnx.Rngs(1))))()
     assert hash_moe.gate.is_hash and not hasattr(hash_moe.gate, "bias")
     assert not bias_moe.gate.is_hash and not hasattr(bias_moe.gate, "tid2eid")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, CFG.dim)), jnp.bfloat16)
     tokens = jnp.asarray([[3, 3, 7, 7, 9, 11]])
-    rec = Capture()
-    hash_moe(x, tokens, Opts(), rec)
-    idx = np.asarray(rec["route_idx"])
+
+    @nnx.jit
+    def hash_route(moe, x, tokens):
+        rec = Capture()
+        moe(x, tokens, Opts(), rec)
+        return rec["route_idx"]
+
+    idx = np.asarray(hash_route(hash_moe, x, tokens))
     np.testing.assert_array_equal(idx[0], idx[1])  # same token, same experts, whatever the hidden state
     np.testing.assert_array_equal(idx, np.asarray(hash_moe.gate.tid2eid[...])[np.asarray(tokens[0])])
-    # Padding (valid False) gets no routed experts: only the shared expert contributes.
+    # Padding (valid False) gets no routed experts: only the shared expert contributes (one program computes both,
+    # so the shared expert's arithmetic is the same on both sides).
     valid = jnp.asarray([[True] * 5 + [False]])
-    y = np.asarray(bias_moe(x, tokens, Opts(), None, valid), np.float32)
-    shared = np.asarray(bias_moe.shared_experts(x.reshape(6, -1), Opts()), np.float32)
+    y, shared = nnx.jit(lambda m, x, t, v: (m(x, t, Opts(), None, v), m.shared_experts(x.reshape(6, -1), Opts())))(
+        bias_moe, x, tokens, valid)  # fmt: skip
+    y, shared = np.asarray(y, np.float32), np.asarray(shared, np.float32)
     np.testing.assert_array_equal(y[0, 5], shared[5])
     assert not np.array_equal(y[0, 4], shared[4])
 

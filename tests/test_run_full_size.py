@@ -27,7 +27,7 @@ def _script():
 
 def test_tiny_on_8_devices(tmp_path):
     out = tmp_path / "run.json"
-    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--mesh", "expert=8", "--values", "normal",
+    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--mesh", "expert=8", "--values", "bytes",
            "--max-new-tokens", "4", "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, env=env_for(8), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "RUN OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
