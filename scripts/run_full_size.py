@@ -5,9 +5,13 @@ device's memory against the plan.
 
     # V4-Flash on 2 x H200, experts split in two (issue #15)
     python scripts/run_full_size.py --preset flash --mesh expert=2 --rules ep
-    # V4-Pro on 8 x H200 (issue #17): attention split over the same 8 devices as the experts
-    python scripts/run_full_size.py --preset pro --mesh expert=8 --rules ep-tp
-    # a dry run at reduced depth (the same layer pattern, first N layers + MTP)
+    # V4-Pro on 8 x H200 (issue #17): attention split over the same 8 devices as the experts. The extension must
+    # hold Pro's GEMM shapes (its default presets, flash,pro,tiny; a flash,tiny build runs five Pro linears on the
+    # reference: BENCHMARKS.md, 2026-12-01)
+    python scripts/run_full_size.py --preset pro --mesh expert=8 --rules ep-tp --tpot 16,48 --throughput-batch 64 \
+        --throughput-prompt 32 --json pro.json
+    # a dry run at reduced depth (the same layer pattern, first N layers + MTP); tried on 2 x H200 with
+    # --mesh expert=2 --layers 4: 8.1 ms TPOT, 37 GiB per GPU
     python scripts/run_full_size.py --preset pro --mesh expert=8 --rules ep-tp --layers 4
     # several hosts: one process per host, DSV4_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID set on each
     # batch-1 time per token from two generation lengths, batch throughput, and where a decode step's time goes
