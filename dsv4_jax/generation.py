@@ -173,7 +173,9 @@ def _emit(sampler: Sampler, loop: _Loop, i, tok, logits, mtp_logits, active) -> 
     done = loop.done | ~active | (tok == loop.knobs["eos"])
     done = done | (i + 1 >= sampler.max_new_tokens)
     out = GenerateOutput(tokens, logprobs, mtp, out.num_tokens + active.astype(jnp.int32), kept)
-    return dataclasses.replace(loop, step=i + 1, last=jnp.where(active, tok, loop.last), done=done, out=out)
+    # int32, not weakly typed: the start program (i = 0, a Python int) and the step program give one loop type.
+    step = jnp.asarray(i + 1, jnp.int32)
+    return dataclasses.replace(loop, step=step, last=jnp.where(active, tok, loop.last), done=done, out=out)
 
 
 def _sample_knobs(loop_knobs, logits, key):
@@ -277,6 +279,12 @@ def generate(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Samp
     return _generate(state, tokens, lengths, key, sampler.knobs(), sampler.static(), max_len, opts)
 
 
+def _shapes(out_info):
+    """The loop state's shapes from the start program's output info (what `jax.eval_shape` gives, without tracing
+    `_start` a second time): shardings and layouts dropped, so the step program is lowered as from `eval_shape`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type), out_info)
+
+
 class GenerationStream:
     """Streaming generation: a Python loop over the jitted start (prefill + token 0) and decode step. Iterating
     yields `(tokens [B], active [B])` per step as soon as it is computed (`active[b]` False: row b had already
@@ -299,9 +307,7 @@ class GenerationStream:
         t0 = time.perf_counter()
         args = (self.state, self.tokens, self.lengths, *self.key)
         start = _start_jit.lower(*args, sampler=self.sampler, max_len=self.max_len, opts=self.opts).compile()
-        shape = jax.eval_shape(functools.partial(_start, sampler=self.sampler, max_len=self.max_len, opts=self.opts),
-                               *args)  # fmt: skip
-        step = _step_jit.lower(self.state, shape, sampler=self.sampler, opts=self.opts).compile()
+        step = _step_jit.lower(self.state, _shapes(start.out_info), sampler=self.sampler, opts=self.opts).compile()
         self._start, self._step = start, lambda st, lp: step(st, lp)
         self.compile_s = time.perf_counter() - t0
         return self.compile_s
