@@ -3,11 +3,14 @@
   * `generate`: the one program (prefill + `lax.while_loop` of decode steps);
   * `GenerationStream` (the CLI): its start (prefill + token 0) and step programs.
 
-Each measurement runs in a fresh process: "cold" with an empty persistent compilation cache, then "warm" with the
-cache the cold run filled. `--layers-scaling 6,12` instead compiles `forward` of Flash-shaped models of 6 and 12
-layers (same layer kinds), the ratio that shows whether compile time grows with depth.
+Each measurement runs in a fresh process: "cold" with empty caches, then "warm" with the caches the cold run filled,
+as the CLI has them: JAX's persistent compilation cache and the executable cache (`dsv4_jax.exec_cache`, a warm hit
+neither traces nor lowers); `--no-exec-cache` measures JAX's cache alone (every process traces and lowers; the
+lowering and compiling times are then reported apart). `--layers-scaling 6,12` instead compiles `forward` of
+Flash-shaped models of 6 and 12 layers (same layer kinds), the ratio that shows whether compile time grows with depth.
 
     python benchmarks/bench_compile.py --preset flash --prompt 128 --out compile.json
+    JAX_PLATFORMS=cpu python benchmarks/bench_compile.py --preset tiny --prompt 64 --backend reference
     JAX_PLATFORMS=cpu python benchmarks/bench_compile.py --layers-scaling 6,12 --width 512
 """
 
@@ -44,12 +47,13 @@ def _state(cfg, fp32_scales: bool):
     return dsv4_jax.ModelState(ab.graphdef, nnx.from_flat_state(out), cfg)
 
 
-def one(mode: str, preset: str, prompt: int, new: int, backend: str, layers: int, width: int) -> dict:
+def one(mode: str, preset: str, prompt: int, new: int, backend: str, layers: int, width: int, exec_on: bool) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import dsv4_jax
+    from dsv4_jax import exec_cache as ec
     from dsv4_jax import generation as G
     from dsv4_jax import runner
 
@@ -76,23 +80,24 @@ def one(mode: str, preset: str, prompt: int, new: int, backend: str, layers: int
     lengths = jnp.full((1,), prompt, jnp.int32)
     key = jax.random.key(0)
     max_len = prompt + new
+    args = (state, tokens, lengths, key, sampler.knobs())
+    static = {"sampler": sampler.static(), "max_len": max_len, "opts": opts}
+    if exec_on:
+        ec.enable(os.path.join(os.environ["DSV4_JAX_BENCH_CACHE"], "executables"))
     t = time.perf_counter()
-    low = G._generate.lower(state, tokens, lengths, key, sampler.knobs(), sampler.static(), max_len, opts)
-    t1 = time.perf_counter()
-    low.compile()
+    if exec_on:  # what `generate` does with the cache on
+        ec.compiled("generate", G._generate, args, static)
+    else:
+        low = G._generate.lower(*args, **static)
+        out["generate_lower_s"] = time.perf_counter() - t
+        low.compile()
     t2 = time.perf_counter()
-    out.update(generate_lower_s=t1 - t, generate_compile_s=t2 - t1)
-    start = G._start_jit.lower(state, tokens, lengths, key, sampler.knobs(), sampler=sampler.static(),
-                               max_len=max_len, opts=opts)  # fmt: skip
-    start.compile()
-    shape = jax.eval_shape(
-        lambda *a: G._start(*a, sampler=sampler.static(), max_len=max_len, opts=opts),
-        state, tokens, lengths, key, sampler.knobs(),
-    )  # fmt: skip
-    G._step_jit.lower(state, shape, sampler=sampler.static(), opts=opts).compile()
+    out["generate_s"] = t2 - t
+    G.GenerationStream(state, np.zeros((1, prompt), np.int32), sampler=sampler, key=key, max_len=max_len,
+                       opts=opts).compile()  # fmt: skip
     out["stream_s"] = time.perf_counter() - t2
     out["total_s"] = time.perf_counter() - t
-    del np
+    out["exec_cache"] = dict(ec.COUNTS) if exec_on else None
     return out
 
 
@@ -104,12 +109,14 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--layers-scaling", default=None, help="e.g. 6,12: forward compile of Flash-shaped models")
     ap.add_argument("--width", type=int, default=0, help="reduced model width (CPU layer-scaling runs)")
+    ap.add_argument("--no-exec-cache", action="store_true", help="JAX's persistent compilation cache alone")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         mode, layers = args.child.split(":")
-        print(json.dumps(one(mode, args.preset, args.prompt, args.new, args.backend, int(layers), args.width)))
+        use = not args.no_exec_cache
+        print(json.dumps(one(mode, args.preset, args.prompt, args.new, args.backend, int(layers), args.width, use)))
         return
     results = []
     runs = ([("forward", int(n)) for n in args.layers_scaling.split(",")] if args.layers_scaling
@@ -120,7 +127,7 @@ def main(argv=None):
             for phase in ("cold", "warm"):
                 cmd = [sys.executable, __file__, "--child", f"{mode}:{layers}", "--preset", args.preset,
                        "--prompt", str(args.prompt), "--new", str(args.new), "--backend", args.backend,
-                       "--width", str(args.width)]  # fmt: skip
+                       "--width", str(args.width)] + ["--no-exec-cache"] * args.no_exec_cache  # fmt: skip
                 t = time.perf_counter()
                 r = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 wall = time.perf_counter() - t

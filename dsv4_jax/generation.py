@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import runner
+from dsv4_jax import exec_cache, runner
 from dsv4_jax.cache import Cache, init_cache
 from dsv4_jax.model import ModelState
 from dsv4_jax.options import Opts
@@ -173,7 +173,9 @@ def _emit(sampler: Sampler, loop: _Loop, i, tok, logits, mtp_logits, active) -> 
     done = loop.done | ~active | (tok == loop.knobs["eos"])
     done = done | (i + 1 >= sampler.max_new_tokens)
     out = GenerateOutput(tokens, logprobs, mtp, out.num_tokens + active.astype(jnp.int32), kept)
-    return dataclasses.replace(loop, step=i + 1, last=jnp.where(active, tok, loop.last), done=done, out=out)
+    # int32, not weakly typed: the start program (i = 0, a Python int) and the step program give one loop type.
+    step = jnp.asarray(i + 1, jnp.int32)
+    return dataclasses.replace(loop, step=step, last=jnp.where(active, tok, loop.last), done=done, out=out)
 
 
 def _sample_knobs(loop_knobs, logits, key):
@@ -274,7 +276,18 @@ def generate(state: ModelState, tokens, lengths=None, *, sampler: Sampler = Samp
     [B]`, default all S). One compiled program (prefill + `lax.while_loop`) per (shapes, sampler, max_len, opts);
     the cache holds `max_len` positions (default S + max_new_tokens). Same key, same output."""
     tokens, lengths, key, max_len = _prepare(state, tokens, lengths, sampler, key, max_len)
-    return _generate(state, tokens, lengths, key, sampler.knobs(), sampler.static(), max_len, opts)
+    args = (state, tokens, lengths, key, sampler.knobs())
+    # Static arguments by name in both paths: one entry in jit's trace cache serves both.
+    static = {"sampler": sampler.static(), "max_len": max_len, "opts": opts}
+    if exec_cache.folder() is None:
+        return _generate(*args, **static)
+    return exec_cache.compiled("generate", _generate, args, static)(*args)
+
+
+def _shapes(out_info):
+    """The loop state's shapes from the start program's output info (what `jax.eval_shape` gives, without tracing
+    `_start` a second time): shardings and layouts dropped, so the step program is lowered as from `eval_shape`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type), out_info)
 
 
 class GenerationStream:
@@ -298,10 +311,9 @@ class GenerationStream:
     def compile(self) -> float:
         t0 = time.perf_counter()
         args = (self.state, self.tokens, self.lengths, *self.key)
-        start = _start_jit.lower(*args, sampler=self.sampler, max_len=self.max_len, opts=self.opts).compile()
-        shape = jax.eval_shape(functools.partial(_start, sampler=self.sampler, max_len=self.max_len, opts=self.opts),
-                               *args)  # fmt: skip
-        step = _step_jit.lower(self.state, shape, sampler=self.sampler, opts=self.opts).compile()
+        static = {"sampler": self.sampler, "opts": self.opts}
+        start = exec_cache.compiled("generation_start", _start_jit, args, {**static, "max_len": self.max_len})
+        step = exec_cache.compiled("generation_step", _step_jit, (self.state, _shapes(start.out_info)), static)
         self._start, self._step = start, lambda st, lp: step(st, lp)
         self.compile_s = time.perf_counter() - t0
         return self.compile_s

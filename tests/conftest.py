@@ -26,6 +26,10 @@ def pytest_configure(config):
 
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # A CLI run in this process (`main(["generate", ...])`) points its caches at DSV4_JAX_COMPILE_CACHE: this
+    # session's folder, never the user's.
+    os.environ["DSV4_JAX_COMPILE_CACHE"] = cache or "0"
+
     if log := os.environ.get("DSV4_JAX_COMPILE_LOG"):  # where the suite's time goes: compiles per test
         _log_compiles(log)
 
@@ -45,6 +49,29 @@ def _log_compiles(path: str) -> None:
             out.write(f"{time.time():.3f}\t{test}\t{event.rsplit('/', 1)[1]}\t{seconds:.3f}\t{fun_name}\n")
 
     jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _compile_caches_kept():
+    # A CLI run in this process also keeps only the programs that took a second to compile and turns the executable
+    # cache on (`compile_cache.enable()`): put back after each test, for the tests after it in this worker.
+    import jax
+
+    from dsv4_jax import exec_cache
+
+    options, folder = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}, exec_cache.folder()
+    yield
+    for name, value in options.items():
+        if getattr(jax.config, name) != value:
+            jax.config.update(name, value)
+    if folder is None:
+        exec_cache.disable()
+    else:
+        exec_cache.enable(folder)
 
 
 @pytest.hookimpl(tryfirst=True)

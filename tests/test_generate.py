@@ -151,6 +151,28 @@ def test_seeds_reproduce_and_second_call_does_not_recompile(official_state, prom
     assert G.TRACE_COUNT["generate"] == traces and G._generate._cache_size() == size
 
 
+def test_with_the_executable_cache_generate_runs_the_same_program(official_state, prompts, greedy, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    # The program `greedy` compiled, taken from jax's in-process cache: a fresh compile for the executable cache
+    # would cost ~40 s here (test_exec_cache stores and loads programs). What this checks is `generate`'s call.
+    from dsv4_jax import exec_cache
+    from dsv4_jax import generation as G
+
+    monkeypatch.setattr(exec_cache, "_LOADED", {})
+    monkeypatch.setattr(exec_cache, "_fresh", lambda lowered: lowered.compile())
+    monkeypatch.setattr(exec_cache, "_write", lambda path, entry: None)
+    toks, lengths = prompts
+    traces = G.TRACE_COUNT["generate"]
+    exec_cache.enable(str(tmp_path))
+    try:
+        sampler = Sampler(max_new_tokens=N, eos_id=None, mtp=True)
+        out = G.generate(official_state, toks, lengths, sampler=sampler, max_len=MAX_LEN)
+    finally:
+        exec_cache.disable()
+    assert exec_cache.COUNTS["compiled"] >= 1 and G.TRACE_COUNT["generate"] == traces
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, out), greedy)
+
+
 def test_generate_rejects_bad_input(official_state):
     from dsv4_jax import generation as G
 

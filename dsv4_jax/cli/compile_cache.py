@@ -1,6 +1,9 @@
-"""The persistent XLA compilation cache of the CLI: compiled programs are kept on disk, so a second `dsv4-jax
-generate` with the same model and shapes skips compiling. On by default in a user cache directory; off with
-`--no-compile-cache` or `DSV4_JAX_COMPILE_CACHE=0`; `DSV4_JAX_COMPILE_CACHE=/some/dir` moves it."""
+"""The persistent caches of the CLI: compiled programs are kept on disk, so a second `dsv4-jax generate` with the
+same model and shapes skips compiling. Two caches in one folder: JAX's persistent compilation cache (keyed on the
+lowered program, so a process still traces and lowers first) and, in `executables/`, the executables themselves
+(`dsv4_jax.exec_cache`: keyed before tracing, so a hit neither traces nor lowers). On by default in a user cache
+directory; off with `--no-compile-cache` or `DSV4_JAX_COMPILE_CACHE=0`; `DSV4_JAX_COMPILE_CACHE=/some/dir` moves
+it."""
 
 from __future__ import annotations
 
@@ -29,9 +32,12 @@ def describe() -> str:
 
 def enable() -> str | None:
     """Points JAX's persistent compilation cache at `cache_dir()` (every program worth a second, and the
-    autotuning results); returns the folder, or None when off."""
+    autotuning results) and `dsv4_jax.exec_cache` at its `executables/`; returns the folder, or None when off."""
+    from dsv4_jax import exec_cache
+
     where = cache_dir()
     if where is None:
+        exec_cache.disable()
         return None
     import jax
 
@@ -39,4 +45,5 @@ def enable() -> str | None:
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    exec_cache.enable(os.path.join(where, "executables"))
     return where

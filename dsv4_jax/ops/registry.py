@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterator
 
 from dsv4_jax.options import Opts
 
-__all__ = ["Op", "KernelUnavailable", "register", "ops", "disabled", "enabled", "record", "KILL_SWITCH", "OPT_IN"]
+__all__ = ["Op", "KernelUnavailable", "register", "ops", "disabled", "enabled", "record", "replay", "KILL_SWITCH",
+           "OPT_IN"]  # fmt: skip
 
 log = logging.getLogger("dsv4_jax.ops")
 
@@ -123,8 +124,7 @@ def register(name: str, reference: Callable, kernel: str | None = None,
 
     def call(*args, opts: Opts = Opts(), **kwargs):
         impl, which = _choose(op, opts, args, kwargs)
-        for rec in _RECORDERS:
-            rec[name] = which if rec.get(name, which) == which else "mixed"
+        _note(name, which)
         if which == "reference":
             return impl(*args, quant_sim=opts.quant_sim, **kwargs)
         return impl(*args, **kwargs)
@@ -135,10 +135,23 @@ def register(name: str, reference: Callable, kernel: str | None = None,
     return call
 
 
+def _note(name: str, which: str) -> None:
+    for rec in _RECORDERS:
+        rec[name] = which if rec.get(name, which) == which else "mixed"
+
+
+def replay(choices: dict[str, str]) -> None:
+    """Feeds the open recorders the choices recorded when a program was compiled: a program loaded from
+    `dsv4_jax.exec_cache` is not traced, so its ops do not report themselves."""
+    for name, which in choices.items():
+        _note(name, which)
+
+
 @contextlib.contextmanager
 def record() -> Iterator[dict[str, str]]:
     """Collects, for the code traced inside the block, which implementation each op ran: {name: "kernel" |
-    "reference" | "mixed"}. Only tracing is seen: a cached (already compiled) program records nothing."""
+    "reference" | "mixed"}. Only tracing is seen: a program jax had already compiled in this process records nothing;
+    one loaded from `dsv4_jax.exec_cache` replays what it recorded when it was compiled."""
     rec: dict[str, str] = {}
     _RECORDERS.append(rec)
     try:
