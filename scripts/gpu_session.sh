@@ -43,9 +43,9 @@ for spec in "$@"; do
       # The workers share one GPU: with the default BFC allocator each grows its pool by doubling regions, and one
       # asked for 64 GiB while seven others held theirs (OOM in test_end_to_end_generate_mxfp4_flash_layers, 8
       # workers). The platform allocator (this phase only) takes what each buffer needs, no more.
-      # ARG: xdist workers (default 3); compiling the full-width end-to-end tests is what takes the time. --dist load:
+      # ARG: xdist workers (default 8); compiling the full-width end-to-end tests is what takes the time. --dist load:
       # the CPU suite's loadfile (pyproject addopts) would put every test of test_kernels_gpu.py on one worker.
-      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" python -m pytest -m gpu tests -n "${arg:-3}" --dist load \
+      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" python -m pytest -m gpu tests -n "${arg:-8}" --dist load \
         -q -rs --durations=15 -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_gpu.log" | tail -25
       sed -n '/slowest/,/^$/p' "$OUT/tests_gpu.log" | head -18; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
