@@ -17,30 +17,34 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 if ls .whl/*.whl >/dev/null 2>&1; then python -m pip install -q --no-deps --no-index .whl/*.whl >"$OUT/setup.log" 2>&1; fi
 python -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { echo "project install failed"; tail "$OUT/setup.log"; }
 
-PKG=/tmp/ffipkg/dsv4_jax_ffi
+# Scratch space for the unpacked sources, the wheel and the extension package: a fresh folder per run.
+SCRATCH=${DSV4_GPU_SCRATCH:-$(mktemp -d)}
+export SCRATCH
+PKG=$SCRATCH/ffipkg/dsv4_jax_ffi
 mkdir -p "$PKG"
 cp ffi/src/dsv4_jax_ffi/__init__.py "$PKG/"
 if [ "$MODE" = build ]; then
   python - <<'EOF'
-import glob, zipfile
-zipfile.ZipFile(glob.glob(".dg/sgl_deep_gemm-*.whl")[0]).extractall("/tmp/dg")
+import glob, os, zipfile
+zipfile.ZipFile(glob.glob(".dg/sgl_deep_gemm-*.whl")[0]).extractall(os.path.join(os.environ["SCRATCH"], "dg"))
 EOF
-  ( DSV4_DEEPGEMM_INCLUDE=/tmp/dg/deep_gemm/include CMAKE_BUILD_PARALLEL_LEVEL=16 \
-      python -m pip wheel --no-build-isolation --no-deps -w /tmp/ffiwheel ./ffi ) >"$OUT/build.log" 2>&1 \
+  ( DSV4_DEEPGEMM_INCLUDE=$SCRATCH/dg/deep_gemm/include CMAKE_BUILD_PARALLEL_LEVEL=16 \
+      python -m pip wheel --no-build-isolation --no-deps -w "$SCRATCH/ffiwheel" ./ffi ) >"$OUT/build.log" 2>&1 \
     || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
   python - <<'EOF'
-import glob, zipfile
-z = zipfile.ZipFile(glob.glob("/tmp/ffiwheel/dsv4_jax_ffi-*.whl")[0])
+import glob, os, zipfile
+scratch = os.environ["SCRATCH"]
+z = zipfile.ZipFile(glob.glob(os.path.join(scratch, "ffiwheel", "dsv4_jax_ffi-*.whl"))[0])
 for n in z.namelist():
     if n.startswith("dsv4_jax_ffi/_ffi"):
-        open("/tmp/ffipkg/dsv4_jax_ffi/" + n.split("/")[-1], "wb").write(z.read(n))
+        open(os.path.join(scratch, "ffipkg", "dsv4_jax_ffi", n.split("/")[-1]), "wb").write(z.read(n))
 EOF
   mkdir -p "$OUT/so" && cp "$PKG"/_ffi*.so "$OUT/so/"
   echo "built in $(elapsed) s"
 else
   cp .so/_ffi*.so "$PKG/"
 fi
-export PYTHONPATH=/tmp/ffipkg:${PYTHONPATH:-}
+export PYTHONPATH=$SCRATCH/ffipkg:${PYTHONPATH:-}
 python -c "import dsv4_jax_ffi as m; print('ffi', m.cuda_archs, m.deepgemm_source, len(m.instantiations()), 'GEMMs')"
 
 if [ "$TESTS" = tests ]; then

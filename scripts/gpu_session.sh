@@ -13,18 +13,19 @@ OUT=${1:?output directory}
 shift
 mkdir -p "$OUT"
 T0=$(date +%s)
+# Scratch space for the carried wheels and the extension package: a fresh folder per run.
+SCRATCH=${DSV4_GPU_SCRATCH:-$(mktemp -d)}
 elapsed() { echo $(( $(date +%s) - T0 )); }
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/setup.log" 2>&1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  python -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" .whl/*.whl >"$OUT/setup.log" 2>&1
+  export PYTHONPATH=$SCRATCH/site:${PYTHONPATH:-}
 fi
 python -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { echo "project install failed"; tail "$OUT/setup.log"; }
-mkdir -p /tmp/ffipkg/dsv4_jax_ffi
-cp ffi/src/dsv4_jax_ffi/__init__.py /tmp/ffipkg/dsv4_jax_ffi/
-cp .gpu/so/_ffi*.so /tmp/ffipkg/dsv4_jax_ffi/
-export PYTHONPATH=/tmp/ffipkg:$PWD:${PYTHONPATH:-}
+mkdir -p "$SCRATCH/ffipkg/dsv4_jax_ffi"
+cp ffi/src/dsv4_jax_ffi/__init__.py .gpu/so/_ffi*.so "$SCRATCH/ffipkg/dsv4_jax_ffi/"
+export PYTHONPATH=$SCRATCH/ffipkg:$PWD:${PYTHONPATH:-}
 python -c "import jax, flax, dsv4_jax_ffi as m; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices(), len(m.instantiations()), 'GEMMs')" 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
