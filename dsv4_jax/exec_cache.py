@@ -53,6 +53,7 @@ ENV_PREFIXES = ("DSV4_", "XLA_", "JAX_")
 # Where caches and checkpoints live changes no program: leaving them out lets processes with other folders share.
 ENV_LOCATIONS = frozenset({"DSV4_JAX_COMPILE_CACHE", "DSV4_JAX_CACHE", "JAX_COMPILATION_CACHE_DIR"})
 
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # an object's address in a repr: differs between processes
 _FOLDER: list[str | None] = [None]
 COUNTS = {"loaded": 0, "compiled": 0, "stored": 0}  # what this process's cache lookups did (tests read it)
 # In-process: (name, fn, structure, avals, statics) -> Compiled, so a repeated call costs no key hash or disk read.
@@ -103,14 +104,13 @@ def _trace_context() -> str:
         ctx = repr(config.trace_context())
     except (ImportError, AttributeError):
         ctx = "?"
-    return re.sub(r" at 0x[0-9a-f]+", "", ctx)  # object addresses differ between processes
+    return _ADDRESS.sub("", ctx)
 
 
 @functools.lru_cache(maxsize=64)
 def _structure(tree) -> str:
-    # ~0.1 s for a model's structure (its GraphDef): once per process, not once per program. An object's address,
-    # were one printed, differs between processes.
-    return re.sub(r" at 0x[0-9a-f]+", "", str(tree))
+    # ~0.1 s for a model's structure (its GraphDef): once per process, not once per program.
+    return _ADDRESS.sub("", str(tree))
 
 
 def _leaf(x) -> tuple:
