@@ -27,11 +27,12 @@ from flax import nnx
 from dsv4_jax import kv_format, nn, ops, quant
 from dsv4_jax.config import Config
 from dsv4_jax.kv_format import PackedKV
-from dsv4_jax.layer_view import materialize, take
+from dsv4_jax.layer_view import materialize
+from dsv4_jax.ops.attention import gather_rows, sparse_attention
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["Attention", "Compressor", "Indexer", "LayerUpdate", "CompressorStep", "sparse_attention",
+__all__ = ["Attention", "Compressor", "Indexer", "LayerUpdate", "CompressorStep", "sparse_attention", "gather_rows",
            "window_indices", "compressed_indices"]  # fmt: skip
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -57,123 +58,6 @@ def compressed_indices(s: int, ratio: int, offset: int) -> np.ndarray:
     j = np.arange(s // ratio)[None, :]
     visible = j < (np.arange(1, s + 1)[:, None] // ratio)
     return np.where(visible, j + offset, -1).astype(np.int32)
-
-
-# ---- sparse attention ------------------------------------------------------------------------------------------
-
-
-def _as_sources(kv) -> list[tuple]:
-    return [(kv, 0)] if not isinstance(kv, (list, tuple)) else list(kv)
-
-
-def gather_rows(sources, idx):
-    """Rows `[b, c, t, D]` f32 for index lists `idx [b, c, t]` (-1 = none: zeros) into the virtual concatenation
-    of `sources`, a list of `(rows [b, n, D] (array, LayerSlice or PackedKV), offset)`."""
-    b = idx.shape[0]
-    bi = jnp.arange(b)[:, None, None]
-    out = None
-    for src, off in sources:
-        n = src.shape[1]
-        if n == 0:  # e.g. no complete compressed block yet
-            continue
-        local = idx - off
-        hit = (local >= 0) & (local < n)
-        li = jnp.clip(local, 0, n - 1)
-        rows = src.take(bi, li) if isinstance(src, PackedKV) else take(src, bi, li)  # PackedKV: unpacks these rows
-        rows = jnp.where(hit[..., None], rows.astype(F32), 0.0)
-        out = rows if out is None else out + rows  # sources are disjoint: adding zeros is exact
-    return out if out is not None else jnp.zeros((*idx.shape, sources[0][0].shape[-1]), F32)
-
-
-# Few queries (decode, short extends): every tile's gather and products at once, only the online-softmax recurrence
-# unrolled over the tiles (elementwise, one fusion): a handful of kernels instead of a loop of ~10 per tile, with the
-# same arithmetic per tile as the loop.
-_ALL_TILES_MAX = 32
-_ALL_TILES_QUERIES = 16  # queries per row (decode: 1; short extends); prefill keeps the loop and its small workspace
-_ALL_TILES_BYTES = 256 << 20
-
-
-def _online_max(m_prev, den, z_t):
-    """One tile of the online softmax: (new running max, rescaled denominator, the rescale factor alpha of the
-    accumulator, the tile's probabilities)."""
-    m = jnp.maximum(m_prev, jnp.max(z_t, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(z_t - m_safe[..., None])
-    return m, den * alpha + jnp.sum(p, axis=-1), alpha, p
-
-
-def _tiles_in_a_loop(qf, sources, idx, init, scale, tile):
-    b, c = idx.shape[:2]
-    idx_t = idx.reshape(b, c, -1, tile).transpose(2, 0, 1, 3)  # [nt, b, c, tile]
-
-    def step(carry, it):
-        m_prev, den, acc = carry
-        rows = gather_rows(sources, it)
-        z = jnp.einsum("bchd,bckd->bchk", qf, rows, precision="highest") * F32(scale)
-        z = jnp.where((it >= 0)[:, :, None, :], z, -jnp.inf)
-        m, den, alpha, p = _online_max(m_prev, den, z)
-        pv = jnp.einsum("bchk,bckd->bchd", to_bf16(p).astype(F32), rows, precision="highest")
-        return (m, den, acc * alpha[..., None] + pv), None
-
-    return jax.lax.scan(step, init, idx_t)[0]
-
-
-def _tiles_at_once(qf, sources, idx, init, scale, tile):
-    b, c, kp = idx.shape
-    nt = kp // tile
-    rows = gather_rows(sources, idx).reshape(b, c, nt, tile, -1)  # [b, c, nt, tile, D]
-    z = jnp.einsum("bchd,bctkd->bchtk", qf, rows, precision="highest") * F32(scale)
-    z = jnp.where((idx >= 0).reshape(b, c, 1, nt, tile), z, -jnp.inf)
-    # The running max after each tile decides that tile's probabilities; with all maxima known, every tile's PV
-    # product is one batched contraction, and the recurrence only rescales and adds.
-    m, den, acc = init
-    ps, alphas = [], []
-    for t in range(nt):
-        m, den, alpha, p = _online_max(m, den, z[:, :, :, t])
-        ps.append(p)
-        alphas.append(alpha)
-    p_all = jnp.stack(ps, axis=3)  # [b, c, h, nt, tile]
-    pv = jnp.einsum("bchtk,bctkd->bchtd", to_bf16(p_all).astype(F32), rows, precision="highest")
-    for t in range(nt):
-        acc = acc * alphas[t][..., None] + pv[:, :, :, t]
-    return m, den, acc
-
-
-def sparse_attention(q_bshd, kv, idx_bsk, sink_h, scale: float, chunk: int = 1024) -> jax.Array:
-    """Softmax attention of each query over the KV rows listed in `idx` (-1 = none), V = K, sink in the denominator.
-
-    `kv` is one array `[b, n, D]` or a list of `(rows, offset)` sources (see `gather_rows`).
-    `o = sum_u exp(z_u - M) K_u / (sum_u exp(z_u - M) + exp(sink_h - M))`, `z_u = scale * q.K_u` (fp32), the
-    probabilities rounded to bf16 before the PV product (as the kernel does); returns bf16 `[b, s, h, D]`.
-    Queries are processed in chunks of `chunk` to bound the gathered `[b, chunk, k, D]` block.
-    """
-    b, s, h, d = q_bshd.shape
-    tile = 64
-    sources = _as_sources(kv)
-
-    def attend(q, idx):
-        # The kernel's order: 64-key tiles in index order, online softmax, probabilities rounded to bf16 against the
-        # running max before the PV product, fp32 accumulation, the sink added to the denominator at the end.
-        c, k = idx.shape[1], idx.shape[2]
-        idx = jnp.pad(idx, ((0, 0), (0, 0), (0, (-k) % tile)), constant_values=-1)
-        nt = idx.shape[-1] // tile
-        qf = q.astype(F32)
-        init = (jnp.full((b, c, h), -jnp.inf, F32), jnp.zeros((b, c, h), F32), jnp.zeros((b, c, h, d), F32))
-        if nt <= _ALL_TILES_MAX and c <= _ALL_TILES_QUERIES and b * c * h * nt * d * 4 <= _ALL_TILES_BYTES:
-            m, den, acc = _tiles_at_once(qf, sources, idx, init, scale, tile)
-        else:
-            m, den, acc = _tiles_in_a_loop(qf, sources, idx, init, scale, tile)
-        den = den + jnp.exp(sink_h.astype(F32)[None, None, :] - m)
-        return to_bf16(acc / den[..., None])
-
-    if s <= chunk:
-        return attend(q_bshd, idx_bsk)
-    pad = (-s) % chunk
-    qp = jnp.pad(q_bshd, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, chunk, h, d).swapaxes(0, 1)
-    ip = jnp.pad(idx_bsk, ((0, 0), (0, pad), (0, 0)), constant_values=-1).reshape(b, -1, chunk, idx_bsk.shape[-1])
-    out = jax.lax.map(lambda a: attend(*a), (qp, ip.swapaxes(0, 1)))
-    return out.swapaxes(0, 1).reshape(b, s + pad, h, d)[:, :s]
 
 
 def head_rms_norm_bf16(q: jax.Array, eps: float) -> jax.Array:
@@ -443,23 +327,27 @@ class Attention(nnx.Module):
         zero = jnp.zeros((b,), jnp.int32)
         return self.step(x_btd, zero, zero + s, None, opts, fresh=True, rec=rec)[0]
 
-    def _compressed(self, comp: CompressorStep, lc, fresh: bool, k: int, w: int):
+    def _compressed(self, comp: CompressorStep, lc, fresh: bool, k: int, w: int, direct: bool = False):
         """(sources of the compressed entries, the number of entry ids, a map from entry ids `j [b, k, n]` to source
         indices). Fresh: this step's complete entries, after the k new KV rows. Otherwise the cached entries, right
         after the ring (the official decode offset, W), with the entries this step completed taken from the step
-        (after the new KV rows)."""
+        (after the new KV rows; `direct`: right after the cached entries, packed, as `ops.sparse_decode` reads
+        them)."""
         if fresh:  # positions start at 0: the complete blocks of the k tokens, no partial block
             entries = comp.entries[:, : k // self.ratio]
             return [(entries, k)], entries.shape[1], lambda j: k + j
         cap = lc.entries.shape[1]
+        new_at = w + cap + (0 if direct else k)
 
         def to_source(j):
             q = j - comp.j0[:, None, None]
             new = (q >= 0) & (q < comp.n_done[:, None, None])
-            return jnp.where(new, w + cap + k + q, w + j)
+            return jnp.where(new, new_at + q, w + j)
 
-        cached = PackedKV(lc.entries, self.cfg.rope_head_dim) if _is_packed(lc) else lc.entries
-        return [(cached, w), (comp.entries, w + cap + k)], cap, to_source
+        rope = self.cfg.rope_head_dim
+        cached = PackedKV(lc.entries, rope) if _is_packed(lc) else lc.entries
+        completed = PackedKV(kv_format.pack_kv(comp.entries, rope), rope) if direct else comp.entries
+        return [(cached, w), (completed, new_at)], cap, to_source
 
     def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, visible, rec):
         """The indexer's top-k entry ids `[b, k, topk]` (-1: none)."""
@@ -493,20 +381,26 @@ class Attention(nnx.Module):
         q, qr = self.query(x_bkd, pos, opts)
         kv = self.window_kv(x_bkd, pos, opts)
 
+        # Decode over the packed cache (one query per row) reads every key from packed rows, as the kernel of
+        # `ops.sparse_decode` does: the window from the ring after this step's own write, the entries this step
+        # completed packed after the cached ones.
+        direct = packed and not fresh and k == 1
         # Window keys: positions max(0, p - W + 1) .. p, oldest first, then -1.
         n_win = min(k, w) if fresh else w
         u = jnp.maximum(pos - w + 1, 0)[..., None] + jnp.arange(n_win)
+        # the ring is rebuilt in the cache's layout: packed, only the step's own rows are packed (k, not W)
+        kv_stored = kv_format.pack_kv(kv, self.cfg.rope_head_dim) if packed else kv
+        ring = None if fresh else materialize(lc.window)
+        upd = LayerUpdate(window=_ring(ring, kv_stored, start_b, n_new_b, w))
         if fresh:
             sources, row = [(kv, 0)], u
+        elif direct:  # sources: the new ring [0, W), cached entries [W, W + cap), new entries
+            sources, row = [(PackedKV(upd.window, self.cfg.rope_head_dim), 0)], u % w
         else:  # sources: ring [0, W), cached entries [W, W + cap), new KV rows, new entries
-            ring = materialize(lc.window)
             new_at = w + (lc.entries.shape[1] if self.ratio else 0)
             sources = [(PackedKV(ring, self.cfg.rope_head_dim) if packed else ring, 0), (kv, new_at)]
             row = jnp.where(u >= start_b[:, None, None], new_at + u - start_b[:, None, None], u % w)
         idx = jnp.where(u <= pos[..., None], row, -1).astype(jnp.int32)
-        # the ring is rebuilt in the cache's layout: packed, only the step's own rows are packed (k, not W)
-        kv_stored = kv_format.pack_kv(kv, self.cfg.rope_head_dim) if packed else kv
-        upd = LayerUpdate(window=_ring(None if fresh else ring, kv_stored, start_b, n_new_b, w))
 
         if self.ratio:
             m = self.ratio
@@ -514,7 +408,7 @@ class Attention(nnx.Module):
             with jax.named_scope("compressor"):
                 comp = self.compressor.step(x_bkd, start_b, n_new_b, *state, self.inv_freq, opts, fresh)
             upd = dataclasses.replace(upd, comp=comp)
-            ent_sources, n_ent, to_source = self._compressed(comp, lc, fresh, k, w)
+            ent_sources, n_ent, to_source = self._compressed(comp, lc, fresh, k, w, direct)
             sources += ent_sources
             j = jnp.arange(n_ent, dtype=jnp.int32)[None, None, :]
             visible = j < ((pos + 1) // m)[..., None]
@@ -535,5 +429,12 @@ class Attention(nnx.Module):
             rec.attn_kv = jnp.concatenate([materialize(s) for s, _ in sorted(sources, key=lambda so: so[1])], axis=1)
             rec.attn_topk = idx
         with jax.named_scope("sparse_attention"):
-            o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
+            if direct:
+                entries = lc.entries if self.ratio else None
+                extra = sources[-1][0].rows if self.ratio else None  # this step's entries, packed
+                o = ops.sparse_decode(q[:, 0], upd.window, entries, extra, idx[:, 0], self.attn_sink[...],
+                                      scale=self.cfg.head_dim**-0.5, rope_dim=self.cfg.rope_head_dim,
+                                      opts=opts)[:, None]  # fmt: skip
+            else:
+                o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
         return self.output(o, pos, opts), (_pack_update(upd, self.cfg.rope_head_dim) if packed else upd)

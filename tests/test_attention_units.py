@@ -144,7 +144,7 @@ def test_sparse_attention_tiles_at_once_equal_the_tile_loop():
     """Decode's path (every tile's products at once, the online-softmax recurrence unrolled) and the loop over 64-key
     tiles do the same arithmetic per tile (up to the order of the dots' fp32 sums); two sources (a ring and compressed
     entries), -1 padding, a tile with no visible key, a query with none at all."""
-    from dsv4_jax import attention as A
+    from dsv4_jax.ops import attention as A
 
     rng = np.random.default_rng(7)
     b, c, h, d = 2, 3, 4, 512

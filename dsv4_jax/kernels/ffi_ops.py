@@ -37,6 +37,8 @@ __all__ = [
     "act_quant_rows",
     "swiglu_quant",
     "hc_split_sinkhorn",
+    "sparse_mla_decode",
+    "sparse_mla_splits",
     "dequant_bf16_gemv",
     "DEQUANT_GEMV_MAX_M",
     "fp8_gemm",
@@ -63,6 +65,7 @@ HANDLERS = frozenset(
         "act_quant",
         "swiglu_quant",
         "hc_split_sinkhorn",
+        "sparse_mla_decode",
         "dequant_bf16_gemv",
         "fp8_gemm",
         "fp8_linear",
@@ -191,6 +194,45 @@ def hc_split_sinkhorn(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: i
         "dsv4_hc_split_sinkhorn",
         (jax.ShapeDtypeStruct((r, n), F32), jax.ShapeDtypeStruct((r, n), F32), jax.ShapeDtypeStruct((r, n, n), F32)),
     )(mix, scale.astype(F32), base.astype(F32), n=np.int64(n), iters=np.int64(iters), eps=np.float32(eps))
+
+
+SPARSE_MLA_TARGET_BLOCKS = 264  # two blocks per SM of a 132-SM H100 / H200 (the decode kernel's shared memory allows 2)
+
+
+def sparse_mla_splits(batch: int, heads: int, n_idx: int) -> int:
+    """Split-KV runs for `sparse_mla_decode`: enough blocks (batch x heads/16 x splits) for two per SM, at most one
+    run per 64-key tile."""
+    blocks = max(batch * (heads // 16), 1)
+    return max(1, min(-(-SPARSE_MLA_TARGET_BLOCKS // blocks), -(-n_idx // 64)))
+
+
+def sparse_mla_decode(q, ring, entries, layer, extra, idx, sink, scale: float) -> jax.Array:
+    """Sparse-MLA decode over packed FP8 KV rows (584 B): q bf16 `[B, H, 512]`, ring uint8 `[B, W, 584]`, entries
+    uint8 `[B, cap, 584]` or a stack `[L, B, cap, 584]` with `layer` (int32 scalar), or None; extra uint8
+    `[B, n, 584]` or None; idx int32 `[B, N]` into ring | entries | extra (-1: none); sink f32 `[H]` -> bf16
+    `[B, H, 512]`."""
+    b, h, d = q.shape
+    splits = sparse_mla_splits(b, h, idx.shape[1])
+    none_u8 = jnp.zeros((0,), jnp.uint8)
+    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    out, _, _ = jax.ffi.ffi_call(
+        "dsv4_sparse_mla_decode",
+        (
+            jax.ShapeDtypeStruct((b, h, d), BF16),
+            jax.ShapeDtypeStruct((b, splits, h, d), F32),
+            jax.ShapeDtypeStruct((b, splits, h, 2), F32),
+        ),
+    )(
+        q.astype(BF16),
+        ring,
+        none_u8 if entries is None else entries,
+        layer,
+        none_u8 if extra is None else extra,
+        idx.astype(jnp.int32),
+        sink.astype(F32),
+        scale=np.float32(scale),
+    )
+    return out
 
 
 DEQUANT_GEMV_MAX_M = 8  # rows of x one launch takes (the extension's kDequantGemvMaxM)

@@ -5,6 +5,7 @@ and kill switch in `registry`; plus the reference-only linears.
     y = ops.fp8_linear(x, w, s, opts=opts)      # reference or kernel, decided by opts.backend (registry)
 """
 
+from dsv4_jax.ops.attention import sparse_attention, sparse_decode
 from dsv4_jax.ops.experts import moe_experts, swiglu
 from dsv4_jax.ops.linear import (
     bf16_linear,
@@ -31,6 +32,8 @@ __all__ = [
     "hc_split_mixes",
     "moe_experts",
     "record",
+    "sparse_attention",
+    "sparse_decode",
     "sum_in_order",
     "swiglu",
 ]

@@ -150,6 +150,73 @@ ffi::Error HcSplitSinkhornImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> mix, f
                                                  int(n), int(iters), eps, stream));
 }
 
+// ---- sparse-MLA decode ---------------------------------------------------------------------------------------------
+
+// Packed KV rows [..., rows, 584] (or an empty buffer: none) -> (rows per batch row, leading layers); false if the
+// shape does not fit `batch`.
+bool kv_rows(const ffi::Buffer<ffi::U8>& x, int64_t batch, int rank_max, int64_t* rows, int64_t* layers) {
+  const auto d = x.dimensions();
+  *rows = 0, *layers = 1;
+  if (x.element_count() == 0) return true;
+  if (d.size() < 3 || int(d.size()) > rank_max || d[d.size() - 1] != kSparseMlaRowBytes || d[d.size() - 3] != batch)
+    return false;
+  *rows = d[d.size() - 2];
+  *layers = d.size() == 4 ? d[0] : 1;
+  return true;
+}
+
+ffi::Error SparseMlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U8> ring,
+                               ffi::Buffer<ffi::U8> entries, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::U8> extra,
+                               ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> sink, ffi::ResultBuffer<ffi::BF16> out,
+                               ffi::ResultBuffer<ffi::F32> part_o, ffi::ResultBuffer<ffi::F32> part_ml, float scale) {
+  const std::string op = "dsv4_sparse_mla_decode";
+  const std::string row = std::to_string(kSparseMlaRowBytes);
+  if (q.dimensions().size() != 3 || dim(q, 2) != kSparseMlaDim)
+    return bad(op, "q " + shape_str(q) + " must be [batch, heads, " + std::to_string(kSparseMlaDim) + "]");
+  const int64_t batch = dim(q, 0), heads = dim(q, 1);
+  if (heads % 16 != 0) return bad(op, "heads=" + std::to_string(heads) + " is not a multiple of 16");
+  int64_t window, cap, n_extra, layers, unused;
+  if (ring.element_count() == 0 || !kv_rows(ring, batch, 3, &window, &unused))
+    return bad(op, "ring " + shape_str(ring) + " must be [batch, window, " + row + "] packed KV rows");
+  if (!kv_rows(entries, batch, 4, &cap, &layers))
+    return bad(op, "entries " + shape_str(entries) + " must be [(layers,) batch, cap, " + row + "] or empty");
+  if (!kv_rows(extra, batch, 3, &n_extra, &unused))
+    return bad(op, "extra " + shape_str(extra) + " must be [batch, n, " + row + "] or empty");
+  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
+  if (entries.dimensions().size() == 4 && layer.element_count() != 1)
+    return bad(op, "a stack of entries needs the layer index");
+  if (idx.dimensions().size() != 2 || dim(idx, 0) != batch)
+    return bad(op, "idx " + shape_str(idx) + " must be [batch, n] for batch " + std::to_string(batch));
+  if (sink.element_count() != heads) return bad(op, "sink " + shape_str(sink) + " must hold one value per head");
+  if (out->element_count() != q.element_count()) return bad(op, "out " + shape_str(*out) + " must be q's shape");
+  const int64_t per_split = heads * kSparseMlaDim;
+  const int64_t splits = batch ? part_o->element_count() / (batch * per_split) : 1;
+  if (splits < 1 || part_o->element_count() != batch * splits * per_split ||
+      part_ml->element_count() != batch * splits * heads * 2)
+    return bad(op, "workspaces " + shape_str(*part_o) + ", " + shape_str(*part_ml) +
+                       " must be [batch, splits, heads, 512] and [batch, splits, heads, 2]");
+  SparseMlaDecodeArgs a{q.untyped_data(),
+                        ring.typed_data(),
+                        entries.element_count() ? entries.typed_data() : nullptr,
+                        layer.element_count() ? layer.typed_data() : nullptr,
+                        extra.element_count() ? extra.typed_data() : nullptr,
+                        idx.typed_data(),
+                        sink.typed_data(),
+                        part_o->typed_data(),
+                        part_ml->typed_data(),
+                        out->untyped_data(),
+                        batch,
+                        heads,
+                        window,
+                        cap,
+                        n_extra,
+                        dim(idx, 1),
+                        int(splits),
+                        scale};
+  (void)layers;
+  return cuda_check(op, launch_sparse_mla_decode(a, stream));
+}
+
 // ---- GEMMs -----------------------------------------------------------------------------------------------------
 
 std::string missing(int kind, int64_t n, int64_t k, int64_t g, int64_t bm) {
@@ -501,6 +568,7 @@ using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
 using dsv4ffi::GemvPairImpl;
 using dsv4ffi::HcSplitSinkhornImpl;
+using dsv4ffi::SparseMlaDecodeImpl;
 using dsv4ffi::SwigluQuantImpl;
 
 #define DSV4_TRAITS {ffi::Traits::kCmdBufferCompatible}
@@ -546,6 +614,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("iters")
                                   .Attr<float>("eps"),
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_sparse_mla_decode, SparseMlaDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"),
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_e8m0_to_f32, E8m0ToF32Impl,
                               ffi::Ffi::Bind().STREAM.Arg<ffi::Buffer<ffi::U8>>().Ret<ffi::Buffer<ffi::F32>>(),

@@ -43,6 +43,31 @@ struct DequantGemvArgs {
 };
 cudaError_t launch_dequant_bf16_gemv(const DequantGemvArgs& a, cudaStream_t stream);
 
+// Sparse-MLA decode (sparse_mla_kernels.cu): one query per batch row, `heads` heads (a multiple of 16), head dim 512
+// (448 NoPE + 64 RoPE), over the KV rows each row's index list names, read from packed 584-byte FP8 rows
+// (dsv4_jax.kv_format). Index r of row b names: the window ring row r (r < window), the compressed entry r - window of
+// layer `layer` (r < window + cap), the extra row r - window - cap (this step's completed entries), else a zero row;
+// -1 is no key. Softmax with the attention sink in the denominator; split-KV over `splits` runs of 64-key tiles
+// (workspaces part_o [batch, splits, heads, 512] f32 and part_ml [batch, splits, heads, 2] f32, any splits >= 1: the
+// caller picks it), then a combine.
+constexpr int kSparseMlaDim = 512, kSparseMlaNope = 448, kSparseMlaRowBytes = 584;
+struct SparseMlaDecodeArgs {
+  const void* q;                 // bf16 [batch, heads, 512]
+  const unsigned char* ring;     // [batch, window, 584]
+  const unsigned char* entries;  // [layers, batch, cap, 584] or null (cap 0)
+  const int32_t* layer;          // [1] on the device, or null (layer 0)
+  const unsigned char* extra;    // [batch, n_extra, 584] or null
+  const int32_t* idx;            // [batch, n_idx]
+  const float* sink;             // [heads]
+  float* part_o;
+  float* part_ml;
+  void* out;                     // bf16 [batch, heads, 512]
+  int64_t batch, heads, window, cap, n_extra, n_idx;
+  int splits;
+  float scale;
+};
+cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t stream);
+
 // UE8M0 bytes -> FP32 2^(b-127) (0 -> 2^-127, 255 -> NaN).
 cudaError_t launch_e8m0_to_f32(const uint8_t* s, float* out, int64_t count, cudaStream_t stream);
 

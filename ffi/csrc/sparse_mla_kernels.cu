@@ -1,0 +1,337 @@
+// Sparse-MLA decode of DeepSeek-V4: one query per batch row, every head, attending over the KV rows its index list
+// names, read straight from the packed FP8 cache (dsv4_jax.kv_format: 448 e4m3 NoPE values in 7 tiles of 64 with
+// UE8M0 scales, 64 bf16 RoPE values; 584 bytes per row). One row is both K and V. The reference is
+// dsv4_jax.attention.sparse_attention (the op `ops.sparse_decode`); FlashMLA's SM90 split-KV decode is the
+// behavioural model (read for facts only).
+//
+// Work split: a block takes one batch row, 16 heads (one m16 tile) and a contiguous run of 64-key tiles of the index
+// list (split-KV); a second kernel combines the splits and adds the attention sink. Per tile:
+//   1. the tile's source rows are copied raw (cp.async, 8-byte pieces) into shared memory;
+//   2. widened to bf16 (exact: an e4m3 value times a power of two has 4 significant bits);
+//   3. S = Q K^T on the tensor cores (bf16 x bf16 products are exact in fp32, fp32 sums), the 512 dims split over
+//      the 4 warps and the partial sums added in shared memory;
+//   4. the online softmax of the reference: running max, p = exp(z - max) rounded to bf16 for the PV product, the
+//      unrounded p summed into the denominator;
+//   5. O = alpha O + P V on the tensor cores, each warp owning 128 of the 512 output dims.
+// Only the fp32 summation order differs from the reference (and, with several splits, the running max that the
+// bf16 rounding of p is taken against: the reference's own kernel order, per split).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include "kernels.h"
+
+namespace dsv4ffi {
+namespace {
+
+constexpr int kD = kSparseMlaDim;        // 512 = 448 NoPE + 64 RoPE
+constexpr int kNope = kSparseMlaNope;    // 448
+constexpr int kRowBytes = kSparseMlaRowBytes;  // 584
+constexpr int kScaleAt = kNope + 2 * (kD - kNope);  // 576: the 7 UE8M0 bytes
+constexpr int kHeads = 16;               // heads per block: one m16 tile
+constexpr int kKeys = 64;                // keys per tile
+constexpr int kWarps = 4, kThreads = 32 * kWarps;
+constexpr int kDimsPerWarp = kD / kWarps;  // 128
+constexpr int kKPitch = kD + 8;          // bf16 per widened row: rows 16 bytes apart mod 128, ldmatrix conflict-free
+constexpr int kSPitch = kKeys + 8;       // f32 per partial-score row
+constexpr int kPPitch = kKeys + 8;       // bf16 per probability row
+constexpr int kChunks = kRowBytes / 8;   // 73 eight-byte pieces per raw row
+
+// Shared memory: widened K [64][520] bf16, raw rows [64][584] (reused for the partial scores and the bf16
+// probabilities once widened), the tile's source pointers and the per-head rescale factors.
+constexpr int kKBytes = kKeys * kKPitch * 2;
+constexpr int kRawBytes = kKeys * kRowBytes;
+constexpr int kSPartBytes = kWarps * kHeads * kSPitch * 4;
+constexpr int kPBytes = kHeads * kPPitch * 2;
+static_assert(kSPartBytes + kPBytes <= kRawBytes, "scores and probabilities must fit in the raw-row buffer");
+constexpr int kSrcAt = kKBytes + kRawBytes;          // const unsigned char* [64]: each key row's source (null: none)
+constexpr int kValidAt = kSrcAt + kKeys * 8;         // int [64]: index >= 0
+constexpr int kAlphaAt = kValidAt + kKeys * 4;       // float [16]: the tile's rescale factor per head
+constexpr int kSmemBytes = kAlphaAt + kHeads * 4;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a (16x16 bf16, row-major) x b (16x8 bf16, column-major), fp32 accumulation.
+__device__ __forceinline__ void mma_bf16_16x8x16(const uint32_t a[4], uint32_t b0, uint32_t b1, float d[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// UE8M0 byte -> 2^(b - 127) as dsv4_jax.quant.e8m0_to_f32 decodes it (0 -> 2^-127, 255 -> NaN).
+__device__ __forceinline__ float e8m0_to_f32(uint32_t b) {
+  if (b == 255u) return __int_as_float(0x7fc00000);
+  return b == 0u ? __int_as_float(0x00400000) : __int_as_float(static_cast<int>(b << 23));
+}
+
+// 8 e4m3 bytes -> 8 floats, exactly (the low byte first).
+__device__ __forceinline__ void e4m3x8_to_f32(const uint2 v, float f[8]) {
+  const uint32_t w[2] = {v.x, v.y};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] & 0xFFFFu), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] >> 16), __NV_E4M3);
+    const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&lo));
+    const float2 y = __half22float2(*reinterpret_cast<const __half2*>(&hi));
+    f[4 * i + 0] = x.x, f[4 * i + 1] = x.y, f[4 * i + 2] = y.x, f[4 * i + 3] = y.y;
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const SparseMlaDecodeArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
+  unsigned char* raw_s = smem + kKBytes;
+  float* spart_s = reinterpret_cast<float*>(raw_s);  // after widening: [warp][head][key]
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(raw_s + kSPartBytes);
+  const unsigned char** src_s = reinterpret_cast<const unsigned char**>(smem + kSrcAt);
+  int* valid_s = reinterpret_cast<int*>(smem + kValidAt);
+  float* alpha_s = reinterpret_cast<float*>(smem + kAlphaAt);
+
+  const int split = blockIdx.x, h0 = blockIdx.y * kHeads;
+  const int64_t b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
+  const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
+  const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
+  const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
+
+  const int64_t layer = a.layer ? a.layer[0] : 0;
+  const unsigned char* ring = a.ring + b * a.window * kRowBytes;
+  const unsigned char* ent = a.entries ? a.entries + (layer * a.batch + b) * a.cap * kRowBytes : nullptr;
+  const unsigned char* extra = a.extra ? a.extra + b * a.n_extra * kRowBytes : nullptr;
+  const int32_t* idx = a.idx + b * a.n_idx;
+
+  // The warp's Q fragments: heads h0 + g and h0 + g + 8, its 128 dims, as 8 k16 steps (A operand, row-major).
+  uint32_t qa[kDimsPerWarp / 16][4];
+  {
+    const __nv_bfloat16* qb = static_cast<const __nv_bfloat16*>(a.q) + (b * a.heads + h0) * kD + warp * kDimsPerWarp;
+#pragma unroll
+    for (int s = 0; s < kDimsPerWarp / 16; ++s) {
+      const __nv_bfloat16* p = qb + s * 16 + 2 * q;
+      qa[s][0] = *reinterpret_cast<const uint32_t*>(p + g * kD);
+      qa[s][1] = *reinterpret_cast<const uint32_t*>(p + (g + 8) * kD);
+      qa[s][2] = *reinterpret_cast<const uint32_t*>(p + g * kD + 8);
+      qa[s][3] = *reinterpret_cast<const uint32_t*>(p + (g + 8) * kD + 8);
+    }
+  }
+
+  // Softmax state of head h0 + tid / 8, kept identical by the 8 lanes that own it.
+  const int sm_head = tid / 8, sm_part = tid % 8;
+  float m_run = -INFINITY, den = 0.f;
+  float o[kDimsPerWarp / 8][4];
+#pragma unroll
+  for (int j = 0; j < kDimsPerWarp / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+  for (int64_t t = t0; t < t1; ++t) {
+    __syncthreads();  // the previous tile's readers of k_s, p_s and src_s are done
+    if (tid < kKeys) {  // 1. where each key row lives (null: no row; a -1 entry is masked below)
+      const int64_t col = t * kKeys + tid;
+      const int64_t r = col < a.n_idx ? idx[col] : -1;
+      const unsigned char* src = nullptr;
+      if (r >= 0 && r < a.window) src = ring + r * kRowBytes;
+      else if (r >= a.window && r - a.window < a.cap && ent) src = ent + (r - a.window) * kRowBytes;
+      else if (r >= a.window + a.cap && r - a.window - a.cap < a.n_extra && extra)
+        src = extra + (r - a.window - a.cap) * kRowBytes;
+      src_s[tid] = src;
+      // An index >= 0 is a key even where it names no row (the reference gathers zeros and still counts it).
+      valid_s[tid] = r >= 0;
+    }
+    __syncthreads();
+    for (int c = tid; c < kKeys * kChunks; c += kThreads) {
+      const int row = c / kChunks, piece = c % kChunks;
+      const unsigned char* src = src_s[row];
+      if (src) cp_async8(smem_addr(raw_s + row * kRowBytes + piece * 8), src + piece * 8);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    // 2. widen: 64 pieces of 8 values per row (56 NoPE pieces of e4m3 x scale, 8 RoPE pieces copied).
+    for (int c = tid; c < kKeys * (kD / 8); c += kThreads) {
+      const int row = c / (kD / 8), piece = c % (kD / 8);
+      const unsigned char* r = raw_s + row * kRowBytes;
+      uint4 out = make_uint4(0, 0, 0, 0);
+      if (src_s[row]) {
+        if (piece * 8 < kNope) {
+          const uint2 v = *reinterpret_cast<const uint2*>(r + piece * 8);
+          const float s = e8m0_to_f32(r[kScaleAt + piece / 8]);
+          float f[8];
+          e4m3x8_to_f32(v, f);
+          out = make_uint4(pack_bf16x2(f[0] * s, f[1] * s), pack_bf16x2(f[2] * s, f[3] * s),
+                           pack_bf16x2(f[4] * s, f[5] * s), pack_bf16x2(f[6] * s, f[7] * s));
+        } else {
+          const uint2* v = reinterpret_cast<const uint2*>(r + kNope + (piece * 8 - kNope) * 2);
+          const uint2 lo = v[0], hi = v[1];
+          out = make_uint4(lo.x, lo.y, hi.x, hi.y);
+        }
+      }
+      *reinterpret_cast<uint4*>(k_s + row * kKPitch + piece * 8) = out;
+    }
+    __syncthreads();
+    // 3. partial scores of the warp's dims: 8 key groups of 8 x 8 k16 steps.
+    {
+      const int mi = lane / 8, ri = lane % 8;
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int s = 0; s < kDimsPerWarp / 16; s += 2) {
+          uint32_t kb[4];  // keys 8j..8j+7, dims of steps s (kb[0], kb[1]) and s + 1 (kb[2], kb[3])
+          ldmatrix_x4(kb, smem_addr(k_s + (8 * j + ri) * kKPitch + warp * kDimsPerWarp + s * 16 + mi * 8));
+          mma_bf16_16x8x16(qa[s], kb[0], kb[1], c);
+          mma_bf16_16x8x16(qa[s + 1], kb[2], kb[3], c);
+        }
+        float* sp = spart_s + (warp * kHeads + g) * kSPitch + 8 * j + 2 * q;
+        *reinterpret_cast<float2*>(sp) = make_float2(c[0], c[1]);
+        *reinterpret_cast<float2*>(sp + 8 * kSPitch) = make_float2(c[2], c[3]);
+      }
+    }
+    __syncthreads();
+    // 4. online softmax: thread owns head sm_head, keys 8 sm_part .. + 7.
+    {
+      float z[8], mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int key = 8 * sm_part + i;
+        float acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc += spart_s[(w * kHeads + sm_head) * kSPitch + key];
+        z[i] = valid_s[key] ? acc * a.scale : -INFINITY;
+        mx = fmaxf(mx, z[i]);
+      }
+#pragma unroll
+      for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m_run, mx);
+      const float m_safe = isfinite(m_new) ? m_new : 0.f;
+      const float alpha = expf(m_run - m_safe);
+      float psum = 0.f;
+      uint32_t pb[4];
+#pragma unroll
+      for (int i = 0; i < 8; i += 2) {
+        const float p0 = expf(z[i] - m_safe), p1 = expf(z[i + 1] - m_safe);
+        psum += p0 + p1;
+        pb[i / 2] = pack_bf16x2(p0, p1);
+      }
+#pragma unroll
+      for (int off = 1; off < 8; off <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
+      den = den * alpha + psum;
+      m_run = m_new;
+          *reinterpret_cast<uint4*>(p_s + sm_head * kPPitch + 8 * sm_part) = make_uint4(pb[0], pb[1], pb[2], pb[3]);
+      if (sm_part == 0) alpha_s[sm_head] = alpha;
+    }
+    __syncthreads();
+    // 5. O = alpha O + P V over the warp's 128 dims: 4 k16 steps over the keys x 16 dim groups of 8.
+    {
+      const float al = alpha_s[g], ah = alpha_s[g + 8];
+#pragma unroll
+      for (int j = 0; j < kDimsPerWarp / 8; ++j) o[j][0] *= al, o[j][1] *= al, o[j][2] *= ah, o[j][3] *= ah;
+      const int mi = lane / 8, ri = lane % 8;
+#pragma unroll
+      for (int s = 0; s < kKeys / 16; ++s) {
+        uint32_t pa[4];
+        ldmatrix_x4(pa, smem_addr(p_s + (lane % 16) * kPPitch + s * 16 + (lane / 16) * 8));
+#pragma unroll
+        for (int j = 0; j < kDimsPerWarp / 8; j += 2) {
+          uint32_t vb[4];  // keys 16s..16s+15; dims of groups j (vb[0], vb[1]) and j + 1 (vb[2], vb[3])
+          ldmatrix_x4_trans(vb, smem_addr(k_s + (16 * s + (mi % 2) * 8 + ri) * kKPitch + warp * kDimsPerWarp +
+                                          8 * j + (mi / 2) * 8));
+          mma_bf16_16x8x16(pa, vb[0], vb[1], o[j]);
+          mma_bf16_16x8x16(pa, vb[2], vb[3], o[j + 1]);
+        }
+      }
+    }
+  }
+
+  // The split's unnormalised output and (running max, denominator) per head.
+  float* po = a.part_o + ((b * a.splits + split) * a.heads + h0) * kD + warp * kDimsPerWarp;
+#pragma unroll
+  for (int j = 0; j < kDimsPerWarp / 8; ++j) {
+    *reinterpret_cast<float2*>(po + g * kD + 8 * j + 2 * q) = make_float2(o[j][0], o[j][1]);
+    *reinterpret_cast<float2*>(po + (g + 8) * kD + 8 * j + 2 * q) = make_float2(o[j][2], o[j][3]);
+  }
+  if (sm_part == 0) {
+    float* ml = a.part_ml + ((b * a.splits + split) * a.heads + h0 + sm_head) * 2;
+    ml[0] = m_run;
+    ml[1] = den;
+  }
+}
+
+// out[b, h] = bf16(sum_s O_s w_s / (sum_s den_s w_s + exp(sink_h - M))), w_s = exp(m_s - M), M the largest m_s
+// (0 where every key was masked: the output is then 0, as the reference's 0 / inf).
+__global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const SparseMlaDecodeArgs a) {
+  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const float* ml = a.part_ml + (b * a.splits * a.heads + h) * 2;
+  float mx = -INFINITY;
+  for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, ml[s * a.heads * 2]);
+  const float m_safe = isfinite(mx) ? mx : 0.f;
+  float den = 0.f;
+  for (int s = 0; s < a.splits; ++s) den += ml[s * a.heads * 2 + 1] * expf(ml[s * a.heads * 2] - m_safe);
+  den += expf(a.sink[h] - mx);
+  for (int d = threadIdx.x * 4; d < kD; d += blockDim.x * 4) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < a.splits; ++s) {
+      const float w = expf(ml[s * a.heads * 2] - m_safe);
+      const float4 v = *reinterpret_cast<const float4*>(a.part_o + ((b * a.splits + s) * a.heads + h) * kD + d);
+      acc.x += v.x * w, acc.y += v.y * w, acc.z += v.z * w, acc.w += v.w * w;
+    }
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(a.out) + (b * a.heads + h) * kD + d;
+    *reinterpret_cast<uint2*>(out) = make_uint2(pack_bf16x2(acc.x / den, acc.y / den), pack_bf16x2(acc.z / den, acc.w / den));
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t stream) {
+  if (a.batch == 0) return cudaSuccess;
+  // The shared-memory opt-in is per device (an expert-parallel process drives several).
+  static std::atomic<bool> opted_in[64];
+  int dev = 0;
+  if (const cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+  if (dev >= 64 || !opted_in[dev].load()) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(sparse_mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (e != cudaSuccess) return e;
+    if (dev < 64) opted_in[dev].store(true);
+  }
+  const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads),
+                  static_cast<unsigned>(a.batch));
+  sparse_mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(a);
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  sparse_mla_combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch)), 128, 0,
+                              stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace dsv4ffi
