@@ -312,8 +312,8 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int kbs = static_cast<int>(kblocks), kb_per = (kbs + ksplit - 1) / ksplit;
   const int kb_begin = kc * kb_per, kb_end = kbs < kb_begin + kb_per ? kbs : kb_begin + kb_per;
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  const float* sfa0 = c_row0 >= 0 ? sfa + c_row0 * sfa_row_stride : nullptr;
-  const float* sfa1 = c_row1 >= 0 ? sfa + c_row1 * sfa_row_stride : nullptr;
+  const float* sfa0 = !QX && c_row0 >= 0 ? sfa + c_row0 * sfa_row_stride : nullptr;  // fused: sfa is null
+  const float* sfa1 = !QX && c_row1 >= 0 ? sfa + c_row1 * sfa_row_stride : nullptr;
   for (int kb0 = kb_begin; kb0 < kb_end; kb0 += kMmaKbPerChunk) {
     // Issue every load of the chunk before the first mma: the weight bytes in flight are what sets the bandwidth.
     uint4 wl[kMmaKbPerChunk][2], wh[kMmaKbPerChunk][2], xv[kMmaKbPerChunk][2];
