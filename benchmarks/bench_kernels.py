@@ -1,7 +1,8 @@
 """Benchmarks of the dsv4_jax_ffi kernels at DeepSeek-V4-Flash shapes, against ceilings measured in the same run.
 
     python benchmarks/bench_kernels.py [--out results.json] [--markdown table.md]
-        [--decode | --prefill | --fp4-decode [--fp4-variants wg,wg8,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]]
+        [--decode | --prefill | --fp4-decode [--fp4-variants wg,wg8,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]
+         | --gemv-quant [--gemv-quant-m 1]]
 
 Ceilings (measured here, same process): device copy bandwidth (bytes read + written of a 2 GiB bf16 elementwise
 pass) and the dense FP8 GEMM rate of XLA's own FP8 dot (e4m3 x e4m3 -> bf16, 8192^3; cuBLASLt). Baselines: XLA's
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -35,6 +37,8 @@ BF16, F32, E4M3 = jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn
 # Flash dense FP8 linears (N, K) and the routed-expert projections (N, K: w1/w3, then w2)
 DENSE_SHAPES = ((4096, 4096), (32768, 1024), (1024, 4096), (4096, 8192))
 EXPERT_SHAPES = ((2048, 4096), (4096, 2048))
+# Every dense FP8 linear of a Flash decode step (N, K)
+DECODE_LINEARS = ((1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (2048, 4096), (4096, 2048), (8192, 1024))
 
 
 def timed(fn, *args, reps: int = 8, per: int = 1) -> float:
@@ -282,6 +286,35 @@ def bench_decode(rows, bw, fp8, impls=("mma", "cuda")):
         bench_dense(rows, 64, n, k, bw, fp8)
 
 
+def bench_gemv_quant(rows, bw, fp8, ms=(1,), rounds=3):
+    """fp8_linear at decode sizes with the activation quantisation fused into the GEMV (one launch) vs separate (our
+    quantisation kernel, then the GEMV): the same 64 rotating weights and inputs, 64 calls per executable (launch
+    gaps counted, as in a decode step), the two modes interleaved `rounds` times, best of each."""
+    for m in ms:
+        for n, k in DECODE_LINEARS:
+            r = 64
+            key = jax.random.key(m + n + k)
+            ws = [fp8_weight(jax.random.fold_in(key, i), (n, k)) for i in range(r)]
+            w = [a for a, _ in ws]
+            s = [ffi_ops.sm90_weight_scales(b) for _, b in ws]
+            x = [jax.random.normal(jax.random.fold_in(key, 100 + i), (m, k), F32).astype(BF16) for i in range(r)]
+            fns = {q: many(functools.partial(ffi_ops.fp8_linear, quant=q), r) for q in ffi_ops.GEMV_QUANT_MODES}
+            best = dict.fromkeys(fns, float("inf"))
+            for _ in range(rounds):
+                for q, f in fns.items():
+                    best[q] = min(best[q], timed(f, x, w, s, per=r))
+            flops, byts = 2 * m * n * k, n * k + m * k * 2 + m * n * 2
+            for q in fns:
+                rows.append(
+                    result_row(
+                        f"fp8_linear [{q} quant]", f"M={m} N={n} K={k}", best[q], float("nan"), flops, byts, bw, fp8
+                    )
+                )
+            saved = best["separate"] - best["fused"]
+            print(f"  fused vs separate: {saved * 1e6:+.2f} us per call ({100 * saved / best['separate']:+.1f}%)")
+            del ws, w, s, x
+
+
 def fp4_weight(key, shape, scale_bytes=(117, 125)):
     """Random MXFP4 weight for a logical `[..., N, K]`: packed uint8 `[..., N, K/2]` (any e2m1 code in either nibble)
     and e8m0 scales `[..., N, K/32]` in 2^-10..2^-3, drawn as bytes from uint32 bits (1 GiB per Flash projection)."""
@@ -488,6 +521,12 @@ def main():
     ap.add_argument("--prefill", action="store_true", help="only the grouped GEMMs at 8192 tokens")
     ap.add_argument("--gemv-impls", default="mma,cuda", help="GEMV variants for --decode (DSV4_FFI_GEMV values)")
     ap.add_argument(
+        "--gemv-quant",
+        action="store_true",
+        help="only the Flash decode linears, activation quantisation fused into the GEMV vs a separate launch",
+    )
+    ap.add_argument("--gemv-quant-m", default="1", help="rows (M <= 8) for --gemv-quant (comma list)")
+    ap.add_argument(
         "--fp4-decode",
         action="store_true",
         help="only the MXFP4 routed experts of a decode step (gate/up + down launches), T = 1, 2, 4, 8",
@@ -520,6 +559,8 @@ def main():
             with ffi_env("DSV4_FFI_FP4_TILES", tiles):
                 wg = tuple(v for v in args.fp4_variants.split(",") if v.startswith("wg"))
                 bench_fp4_decode(rows, bw, fp8, variants=wg, rounds=1, tag=f", tiles {tiles}")
+    elif args.gemv_quant:
+        bench_gemv_quant(rows, bw, fp8, ms=tuple(int(v) for v in args.gemv_quant_m.split(",")))
     elif args.decode:
         bench_overhead(rows)
         bench_decode(rows, bw, fp8, impls=tuple(args.gemv_impls.split(",")))

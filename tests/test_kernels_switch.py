@@ -287,3 +287,30 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
         assert int(regs[0]) <= limit, f"{name} uses {regs[0]} registers (> {limit}: below its occupancy target)"
         found[kind] = found.get(kind, 0) + 1
     assert found == {"ring": 8, "wg": 16}, f"expected 8 ring and 16 wg instantiations, found {found}:\n{log[-3000:]}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
+def test_fp8_gemv_mma_kernels_compile_for_sm90a_without_spills():
+    """The tensor-core FP8 GEMV (gemv_kernels.cu), plain and with the fused activation quantisation of the dense
+    fp8_linear at decode, for 1, 2, 4 and 8 tokens per pass: no local-memory spills (the fused kernel at 8 tokens once
+    spilt), and <= 128 registers (two blocks of 256 threads per SM, as the plain kernel has)."""
+    import re
+
+    src = FFI / "csrc" / "gemv_kernels.cu"
+    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
+    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
+    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh"]
+    log = _cached_compile(cmd, deps, "gemv_kernels_v").with_suffix(".log").read_text()
+    found = set()
+    for entry in re.split(r"Compiling entry function '", log)[1:]:
+        name = entry.split("'", 1)[0]
+        m = re.search(r"gemv_mma_kernelILi(\d)ELb([01])E", name)
+        if m is None:
+            continue
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
+        regs = re.findall(r"Used (\d+) registers", entry)
+        assert spills and regs, f"no ptxas report for {name}:\n{entry[:2000]}"
+        assert all(a == "0" and b == "0" for a, b in spills), f"ptxas reports spills for {name}:\n{entry[:2000]}"
+        assert int(regs[0]) <= 128, f"{name} uses {regs[0]} registers (> 128: one block per SM fewer)"
+        found.add((int(m.group(1)), m.group(2) == "1"))
+    assert found == {(tb, fused) for tb in (1, 2, 4, 8) for fused in (False, True)}, f"{found}:\n{log[-3000:]}"

@@ -7,7 +7,8 @@ op runs which of them is decided in `dsv4_jax.ops` (the registry), never here.
 Wrappers:
   * `fp8_linear(x bf16 [..., K], w e4m3 [N, K], s e8m0|f32 [N/128, K/128]) -> bf16 [..., N]`: per-token 1x128 pow2
     FP8 quantization (our kernel) + DeepGEMM SM90 1D2D GEMM, one FFI call; at M <= 8 rows our GEMV (`fp8_gemv`,
-    mma.sync on 16 weight rows x 8 tokens per warp tile) replaces the DeepGEMM GEMM.
+    mma.sync on 16 weight rows x 8 tokens per warp tile) replaces the DeepGEMM GEMM, and quantizes the bf16 rows
+    itself (one launch; `quant="separate"` or DSV4_FFI_GEMV_QUANT=separate: the quantization kernel first).
   * `act_quant(x) -> (e4m3, f32 [M, K/128])`, bit-identical to `dsv4_jax.quant.act_quant`; `act_quant_rows` gathers
     rows into grouped layouts; `swiglu_quant` fuses `bf16(w * SwiGLU)` with it.
   * grouped GEMMs (`grouped_gemm_contig`, `grouped_gemm_masked`) and the GEMVs (`fp8_gemv`, `fp8_gemv_pair`).
@@ -43,11 +44,13 @@ __all__ = [
     "DEQUANT_GEMV_MAX_M",
     "fp8_gemm",
     "fp8_linear",
+    "fp8_linear_call",
     "grouped_gemm_contig",
     "grouped_gemm_masked",
     "fp8_gemv",
     "fp8_gemv_pair",
     "GEMV_MAX_M",
+    "GEMV_QUANT_MODES",
     "fp4_gemv",
     "fp4_moe_gate_up",
     "fp4_moe_down",
@@ -264,8 +267,15 @@ def fp8_gemm(a: jax.Array, sfa: jax.Array, w: jax.Array, sw: jax.Array) -> jax.A
     return jax.ffi.ffi_call("dsv4_fp8_gemm", jax.ShapeDtypeStruct((m, n), BF16))(a, sfa, w, sm90_weight_scales(sw))
 
 
-def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
-    """Drop-in kernel for `ops.fp8_linear` (quant_sim numerics): bf16 `[..., K]` x e4m3 `[N, K]` -> bf16 `[..., N]`."""
+# How `fp8_linear` quantizes its activations at M <= GEMV_MAX_M (`quant=`; None: DSV4_FFI_GEMV_QUANT at launch,
+# fused unless it is "separate" or DSV4_FFI_GEMV=cuda): "fused" inside the GEMV (one launch), "separate" our
+# quantization kernel, then the GEMV (two launches). Bit-identical results; larger M always quantizes separately.
+GEMV_QUANT_MODES = ("fused", "separate")
+
+
+def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array, *, quant: str | None = None) -> jax.Array:
+    """Drop-in kernel for `ops.fp8_linear` (quant_sim numerics): bf16 `[..., K]` x e4m3 `[N, K]` -> bf16 `[..., N]`.
+    `quant`: one of `GEMV_QUANT_MODES` or None (see there; an A/B switch fixed in the program)."""
     *lead, k = x.shape
     n = w.shape[0]
     x2 = x.reshape(-1, k)
@@ -273,15 +283,25 @@ def fp8_linear(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
     if m > GEMV_MAX_M and not instantiated("dense", n, k, 1, dense_block_m(m)):
         raise ValueError(f"fp8_linear: dsv4_jax_ffi has no FP8 GEMM instantiation for N={n} K={k} (M={m}); add the "
                          "shape to ffi/gen/gen_instantiations.py and rebuild")  # fmt: skip
-    out, _, _ = jax.ffi.ffi_call(
-        "dsv4_fp8_linear",
+    out, _, _ = fp8_linear_call(x2, w, s, quant=quant)
+    return out.reshape(*lead, n)
+
+
+def fp8_linear_call(x2: jax.Array, w: jax.Array, s: jax.Array, *, quant: str | None = None):
+    """The `dsv4_fp8_linear` call itself: x2 bf16 `[M, K]` -> (y bf16 `[M, N]`, q e4m3 `[M, K]`, sfa f32
+    `[K/128, align(M, 4)]`), q and sfa being `act_quant(x2)` in the GEMM's layout (the fused GEMV writes them too;
+    columns M.. of sfa are not written). For tests; `fp8_linear` discards q and sfa."""
+    if quant is not None and quant not in GEMV_QUANT_MODES:
+        raise ValueError(f"fp8_linear: quant={quant!r} is not one of {GEMV_QUANT_MODES}")
+    m, k = x2.shape
+    return jax.ffi.ffi_call(
+        "dsv4_fp8_linear" + ("" if quant is None else "_" + quant),
         (
-            jax.ShapeDtypeStruct((m, n), BF16),
+            jax.ShapeDtypeStruct((m, w.shape[0]), BF16),
             jax.ShapeDtypeStruct((m, k), E4M3),
             jax.ShapeDtypeStruct((k // 128, _round_up(max(m, 1), 4)), F32),
         ),
     )(x2.astype(BF16), w, sm90_weight_scales(s))
-    return out.reshape(*lead, n)
 
 
 def grouped_gemm_contig(a, sfa, w, sw, psum, block_m: int) -> jax.Array:

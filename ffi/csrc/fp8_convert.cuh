@@ -1,5 +1,6 @@
 // Register-level conversions shared by the FP8 kernels.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
@@ -18,6 +19,20 @@ static __device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]
     const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
     f[4 * i + 0] = a.x, f[4 * i + 1] = a.y, f[4 * i + 2] = b.x, f[4 * i + 3] = b.y;
   }
+}
+
+// float32(1/448), the constant dsv4_jax.quant.act_quant multiplies by (0x1.24924ap-9).
+constexpr float kInvFp8Max = 0x1.24924ap-9f;
+
+// The power-of-two scale of one 1x128 activation block (quant.act_quant): 2^ceil(log2(max(amax, 1e-4) * f32(1/448)))
+// from the IEEE bits. Shared by quant_rows_kernel and the GEMV's fused quantisation so that both derive the scale
+// from the same code (the fp4 GEMV keeps its own copy of the same lines).
+static __device__ __forceinline__ float act_pow2_scale(float amax) {
+  amax = fmaxf(amax, 1e-4f);
+  const float t = __fmul_rn(amax, kInvFp8Max);
+  const uint32_t bits = __float_as_uint(t);
+  const uint32_t e = ((bits >> 23) & 0xFFu) + ((bits & 0x7FFFFFu) != 0u);
+  return __uint_as_float(e << 23);
 }
 
 }  // namespace dsv4ffi

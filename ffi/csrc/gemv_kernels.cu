@@ -12,6 +12,14 @@
 // s_b[n/128, kb] (a power of two: exact) and accumulated in FP32; only the summation order differs from the
 // reference. Output bf16 (round to nearest even).
 //
+// Fused activation quantisation (GemvArgs::x_bf16, the dense fp8_linear at decode; tensor-core kernel only): the
+// kernel reads the bf16 activation rows and quantises them per 1x128 block itself, so the linear is one launch
+// instead of quant_rows_kernel + GEMV (at batch 1 a decode step is launch-bound, issue #15). Every warp quantises the
+// tokens and the K blocks it multiplies, in registers, right before their mma: the activation bytes are small next to
+// the weight stream (and come from L2), and no shared memory or block barrier is needed. The e4m3 bytes and the scale
+// are bit-identical to quant_rows_kernel's (same amax, act_pow2_scale, x * (1/s) = x / s for a power of two s, the
+// same clamp, RN with saturation), so the output is bit-identical to the two-launch path.
+//
 // Addressing: output row r (of `out_rows`) belongs to segment r / TB; a segment's rows share one weight group.
 //   activation row of r = rows_map ? rows_map[r] : r;   group of r = group_map ? group_map[r / TB] : 0.
 // Rows with a negative or out-of-range activation row or group are written as zeros.
@@ -142,19 +150,132 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   if (r < out_rows && col < n) d[r * n + col] = __float2bfloat16_rn(v);
 }
 
+// ---- fused quantisation helpers ------------------------------------------------------------------------------
+// Who quantises what, per 128-wide K block: token t of the segment's TB tokens is quantised by the 32 / TB lanes
+// t * (32 / TB) ..., each holding 4 * TB of its elements, so all 32 lanes do useful work even at TB = 1 (the amax is
+// then a shuffle reduction over those lanes). TB < 8: a lane's elements are consecutive, from (lane % (32 / TB)) * 4TB;
+// the mma then wants lane (g, q) to hold token g's elements 16q..16q+15 and 64+16q..64+16q+15 (gemv_mma.cuh), which
+// 8 shuffles gather. TB = 8: the quantising lanes of a token are exactly its mma lanes (g = token, q = lane % 4), so a
+// lane quantises those 32 elements itself and nothing moves.
+template <int TB>
+struct Qx {
+  static constexpr int kLanes = 32 / TB;  // lanes per token (a power of two: xor reductions stay inside the group)
+  static constexpr int kElems = 4 * TB;   // bf16 elements per lane per K block
+  static constexpr int kRaw = kElems / 2;  // 32-bit words of raw bf16 per lane
+  // Offset in the K block of the lane's element e.
+  static __device__ __forceinline__ int elem(int lane, int e) {
+    if constexpr (TB == 8) return (e / 16) * 64 + (lane % 4) * 16 + e % 16;
+    else return (lane % kLanes) * kElems + e;
+  }
+};
+
+// Loads the lane's bf16 elements of K block kb of row x (null: zeros), 16 bytes at a time (8 at TB = 1).
+template <int TB>
+__device__ __forceinline__ void qx_load(const __nv_bfloat16* x, int kb, int lane, uint32_t raw[Qx<TB>::kRaw]) {
+  if constexpr (TB == 1) {
+    const uint2 v = x ? __ldg(reinterpret_cast<const uint2*>(x + kb * 128 + Qx<TB>::elem(lane, 0))) : make_uint2(0, 0);
+    raw[0] = v.x, raw[1] = v.y;
+  } else {
+#pragma unroll
+    for (int c = 0; c < Qx<TB>::kRaw / 4; ++c) {
+      const uint4 v = x ? __ldg(reinterpret_cast<const uint4*>(x + kb * 128 + Qx<TB>::elem(lane, 8 * c)))
+                        : make_uint4(0, 0, 0, 0);
+      raw[4 * c] = v.x, raw[4 * c + 1] = v.y, raw[4 * c + 2] = v.z, raw[4 * c + 3] = v.w;
+    }
+  }
+}
+
+// Quantises the lane's elements (all lanes must call: shuffles): qw[w] = e4m3 of elements 4w..4w+3 (the first in the
+// low byte); returns the token's scale. The operations of quant_rows_kernel: amax over the block (fmax is exact and
+// order-free), act_pow2_scale, clip(x / s, -448, 448) (x * (1/s) is the same rounding of the same real number: 1/s
+// is exact for the powers of two act_pow2_scale gives), e4m3 RN with saturation.
+// bf16 element 0 (low half) or 1 (high half) of a raw word, as f32 (exact).
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+template <int TB>
+__device__ __forceinline__ float qx_quant(const uint32_t raw[Qx<TB>::kRaw], uint32_t qw[TB]) {
+  // The bf16 -> f32 unpacking is redone for the second pass rather than kept in 4TB floats across the shuffles
+  // (one integer op each; at TB = 8 the 32 floats made ptxas spill).
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < Qx<TB>::kRaw; ++i) amax = fmaxf(amax, fmaxf(fabsf(bf16_lo(raw[i])), fabsf(bf16_hi(raw[i]))));
+#pragma unroll
+  for (int off = Qx<TB>::kLanes / 2; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float s = act_pow2_scale(amax);
+  const float inv = __frcp_rn(s);  // exact (a power of two in the normal range; s = inf -> 0, as x / inf)
+  auto q2 = [&](uint32_t w) -> uint32_t {  // both elements of a raw word -> two e4m3 bytes (the first low)
+    const float a = fminf(fmaxf(bf16_lo(w) * inv, -448.f), 448.f);
+    const float b = fminf(fmaxf(bf16_hi(w) * inv, -448.f), 448.f);
+    return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  };
+#pragma unroll
+  for (int w = 0; w < TB; ++w) qw[w] = q2(raw[2 * w]) | (q2(raw[2 * w + 1]) << 16);
+  return s;
+}
+
+// The mma B fragment of lane (g, q) (token g, bytes 16q..16q+15 of each 64-wide half of the block) from the
+// quantised words (all lanes must call). TB < 8: lanes g >= TB receive another token's bytes; their mma columns
+// are never stored (store_c_fragment) and their scales are 0.
+template <int TB>
+__device__ __forceinline__ void qx_fragment(const uint32_t qw[TB], int lane, uint4 xv[2]) {
+  if constexpr (TB == 8) {
+    xv[0] = make_uint4(qw[0], qw[1], qw[2], qw[3]);
+    xv[1] = make_uint4(qw[4], qw[5], qw[6], qw[7]);
+  } else {
+    const int gq = lane / 4, q = lane % 4;
+    uint32_t w[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // word 16h + 4q + i of token gq; 4 divides 16h + 4q, so its slot is i % TB
+        w[h][i] = __shfl_sync(0xffffffffu, qw[i % TB], gq * Qx<TB>::kLanes + (16 * h + 4 * q + i) / TB);
+    xv[0] = make_uint4(w[0][0], w[0][1], w[0][2], w[0][3]);
+    xv[1] = make_uint4(w[1][0], w[1][1], w[1][2], w[1][3]);
+  }
+}
+
+// Writes the lane's quantised words and (first lane of the token) its scale to the act_quant layout: q [rows, k],
+// scale of (row, kb) at sfa[row * row_stride + kb * kb_stride].
+template <int TB>
+__device__ __forceinline__ void qx_store(const uint32_t qw[TB], float s, int64_t row, int kb, int lane, int64_t k,
+                                         uint8_t* q, float* sfa, int64_t row_stride, int64_t kb_stride) {
+  uint8_t* dst = q + row * k + kb * 128;
+  if constexpr (TB == 1) {
+    *reinterpret_cast<uint32_t*>(dst + Qx<TB>::elem(lane, 0)) = qw[0];
+  } else if constexpr (TB == 2) {
+    *reinterpret_cast<uint2*>(dst + Qx<TB>::elem(lane, 0)) = make_uint2(qw[0], qw[1]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < TB / 4; ++c)
+      *reinterpret_cast<uint4*>(dst + Qx<TB>::elem(lane, 16 * c)) =
+          make_uint4(qw[4 * c], qw[4 * c + 1], qw[4 * c + 2], qw[4 * c + 3]);
+  }
+  if (lane % Qx<TB>::kLanes == 0) sfa[row * row_stride + kb * kb_stride] = s;
+}
+
+// Where the fused kernel also writes the quantised activations (both null: nowhere).
+struct QxOut {
+  uint8_t* q;
+  float* sfa;
+};
+
 // Tensor-core variant: one warp computes 16 weight rows x 8 tokens with mma.sync m16n8k32 (gemv_mma.cuh).
 // Why: the CUDA-core loop above spends 4 FMAs + conversions per weight byte and token, so at 8 tokens it is bound by
 // arithmetic (and registers), not by streaming the weights; one mma does the same 16x8x32 products in one issue.
 constexpr int kMmaKbPerChunk = 2;  // K blocks whose loads are issued together (8 x 16 B weights per lane in flight)
 
-template <int TB>
+// QX: fused quantisation: `a` holds bf16 rows [a_rows, k] (not e4m3), `sfa` is not read; the strides place the
+// scales written to qo.sfa.
+template <int TB, bool QX>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
                 __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
-                const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2) {
-  static_assert(TB >= 1 && TB <= 8, "at most 8 tokens per mma");
+                const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2,
+                QxOut qo) {
+  static_assert(TB >= 1 && TB <= 8 && (TB & (TB - 1)) == 0, "1, 2, 4 or 8 tokens per mma");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane / 4, q = lane % 4;
   const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
@@ -177,41 +298,73 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const uint8_t* bg = b + (g * n) * k;
   const uint8_t* w_lo = r_lo < n ? bg + r_lo * k : nullptr;
   const uint8_t* w_hi = r_hi < n ? bg + r_hi * k : nullptr;
-  const uint8_t* x_row = b_row >= 0 ? a + b_row * k : nullptr;
+  const uint8_t* x_row = !QX && b_row >= 0 ? a + b_row * k : nullptr;
   const float* sfb_row = sfb + (g * nblocks + (n0 < n ? n0 : 0) / 128) * kblocks;
+  // Fused quantisation: the token this lane quantises, its bf16 row, and whether this warp also writes the quantised
+  // rows out (the warps of row group 0 in the first block column of the first projection cover all of K once).
+  const int64_t qx_row = QX ? act_row(lane / Qx<TB>::kLanes) : -1;
+  const __nv_bfloat16* qx_src = qx_row >= 0 ? reinterpret_cast<const __nv_bfloat16*>(a) + qx_row * k : nullptr;
+  const bool qx_write = QX && qo.q != nullptr && blockIdx.x == 0 && rg == 0 &&
+                        blockIdx.y < static_cast<unsigned>((out_rows + TB - 1) / TB);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   // K offsets fit in 32 bits (K <= 2^31); the row pointers above carry the 64-bit part.
   const int kbs = static_cast<int>(kblocks), kb_per = (kbs + ksplit - 1) / ksplit;
   const int kb_begin = kc * kb_per, kb_end = kbs < kb_begin + kb_per ? kbs : kb_begin + kb_per;
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  const float* sfa0 = c_row0 >= 0 ? sfa + c_row0 * sfa_row_stride : nullptr;
-  const float* sfa1 = c_row1 >= 0 ? sfa + c_row1 * sfa_row_stride : nullptr;
+  const float* sfa0 = !QX && c_row0 >= 0 ? sfa + c_row0 * sfa_row_stride : nullptr;  // fused: sfa is null
+  const float* sfa1 = !QX && c_row1 >= 0 ? sfa + c_row1 * sfa_row_stride : nullptr;
   for (int kb0 = kb_begin; kb0 < kb_end; kb0 += kMmaKbPerChunk) {
     // Issue every load of the chunk before the first mma: the weight bytes in flight are what sets the bandwidth.
     uint4 wl[kMmaKbPerChunk][2], wh[kMmaKbPerChunk][2], xv[kMmaKbPerChunk][2];
-#pragma unroll
-    for (int c = 0; c < kMmaKbPerChunk; ++c)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int kb = kb0 + c;
-        const int col = kb * 128 + h * 64 + q * 16;
-        const bool in = kb < kb_end;
-        wl[c][h] = in && w_lo ? __ldg(reinterpret_cast<const uint4*>(w_lo + col)) : zero;
-        wh[c][h] = in && w_hi ? __ldg(reinterpret_cast<const uint4*>(w_hi + col)) : zero;
-        xv[c][h] = in && x_row ? __ldg(reinterpret_cast<const uint4*>(x_row + col)) : zero;
-      }
+    uint32_t xr[kMmaKbPerChunk][QX ? Qx<TB>::kRaw : 1];  // fused: raw bf16 (in flight with the weights)
 #pragma unroll
     for (int c = 0; c < kMmaKbPerChunk; ++c) {
       const int kb = kb0 + c;
-      if (kb >= kb_end) break;
+      const bool in = kb < kb_end;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = kb * 128 + h * 64 + q * 16;
+        wl[c][h] = in && w_lo ? __ldg(reinterpret_cast<const uint4*>(w_lo + col)) : zero;
+        wh[c][h] = in && w_hi ? __ldg(reinterpret_cast<const uint4*>(w_hi + col)) : zero;
+        if constexpr (!QX) xv[c][h] = in && x_row ? __ldg(reinterpret_cast<const uint4*>(x_row + col)) : zero;
+      }
+      if constexpr (QX) qx_load<TB>(in ? qx_src : nullptr, kb, lane, xr[c]);
+    }
+#pragma unroll
+    for (int c = 0; c < kMmaKbPerChunk; ++c) {
+      const int kb = kb0 + c;
+      if (kb >= kb_end) break;  // warp-uniform: the shuffles of the fused quantisation below see every lane
+      float s0, s1;
+      const float sb = sfb_row[kb];
+      if constexpr (QX) {
+        uint32_t qw[TB];
+        const float sq = qx_quant<TB>(xr[c], qw);
+        qx_fragment<TB>(qw, lane, xv[c]);
+        // the scales of this lane's C tokens 2q and 2q+1 live in the first lane of each token's group
+        const float sc0 = __shfl_sync(0xffffffffu, sq, 2 * q * Qx<TB>::kLanes);
+        const float sc1 = __shfl_sync(0xffffffffu, sq, (2 * q + 1) * Qx<TB>::kLanes);
+        s0 = c_row0 >= 0 ? sc0 * sb : 0.f;
+        s1 = c_row1 >= 0 ? sc1 * sb : 0.f;
+      } else {
+        s0 = sfa0 ? sfa0[kb * sfa_kb_stride] * sb : 0.f;
+        s1 = sfa1 ? sfa1[kb * sfa_kb_stride] * sb : 0.f;
+      }
       float blk[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int h = 0; h < 2; ++h) mma_step64(wl[c][h], wh[c][h], xv[c][h], blk);
-      const float sb = sfb_row[kb];
-      const float s0 = sfa0 ? sfa0[kb * sfa_kb_stride] * sb : 0.f;
-      const float s1 = sfa1 ? sfa1[kb * sfa_kb_stride] * sb : 0.f;
       add_scaled(blk, s0, s1, acc);
+    }
+  }
+
+  // Fused quantisation: the writing warps store their K slice of the quantised rows, quantised once more here rather
+  // than kept from the loop above (where the stores' addresses cost registers the weight stream needs: TB = 8 spilt).
+  if (qx_write) {  // warp-uniform
+    for (int kb = kb_begin; kb < kb_end; ++kb) {
+      uint32_t raw[Qx<TB>::kRaw], qw[TB];
+      qx_load<TB>(qx_src, kb, lane, raw);
+      const float sq = qx_quant<TB>(raw, qw);
+      if (qx_row >= 0) qx_store<TB>(qw, sq, qx_row, kb, lane, k, qo.q, qo.sfa, sfa_row_stride, sfa_kb_stride);
     }
   }
 
@@ -237,13 +390,18 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaSt
   const int64_t segs = (p.out_rows + TB - 1) / TB;
   const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block),
                   static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs));
-  auto* kernel = mma ? gemv_mma_kernel<TB> : gemv_fp8_kernel<TB>;
-  kernel<<<grid, warps * 32, 0, stream>>>(
-      static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
-      static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.rows_map, p.group_map,
-      static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit, static_cast<const uint8_t*>(p.b2), p.sfb2,
-      static_cast<__nv_bfloat16*>(p.d2));
-  return cudaGetLastError();
+  const bool qx = p.x_bf16 != nullptr;
+  const auto* a = static_cast<const uint8_t*>(qx ? p.x_bf16 : p.a);
+  auto launch = [&](auto* kernel, auto... extra) {
+    kernel<<<grid, warps * 32, 0, stream>>>(
+        a, p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups,
+        p.rows_map, p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit,
+        static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), extra...);
+    return cudaGetLastError();
+  };
+  if (qx) return launch(gemv_mma_kernel<TB, true>, QxOut{static_cast<uint8_t*>(p.q_out), p.sfa_out});
+  if (mma) return launch(gemv_mma_kernel<TB, false>, QxOut{nullptr, nullptr});
+  return launch(gemv_fp8_kernel<TB>);
 }
 
 }  // namespace
@@ -275,11 +433,18 @@ int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, in
   return ksplit;
 }
 
+bool gemv_fuses_quant() {
+  // DSV4_FFI_GEMV_QUANT=separate: the dense fp8_linear quantises in its own launch before the GEMV (A/B knob; read
+  // at every launch). The CUDA-core loop (DSV4_FFI_GEMV=cuda) has no fused variant.
+  const char* v = std::getenv("DSV4_FFI_GEMV_QUANT");
+  return (v == nullptr || std::strcmp(v, "separate") != 0) && gemv_uses_mma();
+}
+
 cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   if (p.out_rows == 0 || p.n == 0) return cudaSuccess;
   int major, minor, sms;
   device_info(&major, &minor, &sms);
-  const bool mma = gemv_uses_mma();
+  const bool mma = p.x_bf16 != nullptr || gemv_uses_mma();  // the fused quantisation exists on the mma kernel only
   int ksplit = gemv_ksplit(p.out_rows, p.tokens_per_block, p.n, p.k, sms, mma);
   if (const char* v = std::getenv("DSV4_FFI_GEMV_KSPLIT")) {  // tuning knob for benchmarks: 1, 2, 4 or 8
     const int f = std::atoi(v);

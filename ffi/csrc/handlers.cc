@@ -277,6 +277,14 @@ ffi::Error Fp8GemmImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F
   return run_gemm(op, kDense, n, k, 1, dense_block_m(m), ga, stream);
 }
 
+// How the dense FP8 linear quantises its activations at M <= kGemvMaxM (the dsv4_fp8_linear targets): kQuantAuto
+// (the plain target) asks gemv_fuses_quant() at launch (fused unless DSV4_FFI_GEMV_QUANT=separate or
+// DSV4_FFI_GEMV=cuda); the _fused and _separate targets fix the choice in the program (A/B in one process: re-recorded
+// command buffers cannot pick up a changed environment). Larger M always quantises in its own launch.
+enum LinearQuant : int { kQuantAuto = 0, kQuantFused = 1, kQuantSeparate = 2 };
+
+// q and sfa are results in every mode: act_quant(x) in the GEMM's layout (the fused GEMV writes them too).
+template <int Q>
 ffi::Error Fp8LinearImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b,
                          ffi::Buffer<ffi::F32> sfb, ffi::ResultBuffer<ffi::BF16> d, ffi::Result<ffi::AnyBuffer> q,
                          ffi::ResultBuffer<ffi::F32> sfa) {
@@ -294,6 +302,14 @@ ffi::Error Fp8LinearImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
   if (!small && find_gemm(kDense, uint32_t(n), uint32_t(k), 1, uint32_t(dense_block_m(m))) == nullptr)
     return bad(op, missing(kDense, n, k, 1, dense_block_m(m)));
   if (m == 0) return ffi::Error::Success();
+  if (small && (Q == kQuantFused || (Q == kQuantAuto && gemv_fuses_quant()))) {  // one launch
+    if (!aligned16(b.untyped_data()) || !aligned16(x.untyped_data()) || !aligned16(q->untyped_data()))
+      return bad(op, "input, weight and workspace q must be 16-byte aligned");
+    GemvArgs gv{nullptr, m, nullptr, 1, pitch, b.untyped_data(), sfb.typed_data(), 1, nullptr,
+                nullptr, d->untyped_data(), m, n, k, gemv_tokens_per_block(m)};
+    gv.x_bf16 = x.untyped_data(), gv.q_out = q->untyped_data(), gv.sfa_out = sfa->typed_data();
+    return cuda_check(op, launch_gemv(gv, stream));
+  }
   if (auto err = cuda_check(op, launch_quant_rows(x.untyped_data(), nullptr, q->untyped_data(), sfa->typed_data(), m,
                                                   k, m, pitch, stream));
       err.failure())
@@ -562,7 +578,6 @@ using dsv4ffi::Fp4GemvImpl;
 using dsv4ffi::Fp4MoeDownImpl;
 using dsv4ffi::Fp4MoeGateUpImpl;
 using dsv4ffi::Fp8GemmImpl;
-using dsv4ffi::Fp8LinearImpl;
 using dsv4ffi::GemmContigImpl;
 using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
@@ -642,15 +657,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemm, Fp8GemmImpl,
                                   .Ret<ffi::Buffer<ffi::BF16>>(),
                               DSV4_TRAITS);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_linear, Fp8LinearImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>(),
+// dsv4_fp8_linear quantises as LinearQuant says: plain target at launch, _fused / _separate fixed (A/B).
+#define DSV4_FP8_LINEAR_BIND                              \
+  ffi::Ffi::Bind()                                        \
+      .STREAM.Arg<ffi::Buffer<ffi::BF16>>()               \
+      .Arg<ffi::AnyBuffer>()                              \
+      .Arg<ffi::Buffer<ffi::F32>>()                       \
+      .Ret<ffi::Buffer<ffi::BF16>>()                      \
+      .Ret<ffi::AnyBuffer>()                              \
+      .Ret<ffi::Buffer<ffi::F32>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_linear, dsv4ffi::Fp8LinearImpl<dsv4ffi::kQuantAuto>, DSV4_FP8_LINEAR_BIND,
                               DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_linear_fused, dsv4ffi::Fp8LinearImpl<dsv4ffi::kQuantFused>,
+                              DSV4_FP8_LINEAR_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_linear_separate, dsv4ffi::Fp8LinearImpl<dsv4ffi::kQuantSeparate>,
+                              DSV4_FP8_LINEAR_BIND, DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemm_contig, GemmContigImpl,
                               ffi::Ffi::Bind()

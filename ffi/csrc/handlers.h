@@ -11,6 +11,8 @@
   X(dsv4_dequant_bf16_gemv)  \
   X(dsv4_fp8_gemm)           \
   X(dsv4_fp8_linear)         \
+  X(dsv4_fp8_linear_fused)   \
+  X(dsv4_fp8_linear_separate) \
   X(dsv4_fp8_gemm_contig)    \
   X(dsv4_fp8_gemm_masked)    \
   X(dsv4_fp8_gemv)           \

@@ -106,8 +106,19 @@ struct GemvArgs {
   const void* b2 = nullptr;
   const float* sfb2 = nullptr;
   void* d2 = nullptr;
+  // Fused activation quantisation (the dense fp8_linear at decode: one launch instead of launch_quant_rows + GEMV):
+  // set, the kernel reads bf16 rows x_bf16 [a_rows, k] and quantises them per 1x128 itself, bit-identically to
+  // launch_quant_rows; `a` and `sfa` are not read. If q_out is set it also writes the quantised rows once, as
+  // launch_quant_rows would: q_out e4m3 [a_rows, k], the scale of (row, kb) at sfa_out[row * sfa_row_stride + kb *
+  // sfa_kb_stride]. Always the tensor-core kernel (DSV4_FFI_GEMV=cuda has no fused variant).
+  const void* x_bf16 = nullptr;
+  void* q_out = nullptr;
+  float* sfa_out = nullptr;
 };
 cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
+// Whether the dense fp8_linear at M <= kGemvMaxM fuses its activation quantisation into the GEMV (default), or
+// launches it separately first (DSV4_FFI_GEMV_QUANT=separate, or DSV4_FFI_GEMV=cuda); read at every launch.
+bool gemv_fuses_quant();
 // K split across a block's warps for this problem (exposed for the tests of the launch heuristic); mma: the
 // tensor-core variant (16 weight rows per warp) rather than the CUDA-core loop (4 rows per warp).
 int gemv_ksplit(int64_t out_rows, int tokens_per_block, int64_t n, int64_t k, int num_sms, bool mma);

@@ -10,22 +10,13 @@
 
 #include <cstdint>
 
+#include "fp8_convert.cuh"
 #include "kernels.h"
 
 namespace dsv4ffi {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-// float32(1/448), the constant the reference multiplies by (0x1.24924ap-9).
-constexpr float kInvFp8Max = 0x1.24924ap-9f;
-
-__device__ __forceinline__ float pow2_scale(float amax) {
-  amax = fmaxf(amax, 1e-4f);
-  const float t = __fmul_rn(amax, kInvFp8Max);
-  const uint32_t bits = __float_as_uint(t);
-  const uint32_t e = ((bits >> 23) & 0xFFu) + ((bits & 0x7FFFFFu) != 0u);
-  return __uint_as_float(e << 23);
-}
 
 __device__ __forceinline__ void load4(const __nv_bfloat16* p, float v[4]) {
   const uint2 raw = *reinterpret_cast<const uint2*>(p);
@@ -77,7 +68,7 @@ quant_rows_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  const float s = pow2_scale(amax);
+  const float s = act_pow2_scale(amax);
   uint32_t packed = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

@@ -1,0 +1,132 @@
+"""GPU tests of the dense FP8 linear's fused activation quantisation at decode sizes (M <= 8): the GEMV reads the
+bf16 rows and quantises them per 1x128 itself (`dsv4_fp8_linear_fused`, one launch) instead of our quantisation
+kernel followed by the GEMV (`dsv4_fp8_linear_separate`, two launches). Run on the device: `pytest -m gpu
+tests/test_gemv_quant_gpu.py`.
+
+Bounds: none. The two paths must agree bit for bit (the same e4m3 operands and power-of-two scales reach the same
+mma sequence), and the e4m3 activations and scales `dsv4_fp8_linear` returns must equal `quant.act_quant` in either
+path. Every call gets poisoned output buffers (`poison()`: 0xFF is NaN in bf16, f32 and e4m3), so an element either
+path fails to write shows up.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import poison
+from test_kernels_gpu import FLASH_LINEARS, rand_bf16, rand_fp8_weight
+
+from dsv4_jax import quant
+
+pytestmark = pytest.mark.gpu
+
+
+def _run(ffi, mode, x, w, s):
+    """(y bf16 bytes, q e4m3 bytes, sfa f32 bits [M, K/128]) of one `dsv4_fp8_linear` call with poisoned outputs."""
+    poison()
+    y, q, sfa = jax.jit(functools.partial(ffi.fp8_linear_call, quant=mode))(x, w, s)
+    m = x.shape[0]
+    return (
+        np.asarray(y).view(np.uint16),
+        np.asarray(q).view(np.uint8),
+        np.ascontiguousarray(np.asarray(sfa)[:, :m].T).view(np.uint32),
+    )
+
+
+def _act_quant_ref(x):
+    """quant.act_quant on the CPU: (e4m3 bytes [M, K], f32 scale bits [M, K/128])."""
+    cpu = jax.devices("cpu")[0]
+    q, s = jax.jit(quant.act_quant, static_argnums=1, device=cpu)(jax.device_put(x, cpu), 128)
+    return np.asarray(q).view(np.uint8), np.asarray(s).view(np.uint32)
+
+
+def _check(ffi, x, w, s, *, vs_act_quant=True):
+    yf, qf, sf = _run(ffi, "fused", x, w, s)
+    ys, qs, ss = _run(ffi, "separate", x, w, s)
+    np.testing.assert_array_equal(qf, qs, err_msg="e4m3 activations: fused vs separate")
+    np.testing.assert_array_equal(sf, ss, err_msg="activation scales: fused vs separate")
+    np.testing.assert_array_equal(yf, ys, err_msg="output: fused vs separate (bf16 bits)")
+    if vs_act_quant:
+        assert np.isfinite(np.asarray(yf.view(jnp.bfloat16), np.float32)).all()
+        q_ref, s_ref = _act_quant_ref(x)
+        np.testing.assert_array_equal(qf, q_ref, err_msg="fused e4m3 activations vs quant.act_quant")
+        np.testing.assert_array_equal(sf, s_ref, err_msg="fused activation scales vs quant.act_quant")
+
+
+@pytest.mark.parametrize("n,k", FLASH_LINEARS)
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_fused_quant_matches_separate_flash_shapes(ffi, m, n, k):
+    """The Flash decode linears at 1, 2, 5 (an 8-token pass with three empty tokens) and 8 rows; activations spread
+    over many binades, some 128-blocks under the 1e-4 amax floor."""
+    key = jax.random.key(7 * m + 3 * n + k)
+    x = rand_bf16(key, (m, k), spread=True)
+    w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (n, k))
+    _check(ffi, x, w, s)
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 520, 1152), (7, 520, 1152), (1, 256, 16384), (8, 256, 16384), (4, 136, 384)])
+def test_fused_quant_odd_shapes(ffi, m, n, k):
+    """A partial 16-row mma tile and 128-row scale block (N=520, 136), an odd number of K blocks (9, 3: a K slice ends
+    inside a load chunk), the largest K the brief allows (16384), M=3 and 7 (empty tokens in a 4- and 8-token pass)."""
+    key = jax.random.key(11 * m + n + k)
+    x = rand_bf16(key, (m, k), spread=True)
+    w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (n, k))
+    _check(ffi, x, w, s)
+
+
+@pytest.mark.parametrize("ksplit", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_fused_quant_every_ksplit(ffi, m, ksplit, monkeypatch):
+    """Every K split (DSV4_FFI_GEMV_KSPLIT, read at launch): with ksplit < 8 a block has several row groups of warps,
+    and only row group 0 of block column 0 writes the quantised rows; the others must still quantise for their mma."""
+    monkeypatch.setenv("DSV4_FFI_GEMV_KSPLIT", ksplit)
+    key = jax.random.key(13 * m + int(ksplit))
+    x = rand_bf16(key, (m, 4096), spread=True)
+    w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (1024, 4096))
+    _check(ffi, x, w, s)
+
+
+def test_fused_quant_special_values(ffi):
+    """Blocks of zeros (the amax floor), tiny values (scaled below e4m3's smallest subnormal), bf16's largest finite
+    value, +-inf and NaN: the fused quantisation reproduces the separate kernel's bytes (NaN -> -448 through its clamp;
+    quant.act_quant is not the reference for inf/NaN), and so the same output bits, NaN payloads included."""
+    m, n, k = 2, 1024, 1024
+    x = np.asarray(rand_bf16(jax.random.key(5), (m, k), spread=False), np.float32)
+    x[0, 0:128] = 0.0
+    x[0, 128:256] *= 1e-30
+    x[0, 256] = np.float32(jnp.finfo(jnp.bfloat16).max)
+    x[0, 384], x[0, 385] = np.inf, -np.inf
+    x[0, 512 + 7] = np.nan
+    x[1, 640:768] = -0.0
+    x[1, 900] = np.nan
+    x = jnp.asarray(x, jnp.bfloat16)
+    w, s = rand_fp8_weight(jax.random.key(6), (n, k))
+    _check(ffi, x, w, s, vs_act_quant=False)
+    # the finite blocks still equal quant.act_quant
+    yf, qf, sf = _run(ffi, "fused", x, w, s)
+    q_ref, s_ref = _act_quant_ref(x)
+    finite_blocks = [0, 1, 2, 5, 6, 7]  # of row 0 (blocks 3 and 4 hold inf and NaN)
+    for b in finite_blocks:
+        np.testing.assert_array_equal(qf[0, 128 * b : 128 * (b + 1)], q_ref[0, 128 * b : 128 * (b + 1)])
+        assert sf[0, b] == s_ref[0, b]
+
+
+@pytest.mark.parametrize("env", ["fused", "separate"])
+def test_plain_target_follows_env(ffi, env, monkeypatch):
+    """The plain `dsv4_fp8_linear` target (what `fp8_linear` calls by default) reads DSV4_FFI_GEMV_QUANT at launch;
+    either way the result is the same bits."""
+    monkeypatch.setenv("DSV4_FFI_GEMV_QUANT", env)
+    key = jax.random.key(17)
+    x = rand_bf16(key, (1, 4096), spread=True)
+    w, s = rand_fp8_weight(jax.random.fold_in(key, 1), (2048, 4096))
+    y, q, sfa = _run(ffi, None, x, w, s)
+    yf, qf, sf = _run(ffi, "fused", x, w, s)
+    np.testing.assert_array_equal(y, yf)
+    np.testing.assert_array_equal(q, qf)
+    np.testing.assert_array_equal(sfa, sf)
+    out = jax.jit(ffi.fp8_linear)(x, w, s)
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint16), yf)
