@@ -446,7 +446,7 @@ def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
     calls = _custom_calls(text)
     assert calls.get("dsv4_fp4_moe_gate_up", 0) >= 2 and calls.get("dsv4_fp4_moe_down", 0) >= 2, calls
     assert calls.get("dsv4_hc_split_sinkhorn", 0) >= 4 and calls.get("dsv4_dequant_bf16_gemv", 0) >= 2, calls
-    assert calls.get("dsv4_sparse_mla_decode", 0) >= 3, calls  # decode's two layers + MTP over the packed cache
+    assert calls.get("dsv4_sparse_mla_decode", 0) >= 2, calls  # the decode step of both layers (packed cache)
 
     # noise: the reference against its one-ulp perturbed self (two perturbations, as the forward test). Compared as
     # the forward test does, one rel-RMS over all the logits of a window of steps, the same window for the kernels and
