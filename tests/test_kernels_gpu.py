@@ -437,13 +437,14 @@ def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
              for s in (1, 2)]  # fmt: skip
     with ops.record() as ran:
         got = jax.tree.map(np.asarray, G.generate(state, prompt, sampler=sampler, opts=ffi_opts))
-    assert ran == KERNEL_OPS, ran
+    assert ran == {**KERNEL_OPS, "indexer_scores": "kernel"}, ran  # decode scores the packed indexer keys
     toks, lens = G._prepare(state, prompt, None, sampler, 0, None)[:2]
     text = G._generate.lower(state, toks, lens, jax.random.key(0), sampler.knobs(), sampler.static(),
                              16 + 12, ffi_opts).as_text()  # fmt: skip
     calls = _custom_calls(text)
     assert calls.get("dsv4_fp4_moe_gate_up", 0) >= 2 and calls.get("dsv4_fp4_moe_down", 0) >= 2, calls
     assert calls.get("dsv4_hc_split_sinkhorn", 0) >= 4 and calls.get("dsv4_dequant_bf16_gemv", 0) >= 2, calls
+    assert calls.get("dsv4_indexer_scores", 0) >= 1, calls
 
     # noise: the reference against its one-ulp perturbed self (two perturbations, as the forward test). Compared as
     # the forward test does, one rel-RMS over all the logits of a window of steps, the same window for the kernels and
