@@ -29,6 +29,7 @@ from dsv4_jax.config import Config
 from dsv4_jax.kv_format import PackedKV
 from dsv4_jax.layer_view import materialize
 from dsv4_jax.ops.attention import gather_rows, sparse_attention
+from dsv4_jax.ops.indexer import score_keys
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
@@ -214,10 +215,9 @@ class Indexer(nnx.Module):
 
     @staticmethod
     def scores(q_bthc, w_bth, keys_bnc) -> jax.Array:
-        """`sum_h w[h] * relu(q[h] . K)` with the reference's bf16 rounding points -> `[b, t, n]` (bf16 values, f32)."""
-        qk = to_bf16(jnp.einsum("bthc,bnc->bthn", q_bthc.astype(F32), keys_bnc.astype(F32), precision="highest"))
-        wq = to_bf16(jnp.maximum(qk, 0).astype(F32) * w_bth.astype(F32)[..., None])
-        return to_bf16(jnp.sum(wq.astype(F32), axis=2)).astype(F32)
+        """`sum_h w[h] * relu(q[h] . K)` with the reference's bf16 rounding points -> `[b, t, n]` (bf16 values, f32);
+        the arithmetic is `ops.indexer.score_keys`, the reference of the `indexer_scores` op."""
+        return score_keys(q_bthc, w_bth, keys_bnc)
 
     def select(self, scores_btn, visible_btn) -> tuple[jax.Array, jax.Array]:
         """Top-`min(index_topk, n)` visible entries per query: (`idx [b,t,k]` with -1 for invisible picks, scores)."""
@@ -350,18 +350,28 @@ class Attention(nnx.Module):
         return [(cached, w), (completed, new_at)], cap, to_source
 
     def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, visible, rec):
-        """The indexer's top-k entry ids `[b, k, topk]` (-1: none)."""
-        if fresh:
-            keys = comp_i.entries[:, : visible.shape[-1]]  # the complete blocks
-        else:
-            nb = comp_i.entries.shape[1]
-            q = jnp.arange(nb)[None, :]
-            j = jnp.where(q < comp_i.n_done[:, None], comp_i.j0[:, None] + q, lc.idx_keys.shape[1])
-            keys = materialize(lc.idx_keys)
-            keys = kv_format.unpack_index_keys(keys) if _is_packed(lc) else keys
-            keys = keys.at[jnp.arange(x.shape[0])[:, None], j].set(comp_i.entries, mode="drop")
+        """The indexer's top-k entry ids `[b, k, topk]` (-1: none).
+
+        Decode / extend over a packed cache: the cached keys are scored where they lie (`ops.indexer_scores`, which
+        reads the packed stack), then the score columns of the entries this step completed (`j0 + q`, q < n_done)
+        are replaced by their scores against the step's own keys: the same numbers as overlaying those key rows
+        before scoring (the old way, still taken for the bf16 cache), without materialising every key."""
         qi, wi = self.indexer.queries(x, qr, pos, self.inv_freq, opts)
-        raw = self.indexer.scores(qi, wi, keys)
+        if fresh:
+            raw = self.indexer.scores(qi, wi, comp_i.entries[:, : visible.shape[-1]])  # the complete blocks
+        else:
+            b, nb, cap = x.shape[0], comp_i.entries.shape[1], lc.idx_keys.shape[1]
+            q = jnp.arange(nb)[None, :]
+            j = jnp.where(q < comp_i.n_done[:, None], comp_i.j0[:, None] + q, cap)  # cap: dropped
+            if _is_packed(lc):
+                raw = ops.indexer_scores(qi, wi, lc.idx_keys, opts=opts)
+                new = self.indexer.scores(qi, wi, comp_i.entries.astype(BF16))  # as the overlaid bf16 key rows
+                bi, ti = jnp.arange(b)[:, None, None], jnp.arange(qi.shape[1])[None, :, None]
+                raw = raw.at[bi, ti, j[:, None, :]].set(new, mode="drop")
+            else:
+                keys = materialize(lc.idx_keys)
+                keys = keys.at[jnp.arange(b)[:, None], j].set(comp_i.entries, mode="drop")
+                raw = self.indexer.scores(qi, wi, keys)
         sel, masked = self.indexer.select(raw, visible)
         if rec is not None:
             rec.indexer_scores = masked

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.gpu
 # The ops a Flash-shaped forward runs, every one through its kernel.
 KERNEL_OPS = dict.fromkeys(("fp8_linear", "moe_experts", "hc_split_mixes", "grouped_dequant_linear"), "kernel")
 # ops that only a step over the decode cache runs (`generate`, not `forward`)
-DECODE_KERNEL_OPS = dict.fromkeys(("sparse_decode",), "kernel")
+DECODE_KERNEL_OPS = dict.fromkeys(("sparse_decode", "indexer_scores"), "kernel")
 FLASH_LINEARS = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1024), (2048, 4096), (4096, 2048)]
 
 
@@ -447,6 +447,7 @@ def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
     assert calls.get("dsv4_fp4_moe_gate_up", 0) >= 2 and calls.get("dsv4_fp4_moe_down", 0) >= 2, calls
     assert calls.get("dsv4_hc_split_sinkhorn", 0) >= 4 and calls.get("dsv4_dequant_bf16_gemv", 0) >= 2, calls
     assert calls.get("dsv4_sparse_mla_decode", 0) >= 2, calls  # the decode step of both layers (packed cache)
+    assert calls.get("dsv4_indexer_scores", 0) >= 1, calls
 
     # noise: the reference against its one-ulp perturbed self (two perturbations, as the forward test). Compared as
     # the forward test does, one rel-RMS over all the logits of a window of steps, the same window for the kernels and

@@ -40,6 +40,7 @@ __all__ = [
     "hc_split_sinkhorn",
     "sparse_mla_decode",
     "sparse_mla_splits",
+    "indexer_scores",
     "dequant_bf16_gemv",
     "DEQUANT_GEMV_MAX_M",
     "fp8_gemm",
@@ -69,6 +70,7 @@ HANDLERS = frozenset(
         "swiglu_quant",
         "hc_split_sinkhorn",
         "sparse_mla_decode",
+        "indexer_scores",
         "dequant_bf16_gemv",
         "fp8_gemm",
         "fp8_linear",
@@ -236,6 +238,23 @@ def sparse_mla_decode(q, ring, entries, layer, extra, idx, sink, scale: float) -
         scale=np.float32(scale),
     )
     return out
+
+
+def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array | int | None = None) -> jax.Array:
+    """The lightning indexer's scores against packed MXFP4 keys, one launch: `out[r, j] = bf16(sum_h bf16(relu(
+    bf16(q[r, h] . K[j])) * w[r, h]))` as f32, K the dequantized key j of row r's batch row.
+
+    `q` bf16 `[R, H, 128]` (H a multiple of 16, at most 144; row r belongs to batch row `r // (R / B)`), `w` bf16
+    `[R, H]`, `keys` uint8 `[B, n, 68]` or a layer stack `[L, B, n, 68]` with `layer` (an int32 scalar, clamped)
+    naming the layer. Returns f32 `[R, n]`."""
+    if keys.ndim == 3:
+        keys = keys[None]
+    if keys.ndim != 4 or keys.dtype != jnp.uint8:
+        raise ValueError(f"indexer_scores: keys {keys.dtype}{keys.shape} are not packed keys [(L,) B, n, 68]")
+    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    return jax.ffi.ffi_call("dsv4_indexer_scores", jax.ShapeDtypeStruct((q.shape[0], keys.shape[2]), F32))(
+        q.astype(BF16), w.astype(BF16), keys, layer
+    )
 
 
 DEQUANT_GEMV_MAX_M = 8  # rows of x one launch takes (the extension's kDequantGemvMaxM)

@@ -7,6 +7,7 @@ and kill switch in `registry`; plus the reference-only linears.
 
 from dsv4_jax.ops.attention import sparse_attention, sparse_decode
 from dsv4_jax.ops.experts import moe_experts, swiglu
+from dsv4_jax.ops.indexer import indexer_scores
 from dsv4_jax.ops.linear import (
     bf16_linear,
     blockwise_gemm,
@@ -30,6 +31,7 @@ __all__ = [
     "fp8_linear",
     "grouped_dequant_linear",
     "hc_split_mixes",
+    "indexer_scores",
     "moe_experts",
     "record",
     "sparse_attention",

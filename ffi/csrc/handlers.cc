@@ -217,6 +217,42 @@ ffi::Error SparseMlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ff
   return cuda_check(op, launch_sparse_mla_decode(a, stream));
 }
 
+// ---- lightning indexer -----------------------------------------------------------------------------------------
+
+ffi::Error IndexerScoresImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> w,
+                             ffi::Buffer<ffi::U8> keys, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  const std::string op = "dsv4_indexer_scores";
+  if (q.dimensions().size() != 3) return bad(op, "q " + shape_str(q) + " must be [rows, heads, 128]");
+  const int64_t rows = dim(q, 0), heads = dim(q, 1);
+  if (dim(q, 2) != 128) return bad(op, "q " + shape_str(q) + ": the kernel takes head_dim 128 only");
+  if (heads < 16 || heads % 16 != 0)
+    return bad(op, "q " + shape_str(q) + ": the number of heads must be a positive multiple of 16 (one mma tile)");
+  if (w.dimensions().size() != 2 || dim(w, 0) != rows || dim(w, 1) != heads)
+    return bad(op, "w " + shape_str(w) + " must be [rows, heads] = [" + std::to_string(rows) + "," +
+                       std::to_string(heads) + "]");
+  if (keys.dimensions().size() != 4 || dim(keys, 3) != 68)
+    return bad(op, "keys " + shape_str(keys) + " must be packed MXFP4 indexer keys [layers, batch, n, 68]");
+  const int64_t layers = dim(keys, 0), batch = dim(keys, 1), n = dim(keys, 2);
+  if (layers < 1) return bad(op, "keys " + shape_str(keys) + " hold no layer");
+  if (batch < 1 || rows % batch != 0)
+    return bad(op, "q has " + std::to_string(rows) + " rows, not a multiple of the keys' batch " +
+                       std::to_string(batch));
+  if (indexer_staged_rows(heads, rows / batch) < 1)
+    return bad(op, std::to_string(heads) + " heads do not fit the kernel's shared memory (at most 144)");
+  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
+  if (layers > 1 && layer.element_count() != 1) return bad(op, "a stack of " + std::to_string(layers) +
+                                                                   " layers needs the layer index");
+  if (out->dimensions().size() != 2 || dim(*out, 0) != rows || dim(*out, 1) != n)
+    return bad(op, "out " + shape_str(*out) + " must be [rows, n] = [" + std::to_string(rows) + "," +
+                       std::to_string(n) + "]");
+  if (!aligned16(q.untyped_data()) || (reinterpret_cast<uintptr_t>(keys.untyped_data()) & 3u) != 0)
+    return bad(op, "q must be 16-byte and keys 4-byte aligned");
+  IndexerScoresArgs a{q.untyped_data(), w.untyped_data(), keys.typed_data(),
+                      layer.element_count() ? layer.typed_data() : nullptr, out->typed_data(), rows, heads, layers,
+                      batch, n};
+  return cuda_check(op, launch_indexer_scores(a, stream));
+}
+
 // ---- GEMMs -----------------------------------------------------------------------------------------------------
 
 std::string missing(int kind, int64_t n, int64_t k, int64_t g, int64_t bm) {
@@ -584,6 +620,7 @@ using dsv4ffi::GemvImpl;
 using dsv4ffi::GemvPairImpl;
 using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::SparseMlaDecodeImpl;
+using dsv4ffi::IndexerScoresImpl;
 using dsv4ffi::SwigluQuantImpl;
 
 #define DSV4_TRAITS {ffi::Traits::kCmdBufferCompatible}
@@ -643,6 +680,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_sparse_mla_decode, SparseMlaDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"),
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores, IndexerScoresImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>(),
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_e8m0_to_f32, E8m0ToF32Impl,
                               ffi::Ffi::Bind().STREAM.Arg<ffi::Buffer<ffi::U8>>().Ret<ffi::Buffer<ffi::F32>>(),

@@ -8,6 +8,7 @@
   X(dsv4_e8m0_to_f32)        \
   X(dsv4_hc_split_sinkhorn)  \
   X(dsv4_sparse_mla_decode)  \
+  X(dsv4_indexer_scores)     \
   X(dsv4_dequant_bf16_gemv)  \
   X(dsv4_fp8_gemm)           \
   X(dsv4_fp8_linear)         \

@@ -29,6 +29,23 @@ bool hc_supported_streams(int n);  // n in {1, 2, 4} (a row's n*n lanes within o
 cudaError_t launch_hc_split_sinkhorn(const float* mix, const float* scale, const float* base, float* pre, float* post,
                                      float* comb, int64_t rows, int n, int iters, float eps, cudaStream_t stream);
 
+// The lightning indexer's scores against packed MXFP4 keys (indexer_kernels.cu): for query rows q bf16 [rows, H, 128]
+// (row r of batch row r / (rows / batch)) with head weights w bf16 [rows, H] and keys uint8 [layers, batch, n, 68]
+// (64 B of e2m1 pairs, low nibble first, then 4 UE8M0 bytes; the layer read from `layer`, [1] int32 on the device,
+// clamped; null: 0): out f32 [rows, n] = bf16(sum_h bf16(relu(bf16(q[h] . K[j])) * w[h])). H a multiple of 16 with
+// indexer_staged_rows(H, 1) >= 1 (H <= 144); q 16-byte and keys 4-byte aligned.
+struct IndexerScoresArgs {
+  const void* q;
+  const void* w;
+  const uint8_t* keys;
+  const int32_t* layer;
+  float* out;
+  int64_t rows, heads, layers, batch, n;
+};
+cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream);
+// Query rows one block stages at a time (0: H too large for the kernel's shared memory).
+int indexer_staged_rows(int64_t heads, int64_t t);
+
 // y [m, n] = bf16(x . bf16(W * s)) for the grouped `wo_a` at decode sizes (m <= kDequantGemvMaxM): x [m, groups, k]
 // bf16, weight row r of group r / rows_per_group; W e4m3 [layers, n, k] with f32 block scales [layers, ceil(n/128),
 // k/128], the layer read from `layer` ([1] int32 on the device; null: 0). k % 128 == 0, 16-byte aligned buffers.

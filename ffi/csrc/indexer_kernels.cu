@@ -1,0 +1,251 @@
+// The lightning indexer's scores at decode: every cached MXFP4 key of a batch row against the step's query rows,
+// reduced over the index heads, in one launch (`dsv4_jax.ops.indexer_scores`; the reference is
+// `dsv4_jax.ops.indexer.score_keys`):
+//
+//   qk[h, j] = bf16(sum_c q[h, c] K[j, c])   wq = bf16(relu(qk) * w[h])   score[j] = bf16(sum_h wq[h, j])
+//
+// The keys are read packed (68 B each: 64 B of e2m1 pairs, low nibble = even element, then one UE8M0 scale byte per
+// 32 values) and dequantized to bf16 in registers, where they are the B operand of mma.sync m16n8k16 (bf16 x bf16,
+// fp32 accumulation); q is the A operand, 16 heads per m16 tile. The dequantized keys are exact in bf16 and q is
+// bf16, so every product is exact in fp32: only the order of the fp32 sums differs from the reference (over c inside
+// the tensor core; over heads a butterfly of shuffles here), i.e. a bf16 rounding may flip where a sum lies within
+// an ulp of a rounding boundary.
+//
+// Work split: a block is 8 warps; a warp owns 16 consecutive keys (two n8 tiles) and computes all H heads of them for
+// each staged query row; a block tile is 128 keys; blocks stride over the tiles (grid.x sized to fill the device),
+// grid.y is the batch row. The query rows of the batch row (up to kStagedRows at a time) are staged once per block in
+// shared memory, permuted into the fragment order described at `stage_queries`.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace dsv4ffi {
+namespace {
+
+constexpr int kHeadDim = 128;                        // values per key and per query head
+constexpr int kKeyBytes = kHeadDim / 2 + kHeadDim / 32;  // 68
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kKeysPerWarp = 16;
+constexpr int kTileKeys = kWarps * kKeysPerWarp;  // 128
+// A staged query head: its 256 bytes then 64 bytes of padding, so that the 16-byte fragment loads of a quarter warp
+// (heads g and g + 1, four 16-byte chunks each) fall on distinct banks.
+constexpr int kHeadStride = 2 * kHeadDim + 64;
+constexpr int kSmemBudget = 48 * 1024;  // no opt-in to large shared memory: a few query rows fit
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));  // bf16 arithmetic keeps subnormals (no ftz form)
+  return d;
+}
+
+__device__ __forceinline__ void mma_bf16_16x8x16(const uint32_t a[4], uint32_t b0, uint32_t b1, float c[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// UE8M0 byte s -> the bf16 2^(s-127), in both halves: s = 0 is the subnormal 2^-127, s = 255 NaN (as
+// `quant.e8m0_to_f32`, whose f32 product the reference rounds to bf16: the same value for every finite key).
+__device__ __forceinline__ uint32_t e8m0_bf16x2(uint32_t s) {
+  const uint32_t h = s == 0 ? 0x0040u : (s == 255 ? 0x7FC0u : s << 7);
+  return h | (h << 16);
+}
+
+// Eight e2m1 codes (nibble i = element i) times the bf16x2 factor f -> four bf16x2: o[i] = (element i, element i+4).
+// The magnitude bits (e1 e0 m) go to bf16 bits 8-6 and the sign to bit 15: the bf16 of value * 2^-126 for every code
+// (0.5 becomes the subnormal 2^-127); one exact multiplication by 2^126 makes it the e2m1 value, a second by f its
+// dequantized value (exact unless it under- or overflows bf16, where the reference's f32 product rounds the same).
+__device__ __forceinline__ void e2m1x8_to_bf16(uint32_t w, uint32_t f, uint32_t o[4]) {
+  constexpr uint32_t kTwo126 = 0x7E807E80u, kMag = 0x01C001C0u, kSign = 0x80008000u;
+  o[0] = ((w << 12) & kSign) | ((w << 6) & kMag);
+  o[1] = ((w << 8) & kSign) | ((w << 2) & kMag);
+  o[2] = ((w << 4) & kSign) | ((w >> 2) & kMag);
+  o[3] = (w & kSign) | ((w >> 6) & kMag);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o[i] = hmul2_bf16(hmul2_bf16(o[i], kTwo126), f);
+}
+
+struct Params {
+  const uint4* q;         // bf16 [rows, H, 128]
+  const uint16_t* w;      // bf16 [rows, H]
+  const uint8_t* keys;    // [L, B, n, 68]
+  const int32_t* layer;   // [1] or null (layer 0)
+  float* out;             // [rows, n]
+  int64_t t, n, batch, layers;
+  int heads, staged_rows;
+};
+
+// The raw bytes of the lane's keys (two n8 tiles): the 4-byte word of 32-wide block `blk` this lane reads (bytes
+// 16 blk + 4 qd .. +3, i.e. values 32 blk + 8 qd .. + 7) and the key's four scale bytes. Keys past n read as zeros.
+struct RawKeys {
+  uint32_t word[2][4];
+  uint32_t scales[2];
+};
+
+__device__ __forceinline__ void load_keys(const uint8_t* kbase, int64_t j0, int64_t n, int g, int qd, RawKeys& r) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    const int64_t j = j0 + nt * 8 + g;
+    const bool live = j < n;
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(kbase + (live ? j : 0) * kKeyBytes);
+#pragma unroll
+    for (int blk = 0; blk < 4; ++blk) r.word[nt][blk] = live ? __ldg(row + 4 * blk + qd) : 0u;
+    r.scales[nt] = live ? __ldg(row + 16) : 0u;
+  }
+}
+
+// B fragments of m16n8k16 (col): lane (g, qd) holds column (key) g, k = 2qd, 2qd+1 in b0 and 2qd+8, 2qd+9 in b1.
+// The k order within a step is ours to choose as long as A uses the same: k-step 2 blk + h reads the lane's word of
+// block blk, b0 = o[2h] (values 2h, 2h+4 of the word), b1 = o[2h+1]. kb[nt][4 blk + 2h + r] = o[2h + r].
+__device__ __forceinline__ void dequant_keys(const RawKeys& r, uint32_t kb[2][16]) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int blk = 0; blk < 4; ++blk) e2m1x8_to_bf16(r.word[nt][blk], e8m0_bf16x2((r.scales[nt] >> (8 * blk)) & 0xFF),
+                                                     &kb[nt][4 * blk]);
+  }
+}
+
+// Stages query rows [r0, r0 + nr) of batch row b: head h of row rr at byte (rr H + h) kHeadStride; its 8-value group
+// v (values 8v .. 8v+7, bf16 pairs x = (0,1), y = (2,3), z = (4,5), w = (6,7)) stored as the words (0,4), (1,5),
+// (2,6), (3,7), the pairing of `e2m1x8_to_bf16`. Group v = 4 blk + qd is what lane qd reads for block blk. The head
+// weights go to wsm [rr H + h] as f32.
+__device__ __forceinline__ void stage_queries(const Params& p, int64_t b, int64_t r0, int nr, uint8_t* qsm,
+                                              float* wsm) {
+  const int H = p.heads, groups = nr * H * (kHeadDim / 8);
+  const int64_t row0 = b * p.t + r0;
+  for (int c = threadIdx.x; c < groups; c += kThreads) {
+    const int rh = c / (kHeadDim / 8), v = c % (kHeadDim / 8);  // rh = rr * H + h
+    const uint4 x = __ldg(p.q + (row0 * H + rh) * (kHeadDim / 8) + v);
+    uint4 o;
+    o.x = prmt(x.x, x.z, 0x5410u);
+    o.y = prmt(x.x, x.z, 0x7632u);
+    o.z = prmt(x.y, x.w, 0x5410u);
+    o.w = prmt(x.y, x.w, 0x7632u);
+    *reinterpret_cast<uint4*>(qsm + rh * kHeadStride + v * 16) = o;
+  }
+  for (int c = threadIdx.x; c < nr * H; c += kThreads)
+    wsm[c] = __bfloat162float(__ushort_as_bfloat16(p.w[row0 * H + c]));
+}
+
+__global__ void __launch_bounds__(kThreads, 2) indexer_scores_kernel(const Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int H = p.heads, m_tiles = H / 16;
+  uint8_t* qsm = smem;
+  float* wsm = reinterpret_cast<float*>(smem + p.staged_rows * H * kHeadStride);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
+  const int64_t b = blockIdx.y;
+  int64_t layer = p.layer != nullptr ? *p.layer : 0;
+  layer = layer < 0 ? 0 : (layer >= p.layers ? p.layers - 1 : layer);  // clamped, as a dynamic index in XLA
+  const uint8_t* kbase = p.keys + (layer * p.batch + b) * p.n * kKeyBytes;
+  const int64_t tiles = (p.n + kTileKeys - 1) / kTileKeys;
+
+  for (int64_t r0 = 0; r0 < p.t; r0 += p.staged_rows) {
+    const int nr = int(p.t - r0 < p.staged_rows ? p.t - r0 : p.staged_rows);
+    __syncthreads();  // the previous chunk's rows are no longer read
+    stage_queries(p, b, r0, nr, qsm, wsm);
+    __syncthreads();
+
+    RawKeys raw;
+    if (blockIdx.x < tiles) load_keys(kbase, int64_t(blockIdx.x) * kTileKeys + warp * kKeysPerWarp, p.n, g, qd, raw);
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int64_t j0 = tile * kTileKeys + warp * kKeysPerWarp;
+      uint32_t kb[2][16];
+      dequant_keys(raw, kb);
+      if (tile + gridDim.x < tiles) load_keys(kbase, j0 + int64_t(gridDim.x) * kTileKeys, p.n, g, qd, raw);  // next
+
+      for (int rr = 0; rr < nr; ++rr) {
+        float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [n tile][key 2qd + col]: the lane's heads g, g+8 of each m tile
+        for (int mt = 0; mt < m_tiles; ++mt) {
+          const uint8_t* qa = qsm + (rr * H + mt * 16 + g) * kHeadStride + qd * 16;
+          float c[2][4] = {};
+#pragma unroll
+          for (int blk = 0; blk < 4; ++blk) {
+            const uint4 lo = *reinterpret_cast<const uint4*>(qa + blk * 64);                    // head g
+            const uint4 hi = *reinterpret_cast<const uint4*>(qa + 8 * kHeadStride + blk * 64);  // head g + 8
+            const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y}, a1[4] = {lo.z, hi.z, lo.w, hi.w};
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              mma_bf16_16x8x16(a0, kb[nt][4 * blk], kb[nt][4 * blk + 1], c[nt]);
+              mma_bf16_16x8x16(a1, kb[nt][4 * blk + 2], kb[nt][4 * blk + 3], c[nt]);
+            }
+          }
+          // C fragment: c[nt][0, 1] = head g, keys 2qd, 2qd+1 of n tile nt; c[nt][2, 3] = head g + 8.
+          const float w_lo = wsm[rr * H + mt * 16 + g], w_hi = wsm[rr * H + mt * 16 + g + 8];
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float qk = fmaxf(bf16_round(c[nt][i]), 0.f);
+              acc[nt][i & 1] += bf16_round(qk * (i < 2 ? w_lo : w_hi));
+            }
+          }
+        }
+        // Sum over the heads: the 8 lanes of a qd hold heads g and g+8 of every m tile.
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int col = 0; col < 2; ++col) {
+            float v = acc[nt][col];
+            v += __shfl_xor_sync(0xffffffffu, v, 4);
+            v += __shfl_xor_sync(0xffffffffu, v, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            acc[nt][col] = v;
+          }
+        }
+        // Lane g = 2 nt + col writes key j0 + 8 nt + 2 qd + col.
+        if (g < 4) {
+          const int nt = g >> 1, col = g & 1;
+          const int64_t j = j0 + nt * 8 + 2 * qd + col;
+          const float v = nt ? (col ? acc[1][1] : acc[1][0]) : (col ? acc[0][1] : acc[0][0]);
+          if (j < p.n) p.out[(b * p.t + r0 + rr) * p.n + j] = bf16_round(v);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int indexer_staged_rows(int64_t heads, int64_t t) {
+  const int64_t per_row = heads * (kHeadStride + 4);
+  const int64_t fit = kSmemBudget / per_row;
+  return int(std::min<int64_t>(fit, std::max<int64_t>(t, 1)));
+}
+
+cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream) {
+  if (a.heads % 16 != 0 || a.heads < 16 || a.batch < 1 || a.rows % a.batch != 0 || a.layers < 1)
+    return cudaErrorInvalidValue;
+  const int staged = indexer_staged_rows(a.heads, a.rows / a.batch);
+  if (staged < 1) return cudaErrorInvalidValue;
+  if (a.rows == 0 || a.n == 0) return cudaSuccess;
+  Params p{static_cast<const uint4*>(a.q), static_cast<const uint16_t*>(a.w), a.keys, a.layer, a.out,
+           a.rows / a.batch, a.n, a.batch, a.layers, int(a.heads), staged};
+  int major = 0, minor = 0, sms = 0;
+  device_info(&major, &minor, &sms);
+  // About two blocks per SM over the whole grid: each block stages its query rows once and strides over key tiles.
+  const int64_t tiles = (a.n + kTileKeys - 1) / kTileKeys;
+  const int64_t want = std::max<int64_t>(1, (2 * int64_t(std::max(sms, 1)) + a.batch - 1) / a.batch);
+  const int64_t gx = std::min(tiles, want);
+  if (a.batch > 65535) return cudaErrorInvalidValue;
+  const size_t smem = size_t(staged) * size_t(a.heads) * (kHeadStride + 4);
+  indexer_scores_kernel<<<dim3(unsigned(gx), unsigned(a.batch)), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace dsv4ffi
