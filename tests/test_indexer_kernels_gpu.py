@@ -200,9 +200,10 @@ def test_decode_runs_the_indexer_kernel(ffi, monkeypatch):
     assert rel_rms(got, ref) <= 1e-2, rel_rms(got, ref)
 
 
-def test_ffi_decode_lowers_to_the_indexer_kernel(ffi):
-    """backend "ffi" decode over a packed cache calls `dsv4_indexer_scores` (once per CSA layer in the layer scan),
-    reading the whole stacked cache: no dynamic slice of the keys feeds it."""
+def test_ffi_decode_lowers_to_the_indexer_kernel(ffi, monkeypatch):
+    """Decode over a packed cache with the kernel opted in calls `dsv4_indexer_scores` (once per CSA layer in the
+    layer scan), reading the whole stacked cache: no dynamic slice of the keys feeds it. (backend "auto": the tiny
+    model's 8 attention heads have no sparse-MLA decode kernel, which "ffi" would demand.)"""
     import dsv4_jax
     from dsv4_jax import cache as C
     from dsv4_jax import runner
@@ -213,6 +214,7 @@ def test_ffi_decode_lowers_to_the_indexer_kernel(ffi):
     tok = jnp.zeros((2,), jnp.int32)
     jax.clear_caches()
     with ops.record() as ran:
-        text = runner._decode_jit.lower(state, cache, tok, dsv4_jax.Opts(backend="ffi"), None, False).as_text()
+        monkeypatch.setenv(registry.OPT_IN, "indexer_scores")
+        text = runner._decode_jit.lower(state, cache, tok, dsv4_jax.Opts(backend="auto"), None, False).as_text()
     assert ran.get("indexer_scores") == "kernel", ran
     assert "dsv4_indexer_scores" in text
