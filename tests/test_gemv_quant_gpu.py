@@ -130,3 +130,21 @@ def test_plain_target_follows_env(ffi, env, monkeypatch):
     np.testing.assert_array_equal(sfa, sf)
     out = jax.jit(ffi.fp8_linear)(x, w, s)
     np.testing.assert_array_equal(np.asarray(out).view(np.uint16), yf)
+
+
+@pytest.mark.parametrize("n,k", [(1024, 4096), (32768, 1024), (4096, 8192), (4096, 2048)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m):
+    """`dsv4_fp8_gemv_layer` (a layer of a stacked weight, the activation quantised inside the GEMV: what the layer
+    scan runs at decode) against our quantisation kernel + `dsv4_fp8_gemv` with the same layer as the group of every
+    row: bit-identical, for a nonzero layer of a 3-layer stack."""
+    keys = jax.random.split(jax.random.key(m * 7 + n + k), 2)
+    x = rand_bf16(keys[0], (m, k))
+    w, s = rand_fp8_weight(keys[1], (3, n, k))
+    for layer in (1, 2):
+        poison()
+        got = np.asarray(jax.jit(ffi.fp8_gemv_layer)(x, w, s, jnp.int32(layer))).view(np.uint16)
+        q, sfa = ffi.act_quant_rows(x)
+        poison()
+        want = np.asarray(ffi.fp8_gemv(q, sfa, w, s, groups=jnp.full((m,), layer, jnp.int32))).view(np.uint16)
+        np.testing.assert_array_equal(got, want, err_msg=f"layer {layer}")

@@ -50,6 +50,7 @@ __all__ = [
     "grouped_gemm_masked",
     "fp8_gemv",
     "fp8_gemv_pair",
+    "fp8_gemv_layer",
     "GEMV_MAX_M",
     "GEMV_QUANT_MODES",
     "fp4_gemv",
@@ -78,6 +79,7 @@ HANDLERS = frozenset(
         "fp8_gemm_masked",
         "fp8_gemv",
         "fp8_gemv_pair",
+        "fp8_gemv_layer",
         "fp4_gemv",
         "fp4_moe_gate_up",
         "fp4_moe_down",
@@ -364,6 +366,16 @@ def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
     p, rows, groups = _gemv_maps("fp8_gemv", a, w, rows, groups)
     return jax.ffi.ffi_call("dsv4_fp8_gemv", jax.ShapeDtypeStruct((p, w.shape[-2]), BF16))(
         a, sfa, w, sm90_weight_scales(sw), rows, groups
+    )
+
+
+def fp8_gemv_layer(x: jax.Array, w: jax.Array, s: jax.Array, layer) -> jax.Array:
+    """bf16 `[R, K]` (R <= 8) x layer `layer` (an int32 scalar, read on the device) of an FP8 weight stack e4m3
+    `[L, N, K]` with f32 (or UE8M0) scales `[L, N/128, K/128]` -> bf16 `[R, N]`, quant_sim numerics, one launch: the
+    rows are quantised per 1x128 inside the GEMV (bit-identical to `act_quant_rows` then `fp8_gemv`)."""
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    return jax.ffi.ffi_call("dsv4_fp8_gemv_layer", jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), BF16))(
+        x.astype(BF16), w, sm90_weight_scales(s), layer
     )
 
 

@@ -1,4 +1,5 @@
-"""The kernel side of `dsv4_jax.ops.fp8_linear`: our FP8 quantization + GEMV (M <= 8 rows) or DeepGEMM's SM90 GEMM.
+"""The kernel side of `dsv4_jax.ops.fp8_linear`: our FP8 GEMV with the activation quantisation inside it (M <= 8 rows)
+or our quantisation + DeepGEMM's SM90 GEMM.
 
 A weight that is one layer of a stack (`LayerSlice`, inside the layer scan) goes to the GEMV as the whole stack with
 the layer as its weight group, so no step copies it; the DeepGEMM GEMMs (M > 8: prefill, large batches) take the
@@ -7,6 +8,8 @@ layer's slice, which XLA materialises (a copy of the weight per call; acceptable
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +17,13 @@ from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import LayerSlice, materialize
 
 __all__ = ["fp8_linear", "fp8_linear_unsupported"]
+
+
+def _fused_quant() -> bool:
+    """Whether a stacked layer's GEMV quantises its activations itself (one launch; default) or after a separate
+    quantisation launch: `DSV4_FFI_GEMV_QUANT=separate` (or the CUDA-core GEMV, `DSV4_FFI_GEMV=cuda`), read when the
+    program is traced, as the A/B knob of the dense `fp8_linear`'s own fused path."""
+    return os.environ.get("DSV4_FFI_GEMV_QUANT") != "separate" and os.environ.get("DSV4_FFI_GEMV") != "cuda"
 
 
 def fp8_linear_unsupported(x, w, s) -> str | None:
@@ -35,9 +45,11 @@ def fp8_linear(x: jax.Array, w, s) -> jax.Array:
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     if isinstance(w, LayerSlice) and x2.shape[0] <= ffi_ops.GEMV_MAX_M:
+        stack_s = s.stack if isinstance(s, LayerSlice) else s[None]
+        if _fused_quant():
+            return ffi_ops.fp8_gemv_layer(x2, w.stack, stack_s, w.index).reshape(*lead, w.shape[0])
         q, sfa = ffi_ops.act_quant_rows(x2)
         groups = jnp.full((x2.shape[0],), w.index, jnp.int32)
-        stack_s = s.stack if isinstance(s, LayerSlice) else s[None]
         y = ffi_ops.fp8_gemv(q, sfa, w.stack, stack_s, groups=groups)
         return y.reshape(*lead, w.shape[0])
     return ffi_ops.fp8_linear(x, materialize(w), materialize(s))

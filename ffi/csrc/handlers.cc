@@ -436,6 +436,27 @@ ffi::Error gemv_args(const std::string& op, const ffi::AnyBuffer& a, const ffi::
   return ffi::Error::Success();
 }
 
+// One layer of a stacked dense FP8 weight at decode sizes, one launch: the bf16 rows quantised inside the GEMV (as
+// the dense fp8_linear's fused path) and every row against layer `layer` of the stack, read on the device. All R <= 8
+// rows form one segment, so the layer index is the whole group map and the weights are read once for all rows.
+ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb,
+                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d) {
+  const std::string op = "dsv4_fp8_gemv_layer";
+  if (b.dimensions().size() != 3) return bad(op, "weight " + shape_str(b) + " is not a layer stack [L, N, K]");
+  int64_t n, k;
+  if (auto e = check_b(op, b, sfb, dim(b, 0), &n, &k); e.failure()) return e;
+  if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
+  const int64_t r = dim(x, 0);
+  if (r > kGemvMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvMaxM));
+  if (layer.element_count() != 1) return bad(op, "layer must hold one index");
+  if (d->element_count() != r * n) return bad(op, "output " + shape_str(*d) + " is not [R, N]");
+  if (!aligned16(x.untyped_data()) || !aligned16(b.untyped_data())) return bad(op, "buffers must be 16-byte aligned");
+  GemvArgs ga{nullptr, r, nullptr, 1, 1, b.untyped_data(), sfb.typed_data(), dim(b, 0), nullptr, layer.typed_data(),
+              d->untyped_data(), r, n, k, gemv_tokens_per_block(r)};
+  ga.x_bf16 = x.untyped_data();
+  return cuda_check(op, launch_gemv(ga, stream));
+}
+
 ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,
                     ffi::Buffer<ffi::F32> sfb, ffi::Buffer<ffi::S32> rows_map, ffi::Buffer<ffi::S32> group_map,
                     ffi::ResultBuffer<ffi::BF16> d) {
@@ -617,6 +638,7 @@ using dsv4ffi::Fp8GemmImpl;
 using dsv4ffi::GemmContigImpl;
 using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
+using dsv4ffi::GemvLayerImpl;
 using dsv4ffi::GemvPairImpl;
 using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::SparseMlaDecodeImpl;
@@ -747,6 +769,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv, GemvImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer, GemvLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>(),
                               DSV4_TRAITS);

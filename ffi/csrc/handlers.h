@@ -18,6 +18,7 @@
   X(dsv4_fp8_gemm_masked)    \
   X(dsv4_fp8_gemv)           \
   X(dsv4_fp8_gemv_pair)      \
+  X(dsv4_fp8_gemv_layer)     \
   X(dsv4_fp4_gemv)           \
   X(dsv4_fp4_gemv_wg)        \
   X(dsv4_fp4_gemv_wg8)       \
