@@ -3,7 +3,7 @@
 # limit, logs under OUT (the device tool brings OUT back).
 #   scripts/gpu_session.sh OUT "PHASE[=ARGS][@SECONDS]" ...
 # The device tool brings back at most 8 files from OUT: keep the phases' outputs under that.
-# Phases: tests-gpu[=WORKERS] (the whole GPU suite), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
+# Phases: tests-gpu[=WORKERS] (the whole GPU suite), tests=PYTEST_ARGS (pytest -m gpu -n 4 PYTEST_ARGS), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
 # bench-kernels=ARGS (benchmarks/bench_kernels.py ARGS), bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them),
 # env=NAME=VALUE (exported for the phases after it; "env=NAME=" empties it).
 # Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
@@ -50,6 +50,11 @@ for spec in "$@"; do
         -q -rs --durations=15 -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_gpu.log" | tail -25
       sed -n '/slowest/,/^$/p' "$OUT/tests_gpu.log" | head -18; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
+    tests)
+      # shellcheck disable=SC2086
+      DSV4_GPU_REPORT="$SCRATCH/report.txt" XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" python -m pytest \
+        -m gpu -n 4 --dist load -q -rs --durations=8 -p no:cacheprovider $arg >"$OUT/tests.log" 2>&1
+      echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests.log" | tail -25; cat "$SCRATCH/report.txt" 2>/dev/null ;;
     tests-fp4)
       timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py -n 4 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_fp4.log" | tail -15 ;;

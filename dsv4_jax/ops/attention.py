@@ -177,5 +177,4 @@ sparse_decode = registry.register(
     reference=_sparse_decode_reference,
     kernel="dsv4_jax.kernels.sparse_mla:sparse_decode",
     supports=_sparse_decode_supports,
-    validated=False,
 )
