@@ -52,8 +52,9 @@ for spec in "$@"; do
       sed -n '/slowest/,/^$/p' "$OUT/tests_gpu.log" | head -18; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
     tests)
       # shellcheck disable=SC2086
-      DSV4_GPU_REPORT="$SCRATCH/report.txt" XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" python -m pytest \
-        -m gpu -n 4 --dist load -q -rs --durations=8 -p no:cacheprovider $arg >"$OUT/tests.log" 2>&1
+      # eval: ARGS may quote a -k expression with spaces
+      eval "DSV4_GPU_REPORT=$SCRATCH/report.txt XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout $limit python -m pytest \
+        -m gpu -n 4 --dist load -q -rs --durations=8 -p no:cacheprovider $arg" >"$OUT/tests.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests.log" | tail -25; cat "$SCRATCH/report.txt" 2>/dev/null ;;
     tests-fp4)
       timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py -n 4 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
