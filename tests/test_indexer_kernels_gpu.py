@@ -181,18 +181,18 @@ def _decode(cfg, state, opts, prompt, steps: int):
 
 def test_decode_runs_the_indexer_kernel(ffi, monkeypatch):
     """Decode on the tiny config (16 index heads, top-8 of more than 8 visible entries: the prompt is past 32 tokens)
-    over the packed cache: with backend "auto" and the opt-in, the indexer's scores come from the kernel; the logits
-    equal those of the same run with the indexer's reference (every other op the same kernels) up to the indexer's
-    reduction-order noise."""
+    over the packed cache: with backend "auto" the indexer's scores come from the kernel; the logits equal those of the
+    same run with the indexer's kernel killed (`DSV4_JAX_DISABLE_KERNELS`; every other op the same kernels) up to the
+    indexer's reduction-order noise."""
     import dsv4_jax
 
     cfg = dsv4_jax.Config.tiny(expert_dtype="fp8")
     state = dsv4_jax.init_random(cfg, 0)
     prompt = jax.random.randint(jax.random.key(5), (2, 41), 2, cfg.vocab_size)
     opts = dsv4_jax.Opts(backend="auto")
-    monkeypatch.delenv(registry.OPT_IN, raising=False)
+    monkeypatch.setenv(registry.KILL_SWITCH, "indexer_scores")
     ref, ran_ref = _decode(cfg, state, opts, prompt, 4)
-    monkeypatch.setenv(registry.OPT_IN, "indexer_scores")
+    monkeypatch.delenv(registry.KILL_SWITCH)
     poison()
     got, ran = _decode(cfg, state, opts, prompt, 4)
     assert ran_ref.get("indexer_scores") == "reference" and ran.get("indexer_scores") == "kernel", (ran_ref, ran)
