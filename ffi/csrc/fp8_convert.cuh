@@ -8,17 +8,23 @@
 
 namespace dsv4ffi {
 
-// 16 e4m3 bytes -> 16 floats, exactly (every e4m3 value is an f16 value); the low byte is the first element.
-static __device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+// 8 e4m3 bytes -> 8 floats, exactly (every e4m3 value is an f16 value); the low byte is the first element.
+static __device__ __forceinline__ void e4m3x8_to_f32(const uint2 v, float f[8]) {
+  const uint32_t w[2] = {v.x, v.y};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2; ++i) {
     const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] & 0xFFFFu), __NV_E4M3);
     const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] >> 16), __NV_E4M3);
     const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
     const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
     f[4 * i + 0] = a.x, f[4 * i + 1] = a.y, f[4 * i + 2] = b.x, f[4 * i + 3] = b.y;
   }
+}
+
+// 16 e4m3 bytes -> 16 floats, exactly; the low byte is the first element.
+static __device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]) {
+  e4m3x8_to_f32(make_uint2(v.x, v.y), f);
+  e4m3x8_to_f32(make_uint2(v.z, v.w), f + 8);
 }
 
 // float32(1/448), the constant dsv4_jax.quant.act_quant multiplies by (0x1.24924ap-9).

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "mma_bf16.cuh"
 
 namespace dsv4ffi {
 namespace {
@@ -47,14 +48,6 @@ __device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));  // bf16 arithmetic keeps subnormals (no ftz form)
   return d;
-}
-
-__device__ __forceinline__ void mma_bf16_16x8x16(const uint32_t a[4], uint32_t b0, uint32_t b1, float c[4]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }

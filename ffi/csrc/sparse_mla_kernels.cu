@@ -22,9 +22,9 @@
 #include <cmath>
 #include <cstdint>
 
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "fp8_convert.cuh"
 #include "kernels.h"
+#include "mma_bf16.cuh"
 
 namespace dsv4ffi {
 namespace {
@@ -79,32 +79,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) 
                : "r"(addr));
 }
 
-// d += a (16x16 bf16, row-major) x b (16x8 bf16, column-major), fp32 accumulation.
-__device__ __forceinline__ void mma_bf16_16x8x16(const uint32_t a[4], uint32_t b0, uint32_t b1, float d[4]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // UE8M0 byte -> 2^(b - 127) as dsv4_jax.quant.e8m0_to_f32 decodes it (0 -> 2^-127, 255 -> NaN).
 __device__ __forceinline__ float e8m0_to_f32(uint32_t b) {
   if (b == 255u) return __int_as_float(0x7fc00000);
   return b == 0u ? __int_as_float(0x00400000) : __int_as_float(static_cast<int>(b << 23));
-}
-
-// 8 e4m3 bytes -> 8 floats, exactly (the low byte first).
-__device__ __forceinline__ void e4m3x8_to_f32(const uint2 v, float f[8]) {
-  const uint32_t w[2] = {v.x, v.y};
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] & 0xFFFFu), __NV_E4M3);
-    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[i] >> 16), __NV_E4M3);
-    const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&lo));
-    const float2 y = __half22float2(*reinterpret_cast<const __half2*>(&hi));
-    f[4 * i + 0] = x.x, f[4 * i + 1] = x.y, f[4 * i + 2] = y.x, f[4 * i + 3] = y.y;
-  }
 }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
