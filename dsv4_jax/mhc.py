@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.ops.mhc import hc_split_mixes, sinkhorn, split_mixes
+from dsv4_jax.ops.mhc import hc_pre as hc_pre_op
+from dsv4_jax.ops.mhc import mixes, sinkhorn, split_mixes
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import cast
 
@@ -18,24 +19,14 @@ __all__ = ["hc_pre", "hc_post", "hc_head", "sinkhorn", "split_mixes"]
 F32 = jnp.float32
 
 
-def _mixes(X_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """(flat fp32 streams `[b,t,n*d]`, `(xf @ fn.T) * rsqrt(mean(xf^2) + eps)`): RMS over all n*d values, no weight."""
-    b, t, n, d = X_btnd.shape
-    xf = X_btnd.reshape(b, t, n * d).astype(F32)
-    rs = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + F32(eps))
-    return xf, jnp.dot(xf, fn.astype(F32).T, precision="highest") * rs
-
-
 def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float, opts: Opts = Opts()):
-    """Collapses the n streams into one sublayer input (the split of the mixes: `ops.hc_split_mixes`).
+    """Collapses the n streams into one sublayer input (op `ops.hc_pre`; the split of the mixes: `ops.hc_split_mixes`).
+    `fn`, `scale`, `base` may be `LayerSlice`s of stacked parameters (the kernel reads the stack at the layer).
 
     Returns `(x_btd bf16, post_btn fp32, comb_btnn fp32)`; `x = bf16(sum_j pre[j] * X[j])`.
     """
-    n = X_btnd.shape[2]
-    xf, mix = _mixes(X_btnd, fn, norm_eps)
-    pre, post, comb = hc_split_mixes(mix, scale, base, n=n, iters=iters, eps=eps, opts=opts)
-    x = jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2)
-    return cast(x, X_btnd.dtype), post, comb
+    return hc_pre_op(X_btnd, fn, scale, base, n=X_btnd.shape[2], iters=iters, eps=eps, norm_eps=norm_eps,
+                     split_backend=opts.backend, opts=opts)  # fmt: skip
 
 
 def hc_post(x_btd, R_btnd, post_btn, comb_btnn):
@@ -47,6 +38,6 @@ def hc_post(x_btd, R_btnd, post_btn, comb_btnn):
 
 def hc_head(X_btnd, fn, scale, base, *, eps: float, norm_eps: float):
     """Final collapse: `bf16(sum_j (sigmoid(mix_j * scale + base_j) + eps) * X[j])`; no Sinkhorn."""
-    xf, mix = _mixes(X_btnd, fn, norm_eps)
+    xf, mix = mixes(X_btnd, fn, norm_eps)
     pre = jax.nn.sigmoid(mix * scale.astype(F32)[0] + base.astype(F32)) + F32(eps)
     return cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2), X_btnd.dtype)

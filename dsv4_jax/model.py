@@ -130,7 +130,8 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg, kind.hash_routed, rngs=rngs)
 
     def hc_pre(self, X_btnd, which: str, opts: Opts):
-        fn, scale, base = (getattr(self, f"hc_{which}_{p}")[...] for p in ("fn", "scale", "base"))
+        # get_value(): in the layer scan a LayerSlice of the stacked parameter, which the kernel reads in place
+        fn, scale, base = (getattr(self, f"hc_{which}_{p}").get_value() for p in ("fn", "scale", "base"))
         c = self.cfg
         return mhc.hc_pre(
             X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps, opts=opts

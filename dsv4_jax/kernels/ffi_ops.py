@@ -38,6 +38,7 @@ __all__ = [
     "act_quant_rows",
     "swiglu_quant",
     "hc_split_sinkhorn",
+    "hc_pre",
     "sparse_mla_decode",
     "sparse_mla_splits",
     "indexer_scores",
@@ -70,6 +71,7 @@ HANDLERS = frozenset(
         "act_quant",
         "swiglu_quant",
         "hc_split_sinkhorn",
+        "hc_pre",
         "sparse_mla_decode",
         "indexer_scores",
         "dequant_bf16_gemv",
@@ -257,6 +259,27 @@ def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array
     return jax.ffi.ffi_call("dsv4_indexer_scores", jax.ShapeDtypeStruct((q.shape[0], keys.shape[2]), F32))(
         q.astype(BF16), w.astype(BF16), keys, layer
     )
+
+
+def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_eps: float):
+    """mHC hc_pre in two launches: streams bf16 `[R, n, d]`; fn f32 `[(L,) (2+n)n, n d]`, scale `[(L,) 3]`, base
+    `[(L,) (2+n)n]` (a layer stack with `layer`, an int32 scalar, or one layer with None) -> (x bf16 `[R, d]`,
+    post f32 `[R, n]`, comb f32 `[R, n, n]`)."""
+    r, _, d = x.shape
+    m = (2 + n) * n
+    chunks = -(-(n * d) // 512)
+    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    out, post, comb, _ = jax.ffi.ffi_call(
+        "dsv4_hc_pre",
+        (
+            jax.ShapeDtypeStruct((r, d), BF16),
+            jax.ShapeDtypeStruct((r, n), F32),
+            jax.ShapeDtypeStruct((r, n, n), F32),
+            jax.ShapeDtypeStruct((r, chunks, m + 1), F32),
+        ),
+    )(x, fn.astype(F32), scale.astype(F32), base.astype(F32), layer, n=np.int64(n), iters=np.int64(iters),
+      eps=np.float32(eps), norm_eps=np.float32(norm_eps))  # fmt: skip
+    return out, post, comb
 
 
 DEQUANT_GEMV_MAX_M = 8  # rows of x one launch takes (the extension's kDequantGemvMaxM)

@@ -1,4 +1,5 @@
-"""The kernel side of `dsv4_jax.ops.hc_split_mixes`: the whole mHC split (sigmoids and Sinkhorn) in one launch."""
+"""The kernel sides of `dsv4_jax.ops.hc_split_mixes` (the whole mHC split, sigmoids and Sinkhorn, in one launch) and
+`dsv4_jax.ops.hc_pre` (RMS, mix dot, split and the collapse of the streams in two)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops
+from dsv4_jax.layer_view import LayerSlice, materialize
+from dsv4_jax.ops.mhc import mixes
+from dsv4_jax.rounding import cast
 
-__all__ = ["split_mixes"]
+# Tokens up to which hc_pre runs its two kernels (decode); beyond, the mix dot is a GEMM (XLA's, as the reference
+# computes it) and only the split is ours.
+HC_PRE_MAX_ROWS = 64
+
+__all__ = ["split_mixes", "hc_pre"]
 
 
 def split_mixes(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: int, iters: int, eps: float):
@@ -17,3 +25,22 @@ def split_mixes(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: int, it
         mix.reshape(-1, mix.shape[-1]).astype(jnp.float32), scale, base, n=n, iters=iters, eps=eps
     )
     return pre.reshape(*lead, n), post.reshape(*lead, n), comb.reshape(*lead, n, n)
+
+
+def hc_pre(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps: float, split_backend: str = ""):
+    """(x `[b,t,d]` bf16, post `[b,t,n]`, comb `[b,t,n,n]`); parameters that are `LayerSlice`s of one stack position
+    go to the kernel as their stacks and the layer index (no per-call copy of fn)."""
+    del split_backend  # the split is inside the kernel
+    *lead, _, d = X_btnd.shape
+    if X_btnd.size // (n * d) > HC_PRE_MAX_ROWS:
+        xf, mix = mixes(X_btnd, materialize(fn), norm_eps)
+        pre, post, comb = split_mixes(mix, materialize(scale), materialize(base), n=n, iters=iters, eps=eps)
+        return cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2), X_btnd.dtype), post, comb
+    params = (fn, scale, base)
+    if all(isinstance(p, LayerSlice) for p in params):
+        stacks, layer = [p.stack for p in params], fn.index
+    else:
+        stacks, layer = [materialize(p) for p in params], None
+    x, post, comb = ffi_ops.hc_pre(X_btnd.reshape(-1, n, d), *stacks, layer, n=n, iters=iters, eps=eps,
+                                   norm_eps=norm_eps)  # fmt: skip
+    return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)

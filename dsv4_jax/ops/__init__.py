@@ -17,7 +17,7 @@ from dsv4_jax.ops.linear import (
     grouped_dequant_linear,
     sum_in_order,
 )
-from dsv4_jax.ops.mhc import hc_split_mixes
+from dsv4_jax.ops.mhc import hc_pre, hc_split_mixes
 from dsv4_jax.ops.registry import KernelUnavailable, record
 from dsv4_jax.options import Opts
 
@@ -30,6 +30,7 @@ __all__ = [
     "fp4_linear",
     "fp8_linear",
     "grouped_dequant_linear",
+    "hc_pre",
     "hc_split_mixes",
     "indexer_scores",
     "moe_experts",

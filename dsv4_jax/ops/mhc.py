@@ -13,9 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv4_jax.layer_view import materialize
 from dsv4_jax.ops import registry
+from dsv4_jax.options import Opts
+from dsv4_jax.rounding import cast
 
-__all__ = ["hc_split_mixes", "sinkhorn", "split_mixes"]
+__all__ = ["hc_split_mixes", "hc_pre", "mixes", "sinkhorn", "split_mixes"]
 
 F32 = jnp.float32
 
@@ -64,4 +67,46 @@ def _supports(mix, scale, base, *, n: int, iters: int, eps: float, quant_sim: bo
 
 hc_split_mixes = registry.register(
     "hc_split_mixes", reference=_reference, kernel="dsv4_jax.kernels.mhc:split_mixes", supports=_supports
+)
+
+
+# ---- hc_pre: the whole collapse of the streams -----------------------------------------------------------------
+
+
+def mixes(X_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(flat fp32 streams `[b,t,n*d]`, `(xf @ fn.T) * rsqrt(mean(xf^2) + eps)`): RMS over all n*d values, no weight."""
+    b, t, n, d = X_btnd.shape
+    xf = X_btnd.reshape(b, t, n * d).astype(F32)
+    rs = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + F32(eps))
+    return xf, jnp.dot(xf, fn.astype(F32).T, precision="highest") * rs
+
+
+def _hc_pre_reference(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps: float,
+                      split_backend: str = "reference", quant_sim: bool = True):  # fmt: skip
+    """(x `[b,t,d]` bf16, post `[b,t,n]`, comb `[b,t,n,n]`): the mixes, their split (`hc_split_mixes` under
+    `split_backend`, so its own kernel still runs where this op falls back), `x = bf16(sum_j pre[j] * X[j])`."""
+    del quant_sim  # fp32 throughout
+    xf, mix = mixes(X_btnd, materialize(fn), norm_eps)
+    pre, post, comb = hc_split_mixes(mix, materialize(scale), materialize(base), n=n, iters=iters, eps=eps,
+                                     opts=Opts(backend=split_backend))  # fmt: skip
+    x = jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2)
+    return cast(x, X_btnd.dtype), post, comb
+
+
+def _hc_pre_supports(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps: float,
+                     split_backend: str = "reference", quant_sim: bool = True) -> str | None:  # fmt: skip
+    if n not in (1, 2, 4) or X_btnd.shape[-1] % 2 or X_btnd.dtype != jnp.bfloat16 or iters < 1:
+        return f"streams {X_btnd.dtype}{tuple(X_btnd.shape)}, n={n}, iters={iters}: the kernel takes bf16, n in 1, " \
+               "2, 4, an even width"  # fmt: skip
+    return None
+
+
+# Two launches instead of ~6 (RMS, mix dot, the split kernel, the weighted sum of the streams; per connection, two per
+# layer). Not yet through its GPU tests (tests/test_mhc_gpu.py): "auto" takes it only with the opt-in.
+hc_pre = registry.register(
+    "hc_pre",
+    reference=_hc_pre_reference,
+    kernel="dsv4_jax.kernels.mhc:hc_pre",
+    supports=_hc_pre_supports,
+    validated=False,
 )

@@ -150,6 +150,49 @@ ffi::Error HcSplitSinkhornImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> mix, f
                                                  int(n), int(iters), eps, stream));
 }
 
+ffi::Error HcPreImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> fn,
+                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> base, ffi::Buffer<ffi::S32> layer,
+                     ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> post,
+                     ffi::ResultBuffer<ffi::F32> comb, ffi::ResultBuffer<ffi::F32> part, int64_t n, int64_t iters,
+                     float eps, float norm_eps) {
+  const std::string op = "dsv4_hc_pre";
+  if (!hc_supported_streams(int(n))) return bad(op, "n=" + std::to_string(n) + " streams: the kernel has 1, 2, 4");
+  if (x.dimensions().size() < 2 || dim(x, -2) != n)
+    return bad(op, "x " + shape_str(x) + " must be [..., n, d] with n=" + std::to_string(n));
+  const int64_t d = dim(x, -1), m = (2 + n) * n, rows = x.element_count() / (n * d);
+  if (d % 2 != 0) return bad(op, "d=" + std::to_string(d) + " must be even");
+  const int64_t layers = fn.dimensions().size() == 3 ? dim(fn, 0) : 1;
+  if (fn.element_count() != layers * m * n * d)
+    return bad(op, "fn " + shape_str(fn) + " must be [(layers,) (2+n)n, n d]");
+  if (scale.element_count() != layers * 3 || base.element_count() != layers * m)
+    return bad(op, "scale " + shape_str(scale) + " / base " + shape_str(base) + " must be [(layers,) 3] / "
+                       "[(layers,) (2+n)n] like fn " + shape_str(fn));
+  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
+  if (layers > 1 && layer.element_count() != 1) return bad(op, "a layer stack needs the layer index");
+  if (out->element_count() != rows * d || post->element_count() != rows * n || comb->element_count() != rows * n * n)
+    return bad(op, "results must be [rows, d], [rows, n], [rows, n, n] for " + std::to_string(rows) + " rows");
+  if (part->element_count() != rows * hc_pre_chunks(n, d) * (m + 1))
+    return bad(op, "workspace " + shape_str(*part) + " must be [rows, " + std::to_string(hc_pre_chunks(n, d)) + ", " +
+                       std::to_string(m + 1) + "]");
+  if (iters < 1) return bad(op, "iters must be >= 1");
+  HcPreArgs a{reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()),
+              fn.typed_data(),
+              scale.typed_data(),
+              base.typed_data(),
+              layer.element_count() ? layer.typed_data() : nullptr,
+              reinterpret_cast<__nv_bfloat16*>(out->untyped_data()),
+              post->typed_data(),
+              comb->typed_data(),
+              part->typed_data(),
+              rows,
+              d,
+              int(n),
+              int(iters),
+              eps,
+              norm_eps};
+  return cuda_check(op, launch_hc_pre(a, stream));
+}
+
 // ---- sparse-MLA decode ---------------------------------------------------------------------------------------------
 
 // Packed KV rows [..., rows, 584] (or an empty buffer: none) -> (rows per batch row, leading layers); false if the
@@ -640,6 +683,7 @@ using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
 using dsv4ffi::GemvLayerImpl;
 using dsv4ffi::GemvPairImpl;
+using dsv4ffi::HcPreImpl;
 using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::SparseMlaDecodeImpl;
 using dsv4ffi::IndexerScoresImpl;
@@ -688,6 +732,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("iters")
                                   .Attr<float>("eps"),
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_pre, HcPreImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("iters")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("norm_eps"),
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_sparse_mla_decode, SparseMlaDecodeImpl,
                               ffi::Ffi::Bind()

@@ -7,6 +7,7 @@
   X(dsv4_swiglu_quant)       \
   X(dsv4_e8m0_to_f32)        \
   X(dsv4_hc_split_sinkhorn)  \
+  X(dsv4_hc_pre)             \
   X(dsv4_sparse_mla_decode)  \
   X(dsv4_indexer_scores)     \
   X(dsv4_dequant_bf16_gemv)  \

@@ -1,5 +1,6 @@
 // Host entry points of the CUDA kernels of the dsv4_jax FFI extension (no XLA types here).
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <string>
@@ -45,6 +46,27 @@ struct IndexerScoresArgs {
 cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream);
 // Query rows one block stages at a time (0: H too large for the kernel's shared memory).
 int indexer_staged_rows(int64_t heads, int64_t t);
+
+// mHC hc_pre in two launches (the reference's RMS, mix dot, split and stream collapse are ~6): x [rows, n, d] bf16;
+// fn [layers, (2+n)n, n d], scale [layers, 3], base [layers, (2+n)n] f32 read at layer `layer` ([1] on the device, or
+// null: 0) -> out [rows, d] bf16 = bf16(sum_j pre_j x_j), post [rows, n], comb [rows, n, n] f32; part
+// [rows, hc_pre_chunks(n, d), (2+n)n + 1] f32 workspace. d even, n in {1, 2, 4}.
+struct HcPreArgs {
+  const __nv_bfloat16* x;
+  const float* fn;
+  const float* scale;
+  const float* base;
+  const int32_t* layer;
+  __nv_bfloat16* out;
+  float* post;
+  float* comb;
+  float* part;
+  int64_t rows, d;
+  int n, iters;
+  float eps, norm_eps;
+};
+int64_t hc_pre_chunks(int64_t n, int64_t d);
+cudaError_t launch_hc_pre(const HcPreArgs& a, cudaStream_t stream);
 
 // y [m, n] = bf16(x . bf16(W * s)) for the grouped `wo_a` at decode sizes (m <= kDequantGemvMaxM): x [m, groups, k]
 // bf16, weight row r of group r / rows_per_group; W e4m3 [layers, n, k] with f32 block scales [layers, ceil(n/128),

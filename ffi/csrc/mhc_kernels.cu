@@ -1,6 +1,7 @@
 // mHC: the split of one connection's mixes into pre / post weights and the Sinkhorn-normalised comb matrix, one
 // lane per matrix element. The reference (`dsv4_jax.ops.mhc.split_mixes`) is a loop of tiny reductions that XLA runs as
 // ~80 launches per connection at decode; here it is one launch, the n x n matrix held in registers.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -17,17 +18,13 @@ constexpr unsigned kFull = 0xffffffffu;
 // One lane per element of a token's n x n matrix (lane l: row j = l / n, column k = l % n), 32 / n^2 tokens per warp:
 // a row's or a column's sum is a butterfly of shuffles. The same operations per element as the reference (softmax
 // with the max subtracted, divisions, eps in every denominator); only the order of the n-term sums differs (a tree
-// here, XLA's choice there): fp32 reduction-order noise.
+// here, XLA's choice there): fp32 reduction-order noise. All 32 lanes of the warp must call it (shuffles); `m` is the
+// token's mixes; returns the lane's comb element and sets pre / post for lanes l < N.
 template <int N>
-__global__ void hc_split_sinkhorn_kernel(const float* __restrict__ mix, const float* __restrict__ scale,
-                                         const float* __restrict__ base, float* __restrict__ pre,
-                                         float* __restrict__ post, float* __restrict__ comb, int64_t rows, int iters,
-                                         float eps) {
-  constexpr int L = N * N, M = (2 + N) * N;
-  const int lane = threadIdx.x & 31, l = lane % L;
-  const int64_t r = ((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * (32 / L) + lane / L;
-  const bool live = r < rows;
-  const float* m = mix + (live ? r : rows - 1) * M;  // every lane takes part in the shuffles
+__device__ __forceinline__ float split_lane(const float* m, const float* __restrict__ scale,
+                                            const float* __restrict__ base, int l, int iters, float eps, float* pre,
+                                            float* post) {
+  constexpr int L = N * N;
   auto row_sum = [](float v) {
 #pragma unroll
     for (int o = 1; o < N; o <<= 1) v += __shfl_xor_sync(kFull, v, o);
@@ -49,12 +46,129 @@ __global__ void hc_split_sinkhorn_kernel(const float* __restrict__ mix, const fl
     c = c / (row_sum(c) + eps);
     c = c / (col_sum(c) + eps);
   }
-  if (!live) return;
-  comb[r * L + l] = c;
   if (l < N) {
-    pre[r * N + l] = sigmoid_ref(m[l] * scale[0] + base[l]) + eps;
-    post[r * N + l] = 2.0f * sigmoid_ref(m[N + l] * scale[1] + base[N + l]);
+    *pre = sigmoid_ref(m[l] * scale[0] + base[l]) + eps;
+    *post = 2.0f * sigmoid_ref(m[N + l] * scale[1] + base[N + l]);
   }
+  return c;
+}
+
+template <int N>
+__global__ void hc_split_sinkhorn_kernel(const float* __restrict__ mix, const float* __restrict__ scale,
+                                         const float* __restrict__ base, float* __restrict__ pre,
+                                         float* __restrict__ post, float* __restrict__ comb, int64_t rows, int iters,
+                                         float eps) {
+  constexpr int L = N * N, M = (2 + N) * N;
+  const int lane = threadIdx.x & 31, l = lane % L;
+  const int64_t r = ((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * (32 / L) + lane / L;
+  const bool live = r < rows;
+  float p = 0.f, q = 0.f;
+  const float c = split_lane<N>(mix + (live ? r : rows - 1) * M, scale, base, l, iters, eps, &p, &q);
+  if (!live) return;  // every lane took part in the shuffles
+  comb[r * L + l] = c;
+  if (l < N) pre[r * N + l] = p, post[r * N + l] = q;
+}
+
+// ---- hc_pre: the whole collapse of the streams in two launches ---------------------------------------------------
+// mix = (X . fn^T) * rsqrt(mean(X^2) + norm_eps) over the n*d values of a token, the split, x = bf16(sum_j pre_j X_j).
+// 1. hc_pre_partial_kernel: block (chunk c of 512 values, a group of 8 rows): each thread keeps its 2 values of every
+//    fn row in registers and, per row, the block sums x . fn[m] over its chunk (and x . x): part[row][c][M + 1].
+// 2. hc_pre_finish_kernel: block (one row, 512 output values): warp 0 adds the chunks' partials in a fixed tree (every
+//    block of the row gets the same mixes), splits them (split_lane), then all threads collapse their 2 values of each
+//    stream. Block 0 of a row also writes post and comb.
+constexpr int kHcChunk = 512, kHcThreads = 256, kHcRowsPerBlock = 8;
+
+template <int N>
+__global__ void __launch_bounds__(kHcThreads) hc_pre_partial_kernel(const HcPreArgs a) {
+  constexpr int M = (2 + N) * N;
+  const int64_t k = int64_t(N) * a.d, c = blockIdx.x, e = c * kHcChunk + 2 * threadIdx.x;
+  const int64_t layer = a.layer ? a.layer[0] : 0;
+  const float* fn = a.fn + layer * M * k;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float red[kHcThreads / 32][M + 1];
+  float2 w[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) w[m] = e < k ? *reinterpret_cast<const float2*>(fn + m * k + e) : make_float2(0.f, 0.f);
+  const int64_t r1 = (blockIdx.y + 1) * int64_t(kHcRowsPerBlock) < a.rows ? (blockIdx.y + 1) * int64_t(kHcRowsPerBlock)
+                                                                           : a.rows;
+  for (int64_t r = blockIdx.y * int64_t(kHcRowsPerBlock); r < r1; ++r) {
+    float2 x = make_float2(0.f, 0.f);
+    if (e < k) x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + e));
+    float acc[M + 1];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = x.x * w[m].x + x.y * w[m].y;
+    acc[M] = x.x * x.x + x.y * x.y;
+#pragma unroll
+    for (int m = 0; m <= M; ++m) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(kFull, acc[m], o);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m <= M; ++m) red[warp][m] = acc[m];
+    }
+    __syncthreads();
+    if (threadIdx.x <= M) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < kHcThreads / 32; ++i) s += red[i][threadIdx.x];
+      a.part[(r * gridDim.x + c) * (M + 1) + threadIdx.x] = s;
+    }
+    __syncthreads();
+  }
+}
+
+template <int N>
+__global__ void __launch_bounds__(kHcThreads) hc_pre_finish_kernel(const HcPreArgs a, int chunks) {
+  constexpr int M = (2 + N) * N, L = N * N;
+  const int64_t r = blockIdx.x, k = int64_t(N) * a.d;
+  const int64_t layer = a.layer ? a.layer[0] : 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float mix[M + 1];
+  __shared__ float pre_s[N];
+  if (warp == 0) {
+    const float* part = a.part + r * chunks * (M + 1);
+    for (int m = 0; m <= M; ++m) {
+      float s = 0.f;
+      for (int c = lane; c < chunks; c += 32) s += part[c * (M + 1) + m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
+      if (lane == 0) mix[m] = s;
+    }
+    __syncwarp();
+    const float rs = rsqrtf(mix[M] / float(k) + a.norm_eps);
+    __syncwarp();
+    if (lane < M) mix[lane] *= rs;
+    __syncwarp();
+    float p = 0.f, q = 0.f;
+    const float c = split_lane<N>(mix, a.scale + layer * 3, a.base + layer * M, lane % L, a.iters, a.eps, &p, &q);
+    if (lane < N) pre_s[lane] = p;
+    if (blockIdx.y == 0 && lane < L) {
+      a.comb[r * L + lane] = c;
+      if (lane < N) a.post[r * N + lane] = q;
+    }
+  }
+  __syncthreads();
+  const int64_t e = blockIdx.y * int64_t(kHcChunk) + 2 * threadIdx.x;
+  if (e >= a.d) return;
+  float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e));
+    acc.x += pre_s[j] * v.x, acc.y += pre_s[j] * v.y;
+  }
+  *reinterpret_cast<__nv_bfloat162*>(a.out + r * a.d + e) = __floats2bfloat162_rn(acc.x, acc.y);
+}
+
+template <int N>
+cudaError_t launch_hc_pre_n(const HcPreArgs& a, cudaStream_t stream) {
+  const int64_t k = int64_t(N) * a.d, chunks = (k + kHcChunk - 1) / kHcChunk;
+  const dim3 g1(unsigned(chunks), unsigned((a.rows + kHcRowsPerBlock - 1) / kHcRowsPerBlock));
+  hc_pre_partial_kernel<N><<<g1, kHcThreads, 0, stream>>>(a);
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  const dim3 g2(unsigned(a.rows), unsigned((a.d + kHcChunk - 1) / kHcChunk));
+  hc_pre_finish_kernel<N><<<g2, kHcThreads, 0, stream>>>(a, int(chunks));
+  return cudaGetLastError();
 }
 
 template <int N>
@@ -69,6 +183,18 @@ cudaError_t launch_n(const float* mix, const float* scale, const float* base, fl
 }
 
 }  // namespace
+
+int64_t hc_pre_chunks(int64_t n, int64_t d) { return (n * d + kHcChunk - 1) / kHcChunk; }
+
+cudaError_t launch_hc_pre(const HcPreArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  switch (a.n) {
+    case 1: return launch_hc_pre_n<1>(a, stream);
+    case 2: return launch_hc_pre_n<2>(a, stream);
+    case 4: return launch_hc_pre_n<4>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 bool hc_supported_streams(int n) { return n == 1 || n == 2 || n == 4; }
 
