@@ -9,7 +9,8 @@ Bounds and why: the kernel sums the 16384-long mix dot and the sum of squares in
 ~1e-6 relative), which the split carries into pre, post and comb (the Sinkhorn iterations are contractions: the
 same size), so post and comb within 1e-4 relative of the reference; x is bf16 of a 4-term fp32 sum with those pre
 weights: the same bf16 value except where the noise crosses a rounding boundary, so >= 99% of x bit-identical and
-every element within one bf16 ulp (2^-7 relative).
+every element within one bf16 ulp (2^-7 relative) plus that noise on the terms (1e-5 of sum_j |X_j|: where the
+weighted streams cancel, the result is small and the noise is not).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def test_hc_pre_kernel_vs_reference(ffi, rows, n, d):
     xf, xr = x.astype(np.float32), x_ref.astype(np.float32)
     assert np.isfinite(xf).all()
     assert np.mean(x.view(np.uint16) == x_ref.view(np.uint16)) >= 0.99
-    assert np.all(np.abs(xf - xr) <= 2.0**-7 * np.abs(xr) + 1e-30)
+    # one bf16 ulp of the result, plus the fp32 noise of pre (<= ~1, 1e-5 relative) on the terms: where the four
+    # weighted streams cancel, that noise is large against the small result
+    terms = np.sum(np.abs(np.asarray(args[0], np.float32)), axis=-2)
+    assert np.all(np.abs(xf - xr) <= 2.0**-7 * np.abs(xr) + 1e-5 * terms)
 
 
 def test_hc_pre_unstacked_and_many_rows(ffi):
