@@ -102,11 +102,10 @@ def _hc_pre_supports(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float,
 
 
 # Two launches instead of ~6 (RMS, mix dot, the split kernel, the weighted sum of the streams; per connection, two per
-# layer). Not yet through its GPU tests (tests/test_mhc_gpu.py): "auto" takes it only with the opt-in.
+# layer). Its GPU tests (tests/test_mhc_gpu.py) passed on an H200 on 2026-12-01.
 hc_pre = registry.register(
     "hc_pre",
     reference=_hc_pre_reference,
     kernel="dsv4_jax.kernels.mhc:hc_pre",
     supports=_hc_pre_supports,
-    validated=False,
 )
