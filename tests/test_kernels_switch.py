@@ -101,6 +101,24 @@ def test_kill_switch_and_the_one_fallback_place(monkeypatch, caplog):
         registry._OPS.pop("_test_op")
 
 
+def test_nested_records_leave_in_any_order_of_contents():
+    """The CLI records around the executable cache's own record of each compile; the inner one sees only its program's
+    ops, so the two dicts are equal at one exit and different at the next: each leaves by identity, and each holds
+    what was traced while it was open."""
+    x = jnp.ones((1, 128), jnp.bfloat16)
+    w = jnp.ones((128, 128), jnp.float8_e4m3fn)
+    s = jnp.ones((1, 1), jnp.float32)
+    mix = jnp.zeros((2, 24), jnp.float32)
+    with ops.record() as outer:
+        with ops.record() as first:  # equal to `outer` when it closes
+            jax.eval_shape(lambda a: ops.fp8_linear(a, w, s), x)
+        with ops.record() as second:  # different from `outer` when it closes
+            jax.eval_shape(lambda m: ops.hc_split_mixes(m, jnp.ones(3), jnp.zeros(24), n=4, iters=2, eps=1e-6), mix)
+    assert first == {"fp8_linear": "reference"} and second == {"hc_split_mixes": "reference"}
+    assert outer == {**first, **second}
+    assert not registry._RECORDERS
+
+
 def test_kernels_never_import_model_code():
     """The kernel modules import neither the model nor the ops (no import cycle: ops -> kernels only)."""
     import ast

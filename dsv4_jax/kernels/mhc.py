@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import LayerSlice, materialize
-from dsv4_jax.ops.mhc import mixes
 from dsv4_jax.rounding import cast
 
 # Tokens up to which hc_pre runs its two kernels (decode); beyond, the mix dot is a GEMM (XLA's, as the reference
@@ -32,10 +31,12 @@ def hc_pre(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps:
     go to the kernel as their stacks and the layer index (no per-call copy of fn)."""
     del split_backend  # the split is inside the kernel
     *lead, _, d = X_btnd.shape
-    if X_btnd.size // (n * d) > HC_PRE_MAX_ROWS:
-        xf, mix = mixes(X_btnd, materialize(fn), norm_eps)
+    if X_btnd.size // (n * d) > HC_PRE_MAX_ROWS:  # the reference's arithmetic (`ops.mhc.mixes`), our split
+        xf = X_btnd.reshape(*lead, n * d).astype(jnp.float32)
+        rs = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.float32(norm_eps))
+        mix = jnp.dot(xf, materialize(fn).astype(jnp.float32).T, precision="highest") * rs
         pre, post, comb = split_mixes(mix, materialize(scale), materialize(base), n=n, iters=iters, eps=eps)
-        return cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2), X_btnd.dtype), post, comb
+        return cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=-2), X_btnd.dtype), post, comb
     params = (fn, scale, base)
     if all(isinstance(p, LayerSlice) for p in params):
         stacks, layer = [p.stack for p in params], fn.index

@@ -157,4 +157,6 @@ def record() -> Iterator[dict[str, str]]:
     try:
         yield rec
     finally:
-        _RECORDERS.remove(rec)
+        # by identity: nested recorders (the CLI's around the executable cache's) are often equal dicts, and
+        # list.remove would take out the outer one
+        del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is rec)]
