@@ -274,6 +274,19 @@ def test_extension_compiles_for_sm90a(tmp_path):
         )
 
 
+def _ptxas_entries(log: str):
+    """(mangled name, registers) of every entry function in a `ptxas -v` log, asserting that none spills."""
+    import re
+
+    for entry in re.split(r"Compiling entry function '", log)[1:]:
+        name = entry.split("'", 1)[0]
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
+        regs = re.findall(r"Used (\d+) registers", entry)
+        assert spills and regs, f"no ptxas report for {name}:\n{entry[:2000]}"
+        assert all(a == "0" and b == "0" for a, b in spills), f"ptxas reports spills for {name}:\n{entry[:2000]}"
+        yield name, int(regs[0])
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
 def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     """The MXFP4 decode kernels (fp4_gemv_kernels.cu: the fused gate/up + SwiGLU and the plain GEMV/down projection
@@ -282,27 +295,19 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     local-memory spills for any of them (a spill in the weight stream costs bandwidth), within the register budgets
     of their occupancy targets: ring <= 128 (two blocks of 256 threads per SM), wg <= 168 (three blocks of 128
     threads). No DeepGEMM needed."""
-    import re
 
     src = FFI / "csrc" / "fp4_gemv_kernels.cu"
     cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
     cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
     obj = _cached_compile(cmd, [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh"], "fp4_gemv_kernels")
     log = obj.with_suffix(".log").read_text()
-    # per entry function: its name, then (in its report) spills and registers
-    entries = re.split(r"Compiling entry function '", log)[1:]
     found = {}
-    for entry in entries:
-        name = entry.split("'", 1)[0]
+    for name, regs in _ptxas_entries(log):
         kind = "wg" if "fp4_wg_kernel" in name else "ring" if "fp4_gemv_kernel" in name else None
         if kind is None:
             continue
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
-        regs = re.findall(r"Used (\d+) registers", entry)
-        assert spills and regs, f"no ptxas report for {name}:\n{entry[:2000]}"
-        assert all(a == "0" and b == "0" for a, b in spills), f"ptxas reports spills for {name}:\n{entry[:2000]}"
         limit = 168 if kind == "wg" else 128
-        assert int(regs[0]) <= limit, f"{name} uses {regs[0]} registers (> {limit}: below its occupancy target)"
+        assert regs <= limit, f"{name} uses {regs} registers (> {limit}: below its occupancy target)"
         found[kind] = found.get(kind, 0) + 1
     assert found == {"ring": 8, "wg": 16}, f"expected 8 ring and 16 wg instantiations, found {found}:\n{log[-3000:]}"
 
@@ -320,15 +325,10 @@ def test_fp8_gemv_mma_kernels_compile_for_sm90a_without_spills():
     deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh"]
     log = _cached_compile(cmd, deps, "gemv_kernels_v").with_suffix(".log").read_text()
     found = set()
-    for entry in re.split(r"Compiling entry function '", log)[1:]:
-        name = entry.split("'", 1)[0]
+    for name, regs in _ptxas_entries(log):
         m = re.search(r"gemv_mma_kernelILi(\d)ELb([01])E", name)
         if m is None:
             continue
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry)
-        regs = re.findall(r"Used (\d+) registers", entry)
-        assert spills and regs, f"no ptxas report for {name}:\n{entry[:2000]}"
-        assert all(a == "0" and b == "0" for a, b in spills), f"ptxas reports spills for {name}:\n{entry[:2000]}"
-        assert int(regs[0]) <= 128, f"{name} uses {regs[0]} registers (> 128: one block per SM fewer)"
+        assert regs <= 128, f"{name} uses {regs} registers (> 128: one block per SM fewer)"
         found.add((int(m.group(1)), m.group(2) == "1"))
     assert found == {(tb, fused) for tb in (1, 2, 4, 8) for fused in (False, True)}, f"{found}:\n{log[-3000:]}"
