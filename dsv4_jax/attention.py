@@ -262,17 +262,6 @@ def _is_packed(lc) -> bool:
     return lc is not None and lc.packed
 
 
-def _pack_update(upd: LayerUpdate, rope_dim: int) -> LayerUpdate:
-    """A step's update in the packed layout (its window ring already is): compressed entries as FP8 KV rows, indexer
-    keys as MXFP4."""
-    comp, idx = upd.comp, upd.idx
-    return LayerUpdate(
-        window=upd.window,
-        comp=None if comp is None else dataclasses.replace(comp, entries=kv_format.pack_kv(comp.entries, rope_dim)),
-        idx=None if idx is None else dataclasses.replace(idx, entries=kv_format.pack_index_keys(idx.entries)),
-    )
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: Config, ratio: int, *, rngs: nnx.Rngs):
         self.cfg, self.ratio = cfg, ratio
@@ -327,17 +316,17 @@ class Attention(nnx.Module):
         zero = jnp.zeros((b,), jnp.int32)
         return self.step(x_btd, zero, zero + s, None, opts, fresh=True, rec=rec)[0]
 
-    def _compressed(self, comp: CompressorStep, lc, fresh: bool, k: int, w: int, direct: bool = False):
+    def _compressed(self, comp: CompressorStep, lc, fresh: bool, k: int, w: int, packed_rows=None):
         """(sources of the compressed entries, the number of entry ids, a map from entry ids `j [b, k, n]` to source
         indices). Fresh: this step's complete entries, after the k new KV rows. Otherwise the cached entries, right
         after the ring (the official decode offset, W), with the entries this step completed taken from the step
-        (after the new KV rows; `direct`: right after the cached entries, packed, as `ops.sparse_decode` reads
-        them)."""
+        (after the new KV rows; given `packed_rows`, this step's entries packed: right after the cached entries, as
+        `ops.sparse_decode` reads them)."""
         if fresh:  # positions start at 0: the complete blocks of the k tokens, no partial block
             entries = comp.entries[:, : k // self.ratio]
             return [(entries, k)], entries.shape[1], lambda j: k + j
         cap = lc.entries.shape[1]
-        new_at = w + cap + (0 if direct else k)
+        new_at = w + cap + (0 if packed_rows is not None else k)
 
         def to_source(j):
             q = j - comp.j0[:, None, None]
@@ -346,7 +335,7 @@ class Attention(nnx.Module):
 
         rope = self.cfg.rope_head_dim
         cached = PackedKV(lc.entries, rope) if _is_packed(lc) else lc.entries
-        completed = PackedKV(kv_format.pack_kv(comp.entries, rope), rope) if direct else comp.entries
+        completed = comp.entries if packed_rows is None else PackedKV(packed_rows, rope)
         return [(cached, w), (completed, new_at)], cap, to_source
 
     def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, visible, rec):
@@ -382,7 +371,7 @@ class Attention(nnx.Module):
         bf16, LayerUpdate)`. `lc` is the layer cache (a `LayerCache`, fields possibly `LayerSlice`s), None or unread
         when `fresh` (positions start at 0 and nothing precedes them)."""
         b, k, _ = x_bkd.shape
-        w = self.cfg.window_size
+        w, rope = self.cfg.window_size, self.cfg.rope_head_dim
         packed = _is_packed(lc)
         if packed and not opts.quant_sim:
             raise ValueError("this cache stores KV rows in the packed FP8 layout, which holds only FP8-simulated "
@@ -399,16 +388,16 @@ class Attention(nnx.Module):
         n_win = min(k, w) if fresh else w
         u = jnp.maximum(pos - w + 1, 0)[..., None] + jnp.arange(n_win)
         # the ring is rebuilt in the cache's layout: packed, only the step's own rows are packed (k, not W)
-        kv_stored = kv_format.pack_kv(kv, self.cfg.rope_head_dim) if packed else kv
+        kv_stored = kv_format.pack_kv(kv, rope) if packed else kv
         ring = None if fresh else materialize(lc.window)
         upd = LayerUpdate(window=_ring(ring, kv_stored, start_b, n_new_b, w))
         if fresh:
             sources, row = [(kv, 0)], u
         elif direct:  # sources: the new ring [0, W), cached entries [W, W + cap), new entries
-            sources, row = [(PackedKV(upd.window, self.cfg.rope_head_dim), 0)], u % w
+            sources, row = [(PackedKV(upd.window, rope), 0)], u % w
         else:  # sources: ring [0, W), cached entries [W, W + cap), new KV rows, new entries
             new_at = w + (lc.entries.shape[1] if self.ratio else 0)
-            sources = [(PackedKV(ring, self.cfg.rope_head_dim) if packed else ring, 0), (kv, new_at)]
+            sources = [(PackedKV(ring, rope) if packed else ring, 0), (kv, new_at)]
             row = jnp.where(u >= start_b[:, None, None], new_at + u - start_b[:, None, None], u % w)
         idx = jnp.where(u <= pos[..., None], row, -1).astype(jnp.int32)
 
@@ -417,8 +406,10 @@ class Attention(nnx.Module):
             state = (None, None) if lc is None else (materialize(lc.comp_kv), materialize(lc.comp_score))
             with jax.named_scope("compressor"):
                 comp = self.compressor.step(x_bkd, start_b, n_new_b, *state, self.inv_freq, opts, fresh)
-            upd = dataclasses.replace(upd, comp=comp)
-            ent_sources, n_ent, to_source = self._compressed(comp, lc, fresh, k, w, direct)
+            # the update in the cache's layout; packed, the same rows are decode's last attention source
+            stored = dataclasses.replace(comp, entries=kv_format.pack_kv(comp.entries, rope)) if packed else comp
+            upd = dataclasses.replace(upd, comp=stored)
+            ent_sources, n_ent, to_source = self._compressed(comp, lc, fresh, k, w, stored.entries if direct else None)
             sources += ent_sources
             j = jnp.arange(n_ent, dtype=jnp.int32)[None, None, :]
             visible = j < ((pos + 1) // m)[..., None]
@@ -428,7 +419,8 @@ class Attention(nnx.Module):
                     comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts,
                                                           fresh)  # fmt: skip
                     sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, visible, rec)
-                upd = dataclasses.replace(upd, idx=comp_i)
+                keys = kv_format.pack_index_keys(comp_i.entries) if packed else comp_i.entries
+                upd = dataclasses.replace(upd, idx=dataclasses.replace(comp_i, entries=keys))
                 comp_idx = jnp.where(sel >= 0, to_source(sel), -1)
                 if rec is not None:  # the official layouts: entry j is row k + j (prefill) or W + j (decode)
                     rec.indexer_topk = jnp.where(sel >= 0, sel + (k if fresh else w), -1)
@@ -441,10 +433,10 @@ class Attention(nnx.Module):
         with jax.named_scope("sparse_attention"):
             if direct:
                 entries = lc.entries if self.ratio else None
-                extra = sources[-1][0].rows if self.ratio else None  # this step's entries, packed
+                extra = upd.comp.entries if self.ratio else None  # this step's entries, packed
                 o = ops.sparse_decode(q[:, 0], upd.window, entries, extra, idx[:, 0], self.attn_sink[...],
-                                      scale=self.cfg.head_dim**-0.5, rope_dim=self.cfg.rope_head_dim,
+                                      scale=self.cfg.head_dim**-0.5, rope_dim=rope,
                                       opts=opts)[:, None]  # fmt: skip
             else:
                 o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
-        return self.output(o, pos, opts), (_pack_update(upd, self.cfg.rope_head_dim) if packed else upd)
+        return self.output(o, pos, opts), upd
