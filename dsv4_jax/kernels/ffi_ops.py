@@ -91,6 +91,12 @@ HANDLERS = frozenset(
 E4M3, F32, BF16 = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
 
 
+def _layer_operand(layer) -> jax.Array:
+    """The layer-index operand of a handler that reads one layer of a stack on the device: int32 `[1]`, or `[0]` for
+    None (no stack: layer 0)."""
+    return jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -223,7 +229,7 @@ def sparse_mla_decode(q, ring, entries, layer, extra, idx, sink, scale: float) -
     b, h, d = q.shape
     splits = sparse_mla_splits(b, h, idx.shape[1])
     none_u8 = jnp.zeros((0,), jnp.uint8)
-    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_operand(layer)
     out, _, _ = jax.ffi.ffi_call(
         "dsv4_sparse_mla_decode",
         (
@@ -255,7 +261,7 @@ def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array
         keys = keys[None]
     if keys.ndim != 4 or keys.dtype != jnp.uint8:
         raise ValueError(f"indexer_scores: keys {keys.dtype}{keys.shape} are not packed keys [(L,) B, n, 68]")
-    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_operand(layer)
     return jax.ffi.ffi_call("dsv4_indexer_scores", jax.ShapeDtypeStruct((q.shape[0], keys.shape[2]), F32))(
         q.astype(BF16), w.astype(BF16), keys, layer
     )
@@ -268,7 +274,7 @@ def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_ep
     r, _, d = x.shape
     m = (2 + n) * n
     chunks = -(-(n * d) // 512)
-    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_operand(layer)
     out, post, comb, _ = jax.ffi.ffi_call(
         "dsv4_hc_pre",
         (
@@ -290,7 +296,7 @@ def dequant_bf16_gemv(x: jax.Array, w: jax.Array, s: jax.Array, layer: jax.Array
     to group `r // (N / G)`; W e4m3 `[N, K]`, or a layer stack `[L, N, K]` with `layer` (an int32 scalar) naming
     the layer; f32 or UE8M0 block scales `[(L,) ceil(N/128), K/128]`."""
     m = x.shape[0]
-    layer = jnp.zeros((0,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_operand(layer)
     return jax.ffi.ffi_call("dsv4_dequant_bf16_gemv", jax.ShapeDtypeStruct((m, w.shape[-2]), BF16))(
         x, w, sm90_weight_scales(s), layer
     )
@@ -396,7 +402,7 @@ def fp8_gemv_layer(x: jax.Array, w: jax.Array, s: jax.Array, layer) -> jax.Array
     """bf16 `[R, K]` (R <= 8) x layer `layer` (an int32 scalar, read on the device) of an FP8 weight stack e4m3
     `[L, N, K]` with f32 (or UE8M0) scales `[L, N/128, K/128]` -> bf16 `[R, N]`, quant_sim numerics, one launch: the
     rows are quantised per 1x128 inside the GEMV (bit-identical to `act_quant_rows` then `fp8_gemv`)."""
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    layer = _layer_operand(layer)
     return jax.ffi.ffi_call("dsv4_fp8_gemv_layer", jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), BF16))(
         x.astype(BF16), w, sm90_weight_scales(s), layer
     )
