@@ -246,13 +246,15 @@ def test_extension_compiles_for_sm90a(tmp_path):
         [cu, FFI / "csrc" / "gemm_entry.h"],
         "gemm",
     )
-    for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu"):
+    for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu",
+                 "sparse_mla_kernels.cu", "indexer_kernels.cu"):  # fmt: skip
         src = FFI / "csrc" / name
-        deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh"]
+        deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
+                FFI / "csrc" / "mma_bf16.cuh"]  # fmt: skip
         _cached_compile(base + [str(src)], deps, name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())
-    for name in ("handlers.cc", "gemm_launch.cc"):
+    for name in ("handlers.cc", "attention_handlers.cc", "gemm_launch.cc"):
         src = FFI / "csrc" / name
         _cached_compile(
             [
@@ -269,7 +271,7 @@ def test_extension_compiles_for_sm90a(tmp_path):
                 str(ffi_inc),
                 str(src),
             ],
-            [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "handlers.h"],
+            [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "handlers.h", FFI / "csrc" / "handler_util.h"],
             name.split(".")[0],
         )
 

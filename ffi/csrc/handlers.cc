@@ -1,43 +1,18 @@
-// XLA FFI handlers of the dsv4_jax extension. Every handler takes XLA's CUDA stream, never synchronises, keeps any
-// workspace as an explicit result, validates shapes with clear messages and is marked command-buffer compatible.
+// XLA FFI handlers of the dsv4_jax extension: activation quantization, the FP8 GEMMs and GEMVs, `wo_a`, the MXFP4
+// GEMVs (attention_handlers.cc: mHC, sparse-MLA decode, the indexer). Every handler takes XLA's CUDA stream, never
+// synchronises, keeps any workspace as an explicit result, validates shapes with clear messages and is marked
+// command-buffer compatible.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <string>
 
+#include "handler_util.h"
 #include "handlers.h"
 #include "kernels.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace dsv4ffi {
 namespace {
-
-template <typename B>
-int64_t dim(const B& b, int i) {
-  auto d = b.dimensions();
-  return d[i < 0 ? d.size() + i : i];
-}
-
-template <typename B>
-std::string shape_str(const B& b) {
-  std::string s = "[";
-  auto d = b.dimensions();
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? "," : "") + std::to_string(d[i]);
-  return s + "]";
-}
-
-ffi::Error bad(const std::string& op, const std::string& msg) { return ffi::Error::InvalidArgument(op + ": " + msg); }
-
-ffi::Error cuda_check(const std::string& op, cudaError_t e) {
-  if (e == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(op + ": CUDA error " + cudaGetErrorString(e));
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-bool is_e4m3(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::F8E4M3FN; }
 
 // ---- activation quantization -----------------------------------------------------------------------------------
 
@@ -126,174 +101,6 @@ ffi::Error DequantGemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::A
                     layer.element_count() ? layer.typed_data() : nullptr, out->untyped_data(), m, n, k, n / groups,
                     groups};
   return cuda_check(op, launch_dequant_bf16_gemv(a, stream));
-}
-
-// ---- mHC ---------------------------------------------------------------------------------------------------------
-
-ffi::Error HcSplitSinkhornImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> mix, ffi::Buffer<ffi::F32> scale,
-                               ffi::Buffer<ffi::F32> base, ffi::ResultBuffer<ffi::F32> pre,
-                               ffi::ResultBuffer<ffi::F32> post, ffi::ResultBuffer<ffi::F32> comb, int64_t n,
-                               int64_t iters, float eps) {
-  const std::string op = "dsv4_hc_split_sinkhorn";
-  if (!hc_supported_streams(int(n))) return bad(op, "n=" + std::to_string(n) + " streams: the kernel has 1, 2, 4");
-  const int64_t m = (2 + n) * n;
-  if (mix.dimensions().size() < 1 || dim(mix, -1) != m)
-    return bad(op, "mix " + shape_str(mix) + " must end in (2+n)*n = " + std::to_string(m));
-  if (scale.element_count() != 3) return bad(op, "scale " + shape_str(scale) + " must hold 3 values");
-  if (base.element_count() != m) return bad(op, "base " + shape_str(base) + " must hold (2+n)*n values");
-  const int64_t rows = mix.element_count() / m;
-  if (pre->element_count() != rows * n || post->element_count() != rows * n || comb->element_count() != rows * n * n)
-    return bad(op, "results must be [rows, n], [rows, n], [rows, n, n] for " + std::to_string(rows) + " rows");
-  if (iters < 1) return bad(op, "iters must be >= 1");
-  return cuda_check(op, launch_hc_split_sinkhorn(mix.typed_data(), scale.typed_data(), base.typed_data(),
-                                                 pre->typed_data(), post->typed_data(), comb->typed_data(), rows,
-                                                 int(n), int(iters), eps, stream));
-}
-
-ffi::Error HcPreImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> fn,
-                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> base, ffi::Buffer<ffi::S32> layer,
-                     ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> post,
-                     ffi::ResultBuffer<ffi::F32> comb, ffi::ResultBuffer<ffi::F32> part, int64_t n, int64_t iters,
-                     float eps, float norm_eps) {
-  const std::string op = "dsv4_hc_pre";
-  if (!hc_supported_streams(int(n))) return bad(op, "n=" + std::to_string(n) + " streams: the kernel has 1, 2, 4");
-  if (x.dimensions().size() < 2 || dim(x, -2) != n)
-    return bad(op, "x " + shape_str(x) + " must be [..., n, d] with n=" + std::to_string(n));
-  const int64_t d = dim(x, -1), m = (2 + n) * n, rows = x.element_count() / (n * d);
-  if (d % 2 != 0) return bad(op, "d=" + std::to_string(d) + " must be even");
-  const int64_t layers = fn.dimensions().size() == 3 ? dim(fn, 0) : 1;
-  if (fn.element_count() != layers * m * n * d)
-    return bad(op, "fn " + shape_str(fn) + " must be [(layers,) (2+n)n, n d]");
-  if (scale.element_count() != layers * 3 || base.element_count() != layers * m)
-    return bad(op, "scale " + shape_str(scale) + " / base " + shape_str(base) + " must be [(layers,) 3] / "
-                       "[(layers,) (2+n)n] like fn " + shape_str(fn));
-  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
-  if (layers > 1 && layer.element_count() != 1) return bad(op, "a layer stack needs the layer index");
-  if (out->element_count() != rows * d || post->element_count() != rows * n || comb->element_count() != rows * n * n)
-    return bad(op, "results must be [rows, d], [rows, n], [rows, n, n] for " + std::to_string(rows) + " rows");
-  if (part->element_count() != rows * hc_pre_chunks(n, d) * (m + 1))
-    return bad(op, "workspace " + shape_str(*part) + " must be [rows, " + std::to_string(hc_pre_chunks(n, d)) + ", " +
-                       std::to_string(m + 1) + "]");
-  if (iters < 1) return bad(op, "iters must be >= 1");
-  HcPreArgs a{reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()),
-              fn.typed_data(),
-              scale.typed_data(),
-              base.typed_data(),
-              layer.element_count() ? layer.typed_data() : nullptr,
-              reinterpret_cast<__nv_bfloat16*>(out->untyped_data()),
-              post->typed_data(),
-              comb->typed_data(),
-              part->typed_data(),
-              rows,
-              d,
-              int(n),
-              int(iters),
-              eps,
-              norm_eps};
-  return cuda_check(op, launch_hc_pre(a, stream));
-}
-
-// ---- sparse-MLA decode ---------------------------------------------------------------------------------------------
-
-// Packed KV rows [..., rows, 584] (or an empty buffer: none) -> (rows per batch row, leading layers); false if the
-// shape does not fit `batch`.
-bool kv_rows(const ffi::Buffer<ffi::U8>& x, int64_t batch, int rank_max, int64_t* rows, int64_t* layers) {
-  const auto d = x.dimensions();
-  *rows = 0, *layers = 1;
-  if (x.element_count() == 0) return true;
-  if (d.size() < 3 || int(d.size()) > rank_max || d[d.size() - 1] != kSparseMlaRowBytes || d[d.size() - 3] != batch)
-    return false;
-  *rows = d[d.size() - 2];
-  *layers = d.size() == 4 ? d[0] : 1;
-  return true;
-}
-
-ffi::Error SparseMlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U8> ring,
-                               ffi::Buffer<ffi::U8> entries, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::U8> extra,
-                               ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> sink, ffi::ResultBuffer<ffi::BF16> out,
-                               ffi::ResultBuffer<ffi::F32> part_o, ffi::ResultBuffer<ffi::F32> part_ml, float scale) {
-  const std::string op = "dsv4_sparse_mla_decode";
-  const std::string row = std::to_string(kSparseMlaRowBytes);
-  if (q.dimensions().size() != 3 || dim(q, 2) != kSparseMlaDim)
-    return bad(op, "q " + shape_str(q) + " must be [batch, heads, " + std::to_string(kSparseMlaDim) + "]");
-  const int64_t batch = dim(q, 0), heads = dim(q, 1);
-  if (heads % 16 != 0) return bad(op, "heads=" + std::to_string(heads) + " is not a multiple of 16");
-  int64_t window, cap, n_extra, layers, unused;
-  if (ring.element_count() == 0 || !kv_rows(ring, batch, 3, &window, &unused))
-    return bad(op, "ring " + shape_str(ring) + " must be [batch, window, " + row + "] packed KV rows");
-  if (!kv_rows(entries, batch, 4, &cap, &layers))
-    return bad(op, "entries " + shape_str(entries) + " must be [(layers,) batch, cap, " + row + "] or empty");
-  if (!kv_rows(extra, batch, 3, &n_extra, &unused))
-    return bad(op, "extra " + shape_str(extra) + " must be [batch, n, " + row + "] or empty");
-  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
-  if (entries.dimensions().size() == 4 && layer.element_count() != 1)
-    return bad(op, "a stack of entries needs the layer index");
-  if (idx.dimensions().size() != 2 || dim(idx, 0) != batch)
-    return bad(op, "idx " + shape_str(idx) + " must be [batch, n] for batch " + std::to_string(batch));
-  if (sink.element_count() != heads) return bad(op, "sink " + shape_str(sink) + " must hold one value per head");
-  if (out->element_count() != q.element_count()) return bad(op, "out " + shape_str(*out) + " must be q's shape");
-  const int64_t per_split = heads * kSparseMlaDim;
-  const int64_t splits = batch ? part_o->element_count() / (batch * per_split) : 1;
-  if (splits < 1 || part_o->element_count() != batch * splits * per_split ||
-      part_ml->element_count() != batch * splits * heads * 2)
-    return bad(op, "workspaces " + shape_str(*part_o) + ", " + shape_str(*part_ml) +
-                       " must be [batch, splits, heads, 512] and [batch, splits, heads, 2]");
-  SparseMlaDecodeArgs a{q.untyped_data(),
-                        ring.typed_data(),
-                        entries.element_count() ? entries.typed_data() : nullptr,
-                        layer.element_count() ? layer.typed_data() : nullptr,
-                        extra.element_count() ? extra.typed_data() : nullptr,
-                        idx.typed_data(),
-                        sink.typed_data(),
-                        part_o->typed_data(),
-                        part_ml->typed_data(),
-                        out->untyped_data(),
-                        batch,
-                        heads,
-                        window,
-                        cap,
-                        n_extra,
-                        dim(idx, 1),
-                        int(splits),
-                        scale};
-  (void)layers;
-  return cuda_check(op, launch_sparse_mla_decode(a, stream));
-}
-
-// ---- lightning indexer -----------------------------------------------------------------------------------------
-
-ffi::Error IndexerScoresImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> w,
-                             ffi::Buffer<ffi::U8> keys, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
-  const std::string op = "dsv4_indexer_scores";
-  if (q.dimensions().size() != 3) return bad(op, "q " + shape_str(q) + " must be [rows, heads, 128]");
-  const int64_t rows = dim(q, 0), heads = dim(q, 1);
-  if (dim(q, 2) != 128) return bad(op, "q " + shape_str(q) + ": the kernel takes head_dim 128 only");
-  if (heads < 16 || heads % 16 != 0)
-    return bad(op, "q " + shape_str(q) + ": the number of heads must be a positive multiple of 16 (one mma tile)");
-  if (w.dimensions().size() != 2 || dim(w, 0) != rows || dim(w, 1) != heads)
-    return bad(op, "w " + shape_str(w) + " must be [rows, heads] = [" + std::to_string(rows) + "," +
-                       std::to_string(heads) + "]");
-  if (keys.dimensions().size() != 4 || dim(keys, 3) != 68)
-    return bad(op, "keys " + shape_str(keys) + " must be packed MXFP4 indexer keys [layers, batch, n, 68]");
-  const int64_t layers = dim(keys, 0), batch = dim(keys, 1), n = dim(keys, 2);
-  if (layers < 1) return bad(op, "keys " + shape_str(keys) + " hold no layer");
-  if (batch < 1 || rows % batch != 0)
-    return bad(op, "q has " + std::to_string(rows) + " rows, not a multiple of the keys' batch " +
-                       std::to_string(batch));
-  if (indexer_staged_rows(heads, rows / batch) < 1)
-    return bad(op, std::to_string(heads) + " heads do not fit the kernel's shared memory (at most 144)");
-  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
-  if (layers > 1 && layer.element_count() != 1) return bad(op, "a stack of " + std::to_string(layers) +
-                                                                   " layers needs the layer index");
-  if (out->dimensions().size() != 2 || dim(*out, 0) != rows || dim(*out, 1) != n)
-    return bad(op, "out " + shape_str(*out) + " must be [rows, n] = [" + std::to_string(rows) + "," +
-                       std::to_string(n) + "]");
-  if (!aligned16(q.untyped_data()) || (reinterpret_cast<uintptr_t>(keys.untyped_data()) & 3u) != 0)
-    return bad(op, "q must be 16-byte and keys 4-byte aligned");
-  IndexerScoresArgs a{q.untyped_data(), w.untyped_data(), keys.typed_data(),
-                      layer.element_count() ? layer.typed_data() : nullptr, out->typed_data(), rows, heads, layers,
-                      batch, n};
-  return cuda_check(op, launch_indexer_scores(a, stream));
 }
 
 // ---- GEMMs -----------------------------------------------------------------------------------------------------
@@ -683,14 +490,7 @@ using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
 using dsv4ffi::GemvLayerImpl;
 using dsv4ffi::GemvPairImpl;
-using dsv4ffi::HcPreImpl;
-using dsv4ffi::HcSplitSinkhornImpl;
-using dsv4ffi::SparseMlaDecodeImpl;
-using dsv4ffi::IndexerScoresImpl;
 using dsv4ffi::SwigluQuantImpl;
-
-#define DSV4_TRAITS {ffi::Traits::kCmdBufferCompatible}
-#define STREAM Ctx<ffi::PlatformStream<cudaStream_t>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_act_quant, ActQuantImpl,
                               ffi::Ffi::Bind()
@@ -720,56 +520,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_dequant_bf16_gemv, DequantGemvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>(),
-                              DSV4_TRAITS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("iters")
-                                  .Attr<float>("eps"),
-                              DSV4_TRAITS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_pre, HcPreImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("iters")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("norm_eps"),
-                              DSV4_TRAITS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_sparse_mla_decode, SparseMlaDecodeImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"),
-                              DSV4_TRAITS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores, IndexerScoresImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>(),
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_e8m0_to_f32, E8m0ToF32Impl,
                               ffi::Ffi::Bind().STREAM.Arg<ffi::Buffer<ffi::U8>>().Ret<ffi::Buffer<ffi::F32>>(),
