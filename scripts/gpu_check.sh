@@ -52,7 +52,7 @@ if [ "$TESTS" = tests ]; then
   KARG=(); [ -n "$KSEL" ] && KARG=(-k "$KSEL")
   export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_LIMIT:-400}" python -m pytest -m gpu tests/test_kernels_gpu.py \
-    -n "${TEST_WORKERS:-4}" -v -rs --durations=8 "${KARG[@]}" >"$OUT/gpu_tests.log" 2>&1
+    -n "${TEST_WORKERS:-4}" --dist load --max-worker-restart=8 -v -rs --durations=8 "${KARG[@]}" >"$OUT/gpu_tests.log" 2>&1
   echo "tests rc=$? at $(elapsed) s"; grep -E "FAILED|ERROR| passed| failed" "$OUT/gpu_tests.log" | tail -25; cat "$OUT/e2e_report.txt" 2>/dev/null
 fi
 

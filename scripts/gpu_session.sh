@@ -46,23 +46,25 @@ for spec in "$@"; do
       # workers). The platform allocator (this phase only) takes what each buffer needs, no more.
       # ARG: xdist workers (default 8); compiling the full-width end-to-end tests is what takes the time. --dist load:
       # the CPU suite's loadfile (pyproject addopts) would put every test of test_kernels_gpu.py on one worker.
+      # --max-worker-restart: a kernel that kills its worker fails its test, the others still run (under --dist load
+      # a crashed test is not handed out again; the CPU suite's addopts stop at the first crash).
       XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" python -m pytest -m gpu tests -n "${arg:-8}" --dist load \
-        -q -rs --durations=15 -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
+        --max-worker-restart=8 -q -rs --durations=15 -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_gpu.log" | tail -25
       sed -n '/slowest/,/^$/p' "$OUT/tests_gpu.log" | head -18; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
     tests)
       # shellcheck disable=SC2086
       # eval: ARGS may quote a -k expression with spaces
       eval "DSV4_GPU_REPORT=$SCRATCH/report.txt XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout $limit python -m pytest \
-        -m gpu -n 4 --dist load -q -rs --durations=8 -p no:cacheprovider $arg" >"$OUT/tests.log" 2>&1
+        -m gpu -n 4 --dist load --max-worker-restart=8 -q -rs --durations=8 -p no:cacheprovider $arg" >"$OUT/tests.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests.log" | tail -25; cat "$SCRATCH/report.txt" 2>/dev/null ;;
     tests-fp4)
-      timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py -n 4 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
+      timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py -n 4 --dist load --max-worker-restart=8 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_fp4.log" | tail -15 ;;
     tests-kernels)
       export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
       KARG=(); [ -n "$arg" ] && KARG=(-k "$arg")
-      timeout "$limit" python -m pytest -m gpu tests/test_kernels_gpu.py -n 3 -q -rs --durations=8 "${KARG[@]}" \
+      timeout "$limit" python -m pytest -m gpu tests/test_kernels_gpu.py -n 3 --dist load --max-worker-restart=8 -q -rs --durations=8 "${KARG[@]}" \
         >"$OUT/tests_kernels.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_kernels.log" | tail -15; cat "$OUT/e2e_report.txt" 2>/dev/null ;;
     bench-fp4)

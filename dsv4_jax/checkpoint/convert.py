@@ -4,7 +4,8 @@
 
 Output folder:
   dsv4_jax.json             format name + version, the config (both namings), every parameter's shape, dtype,
-                            logical axes and item, the item list, and a fingerprint of the source
+                            logical axes and item, the item list with each item's files and sizes, and a
+                            fingerprint of the source
   config.json               HF-style config (as released)
   globals/part_0/           one Orbax PyTree checkpoint per item: embed, head, norm, hc_head_*
   layer_{i}/part_{j}/       layer i, split into parts of at most `part_bytes` (a larger single array is its own
@@ -131,6 +132,15 @@ def _fingerprint(src: str, mtp: bool, part_bytes: int, compress: bool) -> dict:
         stats[f] = [st.st_size, st.st_mtime_ns]
     return {"format_version": FORMAT_VERSION, "source": os.path.realpath(src), "files": stats, "mtp": mtp,
             "part_bytes": part_bytes, "compress": compress}  # fmt: skip
+
+
+def item_files(folder: str) -> dict[str, int]:
+    """{path relative to the item folder: size} of every file Orbax wrote for one item."""
+    return {
+        os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
+        for d, _, names in os.walk(folder)
+        for f in names
+    }
 
 
 def _write_json(path: str, obj) -> None:
@@ -261,6 +271,9 @@ def convert(
                 for name, specs in items
                 for s in specs
             },  # fmt: skip
+            # What restore checks before Orbax reads: a missing or cut data file found there gets one clear error
+            # instead of a read failing halfway, which leaves TensorStore calling back into a closed event loop.
+            "item_files": {name: item_files(os.path.join(partial, name)) for name, _ in items},
             "source": {"path": fp["source"], "files": fp["files"]},
             "bytes": total,
             "compress": compress,

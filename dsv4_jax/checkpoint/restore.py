@@ -16,7 +16,7 @@ import re
 import jax
 import numpy as np
 
-from dsv4_jax.checkpoint.convert import META, is_orbax_checkpoint, item_key, partial_dir, read_meta
+from dsv4_jax.checkpoint.convert import META, is_orbax_checkpoint, item_files, item_key, partial_dir, read_meta
 from dsv4_jax.checkpoint.layout import (
     CheckpointError,
     ParamSpec,
@@ -123,6 +123,8 @@ def _load_orbax(path: str, mesh, rules, mtp: bool | None, concurrent_gb: int, pr
         raise CheckpointError(
             f"{path}: the converted checkpoint does not match its config:\n  " + "\n  ".join(problems)
         )
+    for item, item_specs in by_item.items():
+        _check_item_files(os.path.join(path, item), meta.get("item_files", {}).get(item), item_specs)
 
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb))
     values = {}
@@ -157,6 +159,22 @@ def _load_orbax(path: str, mesh, rules, mtp: bool | None, concurrent_gb: int, pr
             values[s.path] = v
         del out
     return model_cfg, assemble(ab, model_cfg, values, shardings)
+
+
+def _check_item_files(folder: str, written: dict[str, int] | None, specs: list[ParamSpec]) -> None:
+    """Every file the conversion wrote for this item is there at the size it wrote (a stat, no read): Orbax failing
+    partway through an item leaves its other TensorStore reads calling back into a closed event loop, which can
+    crash the process. Checkpoints converted before the file list was recorded are not checked."""
+    if written is None:
+        return
+    found = item_files(folder)
+    for rel, size in sorted(written.items()):
+        if found.get(rel) != size:
+            what = "is missing" if rel not in found else f"is {found[rel]} bytes, the conversion wrote {size}"
+            keys = [s.key for s in specs]
+            listed = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            raise CheckpointError(f"{folder}: data file {rel} {what}, so the item's parameters cannot be read "
+                                  f"({len(keys)}: {listed}); re-run `dsv4-jax convert` into a new folder")  # fmt: skip
 
 
 def _unreadable(folder: str, specs: list[ParamSpec], e: BaseException) -> str:
