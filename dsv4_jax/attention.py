@@ -37,9 +37,6 @@ __all__ = ["Attention", "Compressor", "Indexer", "LayerUpdate", "CompressorStep"
            "window_indices", "compressed_indices"]  # fmt: skip
 
 BF16, F32 = jnp.bfloat16, jnp.float32
-# An invalid compressor slot's score. Finite (unlike -inf): a block with no valid slot pools to zeros instead of NaN;
-# exp(NEG - max) is exactly 0 wherever one slot is valid, as with -inf.
-NEG = float(np.finfo(np.float32).min)
 
 
 # ---- index lists -----------------------------------------------------------------------------------------------
@@ -117,69 +114,20 @@ class Compressor(nnx.Module):
         linear of the bf16 input."""
         return self.wkv(x_btd, fp32=True), self.wgate(x_btd, fp32=True)
 
-    def pool(self, kv_bjrc: jax.Array, score_bjrc: jax.Array) -> jax.Array:
-        """Per-channel softmax pooling over the slot axis (2) -> fp32 `[b, j, Dc]`."""
-        return jnp.sum(kv_bjrc * jax.nn.softmax(score_bjrc, axis=2), axis=2)
-
-    def finish(self, e_bjc: jax.Array, pos_bj: jax.Array, inv_freq: np.ndarray, opts: Opts) -> jax.Array:
-        """bf16 round, RMSNorm, RoPE at the block's first position, then FP8 (main) or Hadamard + FP4 (indexer)."""
-        e = self.norm(to_bf16(e_bjc))
-        e = nn.rope_tail(e, pos_bj, inv_freq)
-        if self.rotate:
-            e = nn.hadamard_128(e)
-            return quant.fp4_sim(e, 32) if opts.quant_sim else e
-        if opts.quant_sim:
-            nope = self.head_dim - self.rope_dim
-            e = jnp.concatenate([quant.fp8_sim(e[..., :nope], 64), e[..., nope:]], axis=-1)
-        return e
-
     def step(self, x_bkd, start_b, n_new_b, kv_state, score_state, inv_freq, opts: Opts, fresh: bool):
         """`k` new tokens per row at positions `start..start+k-1` (the first `n_new` real) on top of the block
-        state (ignored if `fresh`: the sequence starts here) -> `CompressorStep`.
-
-        The tokens of the blocks this step touches are laid out aligned to block boundaries (CSA: preceded by the
-        previous block, whose Ca half the first entry pools): older slots from the state, newer from the step,
-        slots outside `[0, start + n_new)` invalid (kv 0, score `NEG`)."""
-        m, coff, dc = self.ratio, self.coff, self.head_dim
-        b, k, _ = x_bkd.shape
+        state (ignored if `fresh`: the sequence starts here; may be `LayerSlice`s) -> `CompressorStep`
+        (`ops.compress_step`; a decode step, k = 1, through `ops.compressor_decode` and its kernel)."""
         kv_new, sc_new = self.project(x_bkd)
-        pos = start_b[:, None] + jnp.arange(k)
-        sc_new = sc_new + self.ape[...][pos % m]
-        r = start_b % m
-        nblk = -(-((0 if fresh else m - 1) + k) // m)
-        pre = (coff - 1) * m
-        a = jnp.arange(pre + nblk * m)[None, :]
-        base = (start_b - r)[:, None] - pre  # position of aligned slot 0
-        apos = base + a
-        end = (start_b + n_new_b)[:, None]
-        valid = (apos >= 0) & (apos < end)
-        i_new = a - pre - r[:, None]
-        kv_a = _take_rows(kv_new, jnp.clip(i_new, 0, k - 1))
-        sc_a = _take_rows(sc_new, jnp.clip(i_new, 0, k - 1))
-        if not fresh:
-            i_old = jnp.broadcast_to(jnp.clip(a, 0, coff * m - 1), apos.shape)
-            kv_a = jnp.where((i_new >= 0)[..., None], kv_a, _take_rows(kv_state, i_old))
-            sc_a = jnp.where((i_new >= 0)[..., None], sc_a, _take_rows(score_state, i_old))
-        kv_a = jnp.where(valid[..., None], kv_a, 0.0)
-        sc_a = jnp.where(valid[..., None], sc_a, NEG)
-        kv_b = kv_a.reshape(b, -1, m, coff * dc)
-        sc_b = sc_a.reshape(b, -1, m, coff * dc)
-        if coff == 2:  # entry q pools the Ca half of block q - 1 and the Cb half of block q
-            kv_b = jnp.concatenate([kv_b[:, :-1, :, :dc], kv_b[:, 1:, :, dc:]], axis=2)
-            sc_b = jnp.concatenate([sc_b[:, :-1, :, :dc], sc_b[:, 1:, :, dc:]], axis=2)
-        e = self.pool(kv_b, sc_b)
-        e = self.finish(e, (start_b - r)[:, None] + jnp.arange(nblk) * m, inv_freq, opts)
-        n_done = jnp.clip((start_b + n_new_b - (start_b - r)) // m, 0, nblk)
-        kv_s = sc_s = None
-        if kv_state is not None:
-            # The state after the step: the open block of position start + n_new (and, CSA, the block before it).
-            e_end = start_b + n_new_b
-            srow = (e_end - e_end % m)[:, None] - pre + jnp.arange(coff * m)[None, :]
-            si = jnp.clip(srow - base, 0, kv_a.shape[1] - 1)
-            ok = ((srow >= 0) & (srow < e_end[:, None]))[..., None]
-            kv_s = jnp.where(ok, _take_rows(kv_a, si), 0.0)
-            sc_s = jnp.where(ok, _take_rows(sc_a, si), NEG)
-        return CompressorStep(e, (start_b - r) // m, n_done, kv_s, sc_s)
+        kw = dict(ratio=self.ratio, rotate=self.rotate, eps=self.eps)
+        params = (self.ape.get_value(), self.norm.weight.get_value())
+        if x_bkd.shape[1] == 1 and not fresh and kv_state is not None:
+            e, kv_s, sc_s = ops.compressor_decode(kv_new[:, 0], sc_new[:, 0], kv_state, score_state, *params, start_b,
+                                                  n_new_b, inv_freq, opts=opts, **kw)  # fmt: skip
+            r = start_b % self.ratio
+            return CompressorStep(e, start_b // self.ratio, jnp.minimum((r + n_new_b) // self.ratio, 1), kv_s, sc_s)
+        return CompressorStep(*ops.compress_step(kv_new, sc_new, kv_state, score_state, *params, start_b, n_new_b,
+                                                 inv_freq, quant_sim=opts.quant_sim, fresh=fresh, **kw))  # fmt: skip
 
     def __call__(self, x_btd: jax.Array, inv_freq: np.ndarray, opts: Opts) -> jax.Array:
         """All complete blocks of a sequence starting at position 0 -> entries `[b, t // ratio, Dc]` bf16."""
@@ -403,7 +351,7 @@ class Attention(nnx.Module):
 
         if self.ratio:
             m = self.ratio
-            state = (None, None) if lc is None else (materialize(lc.comp_kv), materialize(lc.comp_score))
+            state = (None, None) if lc is None else (lc.comp_kv, lc.comp_score)
             with jax.named_scope("compressor"):
                 comp = self.compressor.step(x_bkd, start_b, n_new_b, *state, self.inv_freq, opts, fresh)
             # the update in the cache's layout; packed, the same rows are decode's last attention source
@@ -414,7 +362,7 @@ class Attention(nnx.Module):
             j = jnp.arange(n_ent, dtype=jnp.int32)[None, None, :]
             visible = j < ((pos + 1) // m)[..., None]
             if m == 4:
-                state_i = (None, None) if lc is None else (materialize(lc.idx_kv), materialize(lc.idx_score))
+                state_i = (None, None) if lc is None else (lc.idx_kv, lc.idx_score)
                 with jax.named_scope("indexer"):
                     comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts,
                                                           fresh)  # fmt: skip

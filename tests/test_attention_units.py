@@ -70,6 +70,36 @@ def test_compressor_matches_the_spec_formula(ratio):
         np.testing.assert_allclose(got[j], e, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("ratio,rotate", [(4, False), (4, True), (128, False)])
+def test_compressor_decode_step_is_the_general_step_with_one_token(ratio, rotate):
+    """A decode step (one token per row) goes through `ops.compressor_decode` (the op with the kernel twin), whose
+    block ids and completion counts `Compressor.step` derives itself: all equal `ops.compress_step` at k = 1, for rows
+    that open, fill, complete a block, start the sequence, or are padding; state rows from a layer stack."""
+    from dsv4_jax.layer_view import LayerSlice
+
+    dc = 128 if rotate else 512
+    comp = Compressor(CFG, ratio, dc, rotate=rotate, rngs=nnx.Rngs(3))
+    inv = nn.layer_inv_freq(CFG, ratio)
+    rng = np.random.default_rng(ratio)
+    coff = 2 if ratio == 4 else 1
+    starts = jnp.asarray([0, 1, ratio - 1, ratio, 3 * ratio - 1, 2 * ratio + 2], jnp.int32)
+    n_new = jnp.asarray([1, 1, 1, 1, 1, 0], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(6, 1, CFG.dim)), jnp.bfloat16)
+    stack = [jnp.asarray(rng.normal(size=(2, 6, coff * ratio, coff * dc)), jnp.float32) for _ in range(2)]
+    opts = ops.Opts()
+    got = comp.step(x, starts, n_new, *(LayerSlice(s, jnp.int32(1)) for s in stack), inv, opts, fresh=False)
+    kv_new, sc_new = comp.project(x)
+    kw = dict(ratio=ratio, rotate=rotate, eps=CFG.norm_eps, quant_sim=True, fresh=False)
+    want = ops.compress_step(kv_new, sc_new, stack[0][1], stack[1][1], comp.ape[...], comp.norm.weight[...], starts,
+                             n_new, inv, **kw)  # fmt: skip
+    names = ("entries", "j0", "n_done", "kv_state", "score_state")
+    for name, w in zip(names, want, strict=True):
+        g = getattr(got, name)
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32), err_msg=name)
+    assert np.asarray(got.n_done).tolist() == [0, 0, 1, 0, 1, 0]
+    assert np.asarray(got.j0).tolist() == [0, 0, 0, 1, 2, 2]
+
+
 def test_compressor_is_causal_per_block():
     comp = Compressor(CFG, 4, 512, rotate=False, rngs=nnx.Rngs(1))
     inv = nn.layer_inv_freq(CFG, 4)

@@ -213,6 +213,37 @@ def test_wrappers_call_only_exported_handlers():
     assert ffi_ops.HANDLERS == called
 
 
+def test_compressor_decode_supports_the_model_shapes_and_names_the_rest():
+    """The kernel's `supports` takes every compressor of the presets at decode (CSA main and indexer, HCA) and names
+    what it refuses."""
+    import dsv4_jax
+    from dsv4_jax.layer_view import LayerSlice
+    from dsv4_jax.nn import layer_inv_freq
+    from dsv4_jax.ops.compressor import _decode_supports
+
+    def args(cfg, ratio, dc, *, sliced=True):
+        coff = 2 if ratio == 4 else 1
+        state = jax.ShapeDtypeStruct((3, 2, coff * ratio, coff * dc), jnp.float32)
+        new = jax.ShapeDtypeStruct((2, coff * dc), jnp.float32)
+        st = LayerSlice(state, jnp.int32(0)) if sliced else jax.ShapeDtypeStruct(state.shape[1:], jnp.float32)
+        norm_w = jax.ShapeDtypeStruct((dc,), jnp.bfloat16)
+        return (new, new, st, st, None, norm_w, None, None, layer_inv_freq(cfg, ratio))
+
+    for name in ("flash", "pro", "tiny"):
+        cfg = getattr(dsv4_jax.Config, name)()
+        for ratio in sorted({r for r in cfg.compress_ratios if r}):
+            assert _decode_supports(*args(cfg, ratio, cfg.head_dim), ratio=ratio, rotate=False, eps=1e-6) is None
+            if ratio == 4:
+                got = _decode_supports(*args(cfg, 4, cfg.index_head_dim), ratio=4, rotate=True, eps=1e-6)
+                assert got is None, got
+    cfg = dsv4_jax.Config.flash()
+    assert "quant_sim" in _decode_supports(*args(cfg, 4, 512), ratio=4, rotate=False, eps=1e-6, quant_sim=False)
+    assert "ratio 16" in _decode_supports(*args(cfg, 4, 512), ratio=16, rotate=False, eps=1e-6)
+    assert "rotate=True" in _decode_supports(*args(cfg, 4, 512), ratio=4, rotate=True, eps=1e-6)
+    assert "state" in _decode_supports(*args(cfg, 4, 512, sliced=False)[:2], *args(cfg, 128, 512)[2:], ratio=4,
+                                       rotate=False, eps=1e-6)  # fmt: skip
+
+
 def test_unvalidated_kernels_need_the_opt_in(monkeypatch):
     """A kernel registered with validated=False (not yet through its GPU tests): "ffi" runs it, "auto" only where
     DSV4_JAX_ENABLE_KERNELS names it."""
@@ -247,7 +278,7 @@ def test_extension_compiles_for_sm90a(tmp_path):
         "gemm",
     )
     for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu",
-                 "sparse_mla_kernels.cu", "indexer_kernels.cu"):  # fmt: skip
+                 "sparse_mla_kernels.cu", "indexer_kernels.cu", "compressor_kernels.cu"):  # fmt: skip
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
                 FFI / "csrc" / "mma_bf16.cuh"]  # fmt: skip

@@ -74,6 +74,7 @@ HANDLERS = frozenset(
         "hc_pre",
         "sparse_mla_decode",
         "indexer_scores",
+        "compressor_decode",
         "dequant_bf16_gemv",
         "fp8_gemm",
         "fp8_linear",
@@ -265,6 +266,25 @@ def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array
     return jax.ffi.ffi_call("dsv4_indexer_scores", jax.ShapeDtypeStruct((q.shape[0], keys.shape[2]), F32))(
         q.astype(BF16), w.astype(BF16), keys, layer
     )
+
+
+def compressor_decode(kv_new, sc_new, kv_state, sc_state, ape, norm_w, inv_freq, start, n_new, layer, param_layer, *,
+                      ratio: int, rotate: bool, eps: float):  # fmt: skip
+    """The compressor's decode step in two launches: projections kv_new / sc_new f32 `[B, C]` on top of the block
+    state kv_state / sc_state f32 `[(L,) B, coff*m, C]` (a stack with `layer`, an int32 scalar, or one layer with
+    None), ape f32 `[(P,) m, C]` and norm_w bf16 `[(P,) Dc]` (a stack with `param_layer`, or None), inv_freq
+    `[rope/2]`, start / n_new int32 `[B]` -> (entry bf16 `[B, Dc]`, the state after the step f32 `[B, coff*m, C]`
+    x 2)."""
+    b, dc = kv_new.shape[0], norm_w.shape[-1]
+    state = jax.ShapeDtypeStruct(kv_state.shape[-3:], F32)
+    entry, kv_out, sc_out, _ = jax.ffi.ffi_call(
+        "dsv4_compressor_decode",
+        (jax.ShapeDtypeStruct((b, dc), BF16), state, state, jax.ShapeDtypeStruct((b, dc), F32)),
+    )(kv_new.astype(F32), sc_new.astype(F32), kv_state.astype(F32), sc_state.astype(F32), ape.astype(F32),
+      norm_w.astype(BF16), jnp.asarray(inv_freq, F32), start.astype(jnp.int32), n_new.astype(jnp.int32),
+      _layer_operand(layer), _layer_operand(param_layer), ratio=np.int64(ratio), rotate=np.int64(rotate),
+      eps=np.float32(eps))  # fmt: skip
+    return entry, kv_out, sc_out
 
 
 def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_eps: float):

@@ -6,6 +6,7 @@ and kill switch in `registry`; plus the reference-only linears.
 """
 
 from dsv4_jax.ops.attention import sparse_attention, sparse_decode
+from dsv4_jax.ops.compressor import compress_step, compressor_decode
 from dsv4_jax.ops.experts import moe_experts, swiglu
 from dsv4_jax.ops.indexer import indexer_scores
 from dsv4_jax.ops.linear import (
@@ -26,6 +27,8 @@ __all__ = [
     "Opts",
     "bf16_linear",
     "blockwise_gemm",
+    "compress_step",
+    "compressor_decode",
     "f32_linear",
     "fp4_linear",
     "fp8_linear",

@@ -1,5 +1,6 @@
 // XLA FFI handlers of the attention-side kernels: mHC (the split of the mixes, the whole hc_pre), sparse-MLA decode
-// over the packed FP8 cache, the lightning indexer's scores. Conventions as in handlers.cc.
+// over the packed FP8 cache, the lightning indexer's scores, the compressor's decode step. Conventions as in
+// handlers.cc.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -180,9 +181,74 @@ ffi::Error IndexerScoresImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi:
   return cuda_check(op, launch_indexer_scores(a, stream));
 }
 
+// ---- the compressor's decode step ----------------------------------------------------------------------------------
+
+ffi::Error CompressorDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> kv_new, ffi::Buffer<ffi::F32> sc_new,
+                                ffi::Buffer<ffi::F32> kv_state, ffi::Buffer<ffi::F32> sc_state,
+                                ffi::Buffer<ffi::F32> ape, ffi::Buffer<ffi::BF16> norm_w,
+                                ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::S32> start,
+                                ffi::Buffer<ffi::S32> n_new, ffi::Buffer<ffi::S32> layer,
+                                ffi::Buffer<ffi::S32> param_layer, ffi::ResultBuffer<ffi::BF16> entry, ffi::ResultBuffer<ffi::F32> kv_out,
+                                ffi::ResultBuffer<ffi::F32> sc_out, ffi::ResultBuffer<ffi::F32> pooled, int64_t ratio,
+                                int64_t rotate, float eps) {
+  const std::string op = "dsv4_compressor_decode";
+  const int64_t dc = dim(norm_w, -1), rope = 2 * inv_freq.element_count();
+  if (const char* why = compressor_decode_unsupported(int(ratio), dc, rope, rotate != 0)) return bad(op, why);
+  const int64_t coff = ratio == 4 ? 2 : 1, width = coff * dc, slots = coff * ratio;
+  if (kv_new.dimensions().size() != 2 || dim(kv_new, 1) != width || sc_new.dimensions() != kv_new.dimensions())
+    return bad(op, "kv_new " + shape_str(kv_new) + " / sc_new " + shape_str(sc_new) + " must both be [rows, " +
+                       std::to_string(width) + "]");
+  const int64_t rows = dim(kv_new, 0);
+  const auto sd = kv_state.dimensions();
+  const int64_t layers = sd.size() == 4 ? sd[0] : 1;
+  if ((sd.size() != 3 && sd.size() != 4) || dim(kv_state, -3) != rows || dim(kv_state, -2) != slots ||
+      dim(kv_state, -1) != width || sc_state.dimensions() != sd)
+    return bad(op, "kv_state " + shape_str(kv_state) + " / sc_state " + shape_str(sc_state) +
+                       " must both be [(layers,) " + std::to_string(rows) + ", " + std::to_string(slots) + ", " + std::to_string(width) + "]");
+  const int64_t param_layers = norm_w.dimensions().size() == 2 ? dim(norm_w, 0) : 1;
+  if (ape.element_count() != param_layers * ratio * width || dim(ape, -1) != width)
+    return bad(op, "ape " + shape_str(ape) + " must be [(layers,) " + std::to_string(ratio) + ", " +
+                       std::to_string(width) + "] with norm_w's layers " + shape_str(norm_w));
+  if (start.element_count() != rows || n_new.element_count() != rows)
+    return bad(op, "start " + shape_str(start) + " / n_new " + shape_str(n_new) + " must hold one value per row");
+  if (layer.element_count() > 1 || param_layer.element_count() > 1)
+    return bad(op, "layer / param_layer must hold at most one index");
+  if (layers > 1 && layer.element_count() != 1) return bad(op, "a stack of states needs the layer index");
+  if (param_layers > 1 && param_layer.element_count() != 1)
+    return bad(op, "a stack of parameters needs the param_layer index");
+  if (entry->element_count() != rows * dc || pooled->element_count() != rows * dc ||
+      kv_out->element_count() != rows * slots * width || sc_out->element_count() != rows * slots * width)
+    return bad(op, "results must be [rows, Dc], [rows, coff m, C] x 2 and the [rows, Dc] workspace");
+  CompressorDecodeArgs a{kv_new.typed_data(),
+                         sc_new.typed_data(),
+                         kv_state.typed_data(),
+                         sc_state.typed_data(),
+                         ape.typed_data(),
+                         reinterpret_cast<const __nv_bfloat16*>(norm_w.untyped_data()),
+                         inv_freq.typed_data(),
+                         start.typed_data(),
+                         n_new.typed_data(),
+                         layer.element_count() ? layer.typed_data() : nullptr,
+                         param_layer.element_count() ? param_layer.typed_data() : nullptr,
+                         reinterpret_cast<__nv_bfloat16*>(entry->untyped_data()),
+                         kv_out->typed_data(),
+                         sc_out->typed_data(),
+                         pooled->typed_data(),
+                         rows,
+                         layers,
+                         param_layers,
+                         int(ratio),
+                         int(dc),
+                         int(rope),
+                         rotate != 0,
+                         eps};
+  return cuda_check(op, launch_compressor_decode(a, stream));
+}
+
 }  // namespace
 }  // namespace dsv4ffi
 
+using dsv4ffi::CompressorDecodeImpl;
 using dsv4ffi::HcPreImpl;
 using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::IndexerScoresImpl;
@@ -237,4 +303,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores, IndexerScoresImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>(),
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_compressor_decode, CompressorDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ratio")
+                                  .Attr<int64_t>("rotate")
+                                  .Attr<float>("eps"),
                               DSV4_TRAITS);

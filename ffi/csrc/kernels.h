@@ -47,6 +47,38 @@ cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t strea
 // Query rows one block stages at a time (0: H too large for the kernel's shared memory).
 int indexer_staged_rows(int64_t heads, int64_t t);
 
+// The compressor's decode step (compressor_kernels.cu; reference dsv4_jax.ops.compressor.compress_step, k = 1): one
+// new token per row with projections kv_new / sc_new f32 [rows, C] (C = coff Dc, coff 2 for ratio 4 else 1; the score
+// without ape) on top of the block state kv_state / sc_state f32 [layers, rows, coff m, C] (the layer read from
+// `layer`, [1] int32 on the device, clamped; null: 0), ape f32 [param_layers, m, C], norm_w bf16 [param_layers, Dc]
+// (read at `param_layer`, likewise), inv_freq f32 [rope/2], start / n_new int32 [rows] -> entry bf16 [rows, Dc] (RMSNorm, RoPE, FP8 or Hadamard + FP4 simulated),
+// kv_out / sc_out f32 [rows, coff m, C] (the state after the step); pooled f32 [rows, Dc] workspace. Two launches.
+struct CompressorDecodeArgs {
+  const float* kv_new;
+  const float* sc_new;
+  const float* kv_state;
+  const float* sc_state;
+  const float* ape;
+  const __nv_bfloat16* norm_w;
+  const float* inv_freq;
+  const int32_t* start;
+  const int32_t* n_new;
+  const int32_t* layer;
+  const int32_t* param_layer;
+  __nv_bfloat16* entry;
+  float* kv_out;
+  float* sc_out;
+  float* pooled;
+  int64_t rows, layers, param_layers;
+  int ratio, dc, rope;
+  bool rotate;
+  float eps;
+};
+// Why the kernel cannot take these sizes, or null: ratio 4 or 128, Dc 512 or 128 (128 when rotated), RoPE dims a
+// positive multiple of 64, at most Dc.
+const char* compressor_decode_unsupported(int ratio, int64_t dc, int64_t rope, bool rotate);
+cudaError_t launch_compressor_decode(const CompressorDecodeArgs& a, cudaStream_t stream);
+
 // mHC hc_pre in two launches (the reference's RMS, mix dot, split and stream collapse are ~6): x [rows, n, d] bf16;
 // fn [layers, (2+n)n, n d], scale [layers, 3], base [layers, (2+n)n] f32 read at layer `layer` ([1] on the device, or
 // null: 0) -> out [rows, d] bf16 = bf16(sum_j pre_j x_j), post [rows, n], comb [rows, n, n] f32; part
