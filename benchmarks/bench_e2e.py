@@ -4,7 +4,9 @@ formats, per expert format and backend:
   * prefill of a batch of prompts (the first call, which compiles, and a steady call);
   * steady-state `decode_step`: the median of a loop of steps after warm-up, each waited for;
   * `generate`'s per-token time: two generations of different lengths, (t2 - t1) / (n2 - n1);
-  * optionally a long prefill (`--long-prefill 2048`).
+  * optionally a long prefill (`--long-prefill 2048`);
+  * optionally the decode step at long contexts (`--context 4096,131072`): caches filled synthetically to that
+    position (`dsv4_jax.cache.fill_synthetic`: valid packed rows of random values, no prefill of that length).
 
 The roofline of a decode step is the weight-read floor: the bytes of the parameters a step must read (everything but
 the routed experts no token picks, the embedding table (a row per token) and the MTP layer, which `decode_step` does
@@ -85,6 +87,7 @@ def run_case(
     long_prefill: int,
     breakdown: str | None = None,
     kv_cache: str = "auto",
+    contexts: tuple[int, ...] = (),
 ):
     opts = dsv4_jax.Opts(backend=backend, kv_cache=kv_cache)
     t0 = time.perf_counter()
@@ -135,6 +138,9 @@ def run_case(
         out["generate_s"] = {str(k): v for k, v in per.items()}
         out["generate_token_ms"] = 1e3 * (per[gen[1]] - per[gen[0]]) / (gen[1] - gen[0])
 
+    if contexts:
+        out["context_step_ms"] = {str(n): context_step_ms(state, batch, n, steps, opts) for n in contexts}
+
     if long_prefill:
         long = rng.integers(2, cfg.vocab_size, (1, long_prefill)).astype(np.int32)
         c = dsv4_jax.init_cache(cfg, 1, long_prefill + 8, opts.cache_layout)
@@ -147,6 +153,21 @@ def run_case(
     floor = floor_bytes(state, batch)
     out["floor_bytes"] = floor
     return out
+
+
+def context_step_ms(state, batch: int, context: int, steps: int, opts) -> float:
+    """Median decode step (ms) of `batch` rows at position `context` of a synthetically filled cache."""
+    cfg = state.config
+    cache = dsv4_jax.cache.fill_synthetic(dsv4_jax.init_cache(cfg, batch, context + steps + 8, opts.cache_layout),
+                                          context)  # fmt: skip
+    tok = jnp.full((batch,), 7, jnp.int32)
+    times = []
+    for _ in range(steps + 3):
+        t = time.perf_counter()
+        logits, _, cache = dsv4_jax.decode_step(state, cache, tok, opts=opts)
+        logits.block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[3:])
 
 
 def main(argv=None):
@@ -168,6 +189,7 @@ def main(argv=None):
         default=None,
         help="profile the decode step of each case; the compiled programs are written as PREFIX-<case>.hlo.txt",
     )
+    ap.add_argument("--context", default="", help="decode steps at these positions of a synthetic cache: 4096,131072")
     ap.add_argument("--kv-cache", default="auto", choices=("auto", "fp8", "bf16"), help="cache layout (Opts.kv_cache)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None)
@@ -197,7 +219,8 @@ def main(argv=None):
                 lp = args.long_prefill if (b == 1 and backend in args.long_prefill_backends.split(",")) else 0
                 g = gen if (b == 1 and backend in args.gen_backends.split(",")) else None
                 bd = f"{args.breakdown}-{fmt}-{backend}-b{b}" if args.breakdown else None
-                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache)
+                ctx = tuple(int(x) for x in args.context.split(",") if x)
+                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache, ctx)
                 r["experts"] = fmt
                 total = sum(r["floor_bytes"].values())
                 r["floor_ms"] = 1e3 * total / bw
@@ -221,17 +244,18 @@ def markdown(result) -> str:
         f"{m['copy_bandwidth_GBps']:.0f} GB/s",
         "",
         "| experts | backend | batch | decode step ms (median) | floor ms | ratio | generate ms/token | prefill "
-        "(first / steady) s | long prefill s | kernels ran |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(first / steady) s | long prefill s | decode step ms at context | kernels ran |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lp = f"{r['long_prefill_s']:.3f} ({r['long_prefill_tokens']} tok)" if "long_prefill_s" in r else ""
         kern = ", ".join(f"{k}:{v}" for k, v in sorted(r["ran"].items()))
+        ctx = ", ".join(f"{n}: {ms:.2f}" for n, ms in r.get("context_step_ms", {}).items())
         lines.append(
             f"| {r['experts']} | {r['backend']} | {r['batch']} | {r['decode_step_ms']:.2f} | {r['floor_ms']:.3f} | "
             f"{r['ratio']:.1f}x | {r.get('generate_token_ms', float('nan')):.2f} | {r['prefill_first_s']:.1f} / "
             f"{r['prefill_s']:.3f} | "
-            f"{lp} | {kern} |"
+            f"{lp} | {ctx} | {kern} |"
         )
     return "\n".join(lines) + "\n"
 

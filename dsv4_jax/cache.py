@@ -32,7 +32,7 @@ from dsv4_jax import kv_format
 from dsv4_jax.config import Config
 from dsv4_jax.layer_view import LayerSlice
 
-__all__ = ["LayerCache", "Cache", "init_cache", "cache_bytes", "cache_bytes_per_token"]
+__all__ = ["LayerCache", "Cache", "init_cache", "fill_synthetic", "cache_bytes", "cache_bytes_per_token"]
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 _FIELDS = ("window", "comp_kv", "comp_score", "entries", "idx_kv", "idx_score", "idx_keys")
@@ -203,6 +203,51 @@ def init_cache(cfg: Config, batch: int, max_len: int, kv: str = "fp8") -> Cache:
         max_len=max_len,
         config=cfg,
     )
+
+
+def fill_synthetic(cache: Cache, context: int, seed: int = 0) -> Cache:
+    """`cache` as if every row had seen `context` tokens, for timing decode at long context without a prefill of that
+    length: window rings, compressed entries and indexer keys hold random values in the cache's layout (packed rows
+    are valid FP8 / MXFP4 rows of normal draws), block states random, `lengths` (and `mtp_lengths`) = `context`. The
+    values are not a model's: logits are meaningless, the work per step is the real one. Generated one stacked layer
+    at a time (peak memory: one layer's entries as f32)."""
+    if not 0 < context < cache.max_len:
+        raise ValueError(f"context={context} must be in [1, max_len={cache.max_len})")
+    cfg = cache.config
+    d, rope, di, w = cfg.head_dim, cfg.rope_head_dim, cfg.index_head_dim, cfg.window_size
+    root = jax.random.key(seed)
+
+    def rows(key, field, width, n_valid, pack):
+        """Rows like `field` `[B, n, bytes or width]`: random for the first `n_valid`, zeros after (empty slots)."""
+        x = jax.random.normal(key, (*field.shape[:-1], width), F32)
+        x = pack(x) if field.dtype == jnp.uint8 else x.astype(field.dtype)
+        return jnp.where((jnp.arange(field.shape[-2]) < n_valid)[:, None], x, jnp.zeros_like(x))
+
+    def layer(key, lc: LayerCache) -> LayerCache:
+        ks = jax.random.split(key, 7)
+        out = dataclasses.replace(lc, window=rows(ks[0], lc.window, d, min(context, w),
+                                                  lambda x: kv_format.pack_kv(x, rope)))  # fmt: skip
+        if lc.entries is not None:
+            ratio = 4 if lc.comp_kv.shape[-2] == 8 else 128
+            out.entries = rows(ks[1], lc.entries, d, context // ratio, lambda x: kv_format.pack_kv(x, rope))
+            out.comp_kv = jax.random.normal(ks[2], lc.comp_kv.shape, F32)
+            out.comp_score = jax.random.normal(ks[3], lc.comp_score.shape, F32)
+        if lc.idx_keys is not None:
+            out.idx_keys = rows(ks[4], lc.idx_keys, di, context // 4, kv_format.pack_index_keys)
+            out.idx_kv = jax.random.normal(ks[5], lc.idx_kv.shape, F32)
+            out.idx_score = jax.random.normal(ks[6], lc.idx_score.shape, F32)
+        return out
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def stacked(key, lc: LayerCache) -> LayerCache:
+        n = lc.window.shape[0]
+        return jax.lax.map(lambda a: layer(*a), (jax.random.split(key, n), lc))
+
+    groups = [tuple(stacked(jax.random.fold_in(root, 100 * g + u), lc) for u, lc in enumerate(grp))
+              for g, grp in enumerate(cache.groups)]  # fmt: skip
+    mtp = [jax.jit(layer, donate_argnums=1)(jax.random.fold_in(root, 10_000 + i), lc) for i, lc in enumerate(cache.mtp)]
+    return dataclasses.replace(cache, groups=groups, mtp=mtp, lengths=jnp.full_like(cache.lengths, context),
+                               mtp_lengths=jnp.full_like(cache.mtp_lengths, context))  # fmt: skip
 
 
 # ---- sizes ------------------------------------------------------------------------------------------------------

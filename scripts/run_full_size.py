@@ -60,6 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--throughput-batch", type=int, default=0, help="also time `generate` at this batch (random "
                    "prompts)")  # fmt: skip
     p.add_argument("--throughput-prompt", type=int, default=256, help="prompt length of the throughput batch")
+    p.add_argument(
+        "--long-context",
+        type=int,
+        default=0,
+        help="also time batch-1 decode steps at this position of a "
+        "synthetically filled cache (dsv4_jax.cache.fill_synthetic), e.g. 1000000",
+    )
     p.add_argument("--breakdown", action="store_true", help="profile decode steps (dsv4_jax.profile.decode_breakdown)")
     p.add_argument("--json", help="write the results to this file")
     return p.parse_args(argv)
@@ -103,6 +110,25 @@ def measure(args, state, cfg, prompt, mesh, opts, say) -> dict:
         per_device = b / step / jax.device_count()
         out["throughput"] = {"batch": b, "step_ms": 1e3 * step, "tokens_per_s_per_device": per_device}
         say(f"batch {b}: {1e3 * step:.2f} ms per step, {b / step / jax.device_count():.1f} tokens/s per device")
+    if args.long_context:
+        n = args.long_context
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        cache = jax.device_put(dsv4_jax.init_cache(cfg, 1, n + 16, opts.cache_layout), rep)
+        cache = dsv4_jax.cache.fill_synthetic(cache, n)
+        step_opts = dataclasses.replace(opts, prefill_chunk=None)
+        tok, times = jnp.asarray([7], jnp.int32), []
+        for _ in range(11):
+            t = time.perf_counter()
+            logits, _, cache = dsv4_jax.decode_step(state, cache, tok, opts=step_opts)
+            logits.block_until_ready()
+            times.append(time.perf_counter() - t)
+        out["long_context"] = {"context": n, "step_ms": 1e3 * float(np.median(times[3:])),
+                               "cache_bytes": int(sum(x.nbytes for x in jax.tree.leaves(cache)))}  # fmt: skip
+        del cache
+        say(
+            f"batch 1 at position {n}: decode step {out['long_context']['step_ms']:.2f} ms (cache "
+            f"{out['long_context']['cache_bytes'] / 2**30:.2f} GiB)"
+        )
     if args.breakdown:
         from dsv4_jax import profile
 

@@ -118,3 +118,40 @@ def test_compressor_steps_match_full_sequence(ratio):
     rel = np.sqrt(np.mean((e - f) ** 2) / np.mean(f**2))
     assert rel < 2e-3, rel
     assert not np.asarray(lc.entries[:, nb:], np.float32).any()  # no incomplete block was written
+
+
+@pytest.mark.parametrize("kv", ["fp8", "bf16"])
+def test_fill_synthetic_is_a_cache_at_that_context(kv):
+    """Every row as if it had seen `context` tokens: entries and keys up to context // ratio hold finite, nonzero,
+    valid rows (packed rows decode), nothing beyond; lengths = context; a decode step then runs at that position
+    (its index lists reach the filled entries: the logits depend on them)."""
+    import dsv4_jax
+    from dsv4_jax import Opts
+
+    cfg = Config.tiny()
+    context, max_len = 200, 256
+    cache = C.fill_synthetic(C.init_cache(cfg, 2, max_len, kv), context, seed=1)
+    assert np.asarray(cache.lengths).tolist() == [context, context]
+    assert np.asarray(cache.mtp_lengths).tolist() == [context, context]
+    for r, lc in zip(cfg.compress_ratios, [*cache.layers, *cache.mtp], strict=True):
+        win = np.asarray(lc.window, np.float32)
+        assert np.isfinite(win).all() and (np.abs(win).sum(-1) > 0).all()  # all 128 slots filled (context >= 128)
+        if r:
+            e = np.asarray(lc.entries, np.float32)
+            n = context // r
+            assert np.isfinite(e).all() and (np.abs(e[:, :n]).sum(-1) > 0).all() and not e[:, n:].any()
+        if r == 4:
+            k = np.asarray(lc.idx_keys, np.float32)
+            assert np.isfinite(k).all() and (np.abs(k[:, : context // 4]).sum(-1) > 0).all()
+            assert not k[:, context // 4 :].any()
+    state = dsv4_jax.init_random(cfg, 0)
+    opts = Opts(kv_cache=kv)
+    tok = jnp.asarray([5, 7], jnp.int32)
+    logits, _, after = dsv4_jax.decode_step(state, cache, tok, opts=opts)
+    assert np.isfinite(np.asarray(logits, np.float32)).all()
+    assert np.asarray(after.lengths).tolist() == [context + 1, context + 1]
+    other = C.fill_synthetic(C.init_cache(cfg, 2, max_len, kv), context, seed=2)
+    logits2, _, _ = dsv4_jax.decode_step(state, other, tok, opts=opts)
+    assert not np.array_equal(np.asarray(logits, np.float32), np.asarray(logits2, np.float32))
+    with pytest.raises(ValueError, match="context=256"):
+        C.fill_synthetic(C.init_cache(cfg, 1, max_len, kv), max_len)
