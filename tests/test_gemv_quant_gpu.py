@@ -133,11 +133,11 @@ def test_plain_target_follows_env(ffi, env, monkeypatch):
 
 
 @pytest.mark.parametrize("n,k", [(1024, 4096), (32768, 1024), (4096, 8192), (4096, 2048)])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 21, 64])
 def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m):
     """`dsv4_fp8_gemv_layer` (a layer of a stacked weight, the activation quantised inside the GEMV: what the layer
-    scan runs at decode) against our quantisation kernel + `dsv4_fp8_gemv` with the same layer as the group of every
-    row: bit-identical, for a nonzero layer of a 3-layer stack."""
+    scan runs at decode; beyond 8 rows in passes of 8) against our quantisation kernel + `dsv4_fp8_gemv` with the same
+    layer as the group of every row: bit-identical, for a nonzero layer of a 3-layer stack."""
     keys = jax.random.split(jax.random.key(m * 7 + n + k), 2)
     x = rand_bf16(keys[0], (m, k))
     w, s = rand_fp8_weight(keys[1], (3, n, k))
@@ -148,3 +148,26 @@ def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m):
         poison()
         want = np.asarray(ffi.fp8_gemv(q, sfa, w, s, groups=jnp.full((m,), layer, jnp.int32))).view(np.uint16)
         np.testing.assert_array_equal(got, want, err_msg=f"layer {layer}")
+
+
+@pytest.mark.parametrize("knob,kernel", [(None, "dsv4_fp8_linear"), ("32", "dsv4_fp8_gemv_layer")])
+def test_layer_gemv_rows_knob(ffi, monkeypatch, knob, kernel):
+    """`DSV4_FFI_LAYER_GEMV_MAX_M`: a stacked layer's 24 rows go to DeepGEMM on the layer's slice by default and to
+    the layer GEMV (passes of 8 rows, no slice) with the knob at 32; both within the GEMV's own result's bf16
+    rounding of each other (the same FP8 operands, fp32 sums in another order; atol: where the products cancel)."""
+    from dsv4_jax import ops
+    from dsv4_jax.layer_view import LayerSlice
+
+    if knob is None:
+        monkeypatch.delenv("DSV4_FFI_LAYER_GEMV_MAX_M", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_FFI_LAYER_GEMV_MAX_M", knob)
+    keys = jax.random.split(jax.random.key(11), 2)
+    x = rand_bf16(keys[0], (24, 4096))
+    w, s = rand_fp8_weight(keys[1], (3, 1024, 4096))
+    f = jax.jit(lambda x, w, s: ops.fp8_linear(x, LayerSlice(w, jnp.int32(2)), LayerSlice(s, jnp.int32(2)),
+                                               opts=ops.Opts(backend="ffi")))  # fmt: skip
+    assert f"@{kernel}" in f.lower(x, w, s).as_text() or f'"{kernel}"' in f.lower(x, w, s).as_text()
+    got = np.asarray(f(x, w, s), np.float32)
+    want = np.asarray(jax.jit(ffi.fp8_gemv_layer)(x, w, s, jnp.int32(2)), np.float32)
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=1e-3 * np.abs(want).max())

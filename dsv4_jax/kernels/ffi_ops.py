@@ -53,6 +53,7 @@ __all__ = [
     "fp8_gemv_pair",
     "fp8_gemv_layer",
     "GEMV_MAX_M",
+    "GEMV_LAYER_MAX_M",
     "GEMV_QUANT_MODES",
     "fp4_gemv",
     "fp4_moe_gate_up",
@@ -418,12 +419,21 @@ def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
     )
 
 
+# Rows `fp8_gemv_layer` takes (the extension's kGemvLayerMaxM): beyond GEMV_MAX_M, passes of 8 rows over the weights.
+GEMV_LAYER_MAX_M = 64
+
+
 def fp8_gemv_layer(x: jax.Array, w: jax.Array, s: jax.Array, layer) -> jax.Array:
-    """bf16 `[R, K]` (R <= 8) x layer `layer` (an int32 scalar, read on the device) of an FP8 weight stack e4m3
+    """bf16 `[R, K]` (R <= 64) x layer `layer` (an int32 scalar, read on the device) of an FP8 weight stack e4m3
     `[L, N, K]` with f32 (or UE8M0) scales `[L, N/128, K/128]` -> bf16 `[R, N]`, quant_sim numerics, one launch: the
-    rows are quantised per 1x128 inside the GEMV (bit-identical to `act_quant_rows` then `fp8_gemv`)."""
-    layer = _layer_operand(layer)
-    return jax.ffi.ffi_call("dsv4_fp8_gemv_layer", jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), BF16))(
+    rows are quantised per 1x128 inside the GEMV (bit-identical to `act_quant_rows` then `fp8_gemv`). Up to 8 rows
+    share one pass over the weights; more rows take a pass per 8 (the layer index is passed once per pass)."""
+    r = x.shape[0]
+    if r > GEMV_LAYER_MAX_M:
+        raise ValueError(f"fp8_gemv_layer: {r} rows, at most {GEMV_LAYER_MAX_M}")
+    passes = -(-r // GEMV_MAX_M) if r > GEMV_MAX_M else 1
+    layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
+    return jax.ffi.ffi_call("dsv4_fp8_gemv_layer", jax.ShapeDtypeStruct((r, w.shape[-2]), BF16))(
         x.astype(BF16), w, sm90_weight_scales(s), layer
     )
 

@@ -4,6 +4,9 @@ or our quantisation + DeepGEMM's SM90 GEMM.
 A weight that is one layer of a stack (`LayerSlice`, inside the layer scan) goes to the GEMV as the whole stack with
 the layer as its weight group, so no step copies it; the DeepGEMM GEMMs (M > 8: prefill, large batches) take the
 layer's slice, which XLA materialises (a copy of the weight per call; acceptable where thousands of rows amortise it).
+Between the two, `DSV4_FFI_LAYER_GEMV_MAX_M` (up to 64, read at trace time; default 8, i.e. off) sends a stacked
+layer's M <= that rows to the GEMV in passes of 8 rows instead: no slice copy, the weights re-read per pass (mostly
+from L2). An A/B knob until a batch-16/32/64 decode benchmark on a GPU picks the default.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ def _fused_quant() -> bool:
     return os.environ.get("DSV4_FFI_GEMV_QUANT") != "separate" and os.environ.get("DSV4_FFI_GEMV") != "cuda"
 
 
+def _layer_gemv_max_m() -> int:
+    """Rows up to which a stacked layer's weight goes to the GEMV (`DSV4_FFI_LAYER_GEMV_MAX_M`, clamped to
+    [GEMV_MAX_M, GEMV_LAYER_MAX_M])."""
+    v = os.environ.get("DSV4_FFI_LAYER_GEMV_MAX_M")
+    m = int(v) if v and v.isdigit() else ffi_ops.GEMV_MAX_M
+    return min(max(m, ffi_ops.GEMV_MAX_M), ffi_ops.GEMV_LAYER_MAX_M)
+
+
 def fp8_linear_unsupported(x, w, s) -> str | None:
     """Why the kernel cannot compute `fp8_linear(x, w, s)` (None: it can)."""
     k = x.shape[-1]
@@ -35,7 +46,9 @@ def fp8_linear_unsupported(x, w, s) -> str | None:
         m *= d
     if k % 128:
         return f"K={k} is not a multiple of 128"
-    if m > ffi_ops.GEMV_MAX_M and not ffi_ops.instantiated("dense", n, k, 1, ffi_ops.dense_block_m(m)):
+    if m <= ffi_ops.GEMV_MAX_M or (isinstance(w, LayerSlice) and m <= _layer_gemv_max_m() and _fused_quant()):
+        return None  # the GEMV takes any N
+    if not ffi_ops.instantiated("dense", n, k, 1, ffi_ops.dense_block_m(m)):
         return f"no AOT GEMM instantiation for N={n} K={k} (add the shape to ffi/gen/gen_instantiations.py)"
     return None
 
@@ -44,10 +57,10 @@ def fp8_linear(x: jax.Array, w, s) -> jax.Array:
     """bf16 `[..., K]` x e4m3 `[N, K]` (UE8M0 or f32 block scales) -> bf16 `[..., N]`, quant_sim numerics."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
-    if isinstance(w, LayerSlice) and x2.shape[0] <= ffi_ops.GEMV_MAX_M:
-        stack_s = s.stack if isinstance(s, LayerSlice) else s[None]
-        if _fused_quant():
-            return ffi_ops.fp8_gemv_layer(x2, w.stack, stack_s, w.index).reshape(*lead, w.shape[0])
+    stack_s = (s.stack if isinstance(s, LayerSlice) else s[None]) if isinstance(w, LayerSlice) else None
+    if stack_s is not None and x2.shape[0] <= _layer_gemv_max_m() and _fused_quant():
+        return ffi_ops.fp8_gemv_layer(x2, w.stack, stack_s, w.index).reshape(*lead, w.shape[0])
+    if stack_s is not None and x2.shape[0] <= ffi_ops.GEMV_MAX_M:
         q, sfa = ffi_ops.act_quant_rows(x2)
         groups = jnp.full((x2.shape[0],), w.index, jnp.int32)
         y = ffi_ops.fp8_gemv(q, sfa, w.stack, stack_s, groups=groups)

@@ -287,8 +287,9 @@ ffi::Error gemv_args(const std::string& op, const ffi::AnyBuffer& a, const ffi::
 }
 
 // One layer of a stacked dense FP8 weight at decode sizes, one launch: the bf16 rows quantised inside the GEMV (as
-// the dense fp8_linear's fused path) and every row against layer `layer` of the stack, read on the device. All R <= 8
-// rows form one segment, so the layer index is the whole group map and the weights are read once for all rows.
+// the dense fp8_linear's fused path) and every row against layer `layer` of the stack, read on the device. R <= 8
+// rows form one segment (the weights read once); more rows form segments of 8, one pass over the layer's weights each
+// (mostly from L2 after the first), so `layer` holds the index once per segment: it is the group map.
 ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb,
                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d) {
   const std::string op = "dsv4_fp8_gemv_layer";
@@ -297,12 +298,15 @@ ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
   if (auto e = check_b(op, b, sfb, dim(b, 0), &n, &k); e.failure()) return e;
   if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
   const int64_t r = dim(x, 0);
-  if (r > kGemvMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvMaxM));
-  if (layer.element_count() != 1) return bad(op, "layer must hold one index");
+  if (r > kGemvLayerMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvLayerMaxM));
+  const int64_t tb = gemv_tokens_per_block(r), segs = (r + tb - 1) / tb;
+  if (layer.element_count() != segs)
+    return bad(op, "layer must hold the layer index once per segment of " + std::to_string(tb) + " rows (" +
+                       std::to_string(segs) + "), has " + std::to_string(layer.element_count()));
   if (d->element_count() != r * n) return bad(op, "output " + shape_str(*d) + " is not [R, N]");
   if (!aligned16(x.untyped_data()) || !aligned16(b.untyped_data())) return bad(op, "buffers must be 16-byte aligned");
   GemvArgs ga{nullptr, r, nullptr, 1, 1, b.untyped_data(), sfb.typed_data(), dim(b, 0), nullptr, layer.typed_data(),
-              d->untyped_data(), r, n, k, gemv_tokens_per_block(r)};
+              d->untyped_data(), r, n, k, int(tb)};
   ga.x_bf16 = x.untyped_data();
   return cuda_check(op, launch_gemv(ga, stream));
 }

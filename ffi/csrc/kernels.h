@@ -159,6 +159,9 @@ struct GemmArgs {
 // with 1x128 activation and 128x128 weight scales, bf16 out. row(r) = rows_map ? rows_map[r] : r; group(r) = group_map ? group_map[r / TB] : 0
 // (TB = tokens_per_block: 1, 2, 4 or 8 output rows share one pass over the weights). Invalid rows -> zeros.
 constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this many rows
+// Rows dsv4_fp8_gemv_layer takes: beyond kGemvMaxM, passes of 8 rows over the layer's weights (segments whose group is
+// the layer), so a stacked weight is never sliced out (DeepGEMM would need the slice copied out of the stack).
+constexpr int64_t kGemvLayerMaxM = 64;
 struct GemvArgs {
   const void* a;          // e4m3 [a_rows, k]
   int64_t a_rows;
