@@ -20,6 +20,7 @@ from flax import nnx
 
 from dsv4_jax import nn, ops
 from dsv4_jax.config import Config
+from dsv4_jax.ops.router import route
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
@@ -27,27 +28,6 @@ __all__ = ["MoE", "Gate", "route", "swiglu", "ExpertLayout", "dispatch", "combin
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 swiglu = ops.swiglu
-
-
-def _softplus(x):
-    # torch's F.softplus (beta 1, threshold 20): identity above the threshold, log1p(exp(x)) below.
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def route(logits_te, bias_e, hash_idx_tk, k: int, route_scale: float):
-    """(`weights [T,k]` fp32, `idx [T,k]` int32) from fp32 gate logits.
-
-    Scores are `sqrt(softplus(logits))`; experts come from `hash_idx` if given, else from top-k of `scores + bias`
-    (the bias only selects); weights are the chosen scores, renormalised to sum 1, times `route_scale`.
-    """
-    scores = jnp.sqrt(_softplus(logits_te))
-    if hash_idx_tk is not None:
-        idx = hash_idx_tk.astype(jnp.int32)
-    else:
-        _, idx = jax.lax.top_k(scores + bias_e.astype(F32), k)
-    w = jnp.take_along_axis(scores, idx, axis=-1)
-    w = w / jnp.sum(w, axis=-1, keepdims=True)
-    return w * F32(route_scale), idx.astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -153,10 +133,12 @@ class Gate(nnx.Module):
         else:
             self.bias = nn.param(jnp.zeros((e,), F32), ("expert_gate",))
 
-    def __call__(self, x_td: jax.Array, tokens_t: jax.Array):
+    def __call__(self, x_td: jax.Array, tokens_t: jax.Array, opts: Opts):
+        """(`weights [T,k]` fp32, `idx [T,k]` int32) of the tokens `x [T, dim]` (`ops.route_experts`); the bias or
+        the hash table as stored (a `LayerSlice` inside the layer scan)."""
         logits = ops.f32_linear(x_td, self.weight[...])
-        hash_idx = self.tid2eid[...][tokens_t] if self.is_hash else None
-        return route(logits, None if self.is_hash else self.bias[...], hash_idx, self.k, self.route_scale)
+        bias, table = (None, self.tid2eid.get_value()) if self.is_hash else (self.bias.get_value(), None)
+        return ops.route_experts(logits, bias, table, tokens_t, k=self.k, route_scale=self.route_scale, opts=opts)
 
 
 class ExpertWeight(nnx.Module):
@@ -218,7 +200,7 @@ class MoE(nnx.Module):
         b, s, d = x_btd.shape
         x = x_btd.reshape(b * s, d)
         with jax.named_scope("router"):
-            w, idx = self.gate(x, tokens_bt.reshape(-1))
+            w, idx = self.gate(x, tokens_bt.reshape(-1), opts)
             valid = None if valid_bt is None else valid_bt.reshape(-1)
             x_rows, layout = dispatch(x, idx, w, self.n_experts, valid)
         if rec is not None:

@@ -35,7 +35,7 @@ from dsv4_jax import ops, quant
 pytestmark = pytest.mark.gpu
 
 # The ops a Flash-shaped forward runs, every one through its kernel.
-KERNEL_OPS = dict.fromkeys(("fp8_linear", "moe_experts", "hc_pre", "grouped_dequant_linear"), "kernel")
+KERNEL_OPS = dict.fromkeys(("fp8_linear", "moe_experts", "hc_pre", "grouped_dequant_linear", "route_experts"), "kernel")
 # ops that only a step over the decode cache runs (`generate`, not `forward`)
 DECODE_KERNEL_OPS = dict.fromkeys(("sparse_decode", "indexer_scores", "compressor_decode"), "kernel")
 FLASH_LINEARS = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1024), (2048, 4096), (4096, 2048)]
@@ -449,6 +449,7 @@ def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
     assert calls.get("dsv4_sparse_mla_decode", 0) >= 2, calls  # the decode step of both layers (packed cache)
     assert calls.get("dsv4_indexer_scores", 0) >= 1, calls
     assert calls.get("dsv4_compressor_decode", 0) >= 3, calls  # CSA: main + indexer; HCA: main
+    assert calls.get("dsv4_route", 0) >= 2, calls
 
     # noise: the reference against its one-ulp perturbed self (two perturbations, as the forward test), over the
     # window of steps where every run still picks the reference's tokens. A step's error is either rounding noise

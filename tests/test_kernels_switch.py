@@ -278,7 +278,8 @@ def test_extension_compiles_for_sm90a(tmp_path):
         "gemm",
     )
     for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu",
-                 "sparse_mla_kernels.cu", "indexer_kernels.cu", "compressor_kernels.cu"):  # fmt: skip
+                 "sparse_mla_kernels.cu", "indexer_kernels.cu", "compressor_kernels.cu",
+                 "router_kernels.cu"):  # fmt: skip
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
                 FFI / "csrc" / "mma_bf16.cuh"]  # fmt: skip

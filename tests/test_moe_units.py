@@ -169,3 +169,30 @@ def test_moe_reference_cost_grows_with_routed_rows_not_experts():
     decoded = re.findall(r"tensor<(256x[0-9x]+)xf32>", text)
     assert not decoded, decoded  # no decoded stack of all experts: only the 16 rows' experts are decoded
     assert re.findall(r"tensor<16x128x256xf32>", text)
+
+
+def test_route_experts_reference_reads_layer_stacks_and_supports_names_its_limits():
+    """`ops.route_experts` (the op with the router kernel twin) equals `route` with the bias or the hash table's rows
+    taken from a layer stack; its `supports` takes the presets' routers and names what the kernel cannot do."""
+    from dsv4_jax import Config, ops
+    from dsv4_jax.layer_view import LayerSlice
+    from dsv4_jax.ops.router import _supports
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(5, 16)) * 3, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
+    table = jnp.asarray(rng.integers(0, 16, (2, 40, 3)), jnp.int32)
+    tokens = jnp.asarray([3, 0, 39, 7, 7], jnp.int32)
+    got = ops.route_experts(logits, LayerSlice(bias, jnp.int32(1)), None, None, k=3, route_scale=2.0)
+    want = route(logits, bias[1], None, 3, 2.0)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    got = ops.route_experts(logits, None, LayerSlice(table, jnp.int32(0)), tokens, k=3, route_scale=2.0)
+    want = route(logits, None, table[0][tokens], 3, 2.0)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    for cfg in (Config.flash(), Config.pro(), Config.tiny()):
+        lg = jax.ShapeDtypeStruct((4, cfg.n_routed_experts), jnp.float32)
+        assert _supports(lg, bias[0], None, None, k=cfg.n_activated_experts, route_scale=1.0) is None
+    assert "E <= 512" in _supports(jax.ShapeDtypeStruct((4, 1024), jnp.float32), bias, None, None, k=6, route_scale=1.0)
+    assert "not both" in _supports(logits, bias, table, tokens, k=3, route_scale=1.0)

@@ -71,6 +71,7 @@ HANDLERS = frozenset(
     for n in (
         "act_quant",
         "swiglu_quant",
+        "route",
         "hc_split_sinkhorn",
         "hc_pre",
         "sparse_mla_decode",
@@ -286,6 +287,20 @@ def compressor_decode(kv_new, sc_new, kv_state, sc_state, ape, norm_w, inv_freq,
       _layer_operand(layer), _layer_operand(param_layer), ratio=np.int64(ratio), rotate=np.int64(rotate),
       eps=np.float32(eps))  # fmt: skip
     return entry, kv_out, sc_out
+
+
+def route(logits, bias, table, token_ids, layer, *, k: int, route_scale: float) -> tuple[jax.Array, jax.Array]:
+    """The MoE router in one launch: fp32 logits `[T, E]` (E <= 512) -> (weights f32 `[T, k]`, expert ids int32
+    `[T, k]`), from the top k of `sqrt(softplus(logits)) + bias` (bias f32 `[(L,) E]`, table None) or the hash
+    table's row of each token (table int32 `[(L,) V, k]` and token_ids `[T]`, bias None); stacks with `layer` (an
+    int32 scalar), one layer with None."""
+    t = logits.shape[0]
+    empty_f, empty_i = jnp.zeros((0,), F32), jnp.zeros((0,), jnp.int32)
+    return jax.ffi.ffi_call(
+        "dsv4_route", (jax.ShapeDtypeStruct((t, k), F32), jax.ShapeDtypeStruct((t, k), jnp.int32))
+    )(logits.astype(F32), empty_f if bias is None else bias.astype(F32), empty_i if table is None else
+      table.astype(jnp.int32), empty_i if token_ids is None else token_ids.astype(jnp.int32), _layer_operand(layer),
+      k=np.int64(k), route_scale=np.float32(route_scale))  # fmt: skip
 
 
 def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_eps: float):

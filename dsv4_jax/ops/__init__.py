@@ -20,6 +20,7 @@ from dsv4_jax.ops.linear import (
 )
 from dsv4_jax.ops.mhc import hc_pre, hc_split_mixes
 from dsv4_jax.ops.registry import KernelUnavailable, record
+from dsv4_jax.ops.router import route_experts
 from dsv4_jax.options import Opts
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "indexer_scores",
     "moe_experts",
     "record",
+    "route_experts",
     "sparse_attention",
     "sparse_decode",
     "sum_in_order",

@@ -1,7 +1,7 @@
-// XLA FFI handlers of the dsv4_jax extension: activation quantization, the FP8 GEMMs and GEMVs, `wo_a`, the MXFP4
-// GEMVs (attention_handlers.cc: mHC, sparse-MLA decode, the indexer). Every handler takes XLA's CUDA stream, never
-// synchronises, keeps any workspace as an explicit result, validates shapes with clear messages and is marked
-// command-buffer compatible.
+// XLA FFI handlers of the dsv4_jax extension: activation quantization, the MoE router, the FP8 GEMMs and GEMVs,
+// `wo_a`, the MXFP4 GEMVs (attention_handlers.cc: mHC, sparse-MLA decode, the indexer, the compressor). Every handler
+// takes XLA's CUDA stream, never synchronises, keeps any workspace as an explicit result, validates shapes with clear
+// messages and is marked command-buffer compatible.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -73,6 +73,54 @@ ffi::Error E8m0ToF32Impl(cudaStream_t stream, ffi::Buffer<ffi::U8> s, ffi::Resul
   if (s.element_count() != out->element_count()) return bad("dsv4_e8m0_to_f32", "input and output sizes differ");
   return cuda_check("dsv4_e8m0_to_f32",
                     launch_e8m0_to_f32(s.typed_data(), out->typed_data(), s.element_count(), stream));
+}
+
+// ---- the MoE router ----------------------------------------------------------------------------------------------
+
+// Bias-routed (table empty) or hash-routed (bias empty): bias f32 [(L,) E]; table int32 [(L,) V, k] with token_ids
+// int32 [T]; `layer` [1] names the stack position (empty: no stack).
+ffi::Error RouteImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::F32> bias,
+                     ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> token_ids, ffi::Buffer<ffi::S32> layer,
+                     ffi::ResultBuffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> ids, int64_t k,
+                     float route_scale) {
+  const std::string op = "dsv4_route";
+  if (logits.dimensions().size() != 2) return bad(op, "logits " + shape_str(logits) + " must be [T, E]");
+  const int64_t t = dim(logits, 0), e = dim(logits, 1);
+  if (e > kRouteMaxExperts || k < 1 || k > 32 || k > e)
+    return bad(op, "E=" + std::to_string(e) + ", k=" + std::to_string(k) + ": the kernel takes E <= " +
+                       std::to_string(kRouteMaxExperts) + " and 1 <= k <= min(E, 32)");
+  const bool hashed = table.element_count() != 0;
+  if (hashed == (bias.element_count() != 0)) return bad(op, "give the bias or the hash table, not both or neither");
+  int64_t layers = 1, vocab = 0;
+  if (hashed) {
+    const auto d = table.dimensions();
+    if ((d.size() != 2 && d.size() != 3) || d[d.size() - 1] != k)
+      return bad(op, "hash table " + shape_str(table) + " must be [(layers,) vocab, k=" + std::to_string(k) + "]");
+    layers = d.size() == 3 ? d[0] : 1, vocab = d[d.size() - 2];
+    if (token_ids.element_count() != t) return bad(op, "token_ids " + shape_str(token_ids) + " must hold T ids");
+  } else {
+    if (dim(bias, -1) != e || bias.element_count() % e != 0)
+      return bad(op, "bias " + shape_str(bias) + " must be [(layers,) E=" + std::to_string(e) + "]");
+    layers = bias.element_count() / e;
+  }
+  if (layer.element_count() > 1 || (layers > 1 && layer.element_count() != 1))
+    return bad(op, "a stack of " + std::to_string(layers) + " layers needs one layer index");
+  if (weights->element_count() != t * k || ids->element_count() != t * k)
+    return bad(op, "results must be [T, k] = [" + std::to_string(t) + ", " + std::to_string(k) + "]");
+  RouteArgs a{logits.typed_data(),
+              hashed ? nullptr : bias.typed_data(),
+              hashed ? table.typed_data() : nullptr,
+              hashed ? token_ids.typed_data() : nullptr,
+              layer.element_count() ? layer.typed_data() : nullptr,
+              weights->typed_data(),
+              ids->typed_data(),
+              t,
+              e,
+              layers,
+              vocab,
+              int(k),
+              route_scale};
+  return cuda_check(op, launch_route(a, stream));
 }
 
 // ---- wo_a: bf16 x an FP8 weight dequantised to bf16 ------------------------------------------------------------
@@ -494,6 +542,7 @@ using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
 using dsv4ffi::GemvLayerImpl;
 using dsv4ffi::GemvPairImpl;
+using dsv4ffi::RouteImpl;
 using dsv4ffi::SwigluQuantImpl;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_act_quant, ActQuantImpl,
@@ -658,4 +707,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down, Fp4MoeDownImpl<dsv4ffi::kFp4Def
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_wg, Fp4MoeDownImpl<dsv4ffi::kFp4Wg>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_wg8, Fp4MoeDownImpl<dsv4ffi::kFp4Wg8>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_ring, Fp4MoeDownImpl<dsv4ffi::kFp4Ring>, DSV4_FP4_DOWN_BIND,
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_route, RouteImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<float>("route_scale"),
                               DSV4_TRAITS);

@@ -6,6 +6,7 @@
   X(dsv4_act_quant)          \
   X(dsv4_swiglu_quant)       \
   X(dsv4_e8m0_to_f32)        \
+  X(dsv4_route)              \
   X(dsv4_hc_split_sinkhorn)  \
   X(dsv4_hc_pre)             \
   X(dsv4_sparse_mla_decode)  \

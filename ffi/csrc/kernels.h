@@ -79,6 +79,26 @@ struct CompressorDecodeArgs {
 const char* compressor_decode_unsupported(int ratio, int64_t dc, int64_t rope, bool rotate);
 cudaError_t launch_compressor_decode(const CompressorDecodeArgs& a, cudaStream_t stream);
 
+// The MoE router (router_kernels.cu; reference dsv4_jax.ops.router.route), one warp per token: logits f32 [tokens,
+// experts] -> weights f32 [tokens, k] and ids int32 [tokens, k]. Experts are the top k of sqrt(softplus(logits)) +
+// bias (bias f32 [layers, experts]; ties to the lower id) or, with `table` set, the token's row of the hash table
+// (int32 [layers, vocab, k], token_ids int32 [tokens]); the layer read from `layer` ([1] on the device, clamped; null:
+// 0). Weights: the chosen scores over their sum, times route_scale.
+constexpr int kRouteMaxExperts = 512;
+struct RouteArgs {
+  const float* logits;
+  const float* bias;
+  const int32_t* table;
+  const int32_t* token_ids;
+  const int32_t* layer;
+  float* weights;
+  int32_t* ids;
+  int64_t tokens, experts, layers, vocab;
+  int k;
+  float route_scale;
+};
+cudaError_t launch_route(const RouteArgs& a, cudaStream_t stream);
+
 // mHC hc_pre in two launches (the reference's RMS, mix dot, split and stream collapse are ~6): x [rows, n, d] bf16;
 // fn [layers, (2+n)n, n d], scale [layers, 3], base [layers, (2+n)n] f32 read at layer `layer` ([1] on the device, or
 // null: 0) -> out [rows, d] bf16 = bf16(sum_j pre_j x_j), post [rows, n], comb [rows, n, n] f32; part

@@ -1,0 +1,18 @@
+"""The kernel side of `dsv4_jax.ops.route_experts`: scores, top-k (or the hash table's experts) and weights of every
+token in one launch."""
+
+from __future__ import annotations
+
+from dsv4_jax.kernels import ffi_ops
+from dsv4_jax.layer_view import LayerSlice
+
+__all__ = ["route_experts"]
+
+
+def route_experts(logits_te, bias_e, table_vk, tokens_t, *, k: int, route_scale: float):
+    """(`weights [T,k]` fp32, `idx [T,k]` int32); a bias or hash table that is a `LayerSlice` goes in as its stack
+    and the layer index (no per-step copy)."""
+    param = bias_e if table_vk is None else table_vk
+    stack, layer = (param.stack, param.index) if isinstance(param, LayerSlice) else (param, None)
+    bias, table = (stack, None) if table_vk is None else (None, stack)
+    return ffi_ops.route(logits_te, bias, table, tokens_t, layer, k=k, route_scale=route_scale)
