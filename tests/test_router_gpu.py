@@ -40,7 +40,10 @@ def _run(backend, *args, k, route_scale):
 def test_route_bias_kernel_vs_reference(ffi, t, e, k, stacked):
     rng = np.random.default_rng(t * 31 + e + k)
     logits = _logits(rng, t, e)
-    bias = jnp.asarray(rng.normal(size=(3, e)) * 0.5, jnp.float32)
+    bias = rng.normal(size=(3, e)) * 0.5
+    bias[:, :1] = 2.0  # expert 0 and its three exact ties among the top k
+    bias[:, e // 4 : e // 4 + 3] = bias[:, :1]  # the tied scores stay tied after the bias
+    bias = jnp.asarray(bias, jnp.float32)
     bias = LayerSlice(bias, jnp.int32(1)) if stacked else bias[1]
     ref_w, ref_i = _run("reference", logits, bias, None, None, k=k, route_scale=2.5)
     poison()
