@@ -366,3 +366,36 @@ def test_fp8_gemv_mma_kernels_compile_for_sm90a_without_spills():
         assert regs <= 128, f"{name} uses {regs} registers (> 128: one block per SM fewer)"
         found.add((int(m.group(1)), m.group(2) == "1"))
     assert found == {(tb, fused) for tb in (1, 2, 4, 8) for fused in (False, True)}, f"{found}:\n{log[-3000:]}"
+
+
+def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):
+    """Two full-width Flash layers (CSA + HCA, the first hash-routed) under backend="ffi", as if on an SM90 GPU: the
+    decode step's program calls each decode kernel the expected number of times, and the kernels that read the layer
+    stacks get the stacks (4-D block states, the 3-D hash table), not slices XLA would copy out on every step.
+    Lowering only: nothing is compiled or run."""
+    import collections
+    import re
+
+    import dsv4_jax
+    from dsv4_jax import runner
+
+    monkeypatch.setattr(registry, "_global_reason", lambda: (None, False))
+    monkeypatch.delenv("DSV4_FFI_LAYER_GEMV_MAX_M", raising=False)
+    cfg = dsv4_jax.Config.flash(n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1)
+    state = jax.eval_shape(lambda: dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0)))
+    cache = jax.eval_shape(lambda: dsv4_jax.init_cache(cfg, 1, 512))
+    with ops.record() as ran:
+        text = runner._decode_jit.lower(state, cache, jnp.zeros((1,), jnp.int32), ops.Opts(backend="ffi"), None,
+                                        False).as_text()  # fmt: skip
+    assert set(ran.values()) == {"kernel"} and {"compressor_decode", "route_experts", "sparse_decode"} <= ran.keys()
+    lines = [ln for ln in text.splitlines() if "custom_call @dsv4_" in ln]
+    calls = collections.Counter(re.search(r"custom_call @(dsv4_\w+)", ln).group(1) for ln in lines)
+    assert calls == {"dsv4_hc_pre": 4, "dsv4_fp8_gemv_layer": 15, "dsv4_compressor_decode": 3,
+                     "dsv4_indexer_scores": 1, "dsv4_sparse_mla_decode": 2, "dsv4_dequant_bf16_gemv": 2,
+                     "dsv4_route": 2, "dsv4_fp4_moe_gate_up": 2, "dsv4_fp4_moe_down": 2}, calls  # fmt: skip
+    for ln in lines:
+        if "@dsv4_compressor_decode" in ln:  # the block states [layers, B, coff*m, C] as stacks
+            assert re.search(r"tensor<\dx1x(8x1024|8x256|128x512)xf32>", ln), ln[-600:]
+    operands = [ln.rsplit("->", 1)[0].rsplit(": (", 1)[1] for ln in lines if "@dsv4_route" in ln]
+    hashed = [o for o in operands if re.search(r"x6xi32>", o)]  # the hash table among the operands
+    assert len(hashed) == 1 and re.search(r"tensor<\dx\d+x6xi32>", hashed[0]), operands  # as its stack
