@@ -282,7 +282,7 @@ def test_extension_compiles_for_sm90a(tmp_path):
                  "router_kernels.cu"):  # fmt: skip
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
-                FFI / "csrc" / "mma_bf16.cuh"]  # fmt: skip
+                FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh"]  # fmt: skip
         _cached_compile(base + [str(src)], deps, name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())

@@ -17,6 +17,7 @@
 
 #include "fp8_convert.cuh"
 #include "kernels.h"
+#include "layer_index.cuh"
 
 namespace dsv4ffi {
 namespace {
@@ -44,18 +45,12 @@ __device__ __forceinline__ Layout layout(const CompressorDecodeArgs& a, int64_t 
   return l;
 }
 
-__device__ __forceinline__ int64_t clamped(const int32_t* layer, int64_t layers) {
-  if (layer == nullptr) return 0;
-  const int64_t l = *layer;
-  return l < 0 ? 0 : (l >= layers ? layers - 1 : l);
-}
-
 __global__ void __launch_bounds__(kPoolWarps * 32) compressor_pool_kernel(const CompressorDecodeArgs a) {
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int m = a.ratio, coff = m == 4 ? 2 : 1, dc = a.dc, width = coff * dc, slots = coff * m;
   const int c = blockIdx.y * kPoolLanes + lane;
-  const int64_t layer = clamped(a.layer, a.layers), player = clamped(a.param_layer, a.param_layers);
+  const int64_t layer = device_layer(a.layer, a.layers), player = device_layer(a.param_layer, a.param_layers);
   const Layout l = layout(a, row);
   const float* kv_old = a.kv_state + (layer * a.rows + row) * slots * width;
   const float* sc_old = a.sc_state + (layer * a.rows + row) * slots * width;
@@ -168,7 +163,7 @@ __global__ void __launch_bounds__(DC / 2) compressor_finish_kernel(const Compres
   constexpr int kThreads = DC / 2, kWarps = kThreads / 32;
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  const int64_t player = clamped(a.param_layer, a.param_layers);
+  const int64_t player = device_layer(a.param_layer, a.param_layers);
   const Layout l = layout(a, row);
   __shared__ float red[kWarps];
   __shared__ float hx[DC];

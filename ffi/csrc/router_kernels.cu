@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "layer_index.cuh"
 
 namespace dsv4ffi {
 namespace {
@@ -21,18 +22,12 @@ __device__ __forceinline__ float score_of(float x) {
   return sqrtf(sp);
 }
 
-__device__ __forceinline__ int64_t clamped_layer(const int32_t* layer, int64_t layers) {
-  if (layer == nullptr) return 0;
-  const int64_t l = *layer;
-  return l < 0 ? 0 : (l >= layers ? layers - 1 : l);
-}
-
 __global__ void __launch_bounds__(kRouteWarps * 32) route_kernel(const RouteArgs a) {
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
   if (t >= a.tokens) return;
   const float* logits = a.logits + t * a.experts;
-  const int64_t layer = clamped_layer(a.layer, a.layers);
+  const int64_t layer = device_layer(a.layer, a.layers);
   int chosen = -1;  // lanes 0..k-1: the expert of result `lane`
   if (a.table != nullptr) {
     int64_t tok = a.token_ids[t];
