@@ -29,6 +29,7 @@ from dsv4_jax.config import Config
 from dsv4_jax.kv_format import PackedKV
 from dsv4_jax.layer_view import materialize
 from dsv4_jax.ops.attention import gather_rows, sparse_attention
+from dsv4_jax.ops.compressor import block_ids
 from dsv4_jax.ops.indexer import score_keys
 from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
@@ -124,8 +125,7 @@ class Compressor(nnx.Module):
         if x_bkd.shape[1] == 1 and not fresh and kv_state is not None:
             e, kv_s, sc_s = ops.compressor_decode(kv_new[:, 0], sc_new[:, 0], kv_state, score_state, *params, start_b,
                                                   n_new_b, inv_freq, opts=opts, **kw)  # fmt: skip
-            r = start_b % self.ratio
-            return CompressorStep(e, start_b // self.ratio, jnp.minimum((r + n_new_b) // self.ratio, 1), kv_s, sc_s)
+            return CompressorStep(e, *block_ids(start_b, n_new_b, self.ratio, 1), kv_s, sc_s)
         return CompressorStep(*ops.compress_step(kv_new, sc_new, kv_state, score_state, *params, start_b, n_new_b,
                                                  inv_freq, quant_sim=opts.quant_sim, fresh=fresh, **kw))  # fmt: skip
 

@@ -27,7 +27,7 @@ from dsv4_jax.layer_view import materialize
 from dsv4_jax.ops import registry
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["compress_step", "compressor_decode", "NEG"]
+__all__ = ["compress_step", "compressor_decode", "block_ids", "NEG"]
 
 F32 = jnp.float32
 # An invalid slot's score. Finite (unlike -inf): a block with no valid slot pools to zeros instead of NaN;
@@ -53,6 +53,12 @@ def _finish(e_bjc, pos_bj, norm_w, inv_freq, *, rotate: bool, eps: float, quant_
         nope = e.shape[-1] - 2 * len(inv_freq)
         e = jnp.concatenate([quant.fp8_sim(e[..., :nope], 64), e[..., nope:]], axis=-1)
     return e
+
+
+def block_ids(start_b, n_new_b, ratio: int, nblk: int):
+    """`(j0 [b], n_done [b])` of a step's `nblk` blocks: block q is entry `j0 + q`, complete for `q < n_done`."""
+    r = start_b % ratio
+    return (start_b - r) // ratio, jnp.clip((r + n_new_b) // ratio, 0, nblk)
 
 
 def compress_step(kv_new, sc_new, kv_state, score_state, ape, norm_w, start_b, n_new_b, inv_freq, *, ratio: int,
@@ -98,7 +104,6 @@ def compress_step(kv_new, sc_new, kv_state, score_state, ape, norm_w, start_b, n
     e = jnp.sum(kv_b * jax.nn.softmax(sc_b, axis=2), axis=2)  # per-channel softmax pooling over the slots
     e = _finish(e, (start_b - r)[:, None] + jnp.arange(nblk) * m, norm_w, inv_freq, rotate=rotate, eps=eps,
                 quant_sim=quant_sim)  # fmt: skip
-    n_done = jnp.clip((start_b + n_new_b - (start_b - r)) // m, 0, nblk)
     kv_s = sc_s = None
     if kv_state is not None:
         # The state after the step: the open block of position start + n_new (and, CSA, the block before it).
@@ -108,7 +113,7 @@ def compress_step(kv_new, sc_new, kv_state, score_state, ape, norm_w, start_b, n
         ok = ((srow >= 0) & (srow < e_end[:, None]))[..., None]
         kv_s = jnp.where(ok, _take_rows(kv_a, si), 0.0)
         sc_s = jnp.where(ok, _take_rows(sc_a, si), NEG)
-    return e, (start_b - r) // m, n_done, kv_s, sc_s
+    return e, *block_ids(start_b, n_new_b, m, nblk), kv_s, sc_s
 
 
 # ---- decode: one new token per row ----------------------------------------------------------------------------
