@@ -286,7 +286,7 @@ def test_extension_compiles_for_sm90a(tmp_path):
         _cached_compile(base + [str(src)], deps, name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())
-    for name in ("handlers.cc", "attention_handlers.cc", "gemm_launch.cc"):
+    for name in ("handlers.cc", "attention_handlers.cc", "moe_handlers.cc", "gemm_launch.cc"):
         src = FFI / "csrc" / name
         _cached_compile(
             [

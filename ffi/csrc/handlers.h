@@ -1,4 +1,4 @@
-// The FFI handler symbols exported by handlers.cc.
+// The FFI handler symbols exported by handlers.cc, attention_handlers.cc and moe_handlers.cc.
 #pragma once
 #include "xla/ffi/api/c_api.h"
 
