@@ -47,6 +47,9 @@ FP4_AMAX_FLOOR = 6.0 * 2.0**-126
 # e4m3 byte -> value (NaN at 0x7F/0xFF). Decoding by table lookup instead of a dtype convert matters on GPUs: XLA
 # rewrites dot(convert(f8), convert(f8)) into a cuBLASLt FP8 GEMM, whose result was measured ~2.7e-2 off the exact
 # product on an H100 (benchmarks/gpu_reference_check.py); a gather is never pattern-matched.
+# The fake quantisations (`fp8_sim`, `fp4_sim`) decode by table too: XLA's GPU pipeline drops an
+# f32 -> f8 -> f32 (or -> f4 -> f32) convert pair as "excess precision", so `x.astype(f8).astype(f32)` was the identity
+# there (measured on an H200: the reference's compressor entries came out unquantised), while the CPU kept it.
 E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 # e2m1 code -> value; bit 3 is the sign.
@@ -109,13 +112,15 @@ def fp8_sim(x: jax.Array, block: int = 64) -> jax.Array:
     *lead, k = x.shape
     xb = x.astype(jnp.float32).reshape(*lead, k // block, block)
     s = _block_scale(xb, FP8_AMAX_FLOOR, FP8_MAX)
-    q = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    q = e4m3_to_f32(jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn))
     return (q * s).reshape(x.shape).astype(x.dtype)
 
 
 def cast_e2m1(x: jax.Array) -> jax.Array:
-    """Round float32 values in [-6, 6] to the nearest e2m1 value, ties to even (hardware `cvt.rn.satfinite`)."""
-    return x.astype(jnp.float4_e2m1fn).astype(jnp.float32)
+    """Round float32 values in [-6, 6] to the nearest e2m1 value, ties to even (hardware `cvt.rn.satfinite`).
+    Decoded by table lookup on the codes, never a convert back (see the note at `E4M3_VALUES`)."""
+    codes = jax.lax.bitcast_convert_type(x.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.int32)
+    return jnp.asarray(E2M1_VALUES)[codes]
 
 
 def fp4_sim(x: jax.Array, block: int = 32) -> jax.Array:
