@@ -85,7 +85,9 @@ def test_compressor_decode_kernel_vs_reference(ffi, case, rows):
 
 def test_compressor_decode_kernel_in_a_decode_step(ffi):
     """`Compressor.step` with one token per row takes the kernel under backend="ffi" (recorded), and its entries and
-    states match the reference's within the bounds above."""
+    states match the reference's: the states within fp32 noise, not bit for bit, because the new token's projections
+    come from XLA's bf16 x fp32 dots in two different programs (cuBLAS picked other algorithms: ~1 ulp on 7% of them,
+    H200), the entries within the bounds above."""
     from flax import nnx
 
     from dsv4_jax.attention import Compressor
@@ -110,7 +112,7 @@ def test_compressor_decode_kernel_in_a_decode_step(ffi):
     ref, _ = step("reference")
     got, rec = step("ffi")
     assert rec.get("compressor_decode") == "kernel"
-    np.testing.assert_array_equal(np.asarray(got.kv_state), np.asarray(ref.kv_state))
-    np.testing.assert_array_equal(np.asarray(got.score_state), np.asarray(ref.score_state))
+    for g, r in ((got.kv_state, ref.kv_state), (got.score_state, ref.score_state)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
     e, er = np.asarray(got.entries), np.asarray(ref.entries)
     assert np.mean(e.view(np.uint16) == er.view(np.uint16)) >= 0.98

@@ -150,10 +150,10 @@ def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m):
         np.testing.assert_array_equal(got, want, err_msg=f"layer {layer}")
 
 
-@pytest.mark.parametrize("knob,kernel", [(None, "dsv4_fp8_linear"), ("32", "dsv4_fp8_gemv_layer")])
+@pytest.mark.parametrize("knob,kernel", [("8", "dsv4_fp8_linear"), (None, "dsv4_fp8_gemv_layer")])
 def test_layer_gemv_rows_knob(ffi, monkeypatch, knob, kernel):
-    """`DSV4_FFI_LAYER_GEMV_MAX_M`: a stacked layer's 24 rows go to DeepGEMM on the layer's slice by default and to
-    the layer GEMV (passes of 8 rows, no slice) with the knob at 32; both within the GEMV's own result's bf16
+    """`DSV4_FFI_LAYER_GEMV_MAX_M`: a stacked layer's 24 rows go to the layer GEMV (passes of 8 rows, no slice) by
+    default (32) and to DeepGEMM on the layer's slice with the knob at 8; both within the GEMV's own result's bf16
     rounding of each other (the same FP8 operands, fp32 sums in another order; atol: where the products cancel)."""
     from dsv4_jax import ops
     from dsv4_jax.layer_view import LayerSlice

@@ -4,9 +4,10 @@ or our quantisation + DeepGEMM's SM90 GEMM.
 A weight that is one layer of a stack (`LayerSlice`, inside the layer scan) goes to the GEMV as the whole stack with
 the layer as its weight group, so no step copies it; the DeepGEMM GEMMs (M > 8: prefill, large batches) take the
 layer's slice, which XLA materialises (a copy of the weight per call; acceptable where thousands of rows amortise it).
-Between the two, `DSV4_FFI_LAYER_GEMV_MAX_M` (up to 64, read at trace time; default 8, i.e. off) sends a stacked
-layer's M <= that rows to the GEMV in passes of 8 rows instead: no slice copy, the weights re-read per pass (mostly
-from L2). An A/B knob until a batch-16/32/64 decode benchmark on a GPU picks the default.
+Between the two, a stacked layer's M <= 32 rows go to the GEMV in passes of 8 rows instead: no slice copy, the weights
+re-read per pass (mostly from L2). Six full-width Flash layers at batch 32 on an H200: 12.34 ms per decode step against
+12.70 / 12.72 ms with DeepGEMM on the slices (BENCHMARKS.md). `DSV4_FFI_LAYER_GEMV_MAX_M` (8 to 64, read at trace
+time) moves the bound; 8 turns it off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dsv4_jax.layer_view import LayerSlice, materialize
 
 __all__ = ["fp8_linear", "fp8_linear_unsupported"]
 
+LAYER_GEMV_DEFAULT_M = 32  # measured: see the module doc
+
 
 def _fused_quant() -> bool:
     """Whether a stacked layer's GEMV quantises its activations itself (one launch; default) or after a separate
@@ -30,10 +33,10 @@ def _fused_quant() -> bool:
 
 
 def _layer_gemv_max_m() -> int:
-    """Rows up to which a stacked layer's weight goes to the GEMV (`DSV4_FFI_LAYER_GEMV_MAX_M`, clamped to
-    [GEMV_MAX_M, GEMV_LAYER_MAX_M])."""
+    """Rows up to which a stacked layer's weight goes to the GEMV (`DSV4_FFI_LAYER_GEMV_MAX_M`, default
+    `LAYER_GEMV_DEFAULT_M`, clamped to [GEMV_MAX_M, GEMV_LAYER_MAX_M])."""
     v = os.environ.get("DSV4_FFI_LAYER_GEMV_MAX_M")
-    m = int(v) if v and v.isdigit() else ffi_ops.GEMV_MAX_M
+    m = int(v) if v and v.isdigit() else LAYER_GEMV_DEFAULT_M
     return min(max(m, ffi_ops.GEMV_MAX_M), ffi_ops.GEMV_LAYER_MAX_M)
 
 

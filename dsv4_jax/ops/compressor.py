@@ -143,11 +143,11 @@ def _decode_supports(kv_new_bc, sc_new_bc, kv_state, score_state, ape, norm_w, s
     return None
 
 
-# Validated=False: written and compiled on the CPU box; its GPU tests (tests/test_compressor_gpu.py) have not run yet.
+# Validated on an H200 (tests/test_compressor_gpu.py, 2026-12-01): "auto" takes it.
 compressor_decode = registry.register(
     "compressor_decode",
     reference=_decode_reference,
     kernel="dsv4_jax.kernels.compressor:compressor_decode",
     supports=_decode_supports,
-    validated=False,
+    validated=True,
 )
