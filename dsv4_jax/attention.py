@@ -385,6 +385,21 @@ class Attention(nnx.Module):
                 o = ops.sparse_decode(q[:, 0], upd.window, entries, extra, idx[:, 0], self.attn_sink[...],
                                       scale=self.cfg.head_dim**-0.5, rope_dim=rope,
                                       opts=opts)[:, None]  # fmt: skip
+            elif opts.quant_sim and (fresh or packed):
+                # Prefill / extend: the same sources, packed (lossless for FP8-simulated rows), as the three the
+                # kernel reads: fresh, the step's rows [0, k) and its entries at k; extend, the ring [0, W), the
+                # cached entries at W and the step's rows then its entries at W + cap.
+                rows = kv_stored if packed else kv_format.pack_kv(kv, rope)
+                new_entries = None
+                if self.ratio:
+                    new_entries = upd.comp.entries if packed else kv_format.pack_kv(upd.comp.entries, rope)
+                if fresh:
+                    ring_p, entries_p, extra_p = rows, None, new_entries
+                else:
+                    extra_p = rows if new_entries is None else jnp.concatenate([rows, new_entries], axis=1)
+                    ring_p, entries_p = ring, (lc.entries if self.ratio else None)
+                o = ops.sparse_prefill(q, ring_p, entries_p, extra_p, idx, self.attn_sink[...],
+                                       scale=self.cfg.head_dim**-0.5, rope_dim=rope, opts=opts)  # fmt: skip
             else:
                 o = sparse_attention(q, sources, idx, self.attn_sink[...], self.cfg.head_dim**-0.5)
         return self.output(o, pos, opts), upd

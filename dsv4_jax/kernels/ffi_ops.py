@@ -225,10 +225,11 @@ def sparse_mla_splits(batch: int, heads: int, n_idx: int) -> int:
 
 
 def sparse_mla_decode(q, ring, entries, layer, extra, idx, sink, scale: float) -> jax.Array:
-    """Sparse-MLA decode over packed FP8 KV rows (584 B): q bf16 `[B, H, 512]`, ring uint8 `[B, W, 584]`, entries
+    """Sparse-MLA decode over packed FP8 KV rows (584 B): q bf16 `[R, H, 512]`, ring uint8 `[B, W, 584]`, entries
     uint8 `[B, cap, 584]` or a stack `[L, B, cap, 584]` with `layer` (int32 scalar), or None; extra uint8
-    `[B, n, 584]` or None; idx int32 `[B, N]` into ring | entries | extra (-1: none); sink f32 `[H]` -> bf16
-    `[B, H, 512]`."""
+    `[B, n, 584]` or None; idx int32 `[R, N]` into ring | entries | extra (-1: none); sink f32 `[H]` -> bf16
+    `[R, H, 512]`. Query row r reads the sources of batch row `r // (R / B)` (decode: R = B; prefill: the k queries
+    of a row, b-major)."""
     b, h, d = q.shape
     splits = sparse_mla_splits(b, h, idx.shape[1])
     none_u8 = jnp.zeros((0,), jnp.uint8)

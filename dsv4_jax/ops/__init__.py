@@ -5,7 +5,7 @@ and kill switch in `registry`; plus the reference-only linears.
     y = ops.fp8_linear(x, w, s, opts=opts)      # reference or kernel, decided by opts.backend (registry)
 """
 
-from dsv4_jax.ops.attention import sparse_attention, sparse_decode
+from dsv4_jax.ops.attention import sparse_attention, sparse_decode, sparse_prefill
 from dsv4_jax.ops.compressor import compress_step, compressor_decode
 from dsv4_jax.ops.experts import moe_experts, swiglu
 from dsv4_jax.ops.indexer import indexer_scores
@@ -42,6 +42,7 @@ __all__ = [
     "route_experts",
     "sparse_attention",
     "sparse_decode",
+    "sparse_prefill",
     "sum_in_order",
     "swiglu",
 ]

@@ -3,6 +3,7 @@ an attention sink in the softmax denominator; the reference `sparse_attention`, 
 kernel: one query per batch row over the packed FP8 cache (`dsv4_jax.kv_format`), FlashMLA's decode regime.
 
     o_bhd = sparse_decode(q_bhd, ring_bwr, entries, extra_bnr, idx_bn, sink_h, scale=D**-0.5, rope_dim=64, opts=opts)
+    o_bkhd = sparse_prefill(q_bkhd, ring_bwr, entries, extra_bnr, idx_bkn, ...)  # k queries per row, same sources
 
 Index lists point into a virtual concatenation of sources (`gather_rows`); for `sparse_decode` the sources are the
 window ring after this step's write `[b, W, 584]` (index r < W: ring slot r), the cached compressed entries
@@ -20,7 +21,7 @@ from dsv4_jax.layer_view import take
 from dsv4_jax.ops import registry
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["sparse_attention", "gather_rows", "sparse_decode"]
+__all__ = ["sparse_attention", "gather_rows", "sparse_decode", "sparse_prefill"]
 
 F32 = jnp.float32
 
@@ -177,4 +178,32 @@ sparse_decode = registry.register(
     reference=_sparse_decode_reference,
     kernel="dsv4_jax.kernels.sparse_mla:sparse_decode",
     supports=_sparse_decode_supports,
+)
+
+
+# ---- the prefill / extend op -----------------------------------------------------------------------------------
+
+
+def _sparse_prefill_reference(q_bkhd, ring, entries, extra, idx_bkn, sink_h, *, scale: float, rope_dim: int,
+                              quant_sim: bool = True) -> jax.Array:  # fmt: skip
+    """bf16 `[b, k, h, D]`: `sparse_attention` of the k queries of each row over its packed sources."""
+    del quant_sim
+    return sparse_attention(q_bkhd, decode_sources(ring, entries, extra, rope_dim), idx_bkn, sink_h, scale)
+
+
+def _sparse_prefill_supports(q_bkhd, ring, entries, extra, idx_bkn, sink_h, *, scale: float, rope_dim: int,
+                             quant_sim: bool = True) -> str | None:  # fmt: skip
+    return _sparse_decode_supports(q_bkhd[:, 0], ring, entries, extra, idx_bkn[:, 0], sink_h, scale=scale,
+                                   rope_dim=rope_dim, quant_sim=quant_sim)  # fmt: skip
+
+
+# The decode kernel with k queries per source row (each query its own index list): what a prefill or extend step
+# computes, 64 heads sharing each key as in FlashMLA's sparse prefill. Validated=False: the kernel's row mapping
+# (`q_per_src`) is new and its GPU tests (tests/test_sparse_mla_gpu.py, prefill cases) have not run yet.
+sparse_prefill = registry.register(
+    "sparse_prefill",
+    reference=_sparse_prefill_reference,
+    kernel="dsv4_jax.kernels.sparse_mla:sparse_prefill",
+    supports=_sparse_prefill_supports,
+    validated=False,
 )

@@ -103,13 +103,18 @@ ffi::Error SparseMlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ff
     return bad(op, "q " + shape_str(q) + " must be [batch, heads, " + std::to_string(kSparseMlaDim) + "]");
   const int64_t batch = dim(q, 0), heads = dim(q, 1);
   if (heads % 16 != 0) return bad(op, "heads=" + std::to_string(heads) + " is not a multiple of 16");
+  // The sources' batch (the ring's): each of its rows serves q_per_src consecutive query rows.
+  const int64_t src_batch = ring.dimensions().size() == 3 ? dim(ring, 0) : 0;
+  if (src_batch < 1 || batch % src_batch != 0)
+    return bad(op, "ring " + shape_str(ring) + " must be [sources, window, " + row + "] packed KV rows, with q's " +
+                       std::to_string(batch) + " rows a multiple of its sources");
   int64_t window, cap, n_extra, layers, unused;
-  if (ring.element_count() == 0 || !kv_rows(ring, batch, 3, &window, &unused))
-    return bad(op, "ring " + shape_str(ring) + " must be [batch, window, " + row + "] packed KV rows");
-  if (!kv_rows(entries, batch, 4, &cap, &layers))
-    return bad(op, "entries " + shape_str(entries) + " must be [(layers,) batch, cap, " + row + "] or empty");
-  if (!kv_rows(extra, batch, 3, &n_extra, &unused))
-    return bad(op, "extra " + shape_str(extra) + " must be [batch, n, " + row + "] or empty");
+  if (!kv_rows(ring, src_batch, 3, &window, &unused))
+    return bad(op, "ring " + shape_str(ring) + " must be [sources, window, " + row + "] packed KV rows");
+  if (!kv_rows(entries, src_batch, 4, &cap, &layers))
+    return bad(op, "entries " + shape_str(entries) + " must be [(layers,) sources, cap, " + row + "] or empty");
+  if (!kv_rows(extra, src_batch, 3, &n_extra, &unused))
+    return bad(op, "extra " + shape_str(extra) + " must be [sources, n, " + row + "] or empty");
   if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
   if (entries.dimensions().size() == 4 && layer.element_count() != 1)
     return bad(op, "a stack of entries needs the layer index");
@@ -140,7 +145,8 @@ ffi::Error SparseMlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ff
                         n_extra,
                         dim(idx, 1),
                         int(splits),
-                        scale};
+                        scale,
+                        batch / src_batch};
   (void)layers;
   return cuda_check(op, launch_sparse_mla_decode(a, stream));
 }

@@ -142,12 +142,14 @@ cudaError_t launch_dequant_bf16_gemv(const DequantGemvArgs& a, cudaStream_t stre
 // (workspaces part_o [batch, splits, heads, 512] f32 and part_ml [batch, splits, heads, 2] f32, any splits >= 1: the
 // caller picks it), then a combine.
 constexpr int kSparseMlaDim = 512, kSparseMlaNope = 448, kSparseMlaRowBytes = 584;
+// Query row b reads the sources of batch row b / q_per_src: decode has one query per batch row (q_per_src 1), a
+// prefill or extend step the k queries of a row (q_per_src k, query rows b-major).
 struct SparseMlaDecodeArgs {
   const void* q;                 // bf16 [batch, heads, 512]
-  const unsigned char* ring;     // [batch, window, 584]
-  const unsigned char* entries;  // [layers, batch, cap, 584] or null (cap 0)
+  const unsigned char* ring;     // [batch / q_per_src, window, 584]
+  const unsigned char* entries;  // [layers, batch / q_per_src, cap, 584] or null (cap 0)
   const int32_t* layer;          // [1] on the device, or null (layer 0)
-  const unsigned char* extra;    // [batch, n_extra, 584] or null
+  const unsigned char* extra;    // [batch / q_per_src, n_extra, 584] or null
   const int32_t* idx;            // [batch, n_idx]
   const float* sink;             // [heads]
   float* part_o;
@@ -156,6 +158,8 @@ struct SparseMlaDecodeArgs {
   int64_t batch, heads, window, cap, n_extra, n_idx;
   int splits;
   float scale;
+  int64_t q_per_src = 1;
+  int64_t row0 = 0;  // the launch's first query row (the grid's z covers at most 65,535 rows per launch)
 };
 cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t stream);
 

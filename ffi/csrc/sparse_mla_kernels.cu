@@ -101,16 +101,17 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
   float* alpha_s = reinterpret_cast<float*>(smem + kAlphaAt);
 
   const int split = blockIdx.x, h0 = blockIdx.y * kHeads;
-  const int64_t b = blockIdx.z;
+  const int64_t b = a.row0 + blockIdx.z, sb = b / a.q_per_src;  // query row, its sources' batch row
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
   const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
   const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
 
   const int64_t layer = a.layer ? a.layer[0] : 0;
-  const unsigned char* ring = a.ring + b * a.window * kRowBytes;
-  const unsigned char* ent = a.entries ? a.entries + (layer * a.batch + b) * a.cap * kRowBytes : nullptr;
-  const unsigned char* extra = a.extra ? a.extra + b * a.n_extra * kRowBytes : nullptr;
+  const int64_t src_batch = a.batch / a.q_per_src;
+  const unsigned char* ring = a.ring + sb * a.window * kRowBytes;
+  const unsigned char* ent = a.entries ? a.entries + (layer * src_batch + sb) * a.cap * kRowBytes : nullptr;
+  const unsigned char* extra = a.extra ? a.extra + sb * a.n_extra * kRowBytes : nullptr;
   const int32_t* idx = a.idx + b * a.n_idx;
 
   // The warp's Q fragments: heads h0 + g and h0 + g + 8, its 128 dims, as 8 k16 steps (A operand, row-major).
@@ -269,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
 // out[b, h] = bf16(sum_s O_s w_s / (sum_s den_s w_s + exp(sink_h - M))), w_s = exp(m_s - M), M the largest m_s
 // (0 where every key was masked: the output is then 0, as the reference's 0 / inf).
 __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const SparseMlaDecodeArgs a) {
-  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const int64_t h = blockIdx.x, b = a.row0 + blockIdx.y;
   const float* ml = a.part_ml + (b * a.splits * a.heads + h) * 2;
   float mx = -INFINITY;
   for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, ml[s * a.heads * 2]);
@@ -303,13 +304,19 @@ cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t 
     if (e != cudaSuccess) return e;
     if (dev < 64) opted_in[dev].store(true);
   }
-  const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads),
-                  static_cast<unsigned>(a.batch));
-  sparse_mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(a);
-  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  sparse_mla_combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch)), 128, 0,
-                              stream>>>(a);
-  return cudaGetLastError();
+  if (a.q_per_src < 1 || a.batch % a.q_per_src != 0) return cudaErrorInvalidValue;
+  constexpr int64_t kMaxGridRows = 65535;  // gridDim.y / z
+  for (int64_t r0 = 0; r0 < a.batch; r0 += kMaxGridRows) {
+    SparseMlaDecodeArgs c = a;
+    c.row0 = r0;
+    const unsigned rows = static_cast<unsigned>(a.batch - r0 < kMaxGridRows ? a.batch - r0 : kMaxGridRows);
+    const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads), rows);
+    sparse_mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(c);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    sparse_mla_combine_kernel<<<dim3(static_cast<unsigned>(a.heads), rows), 128, 0, stream>>>(c);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace dsv4ffi
