@@ -29,7 +29,7 @@ Bounds and why:
 Pairs with an expert < 0 or >= E, or a token out of range, must come back as exact zeros.
 
 Kernel variants (`variant=` of the wrappers, DSV4_FFI_FP4_VARIANT for the unsuffixed targets): every test runs each
-variant on the same inputs. "wg" (the default) and "ring" are held to the bounds above. "wg8" (FP8 wgmma) is not the
+variant on the same inputs. "ring" (the default) and "wg" are held to the bounds above. "wg8" (FP8 wgmma) is not the
 reference's numerics: Hopper's FP8 tensor cores keep 13 mantissa bits of the accumulator, about 1e-4 relative on g/u,
 which moves ~10% of the bf16 roundings of h by one ulp; it must still be bit-exact where a single product is summed
 (identity weights) and within the per-linear rel-RMS bound, and its bit-identical fractions are checked looser

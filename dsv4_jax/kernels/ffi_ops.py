@@ -472,7 +472,7 @@ def fp8_gemv_pair(a, sfa, w1, s1, w3, s3, *, rows=None, groups=None) -> tuple[ja
 
 # Most output rows (pairs) that share one pass over an expert's weights (the extension's `fp4_segment_rows`).
 FP4_SEGMENT_ROWS = 8
-# The MXFP4 kernel variants (`variant=` of the fp4 wrappers; None: DSV4_FFI_FP4_VARIANT at launch, default "wg"):
+# The MXFP4 kernel variants (`variant=` of the fp4 wrappers; None: DSV4_FFI_FP4_VARIANT at launch, default "ring"):
 # "wg" wgmma on f16 operands (e2m1 widened and pre-scaled in registers, fp32 accumulation: the reference's numerics
 # up to summation order), "ring" the first design (per-warp cp.async ring + ldmatrix, one mma per 32-wide block; the
 # same numerics), "wg8" wgmma on FP8 operands (faster; Hopper's FP8 accumulator keeps 13 mantissa bits, so NOT the

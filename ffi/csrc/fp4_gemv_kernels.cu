@@ -1153,8 +1153,8 @@ int fp4_tokens_per_pass(int64_t max_share) { return max_share <= 1 ? 1 : kMaxSeg
 int fp4_resolve_variant(int requested) {
   if (requested == kFp4Ring || requested == kFp4Wg || requested == kFp4Wg8) return requested;
   // DSV4_FFI_FP4_VARIANT=wg|wg8|ring: the kernels the handlers that do not name a variant launch. Read at every
-  // launch. Default ring: the variant whose GPU tests have passed (H200, 2026-11-30); wg has compiled but not yet run
-  // on a GPU, so it stays opt-in until its tests pass there.
+  // launch. Default ring, the variant measured in BENCHMARKS.md (31-41% of copy bandwidth); wg and wg8 have passed
+  // their GPU tests on an H200 (2026-12-01) but have not been timed yet: the default moves to wg if it measures faster.
   const char* v = std::getenv("DSV4_FFI_FP4_VARIANT");
   if (v != nullptr && std::strcmp(v, "wg") == 0) return kFp4Wg;
   if (v != nullptr && std::strcmp(v, "wg8") == 0) return kFp4Wg8;
