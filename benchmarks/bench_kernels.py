@@ -1,7 +1,8 @@
 """Benchmarks of the dsv4_jax_ffi kernels at DeepSeek-V4-Flash shapes, against ceilings measured in the same run.
 
     python benchmarks/bench_kernels.py [--out results.json] [--markdown table.md]
-        [--decode | --prefill | --fp4-decode [--fp4-variants wg,wg8,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]
+        [--decode | --prefill | --sparse-attention
+         | --fp4-decode [--fp4-variants wg,wg8,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]
          | --gemv-quant [--gemv-quant-m 1]]
 
 Ceilings (measured here, same process): device copy bandwidth (bytes read + written of a 2 GiB bf16 elementwise
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import quant
+from dsv4_jax import kv_format, ops, quant
 from dsv4_jax.kernels import ffi_ops, moe_fp8
 from dsv4_jax.moe import dispatch
 
@@ -472,6 +473,97 @@ def bench_fp4_decode(
         print(f"  {shape:40s} " + " | ".join(parts) + speed)
 
 
+def _packed_rows(key, shape):
+    """Random packed KV rows `[..., 584]` (NoPE FP8-simulated in tiles of 64, RoPE bf16), as the cache stores them."""
+    v = jax.random.normal(key, (*shape, 512), F32)
+    v = jnp.concatenate([quant.fp8_sim(v[..., :448], 64), v[..., 448:]], axis=-1).astype(BF16)
+    return kv_format.pack_kv(v, 64)
+
+
+def bench_sparse_attention(rows, bw, fp8, bf16, context=65536, batch=64, prefill=8192, rounds=2):
+    """Issue #16's attention targets, V4-Flash shapes (64 heads, 512 = 448 + 64 dims, packed 584-byte rows; the
+    indexer's 64 heads of 128 over packed MXFP4 keys, top 512; window 128).
+
+    Decode of a CSA layer at `context` tokens, `batch` rows (the cache holds context / 4 entries per row): the
+    indexer's scores over every cached key, its top 512, then sparse attention over the window + those entries; the
+    bytes the step must read (every key once, every chosen row once) over the time, against the copy ceiling.
+    Prefill of `prefill` tokens (fresh: causal window, top 512 of the visible entries): the attention FLOPs actually
+    computed (2 x 64 heads x (512 + 512) per valid key) over the time, against XLA's bf16 dot rate (the kernel's
+    tensor-core type); the reference (`backend="reference"`) is the XLA column."""
+    h, d, w_, top, ih = 64, 512, 128, 512, 64
+    key = jax.random.key(16)
+    ks = jax.random.split(key, 8)
+    cap = context // 4
+    ring = _packed_rows(ks[0], (batch, w_))
+    entries = jnp.concatenate([_packed_rows(jax.random.fold_in(ks[1], i), (batch, cap // 8)) for i in range(8)], 1)
+    keys_f = jax.random.normal(ks[2], (batch, cap, 128), F32)
+    idx_keys = kv_format.pack_index_keys(quant.fp4_sim(keys_f, 32))
+    del keys_f
+    q = jax.random.normal(ks[3], (batch, h, d), F32).astype(BF16)
+    qi = quant.fp4_sim(jax.random.normal(ks[4], (batch, 1, ih, 128), F32), 32).astype(BF16)
+    wi = (jax.random.normal(ks[5], (batch, 1, ih), F32) * 0.1).astype(BF16)
+    sink = jax.random.normal(ks[6], (h,), F32)
+    ffi = ops.Opts(backend="ffi")
+    win = jnp.broadcast_to(jnp.arange(w_, dtype=jnp.int32), (batch, w_))
+
+    def decode(q, qi, wi, ring, entries, idx_keys, sink):
+        scores = ops.indexer_scores(qi, wi, idx_keys, opts=ffi)[:, 0]
+        _, sel = jax.lax.top_k(scores, top)
+        idx = jnp.concatenate([win, w_ + sel.astype(jnp.int32)], axis=-1)
+        return ops.sparse_decode(q, ring, entries, None, idx, sink, scale=d**-0.5, rope_dim=64, opts=ffi)
+
+    def scores_only(qi, wi, idx_keys):
+        return jax.lax.top_k(ops.indexer_scores(qi, wi, idx_keys, opts=ffi)[:, 0], top)[1]
+
+    sel = jax.jit(scores_only)(qi, wi, idx_keys)
+    idx = jnp.concatenate([win, w_ + sel.astype(jnp.int32)], axis=-1)
+
+    def attn_only(q, ring, entries, idx, sink):
+        return ops.sparse_decode(q, ring, entries, None, idx, sink, scale=d**-0.5, rope_dim=64, opts=ffi)
+
+    attn = jax.jit(attn_only)
+    fns = {"indexer scores + top-k": (jax.jit(scores_only), (qi, wi, idx_keys), idx_keys.nbytes),
+           "sparse decode": (attn, (q, ring, entries, idx, sink), batch * (w_ + top) * 584),
+           "the CSA step (both)": (jax.jit(decode), (q, qi, wi, ring, entries, idx_keys, sink),
+                                   idx_keys.nbytes + batch * (w_ + top) * 584)}  # fmt: skip
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, (f, args, _) in fns.items():
+            best[name] = min(best[name], timed(f, *args))
+    for name, (_, _, nbytes) in fns.items():
+        rows.append(result_row(f"CSA decode: {name}", f"B={batch} context={context}", best[name], float("nan"), 0,
+                               nbytes, bw, fp8))  # fmt: skip
+        print(f"  {name}: {best[name] * 1e6:.1f} us, {nbytes / 1e6:.1f} MB read, "
+              f"{100 * nbytes / best[name] / bw:.0f}% of copy")  # fmt: skip
+    del entries, idx_keys, ring
+
+    # prefill: fresh, one sequence of `prefill` tokens; its own rows [0, S) and its S / 4 entries at S
+    s_len, n_ent = prefill, prefill // 4
+    rows_p = _packed_rows(ks[7], (1, s_len))
+    ent_p = _packed_rows(jax.random.fold_in(ks[7], 1), (1, n_ent))
+    pos = np.arange(s_len)[:, None]
+    u = np.maximum(pos - w_ + 1, 0) + np.arange(w_)[None, :]
+    win_p = np.where(u <= pos, u, -1)
+    visible = (pos + 1) // 4  # entries complete before or at the query
+    rng = np.random.default_rng(0)
+    pick = (rng.random((s_len, top)) * np.maximum(visible, 1)).astype(np.int64)
+    comp_p = np.where(np.arange(top)[None, :] < visible, s_len + pick, -1)
+    idx_p = jnp.asarray(np.concatenate([win_p, comp_p], axis=1)[None].astype(np.int32))
+    valid = int((np.asarray(idx_p) >= 0).sum())
+    qp = jax.random.normal(jax.random.fold_in(ks[3], 1), (1, s_len, h, d), F32).astype(BF16)
+    flops = 2.0 * h * valid * (d + d)
+    pre = {b: jax.jit(lambda q, r, e, i, s, b=b: ops.sparse_prefill(q, r, None, e, i, s, scale=d**-0.5, rope_dim=64,
+                                                                     opts=ops.Opts(backend=b)))
+           for b in ("ffi", "reference")}  # fmt: skip
+    t = {b: timed(f, qp, rows_p, ent_p, idx_p, sink, reps=2) for b, f in pre.items()}
+    rows.append(result_row("sparse prefill (kernel; XLA = reference)", f"S={s_len} keys/query<={w_ + top}", t["ffi"],
+                           t["reference"], flops, 0, bw, fp8))  # fmt: skip
+    print(
+        f"  sparse prefill S={s_len}: {t['ffi'] * 1e3:.2f} ms = {flops / t['ffi'] / 1e12:.0f} TFLOP/s "
+        f"({100 * flops / t['ffi'] / bf16:.0f}% of XLA's bf16 dot rate); reference {t['reference'] * 1e3:.1f} ms"
+    )
+
+
 def bench_dense_gemm(rows, m, n, k, bw, fp8):
     """The dense FP8 GEMM alone (activations quantized beforehand): the rate of the prefill kernels' template."""
     key = jax.random.key(m + n + k + 1)
@@ -519,6 +611,9 @@ def main():
     ap.add_argument("--grouped-block-m", action="store_true", help="only the prefill grouped GEMMs, BLOCK_M 64 vs 128")
     ap.add_argument("--decode", action="store_true", help="only decode sizes: GEMV variants vs tensor-core GEMMs")
     ap.add_argument("--prefill", action="store_true", help="only the grouped GEMMs at 8192 tokens")
+    ap.add_argument(
+        "--sparse-attention", action="store_true", help="issue #16's targets: CSA decode at 64K x 64, 8K prefill"
+    )
     ap.add_argument("--gemv-impls", default="mma,cuda", help="GEMV variants for --decode (DSV4_FFI_GEMV values)")
     ap.add_argument(
         "--gemv-quant",
@@ -566,6 +661,8 @@ def main():
         bench_decode(rows, bw, fp8, impls=tuple(args.gemv_impls.split(",")))
     elif args.prefill:
         bench_prefill(rows, bw, fp8)
+    elif args.sparse_attention:
+        bench_sparse_attention(rows, bw, fp8, bf16)
     elif args.grouped_block_m:
         for t in (8192, 32768):
             for n, k in EXPERT_SHAPES:
