@@ -16,8 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv4_jax import kv_format
 from dsv4_jax.kv_format import PackedKV
-from dsv4_jax.layer_view import take
+from dsv4_jax.layer_view import materialize, take
 from dsv4_jax.ops import registry
 from dsv4_jax.rounding import to_bf16
 
@@ -143,15 +144,21 @@ def sparse_attention(q_bshd, kv, idx_bsk, sink_h, scale: float, chunk: int = 102
 # ---- the decode op ---------------------------------------------------------------------------------------------
 
 
-def decode_sources(ring, entries, extra, rope_dim: int) -> list[tuple]:
-    """The `(PackedKV rows, offset)` sources of a `sparse_decode` call (absent parts skipped)."""
-    sources = [(PackedKV(ring, rope_dim), 0)]
+def decode_sources(ring, entries, extra, rope_dim: int, unpack_small: bool = False) -> list[tuple]:
+    """The `(rows, offset)` sources of a `sparse_decode` / `sparse_prefill` call (absent parts skipped): `PackedKV`s,
+    which unpack only the rows a gather takes; with `unpack_small`, the ring and the step's own rows unpacked whole
+    up front (a prefill gathers each of them many times; the cached entries may be the whole context)."""
+
+    def small(rows):
+        return kv_format.unpack_kv(materialize(rows), rope_dim) if unpack_small else PackedKV(rows, rope_dim)
+
+    sources = [(small(ring), 0)]
     w = ring.shape[1]
     cap = 0 if entries is None else entries.shape[1]
     if entries is not None:
         sources.append((PackedKV(entries, rope_dim), w))
     if extra is not None:
-        sources.append((PackedKV(extra, rope_dim), w + cap))
+        sources.append((small(extra), w + cap))
     return sources
 
 
@@ -188,7 +195,8 @@ def _sparse_prefill_reference(q_bkhd, ring, entries, extra, idx_bkn, sink_h, *, 
                               quant_sim: bool = True) -> jax.Array:  # fmt: skip
     """bf16 `[b, k, h, D]`: `sparse_attention` of the k queries of each row over its packed sources."""
     del quant_sim
-    return sparse_attention(q_bkhd, decode_sources(ring, entries, extra, rope_dim), idx_bkn, sink_h, scale)
+    sources = decode_sources(ring, entries, extra, rope_dim, unpack_small=True)
+    return sparse_attention(q_bkhd, sources, idx_bkn, sink_h, scale)
 
 
 def _sparse_prefill_supports(q_bkhd, ring, entries, extra, idx_bkn, sink_h, *, scale: float, rope_dim: int,
