@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 
-__all__ = ["LayerSlice", "materialize", "take", "stack_and_index"]
+__all__ = ["LayerSlice", "materialize", "take", "stack_and_index", "stacks_and_index"]
 
 
 @jax.tree_util.register_dataclass
@@ -60,3 +60,11 @@ def stack_and_index(x):
     if isinstance(x, LayerSlice):
         return x.stack, x.index
     return x[None], 0
+
+
+def stacks_and_index(*values):
+    """`(stacks, index)` of values that are all `LayerSlice`s at one index (a kernel that reads several parameters
+    of one layer in place), else `(the values materialised, None)`."""
+    if all(isinstance(v, LayerSlice) for v in values) and all(v.index is values[0].index for v in values):
+        return [v.stack for v in values], values[0].index
+    return [materialize(v) for v in values], None

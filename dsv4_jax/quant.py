@@ -119,8 +119,17 @@ def fp8_sim(x: jax.Array, block: int = 64) -> jax.Array:
 def cast_e2m1(x: jax.Array) -> jax.Array:
     """Round float32 values in [-6, 6] to the nearest e2m1 value, ties to even (hardware `cvt.rn.satfinite`).
     Decoded by table lookup on the codes, never a convert back (see the note at `E4M3_VALUES`)."""
-    codes = jax.lax.bitcast_convert_type(x.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.int32)
-    return jnp.asarray(E2M1_VALUES)[codes]
+    return _e2m1_values(_e2m1_codes(x))
+
+
+def _e2m1_codes(x: jax.Array) -> jax.Array:
+    """The e2m1 codes (uint8 0..15, bit 3 the sign) of `x`, rounded to nearest e2m1, ties to even."""
+    return jax.lax.bitcast_convert_type(x.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.uint8)
+
+
+def _e2m1_values(codes: jax.Array) -> jax.Array:
+    """float32 values of e2m1 codes, by table lookup."""
+    return jnp.asarray(E2M1_VALUES)[codes.astype(jnp.int32)]
 
 
 def fp4_sim(x: jax.Array, block: int = 32) -> jax.Array:
@@ -156,14 +165,13 @@ def unpack_fp4(packed: jax.Array) -> jax.Array:
     """Packed e2m1 bytes `[..., N, K/2]` -> float32 values `[..., N, K]` (low nibble = even element)."""
     b = jax.lax.bitcast_convert_type(packed, jnp.uint8) if packed.dtype != jnp.uint8 else packed
     lo, hi = b & 0x0F, b >> 4
-    codes = jnp.stack([lo, hi], axis=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
-    return jnp.asarray(E2M1_VALUES)[codes.astype(jnp.int32)]
+    return _e2m1_values(jnp.stack([lo, hi], axis=-1).reshape(*b.shape[:-1], b.shape[-1] * 2))
 
 
 def pack_fp4(values: jax.Array) -> jax.Array:
     """e2m1 values `[..., K]` (any float dtype, exactly representable) -> packed uint8 `[..., K/2]`, low nibble
     first."""
-    codes = jax.lax.bitcast_convert_type(values.astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.uint8)
+    codes = _e2m1_codes(values)
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 

@@ -4,26 +4,17 @@ step, RMSNorm, RoPE and the FP8 or Hadamard + FP4 simulation of the entry) in tw
 from __future__ import annotations
 
 from dsv4_jax.kernels import ffi_ops
-from dsv4_jax.layer_view import LayerSlice, materialize
+from dsv4_jax.layer_view import stacks_and_index
 
 __all__ = ["compressor_decode"]
-
-
-def _stacked(pair):
-    """(arrays, layer index) of two values: their stacks and the index when both are `LayerSlice`s of one index,
-    else the values themselves (a copy of a slice, if one is) and None."""
-    a, b = pair
-    if isinstance(a, LayerSlice) and isinstance(b, LayerSlice) and a.index is b.index:
-        return (a.stack, b.stack), a.index
-    return (materialize(a), materialize(b)), None
 
 
 def compressor_decode(kv_new_bc, sc_new_bc, kv_state, score_state, ape, norm_w, start_b, n_new_b, inv_freq, *,
                       ratio: int, rotate: bool, eps: float):  # fmt: skip
     """(entries `[b, 1, Dc]` bf16, kv_state, score_state `[b, coff*m, C]` f32). The block states and the parameters
     that are `LayerSlice`s go to the kernel as their stacks and layer indices (no per-step copy)."""
-    states, layer = _stacked((kv_state, score_state))
-    params, param_layer = _stacked((ape, norm_w))
+    states, layer = stacks_and_index(kv_state, score_state)
+    params, param_layer = stacks_and_index(ape, norm_w)
     entry, kv_s, sc_s = ffi_ops.compressor_decode(kv_new_bc, sc_new_bc, *states, *params, inv_freq, start_b, n_new_b,
                                                   layer, param_layer, ratio=ratio, rotate=rotate, eps=eps)  # fmt: skip
     return entry[:, None], kv_s, sc_s

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops
-from dsv4_jax.layer_view import LayerSlice, materialize
+from dsv4_jax.layer_view import materialize, stacks_and_index
 from dsv4_jax.rounding import cast
 
 # Tokens up to which hc_pre runs its two kernels (decode); beyond, the mix dot is a GEMM (XLA's, as the reference
@@ -37,11 +37,7 @@ def hc_pre(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps:
         mix = jnp.dot(xf, materialize(fn).astype(jnp.float32).T, precision="highest") * rs
         pre, post, comb = split_mixes(mix, materialize(scale), materialize(base), n=n, iters=iters, eps=eps)
         return cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=-2), X_btnd.dtype), post, comb
-    params = (fn, scale, base)
-    if all(isinstance(p, LayerSlice) for p in params):
-        stacks, layer = [p.stack for p in params], fn.index
-    else:
-        stacks, layer = [materialize(p) for p in params], None
+    stacks, layer = stacks_and_index(fn, scale, base)
     x, post, comb = ffi_ops.hc_pre(X_btnd.reshape(-1, n, d), *stacks, layer, n=n, iters=iters, eps=eps,
                                    norm_eps=norm_eps)  # fmt: skip
     return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)

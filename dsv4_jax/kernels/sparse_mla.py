@@ -29,19 +29,15 @@ def sparse_decode(q_bhd, ring, entries, extra, idx_bn, sink_h, *, scale: float, 
 
 
 def sparse_prefill(q_bkhd, ring, entries, extra, idx_bkn, sink_h, *, scale: float, rope_dim: int) -> jax.Array:
-    """bf16 `[b, k, h, 512]` (see `dsv4_jax.ops.attention`): the k queries of each row as k query rows of the kernel
-    over that row's sources, in chunks of `PREFILL_CHUNK` queries."""
-    del rope_dim
-    layer = None
-    if isinstance(entries, LayerSlice):
-        entries, layer = entries.stack, entries.index
-    ring, extra = materialize(ring), materialize(extra)
+    """bf16 `[b, k, h, 512]` (see `dsv4_jax.ops.attention`): the k queries of each row as k query rows of
+    `sparse_decode` over that row's sources, in chunks of `PREFILL_CHUNK` queries (the query chunking of
+    `ops.attention.sparse_attention`, which kernel modules do not import)."""
     b, k, h, d = q_bkhd.shape
 
     def run(q, idx):  # [b, c, h, d], [b, c, n]
         c = q.shape[1]
-        o = ffi_ops.sparse_mla_decode(q.reshape(b * c, h, d), ring, entries, layer, extra,
-                                      idx.reshape(b * c, -1), sink_h, scale)  # fmt: skip
+        o = sparse_decode(q.reshape(b * c, h, d), ring, entries, extra, idx.reshape(b * c, -1), sink_h, scale=scale,
+                          rope_dim=rope_dim)  # fmt: skip
         return o.reshape(b, c, h, d)
 
     if k <= PREFILL_CHUNK:
