@@ -135,14 +135,6 @@ __global__ void __launch_bounds__(kPoolWarps * 32) compressor_pool_kernel(const 
   }
 }
 
-__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-
-// 2^ceil(log2(t)) from the IEEE bits (dsv4_jax.quant.pow2_ceil) for positive normal t.
-__device__ __forceinline__ float pow2_ceil(float t) {
-  const uint32_t bits = __float_as_uint(t);
-  return __uint_as_float((((bits >> 23) & 0xFFu) + ((bits & 0x7FFFFFu) != 0u)) << 23);
-}
-
 // Round |v| <= 6 to the nearest e2m1 value, ties to even (0, 0.5, 1, 1.5, 2, 3, 4, 6; even codes win the ties).
 __device__ __forceinline__ float e2m1_rne(float v) {
   const float x = fabsf(v);
@@ -213,7 +205,7 @@ __global__ void __launch_bounds__(DC / 2) compressor_finish_kernel(const Compres
     float amax = fmaxf(fabsf(x0), fabsf(x1));
 #pragma unroll
     for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float s = pow2_ceil(__fmul_rn(fmaxf(amax, 1e-4f), kInvFp8Max));
+    const float s = act_pow2_scale(amax);
     const float q0 = fminf(fmaxf(__fdiv_rn(x0, s), -448.f), 448.f), q1 = fminf(fmaxf(__fdiv_rn(x1, s), -448.f), 448.f);
     const __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(make_float2(q0, q1), __NV_SATFINITE, __NV_E4M3);
     const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(q, __NV_E4M3);

@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "fp8_convert.cuh"
 #include "gemv_mma.cuh"
 #include "kernels.h"
 
@@ -51,8 +52,6 @@ constexpr int kRowPitch = kStepBytes + 16;   // 80: the 8 rows of an ldmatrix ph
 constexpr int kActPad = 32;                  // activation row pitch K + 32: the B-fragment loads of 8 tokens
                                              // take the minimum 2 wavefronts
 constexpr int kMaxSeg = kFp4SegmentRows;     // 8: tokens per weight pass (the mma N)
-// float32(1/448), the constant the reference multiplies by (0x1.24924ap-9).
-constexpr float kInvFp8Max = 0x1.24924ap-9f;
 
 template <int NW, int TBMAX>
 struct Cfg {
@@ -154,15 +153,6 @@ __device__ __forceinline__ void e8m0x4(uint32_t s, float f[4]) {
   f[3] = e8m0_at23((s >> 1) & 0x7F800000u);
 }
 
-// 2^ceil(log2(max(amax, 1e-4) * f32(1/448))) from the IEEE bits (quant.act_quant; quant_kernels.cu).
-__device__ __forceinline__ float pow2_scale(float amax) {
-  amax = fmaxf(amax, 1e-4f);
-  const float t = __fmul_rn(amax, kInvFp8Max);
-  const uint32_t bits = __float_as_uint(t);
-  const uint32_t e = ((bits >> 23) & 0xFFu) + ((bits & 0x7FFFFFu) != 0u);
-  return __uint_as_float(e << 23);
-}
-
 // w * silu(min(g, L)) * clip(u, -L, L) in fp32 in the reference's order (moe.swiglu; no clamp if L <= 0).
 __device__ __forceinline__ float swiglu_weighted(float g, float u, float w, float limit) {
   if (limit > 0.f) {
@@ -172,8 +162,6 @@ __device__ __forceinline__ float swiglu_weighted(float g, float u, float w, floa
   const float act = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
   return __fmul_rn(w, __fmul_rn(act, u));
 }
-
-__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 // Stores the lane's C fragment (rows n0 + g, n0 + g + 8; segment tokens 2q, 2q+1) of both accumulators.
 template <int NW>
@@ -264,7 +252,7 @@ __device__ __forceinline__ void quantize_segment(const Fp4Params& p, int seg_row
     for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
 #pragma unroll
     for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float s = pow2_scale(amax);
+    const float s = act_pow2_scale(amax);
     const float inv = __frcp_rn(s);  // exact: s is a power of two in the normal range (or inf -> 0, as x / inf)
     uint32_t qw[4];
 #pragma unroll
@@ -760,7 +748,7 @@ __global__ void __launch_bounds__(kWgThreads, 3) fp4_wg_kernel(const Fp4Params p
         for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
 #pragma unroll
         for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float s = pow2_scale(amax);
+        const float s = act_pow2_scale(amax);
         const float inv = __frcp_rn(s);
         uint32_t qw[4];
 #pragma unroll

@@ -30,15 +30,22 @@ static __device__ __forceinline__ void e4m3x16_to_f32(const uint4 v, float f[16]
 // float32(1/448), the constant dsv4_jax.quant.act_quant multiplies by (0x1.24924ap-9).
 constexpr float kInvFp8Max = 0x1.24924ap-9f;
 
-// The power-of-two scale of one 1x128 activation block (quant.act_quant): 2^ceil(log2(max(amax, 1e-4) * f32(1/448)))
-// from the IEEE bits. Shared by quant_rows_kernel and the GEMV's fused quantisation so that both derive the scale
-// from the same code (the fp4 GEMV keeps its own copy of the same lines).
-static __device__ __forceinline__ float act_pow2_scale(float amax) {
-  amax = fmaxf(amax, 1e-4f);
-  const float t = __fmul_rn(amax, kInvFp8Max);
+// 2^ceil(log2(t)) from the IEEE bits of a positive normal t (dsv4_jax.quant.pow2_ceil, the official
+// fast_round_scale).
+static __device__ __forceinline__ float pow2_ceil(float t) {
   const uint32_t bits = __float_as_uint(t);
   const uint32_t e = ((bits >> 23) & 0xFFu) + ((bits & 0x7FFFFFu) != 0u);
   return __uint_as_float(e << 23);
 }
+
+// The power-of-two scale of one FP8 block (quant.act_quant, quant.fp8_sim): 2^ceil(log2(max(amax, 1e-4) * f32(1/448))).
+// Shared by every kernel that quantises to e4m3 (activation rows, the GEMVs' fused quantisation, the compressor's
+// entries), so that all derive the scale from the same code.
+static __device__ __forceinline__ float act_pow2_scale(float amax) {
+  return pow2_ceil(__fmul_rn(fmaxf(amax, 1e-4f), kInvFp8Max));
+}
+
+// x rounded to bf16 (nearest even) and back: the reference's bf16 rounding points.
+static __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
 }  // namespace dsv4ffi

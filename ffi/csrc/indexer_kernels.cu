@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "fp8_convert.cuh"
 #include "kernels.h"
 #include "mma_bf16.cuh"
 
@@ -49,8 +50,6 @@ __device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
   asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));  // bf16 arithmetic keeps subnormals (no ftz form)
   return d;
 }
-
-__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 // UE8M0 byte s -> the bf16 2^(s-127), in both halves: s = 0 is the subnormal 2^-127, s = 255 NaN (as
 // `quant.e8m0_to_f32`, whose f32 product the reference rounds to bf16: the same value for every finite key).
