@@ -195,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
     gen = tuple(int(x) for x in args.gen.split(","))
+    ctx = tuple(int(x) for x in args.context.split(",") if x)
     dev = jax.devices()[0]
     meta = {
         "device": getattr(dev, "device_kind", str(dev)),
@@ -219,7 +220,6 @@ def main(argv=None):
                 lp = args.long_prefill if (b == 1 and backend in args.long_prefill_backends.split(",")) else 0
                 g = gen if (b == 1 and backend in args.gen_backends.split(",")) else None
                 bd = f"{args.breakdown}-{fmt}-{backend}-b{b}" if args.breakdown else None
-                ctx = tuple(int(x) for x in args.context.split(",") if x)
                 r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache, ctx)
                 r["experts"] = fmt
                 total = sum(r["floor_bytes"].values())

@@ -40,6 +40,11 @@ def _layer_gemv_max_m() -> int:
     return min(max(m, ffi_ops.GEMV_MAX_M), ffi_ops.GEMV_LAYER_MAX_M)
 
 
+def _to_layer_gemv(w, m: int) -> bool:
+    """Whether `m` rows against `w` go to the fused layer GEMV (a stacked weight, up to `_layer_gemv_max_m` rows)."""
+    return isinstance(w, LayerSlice) and m <= _layer_gemv_max_m() and _fused_quant()
+
+
 def fp8_linear_unsupported(x, w, s) -> str | None:
     """Why the kernel cannot compute `fp8_linear(x, w, s)` (None: it can)."""
     k = x.shape[-1]
@@ -49,7 +54,7 @@ def fp8_linear_unsupported(x, w, s) -> str | None:
         m *= d
     if k % 128:
         return f"K={k} is not a multiple of 128"
-    if m <= ffi_ops.GEMV_MAX_M or (isinstance(w, LayerSlice) and m <= _layer_gemv_max_m() and _fused_quant()):
+    if m <= ffi_ops.GEMV_MAX_M or _to_layer_gemv(w, m):
         return None  # the GEMV takes any N
     if not ffi_ops.instantiated("dense", n, k, 1, ffi_ops.dense_block_m(m)):
         return f"no AOT GEMM instantiation for N={n} K={k} (add the shape to ffi/gen/gen_instantiations.py)"
@@ -61,7 +66,7 @@ def fp8_linear(x: jax.Array, w, s) -> jax.Array:
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     stack_s = (s.stack if isinstance(s, LayerSlice) else s[None]) if isinstance(w, LayerSlice) else None
-    if stack_s is not None and x2.shape[0] <= _layer_gemv_max_m() and _fused_quant():
+    if _to_layer_gemv(w, x2.shape[0]):
         return ffi_ops.fp8_gemv_layer(x2, w.stack, stack_s, w.index).reshape(*lead, w.shape[0])
     if stack_s is not None and x2.shape[0] <= ffi_ops.GEMV_MAX_M:
         q, sfa = ffi_ops.act_quant_rows(x2)
