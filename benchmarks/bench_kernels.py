@@ -465,10 +465,10 @@ def bench_fp4_decode(
         " read:"
     )
     for shape, res in summary:
-        parts = [f"{v} {r[0][0] * 1e6:7.1f} us {pct:3.0f}%" for v, (r, pct) in res.items()]
+        parts = [f"{v} {r[0] * 1e6:7.1f} us {pct:3.0f}%" for v, (r, pct) in res.items()]
         ref = res.get("ring")
         speed = "".join(
-            f"  {v}/ring x{ref[0][0] / r[0][0]:.2f}" for v, (r, _) in res.items() if ref is not None and v != "ring"
+            f"  {v}/ring x{ref[0][0] / r[0]:.2f}" for v, (r, _) in res.items() if ref is not None and v != "ring"
         )
         print(f"  {shape:40s} " + " | ".join(parts) + speed)
 

@@ -206,12 +206,11 @@ def _sparse_prefill_supports(q_bkhd, ring, entries, extra, idx_bkn, sink_h, *, s
 
 
 # The decode kernel with k queries per source row (each query its own index list): what a prefill or extend step
-# computes, 64 heads sharing each key as in FlashMLA's sparse prefill. Validated=False: the kernel's row mapping
-# (`q_per_src`) is new and its GPU tests (tests/test_sparse_mla_gpu.py, prefill cases) have not run yet.
+# computes, 64 heads sharing each key as in FlashMLA's sparse prefill. Its GPU tests (tests/test_sparse_mla_gpu.py,
+# prefill cases; the end-to-end forward of full-width Flash layers) passed on an H200 on 2026-12-01.
 sparse_prefill = registry.register(
     "sparse_prefill",
     reference=_sparse_prefill_reference,
     kernel="dsv4_jax.kernels.sparse_mla:sparse_prefill",
     supports=_sparse_prefill_supports,
-    validated=False,
 )
