@@ -150,6 +150,15 @@ def run_case(
         c = dsv4_jax.init_cache(cfg, 1, long_prefill + 8, opts.cache_layout)
         out["long_prefill_s"] = _timed(lambda: dsv4_jax.prefill(state, c, long, opts=opts)[0].block_until_ready())
         out["long_prefill_tokens"] = long_prefill
+        if breakdown:
+            br = profile.prefill_breakdown(
+                state, lambda: dsv4_jax.init_cache(cfg, 1, long_prefill + 8, opts.cache_layout), long, opts=opts,
+                steps=1, hlo_path=f"{breakdown}-prefill.hlo.txt",
+            )  # fmt: skip
+            out["long_prefill_breakdown"] = br
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in br["by_part"].items())
+            print(f"long prefill {long_prefill} tokens: {br['step_ms']:.1f} ms, kernels {br['kernel_ms']:.1f} ms; "
+                  f"by part (ms) {parts}", flush=True)  # fmt: skip
     floor = floor_bytes(state, batch)
     out["floor_bytes"] = floor
     return out

@@ -20,7 +20,7 @@ import time
 
 import jax
 
-__all__ = ["decode_breakdown", "kernel_events", "op_names", "PARTS"]
+__all__ = ["decode_breakdown", "prefill_breakdown", "kernel_events", "op_names", "PARTS"]
 
 # Most specific first: a kernel belongs to the first part whose scope appears in its op name.
 PARTS = ("indexer", "compressor", "sparse_attention", "attention", "router", "experts", "shared_expert", "moe", "mhc",
@@ -74,30 +74,13 @@ def _busy_ns(events) -> float:
     return busy
 
 
-def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 40, hlo_path: str | None = None) -> dict:
-    """Profiles `steps` decode steps (after a warm-up) -> per-step milliseconds: wall (`step_ms`), device busy
-    (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), kernels per step, and the `top`
-    kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step). Device figures are per device
-    (the mean over the devices that ran kernels, e.g. the two GPUs of an expert-parallel mesh). Custom-call kernels
-    launched inside XLA command buffers carry no op name: their part is "custom call". `hlo_path`: also write the
-    compiled program's text there (to read which fusions the kernels are)."""
-    from dsv4_jax import runner
-
-    tokens = jax.numpy.asarray(tokens, jax.numpy.int32)
-    compiled = runner._decode_jit.lower(state, cache, tokens, opts, None, False).compile()
-    hlo_text = compiled.as_text()
-    names = op_names(hlo_text)
-    if hlo_path:
-        with open(hlo_path, "w") as f:
-            f.write(hlo_text)
-    logits, _, cache = compiled(state, cache, tokens, None)
-    logits.block_until_ready()
+def _breakdown(compiled, run, steps: int, top: int) -> dict:
+    """Profiles `run()` (`steps` executions of `compiled`, waited for) and splits the device time by model part."""
+    names = op_names(compiled.as_text())
     folder = tempfile.mkdtemp(prefix="dsv4_profile_")
     with jax.profiler.trace(folder):
         t = time.perf_counter()
-        for _ in range(steps):
-            logits, _, cache = compiled(state, cache, tokens, None)
-        logits.block_until_ready()
+        run()
         wall = time.perf_counter() - t
     events = kernel_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
     devices = sorted({e[0] for e in events})
@@ -127,5 +110,56 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 4
         "by_part": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
         "top_kernels": [(part, name, round(n, 2), ms) for (part, name), (n, ms) in ranked],
         "unmapped": unmapped,  # kernel -> its hlo_op, for kernels whose op has no named-scope metadata
-        "cache": cache,
     }
+
+
+def _write(compiled, hlo_path: str | None) -> None:
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
+
+
+def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 40, hlo_path: str | None = None) -> dict:
+    """Profiles `steps` decode steps (after a warm-up) -> per-step milliseconds: wall (`step_ms`), device busy
+    (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), kernels per step, and the `top`
+    kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step). Device figures are per device
+    (the mean over the devices that ran kernels, e.g. the two GPUs of an expert-parallel mesh). Custom-call kernels
+    launched inside XLA command buffers carry no op name: their part is "custom call". `hlo_path`: also write the
+    compiled program's text there (to read which fusions the kernels are). The result's "cache" is the cache after
+    the steps."""
+    from dsv4_jax import runner
+
+    tokens = jax.numpy.asarray(tokens, jax.numpy.int32)
+    compiled = runner._decode_jit.lower(state, cache, tokens, opts, None, False).compile()
+    _write(compiled, hlo_path)
+    logits, _, cache = compiled(state, cache, tokens, None)
+    logits.block_until_ready()
+    box = [cache]
+
+    def run():
+        for _ in range(steps):
+            logits, _, box[0] = compiled(state, box[0], tokens, None)
+        logits.block_until_ready()
+
+    return _breakdown(compiled, run, steps, top) | {"cache": box[0]}
+
+
+def prefill_breakdown(state, make_cache, tokens, *, opts, steps: int = 2, top: int = 40,
+                      hlo_path: str | None = None) -> dict:  # fmt: skip
+    """`decode_breakdown` for a prefill of `tokens [B, S]` (all S tokens of every row): per prefill. `make_cache()`
+    gives a fresh empty cache (each prefill consumes its cache), made before the profiled runs."""
+    from dsv4_jax import runner
+
+    tokens, lengths = runner.check_prompts(state.config, tokens, None, None)
+    tokens, lengths = jax.numpy.asarray(tokens), jax.numpy.asarray(lengths)
+    compiled = runner._prefill_jit.lower(state, make_cache(), tokens, lengths, opts).compile()
+    _write(compiled, hlo_path)
+    compiled(state, make_cache(), tokens, lengths)[0].block_until_ready()
+    caches = [make_cache() for _ in range(steps)]
+
+    def run():
+        for c in caches:
+            logits = compiled(state, c, tokens, lengths)[0]
+        logits.block_until_ready()
+
+    return _breakdown(compiled, run, steps, top)

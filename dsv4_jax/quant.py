@@ -24,6 +24,7 @@ __all__ = [
     "FP4_MAX",
     "E2M1_VALUES",
     "e8m0_to_f32",
+    "fp4_to_fp8_blocks",
     "f32_to_e8m0",
     "pow2_ceil",
     "act_quant",
@@ -179,6 +180,35 @@ def dequant_fp4_weight(packed: jax.Array, s: jax.Array) -> jax.Array:
     """Packed MXFP4 `[..., N, K/2]` with e8m0 `[..., N, K/32]` scales -> float32 `[..., N, K]`."""
     v = unpack_fp4(packed)
     return v * jnp.repeat(e8m0_to_f32(s), 32, axis=-1)
+
+
+# Headroom of the MXFP4 -> FP8 widening: the largest 32-block of a 128x128 tile is scaled by 2^6 (6 * 64 = 384 <= 448);
+# a block 2^t below it (t >= -8) keeps every e2m1 value exact in e4m3 (0.5 * 2^-8 = 2^-9, the least subnormal).
+FP4_WIDEN_HEADROOM = 6
+FP4_WIDEN_EXACT_SPAN = FP4_WIDEN_HEADROOM + 8
+
+
+def fp4_to_fp8_blocks(packed: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MXFP4 `[..., N, K/2]` (scales e8m0 `[..., N, K/32]`) -> the released FP8 weight format: (e4m3 `[..., N, K]`,
+    float32 powers of two `[..., N/128, K/128]`), for the FP8 block-scaled GEMMs. N and K multiples of 128.
+
+    Each 32-block's scale is folded into its values relative to the largest scale byte of its 128x128 tile:
+    value * 2^(byte - max + 6) in e4m3, the tile's scale 2^(max - 6 - 127). Exact (the dequantized weights equal
+    `dequant_fp4_weight`'s bit for bit) wherever a tile's scale bytes span at most FP4_WIDEN_EXACT_SPAN (14)
+    binades; further below, a value rounds to nearest in e4m3 (an error of at most 2^-16 times the tile's largest
+    block scale). A scale byte 255 (NaN) makes its tile's scale NaN."""
+    *lead, n, half_k = packed.shape
+    k = 2 * half_k
+    if n % 128 or k % 128 or s.shape != (*lead, n, k // 32):
+        raise ValueError(f"fp4_to_fp8_blocks: weight {packed.shape} and scales {s.shape} must be [..., N, K/2] and "
+                         "[..., N, K/32] with N and K multiples of 128")  # fmt: skip
+    b = jax.lax.bitcast_convert_type(s, jnp.uint8) if s.dtype != jnp.uint8 else s
+    tile_max = jnp.max(b.reshape(*lead, n // 128, 128, k // 128, 4), axis=(-3, -1)).astype(jnp.int32)
+    shift = b.astype(jnp.int32) - jnp.repeat(jnp.repeat(tile_max, 128, axis=-2), 4, axis=-1) + FP4_WIDEN_HEADROOM
+    values = unpack_fp4(packed).reshape(*lead, n, k // 32, 32)
+    q = (values * jnp.ldexp(jnp.float32(1), jnp.maximum(shift, -64))[..., None]).astype(jnp.float8_e4m3fn)
+    scale = jnp.ldexp(jnp.float32(1), tile_max - (127 + FP4_WIDEN_HEADROOM))
+    return q.reshape(*lead, n, k), jnp.where(tile_max == 255, jnp.float32(jnp.nan), scale)
 
 
 def quantize_fp8_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -4,7 +4,7 @@
 #   scripts/gpu_session.sh OUT "PHASE[=ARGS][@SECONDS]" ...
 # The device tool brings back at most 8 files from OUT: keep the phases' outputs under that.
 # Phases: tests-gpu[=WORKERS] (the whole GPU suite), tests=PYTEST_ARGS (pytest -m gpu -n 4 PYTEST_ARGS), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
-# bench-kernels=ARGS (benchmarks/bench_kernels.py ARGS), bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them),
+# bench-kernels=ARGS (benchmarks/bench_kernels.py ARGS), py=SCRIPT ARGS (python SCRIPT ARGS), bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them),
 # env=NAME=VALUE (exported for the phases after it; "env=NAME=" empties it).
 # Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
 # (BUILD.md: built on a CPU box with nvcc, carried). Always `python -m pip`: the image's bare pip is another Python's.
@@ -81,6 +81,12 @@ for spec in "$@"; do
       # shellcheck disable=SC2086
       timeout "$limit" python benchmarks/bench_kernels.py $arg >"$OUT/bench_kernels.log" 2>&1
       echo "rc=$?"; tail -20 "$OUT/bench_kernels.log" ;;
+    py)
+      # Any script: py=SCRIPT ARGS (e.g. py=benchmarks/bench_fp4_prefill.py --tokens 2048,8192)
+      # shellcheck disable=SC2086
+      n=$(ls "$OUT"/py_*.log 2>/dev/null | wc -l); tag="py_$n"
+      timeout "$limit" python $arg >"$OUT/$tag.log" 2>&1
+      echo "rc=$?"; tail -25 "$OUT/$tag.log" | cut -c1-400 ;;
     bench-compile)
       # shellcheck disable=SC2086
       timeout "$limit" python benchmarks/bench_compile.py $arg --out "$OUT/bench_compile.json" >"$OUT/bench_compile.log" 2>&1

@@ -117,3 +117,39 @@ def test_fp4_linear_uses_32_wide_weight_scales():
     y = np.asarray(ops.fp4_linear(x, p, s, quant_sim=False), np.float32)
     ref = np.asarray(x, np.float32) @ np.asarray(quant.dequant_fp4_weight(p, s)).T
     np.testing.assert_allclose(y, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def _fp4_with_scale_bytes(rng, shape, scale_bytes):
+    """Packed MXFP4 `[..., N, K/2]` with every code in either nibble and the given e8m0 scale bytes `[..., N, K/32]`."""
+    packed = jnp.asarray(rng.integers(0, 256, (*shape[:-1], shape[-1] // 2), dtype=np.uint8))
+    return packed, jax.lax.bitcast_convert_type(jnp.asarray(scale_bytes, jnp.uint8), jnp.float8_e8m0fnu)
+
+
+def test_fp4_to_fp8_blocks_exact_within_the_span_and_bounded_beyond():
+    """The MXFP4 -> FP8-block widening of the experts' prefill route: dequantized, it equals
+    `dequant_fp4_weight` bit for bit while each 128x128 tile's scale bytes span <= 14 binades (tile 0: exactly 14),
+    and beyond that (tile 1: 20) it errs by at most 2^-16 times the tile's largest block scale; a 255 byte (NaN)
+    makes its tile NaN and leaves the others alone."""
+    rng = np.random.default_rng(0)
+    b = rng.integers(110, 125, (2, 256, 256 // 32)).astype(np.uint8)
+    b[0, :128, :4] = np.where(rng.random((128, 4)) < 0.5, 130, 116)  # one tile spans 130 - 116 = 14
+    b[0, 0, 0] = 130
+    b[0, 128:, 4:] = np.where(rng.random((128, 4)) < 0.5, 130, 110)  # and one spans 20
+    b[0, 128, 4], b[0, 129, 4] = 130, 110
+    b[1, 5, 7] = 255  # N tile 0, K tile 1
+    packed, s = _fp4_with_scale_bytes(rng, (2, 256, 256), b)
+    q, sc = quant.fp4_to_fp8_blocks(packed, s)
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == (2, 256, 256) and sc.shape == (2, 2, 2)
+    got = np.asarray(quant.e4m3_to_f32(q) * jnp.repeat(jnp.repeat(sc, 128, -2), 128, -1), np.float64)
+    want = np.asarray(quant.dequant_fp4_weight(packed, s), np.float64)
+    tiles = lambda a: a.reshape(2, 2, 128, 2, 128).transpose(0, 1, 3, 2, 4)  # noqa: E731
+    gt, wt = tiles(got), tiles(want)
+    np.testing.assert_array_equal(gt[0, 0, 0], wt[0, 0, 0])  # span 14: exact
+    np.testing.assert_array_equal(gt[0, 0, 1], wt[0, 0, 1])
+    np.testing.assert_array_equal(gt[0, 1, 0], wt[0, 1, 0])
+    err = np.abs(gt[0, 1, 1] - wt[0, 1, 1]).max()
+    assert 0 < err <= 2.0 ** (130 - 127 - 16), err  # span 20: the smallest blocks round in e4m3
+    assert np.isnan(gt[1, 0, 1]).all() and np.isfinite(gt[1, 1]).all() and np.isfinite(gt[1, 0, 0]).all()
+    np.testing.assert_array_equal(gt[1, 1], wt[1, 1])
+    with pytest.raises(ValueError, match="multiples of 128"):
+        quant.fp4_to_fp8_blocks(packed[:, :200], s[:, :200])

@@ -9,22 +9,43 @@ Rows arrive sorted by expert (`dsv4_jax.moe.dispatch`), so rows sharing an exper
 (up to 8). A weight that is one layer of a stack (`LayerSlice`) is passed as the whole stack, its expert ids offset
 by `layer * E`: no copy. Numerics: the reference's up to the order of the fp32 sums (BUILD.md).
 
-This is the decode kernel; it is also correct, if not fast (the weights are read once per 8 rows of an expert), for
-the thousands of rows of a prefill, where no grouped MXFP4 GEMM exists yet.
+Prefill sizes (at least `grouped_min_rows()` dispatched rows) take the grouped route instead: the layer's experts are
+widened to the FP8 weight format (`quant.fp4_to_fp8_blocks`: each 32-block's scale folded into its e4m3 values, one
+power-of-two scale per 128x128 tile; exact for the scale spans of real weights) and run through the FP8 experts'
+DeepGEMM m-grouped contiguous GEMMs (`moe_fp8`). It costs a pass over the layer's weights (FP4 read, FP8 written:
+~3x the FP4 bytes) and a transient FP8 copy of them, where the GEMV reads every expert's weights once per 8 of its
+rows. Numerics: DeepGEMM's FP8 GEMM (the FP8 linears' numerics, one fp32 promotion per 128 of K) instead of one per
+32-block; BUILD.md has the measured difference.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.kernels import ffi_ops
-from dsv4_jax.layer_view import LayerSlice
+from dsv4_jax import quant
+from dsv4_jax.kernels import ffi_ops, moe_fp8
+from dsv4_jax.layer_view import LayerSlice, materialize
 
-__all__ = ["routed_experts", "routed_experts_unsupported", "MAX_ROWS"]
+__all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "MAX_ROWS"]
 
 # One block row per output row: CUDA's grid y dimension caps a launch at 65535 rows.
 MAX_ROWS = 65535
+
+# Dispatched rows from which the grouped route (widen to FP8 + grouped GEMM) replaces the GEMVs (BENCHMARKS.md,
+# "MXFP4 experts at prefill sizes"); DSV4_FFI_FP4_GROUPED_MIN_ROWS overrides it (0: never).
+GROUPED_MIN_ROWS = 4096
+
+
+def grouped_min_rows() -> int:
+    v = os.environ.get("DSV4_FFI_FP4_GROUPED_MIN_ROWS")
+    if v is None:
+        return GROUPED_MIN_ROWS
+    if not v.isdigit():
+        raise ValueError(f"DSV4_FFI_FP4_GROUPED_MIN_ROWS={v!r}: expected a row count (0: never)")
+    return int(v) or 1 << 62
 
 
 def _stack(w, s, expert):
@@ -47,8 +68,29 @@ def routed_experts_unsupported(x, expert, weight, group_sizes, weights, limit: f
     return None
 
 
+def _grouped_route(x, weights) -> bool:
+    if x.shape[0] < grouped_min_rows():
+        return False
+    e, inter, d = weights[0].shape[-3], weights[0].shape[-2], x.shape[-1]
+    layout = moe_fp8.choose_layout(x.shape[0])
+    if inter % 128 or layout == "gemv":
+        return False
+    bm = moe_fp8.choose_block_m(layout, x.shape[0])
+    return all(ffi_ops.instantiated(layout, n, k, e, bm) for n, k in ((inter, d), (d, inter)))
+
+
+def widen_experts(weights):
+    """The six expert operands `(w1, s1, w3, s3, w2, s2)` (MXFP4, or one layer of a stack) in the FP8 expert format."""
+    out = []
+    for w, s in zip(weights[0::2], weights[1::2], strict=True):
+        out += quant.fp4_to_fp8_blocks(materialize(w), materialize(s))
+    return tuple(out)
+
+
 def routed_experts(x, expert, weight, group_sizes, weights, limit: float) -> jax.Array:
     """bf16 `[R, d]`: each dispatched row through its expert's clamped-SwiGLU MLP (rows with expert -1: zeros)."""
+    if _grouped_route(x, weights):
+        return moe_fp8.grouped(x, expert, weight, group_sizes, widen_experts(weights), limit)
     w1, s1, w3, s3, w2, s2 = weights
     w1, s1, groups = _stack(w1, s1, expert)
     w3, s3, _ = _stack(w3, s3, expert)

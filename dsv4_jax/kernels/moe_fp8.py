@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import LayerSlice, materialize
 
-__all__ = ["routed_experts", "routed_experts_unsupported", "choose_layout", "choose_block_m", "plan_rows",
+__all__ = ["routed_experts", "routed_experts_unsupported", "grouped", "choose_layout", "choose_block_m", "plan_rows",
            "GEMV_MAX_PAIRS"]  # fmt: skip
 
 F32 = jnp.float32
@@ -113,7 +113,8 @@ def plan_rows(expert, group_sizes, layout: str, block_m: int):
     return jnp.where(expert >= 0, dest, rows).astype(jnp.int32), rows, lay.astype(jnp.int32)
 
 
-def _grouped(x, expert, weight, group_sizes, weights, limit):
+def grouped(x, expert, weight, group_sizes, weights, limit):
+    """The grouped-GEMM route (masked or contiguous layout by row count) for any number of rows."""
     w1, s1, w3, s3, w2, s2 = (materialize(w) for w in weights)
     r = x.shape[0]
     e = w1.shape[0]
@@ -143,4 +144,4 @@ def routed_experts(x, expert, weight, group_sizes, weights, limit: float) -> jax
     """bf16 `[R, d]`: each dispatched row through its expert's clamped-SwiGLU MLP (see the module doc)."""
     if choose_layout(x.shape[0]) == "gemv":
         return _gemv(x, expert, weight, weights, limit)
-    return _grouped(x, expert, weight, group_sizes, weights, limit)
+    return grouped(x, expert, weight, group_sizes, weights, limit)

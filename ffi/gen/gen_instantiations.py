@@ -68,10 +68,16 @@ def fp8_linear_shapes(cfg) -> set[tuple[int, int]]:
     }
 
 
+# Expert-parallel splits whose per-device expert count gets its own grouped GEMMs (G is a template parameter): one
+# device and the 2-GPU expert axis. Add a split here for a larger `expert` mesh axis.
+EXPERT_SPLITS = (1, 2)
+
+
 def expert_shapes(cfg) -> set[tuple[int, int, int]]:
-    """(N, K, G) of the routed experts when they are FP8 (Config(expert_dtype='fp8'))."""
+    """(N, K, G) of the routed experts' grouped GEMMs: FP8 experts (Config(expert_dtype='fp8')) and the MXFP4 experts'
+    prefill route (widened to FP8), per expert-parallel split."""
     e, i, dim = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
-    return {(i, dim, e), (dim, i, e)}
+    return {(n, k, e // s) for s in EXPERT_SPLITS if e % s == 0 for n, k in ((i, dim), (dim, i))}
 
 
 def _block_n_ok(bn: int) -> bool:
