@@ -175,6 +175,16 @@ def rel_rms(a, b) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
+def gpu_report(line: str, capsys) -> None:
+    """Prints a measured figure of a GPU test and appends it to the file DSV4_GPU_REPORT names (pytest-xdist
+    workers do not forward prints; scripts/gpu_session.sh collects the file)."""
+    with capsys.disabled():
+        print("\n" + line)
+    if report := os.environ.get("DSV4_GPU_REPORT"):
+        with open(report, "a") as f:
+            f.write(line + "\n")
+
+
 def poison(nbytes: int = 1 << 30) -> None:
     """Fills freed device memory with 0xFF (NaN in bf16, f32 and e4m3): XLA's allocator then hands a kernel poisoned
     output buffers, so an element the kernel fails to write shows up."""

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import poison, rel_rms  # the `ffi` fixture lives in conftest too
+from conftest import gpu_report, poison, rel_rms  # the `ffi` fixture lives in conftest too
 
 from dsv4_jax import ops, quant
 
@@ -370,14 +370,6 @@ def _perturb_embeddings(state, seed):
     return dsv4_jax.ModelState.from_model(model)
 
 
-def _report(line: str, capsys) -> None:
-    with capsys.disabled():
-        print("\n" + line)
-    if report := os.environ.get("DSV4_GPU_REPORT"):  # pytest-xdist workers do not forward prints
-        with open(report, "a") as f:
-            f.write(line + "\n")
-
-
 def _flash_layers(expert_dtype: str, n_experts: int = 256):
     """Two full-width V4-Flash layers (one CSA, one HCA) and the MTP layer, with the released expert format."""
     import dsv4_jax
@@ -409,7 +401,7 @@ def test_end_to_end_forward(ffi, expert_dtype, batch, seq, capsys):
                 for s in (1, 2))  # fmt: skip
     err = rel_rms(got, ref)
     agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    _report(f"[e2e forward {expert_dtype}-experts, tokens {batch}x{seq}] rel-RMS(ffi, ref)={err:.3e} one-ulp noise "
+    gpu_report(f"[e2e forward {expert_dtype}-experts, tokens {batch}x{seq}] rel-RMS(ffi, ref)={err:.3e} one-ulp noise "
             f"floor={noise:.3e} argmax agreement={agree:.4f}", capsys)  # fmt: skip
     assert np.isfinite(got).all()
     assert err <= noise
@@ -483,7 +475,7 @@ def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
     errs, noise = step_errs(got, n), np.max([step_errs(p, n) for p in perts], axis=0)
     err = rel_rms(got.logits[0, :n], ref.logits[0, :n])
     noise_rel = max(rel_rms(p.logits[0, :n], ref.logits[0, :n]) for p in perts)
-    _report(
+    gpu_report(
         f"[e2e generate mxfp4 2 Flash layers] tokens equal for {agree}/12 steps (first near-tie: {upto}); steps "
         f"0..{n - 1}: rel-RMS(ffi, ref)={err:.3e} (median step {np.median(errs):.3e}), one-ulp noise floor="
         f"{noise_rel:.3e} (median step {np.median(noise):.3e}); per step ffi {np.round(errs, 3).tolist()} noise "

@@ -568,3 +568,24 @@ def fp4_moe_down(h, groups, w2, s2, *, tokens: int | None = None, variant=None) 
     return jax.ffi.ffi_call("dsv4_fp4_moe_down" + _sfx(variant), jax.ShapeDtypeStruct((p, w2.shape[1]), BF16))(
         h.astype(BF16), _i32(groups), w2, s2, tokens=np.int64(tokens or 0)
     )
+
+
+def fp4_widen(w: jax.Array, s: jax.Array, layer=None) -> tuple[jax.Array, jax.Array]:
+    """Our kernel of `quant.fp4_to_fp8_blocks`: MXFP4 experts `w` uint8 `[E, N, K/2]` with scales `[E, N, K/32]` ->
+    (e4m3 `[E, N, K]`, f32 tile scales `[E, N/128, K/128]`), bit for bit. With `layer` (an int32 scalar, on the
+    device) `w` and `s` are a layer stack `[L, E, ...]` whose layer `layer` is read in place (no slice copied out)."""
+    stacked = layer is not None
+    if w.dtype != jnp.uint8 or w.ndim != (4 if stacked else 3):
+        want = "[L, E, N, K/2] (with a layer index)" if stacked else "[E, N, K/2]"
+        raise ValueError(f"fp4_widen: weight {w.dtype}{list(w.shape)} is not uint8 {want}")
+    if s.shape != (*w.shape[:-1], w.shape[-1] * 2 // 32):
+        raise ValueError(f"fp4_widen: scales {s.shape} do not match the weight {w.shape} ([..., N, K/32])")
+    *_, e, n, half_k = w.shape
+    k = 2 * half_k
+    if n % 128 or k % 128:
+        raise ValueError(f"fp4_widen: N={n} and K={k} must be multiples of 128")
+    idx = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)) if stacked else jnp.zeros((0,), jnp.int32)
+    return jax.ffi.ffi_call(
+        "dsv4_fp4_widen",
+        (jax.ShapeDtypeStruct((e, n, k), E4M3), jax.ShapeDtypeStruct((e, n // 128, k // 128), F32)),
+    )(w, _e8m0_bytes("fp4_widen", s), idx)

@@ -10,12 +10,12 @@ Rows arrive sorted by expert (`dsv4_jax.moe.dispatch`), so rows sharing an exper
 by `layer * E`: no copy. Numerics: the reference's up to the order of the fp32 sums (BUILD.md).
 
 Prefill sizes (at least `grouped_min_rows()` dispatched rows) take the grouped route instead: the layer's experts are
-widened to the FP8 weight format (`quant.fp4_to_fp8_blocks`: each 32-block's scale folded into its e4m3 values, one
-power-of-two scale per 128x128 tile; exact for the scale spans of real weights) and run through the FP8 experts'
-DeepGEMM m-grouped contiguous GEMMs (`moe_fp8`). It costs a pass over the layer's weights (FP4 read, FP8 written:
-~3x the FP4 bytes) and a transient FP8 copy of them, where the GEMV reads every expert's weights once per 8 of its
-rows. Numerics: DeepGEMM's FP8 GEMM (the FP8 linears' numerics, one fp32 promotion per 128 of K) instead of one per
-32-block; BUILD.md has the measured difference.
+widened to the FP8 weight format by `ffi_ops.fp4_widen` (our kernel of `quant.fp4_to_fp8_blocks`: each 32-block's
+scale folded into its e4m3 values, one power-of-two scale per 128x128 tile; exact for the scale spans of real
+weights) and run through the FP8 experts' DeepGEMM m-grouped contiguous GEMMs (`moe_fp8`). It costs a pass over the
+layer's weights (FP4 read, FP8 written: 3x the FP4 bytes) and a transient FP8 copy of them, where the GEMV reads every
+expert's weights once per 8 of its rows. Numerics: DeepGEMM's FP8 GEMM (the FP8 linears' numerics, one fp32
+promotion per 128 of K) instead of one per 32-block; BUILD.md has the measured difference.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import quant
 from dsv4_jax.kernels import ffi_ops, moe_fp8
 from dsv4_jax.layer_view import LayerSlice, materialize
 
@@ -80,10 +79,14 @@ def _grouped_route(x, weights) -> bool:
 
 
 def widen_experts(weights):
-    """The six expert operands `(w1, s1, w3, s3, w2, s2)` (MXFP4, or one layer of a stack) in the FP8 expert format."""
+    """The six expert operands `(w1, s1, w3, s3, w2, s2)` (MXFP4, or one layer of a stack, read in place) in the FP8
+    expert format, by our kernel of `quant.fp4_to_fp8_blocks`."""
     out = []
     for w, s in zip(weights[0::2], weights[1::2], strict=True):
-        out += quant.fp4_to_fp8_blocks(materialize(w), materialize(s))
+        if isinstance(w, LayerSlice):
+            out += ffi_ops.fp4_widen(w.stack, s.stack if isinstance(s, LayerSlice) else s, w.index)
+        else:
+            out += ffi_ops.fp4_widen(w, materialize(s))
     return tuple(out)
 
 

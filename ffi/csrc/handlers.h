@@ -33,7 +33,8 @@
   X(dsv4_fp4_moe_down)       \
   X(dsv4_fp4_moe_down_wg)    \
   X(dsv4_fp4_moe_down_wg8)   \
-  X(dsv4_fp4_moe_down_ring)
+  X(dsv4_fp4_moe_down_ring)   \
+  X(dsv4_fp4_widen)
 
 #define DSV4_DECLARE(name) extern "C" XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);
 DSV4_FFI_HANDLERS(DSV4_DECLARE)

@@ -265,6 +265,19 @@ int fp4_ksplit(int64_t k);
 // lookup (default); the wg variants have their own widening.
 bool fp4_uses_bit_conversion();
 
+// MXFP4 -> FP8 128x128 blocks (fp4_widen_kernels.cu; the reference is quant.fp4_to_fp8_blocks): packed e2m1
+// [layers * groups, n, k/2] with UE8M0 bytes [layers * groups, n, k/32] (layer `layer` of the stack, or the only one)
+// -> e4m3 q [groups, n, k] and f32 tile scales sf [groups, n/128, k/128]. n, k multiples of 128.
+struct Fp4WidenArgs {
+  const uint8_t* w;
+  const uint8_t* s;
+  const int32_t* layer;  // [1] on the device, or null (no stack)
+  int64_t layers, groups, n, k;
+  uint8_t* q;
+  float* sf;
+};
+cudaError_t launch_fp4_widen(const Fp4WidenArgs& a, cudaStream_t stream);
+
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);
 // Validates the device (SM90, SM count) and launches on `stream`. Returns "" or an error message.

@@ -201,10 +201,41 @@ ffi::Error Fp4MoeDownImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> h, ffi::Bu
   a.variant = V;
   return run_fp4(op, a, stream);
 }
+
+// ---- MXFP4 -> FP8 blocks (the routed experts' prefill route) ---------------------------------------------------
+
+// w uint8 [(L,) E, N, K/2], s e8m0 bytes [(L,) E, N, K/32]; `layer` [1] names the stack position (empty: no stack).
+// Results: q e4m3 [E, N, K], sf f32 [E, N/128, K/128].
+ffi::Error Fp4WidenImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer s, ffi::Buffer<ffi::S32> layer,
+                        ffi::Result<ffi::AnyBuffer> q, ffi::ResultBuffer<ffi::F32> sf) {
+  const std::string op = "dsv4_fp4_widen";
+  const size_t nd = w.dimensions().size();
+  if (nd != 3 && nd != 4) return bad(op, "weight " + shape_str(w) + " is not [E, N, K/2] or a stack [L, E, N, K/2]");
+  const int64_t layers = nd == 4 ? dim(w, 0) : 1, e = dim(w, -3), n = dim(w, -2), k = 2 * dim(w, -1);
+  if (w.element_type() != ffi::DataType::U8) return bad(op, "weight must be uint8 (packed e2m1)");
+  if (!is_e8m0_bytes(s)) return bad(op, "scales must be float8_e8m0fnu or uint8 bytes");
+  if (n % 128 || k % 128 || n == 0 || k == 0)
+    return bad(op, "weight " + shape_str(w) + ": N and K must be positive multiples of 128");
+  if (s.element_count() != layers * e * n * (k / 32))
+    return bad(op, "scales " + shape_str(s) + " do not match the weight " + shape_str(w) + " ([..., N, K/32])");
+  if (layer.element_count() > 1 || (nd == 4 && layer.element_count() != 1))
+    return bad(op, "a layer stack needs one layer index (and a plain weight none)");
+  if (!is_e4m3(*q) || q->element_count() != e * n * k) return bad(op, "q must be float8_e4m3fn [E, N, K]");
+  if (sf->element_count() != e * (n / 128) * (k / 128)) return bad(op, "sf must be f32 [E, N/128, K/128]");
+  if (!aligned16(w.untyped_data()) || (reinterpret_cast<uintptr_t>(s.untyped_data()) & 3u) != 0 ||
+      !aligned16(q->untyped_data()))
+    return bad(op, "weight and q must be 16-byte aligned, scales 4-byte aligned");
+  if (e > 65535 || n / 128 > 65535) return bad(op, "more than 65535 experts or N/128 tiles");
+  Fp4WidenArgs a{static_cast<const uint8_t*>(w.untyped_data()), static_cast<const uint8_t*>(s.untyped_data()),
+                 layer.element_count() ? layer.typed_data() : nullptr, layers, e, n, k,
+                 static_cast<uint8_t*>(q->untyped_data()), sf->typed_data()};
+  return cuda_check(op, launch_fp4_widen(a, stream));
+}
 }  // namespace
 }  // namespace dsv4ffi
 
 using dsv4ffi::Fp4GemvImpl;
+using dsv4ffi::Fp4WidenImpl;
 using dsv4ffi::Fp4MoeDownImpl;
 using dsv4ffi::Fp4MoeGateUpImpl;
 using dsv4ffi::RouteImpl;
@@ -270,4 +301,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_route, RouteImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k")
                                   .Attr<float>("route_scale"),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_widen, Fp4WidenImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>(),
                               DSV4_TRAITS);
