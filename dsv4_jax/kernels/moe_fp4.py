@@ -35,7 +35,7 @@ MAX_ROWS = 65535
 
 # Dispatched rows from which the grouped route (widen to FP8 + grouped GEMM) replaces the GEMVs (BENCHMARKS.md,
 # "MXFP4 experts at prefill sizes"); DSV4_FFI_FP4_GROUPED_MIN_ROWS overrides it (0: never).
-GROUPED_MIN_ROWS = 4096
+GROUPED_MIN_ROWS = 2048
 
 
 def grouped_min_rows() -> int:

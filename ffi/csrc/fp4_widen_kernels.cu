@@ -6,7 +6,8 @@
 //
 // (v the e2m1 value; sf NaN when m = 255). v * 2^t is built as the f32 with exponent field e + t (no multiply), and
 // for t >= -8 it is exact in e4m3; lower, cvt.rn rounds it (to 0 below 2^-10), as the reference's convert does.
-// One block of 256 threads per tile: the 128 scale words, a max, then 16 bytes (one 32-block) per thread and step.
+// One block of 256 threads per tile: each thread loads two 16-byte weight chunks (one 32-block each) and, for 128 of
+// them, a row's scale word; a block max; then the conversion.
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
@@ -42,6 +43,14 @@ __global__ void __launch_bounds__(kThreads) fp4_widen_kernel(const Fp4WidenArgs 
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTile, k0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t src_g = device_layer(a.layer, a.layers) * a.groups + g;
   const int64_t half_k = a.k / 2, sk = a.k / 32;
+  // The weight loads first: they do not wait for the tile's largest scale.
+  uint4 packed[2];
+#pragma unroll
+  for (int step = 0; step < 2; ++step) {
+    const int c = tid + step * kThreads;  // 128 rows x 4 blocks of 16 packed bytes: two per thread
+    const uint8_t* src = a.w + (src_g * a.n + n0 + c / 4) * half_k + k0 / 2 + c % 4 * 16;
+    packed[step] = __ldg(reinterpret_cast<const uint4*>(src));
+  }
   int m = 0;
   if (tid < kTile) {
     const uint32_t w = *reinterpret_cast<const uint32_t*>(a.s + (src_g * a.n + n0 + tid) * sk + k0 / 32);
@@ -56,15 +65,12 @@ __global__ void __launch_bounds__(kThreads) fp4_widen_kernel(const Fp4WidenArgs 
 #pragma unroll
   for (int i = 1; i < kThreads / 32; ++i) m = max(m, warp_max[i]);
 
-  // 128 rows x 4 blocks of 16 packed bytes: two per thread.
 #pragma unroll
   for (int step = 0; step < 2; ++step) {
     const int c = tid + step * kThreads, row = c / 4, blk = c % 4;
-    const uint8_t* src = a.w + (src_g * a.n + n0 + row) * half_k + k0 / 2 + blk * 16;
-    const uint4 packed = __ldg(reinterpret_cast<const uint4*>(src));
     const int byte = static_cast<int>((words[row] >> (8 * blk)) & 0xFF);
     const int t = max(byte - m + kHeadroom, -30);  // below 2^-30 every value rounds to 0 in e4m3 either way
-    const uint32_t in[4] = {packed.x, packed.y, packed.z, packed.w};
+    const uint32_t in[4] = {packed[step].x, packed[step].y, packed[step].z, packed[step].w};
     uint32_t out[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {  // 4 packed bytes = 8 elements (element 2i = low nibble of byte i) -> 8 e4m3 bytes
