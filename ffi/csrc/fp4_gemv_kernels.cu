@@ -109,26 +109,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t r[4]) {
                : "memory");
 }
 
-// PTX prmt in its default mode: bit 3 of a selector nibble replicates the sign of the selected byte (the CUDA
-// __byte_perm intrinsic documents only the 3-bit selection, so this is spelled out).
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-// Eight e2m1 codes (nibble i = element i, bit 3 the sign) -> the e4m3 bytes of the same values, elements 0-3 in
-// `lo`, 4-7 in `hi` (byte i = element i). Exact: |code| 0..7 -> 0, 0.5, 1, 1.5, 2, 3, 4, 6 = e4m3 0x00, 0x30, 0x38,
-// 0x3C, 0x40, 0x44, 0x48, 0x4C (all normal), by one prmt table lookup per 4 elements; the sign bits by a second
-// prmt in sign-replicate mode (element 2m's sign is bit 3 of byte m: bit 7 of byte m of w << 4; element 2m+1's is
-// bit 7 of byte m of w).
-__device__ __forceinline__ void e2m1x8_to_e4m3_lut(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  constexpr uint32_t kLut0 = 0x3C383000u, kLut1 = 0x4C484440u;
-  const uint32_t mag = w & 0x77777777u, w4 = w << 4;
-  lo = prmt(kLut0, kLut1, mag) | (prmt(w4, w, 0xD9C8u) & 0x80808080u);
-  hi = prmt(kLut0, kLut1, mag >> 16) | (prmt(w4, w, 0xFBEAu) & 0x80808080u);
-}
-
 // The same codes as e4m3 bytes of 2^-6 * value, by bit placement alone (DSV4_FFI_FP4_CVT=bits): the magnitude bits
 // (e1 e0 m) go to bits 4-2 and the sign to bit 7, so e2m1 0.5 becomes the e4m3 subnormal 2^-7 and 6 becomes
 // 0x1C = 1.5 * 2^-4. Even elements 0, 2, 4, 6 in `lo`, odd 1, 3, 5, 7 in `hi` (the activation is stored in the same

@@ -8,6 +8,26 @@
 
 namespace dsv4ffi {
 
+// PTX prmt in its default mode: bit 3 of a selector nibble replicates the sign of the selected byte (the CUDA
+// __byte_perm intrinsic documents only the 3-bit selection, so this is spelled out).
+static __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// Eight e2m1 codes (nibble i = element i, bit 3 the sign) -> the e4m3 bytes of the same values, elements 0-3 in
+// `lo`, 4-7 in `hi` (byte i = element i). Exact: |code| 0..7 -> 0, 0.5, 1, 1.5, 2, 3, 4, 6 = e4m3 0x00, 0x30, 0x38,
+// 0x3C, 0x40, 0x44, 0x48, 0x4C (all normal), by one prmt table lookup per 4 elements; the sign bits by a second
+// prmt in sign-replicate mode (element 2m's sign is bit 3 of byte m: bit 7 of byte m of w << 4; element 2m+1's is
+// bit 7 of byte m of w).
+static __device__ __forceinline__ void e2m1x8_to_e4m3_lut(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  constexpr uint32_t kLut0 = 0x3C383000u, kLut1 = 0x4C484440u;
+  const uint32_t mag = w & 0x77777777u, w4 = w << 4;
+  lo = prmt(kLut0, kLut1, mag) | (prmt(w4, w, 0xD9C8u) & 0x80808080u);
+  hi = prmt(kLut0, kLut1, mag >> 16) | (prmt(w4, w, 0xFBEAu) & 0x80808080u);
+}
+
 // 8 e4m3 bytes -> 8 floats, exactly (every e4m3 value is an f16 value); the low byte is the first element.
 static __device__ __forceinline__ void e4m3x8_to_f32(const uint2 v, float f[8]) {
   const uint32_t w[2] = {v.x, v.y};

@@ -39,12 +39,6 @@ constexpr int kTileKeys = kWarps * kKeysPerWarp;  // 128
 constexpr int kHeadStride = 2 * kHeadDim + 64;
 constexpr int kSmemBudget = 48 * 1024;  // no opt-in to large shared memory: a few query rows fit
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
 __device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));  // bf16 arithmetic keeps subnormals (no ftz form)
