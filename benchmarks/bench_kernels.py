@@ -516,13 +516,17 @@ def bench_sparse_attention(rows, bw, fp8, bf16, context=65536, batch=64, prefill
         return jax.lax.top_k(ops.indexer_scores(qi, wi, idx_keys, opts=ffi)[:, 0], top)[1]
 
     sel = jax.jit(scores_only)(qi, wi, idx_keys)
+    scores = jax.jit(lambda qi, wi, k: ops.indexer_scores(qi, wi, k, opts=ffi)[:, 0])(qi, wi, idx_keys)
     idx = jnp.concatenate([win, w_ + sel.astype(jnp.int32)], axis=-1)
 
     def attn_only(q, ring, entries, idx, sink):
         return ops.sparse_decode(q, ring, entries, None, idx, sink, scale=d**-0.5, rope_dim=64, opts=ffi)
 
     attn = jax.jit(attn_only)
-    fns = {"indexer scores + top-k": (jax.jit(scores_only), (qi, wi, idx_keys), idx_keys.nbytes),
+    fns = {"indexer scores alone": (jax.jit(lambda qi, wi, k: ops.indexer_scores(qi, wi, k, opts=ffi)),
+                                    (qi, wi, idx_keys), idx_keys.nbytes),
+           "top-k alone (jax.lax.top_k)": (jax.jit(lambda sc: jax.lax.top_k(sc, top)[1]), (scores,), scores.nbytes),
+           "indexer scores + top-k": (jax.jit(scores_only), (qi, wi, idx_keys), idx_keys.nbytes),
            "sparse decode": (attn, (q, ring, entries, idx, sink), batch * (w_ + top) * 584),
            "the CSA step (both)": (jax.jit(decode), (q, qi, wi, ring, entries, idx_keys, sink),
                                    idx_keys.nbytes + batch * (w_ + top) * 584)}  # fmt: skip
@@ -535,7 +539,7 @@ def bench_sparse_attention(rows, bw, fp8, bf16, context=65536, batch=64, prefill
                                nbytes, bw, fp8))  # fmt: skip
         print(f"  {name}: {best[name] * 1e6:.1f} us, {nbytes / 1e6:.1f} MB read, "
               f"{100 * nbytes / best[name] / bw:.0f}% of copy")  # fmt: skip
-    del entries, idx_keys, ring
+    del entries, idx_keys, ring, scores
 
     # prefill: fresh, one sequence of `prefill` tokens; its own rows [0, S) and its S / 4 entries at S
     s_len, n_ent = prefill, prefill // 4
