@@ -88,6 +88,7 @@ HANDLERS = frozenset(
         "fp4_gemv",
         "fp4_moe_gate_up",
         "fp4_moe_down",
+        "fp4_widen",
     )
 )
 
