@@ -333,7 +333,8 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     src = FFI / "csrc" / "fp4_gemv_kernels.cu"
     cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
     cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
-    obj = _cached_compile(cmd, [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh"], "fp4_gemv_kernels")
+    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh"]
+    obj = _cached_compile(cmd, deps, "fp4_gemv_kernels")
     log = obj.with_suffix(".log").read_text()
     found = {}
     for name, regs in _ptxas_entries(log):
@@ -344,6 +345,34 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
         assert regs <= limit, f"{name} uses {regs} registers (> {limit}: below its occupancy target)"
         found[kind] = found.get(kind, 0) + 1
     assert found == {"ring": 8, "wg": 16}, f"expected 8 ring and 16 wg instantiations, found {found}:\n{log[-3000:]}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
+def test_fp4_widen_kernel_compiles_for_sm90a_without_spills():
+    """The MXFP4 -> FP8 widening of the experts' prefill route (fp4_widen_kernels.cu: one and four tiles per block)
+    compiles for sm_90a without spills, within 85 registers (three blocks of 256 threads per SM)."""
+    src = FFI / "csrc" / "fp4_widen_kernels.cu"
+    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
+    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
+    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "fp8_convert.cuh", FFI / "csrc" / "layer_index.cuh"]
+    log = _cached_compile(cmd, deps, "fp4_widen_kernels").with_suffix(".log").read_text()
+    regs = [r for name, r in _ptxas_entries(log) if "fp4_widen_kernel" in name]
+    assert len(regs) == 2 and max(regs) <= 85, (regs, log[-2000:])
+
+
+def test_fp4_grouped_route_knob(monkeypatch):
+    """DSV4_FFI_FP4_GROUPED_MIN_ROWS: unset = the measured default, a count, 0 = never, anything else a clear error."""
+    from dsv4_jax.kernels import moe_fp4
+
+    monkeypatch.delenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", raising=False)
+    assert moe_fp4.grouped_min_rows() == moe_fp4.GROUPED_MIN_ROWS == 2048
+    monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "512")
+    assert moe_fp4.grouped_min_rows() == 512
+    monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "0")
+    assert moe_fp4.grouped_min_rows() > 1 << 40
+    monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "lots")
+    with pytest.raises(ValueError, match="DSV4_FFI_FP4_GROUPED_MIN_ROWS='lots'"):
+        moe_fp4.grouped_min_rows()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
