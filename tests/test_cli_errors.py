@@ -142,7 +142,11 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost():
         with pytest.raises(KeyboardInterrupt), ctrl_c_outside_gc():
             armed.append(True)
             gc.collect()
-            time.sleep(20)  # re-delivered after 50 ms; the margin is for a loaded machine (it failed once at 2 s)
+            # Re-delivered after 50 ms by `_thread.interrupt_main`, which wakes no sleep: poll, for up to 20 s (the
+            # margin is for a loaded machine: a single 2 s sleep once ended before the re-delivery).
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
     finally:
         gc.callbacks.remove(callback)
     assert fired
