@@ -74,9 +74,10 @@ def _busy_ns(events) -> float:
     return busy
 
 
-def _breakdown(compiled, run, steps: int, top: int) -> dict:
-    """Profiles `run()` (`steps` executions of `compiled`, waited for) and splits the device time by model part."""
-    names = op_names(compiled.as_text())
+def _breakdown(hlo_text: str, run, steps: int, top: int) -> dict:
+    """Profiles `run()` (`steps` executions of the compiled program `hlo_text` is the text of, waited for) and splits
+    the device time by model part."""
+    names = op_names(hlo_text)
     folder = tempfile.mkdtemp(prefix="dsv4_profile_")
     with jax.profiler.trace(folder):
         t = time.perf_counter()
@@ -113,10 +114,13 @@ def _breakdown(compiled, run, steps: int, top: int) -> dict:
     }
 
 
-def _write(compiled, hlo_path: str | None) -> None:
+def _text(compiled, hlo_path: str | None) -> str:
+    """The compiled program's text, also written to `hlo_path` if given."""
+    text = compiled.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:
-            f.write(compiled.as_text())
+            f.write(text)
+    return text
 
 
 def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 40, hlo_path: str | None = None) -> dict:
@@ -131,7 +135,7 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 4
 
     tokens = jax.numpy.asarray(tokens, jax.numpy.int32)
     compiled = runner._decode_jit.lower(state, cache, tokens, opts, None, False).compile()
-    _write(compiled, hlo_path)
+    text = _text(compiled, hlo_path)
     logits, _, cache = compiled(state, cache, tokens, None)
     logits.block_until_ready()
     box = [cache]
@@ -141,7 +145,7 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 4
             logits, _, box[0] = compiled(state, box[0], tokens, None)
         logits.block_until_ready()
 
-    return _breakdown(compiled, run, steps, top) | {"cache": box[0]}
+    return _breakdown(text, run, steps, top) | {"cache": box[0]}
 
 
 def prefill_breakdown(state, make_cache, tokens, *, opts, steps: int = 2, top: int = 40,
@@ -153,7 +157,7 @@ def prefill_breakdown(state, make_cache, tokens, *, opts, steps: int = 2, top: i
     tokens, lengths = runner.check_prompts(state.config, tokens, None, None)
     tokens, lengths = jax.numpy.asarray(tokens), jax.numpy.asarray(lengths)
     compiled = runner._prefill_jit.lower(state, make_cache(), tokens, lengths, opts).compile()
-    _write(compiled, hlo_path)
+    text = _text(compiled, hlo_path)
     compiled(state, make_cache(), tokens, lengths)[0].block_until_ready()
     caches = [make_cache() for _ in range(steps)]
 
@@ -162,4 +166,4 @@ def prefill_breakdown(state, make_cache, tokens, *, opts, steps: int = 2, top: i
             logits = compiled(state, c, tokens, lengths)[0]
         logits.block_until_ready()
 
-    return _breakdown(compiled, run, steps, top)
+    return _breakdown(text, run, steps, top)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops, moe_fp8
-from dsv4_jax.layer_view import LayerSlice, materialize
+from dsv4_jax.layer_view import LayerSlice, stacks_and_index
 
 __all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "MAX_ROWS"]
 
@@ -71,11 +71,7 @@ def _grouped_route(x, weights) -> bool:
     if x.shape[0] < grouped_min_rows():
         return False
     e, inter, d = weights[0].shape[-3], weights[0].shape[-2], x.shape[-1]
-    layout = moe_fp8.choose_layout(x.shape[0])
-    if inter % 128 or layout == "gemv":
-        return False
-    bm = moe_fp8.choose_block_m(layout, x.shape[0])
-    return all(ffi_ops.instantiated(layout, n, k, e, bm) for n, k in ((inter, d), (d, inter)))
+    return inter % 128 == 0 and moe_fp8.grouped_unsupported(x.shape[0], e, inter, d) is None
 
 
 def widen_experts(weights):
@@ -83,10 +79,8 @@ def widen_experts(weights):
     expert format, by our kernel of `quant.fp4_to_fp8_blocks`."""
     out = []
     for w, s in zip(weights[0::2], weights[1::2], strict=True):
-        if isinstance(w, LayerSlice):
-            out += ffi_ops.fp4_widen(w.stack, s.stack if isinstance(s, LayerSlice) else s, w.index)
-        else:
-            out += ffi_ops.fp4_widen(w, materialize(s))
+        stacks, layer = stacks_and_index(w, s)
+        out += ffi_ops.fp4_widen(*stacks, layer)
     return tuple(out)
 
 

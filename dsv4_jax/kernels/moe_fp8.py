@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import LayerSlice, materialize
 
-__all__ = ["routed_experts", "routed_experts_unsupported", "grouped", "choose_layout", "choose_block_m", "plan_rows",
-           "GEMV_MAX_PAIRS"]  # fmt: skip
+__all__ = ["routed_experts", "routed_experts_unsupported", "grouped", "grouped_unsupported", "choose_layout",
+           "choose_block_m", "plan_rows", "GEMV_MAX_PAIRS"]  # fmt: skip
 
 F32 = jnp.float32
 
@@ -60,10 +60,18 @@ def routed_experts_unsupported(x, expert, weight, group_sizes, weights, limit: f
     if weights[0].dtype != jnp.float8_e4m3fn:
         return f"not FP8 experts ({weights[0].dtype})"
     e, inter, d = _dims(weights)
-    layout = choose_layout(x.shape[0])
-    if layout == "gemv":
+    if choose_layout(x.shape[0]) == "gemv":
         return None
-    bm = choose_block_m(layout, x.shape[0])
+    return grouped_unsupported(x.shape[0], e, inter, d)
+
+
+def grouped_unsupported(rows: int, e: int, inter: int, d: int) -> str | None:
+    """Why `grouped` cannot run `rows` dispatched rows through E experts of d -> inter -> d (None: it can): the
+    layout's AOT GEMMs for both projections must exist."""
+    layout = choose_layout(rows)
+    if layout == "gemv":
+        return f"{rows} rows take the GEMV, not a grouped layout"
+    bm = choose_block_m(layout, rows)
     for n_, k_ in ((inter, d), (d, inter)):
         if not ffi_ops.instantiated(layout, n_, k_, e, bm):
             return f"no AOT {layout} grouped GEMM for N={n_} K={k_} G={e} BLOCK_M={bm}"
