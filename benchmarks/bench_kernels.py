@@ -1,7 +1,7 @@
 """Benchmarks of the dsv4_jax_ffi kernels at DeepSeek-V4-Flash shapes, against ceilings measured in the same run.
 
     python benchmarks/bench_kernels.py [--out results.json] [--markdown table.md]
-        [--decode | --prefill | --sparse-attention
+        [--decode | --prefill | --sparse-attention | --topk
          | --fp4-decode [--fp4-variants wg,wg8,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]
          | --gemv-quant [--gemv-quant-m 1]]
 
@@ -480,6 +480,25 @@ def _packed_rows(key, shape):
     return kv_format.pack_kv(v, 64)
 
 
+def bench_topk(
+    rows, bw, fp8, cases=((64, 16384), (32, 32768), (1, 16384), (1, 32768), (1, 262144), (8192, 2048)), k=512
+):
+    """The indexer's top-512 (`ops.indexer_topk`): the kernel against `jax.lax.top_k` (XLA's sort) on bf16-valued
+    scores, (rows, entries) = decode at batch x context / 4 and one 8K prefill (8,192 query rows of 2,048 entries,
+    the visible counts causal); % copy BW on the scores read once."""
+    ffi = ops.Opts(backend="ffi")
+    for r, n in cases:
+        sc = jax.random.normal(jax.random.key(r + n), (r, n), F32).astype(jnp.bfloat16).astype(F32)
+        nv = jnp.full((r,), n, jnp.int32) if r < 8192 else jnp.arange(1, r + 1, dtype=jnp.int32) // 4
+        kern = jax.jit(lambda s, v: ops.indexer_topk(s, v, k=k, opts=ffi))
+        lax = jax.jit(lambda s, v: ops.indexer_topk(s, v, k=k, opts=ops.Opts(backend="reference")))
+        same = bool((kern(sc, nv) == lax(sc, nv)).all())
+        t_k, t_x = min(timed(kern, sc, nv) for _ in range(2)), min(timed(lax, sc, nv) for _ in range(2))
+        rows.append(result_row("indexer top-512 (kernel)", f"{r}x{n}", t_k, t_x, 0, sc.nbytes, bw, fp8))
+        print(f"  top-{k} of {r} x {n}: kernel {t_k * 1e6:.1f} us ({100 * sc.nbytes / t_k / bw:.0f}% copy), "
+              f"jax.lax.top_k {t_x * 1e6:.1f} us, x{t_x / t_k:.1f}, picks equal: {same}")  # fmt: skip
+
+
 def bench_sparse_attention(rows, bw, fp8, bf16, context=65536, batch=64, prefill=8192, rounds=2):
     """Issue #16's attention targets, V4-Flash shapes (64 heads, 512 = 448 + 64 dims, packed 584-byte rows; the
     indexer's 64 heads of 128 over packed MXFP4 keys, top 512; window 128).
@@ -506,14 +525,16 @@ def bench_sparse_attention(rows, bw, fp8, bf16, context=65536, batch=64, prefill
     ffi = ops.Opts(backend="ffi")
     win = jnp.broadcast_to(jnp.arange(w_, dtype=jnp.int32), (batch, w_))
 
+    n_vis = jnp.full((batch,), cap, jnp.int32)
+
     def decode(q, qi, wi, ring, entries, idx_keys, sink):
         scores = ops.indexer_scores(qi, wi, idx_keys, opts=ffi)[:, 0]
-        _, sel = jax.lax.top_k(scores, top)
-        idx = jnp.concatenate([win, w_ + sel.astype(jnp.int32)], axis=-1)
+        sel = ops.indexer_topk(scores, n_vis, k=top, opts=ffi)
+        idx = jnp.concatenate([win, w_ + sel], axis=-1)
         return ops.sparse_decode(q, ring, entries, None, idx, sink, scale=d**-0.5, rope_dim=64, opts=ffi)
 
     def scores_only(qi, wi, idx_keys):
-        return jax.lax.top_k(ops.indexer_scores(qi, wi, idx_keys, opts=ffi)[:, 0], top)[1]
+        return ops.indexer_topk(ops.indexer_scores(qi, wi, idx_keys, opts=ffi)[:, 0], n_vis, k=top, opts=ffi)
 
     sel = jax.jit(scores_only)(qi, wi, idx_keys)
     scores = jax.jit(lambda qi, wi, k: ops.indexer_scores(qi, wi, k, opts=ffi)[:, 0])(qi, wi, idx_keys)
@@ -526,6 +547,8 @@ def bench_sparse_attention(rows, bw, fp8, bf16, context=65536, batch=64, prefill
     fns = {"indexer scores alone": (jax.jit(lambda qi, wi, k: ops.indexer_scores(qi, wi, k, opts=ffi)),
                                     (qi, wi, idx_keys), idx_keys.nbytes),
            "top-k alone (jax.lax.top_k)": (jax.jit(lambda sc: jax.lax.top_k(sc, top)[1]), (scores,), scores.nbytes),
+           "top-k alone (kernel)": (jax.jit(lambda sc: ops.indexer_topk(sc, n_vis, k=top, opts=ffi)), (scores,),
+                                    scores.nbytes),
            "indexer scores + top-k": (jax.jit(scores_only), (qi, wi, idx_keys), idx_keys.nbytes),
            "sparse decode": (attn, (q, ring, entries, idx, sink), batch * (w_ + top) * 584),
            "the CSA step (both)": (jax.jit(decode), (q, qi, wi, ring, entries, idx_keys, sink),
@@ -618,6 +641,7 @@ def main():
     ap.add_argument(
         "--sparse-attention", action="store_true", help="issue #16's targets: CSA decode at 64K x 64, 8K prefill"
     )
+    ap.add_argument("--topk", action="store_true", help="only the indexer's top-512: kernel vs jax.lax.top_k")
     ap.add_argument("--gemv-impls", default="mma,cuda", help="GEMV variants for --decode (DSV4_FFI_GEMV values)")
     ap.add_argument(
         "--gemv-quant",
@@ -667,6 +691,8 @@ def main():
         bench_prefill(rows, bw, fp8)
     elif args.sparse_attention:
         bench_sparse_attention(rows, bw, fp8, bf16)
+    elif args.topk:
+        bench_topk(rows, bw, fp8)
     elif args.grouped_block_m:
         for t in (8192, 32768):
             for n, k in EXPERT_SHAPES:

@@ -167,14 +167,11 @@ class Indexer(nnx.Module):
         the arithmetic is `ops.indexer.score_keys`, the reference of the `indexer_scores` op."""
         return score_keys(q_bthc, w_bth, keys_bnc)
 
-    def select(self, scores_btn, visible_btn) -> tuple[jax.Array, jax.Array]:
-        """Top-`min(index_topk, n)` visible entries per query: (`idx [b,t,k]` with -1 for invisible picks, scores)."""
-        n = scores_btn.shape[-1]
-        k = min(self.topk, n)
-        masked = jnp.where(visible_btn, scores_btn, -jnp.inf)
-        _, top_i = jax.lax.top_k(masked, k)
-        chosen_visible = jnp.take_along_axis(visible_btn, top_i, axis=-1)
-        return jnp.where(chosen_visible, top_i, -1).astype(jnp.int32), masked
+    def select(self, scores_btn, n_visible_bt, opts: Opts) -> jax.Array:
+        """Top-`min(index_topk, n)` of the first `n_visible [b, t]` entries per query (`ops.indexer_topk`): `idx
+        [b, t, k]`, -1 for picks that are not visible."""
+        k = min(self.topk, scores_btn.shape[-1])
+        return ops.indexer_topk(scores_btn, n_visible_bt, k=k, opts=opts)
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
@@ -286,7 +283,7 @@ class Attention(nnx.Module):
         completed = comp.entries if packed_rows is None else PackedKV(packed_rows, rope)
         return [(cached, w), (completed, new_at)], cap, to_source
 
-    def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, visible, rec):
+    def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, n_ent: int, rec):
         """The indexer's top-k entry ids `[b, k, topk]` (-1: none).
 
         Decode / extend over a packed cache: the cached keys are scored where they lie (`ops.indexer_scores`, which
@@ -295,7 +292,7 @@ class Attention(nnx.Module):
         before scoring (the old way, still taken for the bf16 cache), without materialising every key."""
         qi, wi = self.indexer.queries(x, qr, pos, self.inv_freq, opts)
         if fresh:
-            raw = self.indexer.scores(qi, wi, comp_i.entries[:, : visible.shape[-1]])  # the complete blocks
+            raw = self.indexer.scores(qi, wi, comp_i.entries[:, :n_ent])  # the complete blocks
         else:
             b, nb, cap = x.shape[0], comp_i.entries.shape[1], lc.idx_keys.shape[1]
             q = jnp.arange(nb)[None, :]
@@ -309,10 +306,10 @@ class Attention(nnx.Module):
                 keys = materialize(lc.idx_keys)
                 keys = keys.at[jnp.arange(b)[:, None], j].set(comp_i.entries, mode="drop")
                 raw = self.indexer.scores(qi, wi, keys)
-        sel, masked = self.indexer.select(raw, visible)
+        n_visible = (pos + 1) // self.ratio
         if rec is not None:
-            rec.indexer_scores = masked
-        return sel
+            rec.indexer_scores = jnp.where(jnp.arange(raw.shape[-1]) < n_visible[..., None], raw, -jnp.inf)
+        return self.indexer.select(raw, n_visible, opts)
 
     def step(self, x_bkd, start_b, n_new_b, lc, opts: Opts, fresh: bool, rec=None):
         """`k` new tokens per row at positions `start .. start+k-1` (the first `n_new` real) -> `(out [b, k, dim]
@@ -366,7 +363,7 @@ class Attention(nnx.Module):
                 with jax.named_scope("indexer"):
                     comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts,
                                                           fresh)  # fmt: skip
-                    sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, visible, rec)
+                    sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, n_ent, rec)
                 keys = kv_format.pack_index_keys(comp_i.entries) if packed else comp_i.entries
                 upd = dataclasses.replace(upd, idx=dataclasses.replace(comp_i, entries=keys))
                 comp_idx = jnp.where(sel >= 0, to_source(sel), -1)

@@ -279,7 +279,7 @@ def test_extension_compiles_for_sm90a(tmp_path):
     )
     for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu",
                  "sparse_mla_kernels.cu", "indexer_kernels.cu", "compressor_kernels.cu",
-                 "router_kernels.cu"):  # fmt: skip
+                 "router_kernels.cu", "topk_kernels.cu"):  # fmt: skip
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
                 FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh"]  # fmt: skip
@@ -420,7 +420,7 @@ def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):
     lines = [ln for ln in text.splitlines() if "custom_call @dsv4_" in ln]
     calls = collections.Counter(re.search(r"custom_call @(dsv4_\w+)", ln).group(1) for ln in lines)
     assert calls == {"dsv4_hc_pre": 4, "dsv4_fp8_gemv_layer": 15, "dsv4_compressor_decode": 3,
-                     "dsv4_indexer_scores": 1, "dsv4_sparse_mla_decode": 2, "dsv4_dequant_bf16_gemv": 2,
+                     "dsv4_indexer_scores": 1, "dsv4_indexer_topk": 1, "dsv4_sparse_mla_decode": 2, "dsv4_dequant_bf16_gemv": 2,
                      "dsv4_route": 2, "dsv4_fp4_moe_gate_up": 2, "dsv4_fp4_moe_down": 2}, calls  # fmt: skip
     for ln in lines:
         if "@dsv4_compressor_decode" in ln:  # the block states [layers, B, coff*m, C] as stacks

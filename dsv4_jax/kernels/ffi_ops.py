@@ -42,6 +42,8 @@ __all__ = [
     "sparse_mla_decode",
     "sparse_mla_splits",
     "indexer_scores",
+    "indexer_topk",
+    "TOPK_MAX_K",
     "dequant_bf16_gemv",
     "DEQUANT_GEMV_MAX_M",
     "fp8_gemm",
@@ -76,6 +78,7 @@ HANDLERS = frozenset(
         "hc_pre",
         "sparse_mla_decode",
         "indexer_scores",
+        "indexer_topk",
         "compressor_decode",
         "dequant_bf16_gemv",
         "fp8_gemm",
@@ -269,6 +272,22 @@ def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array
     layer = _layer_operand(layer)
     return jax.ffi.ffi_call("dsv4_indexer_scores", jax.ShapeDtypeStruct((q.shape[0], keys.shape[2]), F32))(
         q.astype(BF16), w.astype(BF16), keys, layer
+    )
+
+
+# The largest k of `indexer_topk` (the kernel's sort holds 2048 pairs; V4's index_topk: 512 Flash, 1024 Pro).
+TOPK_MAX_K = 2048
+
+
+def indexer_topk(scores: jax.Array, n_vis: jax.Array, k: int) -> jax.Array:
+    """The indexer's top-k in one launch: scores f32 `[R, n]`, n_vis int32 `[R]` (row r's first n_vis[r] entries
+    are visible, the rest count as -inf) -> int32 `[R, k]`, the picks in `jax.lax.top_k`'s order (IEEE total order
+    descending, ties by ascending index), those at or past n_vis[r] as -1. 1 <= k <= min(n, TOPK_MAX_K)."""
+    r, n = scores.shape
+    if not 1 <= k <= min(n, TOPK_MAX_K):
+        raise ValueError(f"indexer_topk: k={k} must be in [1, min(n={n}, {TOPK_MAX_K})]")
+    return jax.ffi.ffi_call("dsv4_indexer_topk", jax.ShapeDtypeStruct((r, k), jnp.int32))(
+        scores.astype(F32), n_vis.astype(jnp.int32), k=np.int64(k)
     )
 
 

@@ -8,7 +8,7 @@ and kill switch in `registry`; plus the reference-only linears.
 from dsv4_jax.ops.attention import sparse_attention, sparse_decode, sparse_prefill
 from dsv4_jax.ops.compressor import compress_step, compressor_decode
 from dsv4_jax.ops.experts import moe_experts, swiglu
-from dsv4_jax.ops.indexer import indexer_scores
+from dsv4_jax.ops.indexer import indexer_scores, indexer_topk
 from dsv4_jax.ops.linear import (
     bf16_linear,
     blockwise_gemm,
@@ -37,6 +37,7 @@ __all__ = [
     "hc_pre",
     "hc_split_mixes",
     "indexer_scores",
+    "indexer_topk",
     "moe_experts",
     "record",
     "route_experts",

@@ -1,13 +1,19 @@
-"""`indexer_scores`: the lightning indexer's scores of cached packed keys (spec §3.2), the op behind decode's
-top-k selection of compressed entries.
+"""`indexer_scores` and `indexer_topk`: the lightning indexer's scores of cached packed keys (spec §3.2) and its
+selection of the top-k visible compressed entries.
 
     scores_btn = indexer_scores(q_bthc, w_bth, keys_bnp, opts=opts)
+    idx_btk = indexer_topk(scores_btn, n_visible_bt, k=512, opts=opts)
 
 q: `[b, t, H, 128]` index queries (bf16, FP4-simulated in the model), w: `[b, t, H]` bf16 head weights, keys: the
 packed MXFP4 indexer keys `[b, n, 68]` of one layer (`kv_format.pack_index_keys`; an array or a `LayerSlice` of the
 stacked cache). Returns f32 `[b, t, n]` holding bf16 values. The reference unpacks every key and runs `score_keys`;
 the kernel twin (`dsv4_jax.kernels.indexer`) reads the packed bytes (the whole stack and the layer index) and does
 the same arithmetic in one launch.
+
+`indexer_topk`: entries `j < n_visible[b, t]` are visible (the compressed entries complete at the query: a prefix);
+the picks are `jax.lax.top_k` of the scores with the others masked to -inf, in its order (IEEE total order
+descending, ties by ascending index), picks that are not visible as -1. The kernel twin is a radix select (one
+launch; XLA sorts every row: at 64 rows of 16,384 scores, half of the indexer's time).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dsv4_jax.layer_view import materialize
 from dsv4_jax.ops import registry
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["indexer_scores", "score_keys"]
+__all__ = ["indexer_scores", "indexer_topk", "score_keys"]
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 HEAD_DIM = 128
@@ -61,4 +67,37 @@ indexer_scores = registry.register(
     reference=_reference,
     kernel="dsv4_jax.kernels.indexer:scores",
     supports=_supports,
+)
+
+
+def _topk_reference(scores_btn, n_visible_bt, *, k: int, quant_sim: bool = True):
+    """int32 `[..., k]`: the top `k` of f32 scores `[..., n]` among the first `n_visible [...]` entries (-1: a pick
+    that is not visible, when fewer than k are)."""
+    del quant_sim
+    n_vis = n_visible_bt.astype(jnp.int32)[..., None]
+    masked = jnp.where(jnp.arange(scores_btn.shape[-1]) < n_vis, scores_btn.astype(F32), -jnp.inf)
+    _, top_i = jax.lax.top_k(masked, k)
+    return jnp.where(top_i < n_vis, top_i, -1).astype(jnp.int32)
+
+
+def _topk_supports(scores_btn, n_visible_bt, *, k: int, quant_sim: bool = True) -> str | None:
+    from dsv4_jax.kernels.ffi_ops import TOPK_MAX_K
+
+    n = scores_btn.shape[-1]
+    if scores_btn.dtype != F32:
+        return f"scores {scores_btn.dtype} (the kernel reads f32)"
+    if not 1 <= k <= min(n, TOPK_MAX_K):
+        return f"k={k} of n={n} (the kernel takes 1 <= k <= min(n, {TOPK_MAX_K}))"
+    if tuple(n_visible_bt.shape) != tuple(scores_btn.shape[:-1]):
+        return f"n_visible {tuple(n_visible_bt.shape)} is not scores' leading shape {tuple(scores_btn.shape[:-1])}"
+    return None
+
+
+# Written this session; "auto" takes it once its GPU tests (tests/test_indexer_kernels_gpu.py) pass.
+indexer_topk = registry.register(
+    "indexer_topk",
+    reference=_topk_reference,
+    kernel="dsv4_jax.kernels.indexer:topk",
+    supports=_topk_supports,
+    validated=False,
 )

@@ -187,6 +187,23 @@ ffi::Error IndexerScoresImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi:
   return cuda_check(op, launch_indexer_scores(a, stream));
 }
 
+ffi::Error IndexerTopkImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> n_vis,
+                           ffi::ResultBuffer<ffi::S32> out, int64_t k) {
+  const std::string op = "dsv4_indexer_topk";
+  if (scores.dimensions().size() != 2) return bad(op, "scores " + shape_str(scores) + " must be [rows, n]");
+  const int64_t rows = dim(scores, 0), n = dim(scores, 1);
+  if (const char* why = indexer_topk_unsupported(n, k))
+    return bad(op, "k = " + std::to_string(k) + " of n = " + std::to_string(n) + " entries: " + why);
+  if (n_vis.dimensions().size() != 1 || dim(n_vis, 0) != rows)
+    return bad(op, "n_vis " + shape_str(n_vis) + " must be [rows] = [" + std::to_string(rows) + "]");
+  if (out->dimensions().size() != 2 || dim(*out, 0) != rows || dim(*out, 1) != k)
+    return bad(op, "out " + shape_str(*out) + " must be [rows, k] = [" + std::to_string(rows) + "," +
+                       std::to_string(k) + "]");
+  if (rows > 0x7FFFFFFF) return bad(op, std::to_string(rows) + " rows exceed the launch grid");
+  IndexerTopkArgs a{scores.typed_data(), n_vis.typed_data(), out->typed_data(), rows, n, k};
+  return cuda_check(op, launch_indexer_topk(a, stream));
+}
+
 // ---- the compressor's decode step ----------------------------------------------------------------------------------
 
 ffi::Error CompressorDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> kv_new, ffi::Buffer<ffi::F32> sc_new,
@@ -258,6 +275,7 @@ using dsv4ffi::CompressorDecodeImpl;
 using dsv4ffi::HcPreImpl;
 using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::IndexerScoresImpl;
+using dsv4ffi::IndexerTopkImpl;
 using dsv4ffi::SparseMlaDecodeImpl;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
@@ -309,6 +327,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores, IndexerScoresImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>(),
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_topk, IndexerTopkImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k"),
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_compressor_decode, CompressorDecodeImpl,
                               ffi::Ffi::Bind()

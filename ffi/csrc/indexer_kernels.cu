@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "fp8_convert.cuh"
 #include "kernels.h"
@@ -224,12 +225,19 @@ cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t strea
            a.rows / a.batch, a.n, a.batch, a.layers, int(a.heads), staged};
   int major = 0, minor = 0, sms = 0;
   device_info(&major, &minor, &sms);
-  // About two blocks per SM over the whole grid: each block stages its query rows once and strides over key tiles.
+  const size_t smem = size_t(staged) * size_t(a.heads) * (kHeadStride + 4);
+  // One wave of resident blocks over the whole grid (a second, partial wave doubled the time at batch 64): each
+  // block stages its query rows once and strides over key tiles. DSV4_FFI_INDEXER_GRID_X overrides the blocks per
+  // batch row (a tuning knob, read at every launch).
+  int resident = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, indexer_scores_kernel, kThreads, smem) != cudaSuccess ||
+      resident < 1)
+    resident = 1;
   const int64_t tiles = (a.n + kTileKeys - 1) / kTileKeys;
-  const int64_t want = std::max<int64_t>(1, (2 * int64_t(std::max(sms, 1)) + a.batch - 1) / a.batch);
+  int64_t want = std::max<int64_t>(1, int64_t(resident) * std::max(sms, 1) / a.batch);
+  if (const char* v = std::getenv("DSV4_FFI_INDEXER_GRID_X")) want = std::max(1, std::atoi(v));
   const int64_t gx = std::min(tiles, want);
   if (a.batch > 65535) return cudaErrorInvalidValue;
-  const size_t smem = size_t(staged) * size_t(a.heads) * (kHeadStride + 4);
   indexer_scores_kernel<<<dim3(unsigned(gx), unsigned(a.batch)), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

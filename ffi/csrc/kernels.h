@@ -47,6 +47,21 @@ cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t strea
 // Query rows one block stages at a time (0: H too large for the kernel's shared memory).
 int indexer_staged_rows(int64_t heads, int64_t t);
 
+// The indexer's top-k (topk_kernels.cu; reference dsv4_jax.ops.indexer_topk): per row r of scores f32 [rows, n], the
+// k largest of its first n_vis[r] entries (n_vis int32 [rows], clamped to [0, n]; the rest count as -inf) in
+// jax.lax.top_k's order (IEEE total order descending, ties by ascending index) -> out int32 [rows, k], picks at or
+// past n_vis[r] as -1. One launch.
+constexpr int64_t kTopkMaxK = 2048;
+struct IndexerTopkArgs {
+  const float* scores;
+  const int32_t* n_vis;
+  int32_t* out;
+  int64_t rows, n, k;
+};
+// Why the kernel cannot take these sizes, or null (1 <= k <= min(n, 2048), n < 2^31 - 512).
+const char* indexer_topk_unsupported(int64_t n, int64_t k);
+cudaError_t launch_indexer_topk(const IndexerTopkArgs& a, cudaStream_t stream);
+
 // The compressor's decode step (compressor_kernels.cu; reference dsv4_jax.ops.compressor.compress_step, k = 1): one
 // new token per row with projections kv_new / sc_new f32 [rows, C] (C = coff Dc, coff 2 for ratio 4 else 1; the score
 // without ape) on top of the block state kv_state / sc_state f32 [layers, rows, coff m, C] (the layer read from
