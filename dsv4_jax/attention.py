@@ -171,6 +171,8 @@ class Indexer(nnx.Module):
         """Top-`min(index_topk, n)` of the first `n_visible [b, t]` entries per query (`ops.indexer_topk`): `idx
         [b, t, k]`, -1 for picks that are not visible."""
         k = min(self.topk, scores_btn.shape[-1])
+        if k == 0:  # no compressed entry yet (a prompt shorter than the ratio)
+            return jnp.zeros((*scores_btn.shape[:-1], 0), jnp.int32)
         return ops.indexer_topk(scores_btn, n_visible_bt, k=k, opts=opts)
 
 

@@ -125,10 +125,10 @@ def test_indexer_selection_respects_visibility_and_topk():
 
 def test_indexer_topk_reference_order_ties_and_masking():
     """`ops.indexer_topk`'s reference: jax.lax.top_k's order over the visible prefix (ties by lower index, IEEE total
-    order: +0 above -0), invisible picks -1, whatever the masked entries hold."""
+    order, -0 as +0), invisible picks -1, whatever the masked entries hold."""
     s = jnp.asarray([[1.0, 3.0, -0.0, 3.0, 0.0, 9.0, np.inf, -np.inf], [5.0, 5.0, 5.0, 7.0, 7.0, 1.0, 2.0, 3.0]])
     got = np.asarray(ops.indexer_topk(s, jnp.asarray([6, 3], jnp.int32), k=5, opts=EXACT))
-    assert got[0].tolist() == [5, 1, 3, 0, 4]  # 9, 3, 3 (lower index first), 1, +0 (the inf at 6 is not visible)
+    assert got[0].tolist() == [5, 1, 3, 0, 2]  # 9, 3, 3 (lower index first), 1, then -0 and +0 as equals: -0 first
     assert got[1].tolist() == [0, 1, 2, -1, -1]  # three visible: the masked 7s are not picked
 
 

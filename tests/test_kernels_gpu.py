@@ -37,7 +37,7 @@ pytestmark = pytest.mark.gpu
 # The ops a Flash-shaped forward runs, every one through its kernel.
 KERNEL_OPS = dict.fromkeys(("fp8_linear", "moe_experts", "hc_pre", "grouped_dequant_linear", "route_experts"), "kernel")
 # ops that only a step over the decode cache runs (`generate`, not `forward`)
-DECODE_KERNEL_OPS = dict.fromkeys(("sparse_decode", "indexer_scores", "compressor_decode"), "kernel")
+DECODE_KERNEL_OPS = dict.fromkeys(("sparse_decode", "indexer_scores", "compressor_decode", "indexer_topk"), "kernel")
 # prefill's sparse attention: the sparse-MLA kernel needs heads % 16 == 0 (Flash's 64, not the tiny model's 8)
 PREFILL_KERNEL_OPS = {"sparse_prefill": "kernel"}
 FLASH_LINEARS = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1024), (2048, 4096), (4096, 2048)]
@@ -396,7 +396,8 @@ def test_end_to_end_forward(ffi, expert_dtype, batch, seq, capsys):
     flash = expert_dtype == "fp4"
     with ops.record() as ran:
         got = np.asarray(dsv4_jax.forward(state, tokens, opts=dsv4_jax.Opts(backend="ffi" if flash else "auto")))
-    assert ran == KERNEL_OPS | (PREFILL_KERNEL_OPS if flash else {"sparse_prefill": "reference"}), ran
+    topk = {"indexer_topk": "kernel"} if seq >= 4 else {}  # the CSA layer's indexer selects once an entry exists
+    assert ran == KERNEL_OPS | topk | (PREFILL_KERNEL_OPS if flash else {"sparse_prefill": "reference"}), ran
     noise = max(rel_rms(np.asarray(dsv4_jax.forward(_perturb_embeddings(state, s), tokens, opts=ref_opts)), ref)
                 for s in (1, 2))  # fmt: skip
     err = rel_rms(got, ref)

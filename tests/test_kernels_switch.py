@@ -420,8 +420,9 @@ def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):
     lines = [ln for ln in text.splitlines() if "custom_call @dsv4_" in ln]
     calls = collections.Counter(re.search(r"custom_call @(dsv4_\w+)", ln).group(1) for ln in lines)
     assert calls == {"dsv4_hc_pre": 4, "dsv4_fp8_gemv_layer": 15, "dsv4_compressor_decode": 3,
-                     "dsv4_indexer_scores": 1, "dsv4_indexer_topk": 1, "dsv4_sparse_mla_decode": 2, "dsv4_dequant_bf16_gemv": 2,
-                     "dsv4_route": 2, "dsv4_fp4_moe_gate_up": 2, "dsv4_fp4_moe_down": 2}, calls  # fmt: skip
+                     "dsv4_indexer_scores": 1, "dsv4_indexer_topk": 1, "dsv4_sparse_mla_decode": 2,
+                     "dsv4_dequant_bf16_gemv": 2, "dsv4_route": 2, "dsv4_fp4_moe_gate_up": 2,
+                     "dsv4_fp4_moe_down": 2}, calls  # fmt: skip
     for ln in lines:
         if "@dsv4_compressor_decode" in ln:  # the block states [layers, B, coff*m, C] as stacks
             assert re.search(r"tensor<\dx1x(8x1024|8x256|128x512)xf32>", ln), ln[-600:]

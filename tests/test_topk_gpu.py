@@ -2,8 +2,8 @@
 gpu tests/test_topk_gpu.py`).
 
 The kernel is a selection, not arithmetic: its picks must equal, in order, those of a NumPy model of
-`jax.lax.top_k` over the visible prefix (IEEE total order descending, ties by ascending index; -1 past the visible
-count), and those of the op's reference on the device. Inputs: bf16-valued scores with many exact ties (as the
+`jax.lax.top_k` over the visible prefix (IEEE total order descending, -0 as +0, ties by ascending index; -1 past the
+visible count), and those of the op's reference on the device. Inputs: bf16-valued scores with many exact ties (as the
 indexer makes them: the two-pass case), general f32 values (all four radix passes), special values (+-0, +-inf,
 NaN), visible counts from 0 to past n; rows kept in shared memory and rows read from L2 (`DSV4_FFI_TOPK_SMEM_MAX`);
 outputs poisoned before every call.
@@ -26,8 +26,8 @@ F32 = jnp.float32
 
 
 def _numpy_topk(scores: np.ndarray, n_vis: np.ndarray, k: int) -> np.ndarray:
-    """`jax.lax.top_k`'s picks over the visible prefix, in NumPy: keys in IEEE total order, lexsorted."""
-    bits = scores.astype(np.float32).view(np.uint32).astype(np.int64)
+    """`jax.lax.top_k`'s picks over the visible prefix, in NumPy: keys in IEEE total order (-0 as +0), lexsorted."""
+    bits = np.where(scores == 0, np.float32(0), scores).astype(np.float32).view(np.uint32).astype(np.int64)
     key = np.where(bits & 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
     n = scores.shape[-1]
     nv = np.clip(n_vis, 0, n)[:, None]

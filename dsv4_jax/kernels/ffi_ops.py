@@ -282,7 +282,7 @@ TOPK_MAX_K = 2048
 def indexer_topk(scores: jax.Array, n_vis: jax.Array, k: int) -> jax.Array:
     """The indexer's top-k in one launch: scores f32 `[R, n]`, n_vis int32 `[R]` (row r's first n_vis[r] entries
     are visible, the rest count as -inf) -> int32 `[R, k]`, the picks in `jax.lax.top_k`'s order (IEEE total order
-    descending, ties by ascending index), those at or past n_vis[r] as -1. 1 <= k <= min(n, TOPK_MAX_K)."""
+    descending, -0 as +0, ties by ascending index), those at or past n_vis[r] as -1. 1 <= k <= min(n, TOPK_MAX_K)."""
     r, n = scores.shape
     if not 1 <= k <= min(n, TOPK_MAX_K):
         raise ValueError(f"indexer_topk: k={k} must be in [1, min(n={n}, {TOPK_MAX_K})]")

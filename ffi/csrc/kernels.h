@@ -49,7 +49,7 @@ int indexer_staged_rows(int64_t heads, int64_t t);
 
 // The indexer's top-k (topk_kernels.cu; reference dsv4_jax.ops.indexer_topk): per row r of scores f32 [rows, n], the
 // k largest of its first n_vis[r] entries (n_vis int32 [rows], clamped to [0, n]; the rest count as -inf) in
-// jax.lax.top_k's order (IEEE total order descending, ties by ascending index) -> out int32 [rows, k], picks at or
+// jax.lax.top_k's order (IEEE total order descending, -0 as +0, ties by ascending index) -> out int32 [rows, k], picks at or
 // past n_vis[r] as -1. One launch.
 constexpr int64_t kTopkMaxK = 2048;
 struct IndexerTopkArgs {

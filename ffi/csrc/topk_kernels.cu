@@ -1,12 +1,13 @@
 // The lightning indexer's top-k selection (our own kernel; reference `dsv4_jax.ops.indexer_topk`): per row r of
 // scores f32 [rows, n], the k largest among the row's first n_vis[r] entries (the visible compressed entries; the
-// others count as -inf), in jax.lax.top_k's order: scores descending in IEEE total order (+NaN > +inf > ... > +0 >
-// -0 > -inf > -NaN), equal scores by ascending index; picks past n_vis come out as -1.
+// others count as -inf), in jax.lax.top_k's order: scores descending in IEEE total order (+NaN > +inf > ... > 0 >
+// -inf > -NaN; -0 counts as +0), equal scores by ascending index; picks past n_vis come out as -1.
 //
-// One block per row, a radix select on order-preserving 32-bit keys: byte by byte from the top, a histogram of the
-// candidates' next byte finds the bucket holding the k-th largest key; the bytes below 16 are skipped when every key's
+// One block per row, a radix select on order-preserving 32-bit keys: digit by digit from the top, a histogram of the
+// candidates' next digit finds the bucket holding the k-th largest key; the bits below 16 are skipped when every key's
 // low half follows from its high half (scores holding bf16 values: the indexer's), since the candidates left then share
-// one key. The selection is every key above the threshold plus the lowest-index keys equal to it (warps rank those in
+// one key. (The histograms add with plain shared-memory atomics: warp-aggregating them with __match_any_sync cost
+// ~80 cycles of the SM per call, 45 us for a row of 16K.) The selection is every key above the threshold plus the lowest-index keys equal to it (warps rank those in
 // index order over contiguous segments: no atomics decide which), then a bitonic sort of the k (key, ~index) pairs
 // orders them. The row sits in shared memory when it fits (one global read), otherwise every pass reads it from L2.
 #include <cuda_runtime.h>
@@ -25,9 +26,11 @@ constexpr int kThreads = 512;
 constexpr int kWarpsT = kThreads / 32;
 constexpr uint32_t kNegInfKey = 0x007FFFFFu;  // the key of -inf (a masked entry)
 
-// Order-preserving key: unsigned comparison of keys = IEEE total order of the floats.
+// Order-preserving key: unsigned comparison of keys = IEEE total order of the floats, with -0 taken as +0 (XLA's
+// GPU top_k ranks the two zeros as equal, its CPU top_k does not: the op fixes one answer, ties by index).
 __device__ __forceinline__ uint32_t order_key(float f) {
-  const uint32_t u = __float_as_uint(f);
+  uint32_t u = __float_as_uint(f);
+  u = u == 0x80000000u ? 0u : u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -43,12 +46,16 @@ struct TopkParams {
   int n, k, p;  // p: k rounded up to a power of two (the sort's size)
 };
 
+// 16-byte loads in flight per thread in a pass: every load of a pass is independent, and a loop that waited for each
+// one (a DRAM or L2 round trip per element) was what the first version spent its time on.
+constexpr int kBatch = 4;
+
 template <bool SMEM>
-__global__ void __launch_bounds__(kThreads) topk_kernel(const TopkParams prm) {
+__global__ void __launch_bounds__(kThreads, 2) topk_kernel(const TopkParams prm) {
   extern __shared__ __align__(16) uint8_t smem[];
   uint64_t* cand = reinterpret_cast<uint64_t*>(smem);          // [p] (key << 32 | ~index), 0 = padding
   uint32_t* keys = reinterpret_cast<uint32_t*>(cand + prm.p);  // [n] when SMEM
-  __shared__ uint32_t hist[256];
+  __shared__ uint32_t hist[2048];
   __shared__ uint32_t warp_cnt[kWarpsT];
   __shared__ uint32_t sh_bin, sh_above, sh_in, sh_gt;
 
@@ -56,52 +63,100 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const TopkParams prm) {
   const int n = prm.n, k = prm.k;
   const float* row = prm.scores + static_cast<int64_t>(blockIdx.x) * n;
   const int nv = min(max(prm.n_vis[blockIdx.x], 0), n);
-  auto key_at = [&](int j) -> uint32_t {
+  const bool vec = n % 4 == 0;  // rows of a multiple of 4 floats start 16-byte aligned
+  auto masked_key = [&](int j, float f) -> uint32_t { return j < nv ? order_key(f) : kNegInfKey; };
+  // The keys of elements 4i .. 4i + 3 (0 past n).
+  auto load4 = [&](int i) -> uint4 {
+    const int j = 4 * i;
     if constexpr (SMEM) {
-      return keys[j];
+      if (j + 3 < n) return reinterpret_cast<const uint4*>(keys)[i];
+      return make_uint4(keys[j], j + 1 < n ? keys[j + 1] : 0u, j + 2 < n ? keys[j + 2] : 0u, 0u);
     } else {
-      return j < nv ? order_key(row[j]) : kNegInfKey;
+      if (vec && j + 3 < n) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(row) + i);
+        return make_uint4(masked_key(j, v.x), masked_key(j + 1, v.y), masked_key(j + 2, v.z), masked_key(j + 3, v.w));
+      }
+      uint32_t kk[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) kk[c] = j + c < n ? masked_key(j + c, __ldg(row + j + c)) : 0u;
+      return make_uint4(kk[0], kk[1], kk[2], kk[3]);
     }
   };
 
   for (int i = tid; i < prm.p; i += kThreads) cand[i] = 0ull;
   if (tid == 0) sh_gt = 0u;
 
-  // ---- radix select: (prefix, mask) = the threshold's known bytes; `remaining` of its candidates still to take ----
+  // ---- the row's keys (kept in shared memory when it fits), and whether every low half follows from its high half
+  bool implied = true;
+  if constexpr (SMEM) {
+    const int n4 = vec ? n / 4 : 0;
+    for (int b4 = 0; b4 < n4; b4 += kThreads * kBatch) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = b4 + u * kThreads + tid;
+        if (i < n4) v[u] = __ldg(reinterpret_cast<const float4*>(row) + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = b4 + u * kThreads + tid;
+        if (i >= n4) continue;
+        const int j = 4 * i;
+        const uint4 kk = make_uint4(masked_key(j, v[u].x), masked_key(j + 1, v[u].y), masked_key(j + 2, v[u].z),
+                                    masked_key(j + 3, v[u].w));
+        implied &= low_half_implied(kk.x) & low_half_implied(kk.y) & low_half_implied(kk.z) & low_half_implied(kk.w);
+        reinterpret_cast<uint4*>(keys)[i] = kk;
+      }
+    }
+    for (int j = 4 * n4 + tid; j < n; j += kThreads) {
+      keys[j] = masked_key(j, __ldg(row + j));
+      implied &= low_half_implied(keys[j]);
+    }
+  }
+
+  // ---- radix select: (prefix, mask) = the threshold's known bits; `remaining` of its candidates still to take.
+  // Digits of 11, 5, 8 and 8 bits from the top: the first (sign, exponent, two mantissa bits) spreads real scores over
+  // many bins, so few lanes of a warp add to one counter at once; after the second the 16 high bits are known ------
   uint32_t prefix = 0u, mask = 0u;
   int remaining = k;
   bool implied_all = false;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += kThreads) hist[i] = 0u;
-    __syncthreads();
-    bool implied = true;
-    for (int base = 0; base < n; base += kThreads) {  // the same trip count in every lane (match_any below)
-      const int j = base + tid;
-      uint32_t bin = 256u;
-      if (j < n) {
-        uint32_t key;
-        if (shift == 24) {  // the first pass reads the row (and keeps it, when it fits)
-          key = j < nv ? order_key(row[j]) : kNegInfKey;
-          if constexpr (SMEM) keys[j] = key;
-          implied &= low_half_implied(key);
-        } else {
-          key = key_at(j);
-        }
-        if ((key & mask) == prefix) bin = (key >> shift) & 0xFFu;
-      }
-      // lanes with the same bin add once (the top bytes of real scores fall in a few bins: no 32-way conflicts)
-      const unsigned same = __match_any_sync(0xffffffffu, bin);
-      if (bin < 256u && lane == __ffs(same) - 1) atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(same)));
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = pass == 0 ? 21 : pass == 1 ? 16 : pass == 2 ? 8 : 0;
+    const int nbins = pass == 0 ? 2048 : pass == 1 ? 32 : 256;
+    for (int i = tid; i < nbins; i += kThreads) hist[i] = 0u;
+    if (pass == 0 && SMEM) {
+      implied_all = __syncthreads_and(implied);  // also: the keys are in shared memory
+    } else {
+      __syncthreads();
     }
-    if (shift == 24) {
+    const int nq = (n + 3) / 4;
+    for (int b = 0; b < nq; b += kThreads * kBatch) {
+      uint4 kq[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = b + u * kThreads + tid;
+        kq[u] = i < nq ? load4(i) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const uint32_t kk[4] = {kq[u].x, kq[u].y, kq[u].z, kq[u].w};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (4 * (b + u * kThreads + tid) + c >= n) continue;
+          if (!SMEM && pass == 0) implied &= low_half_implied(kk[c]);
+          if ((kk[c] & mask) == prefix) atomicAdd(&hist[(kk[c] >> shift) & (nbins - 1)], 1u);
+        }
+      }
+    }
+    if (pass == 0 && !SMEM) {
       implied_all = __syncthreads_and(implied);
     } else {
       __syncthreads();
     }
-    if (warp == 0) {  // the bucket of the remaining-th largest: lane l holds bins 255 - 8l down to 248 - 8l
-      uint32_t c[8], sum = 0u;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) sum += (c[i] = hist[255 - 8 * lane - i]);
+    if (warp == 0) {  // the bucket of the remaining-th largest: lane l holds nbins / 32 bins, the highest at lane 0
+      const int per = nbins / 32, top = nbins - 1 - per * lane;
+      uint32_t sum = 0u;
+      for (int i = 0; i < per; ++i) sum += hist[top - i];
       uint32_t incl = sum;
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
@@ -111,52 +166,94 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const TopkParams prm) {
       const uint32_t rem = static_cast<uint32_t>(remaining);
       uint32_t acc = incl - sum;
       if (acc < rem && rem <= incl) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (acc + c[i] >= rem) {
-            sh_bin = 255u - 8u * lane - i, sh_above = acc, sh_in = c[i];
+        for (int i = 0; i < per; ++i) {
+          const uint32_t c = hist[top - i];
+          if (acc + c >= rem) {
+            sh_bin = static_cast<uint32_t>(top - i), sh_above = acc, sh_in = c;
             break;
           }
-          acc += c[i];
+          acc += c;
         }
       }
     }
     __syncthreads();
     prefix |= sh_bin << shift;
-    mask |= 0xFFu << shift;
+    mask |= static_cast<uint32_t>(nbins - 1) << shift;
     remaining -= static_cast<int>(sh_above);
     if (static_cast<int>(sh_in) == remaining) break;  // the whole bucket is taken: no tie to break
-    if (shift == 16 && implied_all) break;             // the candidates left share one key
+    if (pass == 1 && implied_all) break;              // the candidates left share one key
   }
 
   // ---- the selection: keys above the threshold (any slot of the first k - remaining), then the `remaining`
   // lowest-index keys equal to it, ranked in index order by warps over contiguous segments -----------------------
-  const int seg = ((n + kWarpsT - 1) / kWarpsT + 31) / 32 * 32;
+  // A warp step covers 128 consecutive elements, lane l the four at 4l (one 16-byte load).
+  const int seg = ((n + kWarpsT - 1) / kWarpsT + 127) / 128 * 128;
   const int lo = min(warp * seg, n), hi = min(lo + seg, n);
   const int n_gt = k - remaining;
+  constexpr int kSteps = 2;  // warp steps of loads in flight
   uint32_t eq_count = 0u;
-  for (int base = lo; base < hi; base += 32) {
-    const int j = base + lane;
-    const uint32_t key = j < hi ? key_at(j) : 0u;
-    const uint32_t m = key & mask;
-    const bool gt = j < hi && m > prefix, eq = j < hi && m == prefix;
-    if (gt) cand[atomicAdd(&sh_gt, 1u)] = (static_cast<uint64_t>(key) << 32) | ~static_cast<uint32_t>(j);
-    eq_count += __popc(__ballot_sync(0xffffffffu, eq));
+  for (int base = lo; base < hi; base += 128 * kSteps) {
+    uint4 kq[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const int j = base + 128 * u + 4 * lane;
+      kq[u] = j < hi ? load4(j / 4) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const uint32_t kk[4] = {kq[u].x, kq[u].y, kq[u].z, kq[u].w};
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int j = base + 128 * u + 4 * lane + c;
+        const uint32_t m = kk[c] & mask;
+        if (j < hi && m > prefix)
+          cand[atomicAdd(&sh_gt, 1u)] = (static_cast<uint64_t>(kk[c]) << 32) | ~static_cast<uint32_t>(j);
+        eq_count += j < hi && m == prefix;
+      }
+    }
   }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) eq_count += __shfl_xor_sync(0xffffffffu, eq_count, off);
   if (lane == 0) warp_cnt[warp] = eq_count;
   __syncthreads();
   uint32_t rank0 = 0u;
   for (int w = 0; w < warp; ++w) rank0 += warp_cnt[w];
-  const uint32_t lt_mask = (1u << lane) - 1u;
-  for (int base = lo; base < hi && rank0 < static_cast<uint32_t>(remaining); base += 32) {
-    const int j = base + lane;
-    const uint32_t key = j < hi ? key_at(j) : 0u;
-    const bool eq = j < hi && (key & mask) == prefix;
-    const uint32_t eqm = __ballot_sync(0xffffffffu, eq);
-    const uint32_t rank = rank0 + __popc(eqm & lt_mask);
-    if (eq && rank < static_cast<uint32_t>(remaining))
-      cand[n_gt + rank] = (static_cast<uint64_t>(key) << 32) | ~static_cast<uint32_t>(j);
-    rank0 += __popc(eqm);
+  for (int base = lo; base < hi && rank0 < static_cast<uint32_t>(remaining); base += 128 * kSteps) {
+    uint4 kq[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const int j = base + 128 * u + 4 * lane;
+      kq[u] = j < hi ? load4(j / 4) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const uint32_t kk[4] = {kq[u].x, kq[u].y, kq[u].z, kq[u].w};
+      bool eq[4];
+      uint32_t cnt = 0u;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        eq[c] = base + 128 * u + 4 * lane + c < hi && (kk[c] & mask) == prefix;
+        cnt += eq[c];
+      }
+      uint32_t incl = cnt;  // lanes in index order: an inclusive scan of their counts
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += v;
+      }
+      uint32_t rank = rank0 + incl - cnt;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (eq[c]) {
+          if (rank < static_cast<uint32_t>(remaining)) {
+            const uint32_t j = static_cast<uint32_t>(base + 128 * u + 4 * lane + c);
+            cand[n_gt + rank] = (static_cast<uint64_t>(kk[c]) << 32) | ~j;
+          }
+          ++rank;
+        }
+      }
+      rank0 += __shfl_sync(0xffffffffu, incl, 31);
+    }
   }
   __syncthreads();
 
