@@ -429,3 +429,23 @@ def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):
     operands = [ln.rsplit("->", 1)[0].rsplit(": (", 1)[1] for ln in lines if "@dsv4_route" in ln]
     hashed = [o for o in operands if re.search(r"x6xi32>", o)]  # the hash table among the operands
     assert len(hashed) == 1 and re.search(r"tensor<\dx\d+x6xi32>", hashed[0]), operands  # as its stack
+
+
+def test_indexer_topk_lowers_to_its_kernel_except_few_long_rows(monkeypatch):
+    """`ops.indexer_topk` under backend="ffi", as if on an SM90 GPU: one `dsv4_indexer_topk` call for decode rows
+    (64 x 16,384) and prefill rows; a few rows longer than the kernel's shared-memory row go to XLA's sort
+    (`kernels.indexer.XLA_TOPK_MIN_N`), the same picks."""
+    import re
+
+    from dsv4_jax.kernels import indexer as kernel_indexer
+
+    monkeypatch.setattr(registry, "_global_reason", lambda: (None, False))
+
+    def calls(rows, n):
+        f = jax.jit(lambda s, v: ops.indexer_topk(s, v, k=512, opts=ops.Opts(backend="ffi")))
+        text = f.lower(jax.ShapeDtypeStruct((rows, n), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32)).as_text()
+        return len(re.findall(r"custom_call @dsv4_indexer_topk", text))
+
+    assert calls(64, 16384) == 1 and calls(8192, 2048) == 1
+    assert calls(kernel_indexer.XLA_TOPK_MAX_ROWS, 262144) == 1
+    assert calls(1, 262144) == 0 and calls(1, kernel_indexer.XLA_TOPK_MIN_N) == 1

@@ -5,6 +5,8 @@ copy of the layer's keys every step)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 
 from dsv4_jax.kernels import ffi_ops
@@ -22,8 +24,21 @@ def scores(q_bthc: jax.Array, w_bth: jax.Array, keys) -> jax.Array:
     return out.reshape(b, t, stack.shape[2])
 
 
+# A few rows past what a block keeps in shared memory go to XLA's sort (the op's reference: the same picks). The
+# kernel gives each row one block: at 1 x 262,144 entries (1M tokens of context, batch 1) it took 260 us on an H200
+# against XLA's 53 us, at 1 x 32,768 35 us against 43 (BENCHMARKS.md). The row bound is where the kernel's row
+# leaves shared memory; the row count is an estimate (XLA's time grows with rows x n, the kernel's with n).
+XLA_TOPK_MIN_N = 49152
+XLA_TOPK_MAX_ROWS = 8
+
+
 def topk(scores_btn: jax.Array, n_visible_bt: jax.Array, *, k: int) -> jax.Array:
     """int32 `[..., k]` picks (-1: not visible) from f32 scores `[..., n]` and int32 visible counts `[...]`."""
     n = scores_btn.shape[-1]
+    rows = math.prod(scores_btn.shape[:-1])
+    if n > XLA_TOPK_MIN_N and rows < XLA_TOPK_MAX_ROWS:
+        from dsv4_jax.ops.indexer import _topk_reference
+
+        return _topk_reference(scores_btn, n_visible_bt, k=k)
     out = ffi_ops.indexer_topk(scores_btn.reshape(-1, n), n_visible_bt.reshape(-1), k)
     return out.reshape(*scores_btn.shape[:-1], k)

@@ -9,7 +9,7 @@
 // one key. (The histograms add with plain shared-memory atomics: warp-aggregating them with __match_any_sync cost
 // ~80 cycles of the SM per call, 45 us for a row of 16K.) The selection is every key above the threshold plus the lowest-index keys equal to it (warps rank those in
 // index order over contiguous segments: no atomics decide which), then a bitonic sort of the k (key, ~index) pairs
-// orders them. The row sits in shared memory when it fits (one global read), otherwise every pass reads it from L2.
+// orders them (shuffles within warps, shared memory across). The row sits in shared memory when it fits (one global read), otherwise every pass reads it from L2.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -156,6 +156,7 @@ __global__ void __launch_bounds__(kThreads, 2) topk_kernel(const TopkParams prm)
     if (warp == 0) {  // the bucket of the remaining-th largest: lane l holds nbins / 32 bins, the highest at lane 0
       const int per = nbins / 32, top = nbins - 1 - per * lane;
       uint32_t sum = 0u;
+#pragma unroll 8
       for (int i = 0; i < per; ++i) sum += hist[top - i];
       uint32_t incl = sum;
 #pragma unroll
@@ -166,6 +167,7 @@ __global__ void __launch_bounds__(kThreads, 2) topk_kernel(const TopkParams prm)
       const uint32_t rem = static_cast<uint32_t>(remaining);
       uint32_t acc = incl - sum;
       if (acc < rem && rem <= incl) {
+#pragma unroll 8
         for (int i = 0; i < per; ++i) {
           const uint32_t c = hist[top - i];
           if (acc + c >= rem) {
@@ -257,17 +259,55 @@ __global__ void __launch_bounds__(kThreads, 2) topk_kernel(const TopkParams prm)
   }
   __syncthreads();
 
-  // ---- bitonic sort of the p pairs, descending: keys descending, then indices ascending (~index descending) -------
+  // ---- bitonic sort of the p pairs, descending: keys descending, then indices ascending (~index descending).
+  // Element e sits in register slot e / kThreads of thread e % kThreads: the stages of stride < 32 pair lanes of one
+  // warp (shuffles, no barrier); the few of larger stride go through shared memory ---------------------------------
+  constexpr int kSlots = static_cast<int>(kTopkMaxK) / kThreads;
+  const int slots = (prm.p + kThreads - 1) / kThreads;
+  uint64_t v[kSlots];
+  bool in_regs = false;
   for (int size = 2; size <= prm.p; size <<= 1) {
     for (int stride = size / 2; stride > 0; stride >>= 1) {
-      for (int i = tid; i < prm.p / 2; i += kThreads) {
-        const int a = 2 * i - (i & (stride - 1)), b = a + stride;
-        const uint64_t va = cand[a], vb = cand[b];
-        if ((va < vb) == ((a & size) == 0)) cand[a] = vb, cand[b] = va;
+      if (stride >= 32) {
+        if (in_regs) {
+#pragma unroll
+          for (int sl = 0; sl < kSlots; ++sl)
+            if (sl < slots && sl * kThreads + tid < prm.p) cand[sl * kThreads + tid] = v[sl];
+          __syncthreads();
+          in_regs = false;
+        }
+        for (int i = tid; i < prm.p / 2; i += kThreads) {
+          const int a = 2 * i - (i & (stride - 1)), b = a + stride;
+          const uint64_t va = cand[a], vb = cand[b];
+          if ((va < vb) == ((a & size) == 0)) cand[a] = vb, cand[b] = va;
+        }
+        __syncthreads();
+        continue;
       }
-      __syncthreads();
+      if (!in_regs) {
+#pragma unroll
+        for (int sl = 0; sl < kSlots; ++sl) {
+          const int e = sl * kThreads + tid;
+          v[sl] = sl < slots && e < prm.p ? cand[e] : 0ull;
+        }
+        in_regs = true;
+      }
+#pragma unroll
+      for (int sl = 0; sl < kSlots; ++sl) {
+        if (sl >= slots) break;  // uniform: every lane of the block has the same slots
+        const int e = sl * kThreads + tid;
+        const uint64_t other = __shfl_xor_sync(0xffffffffu, v[sl], stride);
+        const bool keep_max = ((e & stride) == 0) == ((e & size) == 0);
+        v[sl] = keep_max ? (v[sl] > other ? v[sl] : other) : (v[sl] < other ? v[sl] : other);
+      }
     }
   }
+  if (in_regs) {
+#pragma unroll
+    for (int sl = 0; sl < kSlots; ++sl)
+      if (sl < slots && sl * kThreads + tid < prm.p) cand[sl * kThreads + tid] = v[sl];
+  }
+  __syncthreads();
   int32_t* out = prm.out + static_cast<int64_t>(blockIdx.x) * k;
   for (int i = tid; i < k; i += kThreads) {
     const int j = static_cast<int>(~static_cast<uint32_t>(cand[i]));
