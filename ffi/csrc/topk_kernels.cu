@@ -6,8 +6,8 @@
 // One block per row, a radix select on order-preserving 32-bit keys: digit by digit from the top, a histogram of the
 // candidates' next digit finds the bucket holding the k-th largest key; the bits below 16 are skipped when every key's
 // low half follows from its high half (scores holding bf16 values: the indexer's), since the candidates left then share
-// one key. (The histograms add with plain shared-memory atomics: warp-aggregating them with __match_any_sync cost
-// ~80 cycles of the SM per call, 45 us for a row of 16K.) The selection is every key above the threshold plus the lowest-index keys equal to it (warps rank those in
+// one key. The histograms add with plain shared-memory atomics (the first digit is 11 bits wide so that few lanes of a
+// warp share a counter); warp-aggregating them with __match_any_sync was slower. The selection is every key above the threshold plus the lowest-index keys equal to it (warps rank those in
 // index order over contiguous segments: no atomics decide which), then a bitonic sort of the k (key, ~index) pairs
 // orders them (shuffles within warps, shared memory across). The row sits in shared memory when it fits (one global read), otherwise every pass reads it from L2.
 #include <cuda_runtime.h>
