@@ -6,7 +6,8 @@ the cache empty; decode: k = 1). The layers run one after the other under `lax.s
 peak is the residual streams carried between layers, plus the largest phase, plus the weights the reference decodes
 to fp32; after the last layer, the head's logits. Each term names the arrays it counts, at the dtype the reference
 path (`dsv4_jax.attention`, `moe`, `ops`) creates them; the GPU kernels need less (they do not decode weights to
-fp32). What the terms leave out (small vectors, XLA's own copies) is covered by the plan's reserve.
+fp32), except the MXFP4 experts' grouped prefill route, whose FP8 copy of a layer's experts is counted too. What the
+terms leave out (small vectors, XLA's own copies) is covered by the plan's reserve.
 
 The term that grows fastest is the lightning indexer's: every query scores every compressed entry of the cache with
 each indexer head (`[rows, k, index_heads, n/4]` fp32, twice: the product and its weighted relu before the head
@@ -24,6 +25,7 @@ the head's `[vocab, dim]` bf16 weight that only the CPU backend makes (it upcast
 from __future__ import annotations
 
 from dsv4_jax.config import Config
+from dsv4_jax.kernels.moe_fp4 import grouped_min_rows
 from dsv4_jax.ops.experts import PER_ROW_ELEMENTS
 
 __all__ = ["step_workspace", "QUERY_CHUNK", "KEY_TILE"]
@@ -98,12 +100,17 @@ def step_workspace(cfg: Config, rows: int, k: int, n: int, *, heads_split: int =
     r = t * topk
     out["moe"] = (r * (d * BF16 + 2 * inter * F32 + inter * BF16 + d * BF16) + t * d * F32
                   + t * inter * cfg.n_shared_experts * 2 * F32)  # fmt: skip
+    # The MXFP4 experts' grouped route (the kernels', from `grouped_min_rows()` dispatched rows): this device's
+    # experts of the layer widened to the FP8 weight format, e4m3 bytes and f32 128 x 128 tile scales (3.2 GB per
+    # device for Flash at expert=2), alive through the layer's grouped GEMMs.
+    per_row = 3 * inter * d
+    if cfg.expert_dtype == "fp4" and r >= grouped_min_rows():
+        out["moe"] += cfg.n_routed_experts // expert_split * per_row * (1 + F32 / (128 * 128))
     # The head's fp32 logits (each row's last token, or all k) and the sampler's softmax of them.
     out["head"] = rows * (k if logits_all else 1) * cfg.vocab_size * F32 * 2
     # The reference decodes weights to fp32 for its GEMMs: the largest dense FP8 linear, and the routed experts —
     # per-row path: each row's expert weights (up to PER_ROW_ELEMENTS); per-expert path: one expert, and the block
     # scales of all this device's experts (XLA hoists their decode out of the expert loop).
-    per_row = 3 * inter * d
     if r * per_row <= PER_ROW_ELEMENTS:
         experts = r * per_row
     else:
