@@ -570,6 +570,9 @@ def bench_sparse_attention(rows, bw, fp8, bf16, context=65536, batch=64, prefill
     attn = jax.jit(attn_only)
     fns = {"indexer scores alone": (jax.jit(lambda qi, wi, k: ops.indexer_scores(qi, wi, k, opts=ffi)),
                                     (qi, wi, idx_keys), idx_keys.nbytes),
+           "indexer scores alone (wgmma variant)": (
+               jax.jit(lambda qi, wi, k: ffi_ops.indexer_scores(qi[:, 0], wi[:, 0], k, variant="wgmma")),
+               (qi, wi, idx_keys), idx_keys.nbytes),
            "top-k alone (jax.lax.top_k)": (jax.jit(lambda sc: jax.lax.top_k(sc, top)[1]), (scores,), scores.nbytes),
            "top-k alone (kernel)": (jax.jit(lambda sc: ops.indexer_topk(sc, n_vis, k=top, opts=ffi)), (scores,),
                                     scores.nbytes),

@@ -1,5 +1,5 @@
-"""GPU tests of the lightning indexer's score kernel (`dsv4_indexer_scores`, op `ops.indexer_scores`) against the
-pure-JAX reference (run on the device: `pytest -m gpu tests/test_indexer_kernels_gpu.py`).
+"""GPU tests of the lightning indexer's score kernels (`dsv4_indexer_scores`, op `ops.indexer_scores`; its mma.sync
+and wgmma variants) against the pure-JAX reference (on the device: `pytest -m gpu tests/test_indexer_kernels_gpu.py`).
 
 Inputs as the model makes them: queries FP4-simulated in blocks of 32 (`quant.fp4_sim`), keys FP4-simulated and
 packed (`kv_format.pack_index_keys`), bf16 head weights of either sign; fresh random values per case, outputs
@@ -96,6 +96,43 @@ def test_indexer_scores_kernel_vs_reference(ffi, b, t, h, n, layers, layer):
     assert same >= 0.99, f"only {same:.4f} of the scores are bit-identical; max {ulps.max()} ulps"
     assert ulps.max() <= 2, f"{int((ulps > 2).sum())} scores differ by more than 2 bf16 ulps (max {ulps.max()})"
     assert rel_rms(got, ref) <= 1e-2
+
+
+WGMMA_CASES = [  # (b, n, layers, layer): one query row per batch row, 64 heads; n around the 64-key tile
+    (1, 1, 2, 1),
+    (3, 63, 2, 1),
+    (2, 64, 1, None),
+    (5, 65, 3, 2),
+    (1, 1000, 3, 2),
+    (64, 4097, 2, 1),
+    (1, 65537, 2, 1),
+]
+
+
+@pytest.mark.parametrize("b,n,layers,layer", WGMMA_CASES)
+def test_indexer_scores_wgmma_variant_vs_reference(ffi, b, n, layers, layer):
+    """The wgmma variant (`ffi_ops.indexer_scores(..., variant="wgmma")`) under the mma.sync kernel's bounds, and
+    against the mma.sync kernel itself."""
+    q, w, packed = _inputs(b * 7 + n, b, 1, 64, n, layers)
+    ref = _scores(q, w, packed, layer, "reference")[:, 0]
+    keys, li = (packed[0], None) if layer is None else (packed, jnp.int32(layer))
+    call = jax.jit(lambda q, w, k, i, v: ffi.indexer_scores(q[:, 0], w[:, 0], k, i, variant=v), static_argnums=4)
+    poison()
+    got = np.asarray(call(q, w, keys, li, "wgmma"))
+    mma = np.asarray(call(q, w, keys, li, "mma"))
+    assert got.shape == ref.shape == (b, n) and np.isfinite(got).all()
+    ulps = np.abs(_ordered(got) - _ordered(ref))
+    same = float(np.mean(got == ref))
+    assert same >= 0.99, f"only {same:.4f} of the scores are bit-identical; max {ulps.max()} ulps"
+    assert ulps.max() <= 2, f"{int((ulps > 2).sum())} scores differ by more than 2 bf16 ulps (max {ulps.max()})"
+    assert np.abs(_ordered(got) - _ordered(mma)).max() <= 2
+
+
+def test_indexer_scores_wgmma_variant_refuses_what_it_does_not_take(ffi):
+    q, w, packed = _inputs(5, 2, 2, 64, 100, 1)  # two query rows per batch row
+    with pytest.raises(Exception, match="dsv4_indexer_scores_wgmma: the wgmma variant takes 64 heads"):
+        jax.block_until_ready(ffi.indexer_scores(q.reshape(4, 64, 128), w.reshape(4, 64), packed, None,
+                                                 variant="wgmma"))  # fmt: skip
 
 
 def test_indexer_scores_layer_index_selects_the_layer(ffi):

@@ -282,7 +282,8 @@ def test_extension_compiles_for_sm90a(tmp_path):
                  "router_kernels.cu", "topk_kernels.cu"):  # fmt: skip
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
-                FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh"]  # fmt: skip
+                FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh",
+                FFI / "csrc" / "wgmma.cuh"]  # fmt: skip
         _cached_compile(base + [str(src)], deps, name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())
@@ -333,7 +334,8 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     src = FFI / "csrc" / "fp4_gemv_kernels.cu"
     cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
     cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
-    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh"]
+    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
+            FFI / "csrc" / "wgmma.cuh"]  # fmt: skip
     obj = _cached_compile(cmd, deps, "fp4_gemv_kernels")
     log = obj.with_suffix(".log").read_text()
     found = {}
@@ -395,6 +397,23 @@ def test_fp8_gemv_mma_kernels_compile_for_sm90a_without_spills():
         assert regs <= 128, f"{name} uses {regs} registers (> 128: one block per SM fewer)"
         found.add((int(m.group(1)), m.group(2) == "1"))
     assert found == {(tb, fused) for tb in (1, 2, 4, 8) for fused in (False, True)}, f"{found}:\n{log[-3000:]}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
+def test_indexer_score_kernels_compile_without_spills():
+    """The indexer's score kernels (indexer_kernels.cu: mma.sync, and wgmma m64n64k16 with the keys in registers)
+    compile for sm_90a within two blocks of 256 threads per SM (<= 128 registers), with no spills, and ptxas keeps
+    the wgmma steps asynchronous (it warns when it has to serialise them)."""
+    src = FFI / "csrc" / "indexer_kernels.cu"
+    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
+    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
+    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "fp8_convert.cuh", FFI / "csrc" / "mma_bf16.cuh",
+            FFI / "csrc" / "wgmma.cuh"]  # fmt: skip
+    obj = _cached_compile(cmd, deps, "indexer_kernels_v")
+    log = obj.with_suffix(".log").read_text()
+    entries = {("wg" if "wg_kernel" in name else "mma"): regs for name, regs in _ptxas_entries(log)}
+    assert set(entries) == {"wg", "mma"} and max(entries.values()) <= 128, f"{entries}:\n{log[-2000:]}"
+    assert "serialized" not in log, log[-2000:]
 
 
 def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):

@@ -42,6 +42,7 @@ __all__ = [
     "sparse_mla_decode",
     "sparse_mla_splits",
     "indexer_scores",
+    "INDEXER_VARIANTS",
     "indexer_topk",
     "TOPK_MAX_K",
     "dequant_bf16_gemv",
@@ -258,19 +259,28 @@ def sparse_mla_decode(q, ring, entries, layer, extra, idx, sink, scale: float) -
     return out
 
 
-def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array | int | None = None) -> jax.Array:
+# The indexer score kernels: mma (mma.sync, any head count) and wgmma (H = 64, one query row per batch row).
+INDEXER_VARIANTS = ("mma", "wgmma")
+
+
+def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array | int | None = None, *,
+                   variant: str | None = None) -> jax.Array:  # fmt: skip
     """The lightning indexer's scores against packed MXFP4 keys, one launch: `out[r, j] = bf16(sum_h bf16(relu(
     bf16(q[r, h] . K[j])) * w[r, h]))` as f32, K the dequantized key j of row r's batch row.
 
     `q` bf16 `[R, H, 128]` (H a multiple of 16, at most 144; row r belongs to batch row `r // (R / B)`), `w` bf16
     `[R, H]`, `keys` uint8 `[B, n, 68]` or a layer stack `[L, B, n, 68]` with `layer` (an int32 scalar, clamped)
-    naming the layer. Returns f32 `[R, n]`."""
+    naming the layer. Returns f32 `[R, n]`. `variant` (one of `INDEXER_VARIANTS`) fixes the kernel; None: the one
+    DSV4_FFI_INDEXER names at launch (default mma)."""
     if keys.ndim == 3:
         keys = keys[None]
     if keys.ndim != 4 or keys.dtype != jnp.uint8:
         raise ValueError(f"indexer_scores: keys {keys.dtype}{keys.shape} are not packed keys [(L,) B, n, 68]")
+    if variant is not None and variant not in INDEXER_VARIANTS:
+        raise ValueError(f"indexer_scores: variant {variant!r} is not one of {INDEXER_VARIANTS}")
     layer = _layer_operand(layer)
-    return jax.ffi.ffi_call("dsv4_indexer_scores", jax.ShapeDtypeStruct((q.shape[0], keys.shape[2]), F32))(
+    sfx = "" if variant is None else "_" + variant
+    return jax.ffi.ffi_call("dsv4_indexer_scores" + sfx, jax.ShapeDtypeStruct((q.shape[0], keys.shape[2]), F32))(
         q.astype(BF16), w.astype(BF16), keys, layer
     )
 

@@ -153,9 +153,11 @@ ffi::Error SparseMlaDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ff
 
 // ---- lightning indexer -----------------------------------------------------------------------------------------
 
+template <int V>
 ffi::Error IndexerScoresImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> w,
                              ffi::Buffer<ffi::U8> keys, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
-  const std::string op = "dsv4_indexer_scores";
+  const std::string op =
+      std::string("dsv4_indexer_scores") + (V == kIndexerMma ? "_mma" : V == kIndexerWgmma ? "_wgmma" : "");
   if (q.dimensions().size() != 3) return bad(op, "q " + shape_str(q) + " must be [rows, heads, 128]");
   const int64_t rows = dim(q, 0), heads = dim(q, 1);
   if (dim(q, 2) != 128) return bad(op, "q " + shape_str(q) + ": the kernel takes head_dim 128 only");
@@ -181,9 +183,12 @@ ffi::Error IndexerScoresImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi:
                        std::to_string(n) + "]");
   if (!aligned16(q.untyped_data()) || (reinterpret_cast<uintptr_t>(keys.untyped_data()) & 3u) != 0)
     return bad(op, "q must be 16-byte and keys 4-byte aligned");
+  if (V == kIndexerWgmma && !indexer_wgmma_fits(heads, rows, batch))
+    return bad(op, "the wgmma variant takes 64 heads and one query row per batch row on an SM90 device (q " +
+                       shape_str(q) + ", keys " + shape_str(keys) + ")");
   IndexerScoresArgs a{q.untyped_data(), w.untyped_data(), keys.typed_data(),
                       layer.element_count() ? layer.typed_data() : nullptr, out->typed_data(), rows, heads, layers,
-                      batch, n};
+                      batch, n, V};
   return cuda_check(op, launch_indexer_scores(a, stream));
 }
 
@@ -320,14 +325,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_sparse_mla_decode, SparseMlaDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"),
                               DSV4_TRAITS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores, IndexerScoresImpl,
-                              ffi::Ffi::Bind()
-                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>(),
+// The indexer's scores in three targets: the plain name launches the variant DSV4_FFI_INDEXER names at launch
+// (default mma); _mma and _wgmma always launch that variant (A/B in one process; wgmma refuses sizes it does not take).
+#define DSV4_INDEXER_SCORES_BIND                    \
+  ffi::Ffi::Bind()                                  \
+      .STREAM.Arg<ffi::Buffer<ffi::BF16>>()         \
+      .Arg<ffi::Buffer<ffi::BF16>>()                \
+      .Arg<ffi::Buffer<ffi::U8>>()                  \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Ret<ffi::Buffer<ffi::F32>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores, IndexerScoresImpl<dsv4ffi::kIndexerAuto>, DSV4_INDEXER_SCORES_BIND,
                               DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores_mma, IndexerScoresImpl<dsv4ffi::kIndexerMma>,
+                              DSV4_INDEXER_SCORES_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_scores_wgmma, IndexerScoresImpl<dsv4ffi::kIndexerWgmma>,
+                              DSV4_INDEXER_SCORES_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_indexer_topk, IndexerTopkImpl,
                               ffi::Ffi::Bind()
                                   .STREAM.Arg<ffi::Buffer<ffi::F32>>()

@@ -40,6 +40,7 @@
 #include "fp8_convert.cuh"
 #include "gemv_mma.cuh"
 #include "kernels.h"
+#include "wgmma.cuh"
 
 namespace dsv4ffi {
 namespace {
@@ -83,9 +84,6 @@ struct Fp4Params {
   int tiles = 1;  // wg kernels: row tiles a block streams in sequence
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
@@ -545,16 +543,6 @@ struct WgCfg {
 };
 constexpr int kWgThreads = 128;
 
-// wgmma exists on sm_90a only: other targets (an sm_100a build) get traps, and the launcher never picks wg there.
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define DSV4_WGMMA(...) asm volatile(__VA_ARGS__)
-#else
-#define DSV4_WGMMA(...) __trap()
-#endif
-__device__ __forceinline__ void wgmma_fence() { DSV4_WGMMA("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { DSV4_WGMMA("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { DSV4_WGMMA("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
 // d (+)= A . B for one k32 step: A = the lane's 4 registers, B through the shared-memory descriptor (8 columns).
 __device__ __forceinline__ void wgmma_m64n8k32(float d[4], const uint32_t a[4], uint64_t desc, int accumulate) {
@@ -600,10 +588,7 @@ __device__ __forceinline__ void e2m1x8_to_f16(uint32_t w, uint32_t f, uint32_t o
 
 // Shared-memory descriptor of a K-major 8 x 32 B tile made of two 128-byte core matrices 128 bytes apart (both the
 // leading and the stride byte offset are set to 128: with 8 columns only the K direction has a second core matrix).
-__device__ __forceinline__ uint64_t wg_desc(uint32_t smem_byte_addr) {
-  return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>(128 >> 4) << 16) |
-         (static_cast<uint64_t>(128 >> 4) << 32);
-}
+__device__ __forceinline__ uint64_t wg_desc(uint32_t smem_byte_addr) { return wgmma_desc(smem_byte_addr, 128, 128); }
 
 template <int NW, int TBN, bool F16>
 __global__ void __launch_bounds__(kWgThreads, 3) fp4_wg_kernel(const Fp4Params p) {

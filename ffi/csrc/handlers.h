@@ -11,6 +11,8 @@
   X(dsv4_hc_pre)             \
   X(dsv4_sparse_mla_decode)  \
   X(dsv4_indexer_scores)     \
+  X(dsv4_indexer_scores_mma) \
+  X(dsv4_indexer_scores_wgmma) \
   X(dsv4_indexer_topk)       \
   X(dsv4_compressor_decode)  \
   X(dsv4_dequant_bf16_gemv)  \

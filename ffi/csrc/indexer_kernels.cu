@@ -21,10 +21,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "fp8_convert.cuh"
 #include "kernels.h"
 #include "mma_bf16.cuh"
+#include "wgmma.cuh"
 
 namespace dsv4ffi {
 namespace {
@@ -207,6 +209,132 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_kernel(const Param
   }
 }
 
+
+// ==== The wgmma variant (one query row per batch row, 64 heads) =====================================================
+//
+// A warpgroup scores 64 keys at a time with wgmma.m64n64k16 (bf16 x bf16, fp32 accumulation): the keys are the A
+// operand, dequantized into registers as above; the query row's 64 heads are the B operand, staged once per block in
+// shared memory (K-major core matrices, no swizzle); K = 128 in eight k16 steps. The K order inside the sum is a
+// permutation, the same on both sides: lane quad qd holds its keys' 32-wide block qd, whose word m (values 32 qd + 8m
+// .. + 7, dequantized as the pairs (i, i + 4)) feeds k-steps 2m and 2m + 1 (pairs (0, 4), (1, 5) and (2, 6), (3, 7));
+// the query is staged in that order. Thread (warp w, g, qd) ends with the fp32 sums of keys 16w + g and 16w + g + 8
+// against heads 8j + 2qd and 8j + 2qd + 1 (j < 8): the epilogue (relu, head weight, bf16 roundings, the head sum over
+// its 16 heads, then over the quad) is the mma.sync kernel's. The products are exact in fp32 as there; only the order
+// of the fp32 sums differs from the reference. Two warpgroups per block, each striding over its own key tiles.
+constexpr int kWgHeads = 64;
+constexpr int kWgThreads = 256;
+constexpr int kWgTileKeys = 64;
+constexpr int kWgStepBytes = 2048;  // B of one k16 step: 8 head groups x 2 core matrices (K halves) x 128 B
+
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float d[32], const uint32_t a[4], uint64_t desc, int accumulate) {
+  DSV4_WGMMA(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+}
+
+__global__ void __launch_bounds__(kWgThreads, 2) indexer_scores_wg_kernel(const Params p) {
+  __shared__ __align__(128) uint8_t bsm[8 * kWgStepBytes];
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, qd = lane % 4;
+  const int64_t b = blockIdx.y;
+  int64_t layer = p.layer != nullptr ? *p.layer : 0;
+  layer = layer < 0 ? 0 : (layer >= p.layers ? p.layers - 1 : layer);  // clamped, as a dynamic index in XLA
+  const uint8_t* kbase = p.keys + (layer * p.batch + b) * p.n * kKeyBytes;
+  const int64_t tiles = (p.n + kWgTileKeys - 1) / kWgTileKeys;
+  const int64_t stride = int64_t(gridDim.x) * 2;
+
+  // The raw words of this thread's two keys of a tile: block qd (4 words) and the scale word of each.
+  uint32_t raw[2][5];
+  auto load = [&](int64_t tile) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = tile * kWgTileKeys + 16 * warp + g + 8 * h;
+      const bool live = j < p.n;
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(kbase + (live ? j : 0) * kKeyBytes);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) raw[h][m] = live ? __ldg(row + 4 * qd + m) : 0u;
+      raw[h][4] = live ? __ldg(row + 16) : 0u;
+    }
+  };
+  int64_t tile = int64_t(blockIdx.x) * 2 + wg;
+  if (tile < tiles) load(tile);
+
+  // Stage the query row (batch row b: one query row each) in the k-step order above, and this thread's head weights.
+  const int64_t row_q = b;
+  for (int c = threadIdx.x; c < kWgHeads * 16; c += kWgThreads) {
+    const int h = c / 16, qq = (c / 4) % 4, m = c % 4;  // head, block, word
+    const uint4 x = __ldg(p.q + (row_q * kWgHeads + h) * (kHeadDim / 8) + 4 * qq + m);
+    const uint32_t pair[4] = {prmt(x.x, x.z, 0x5410u), prmt(x.x, x.z, 0x7632u), prmt(x.y, x.w, 0x5410u),
+                              prmt(x.y, x.w, 0x7632u)};  // (0, 4), (1, 5), (2, 6), (3, 7)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      uint8_t* core = bsm + (2 * m + hh) * kWgStepBytes + (h / 8) * 256 + (h % 8) * 16 + 4 * qq;
+      *reinterpret_cast<uint32_t*>(core) = pair[2 * hh];
+      *reinterpret_cast<uint32_t*>(core + 128) = pair[2 * hh + 1];
+    }
+  }
+  float wv[8][2];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wv[j][c] = __bfloat162float(__ushort_as_bfloat16(p.w[row_q * kWgHeads + 8 * j + 2 * qd + c]));
+  DSV4_WGMMA("fence.proxy.async.shared::cta;\n" ::: "memory");  // the staged B, visible to wgmma's async proxy
+  __syncthreads();
+  const uint32_t b_addr = smem_addr(bsm);
+
+  for (; tile < tiles; tile += stride) {
+    uint32_t ak[2][4][4];  // [key h][word m][pair]: bf16x2 of values (i, i + 4) of word m
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int m = 0; m < 4; ++m) e2m1x8_to_bf16(raw[h][m], e8m0_bf16x2((raw[h][4] >> (8 * qd)) & 0xFF), ak[h][m]);
+    const int64_t j0 = tile * kWgTileKeys + 16 * warp + g;
+    if (tile + stride < tiles) load(tile + stride);
+
+    float d[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      d[i] = 0.f;
+      reg_fence(d[i]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int st = 0; st < 8; ++st) {
+      const int m = st / 2, hh = st % 2;
+      const uint32_t a[4] = {ak[0][m][2 * hh], ak[1][m][2 * hh], ak[0][m][2 * hh + 1], ak[1][m][2 * hh + 1]};
+      wgmma_m64n64k16_bf16(d, a, wgmma_desc(b_addr + st * kWgStepBytes, 128, 256), st);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+#pragma unroll
+    for (int i = 0; i < 32; ++i) reg_fence(d[i]);
+
+    // d[4j + c]: key j0, head 8j + 2qd + c; d[4j + 2 + c]: key j0 + 8.
+    float v[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) v[h] += bf16_round(fmaxf(bf16_round(d[4 * j + 2 * h + c]), 0.f) * wv[j][c]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      v[h] += __shfl_xor_sync(0xffffffffu, v[h], 1);
+      v[h] += __shfl_xor_sync(0xffffffffu, v[h], 2);
+    }
+    if (qd == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (j0 + 8 * h < p.n) p.out[row_q * p.n + j0 + 8 * h] = bf16_round(v[h]);
+    }
+  }
+}
+
 }  // namespace
 
 int indexer_staged_rows(int64_t heads, int64_t t) {
@@ -215,29 +343,52 @@ int indexer_staged_rows(int64_t heads, int64_t t) {
   return int(std::min<int64_t>(fit, std::max<int64_t>(t, 1)));
 }
 
+bool indexer_wgmma_fits(int64_t heads, int64_t rows, int64_t batch) {
+  int major = 0, minor = 0, sms = 0;
+  device_info(&major, &minor, &sms);
+  return major == 9 && heads == kWgHeads && batch > 0 && rows == batch;
+}
+
+int indexer_resolve_variant(int requested) {
+  if (requested == kIndexerMma || requested == kIndexerWgmma) return requested;
+  // DSV4_FFI_INDEXER=wgmma|mma: what the plain target launches (read at every launch). Default mma: the wgmma
+  // variant has not yet passed its GPU tests.
+  const char* v = std::getenv("DSV4_FFI_INDEXER");
+  return v != nullptr && std::strcmp(v, "wgmma") == 0 ? kIndexerWgmma : kIndexerMma;
+}
+
 cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream) {
   if (a.heads % 16 != 0 || a.heads < 16 || a.batch < 1 || a.rows % a.batch != 0 || a.layers < 1)
     return cudaErrorInvalidValue;
   const int staged = indexer_staged_rows(a.heads, a.rows / a.batch);
   if (staged < 1) return cudaErrorInvalidValue;
+  if (a.batch > 65535) return cudaErrorInvalidValue;
   if (a.rows == 0 || a.n == 0) return cudaSuccess;
   Params p{static_cast<const uint4*>(a.q), static_cast<const uint16_t*>(a.w), a.keys, a.layer, a.out,
            a.rows / a.batch, a.n, a.batch, a.layers, int(a.heads), staged};
   int major = 0, minor = 0, sms = 0;
   device_info(&major, &minor, &sms);
-  const size_t smem = size_t(staged) * size_t(a.heads) * (kHeadStride + 4);
   // One wave of resident blocks over the whole grid (a second, partial wave doubled the time at batch 64): each
   // block stages its query rows once and strides over key tiles. DSV4_FFI_INDEXER_GRID_X overrides the blocks per
   // batch row (a tuning knob, read at every launch).
-  int resident = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, indexer_scores_kernel, kThreads, smem) != cudaSuccess ||
-      resident < 1)
-    resident = 1;
+  auto blocks_per_row = [&](const void* kernel, int threads, size_t smem, int64_t tiles) {
+    int resident = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem) != cudaSuccess || resident < 1)
+      resident = 1;
+    int64_t want = std::max<int64_t>(1, int64_t(resident) * std::max(sms, 1) / a.batch);
+    if (const char* v = std::getenv("DSV4_FFI_INDEXER_GRID_X")) want = std::max(1, std::atoi(v));
+    return std::min(tiles, want);
+  };
+  if (indexer_resolve_variant(a.variant) == kIndexerWgmma && indexer_wgmma_fits(a.heads, a.rows, a.batch)) {
+    const int64_t tiles = (a.n + kWgTileKeys - 1) / kWgTileKeys;  // two warpgroups (two tiles at once) per block
+    const int64_t gx = blocks_per_row(reinterpret_cast<const void*>(indexer_scores_wg_kernel), kWgThreads, 0,
+                                      (tiles + 1) / 2);
+    indexer_scores_wg_kernel<<<dim3(unsigned(gx), unsigned(a.batch)), kWgThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  const size_t smem = size_t(staged) * size_t(a.heads) * (kHeadStride + 4);
   const int64_t tiles = (a.n + kTileKeys - 1) / kTileKeys;
-  int64_t want = std::max<int64_t>(1, int64_t(resident) * std::max(sms, 1) / a.batch);
-  if (const char* v = std::getenv("DSV4_FFI_INDEXER_GRID_X")) want = std::max(1, std::atoi(v));
-  const int64_t gx = std::min(tiles, want);
-  if (a.batch > 65535) return cudaErrorInvalidValue;
+  const int64_t gx = blocks_per_row(reinterpret_cast<const void*>(indexer_scores_kernel), kThreads, smem, tiles);
   indexer_scores_kernel<<<dim3(unsigned(gx), unsigned(a.batch)), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

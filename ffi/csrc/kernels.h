@@ -35,6 +35,9 @@ cudaError_t launch_hc_split_sinkhorn(const float* mix, const float* scale, const
 // (64 B of e2m1 pairs, low nibble first, then 4 UE8M0 bytes; the layer read from `layer`, [1] int32 on the device,
 // clamped; null: 0): out f32 [rows, n] = bf16(sum_h bf16(relu(bf16(q[h] . K[j])) * w[h])). H a multiple of 16 with
 // indexer_staged_rows(H, 1) >= 1 (H <= 144); q 16-byte and keys 4-byte aligned.
+// Variants: mma (mma.sync m16n8k16, any H) and wgmma (wgmma m64n64k16: H = 64, one query row per batch row, SM90);
+// kIndexerAuto launches what DSV4_FFI_INDEXER names (default mma), mma where wgmma does not fit.
+constexpr int kIndexerAuto = -1, kIndexerMma = 0, kIndexerWgmma = 1;
 struct IndexerScoresArgs {
   const void* q;
   const void* w;
@@ -42,8 +45,12 @@ struct IndexerScoresArgs {
   const int32_t* layer;
   float* out;
   int64_t rows, heads, layers, batch, n;
+  int variant = kIndexerAuto;
 };
 cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream);
+// Whether the wgmma variant takes these sizes on this device; the variant an explicit or auto request launches.
+bool indexer_wgmma_fits(int64_t heads, int64_t rows, int64_t batch);
+int indexer_resolve_variant(int requested);
 // Query rows one block stages at a time (0: H too large for the kernel's shared memory).
 int indexer_staged_rows(int64_t heads, int64_t t);
 
