@@ -468,3 +468,17 @@ def test_indexer_topk_lowers_to_its_kernel_except_few_long_rows(monkeypatch):
     assert calls(64, 16384) == 1 and calls(8192, 2048) == 1
     assert calls(kernel_indexer.XLA_TOPK_MAX_ROWS, 262144) == 1
     assert calls(1, 262144) == 0 and calls(1, kernel_indexer.XLA_TOPK_MIN_N) == 1
+
+
+def test_indexer_topk_sort_route_equals_the_reference():
+    """The kernel side's XLA route (`kernels.indexer.topk_by_sort`, taken for a few very long rows) gives the op's
+    reference picks: ties by index, -0 as +0, visible counts from 0 to past n."""
+    from dsv4_jax.kernels import indexer as kernel_indexer
+
+    rng = np.random.default_rng(0)
+    s = np.round(rng.normal(size=(3, 5000)) * 4) / 4  # many exact ties, +0 and -0
+    s[0, :100] = -0.0
+    n_vis = jnp.asarray([0, 3000, 6000], jnp.int32)
+    ref = ops.indexer_topk(jnp.asarray(s, jnp.float32), n_vis, k=700, opts=ops.Opts(backend="reference"))
+    got = kernel_indexer.topk_by_sort(jnp.asarray(s, jnp.float32), n_vis, k=700)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

@@ -271,7 +271,7 @@ def indexer_scores(q: jax.Array, w: jax.Array, keys: jax.Array, layer: jax.Array
     `q` bf16 `[R, H, 128]` (H a multiple of 16, at most 144; row r belongs to batch row `r // (R / B)`), `w` bf16
     `[R, H]`, `keys` uint8 `[B, n, 68]` or a layer stack `[L, B, n, 68]` with `layer` (an int32 scalar, clamped)
     naming the layer. Returns f32 `[R, n]`. `variant` (one of `INDEXER_VARIANTS`) fixes the kernel; None: the one
-    DSV4_FFI_INDEXER names at launch (default mma)."""
+    DSV4_FFI_INDEXER names at launch (default wgmma where it fits: 64 heads, R = B on SM90; else mma)."""
     if keys.ndim == 3:
         keys = keys[None]
     if keys.ndim != 4 or keys.dtype != jnp.uint8:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import stack_and_index
 
-__all__ = ["scores", "topk"]
+__all__ = ["scores", "topk", "topk_by_sort", "XLA_TOPK_MIN_N", "XLA_TOPK_MAX_ROWS"]
 
 
 def scores(q_bthc: jax.Array, w_bth: jax.Array, keys) -> jax.Array:
@@ -24,7 +25,7 @@ def scores(q_bthc: jax.Array, w_bth: jax.Array, keys) -> jax.Array:
     return out.reshape(b, t, stack.shape[2])
 
 
-# A few rows past what a block keeps in shared memory go to XLA's sort (the op's reference: the same picks). The
+# A few rows past what the kernel keeps in shared memory go to XLA's sort (`topk_by_sort`: the same picks). The
 # kernel gives each row one block: at 1 x 262,144 entries (1M tokens of context, batch 1) it took 260 us on an H200
 # against XLA's 53 us, at 1 x 32,768 35 us against 43 (BENCHMARKS.md). The row bound is where the kernel's row
 # leaves shared memory; the row count is an estimate (XLA's time grows with rows x n, the kernel's with n).
@@ -32,13 +33,21 @@ XLA_TOPK_MIN_N = 49152
 XLA_TOPK_MAX_ROWS = 8
 
 
-def topk(scores_btn: jax.Array, n_visible_bt: jax.Array, *, k: int) -> jax.Array:
-    """int32 `[..., k]` picks (-1: not visible) from f32 scores `[..., n]` and int32 visible counts `[...]`."""
-    n = scores_btn.shape[-1]
-    rows = math.prod(scores_btn.shape[:-1])
-    if n > XLA_TOPK_MIN_N and rows < XLA_TOPK_MAX_ROWS:
-        from dsv4_jax.ops.indexer import _topk_reference
+def topk_by_sort(scores_btn: jax.Array, n_visible_bt: jax.Array, *, k: int) -> jax.Array:
+    """`ops.indexer_topk`'s picks by XLA's sort, computed as its reference does (`jax.lax.top_k` of the scores with
+    -0 as +0 and the entries past the visible count as -inf; -1 for picks that are not visible)."""
+    s = scores_btn.astype(jnp.float32)
+    s = jnp.where(s == 0, 0.0, s)
+    n_vis = n_visible_bt.astype(jnp.int32)[..., None]
+    _, idx = jax.lax.top_k(jnp.where(jnp.arange(s.shape[-1]) < n_vis, s, -jnp.inf), k)
+    return jnp.where(idx < n_vis, idx, -1).astype(jnp.int32)
 
-        return _topk_reference(scores_btn, n_visible_bt, k=k)
+
+def topk(scores_btn: jax.Array, n_visible_bt: jax.Array, *, k: int) -> jax.Array:
+    """int32 `[..., k]` picks (-1: not visible) from f32 scores `[..., n]` and int32 visible counts `[...]`: the
+    kernel, or `topk_by_sort` for fewer than XLA_TOPK_MAX_ROWS rows longer than XLA_TOPK_MIN_N."""
+    n = scores_btn.shape[-1]
+    if n > XLA_TOPK_MIN_N and math.prod(scores_btn.shape[:-1]) < XLA_TOPK_MAX_ROWS:
+        return topk_by_sort(scores_btn, n_visible_bt, k=k)
     out = ffi_ops.indexer_topk(scores_btn.reshape(-1, n), n_visible_bt.reshape(-1), k)
     return out.reshape(*scores_btn.shape[:-1], k)

@@ -326,7 +326,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_sparse_mla_decode, SparseMlaDecodeImpl,
                                   .Attr<float>("scale"),
                               DSV4_TRAITS);
 // The indexer's scores in three targets: the plain name launches the variant DSV4_FFI_INDEXER names at launch
-// (default mma); _mma and _wgmma always launch that variant (A/B in one process; wgmma refuses sizes it does not take).
+// (default wgmma where it fits, else mma); _mma and _wgmma always launch that variant (A/B in one process; wgmma
+// refuses sizes it does not take).
 #define DSV4_INDEXER_SCORES_BIND                    \
   ffi::Ffi::Bind()                                  \
       .STREAM.Arg<ffi::Buffer<ffi::BF16>>()         \

@@ -351,10 +351,10 @@ bool indexer_wgmma_fits(int64_t heads, int64_t rows, int64_t batch) {
 
 int indexer_resolve_variant(int requested) {
   if (requested == kIndexerMma || requested == kIndexerWgmma) return requested;
-  // DSV4_FFI_INDEXER=wgmma|mma: what the plain target launches (read at every launch). Default mma: the wgmma
-  // variant has not yet passed its GPU tests.
+  // DSV4_FFI_INDEXER=mma|wgmma: what the plain target launches (read at every launch). Default wgmma, where it fits
+  // (its GPU tests passed on an H200; 94 vs 127 us at 64 rows x 16,384 keys, BENCHMARKS.md); mma elsewhere.
   const char* v = std::getenv("DSV4_FFI_INDEXER");
-  return v != nullptr && std::strcmp(v, "wgmma") == 0 ? kIndexerWgmma : kIndexerMma;
+  return v != nullptr && std::strcmp(v, "mma") == 0 ? kIndexerMma : kIndexerWgmma;
 }
 
 cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream) {

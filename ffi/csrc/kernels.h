@@ -36,7 +36,7 @@ cudaError_t launch_hc_split_sinkhorn(const float* mix, const float* scale, const
 // clamped; null: 0): out f32 [rows, n] = bf16(sum_h bf16(relu(bf16(q[h] . K[j])) * w[h])). H a multiple of 16 with
 // indexer_staged_rows(H, 1) >= 1 (H <= 144); q 16-byte and keys 4-byte aligned.
 // Variants: mma (mma.sync m16n8k16, any H) and wgmma (wgmma m64n64k16: H = 64, one query row per batch row, SM90);
-// kIndexerAuto launches what DSV4_FFI_INDEXER names (default mma), mma where wgmma does not fit.
+// kIndexerAuto launches what DSV4_FFI_INDEXER names (default wgmma), mma where wgmma does not fit.
 constexpr int kIndexerAuto = -1, kIndexerMma = 0, kIndexerWgmma = 1;
 struct IndexerScoresArgs {
   const void* q;
