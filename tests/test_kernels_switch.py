@@ -279,7 +279,7 @@ def test_extension_compiles_for_sm90a(tmp_path):
     )
     for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu",
                  "sparse_mla_kernels.cu", "indexer_kernels.cu", "compressor_kernels.cu",
-                 "router_kernels.cu", "topk_kernels.cu"):  # fmt: skip
+                 "router_kernels.cu", "topk_kernels.cu", "launch_util.cu"):  # fmt: skip
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
                 FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh",
@@ -309,6 +309,15 @@ def test_extension_compiles_for_sm90a(tmp_path):
         )
 
 
+def _ptxas_log(source: str, headers: tuple[str, ...], out_name: str) -> str:
+    """The `ptxas -v` report of one kernel file compiled for sm_90a (once per content of it and its headers)."""
+    src = FFI / "csrc" / source
+    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
+    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
+    deps = [src, FFI / "csrc" / "kernels.h", *(FFI / "csrc" / h for h in headers)]
+    return _cached_compile(cmd, deps, out_name).with_suffix(".log").read_text()
+
+
 def _ptxas_entries(log: str):
     """(mangled name, registers) of every entry function in a `ptxas -v` log, asserting that none spills."""
     import re
@@ -331,13 +340,7 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     of their occupancy targets: ring <= 128 (two blocks of 256 threads per SM), wg <= 168 (three blocks of 128
     threads). No DeepGEMM needed."""
 
-    src = FFI / "csrc" / "fp4_gemv_kernels.cu"
-    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
-    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
-    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
-            FFI / "csrc" / "wgmma.cuh"]  # fmt: skip
-    obj = _cached_compile(cmd, deps, "fp4_gemv_kernels")
-    log = obj.with_suffix(".log").read_text()
+    log = _ptxas_log("fp4_gemv_kernels.cu", ("gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh"), "fp4_gemv_kernels")
     found = {}
     for name, regs in _ptxas_entries(log):
         kind = "wg" if "fp4_wg_kernel" in name else "ring" if "fp4_gemv_kernel" in name else None
@@ -353,11 +356,7 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
 def test_fp4_widen_kernel_compiles_for_sm90a_without_spills():
     """The MXFP4 -> FP8 widening of the experts' prefill route (fp4_widen_kernels.cu: one and four tiles per block)
     compiles for sm_90a without spills, within 85 registers (three blocks of 256 threads per SM)."""
-    src = FFI / "csrc" / "fp4_widen_kernels.cu"
-    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
-    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
-    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "fp8_convert.cuh", FFI / "csrc" / "layer_index.cuh"]
-    log = _cached_compile(cmd, deps, "fp4_widen_kernels").with_suffix(".log").read_text()
+    log = _ptxas_log("fp4_widen_kernels.cu", ("fp8_convert.cuh", "layer_index.cuh"), "fp4_widen_kernels")
     regs = [r for name, r in _ptxas_entries(log) if "fp4_widen_kernel" in name]
     assert len(regs) == 2 and max(regs) <= 85, (regs, log[-2000:])
 
@@ -384,11 +383,7 @@ def test_fp8_gemv_mma_kernels_compile_for_sm90a_without_spills():
     spilt), and <= 128 registers (two blocks of 256 threads per SM, as the plain kernel has)."""
     import re
 
-    src = FFI / "csrc" / "gemv_kernels.cu"
-    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
-    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
-    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh"]
-    log = _cached_compile(cmd, deps, "gemv_kernels_v").with_suffix(".log").read_text()
+    log = _ptxas_log("gemv_kernels.cu", ("gemv_mma.cuh", "fp8_convert.cuh"), "gemv_kernels_v")
     found = set()
     for name, regs in _ptxas_entries(log):
         m = re.search(r"gemv_mma_kernelILi(\d)ELb([01])E", name)
@@ -404,13 +399,7 @@ def test_indexer_score_kernels_compile_without_spills():
     """The indexer's score kernels (indexer_kernels.cu: mma.sync, and wgmma m64n64k16 with the keys in registers)
     compile for sm_90a within two blocks of 256 threads per SM (<= 128 registers), with no spills, and ptxas keeps
     the wgmma steps asynchronous (it warns when it has to serialise them)."""
-    src = FFI / "csrc" / "indexer_kernels.cu"
-    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
-    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
-    deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "fp8_convert.cuh", FFI / "csrc" / "mma_bf16.cuh",
-            FFI / "csrc" / "wgmma.cuh"]  # fmt: skip
-    obj = _cached_compile(cmd, deps, "indexer_kernels_v")
-    log = obj.with_suffix(".log").read_text()
+    log = _ptxas_log("indexer_kernels.cu", ("fp8_convert.cuh", "mma_bf16.cuh", "wgmma.cuh"), "indexer_kernels_v")
     entries = {("wg" if "wg_kernel" in name else "mma"): regs for name, regs in _ptxas_entries(log)}
     assert set(entries) == {"wg", "mma"} and max(entries.values()) <= 128, f"{entries}:\n{log[-2000:]}"
     assert "serialized" not in log, log[-2000:]

@@ -4,7 +4,8 @@
 // scales of the experts hit (+ activations). Also compares the wg variants' outputs with ring's (wg: summation order
 // only; wg8: its 13-bit FP8 accumulator). span >= 12 exercises the wg variants' exact per-block path.
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/csrc ffi/csrc/fp4_bench.cu \
-//        ffi/csrc/fp4_gemv_kernels.cu -o /tmp/fp4_bench && /tmp/fp4_bench [span [time|cmp|once [E D I]]]
+//        ffi/csrc/fp4_gemv_kernels.cu ffi/csrc/launch_util.cu -o /tmp/fp4_bench
+//   /tmp/fp4_bench [span [time|cmp|once [E D I]]]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -21,15 +22,6 @@
 
 using namespace dsv4ffi;
 
-namespace dsv4ffi {
-void device_info(int* major, int* minor, int* sms) {  // (gemm_launch.cc's, which this harness does not link)
-  int dev = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(minor, cudaDevAttrComputeCapabilityMinor, dev);
-  cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
-}
-}  // namespace dsv4ffi
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1); } } while (0)
 
 __global__ void fill_bytes(uint8_t* p, size_t n, uint32_t seed, int lo, int span) {

@@ -32,8 +32,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -1003,27 +1001,6 @@ size_t smem_bytes(int64_t k) {
          static_cast<size_t>(kWarps) * Cfg<NW, TBMAX>::kWarpBytes;
 }
 
-// Raises the kernel's dynamic shared-memory limit once per (kernel, device) to what the device allows (not a
-// stream operation: capture-safe); returns that limit, or -1 with the CUDA error in *err.
-int dynamic_smem_limit(const void* kernel, cudaError_t* err) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> limits;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  std::lock_guard<std::mutex> lock(mu);
-  if (auto it = limits.find({kernel, dev}); it != limits.end()) return it->second;
-  int optin = 0;
-  cudaFuncAttributes attr{};
-  if ((*err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess ||
-      (*err = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess)
-    return -1;
-  const int limit = optin - static_cast<int>(attr.sharedSizeBytes);
-  if ((*err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit)) != cudaSuccess)
-    return -1;
-  limits[{kernel, dev}] = limit;
-  return limit;
-}
-
 template <int NW, int TBMAX, bool BITS>
 cudaError_t launch_impl(const Fp4Params& p, cudaStream_t stream) {
   auto* kernel = fp4_gemv_kernel<NW, TBMAX, BITS>;
@@ -1041,18 +1018,6 @@ cudaError_t launch_impl(const Fp4Params& p, cudaStream_t stream) {
 template <int NW, int TBMAX>
 cudaError_t launch_cvt(const Fp4Params& p, bool bits, cudaStream_t stream) {
   return bits ? launch_impl<NW, TBMAX, true>(p, stream) : launch_impl<NW, TBMAX, false>(p, stream);
-}
-
-// Blocks of one kernel resident per SM at a dynamic shared-memory size (cached; not a stream operation).
-int resident_blocks(const void* kernel, int threads, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, size_t>, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  if (auto it = cache.find({kernel, smem}); it != cache.end()) return it->second;
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess || n < 1) n = 1;
-  cache[{kernel, smem}] = n;
-  return n;
 }
 
 template <int NW, int TBN, bool F16>

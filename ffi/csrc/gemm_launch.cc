@@ -3,7 +3,6 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -60,26 +59,7 @@ std::string make_2d(CUtensorMap* m, CUtensorMapDataType dt, const void* base, ui
   return "";
 }
 
-struct DevInfo {
-  int major = -1, minor = -1, sms = -1;
-};
-
 }  // namespace
-
-void device_info(int* major, int* minor, int* sms) {
-  static std::array<DevInfo, 64> cache;
-  static std::mutex mu;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  std::lock_guard<std::mutex> lock(mu);
-  DevInfo& d = cache[dev % 64];
-  if (d.major < 0) {
-    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-  }
-  *major = d.major, *minor = d.minor, *sms = d.sms;
-}
 
 bool tma_multicast_enabled() {
   // Opt-in (DSV4_FFI_TMA_MULTICAST=1): measured mixed on H100 (BENCHMARKS.md), and a tiny-config forward hung with

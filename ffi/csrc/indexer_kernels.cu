@@ -229,7 +229,10 @@ constexpr int kWgStepBytes = 2048;  // B of one k16 step: 8 head groups x 2 core
 __device__ __forceinline__ void wgmma_m64n64k16_bf16(float d[32], const uint32_t a[4], uint64_t desc, int accumulate) {
   DSV4_WGMMA(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
         "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
         "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
@@ -372,9 +375,7 @@ cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t strea
   // block stages its query rows once and strides over key tiles. DSV4_FFI_INDEXER_GRID_X overrides the blocks per
   // batch row (a tuning knob, read at every launch).
   auto blocks_per_row = [&](const void* kernel, int threads, size_t smem, int64_t tiles) {
-    int resident = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem) != cudaSuccess || resident < 1)
-      resident = 1;
+    const int resident = resident_blocks(kernel, threads, smem);
     int64_t want = std::max<int64_t>(1, int64_t(resident) * std::max(sms, 1) / a.batch);
     if (const char* v = std::getenv("DSV4_FFI_INDEXER_GRID_X")) want = std::max(1, std::atoi(v));
     return std::min(tiles, want);

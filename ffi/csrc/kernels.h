@@ -304,7 +304,12 @@ cudaError_t launch_fp4_widen(const Fp4WidenArgs& a, cudaStream_t stream);
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);
 // Validates the device (SM90, SM count) and launches on `stream`. Returns "" or an error message.
 std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stream);
-// Compute capability and SM count of the current device (cached).
+// Launch helpers (launch_util.cu), each cached per device / kernel and not a stream operation:
+// compute capability and SM count of the current device;
 void device_info(int* major, int* minor, int* sms);
+// raises a kernel's dynamic shared-memory limit to what the device allows and returns it (-1, the error in *err);
+int dynamic_smem_limit(const void* kernel, cudaError_t* err);
+// blocks of a kernel resident per SM at `threads` and `smem` bytes of dynamic shared memory (at least 1).
+int resident_blocks(const void* kernel, int threads, size_t smem);
 
 }  // namespace dsv4ffi

@@ -14,8 +14,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 
 #include "kernels.h"
 
@@ -193,14 +191,17 @@ __global__ void __launch_bounds__(kThreads, 2) topk_kernel(const TopkParams prm)
   const int lo = min(warp * seg, n), hi = min(lo + seg, n);
   const int n_gt = k - remaining;
   constexpr int kSteps = 2;  // warp steps of loads in flight
-  uint32_t eq_count = 0u;
-  for (int base = lo; base < hi; base += 128 * kSteps) {
-    uint4 kq[kSteps];
+  auto load_steps = [&](int base, uint4 (&kq)[kSteps]) {
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
       const int j = base + 128 * u + 4 * lane;
       kq[u] = j < hi ? load4(j / 4) : make_uint4(0u, 0u, 0u, 0u);
     }
+  };
+  uint32_t eq_count = 0u;
+  for (int base = lo; base < hi; base += 128 * kSteps) {
+    uint4 kq[kSteps];
+    load_steps(base, kq);
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
       const uint32_t kk[4] = {kq[u].x, kq[u].y, kq[u].z, kq[u].w};
@@ -222,11 +223,7 @@ __global__ void __launch_bounds__(kThreads, 2) topk_kernel(const TopkParams prm)
   for (int w = 0; w < warp; ++w) rank0 += warp_cnt[w];
   for (int base = lo; base < hi && rank0 < static_cast<uint32_t>(remaining); base += 128 * kSteps) {
     uint4 kq[kSteps];
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      const int j = base + 128 * u + 4 * lane;
-      kq[u] = j < hi ? load4(j / 4) : make_uint4(0u, 0u, 0u, 0u);
-    }
+    load_steps(base, kq);
 #pragma unroll
     for (int u = 0; u < kSteps; ++u) {
       const uint32_t kk[4] = {kq[u].x, kq[u].y, kq[u].z, kq[u].w};
@@ -315,27 +312,6 @@ __global__ void __launch_bounds__(kThreads, 2) topk_kernel(const TopkParams prm)
   }
 }
 
-// Raises a kernel's dynamic shared-memory limit once per (kernel, device) to what the device allows; returns it (-1
-// with the CUDA error in *err).
-int smem_limit(const void* kernel, cudaError_t* err) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> limits;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  std::lock_guard<std::mutex> lock(mu);
-  if (auto it = limits.find({kernel, dev}); it != limits.end()) return it->second;
-  int optin = 0;
-  cudaFuncAttributes attr{};
-  if ((*err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess ||
-      (*err = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess)
-    return -1;
-  const int limit = optin - static_cast<int>(attr.sharedSizeBytes);
-  if ((*err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit)) != cudaSuccess)
-    return -1;
-  limits[{kernel, dev}] = limit;
-  return limit;
-}
-
 // The longest row kept in shared memory: DSV4_FFI_TOPK_SMEM_MAX (0: never; an A/B knob, read at every launch).
 int smem_rows_limit() {
   if (const char* v = std::getenv("DSV4_FFI_TOPK_SMEM_MAX")) return std::atoi(v);
@@ -360,14 +336,14 @@ cudaError_t launch_indexer_topk(const IndexerTopkArgs& a, cudaStream_t stream) {
   const size_t cand_bytes = static_cast<size_t>(p) * 8;
   const size_t row_bytes = static_cast<size_t>(a.n) * 4;
   cudaError_t err = cudaSuccess;
-  const int limit = smem_limit(reinterpret_cast<const void*>(topk_kernel<true>), &err);
+  const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(topk_kernel<true>), &err);
   if (limit < 0) return err;
   const bool in_smem = a.n <= smem_rows_limit() && cand_bytes + row_bytes <= static_cast<size_t>(limit);
   const dim3 grid(static_cast<unsigned>(a.rows));
   if (in_smem) {
     topk_kernel<true><<<grid, kThreads, cand_bytes + row_bytes, stream>>>(prm);
   } else {
-    if (smem_limit(reinterpret_cast<const void*>(topk_kernel<false>), &err) < 0) return err;
+    if (dynamic_smem_limit(reinterpret_cast<const void*>(topk_kernel<false>), &err) < 0) return err;
     topk_kernel<false><<<grid, kThreads, cand_bytes, stream>>>(prm);
   }
   return cudaGetLastError();
