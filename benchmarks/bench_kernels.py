@@ -483,17 +483,10 @@ def _packed_rows(key, shape):
 def device_us(fn, *args, calls: int = 10) -> float:
     """Device kernel time per call (µs, every GPU kernel event of `calls` calls under `jax.profiler`, summed): for
     programs shorter than their host-side dispatch, which `timed` then measures instead."""
-    import glob
-    import tempfile
-
-    from dsv4_jax.profile import kernel_events
+    from dsv4_jax.profile import traced_events
 
     jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(calls):
-                jax.block_until_ready(fn(*args))
-        events = kernel_events(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+    events, _ = traced_events(lambda: [jax.block_until_ready(fn(*args)) for _ in range(calls)])
     return sum(ev[4] for ev in events) / calls / 1e3
 
 

@@ -285,8 +285,8 @@ class Attention(nnx.Module):
         completed = comp.entries if packed_rows is None else PackedKV(packed_rows, rope)
         return [(cached, w), (completed, new_at)], cap, to_source
 
-    def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, n_ent: int, rec):
-        """The indexer's top-k entry ids `[b, k, topk]` (-1: none).
+    def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, n_ent: int, n_visible, rec):
+        """The indexer's top-k entry ids `[b, k, topk]` among the first `n_visible [b, k]` entries (-1: none).
 
         Decode / extend over a packed cache: the cached keys are scored where they lie (`ops.indexer_scores`, which
         reads the packed stack), then the score columns of the entries this step completed (`j0 + q`, q < n_done)
@@ -308,7 +308,6 @@ class Attention(nnx.Module):
                 keys = materialize(lc.idx_keys)
                 keys = keys.at[jnp.arange(b)[:, None], j].set(comp_i.entries, mode="drop")
                 raw = self.indexer.scores(qi, wi, keys)
-        n_visible = (pos + 1) // self.ratio
         if rec is not None:
             rec.indexer_scores = jnp.where(jnp.arange(raw.shape[-1]) < n_visible[..., None], raw, -jnp.inf)
         return self.indexer.select(raw, n_visible, opts)
@@ -358,21 +357,21 @@ class Attention(nnx.Module):
             upd = dataclasses.replace(upd, comp=stored)
             ent_sources, n_ent, to_source = self._compressed(comp, lc, fresh, k, w, stored.entries if direct else None)
             sources += ent_sources
-            j = jnp.arange(n_ent, dtype=jnp.int32)[None, None, :]
-            visible = j < ((pos + 1) // m)[..., None]
+            n_visible = (pos + 1) // m  # entries complete at each query: the visible prefix
             if m == 4:
                 state_i = (None, None) if lc is None else (lc.idx_kv, lc.idx_score)
                 with jax.named_scope("indexer"):
                     comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts,
                                                           fresh)  # fmt: skip
-                    sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, n_ent, rec)
+                    sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, n_ent, n_visible, rec)
                 keys = kv_format.pack_index_keys(comp_i.entries) if packed else comp_i.entries
                 upd = dataclasses.replace(upd, idx=dataclasses.replace(comp_i, entries=keys))
                 comp_idx = jnp.where(sel >= 0, to_source(sel), -1)
                 if rec is not None:  # the official layouts: entry j is row k + j (prefill) or W + j (decode)
                     rec.indexer_topk = jnp.where(sel >= 0, sel + (k if fresh else w), -1)
             else:
-                comp_idx = jnp.where(visible, to_source(jnp.broadcast_to(j, visible.shape)), -1)
+                j = jnp.broadcast_to(jnp.arange(n_ent, dtype=jnp.int32), (*pos.shape, n_ent))
+                comp_idx = jnp.where(j < n_visible[..., None], to_source(j), -1)
             idx = jnp.concatenate([idx, comp_idx.astype(jnp.int32)], axis=-1)
         if rec is not None:
             rec.attn_kv = jnp.concatenate([materialize(s) for s, _ in sorted(sources, key=lambda so: so[1])], axis=1)

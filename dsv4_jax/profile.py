@@ -20,7 +20,7 @@ import time
 
 import jax
 
-__all__ = ["decode_breakdown", "prefill_breakdown", "kernel_events", "op_names", "PARTS"]
+__all__ = ["decode_breakdown", "prefill_breakdown", "kernel_events", "traced_events", "op_names", "PARTS"]
 
 # Most specific first: a kernel belongs to the first part whose scope appears in its op name.
 PARTS = ("indexer", "compressor", "sparse_attention", "attention", "router", "experts", "shared_expert", "moe", "mhc",
@@ -48,6 +48,17 @@ def kernel_events(xplane_path: str) -> list[tuple[str, str, str, float, float]]:
                 item = (plane.name, ev.name, str(stats["hlo_op"]), float(ev.start_ns), float(ev.duration_ns))
                 (out if gpu else cpu).append(item)
     return out or cpu
+
+
+def traced_events(run) -> tuple[list[tuple[str, str, str, float, float]], float]:
+    """Runs `run()` (which waits for its work) under `jax.profiler` -> (its device kernel events, as `kernel_events`
+    gives them; the wall time in seconds)."""
+    with tempfile.TemporaryDirectory(prefix="dsv4_profile_") as folder:
+        with jax.profiler.trace(folder):
+            t = time.perf_counter()
+            run()
+            wall = time.perf_counter() - t
+        return kernel_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]), wall
 
 
 def _op_name(names: dict[str, str], kernel_names: dict[str, str], kernel: str, hlo_op: str) -> str | None:
@@ -78,12 +89,7 @@ def _breakdown(hlo_text: str, run, steps: int, top: int) -> dict:
     """Profiles `run()` (`steps` executions of the compiled program `hlo_text` is the text of, waited for) and splits
     the device time by model part."""
     names = op_names(hlo_text)
-    folder = tempfile.mkdtemp(prefix="dsv4_profile_")
-    with jax.profiler.trace(folder):
-        t = time.perf_counter()
-        run()
-        wall = time.perf_counter() - t
-    events = kernel_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    events, wall = traced_events(run)
     devices = sorted({e[0] for e in events})
     per = steps * max(len(devices), 1)  # every figure is per step and per device (the mean over the devices)
     kernel_names = {k.replace(".", "_"): v for k, v in names.items()}
