@@ -82,7 +82,6 @@ struct Fp4Params {
   int tiles = 1;  // wg kernels: row tiles a block streams in sequence
 };
 
-
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
@@ -540,7 +539,6 @@ struct WgCfg {
   static constexpr int kRowsWg = 8 * TBN;     // weight rows per warpgroup (64 / s)
 };
 constexpr int kWgThreads = 128;
-
 
 // d (+)= A . B for one k32 step: A = the lane's 4 registers, B through the shared-memory descriptor (8 columns).
 __device__ __forceinline__ void wgmma_m64n8k32(float d[4], const uint32_t a[4], uint64_t desc, int accumulate) {
@@ -1043,7 +1041,6 @@ cudaError_t launch_wg(Fp4Params p, cudaStream_t stream) {
   kernel<<<grid, kWgThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
-
 
 }  // namespace
 

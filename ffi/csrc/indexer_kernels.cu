@@ -209,7 +209,6 @@ __global__ void __launch_bounds__(kThreads, 2) indexer_scores_kernel(const Param
   }
 }
 
-
 // ==== The wgmma variant (one query row per batch row, 64 heads) =====================================================
 //
 // A warpgroup scores 64 keys at a time with wgmma.m64n64k16 (bf16 x bf16, fp32 accumulation): the keys are the A
@@ -338,6 +337,15 @@ __global__ void __launch_bounds__(kWgThreads, 2) indexer_scores_wg_kernel(const 
   }
 }
 
+// The variant an explicit or auto (kIndexerAuto) request launches, where it fits.
+int indexer_resolve_variant(int requested) {
+  if (requested == kIndexerMma || requested == kIndexerWgmma) return requested;
+  // DSV4_FFI_INDEXER=mma|wgmma: what the plain target launches (read at every launch). Default wgmma, where it fits
+  // (its GPU tests passed on an H200; 94 vs 127 us at 64 rows x 16,384 keys, BENCHMARKS.md); mma elsewhere.
+  const char* v = std::getenv("DSV4_FFI_INDEXER");
+  return v != nullptr && std::strcmp(v, "mma") == 0 ? kIndexerMma : kIndexerWgmma;
+}
+
 }  // namespace
 
 int indexer_staged_rows(int64_t heads, int64_t t) {
@@ -350,14 +358,6 @@ bool indexer_wgmma_fits(int64_t heads, int64_t rows, int64_t batch) {
   int major = 0, minor = 0, sms = 0;
   device_info(&major, &minor, &sms);
   return major == 9 && heads == kWgHeads && batch > 0 && rows == batch;
-}
-
-int indexer_resolve_variant(int requested) {
-  if (requested == kIndexerMma || requested == kIndexerWgmma) return requested;
-  // DSV4_FFI_INDEXER=mma|wgmma: what the plain target launches (read at every launch). Default wgmma, where it fits
-  // (its GPU tests passed on an H200; 94 vs 127 us at 64 rows x 16,384 keys, BENCHMARKS.md); mma elsewhere.
-  const char* v = std::getenv("DSV4_FFI_INDEXER");
-  return v != nullptr && std::strcmp(v, "mma") == 0 ? kIndexerMma : kIndexerWgmma;
 }
 
 cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream) {

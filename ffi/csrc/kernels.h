@@ -48,16 +48,15 @@ struct IndexerScoresArgs {
   int variant = kIndexerAuto;
 };
 cudaError_t launch_indexer_scores(const IndexerScoresArgs& a, cudaStream_t stream);
-// Whether the wgmma variant takes these sizes on this device; the variant an explicit or auto request launches.
+// Whether the wgmma variant takes these sizes on this device.
 bool indexer_wgmma_fits(int64_t heads, int64_t rows, int64_t batch);
-int indexer_resolve_variant(int requested);
 // Query rows one block stages at a time (0: H too large for the kernel's shared memory).
 int indexer_staged_rows(int64_t heads, int64_t t);
 
 // The indexer's top-k (topk_kernels.cu; reference dsv4_jax.ops.indexer_topk): per row r of scores f32 [rows, n], the
 // k largest of its first n_vis[r] entries (n_vis int32 [rows], clamped to [0, n]; the rest count as -inf) in
-// jax.lax.top_k's order (IEEE total order descending, -0 as +0, ties by ascending index) -> out int32 [rows, k], picks at or
-// past n_vis[r] as -1. One launch.
+// jax.lax.top_k's order (IEEE total order descending, -0 as +0, ties by ascending index) -> out int32 [rows, k],
+// picks at or past n_vis[r] as -1. One launch.
 constexpr int64_t kTopkMaxK = 2048;
 struct IndexerTopkArgs {
   const float* scores;
