@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py [--out results.json] [--markdown table.md]
         [--decode | --prefill | --sparse-attention | --topk
-         | --fp4-decode [--fp4-variants wg,wg8,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]
+         | --fp4-decode [--fp4-variants wg,wg8,wgb,ring] [--fp4-cvt lut|bits] [--fp4-ksplit auto]
          | --gemv-quant [--gemv-quant-m 1]]
 
 Ceilings (measured here, same process): device copy bandwidth (bytes read + written of a 2 GiB bf16 elementwise
@@ -331,7 +331,7 @@ def bench_fp4_decode(
     rows,
     bw,
     fp8,
-    variants=("wg", "wg8", "ring"),
+    variants=("wg", "wg8", "wgb", "ring"),
     cvt="lut",
     ksplit="auto",
     e=256,
@@ -674,7 +674,9 @@ def main():
         action="store_true",
         help="only the MXFP4 routed experts of a decode step (gate/up + down launches), T = 1, 2, 4, 8",
     )
-    ap.add_argument("--fp4-variants", default="wg,wg8,ring", help="MXFP4 kernel variants for --fp4-decode (comma list)")
+    ap.add_argument(
+        "--fp4-variants", default="wg,wg8,wgb,ring", help="MXFP4 kernel variants for --fp4-decode (comma list)"
+    )
     ap.add_argument(
         "--fp4-cvt", default="lut", help="ring variant's e2m1 -> e4m3 conversion for --fp4-decode: lut, bits"
     )

@@ -502,12 +502,14 @@ def fp8_gemv_pair(a, sfa, w1, s1, w3, s3, *, rows=None, groups=None) -> tuple[ja
 
 # Most output rows (pairs) that share one pass over an expert's weights (the extension's `fp4_segment_rows`).
 FP4_SEGMENT_ROWS = 8
-# The MXFP4 kernel variants (`variant=` of the fp4 wrappers; None: DSV4_FFI_FP4_VARIANT at launch, default "ring"):
-# "wg" wgmma on f16 operands (e2m1 widened and pre-scaled in registers, fp32 accumulation: the reference's numerics
-# up to summation order), "ring" the first design (per-warp cp.async ring + ldmatrix, one mma per 32-wide block; the
-# same numerics), "wg8" wgmma on FP8 operands (faster; Hopper's FP8 accumulator keeps 13 mantissa bits, so NOT the
-# reference's numerics: opt-in, for measurements).
-FP4_VARIANTS = ("wg", "wg8", "ring")
+# The MXFP4 kernel variants (`variant=` of the fp4 wrappers; None: DSV4_FFI_FP4_VARIANT at launch, default "wgb"):
+# "wgb" (the fastest: one FP8 wgmma k32 step per 32-wide weight block, from zero, its partial scaled in fp32; the
+# reference's numerics except that the FP8 tensor core sums a block's 32 exact products with a 13-bit mantissa: ~4e-4
+# rel-RMS in h against "ring", ~97% of h bit-identical), "wg" wgmma on f16 operands (e2m1 widened and pre-scaled in
+# registers, fp32 accumulation: the reference's numerics up to summation order), "ring" the first design (per-warp
+# cp.async ring + ldmatrix, one mma per 32-wide block; the same numerics), "wg8" wgmma on FP8 operands, pre-scaled per
+# 128-wide chunk (its FP8 accumulator sums four blocks: ~1e-3 off; opt-in, for measurements).
+FP4_VARIANTS = ("wg", "wg8", "wgb", "ring")
 
 
 def _sfx(variant: str | None) -> str:
@@ -547,7 +549,7 @@ def fp4_gemv(x: jax.Array, w: jax.Array, s: jax.Array, *, rows=None, groups=None
     of output row p (default p, then P = R); `groups` int32 `[P]`: expert of output row p (required for 3-D `w`).
     A negative or out-of-range row or group gives a zero output row. Consecutive output rows with the same group
     share one weight pass (up to `FP4_SEGMENT_ROWS`): sort rows by expert to get that. `variant`: one of
-    `FP4_VARIANTS` (None: DSV4_FFI_FP4_VARIANT at launch, default "wg"). Returns bf16 `[P, N]`."""
+    `FP4_VARIANTS` (None: DSV4_FFI_FP4_VARIANT at launch, default "wgb"). Returns bf16 `[P, N]`."""
     s = _fp4_weight("fp4_gemv", w, s, grouped=False)
     if w.ndim == 3 and groups is None:
         raise ValueError("fp4_gemv: a grouped weight [E, N, K/2] needs `groups` (the expert of every output row)")

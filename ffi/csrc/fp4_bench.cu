@@ -48,9 +48,10 @@ int main(int argc, char** argv) {
   const bool once = mode == "once", cmp_only = mode == "cmp";
   const int E = argc > 5 ? atoi(argv[3]) : 256, D = argc > 5 ? atoi(argv[4]) : 4096, I = argc > 5 ? atoi(argv[5]) : 2048;
   const int TOPK = std::min(6, E), R = cmp_only ? 4 : 32;
-  constexpr int NV = 3;
-  const char* vname[NV] = {"wg  ", "wg8 ", "ring"};
-  const int vid[NV] = {kFp4Wg, kFp4Wg8, kFp4Ring};
+  constexpr int NV = 4;
+  const char* vname[NV] = {"wg  ", "wg8 ", "wgb ", "ring"};
+  const int vid[NV] = {kFp4Wg, kFp4Wg8, kFp4Wgb, kFp4Ring};
+  constexpr int kRef = NV - 1;  // ring: the others are compared with it
   int sms; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint8_t *w1, *w3, *w2, *s1, *s3, *s2;
   const size_t wn = size_t(E) * I * D / 2, sn = size_t(E) * I * D / 32;
@@ -173,8 +174,8 @@ int main(int argc, char** argv) {
              std::sqrt(num / std::max(den, 1e-300)), double(same) / a.size(), bad, std::sqrt(den / a.size()));
       (void)zero_rows_bad;
     };
-    const auto hr = fetch(h[2], size_t(R) * P * I), yr = fetch(y[2], size_t(R) * P * D);
-    for (int v = 0; v < 2; ++v) {
+    const auto hr = fetch(h[kRef], size_t(R) * P * I), yr = fetch(y[kRef], size_t(R) * P * D);
+    for (int v = 0; v < kRef; ++v) {
       cmp(fetch(h[v], hr.size()), hr, "h", v);
       cmp(fetch(y[v], yr.size()), yr, "y", v);
     }

@@ -29,14 +29,17 @@
   X(dsv4_fp4_gemv_wg)        \
   X(dsv4_fp4_gemv_wg8)       \
   X(dsv4_fp4_gemv_ring)      \
+  X(dsv4_fp4_gemv_wgb)       \
   X(dsv4_fp4_moe_gate_up)    \
   X(dsv4_fp4_moe_gate_up_wg) \
   X(dsv4_fp4_moe_gate_up_wg8) \
   X(dsv4_fp4_moe_gate_up_ring) \
+  X(dsv4_fp4_moe_gate_up_wgb) \
   X(dsv4_fp4_moe_down)       \
   X(dsv4_fp4_moe_down_wg)    \
   X(dsv4_fp4_moe_down_wg8)   \
   X(dsv4_fp4_moe_down_ring)   \
+  X(dsv4_fp4_moe_down_wgb)    \
   X(dsv4_fp4_widen)
 
 #define DSV4_DECLARE(name) extern "C" XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);

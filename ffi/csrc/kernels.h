@@ -252,12 +252,14 @@ bool gemv_uses_mma();
 // With w[1] set (the fused gate/up pair of an expert MLP): out[r] = bf16(route_w[r] * silu(min(g, L)) *
 // clip(u, -L, L)), g = f32(bf16(x W0^T)), u = f32(bf16(x W1^T)), L = limit (no clamp if limit <= 0).
 constexpr int kFp4SegmentRows = 8;
-// The implementations (fp4_gemv_kernels.cu): kFp4Wg (default: wgmma with the e2m1 weights widened to f16 in
+// The implementations (fp4_gemv_kernels.cu): kFp4Wgb (default: per-warp cp.async rings, one FP8 wgmma k32 step per
+// 32-wide weight block from zero, its partial scaled in fp32: the reference's numerics except the FP8 tensor core's
+// 13-bit-mantissa sum of a block's 32 exact products), kFp4Wg (wgmma with the e2m1 weights widened to f16 in
 // registers, pre-scaled per (row, 128-chunk), fp32 accumulation; exact-path fallback per 32-wide block), kFp4Wg8
-// (the same on FP8 wgmma: faster, but Hopper's FP8 accumulator keeps 13 mantissa bits: not the reference's numerics,
-// opt-in), kFp4Ring (the first design: per-warp cp.async ring + ldmatrix, one emulated e4m3 mma per 32-wide block).
-// kFp4Default: DSV4_FFI_FP4_VARIANT=wg|wg8|ring, read at launch, ring if unset; non-SM90 devices run ring.
-enum Fp4Variant : int { kFp4Default = 0, kFp4Ring = 2, kFp4Wg = 3, kFp4Wg8 = 4 };
+// (the same on FP8 wgmma, pre-scaled: ~1e-3 off; opt-in), kFp4Ring (the first design: per-warp cp.async ring +
+// ldmatrix, one emulated e4m3 mma per 32-wide block: exact up to summation order).
+// kFp4Default: DSV4_FFI_FP4_VARIANT=wg|wg8|wgb|ring, read at launch, wgb if unset; non-SM90 devices run ring.
+enum Fp4Variant : int { kFp4Default = 0, kFp4Ring = 2, kFp4Wg = 3, kFp4Wg8 = 4, kFp4Wgb = 5 };
 struct Fp4GemvArgs {
   const void* x;  // bf16 [x_rows, k]
   int64_t x_rows;
@@ -271,7 +273,7 @@ struct Fp4GemvArgs {
   int64_t max_share;  // most rows that can share a weight pass (e.g. the token count); only sizes the launch
   const float* route_w = nullptr;  // fused: [out_rows]
   float limit = 0.f;
-  int variant = 0;  // Fp4Variant: which kernels (kFp4Default: DSV4_FFI_FP4_VARIANT, else ring)
+  int variant = 0;  // Fp4Variant: which kernels (kFp4Default: DSV4_FFI_FP4_VARIANT, else wgb)
 };
 cudaError_t launch_fp4_gemv(const Fp4GemvArgs& a, cudaStream_t stream);
 // Shared memory one launch needs (the handlers refuse what the device cannot hold, e.g. a very large K).

@@ -51,9 +51,9 @@ NB_MODULE(_ffi, m) {
         "Whether the ring variant of the MXFP4 GEMV converts e2m1 -> e4m3 by bit placement (DSV4_FFI_FP4_CVT=bits).");
   m.def("fp4_variant", [] {
     const int v = dsv4ffi::fp4_resolve_variant(dsv4ffi::kFp4Default);
-    return v == dsv4ffi::kFp4Ring ? "ring" : v == dsv4ffi::kFp4Wg8 ? "wg8" : "wg";
-  }, "The MXFP4 kernels the dsv4_fp4_* targets without a suffix launch now (DSV4_FFI_FP4_VARIANT; default ring).");
-  m.attr("fp4_variants") = nb::make_tuple("wg", "wg8", "ring");
+    return v == dsv4ffi::kFp4Ring ? "ring" : v == dsv4ffi::kFp4Wg8 ? "wg8" : v == dsv4ffi::kFp4Wgb ? "wgb" : "wg";
+  }, "The MXFP4 kernels the dsv4_fp4_* targets without a suffix launch now (DSV4_FFI_FP4_VARIANT; default wgb).");
+  m.attr("fp4_variants") = nb::make_tuple("wg", "wg8", "wgb", "ring");
   m.attr("deepgemm_source") = DSV4_DEEPGEMM_VERSION;
   m.attr("cuda_archs") = DSV4_CUDA_ARCHS;
   m.attr("xla_ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

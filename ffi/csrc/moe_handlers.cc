@@ -240,8 +240,8 @@ using dsv4ffi::Fp4MoeDownImpl;
 using dsv4ffi::Fp4MoeGateUpImpl;
 using dsv4ffi::RouteImpl;
 
-// The MXFP4 handlers, each in four targets: the plain name launches the variant DSV4_FFI_FP4_VARIANT names at launch
-// (default ring); the _wg, _wg8 and _ring targets always launch that variant (A/B in one process: the choice is part of
+// The MXFP4 handlers, each in five targets: the plain name launches the variant DSV4_FFI_FP4_VARIANT names at launch
+// (default wgb); the _wg, _wg8, _wgb and _ring targets always launch that variant (A/B in one process: the choice is part of
 // the program, so re-recorded command buffers cannot pick up a changed environment).
 #define DSV4_FP4_GEMV_BIND                                \
   ffi::Ffi::Bind()                                        \
@@ -276,6 +276,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv, Fp4GemvImpl<dsv4ffi::kFp4Default>, 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv_wg, Fp4GemvImpl<dsv4ffi::kFp4Wg>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv_wg8, Fp4GemvImpl<dsv4ffi::kFp4Wg8>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv_ring, Fp4GemvImpl<dsv4ffi::kFp4Ring>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_gemv_wgb, Fp4GemvImpl<dsv4ffi::kFp4Wgb>, DSV4_FP4_GEMV_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up, Fp4MoeGateUpImpl<dsv4ffi::kFp4Default>, DSV4_FP4_GATE_UP_BIND,
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up_wg, Fp4MoeGateUpImpl<dsv4ffi::kFp4Wg>, DSV4_FP4_GATE_UP_BIND,
@@ -284,11 +285,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up_wg8, Fp4MoeGateUpImpl<dsv4ffi
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up_ring, Fp4MoeGateUpImpl<dsv4ffi::kFp4Ring>, DSV4_FP4_GATE_UP_BIND,
                               DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_gate_up_wgb, Fp4MoeGateUpImpl<dsv4ffi::kFp4Wgb>, DSV4_FP4_GATE_UP_BIND,
+                              DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down, Fp4MoeDownImpl<dsv4ffi::kFp4Default>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_wg, Fp4MoeDownImpl<dsv4ffi::kFp4Wg>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_wg8, Fp4MoeDownImpl<dsv4ffi::kFp4Wg8>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_ring, Fp4MoeDownImpl<dsv4ffi::kFp4Ring>, DSV4_FP4_DOWN_BIND,
                               DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_moe_down_wgb, Fp4MoeDownImpl<dsv4ffi::kFp4Wgb>, DSV4_FP4_DOWN_BIND, DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_route, RouteImpl,
                               ffi::Ffi::Bind()
