@@ -1279,13 +1279,17 @@ cudaError_t launch_wgb(Fp4Params p, cudaStream_t stream) {
   const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(kernel), &err);
   if (limit < 0) return err;
   if (smem > static_cast<size_t>(limit)) return cudaErrorInvalidValue;  // the handlers check fp4_gemv_smem first
-  // Row tiles per block: one wave of resident blocks over all (segment, tile) pairs, taking every output row as a
-  // segment. DSV4_FFI_FP4_TILES overrides.
+  // Blocks per segment: enough for one wave of resident blocks, taking every output row as a segment; the row tiles
+  // dealt evenly over them (a block with many more tiles than its neighbours would be the launch's tail).
+  // DSV4_FFI_FP4_TILES (row tiles per block) overrides.
   const int64_t ntiles = (p.n + kWgbRows - 1) / kWgbRows;
   int major = 0, sms = 0;
   device_info(&major, &major, &sms);
-  const int64_t slots = static_cast<int64_t>(sms) * resident_blocks(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
-  int64_t tiles = (ntiles * p.out_rows + slots - 1) / (slots > 0 ? slots : 1);
+  const int64_t slots =
+      static_cast<int64_t>(sms) * resident_blocks(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
+  int64_t per_segment = (slots + p.out_rows - 1) / p.out_rows;
+  per_segment = per_segment < 1 ? 1 : per_segment > ntiles ? ntiles : per_segment;
+  int64_t tiles = (ntiles + per_segment - 1) / per_segment;
   if (const char* v = std::getenv("DSV4_FFI_FP4_TILES")) tiles = std::atoi(v);
   tiles = tiles < 1 ? 1 : tiles > ntiles ? ntiles : tiles;
   p.tiles = static_cast<int>(tiles);
