@@ -219,14 +219,19 @@ def hc_split_sinkhorn(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: i
     )(mix, scale.astype(F32), base.astype(F32), n=np.int64(n), iters=np.int64(iters), eps=np.float32(eps))
 
 
-SPARSE_MLA_TARGET_BLOCKS = 264  # two blocks per SM of a 132-SM H100 / H200 (the decode kernel's shared memory allows 2)
+SPARSE_MLA_TARGET_BLOCKS = 264  # two blocks per SM of a 132-SM H100 / H200 (the 16-head kernel's smem allows 2)
+SPARSE_MLA_SMS = 132  # the 64-head kernel (heads a multiple of 64): one block of 16 warps per SM
 
 
 def sparse_mla_splits(batch: int, heads: int, n_idx: int) -> int:
-    """Split-KV runs for `sparse_mla_decode`: enough blocks (batch x heads/16 x splits) for two per SM, at most one
-    run per 64-key tile."""
+    """Split-KV runs for `sparse_mla_decode`, at most one run per 64-key tile. Heads a multiple of 64 (the 64-head
+    kernel): at most one wave of batch x heads/64 x splits blocks, one per SM (a second, partial wave would cost a
+    whole tile loop). Otherwise (16 heads per block): enough blocks for two per SM."""
+    tiles = -(-n_idx // 64)
+    if heads % 64 == 0:
+        return max(1, min(SPARSE_MLA_SMS // max(batch * (heads // 64), 1), tiles))
     blocks = max(batch * (heads // 16), 1)
-    return max(1, min(-(-SPARSE_MLA_TARGET_BLOCKS // blocks), -(-n_idx // 64)))
+    return max(1, min(-(-SPARSE_MLA_TARGET_BLOCKS // blocks), tiles))
 
 
 def sparse_mla_decode(q, ring, entries, layer, extra, idx, sink, scale: float) -> jax.Array:

@@ -161,7 +161,8 @@ cudaError_t launch_dequant_bf16_gemv(const DequantGemvArgs& a, cudaStream_t stre
 // layer `layer` (r < window + cap), the extra row r - window - cap (this step's completed entries), else a zero row;
 // -1 is no key. Softmax with the attention sink in the denominator; split-KV over `splits` runs of 64-key tiles
 // (workspaces part_o [batch, splits, heads, 512] f32 and part_ml [batch, splits, heads, 2] f32, any splits >= 1: the
-// caller picks it), then a combine.
+// caller picks it), then a combine. Heads a multiple of 64 run a block of 16 warps per 64 heads (each tile's rows
+// read and widened once, the next tile's in flight; DSV4_FFI_SPARSE_DECODE=16 forces the 16-head kernel).
 constexpr int kSparseMlaDim = 512, kSparseMlaNope = 448, kSparseMlaRowBytes = 584;
 // Query row b reads the sources of batch row b / q_per_src: decode has one query per batch row (q_per_src 1), a
 // prefill or extend step the k queries of a row (q_per_src k, query rows b-major).

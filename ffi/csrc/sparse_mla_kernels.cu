@@ -21,6 +21,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "fp8_convert.cuh"
 #include "kernels.h"
@@ -267,6 +269,223 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
   }
 }
 
+// ==== All 64 heads per block (heads a multiple of 64: Flash 64, Pro 128) =============================================
+// The kernel above reads and widens every key row once per 16-head group, and waits for each tile's rows before any
+// work. Here a block of 16 warps takes 64 heads: each tile's rows are read and widened once, the next tile's raw rows
+// are in flight (cp.async) while the current one is multiplied, and Q stays in shared memory. Per tile:
+//   1. widen the raw rows to bf16 (all threads); the next tile's sources worked out;
+//   2. the next tile's raw rows requested;
+//   3. S = Q K^T: warp w takes heads 16 (w % 4) .. + 15 and keys 16 (w / 4) .. + 15 over all 512 dims (fp32 sums);
+//   4. the online softmax (warp w: heads 4w .. 4w + 3), the same arithmetic as the kernel above;
+//   5. O = alpha O + P V: warp w owns heads 16 (w % 4) .. + 15 x dims 128 (w / 4) .. + 127.
+// Numerics: those of the kernel above except the fp32 order of a score's 512-term sum (one accumulator here).
+constexpr int kHeads64 = 64;
+constexpr int kWarps64 = 16, kThreads64 = 32 * kWarps64;
+constexpr int kSPitch64 = kKeys + 4;  // f32 per score row
+constexpr int kQBytes64 = kHeads64 * kKPitch * 2;
+constexpr int kKAt64 = kQBytes64;
+constexpr int kRawAt64 = kKAt64 + kKeys * kKPitch * 2;
+constexpr int kSAt64 = kRawAt64 + kRawBytes;
+constexpr int kPAt64 = kSAt64 + kHeads64 * kSPitch64 * 4;
+constexpr int kSrcAt64 = kPAt64 + kHeads64 * kPPitch * 2;     // const unsigned char* [2][64]
+constexpr int kValidAt64 = kSrcAt64 + 2 * kKeys * 8;          // int [2][64]
+constexpr int kStateAt64 = kValidAt64 + 2 * kKeys * 4;        // float [3][64]: running max, denominator, alpha
+constexpr int kSmemBytes64 = kStateAt64 + 3 * kHeads64 * 4;
+
+__global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(const SparseMlaDecodeArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __nv_bfloat16* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem + kKAt64);
+  unsigned char* raw_s = smem + kRawAt64;
+  float* s_s = reinterpret_cast<float*>(smem + kSAt64);
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(smem + kPAt64);
+  const unsigned char** src_s = reinterpret_cast<const unsigned char**>(smem + kSrcAt64);
+  int* valid_s = reinterpret_cast<int*>(smem + kValidAt64);
+  float* m_s = reinterpret_cast<float*>(smem + kStateAt64);
+  float* den_s = m_s + kHeads64;
+  float* alpha_s = den_s + kHeads64;
+
+  const int split = blockIdx.x, h0 = blockIdx.y * kHeads64;
+  const int64_t b = a.row0 + blockIdx.z, sb = b / a.q_per_src;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
+  const int hw = 16 * (warp % 4);  // the warp's heads (within the block) for S and for O
+  const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
+  const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
+  const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
+
+  const int64_t layer = a.layer ? a.layer[0] : 0;
+  const int64_t src_batch = a.batch / a.q_per_src;
+  const unsigned char* ring = a.ring + sb * a.window * kRowBytes;
+  const unsigned char* ent = a.entries ? a.entries + (layer * src_batch + sb) * a.cap * kRowBytes : nullptr;
+  const unsigned char* extra = a.extra ? a.extra + sb * a.n_extra * kRowBytes : nullptr;
+  const int32_t* idx = a.idx + b * a.n_idx;
+
+  // Where tile t's key rows live (threads < 64; null: no row; a -1 entry is masked later).
+  auto sources = [&](int64_t t, int buf) {
+    if (tid < kKeys) {
+      const int64_t col = t * kKeys + tid;
+      const int64_t r = col < a.n_idx ? idx[col] : -1;
+      const unsigned char* src = nullptr;
+      if (r >= 0 && r < a.window) src = ring + r * kRowBytes;
+      else if (r >= a.window && r - a.window < a.cap && ent) src = ent + (r - a.window) * kRowBytes;
+      else if (r >= a.window + a.cap && r - a.window - a.cap < a.n_extra && extra)
+        src = extra + (r - a.window - a.cap) * kRowBytes;
+      src_s[buf * kKeys + tid] = src;
+      valid_s[buf * kKeys + tid] = r >= 0;  // an index >= 0 is a key even where it names no row (zeros, counted)
+    }
+  };
+  auto request = [&](int buf) {  // the raw rows of the tile whose sources are in buffer buf
+    for (int c = tid; c < kKeys * kChunks; c += kThreads64) {
+      const int row = c / kChunks, piece = c % kChunks;
+      const unsigned char* src = src_s[buf * kKeys + row];
+      if (src) cp_async8(smem_addr(raw_s + row * kRowBytes + piece * 8), src + piece * 8);
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  };
+
+  // Q of the block's 64 heads (64 KB) and the first tile's rows, in flight together.
+  {
+    const unsigned char* qg = static_cast<const unsigned char*>(a.q) + (b * a.heads + h0) * kD * 2;
+    for (int c = tid; c < kHeads64 * (kD / 8); c += kThreads64) {
+      const int h = c / (kD / 8), piece = c % (kD / 8);
+      const uint32_t dst = smem_addr(q_s + h * kKPitch + piece * 8);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(qg + (h * kD + piece * 8) * 2)
+                   : "memory");
+    }
+  }
+  if (tid < kHeads64) m_s[tid] = -INFINITY, den_s[tid] = 0.f;
+  if (t0 < t1) sources(t0, 0);
+  __syncthreads();
+  if (t0 < t1) request(0);
+  cp_async_wait_all();
+  __syncthreads();
+
+  float o[16][4];  // heads hw + g (+8) x dims 128 (warp / 4) + 8j + 2q (+1)
+#pragma unroll
+  for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  const int mi = lane / 8, ri = lane % 8;
+  int buf = 0;
+  for (int64_t t = t0; t < t1; ++t, buf ^= 1) {
+    // 1. widen tile t (its raw rows are in raw_s); the next tile's sources
+    const unsigned char* const* srcs = src_s + buf * kKeys;
+    for (int c = tid; c < kKeys * (kD / 8); c += kThreads64) {
+      const int row = c / (kD / 8), piece = c % (kD / 8);
+      const unsigned char* r = raw_s + row * kRowBytes;
+      uint4 out = make_uint4(0, 0, 0, 0);
+      if (srcs[row]) {
+        if (piece * 8 < kNope) {
+          const uint2 v = *reinterpret_cast<const uint2*>(r + piece * 8);
+          const float sc = e8m0_to_f32(r[kScaleAt + piece / 8]);
+          float f[8];
+          e4m3x8_to_f32(v, f);
+          out = make_uint4(pack_bf16x2(f[0] * sc, f[1] * sc), pack_bf16x2(f[2] * sc, f[3] * sc),
+                           pack_bf16x2(f[4] * sc, f[5] * sc), pack_bf16x2(f[6] * sc, f[7] * sc));
+        } else {
+          const uint2* v = reinterpret_cast<const uint2*>(r + kNope + (piece * 8 - kNope) * 2);
+          const uint2 lo = v[0], hi = v[1];
+          out = make_uint4(lo.x, lo.y, hi.x, hi.y);
+        }
+      }
+      *reinterpret_cast<uint4*>(k_s + row * kKPitch + piece * 8) = out;
+    }
+    if (t + 1 < t1) sources(t + 1, buf ^ 1);
+    __syncthreads();
+    // 2. the next tile's raw rows, while this one is multiplied
+    if (t + 1 < t1) request(buf ^ 1);
+    // 3. S for heads hw.., keys 16 (warp / 4) .. + 15
+    {
+      const int key0 = 16 * (warp / 4);
+      float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll 8
+      for (int s = 0; s < kD / 16; ++s) {
+        uint32_t qa[4], kb[4];
+        ldmatrix_x4(qa, smem_addr(q_s + (hw + (lane % 16)) * kKPitch + s * 16 + (lane / 16) * 8));
+        // matrices: keys 0-7 / dims 0-7, keys 0-7 / dims 8-15, keys 8-15 / dims 0-7, keys 8-15 / dims 8-15
+        ldmatrix_x4(kb, smem_addr(k_s + (key0 + (mi / 2) * 8 + ri) * kKPitch + s * 16 + (mi % 2) * 8));
+        mma_bf16_16x8x16(qa, kb[0], kb[1], c[0]);
+        mma_bf16_16x8x16(qa, kb[2], kb[3], c[1]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        float* sp = s_s + (hw + g) * kSPitch64 + key0 + 8 * nt + 2 * q;
+        *reinterpret_cast<float2*>(sp) = make_float2(c[nt][0], c[nt][1]);
+        *reinterpret_cast<float2*>(sp + 8 * kSPitch64) = make_float2(c[nt][2], c[nt][3]);
+      }
+    }
+    __syncthreads();
+    // 4. online softmax: lane owns head 4 warp + lane / 8, keys 8 (lane % 8) .. + 7
+    {
+      const int head = 4 * warp + lane / 8, part = lane % 8;
+      const int* valid = valid_s + buf * kKeys;
+      float z[8], mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int key = 8 * part + i;
+        z[i] = valid[key] ? s_s[head * kSPitch64 + key] * a.scale : -INFINITY;
+        mx = fmaxf(mx, z[i]);
+      }
+#pragma unroll
+      for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_run = m_s[head];
+      const float m_new = fmaxf(m_run, mx);
+      const float m_safe = isfinite(m_new) ? m_new : 0.f;
+      const float alpha = expf(m_run - m_safe);
+      float psum = 0.f;
+      uint32_t pb[4];
+#pragma unroll
+      for (int i = 0; i < 8; i += 2) {
+        const float p0 = expf(z[i] - m_safe), p1 = expf(z[i + 1] - m_safe);
+        psum += p0 + p1;
+        pb[i / 2] = pack_bf16x2(p0, p1);
+      }
+#pragma unroll
+      for (int off = 1; off < 8; off <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
+      *reinterpret_cast<uint4*>(p_s + head * kPPitch + 8 * part) = make_uint4(pb[0], pb[1], pb[2], pb[3]);
+      __syncwarp();  // every lane has read m_s[head] before lane 8x writes it
+      if (part == 0) {
+        den_s[head] = den_s[head] * alpha + psum;
+        m_s[head] = m_new;
+        alpha_s[head] = alpha;
+      }
+    }
+    __syncthreads();
+    // 5. O = alpha O + P V over the warp's heads and 128 dims: 4 k16 steps over the keys x 16 dim groups of 8
+    {
+      const int d0 = 128 * (warp / 4);
+      const float al = alpha_s[hw + g], ah = alpha_s[hw + g + 8];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) o[j][0] *= al, o[j][1] *= al, o[j][2] *= ah, o[j][3] *= ah;
+#pragma unroll
+      for (int s = 0; s < kKeys / 16; ++s) {
+        uint32_t pa[4];
+        ldmatrix_x4(pa, smem_addr(p_s + (hw + (lane % 16)) * kPPitch + s * 16 + (lane / 16) * 8));
+#pragma unroll
+        for (int j = 0; j < 16; j += 2) {
+          uint32_t vb[4];  // keys 16s..16s+15; dims of groups j (vb[0], vb[1]) and j + 1 (vb[2], vb[3])
+          ldmatrix_x4_trans(vb, smem_addr(k_s + (16 * s + (mi % 2) * 8 + ri) * kKPitch + d0 + 8 * j + (mi / 2) * 8));
+          mma_bf16_16x8x16(pa, vb[0], vb[1], o[j]);
+          mma_bf16_16x8x16(pa, vb[2], vb[3], o[j + 1]);
+        }
+      }
+    }
+    cp_async_wait_all();
+    __syncthreads();  // k_s and p_s read; the next tile's raw rows have landed
+  }
+
+  // The split's unnormalised output and (running max, denominator) per head.
+  float* po = a.part_o + ((b * a.splits + split) * a.heads + h0 + hw) * kD + 128 * (warp / 4);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    *reinterpret_cast<float2*>(po + g * kD + 8 * j + 2 * q) = make_float2(o[j][0], o[j][1]);
+    *reinterpret_cast<float2*>(po + (g + 8) * kD + 8 * j + 2 * q) = make_float2(o[j][2], o[j][3]);
+  }
+  if (tid < kHeads64) {
+    float* ml = a.part_ml + ((b * a.splits + split) * a.heads + h0 + tid) * 2;
+    ml[0] = m_s[tid];
+    ml[1] = den_s[tid];
+  }
+}
+
 // out[b, h] = bf16(sum_s O_s w_s / (sum_s den_s w_s + exp(sink_h - M))), w_s = exp(m_s - M), M the largest m_s
 // (0 where every key was masked: the output is then 0, as the reference's 0 / inf).
 __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const SparseMlaDecodeArgs a) {
@@ -292,6 +511,12 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const SparseMla
 
 }  // namespace
 
+bool sparse_mla_uses_64_heads(int64_t heads) {
+  // DSV4_FFI_SPARSE_DECODE=16 goes back to the 16-head kernel (an A/B knob, read at every launch).
+  const char* v = std::getenv("DSV4_FFI_SPARSE_DECODE");
+  return heads % kHeads64 == 0 && !(v != nullptr && std::strcmp(v, "16") == 0);
+}
+
 cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t stream) {
   if (a.batch == 0) return cudaSuccess;
   // The shared-memory opt-in is per device (an expert-parallel process drives several).
@@ -299,19 +524,27 @@ cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t 
   int dev = 0;
   if (const cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
   if (dev >= 64 || !opted_in[dev].load()) {
-    const cudaError_t e =
+    cudaError_t e =
         cudaFuncSetAttribute(sparse_mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (e == cudaSuccess)
+      e = cudaFuncSetAttribute(sparse_mla_decode64_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes64);
     if (e != cudaSuccess) return e;
     if (dev < 64) opted_in[dev].store(true);
   }
+  const bool wide = sparse_mla_uses_64_heads(a.heads);
   if (a.q_per_src < 1 || a.batch % a.q_per_src != 0) return cudaErrorInvalidValue;
   constexpr int64_t kMaxGridRows = 65535;  // gridDim.y / z
   for (int64_t r0 = 0; r0 < a.batch; r0 += kMaxGridRows) {
     SparseMlaDecodeArgs c = a;
     c.row0 = r0;
     const unsigned rows = static_cast<unsigned>(a.batch - r0 < kMaxGridRows ? a.batch - r0 : kMaxGridRows);
-    const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads), rows);
-    sparse_mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(c);
+    if (wide) {
+      const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads64), rows);
+      sparse_mla_decode64_kernel<<<grid, kThreads64, kSmemBytes64, stream>>>(c);
+    } else {
+      const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads), rows);
+      sparse_mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(c);
+    }
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     sparse_mla_combine_kernel<<<dim3(static_cast<unsigned>(a.heads), rows), 128, 0, stream>>>(c);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
