@@ -277,7 +277,8 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
 //   2. the next tile's raw rows requested;
 //   3. S = Q K^T: warp w takes heads 16 (w % 4) .. + 15 and keys 16 (w / 4) .. + 15 over all 512 dims (fp32 sums);
 //   4. the online softmax (warp w: heads 4w .. 4w + 3), the same arithmetic as the kernel above;
-//   5. O = alpha O + P V: warp w owns heads 16 (w % 4) .. + 15 x dims 128 (w / 4) .. + 127.
+//   5. O = alpha O + P V: warp w owns all 64 heads x dims 32w .. 32w + 31 (each V element read by one warp).
+// The index lists are read a tile ahead of the rows they name.
 // Numerics: those of the kernel above except the fp32 order of a score's 512-term sum (one accumulator here).
 constexpr int kHeads64 = 64;
 constexpr int kWarps64 = 16, kThreads64 = 32 * kWarps64;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
   const int split = blockIdx.x, h0 = blockIdx.y * kHeads64;
   const int64_t b = a.row0 + blockIdx.z, sb = b / a.q_per_src;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
-  const int hw = 16 * (warp % 4);  // the warp's heads (within the block) for S and for O
+  const int hw = 16 * (warp % 4);  // the warp's heads (within the block) for S
   const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
   const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
   const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
@@ -320,11 +321,14 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
   const unsigned char* extra = a.extra ? a.extra + sb * a.n_extra * kRowBytes : nullptr;
   const int32_t* idx = a.idx + b * a.n_idx;
 
-  // Where tile t's key rows live (threads < 64; null: no row; a -1 entry is masked later).
-  auto sources = [&](int64_t t, int buf) {
+  // Where tile t's key rows live (threads < 64, from the index r of its key tid; null: no row; a -1 entry is masked
+  // later). The indices are read a tile ahead of this (idx_of), so their latency hides behind a tile's work.
+  auto idx_of = [&](int64_t t) -> int32_t {
+    const int64_t col = t * kKeys + tid;
+    return tid < kKeys && t < t1 && col < a.n_idx ? idx[col] : -1;
+  };
+  auto sources = [&](int64_t r, int buf) {
     if (tid < kKeys) {
-      const int64_t col = t * kKeys + tid;
-      const int64_t r = col < a.n_idx ? idx[col] : -1;
       const unsigned char* src = nullptr;
       if (r >= 0 && r < a.window) src = ring + r * kRowBytes;
       else if (r >= a.window && r - a.window < a.cap && ent) src = ent + (r - a.window) * kRowBytes;
@@ -354,15 +358,18 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
     }
   }
   if (tid < kHeads64) m_s[tid] = -INFINITY, den_s[tid] = 0.f;
-  if (t0 < t1) sources(t0, 0);
+  if (t0 < t1) sources(idx_of(t0), 0);
+  int32_t idx_next = idx_of(t0 + 1);
   __syncthreads();
   if (t0 < t1) request(0);
   cp_async_wait_all();
   __syncthreads();
 
-  float o[16][4];  // heads hw + g (+8) x dims 128 (warp / 4) + 8j + 2q (+1)
+  float o[4][4][4];  // [m-tile: heads 16 mt + g (+8)][dims 32 warp + 8 j + 2q (+1)]
 #pragma unroll
-  for (int j = 0; j < 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
   const int mi = lane / 8, ri = lane % 8;
   int buf = 0;
   for (int64_t t = t0; t < t1; ++t, buf ^= 1) {
@@ -388,7 +395,8 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
       }
       *reinterpret_cast<uint4*>(k_s + row * kKPitch + piece * 8) = out;
     }
-    if (t + 1 < t1) sources(t + 1, buf ^ 1);
+    if (t + 1 < t1) sources(idx_next, buf ^ 1);
+    idx_next = idx_of(t + 2);
     __syncthreads();
     // 2. the next tile's raw rows, while this one is multiplied
     if (t + 1 < t1) request(buf ^ 1);
@@ -396,7 +404,7 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
     {
       const int key0 = 16 * (warp / 4);
       float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll 8
+#pragma unroll 4
       for (int s = 0; s < kD / 16; ++s) {
         uint32_t qa[4], kb[4];
         ldmatrix_x4(qa, smem_addr(q_s + (hw + (lane % 16)) * kKPitch + s * 16 + (lane / 16) * 8));
@@ -449,22 +457,32 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
       }
     }
     __syncthreads();
-    // 5. O = alpha O + P V over the warp's heads and 128 dims: 4 k16 steps over the keys x 16 dim groups of 8
+    // 5. O = alpha O + P V over all 64 heads and the warp's 32 dims: 4 k16 steps over the keys (P read once per
+    // warp, each V element by one warp)
     {
-      const int d0 = 128 * (warp / 4);
-      const float al = alpha_s[hw + g], ah = alpha_s[hw + g + 8];
+      const int d0 = 32 * warp;
 #pragma unroll
-      for (int j = 0; j < 16; ++j) o[j][0] *= al, o[j][1] *= al, o[j][2] *= ah, o[j][3] *= ah;
+      for (int mt = 0; mt < 4; ++mt) {
+        const float al = alpha_s[16 * mt + g], ah = alpha_s[16 * mt + g + 8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[mt][j][0] *= al, o[mt][j][1] *= al, o[mt][j][2] *= ah, o[mt][j][3] *= ah;
+      }
 #pragma unroll
       for (int s = 0; s < kKeys / 16; ++s) {
-        uint32_t pa[4];
-        ldmatrix_x4(pa, smem_addr(p_s + (hw + (lane % 16)) * kPPitch + s * 16 + (lane / 16) * 8));
+        uint32_t vb[2][4];  // keys 16s..16s+15; dims of groups 2jj (vb[jj][0..1]) and 2jj + 1 (vb[jj][2..3])
 #pragma unroll
-        for (int j = 0; j < 16; j += 2) {
-          uint32_t vb[4];  // keys 16s..16s+15; dims of groups j (vb[0], vb[1]) and j + 1 (vb[2], vb[3])
-          ldmatrix_x4_trans(vb, smem_addr(k_s + (16 * s + (mi % 2) * 8 + ri) * kKPitch + d0 + 8 * j + (mi / 2) * 8));
-          mma_bf16_16x8x16(pa, vb[0], vb[1], o[j]);
-          mma_bf16_16x8x16(pa, vb[2], vb[3], o[j + 1]);
+        for (int jj = 0; jj < 2; ++jj)
+          ldmatrix_x4_trans(vb[jj],
+                            smem_addr(k_s + (16 * s + (mi % 2) * 8 + ri) * kKPitch + d0 + 16 * jj + (mi / 2) * 8));
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          uint32_t pa[4];
+          ldmatrix_x4(pa, smem_addr(p_s + (16 * mt + (lane % 16)) * kPPitch + s * 16 + (lane / 16) * 8));
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            mma_bf16_16x8x16(pa, vb[jj][0], vb[jj][1], o[mt][2 * jj]);
+            mma_bf16_16x8x16(pa, vb[jj][2], vb[jj][3], o[mt][2 * jj + 1]);
+          }
         }
       }
     }
@@ -473,12 +491,14 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
   }
 
   // The split's unnormalised output and (running max, denominator) per head.
-  float* po = a.part_o + ((b * a.splits + split) * a.heads + h0 + hw) * kD + 128 * (warp / 4);
+  float* po = a.part_o + ((b * a.splits + split) * a.heads + h0) * kD + 32 * warp;
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    *reinterpret_cast<float2*>(po + g * kD + 8 * j + 2 * q) = make_float2(o[j][0], o[j][1]);
-    *reinterpret_cast<float2*>(po + (g + 8) * kD + 8 * j + 2 * q) = make_float2(o[j][2], o[j][3]);
-  }
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<float2*>(po + (16 * mt + g) * kD + 8 * j + 2 * q) = make_float2(o[mt][j][0], o[mt][j][1]);
+      *reinterpret_cast<float2*>(po + (16 * mt + g + 8) * kD + 8 * j + 2 * q) = make_float2(o[mt][j][2], o[mt][j][3]);
+    }
   if (tid < kHeads64) {
     float* ml = a.part_ml + ((b * a.splits + split) * a.heads + h0 + tid) * 2;
     ml[0] = m_s[tid];
