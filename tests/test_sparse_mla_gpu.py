@@ -98,6 +98,26 @@ def test_sparse_decode_kernel_vs_reference(ffi, batch, heads, cap, n_extra, n_co
         assert not got[1].any() and not ref[1].any()
 
 
+@pytest.mark.parametrize("heads,force16", [(32, False), (64, True)])
+def test_sparse_decode_16_head_kernel(ffi, monkeypatch, heads, force16):
+    """The 16-head kernel: heads not a multiple of 64 (32 heads), and 64 heads with DSV4_FFI_SPARSE_DECODE=16 (read at
+    launch); the bounds above, and at 64 heads the 64-head kernel's output within rounding of it."""
+    scale = D**-0.5
+    args = _case(11 + heads, 3, heads, 300, 1, 512)
+    ref = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="reference")))
+    if force16:
+        wide = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="ffi")))
+        monkeypatch.setenv("DSV4_FFI_SPARSE_DECODE", "16")
+    poison()
+    got = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="ffi")))
+    exact = _exact(*args, scale)
+    assert rel_rms(got, exact) <= 1.5 * rel_rms(ref, exact) + 2**-9
+    assert rel_rms(got, ref) <= 2**-8
+    assert not got[1].any()  # row 1 has no key
+    if force16:
+        assert rel_rms(wide, got) <= 2**-8
+
+
 def test_sparse_decode_kernel_plain_entries_and_no_extra(ffi):
     """Entries as one layer's plain array (no stack, no layer index) and no completed entries; a window-only layer
     (no entries at all)."""

@@ -92,6 +92,91 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// Where the key row an index r names lives: the window ring (r < window), the cached compressed entries, this
+// step's completed entries; null where it names no row (the reference gathers zeros there and still counts the key).
+struct RowSources {
+  const unsigned char *ring, *ent, *extra;
+  int64_t window, cap, n_extra;
+  __device__ __forceinline__ const unsigned char* operator()(int64_t r) const {
+    if (r >= 0 && r < window) return ring + r * kRowBytes;
+    if (r >= window && r - window < cap && ent) return ent + (r - window) * kRowBytes;
+    if (r >= window + cap && r - window - cap < n_extra && extra) return extra + (r - window - cap) * kRowBytes;
+    return nullptr;
+  }
+};
+
+// The sources of query row b's keys: those of batch row b / q_per_src.
+__device__ __forceinline__ RowSources row_sources(const SparseMlaDecodeArgs& a, int64_t b) {
+  const int64_t sb = b / a.q_per_src, layer = a.layer ? a.layer[0] : 0, src_batch = a.batch / a.q_per_src;
+  return {a.ring + sb * a.window * kRowBytes,
+          a.entries ? a.entries + (layer * src_batch + sb) * a.cap * kRowBytes : nullptr,
+          a.extra ? a.extra + sb * a.n_extra * kRowBytes : nullptr,
+          a.window,
+          a.cap,
+          a.n_extra};
+}
+
+// A tile's 64 raw rows copied into raw_s (cp.async, 8-byte pieces; rows without a source are left as they are).
+template <int NT>
+__device__ __forceinline__ void request_rows(const unsigned char* const* srcs, unsigned char* raw_s, int tid) {
+  for (int c = tid; c < kKeys * kChunks; c += NT) {
+    const int row = c / kChunks, piece = c % kChunks;
+    const unsigned char* src = srcs[row];
+    if (src) cp_async8(smem_addr(raw_s + row * kRowBytes + piece * 8), src + piece * 8);
+  }
+}
+
+// The raw rows widened to bf16 rows of k_s: 64 pieces of 8 values per row (56 NoPE pieces of e4m3 x scale, 8 RoPE
+// pieces copied); zeros for rows without a source.
+template <int NT>
+__device__ __forceinline__ void widen_rows(const unsigned char* raw_s, const unsigned char* const* srcs,
+                                           __nv_bfloat16* k_s, int tid) {
+  for (int c = tid; c < kKeys * (kD / 8); c += NT) {
+    const int row = c / (kD / 8), piece = c % (kD / 8);
+    const unsigned char* r = raw_s + row * kRowBytes;
+    uint4 out = make_uint4(0, 0, 0, 0);
+    if (srcs[row]) {
+      if (piece * 8 < kNope) {
+        const uint2 v = *reinterpret_cast<const uint2*>(r + piece * 8);
+        const float sc = e8m0_to_f32(r[kScaleAt + piece / 8]);
+        float f[8];
+        e4m3x8_to_f32(v, f);
+        out = make_uint4(pack_bf16x2(f[0] * sc, f[1] * sc), pack_bf16x2(f[2] * sc, f[3] * sc),
+                         pack_bf16x2(f[4] * sc, f[5] * sc), pack_bf16x2(f[6] * sc, f[7] * sc));
+      } else {
+        const uint2* v = reinterpret_cast<const uint2*>(r + kNope + (piece * 8 - kNope) * 2);
+        const uint2 lo = v[0], hi = v[1];
+        out = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      }
+    }
+    *reinterpret_cast<uint4*>(k_s + row * kKPitch + piece * 8) = out;
+  }
+}
+
+// One tile of the reference's online softmax for one head, 8 lanes of a warp holding 8 scores z each (-inf: masked):
+// the running max m_run -> m_new, alpha = exp(m_run - m_new), p = exp(z - m_new) rounded to bf16 in pb (for PV) and
+// the unrounded p summed into psum over the 8 lanes (a max of -inf counts as 0).
+__device__ __forceinline__ void softmax_tile8(const float z[8], float m_run, float& m_new, float& alpha,
+                                              uint32_t pb[4], float& psum) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) mx = fmaxf(mx, z[i]);
+#pragma unroll
+  for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  m_new = fmaxf(m_run, mx);
+  const float m_safe = isfinite(m_new) ? m_new : 0.f;
+  alpha = expf(m_run - m_safe);
+  psum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; i += 2) {
+    const float p0 = expf(z[i] - m_safe), p1 = expf(z[i + 1] - m_safe);
+    psum += p0 + p1;
+    pb[i / 2] = pack_bf16x2(p0, p1);
+  }
+#pragma unroll
+  for (int off = 1; off < 8; off <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
+}
+
 __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const SparseMlaDecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -103,17 +188,13 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
   float* alpha_s = reinterpret_cast<float*>(smem + kAlphaAt);
 
   const int split = blockIdx.x, h0 = blockIdx.y * kHeads;
-  const int64_t b = a.row0 + blockIdx.z, sb = b / a.q_per_src;  // query row, its sources' batch row
+  const int64_t b = a.row0 + blockIdx.z;  // the query row
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
   const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
   const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
 
-  const int64_t layer = a.layer ? a.layer[0] : 0;
-  const int64_t src_batch = a.batch / a.q_per_src;
-  const unsigned char* ring = a.ring + sb * a.window * kRowBytes;
-  const unsigned char* ent = a.entries ? a.entries + (layer * src_batch + sb) * a.cap * kRowBytes : nullptr;
-  const unsigned char* extra = a.extra ? a.extra + sb * a.n_extra * kRowBytes : nullptr;
+  const RowSources sources = row_sources(a, b);
   const int32_t* idx = a.idx + b * a.n_idx;
 
   // The warp's Q fragments: heads h0 + g and h0 + g + 8, its 128 dims, as 8 k16 steps (A operand, row-major).
@@ -142,44 +223,14 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
     if (tid < kKeys) {  // 1. where each key row lives (null: no row; a -1 entry is masked below)
       const int64_t col = t * kKeys + tid;
       const int64_t r = col < a.n_idx ? idx[col] : -1;
-      const unsigned char* src = nullptr;
-      if (r >= 0 && r < a.window) src = ring + r * kRowBytes;
-      else if (r >= a.window && r - a.window < a.cap && ent) src = ent + (r - a.window) * kRowBytes;
-      else if (r >= a.window + a.cap && r - a.window - a.cap < a.n_extra && extra)
-        src = extra + (r - a.window - a.cap) * kRowBytes;
-      src_s[tid] = src;
-      // An index >= 0 is a key even where it names no row (the reference gathers zeros and still counts it).
-      valid_s[tid] = r >= 0;
+      src_s[tid] = sources(r);
+      valid_s[tid] = r >= 0;  // an index >= 0 is a key even where it names no row
     }
     __syncthreads();
-    for (int c = tid; c < kKeys * kChunks; c += kThreads) {
-      const int row = c / kChunks, piece = c % kChunks;
-      const unsigned char* src = src_s[row];
-      if (src) cp_async8(smem_addr(raw_s + row * kRowBytes + piece * 8), src + piece * 8);
-    }
+    request_rows<kThreads>(src_s, raw_s, tid);
     cp_async_wait_all();
     __syncthreads();
-    // 2. widen: 64 pieces of 8 values per row (56 NoPE pieces of e4m3 x scale, 8 RoPE pieces copied).
-    for (int c = tid; c < kKeys * (kD / 8); c += kThreads) {
-      const int row = c / (kD / 8), piece = c % (kD / 8);
-      const unsigned char* r = raw_s + row * kRowBytes;
-      uint4 out = make_uint4(0, 0, 0, 0);
-      if (src_s[row]) {
-        if (piece * 8 < kNope) {
-          const uint2 v = *reinterpret_cast<const uint2*>(r + piece * 8);
-          const float s = e8m0_to_f32(r[kScaleAt + piece / 8]);
-          float f[8];
-          e4m3x8_to_f32(v, f);
-          out = make_uint4(pack_bf16x2(f[0] * s, f[1] * s), pack_bf16x2(f[2] * s, f[3] * s),
-                           pack_bf16x2(f[4] * s, f[5] * s), pack_bf16x2(f[6] * s, f[7] * s));
-        } else {
-          const uint2* v = reinterpret_cast<const uint2*>(r + kNope + (piece * 8 - kNope) * 2);
-          const uint2 lo = v[0], hi = v[1];
-          out = make_uint4(lo.x, lo.y, hi.x, hi.y);
-        }
-      }
-      *reinterpret_cast<uint4*>(k_s + row * kKPitch + piece * 8) = out;
-    }
+    widen_rows<kThreads>(raw_s, src_s, k_s, tid);  // 2.
     __syncthreads();
     // 3. partial scores of the warp's dims: 8 key groups of 8 x 8 k16 steps.
     {
@@ -202,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
     __syncthreads();
     // 4. online softmax: thread owns head sm_head, keys 8 sm_part .. + 7.
     {
-      float z[8], mx = -INFINITY;
+      float z[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int key = 8 * sm_part + i;
@@ -210,26 +261,13 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) acc += spart_s[(w * kHeads + sm_head) * kSPitch + key];
         z[i] = valid_s[key] ? acc * a.scale : -INFINITY;
-        mx = fmaxf(mx, z[i]);
       }
-#pragma unroll
-      for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_new = fmaxf(m_run, mx);
-      const float m_safe = isfinite(m_new) ? m_new : 0.f;
-      const float alpha = expf(m_run - m_safe);
-      float psum = 0.f;
+      float m_new, alpha, psum;
       uint32_t pb[4];
-#pragma unroll
-      for (int i = 0; i < 8; i += 2) {
-        const float p0 = expf(z[i] - m_safe), p1 = expf(z[i + 1] - m_safe);
-        psum += p0 + p1;
-        pb[i / 2] = pack_bf16x2(p0, p1);
-      }
-#pragma unroll
-      for (int off = 1; off < 8; off <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
+      softmax_tile8(z, m_run, m_new, alpha, pb, psum);
       den = den * alpha + psum;
       m_run = m_new;
-          *reinterpret_cast<uint4*>(p_s + sm_head * kPPitch + 8 * sm_part) = make_uint4(pb[0], pb[1], pb[2], pb[3]);
+      *reinterpret_cast<uint4*>(p_s + sm_head * kPPitch + 8 * sm_part) = make_uint4(pb[0], pb[1], pb[2], pb[3]);
       if (sm_part == 0) alpha_s[sm_head] = alpha;
     }
     __syncthreads();
@@ -307,43 +345,30 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
   float* alpha_s = den_s + kHeads64;
 
   const int split = blockIdx.x, h0 = blockIdx.y * kHeads64;
-  const int64_t b = a.row0 + blockIdx.z, sb = b / a.q_per_src;
+  const int64_t b = a.row0 + blockIdx.z;  // the query row
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int hw = 16 * (warp % 4);  // the warp's heads (within the block) for S
   const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
   const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
   const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
 
-  const int64_t layer = a.layer ? a.layer[0] : 0;
-  const int64_t src_batch = a.batch / a.q_per_src;
-  const unsigned char* ring = a.ring + sb * a.window * kRowBytes;
-  const unsigned char* ent = a.entries ? a.entries + (layer * src_batch + sb) * a.cap * kRowBytes : nullptr;
-  const unsigned char* extra = a.extra ? a.extra + sb * a.n_extra * kRowBytes : nullptr;
+  const RowSources row_of = row_sources(a, b);
   const int32_t* idx = a.idx + b * a.n_idx;
 
-  // Where tile t's key rows live (threads < 64, from the index r of its key tid; null: no row; a -1 entry is masked
-  // later). The indices are read a tile ahead of this (idx_of), so their latency hides behind a tile's work.
+  // The index of key tid of tile t (threads < 64; -1 past the run or the list), read a tile before its rows are
+  // requested so that its latency hides behind a tile's work; sources() turns it into the row's address.
   auto idx_of = [&](int64_t t) -> int32_t {
     const int64_t col = t * kKeys + tid;
     return tid < kKeys && t < t1 && col < a.n_idx ? idx[col] : -1;
   };
   auto sources = [&](int64_t r, int buf) {
     if (tid < kKeys) {
-      const unsigned char* src = nullptr;
-      if (r >= 0 && r < a.window) src = ring + r * kRowBytes;
-      else if (r >= a.window && r - a.window < a.cap && ent) src = ent + (r - a.window) * kRowBytes;
-      else if (r >= a.window + a.cap && r - a.window - a.cap < a.n_extra && extra)
-        src = extra + (r - a.window - a.cap) * kRowBytes;
-      src_s[buf * kKeys + tid] = src;
-      valid_s[buf * kKeys + tid] = r >= 0;  // an index >= 0 is a key even where it names no row (zeros, counted)
+      src_s[buf * kKeys + tid] = row_of(r);
+      valid_s[buf * kKeys + tid] = r >= 0;  // an index >= 0 is a key even where it names no row
     }
   };
-  auto request = [&](int buf) {  // the raw rows of the tile whose sources are in buffer buf
-    for (int c = tid; c < kKeys * kChunks; c += kThreads64) {
-      const int row = c / kChunks, piece = c % kChunks;
-      const unsigned char* src = src_s[buf * kKeys + row];
-      if (src) cp_async8(smem_addr(raw_s + row * kRowBytes + piece * 8), src + piece * 8);
-    }
+  auto request = [&](int buf) {
+    request_rows<kThreads64>(src_s + buf * kKeys, raw_s, tid);
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   };
 
@@ -374,27 +399,7 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
   int buf = 0;
   for (int64_t t = t0; t < t1; ++t, buf ^= 1) {
     // 1. widen tile t (its raw rows are in raw_s); the next tile's sources
-    const unsigned char* const* srcs = src_s + buf * kKeys;
-    for (int c = tid; c < kKeys * (kD / 8); c += kThreads64) {
-      const int row = c / (kD / 8), piece = c % (kD / 8);
-      const unsigned char* r = raw_s + row * kRowBytes;
-      uint4 out = make_uint4(0, 0, 0, 0);
-      if (srcs[row]) {
-        if (piece * 8 < kNope) {
-          const uint2 v = *reinterpret_cast<const uint2*>(r + piece * 8);
-          const float sc = e8m0_to_f32(r[kScaleAt + piece / 8]);
-          float f[8];
-          e4m3x8_to_f32(v, f);
-          out = make_uint4(pack_bf16x2(f[0] * sc, f[1] * sc), pack_bf16x2(f[2] * sc, f[3] * sc),
-                           pack_bf16x2(f[4] * sc, f[5] * sc), pack_bf16x2(f[6] * sc, f[7] * sc));
-        } else {
-          const uint2* v = reinterpret_cast<const uint2*>(r + kNope + (piece * 8 - kNope) * 2);
-          const uint2 lo = v[0], hi = v[1];
-          out = make_uint4(lo.x, lo.y, hi.x, hi.y);
-        }
-      }
-      *reinterpret_cast<uint4*>(k_s + row * kKPitch + piece * 8) = out;
-    }
+    widen_rows<kThreads64>(raw_s, src_s + buf * kKeys, k_s, tid);
     if (t + 1 < t1) sources(idx_next, buf ^ 1);
     idx_next = idx_of(t + 2);
     __syncthreads();
@@ -425,29 +430,15 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
     {
       const int head = 4 * warp + lane / 8, part = lane % 8;
       const int* valid = valid_s + buf * kKeys;
-      float z[8], mx = -INFINITY;
+      float z[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int key = 8 * part + i;
         z[i] = valid[key] ? s_s[head * kSPitch64 + key] * a.scale : -INFINITY;
-        mx = fmaxf(mx, z[i]);
       }
-#pragma unroll
-      for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_run = m_s[head];
-      const float m_new = fmaxf(m_run, mx);
-      const float m_safe = isfinite(m_new) ? m_new : 0.f;
-      const float alpha = expf(m_run - m_safe);
-      float psum = 0.f;
+      float m_new, alpha, psum;
       uint32_t pb[4];
-#pragma unroll
-      for (int i = 0; i < 8; i += 2) {
-        const float p0 = expf(z[i] - m_safe), p1 = expf(z[i + 1] - m_safe);
-        psum += p0 + p1;
-        pb[i / 2] = pack_bf16x2(p0, p1);
-      }
-#pragma unroll
-      for (int off = 1; off < 8; off <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
+      softmax_tile8(z, m_s[head], m_new, alpha, pb, psum);
       *reinterpret_cast<uint4*>(p_s + head * kPPitch + 8 * part) = make_uint4(pb[0], pb[1], pb[2], pb[3]);
       __syncwarp();  // every lane has read m_s[head] before lane 8x writes it
       if (part == 0) {
