@@ -333,25 +333,25 @@ def _ptxas_entries(log: str):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
 def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
-    """The MXFP4 decode kernels (fp4_gemv_kernels.cu: the fused gate/up + SwiGLU and the plain GEMV/down projection
-    of every variant: the ring kernels (one- and eight-token passes, table and bit-placement conversions) and the
-    wgmma kernels (f16 "wg" and FP8 "wg8", 1/2/4/8 tokens per pass; "wgb", fused and plain)) compile for sm_90a, and
-    ptxas reports no local-memory spills for any of them (a spill in the weight stream costs bandwidth), within the
-    register budgets of their occupancy targets: ring and wgb <= 128 (two blocks of 256 threads per SM), wg <= 168
-    (three blocks of 128 threads). No DeepGEMM needed."""
-
-    log = _ptxas_log("fp4_gemv_kernels.cu", ("gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh"), "fp4_gemv_kernels")
-    found = {}
-    for name, regs in _ptxas_entries(log):
-        kinds = {"fp4_wgb_kernel": "wgb", "fp4_wg_kernel": "wg", "fp4_gemv_kernel": "ring"}
-        kind = next((v for key, v in kinds.items() if key in name), None)
-        if kind is None:
-            continue
-        limit = 168 if kind == "wg" else 128  # wgb: two blocks of 256 threads per SM, as ring
-        assert regs <= limit, f"{name} uses {regs} registers (> {limit}: below its occupancy target)"
-        found[kind] = found.get(kind, 0) + 1
-    want = {"ring": 8, "wg": 16, "wgb": 2}
-    assert found == want, f"expected instantiations {want}, found {found}:\n{log[-3000:]}"
+    """The MXFP4 decode kernels (the fused gate/up + SwiGLU and the plain GEMV/down projection of every variant:
+    fp4_gemv_kernels.cu's ring kernels (one- and eight-token passes, table and bit-placement conversions) and wgmma
+    kernels (f16 "wg" and FP8 "wg8", 1/2/4/8 tokens per pass), fp4_wgb_kernels.cu's "wgb" kernels) compile for
+    sm_90a, and ptxas reports no local-memory spills for any of them (a spill in the weight stream costs bandwidth),
+    within the register budgets of their occupancy targets: ring and wgb <= 128 (two blocks of 256 threads per SM), wg
+    <= 168 (three blocks of 128 threads). No DeepGEMM needed."""
+    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh")
+    kinds = {"fp4_wgb_kernel": "wgb", "fp4_wg_kernel": "wg", "fp4_gemv_kernel": "ring"}
+    for source, want in (("fp4_gemv_kernels", {"ring": 8, "wg": 16}), ("fp4_wgb_kernels", {"wgb": 2})):
+        log = _ptxas_log(source + ".cu", headers, source)
+        found = {}
+        for name, regs in _ptxas_entries(log):
+            kind = next((v for key, v in kinds.items() if key in name), None)
+            if kind is None:
+                continue
+            limit = 168 if kind == "wg" else 128
+            assert regs <= limit, f"{name} uses {regs} registers (> {limit}: below its occupancy target)"
+            found[kind] = found.get(kind, 0) + 1
+        assert found == want, f"{source}: expected instantiations {want}, found {found}:\n{log[-3000:]}"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")

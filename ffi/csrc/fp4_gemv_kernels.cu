@@ -35,237 +35,10 @@
 #include <type_traits>
 #include <utility>
 
-#include "fp8_convert.cuh"
-#include "gemv_mma.cuh"
-#include "kernels.h"
-#include "wgmma.cuh"
+#include "fp4_gemv_common.cuh"
 
 namespace dsv4ffi {
 namespace {
-
-constexpr int kWarps = 8;
-constexpr int kRows = kMmaRows;              // weight rows per warp tile (16)
-constexpr int kStepK = 128;                  // K per pipeline step: one activation block = 4 weight-scale blocks
-constexpr int kStepBytes = kStepK / 2;       // packed bytes of one row per step
-constexpr int kRowPitch = kStepBytes + 16;   // 80: the 8 rows of an ldmatrix phase land on distinct banks
-constexpr int kActPad = 32;                  // activation row pitch K + 32: the B-fragment loads of 8 tokens
-                                             // take the minimum 2 wavefronts
-constexpr int kMaxSeg = kFp4SegmentRows;     // 8: tokens per weight pass (the mma N)
-
-template <int NW, int TBMAX>
-struct Cfg {
-  // Ring depth: 4 = a warp's whole K slice of four steps in flight at once, except for the fused kernel with an
-  // 8-token activation buffer (33 KB at K = 4096), where 3 keeps two blocks per SM (the register limit anyway).
-  static constexpr int kStages = NW == 2 && TBMAX > 1 ? 3 : 4;
-  static constexpr int kStageW = NW * kRows * kRowPitch;       // weight bytes of a stage
-  static constexpr int kStageBytes = kStageW + NW * kRows * 4; // + one scale word (4 x 32 K) per row
-  static constexpr int kTableBytes = NW * kRows * 16;          // the step's decoded scales, 4 floats per row
-  static constexpr int kWarpBytes = kStages * kStageBytes + kTableBytes;
-  static_assert(kStageBytes % 16 == 0 && kWarpBytes % 16 == 0, "16-byte alignment of the ring");
-};
-
-struct Fp4Params {
-  const uint8_t* x;  // bf16 [x_rows, k]
-  int64_t x_rows;
-  const int32_t* rows_map;
-  const int32_t* group_map;
-  const uint8_t* w0;
-  const uint8_t* s0;
-  const uint8_t* w1;  // fused: the up projection
-  const uint8_t* s1;
-  int64_t groups;
-  __nv_bfloat16* out;
-  int64_t out_rows, n, k;
-  const float* route_w;
-  float limit;
-  int ksplit;
-  int tiles = 1;  // wg kernels: row tiles a block streams in sequence
-};
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t r[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// The same codes as e4m3 bytes of 2^-6 * value, by bit placement alone (DSV4_FFI_FP4_CVT=bits): the magnitude bits
-// (e1 e0 m) go to bits 4-2 and the sign to bit 7, so e2m1 0.5 becomes the e4m3 subnormal 2^-7 and 6 becomes
-// 0x1C = 1.5 * 2^-4. Even elements 0, 2, 4, 6 in `lo`, odd 1, 3, 5, 7 in `hi` (the activation is stored in the same
-// order); the 2^6 goes into the activation scale. Needs tensor cores that keep e4m3 subnormal inputs.
-__device__ __forceinline__ void e2m1x8_to_e4m3_bits(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  lo = ((w << 2) & 0x1C1C1C1Cu) | ((w << 4) & 0x80808080u);
-  hi = ((w >> 2) & 0x1C1C1C1Cu) | (w & 0x80808080u);
-}
-
-// UE8M0 byte b, given as b << 23 -> 2^(b-127) as f32; b = 0 -> 2^-127 (a denormal), b = 255 -> NaN.
-__device__ __forceinline__ float e8m0_at23(uint32_t bits) {
-  uint32_t u = bits < 0x00400000u ? 0x00400000u : bits;
-  u = bits == 0x7F800000u ? 0x7FC00000u : u;
-  return __uint_as_float(u);
-}
-
-// Four UE8M0 bytes (byte j = the scale of 32-wide block j) -> f32.
-__device__ __forceinline__ void e8m0x4(uint32_t s, float f[4]) {
-  f[0] = e8m0_at23((s << 23) & 0x7F800000u);
-  f[1] = e8m0_at23((s << 15) & 0x7F800000u);
-  f[2] = e8m0_at23((s << 7) & 0x7F800000u);
-  f[3] = e8m0_at23((s >> 1) & 0x7F800000u);
-}
-
-// The same, two instructions per byte where no byte is 0 or 255 (the scales of real weights); those go the exact way.
-__device__ __forceinline__ void e8m0x4_fast(uint32_t s, float f[4]) {
-  const uint32_t zero = (s - 0x01010101u) & ~s & 0x80808080u, full = (~s - 0x01010101u) & s & 0x80808080u;
-  if ((zero | full) != 0u) {
-    e8m0x4(s, f);
-    return;
-  }
-  f[0] = __uint_as_float((s << 23) & 0x7F800000u);
-  f[1] = __uint_as_float((s << 15) & 0x7F800000u);
-  f[2] = __uint_as_float((s << 7) & 0x7F800000u);
-  f[3] = __uint_as_float((s >> 1) & 0x7F800000u);
-}
-
-// w * silu(min(g, L)) * clip(u, -L, L) in fp32 in the reference's order (moe.swiglu; no clamp if L <= 0).
-__device__ __forceinline__ float swiglu_weighted(float g, float u, float w, float limit) {
-  if (limit > 0.f) {
-    u = fminf(fmaxf(u, -limit), limit);
-    g = fminf(g, limit);
-  }
-  const float act = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-  return __fmul_rn(w, __fmul_rn(act, u));
-}
-
-// Stores the lane's C fragment (rows n0 + g, n0 + g + 8; segment tokens 2q, 2q+1) of both accumulators.
-template <int NW>
-__device__ __forceinline__ void store_tile(const Fp4Params& p, const float acc[NW][4], int lane, int64_t r0,
-                                          int seg_rows, const int32_t* seg_src, int64_t n0, bool zero) {
-  const int gq = lane / 4, q = lane % 4;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int t = 2 * q + (i & 1);
-    const int64_t col = n0 + gq + 8 * (i >> 1);
-    if (t >= seg_rows || col >= p.n) continue;
-    const int64_t r = r0 + t;
-    float v = 0.f;
-    if (!zero && seg_src[t] >= 0) {
-      if constexpr (NW == 2) {
-        v = swiglu_weighted(bf16_round(acc[0][i]), bf16_round(acc[1][i]), p.route_w[r], p.limit);
-      } else {
-        v = acc[0][i];
-      }
-    }
-    p.out[r * p.n + col] = __float2bfloat16_rn(v);
-  }
-}
-
-// The segment that output row r0 starts, worked out by one warp (call from warp 0, then __syncthreads): output rows
-// form runs of equal groups (any order of pairs; a run of one group is cut into segments of TBMAX rows from its
-// first row). seg_info[0]: whether r0 starts a segment; seg_info[1]: its rows; seg_src[t]: the activation row of
-// its row t (-1: invalid or past the segment).
-template <int TBMAX>
-__device__ __forceinline__ void find_segment(const Fp4Params& p, int64_t r0, int32_t g0, int lane, int32_t* seg_src,
-                                             int32_t* seg_info) {
-  int64_t start = 0;  // first row of the run of equal groups holding r0
-  if (p.group_map != nullptr) {
-    start = r0;
-    for (;;) {
-      const int64_t i = start - 1 - lane;
-      const unsigned m = __ballot_sync(0xffffffffu, i < 0 || p.group_map[i < 0 ? 0 : i] != g0);
-      if (m != 0u) {
-        start -= __ffs(m) - 1;
-        break;
-      }
-      start -= 32;
-    }
-  }
-  const bool same = lane < TBMAX && r0 + lane < p.out_rows &&
-                    (p.group_map == nullptr || p.group_map[r0 + lane < p.out_rows ? r0 + lane : r0] == g0);
-  const int rows = __ffs(~__ballot_sync(0xffffffffu, same)) - 1;
-  if (lane < kMaxSeg) {
-    int32_t src = -1;
-    if (lane < rows) {
-      const int64_t s = p.rows_map != nullptr ? p.rows_map[r0 + lane] : r0 + lane;
-      src = s >= 0 && s < p.x_rows ? static_cast<int32_t>(s) : -1;
-    }
-    seg_src[lane] = src;
-  }
-  if (lane == 0) seg_info[0] = (r0 - start) % TBMAX == 0, seg_info[1] = rows;
-}
-
-// The segment's activation rows quantized to e4m3 (all threads of the block; 16 lanes per 128-wide chunk) into
-// act[t * act_pitch + K position] (BITS: even elements of each 8 first, then odd: the order of
-// e2m1x8_to_e4m3_bits) and their scales into sa[kb * kMaxSeg + t] (times 64 for BITS; 0 for invalid rows).
-// KTILE (the wgb kernel): act is wgmma's B operand instead, one 256-byte k32 step per 32-wide block (two 8 x 16-byte
-// core matrices: elements 8q'..8q'+3 of the block at column t, bytes 4q'.., of the first, 8q'+4..8q'+7 of the second).
-template <bool BITS, bool KTILE = false>
-__device__ __forceinline__ void quantize_segment(const Fp4Params& p, int seg_rows, const int32_t* seg_src,
-                                                 uint8_t* act, int act_pitch, float* sa) {
-  const int64_t k = p.k, kbs = k / kStepK;
-  const int units = seg_rows * static_cast<int>(kbs);
-  const int half = threadIdx.x / 16, l16 = threadIdx.x % 16;
-  for (int u0 = 0; u0 < units; u0 += kWarps * 2) {  // the same trip count for every thread (shuffles below)
-    const int u = u0 + half;
-    const bool in = u < units;
-    const int t = in ? u / static_cast<int>(kbs) : 0;
-    const int kb = in ? u % static_cast<int>(kbs) : 0;
-    const int32_t src = in ? seg_src[t] : -1;
-    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-    if (src >= 0) {
-      const int64_t e0 = static_cast<int64_t>(src) * k + kb * kStepK + l16 * 8;  // 8 bf16 = 16 bytes
-      raw = __ldg(reinterpret_cast<const uint4*>(p.x + 2 * e0));
-    }
-    const uint32_t rw[4] = {raw.x, raw.y, raw.z, raw.w};
-    float v[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = __uint_as_float(rw[i] << 16);
-      v[2 * i + 1] = __uint_as_float(rw[i] & 0xFFFF0000u);
-    }
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-    for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float s = act_pow2_scale(amax);
-    const float inv = __frcp_rn(s);  // exact: s is a power of two in the normal range (or inf -> 0, as x / inf)
-    uint32_t qw[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE,
-                                       __NV_E4M3);
-    uint32_t lo = qw[0] | (qw[1] << 16), hi = qw[2] | (qw[3] << 16);
-    if constexpr (BITS) {  // even elements first, then odd (the order of e2m1x8_to_e4m3_bits)
-      const uint32_t e = prmt(lo, hi, 0x6420u), o = prmt(lo, hi, 0x7531u);
-      lo = e, hi = o;
-    }
-    if (in) {
-      if constexpr (KTILE) {
-        uint8_t* base = act + (kb * 4 + l16 / 4) * 256 + t * 16 + 4 * (l16 % 4);
-        *reinterpret_cast<uint32_t*>(base) = lo;
-        *reinterpret_cast<uint32_t*>(base + 128) = hi;
-      } else {
-        *reinterpret_cast<uint2*>(act + t * act_pitch + kb * kStepK + l16 * 8) = make_uint2(lo, hi);
-      }
-      if (l16 == 0) sa[kb * kMaxSeg + t] = src >= 0 ? (BITS ? s * 64.f : s) : 0.f;
-    }
-  }
-}
 
 // Occupancy targets: the fused kernel (two weights) fits two blocks of 256 threads per SM (<= 128 registers), the
 // plain one three (<= 85 registers; its shared memory allows it).
@@ -542,13 +315,6 @@ __device__ __forceinline__ uint32_t max_byte(uint32_t s) {
   return max(c & 0xFFFFu, c >> 16);
 }
 
-// Eight e2m1 codes -> e4m3 bytes through the table {t0, t1} (byte i of t0 | t1 << 32 = the e4m3 byte of magnitude
-// code i; every byte < 0x80), signs as in e2m1x8_to_e4m3_lut: elements 0-3 in lo, 4-7 in hi.
-__device__ __forceinline__ void e2m1x8_to_e4m3_tab(uint32_t w, uint32_t t0, uint32_t t1, uint32_t& lo, uint32_t& hi) {
-  const uint32_t mag = w & 0x77777777u, w4 = w << 4;
-  lo = prmt(t0, t1, mag) | (prmt(w4, w, 0xD9C8u) & 0x80808080u);
-  hi = prmt(t0, t1, mag >> 16) | (prmt(w4, w, 0xFBEAu) & 0x80808080u);
-}
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int m) {
   return m == 0 ? v.x : m == 1 ? v.y : m == 2 ? v.z : v.w;
@@ -561,14 +327,6 @@ struct WgCfg {
 };
 constexpr int kWgThreads = 128;
 
-// d (+)= A . B for one k32 step: A = the lane's 4 registers, B through the shared-memory descriptor (8 columns).
-__device__ __forceinline__ void wgmma_m64n8k32(float d[4], const uint32_t a[4], uint64_t desc, int accumulate) {
-  DSV4_WGMMA(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
 
 // d (+)= A . B for one k16 step in f16 (fp32 accumulation): A = the lane's 4 f16x2 registers, B by descriptor.
 __device__ __forceinline__ void wgmma_m64n8k16_f16(float d[4], const uint32_t a[4], uint64_t desc, int accumulate) {
@@ -603,9 +361,6 @@ __device__ __forceinline__ void e2m1x8_to_f16(uint32_t w, uint32_t f, uint32_t o
   o[3] = hmul2_bits((w & 0x80008000u) | ((w >> 3) & 0x0E000E00u), f);
 }
 
-// Shared-memory descriptor of a K-major 8 x 32 B tile made of two 128-byte core matrices 128 bytes apart (both the
-// leading and the stride byte offset are set to 128: with 8 columns only the K direction has a second core matrix).
-__device__ __forceinline__ uint64_t wg_desc(uint32_t smem_byte_addr) { return wgmma_desc(smem_byte_addr, 128, 128); }
 
 template <int NW, int TBN, bool F16>
 __global__ void __launch_bounds__(kWgThreads, 3) fp4_wg_kernel(const Fp4Params p) {
@@ -1014,214 +769,6 @@ size_t wg_smem_bytes(int64_t k) {
          static_cast<size_t>(NW * S_ * WgCfg<TBN>::kRowsWg * TBN) * 4;
 }
 
-// ==== The wgb variant: one FP8 wgmma k32 step per 32-wide weight-scale block ===================================
-// Why: the wg kernels spend ~11 instructions per weight byte at one token (a per-block activation quantization for
-// 8 rows of work, pre-MMA scale folding, a register prefetch only two chunks deep), the ring kernel ~9 (Hopper has no
-// e4m3 mma.sync: each one is 12 F2FP conversions + 2 HMMA). Here a block is two warpgroups on one 64-row tile, each
-// taking half of K; a warp streams its 16 rows through its own cp.async ring (kWgbStages chunks of 128 K: the weight
-// bytes as stored plus their scale words), ldmatrix hands lane (g, q) bytes 4q..4q+3 of a row's 16-byte block (the 8
-// elements the k32 A fragment wants from it for that block), a prmt table widens them to e4m3, and each 32-wide block
-// is one wgmma m64n8k32 starting from zero; its fp32 partial is scaled by s_w (the block's UE8M0 scale) and the
-// chunk's sum by s_act, added in K order within each half, the halves added at the end. The 8 columns of the wgmma are
-// the segment's tokens (B: the activation rows quantized to e4m3 once per block, quantize_segment's K-tile layout).
-// Numerics: the reference's per-block sums, except that Hopper's FP8 tensor core adds the 32 exact products of a
-// block with a 13-bit-mantissa accumulator (the wg8 note above) instead of fp32; measured against ring in fp4_bench.
-constexpr int kWgbStages = 3;
-constexpr int kWgbPitch = 80;  // bytes per staged row (64 + 16): the 8 rows of an ldmatrix phase on distinct banks
-constexpr int kWgbRows = 64;   // weight rows per block (one wgmma M)
-
-template <int NW>
-struct WgbCfg {
-  static constexpr int kWeightBytes = 16 * kWgbPitch + 16 * 4;  // a warp's 16 rows of one weight + their scale words
-  static constexpr int kStageBytes = NW * kWeightBytes;
-  static constexpr int kWarpBytes = kWgbStages * kStageBytes;
-  static_assert(kWeightBytes % 16 == 0, "16-byte alignment of the ring");
-};
-
-template <int NW>
-size_t wgb_smem_bytes(int64_t k) {
-  return static_cast<size_t>(k) * 8 + static_cast<size_t>(k / kStepK) * kMaxSeg * 4 +
-         static_cast<size_t>(kWarps) * WgbCfg<NW>::kWarpBytes + static_cast<size_t>(NW) * 4 * 32 * 4 * 4;
-}
-
-template <int NW>
-__global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params p) {
-  using C = WgbCfg<NW>;
-  extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ int32_t seg_src[kMaxSeg];
-  __shared__ int32_t seg_info[2];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, q = lane % 4;
-  const int wgi = warp / 4, ww = warp % 4;  // the warpgroup (half of K) and the warp's 16-row slab in the tile
-  const int64_t r0 = blockIdx.y;
-  const int32_t g0 = p.group_map != nullptr ? p.group_map[r0] : 0;
-  const bool group_ok = g0 >= 0 && g0 < p.groups;
-  const int64_t k = p.k, half_k = k / 2, sk = k / 32, ge = group_ok ? g0 : 0;
-  const int nch = static_cast<int>(k / kStepK);
-  const int c_lo = wgi == 0 ? 0 : nch / 2, c_hi = wgi == 0 ? nch / 2 : nch, my_chunks = c_hi - c_lo;
-  const int64_t ntiles = (p.n + kWgbRows - 1) / kWgbRows, tile0 = static_cast<int64_t>(blockIdx.x) * p.tiles;
-  const int my_tiles = static_cast<int>(ntiles - tile0 < p.tiles ? ntiles - tile0 : p.tiles);
-  const int total = my_tiles * my_chunks;
-
-  uint8_t* bsm = smem;                                                  // B: k / 32 steps of 256 bytes
-  float* sa = reinterpret_cast<float*>(smem + k * 8);                   // [chunk][token]
-  uint8_t* ring = reinterpret_cast<uint8_t*>(sa + (k / kStepK) * kMaxSeg) + warp * C::kWarpBytes;
-  float* red = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sa + (k / kStepK) * kMaxSeg) +
-                                        kWarps * C::kWarpBytes);       // [warp of warpgroup 1][lane][NW * 4]
-  const uint32_t ring_addr = smem_addr(ring);
-
-  // Item j of this warp's stream: chunk c_lo + j % my_chunks of row tile j / my_chunks, into stage j % kWgbStages.
-  // The lane's source pointers (two 16-byte pieces and, lanes < 16, a scale word per weight) move by one chunk per
-  // item and are set again at each new tile.
-  int pf_tile = 0, pf_c = c_hi, pf_j = 0, pf_stage = 0;
-  const uint8_t* src_w[NW][2];
-  const uint8_t* src_s[NW];
-  auto issue_next = [&]() {
-    if (pf_j < total) {
-      if (pf_c == c_hi) {  // the next row tile
-        pf_c = c_lo;
-        const int64_t row_base = (tile0 + pf_tile++) * kWgbRows + 16 * ww;
-#pragma unroll
-        for (int wi = 0; wi < NW; ++wi) {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int piece = lane + 32 * i;
-            int64_t n_row = row_base + piece / 4;
-            n_row = n_row < p.n ? n_row : p.n - 1;  // rows past N repeat row N - 1 (their outputs are not stored)
-            src_w[wi][i] = (wi == 0 ? p.w0 : p.w1) + (ge * p.n + n_row) * half_k + c_lo * (kStepK / 2) + (piece % 4) * 16;
-          }
-          int64_t n_row = row_base + (lane % 16);
-          n_row = n_row < p.n ? n_row : p.n - 1;
-          src_s[wi] = (wi == 0 ? p.s0 : p.s1) + (ge * p.n + n_row) * sk + c_lo * 4;
-        }
-      }
-      const uint32_t st = ring_addr + pf_stage * C::kStageBytes;
-#pragma unroll
-      for (int wi = 0; wi < NW; ++wi) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int piece = lane + 32 * i;
-          cp_async16(st + wi * C::kWeightBytes + (piece / 4) * kWgbPitch + (piece % 4) * 16, src_w[wi][i]);
-          src_w[wi][i] += kStepK / 2;
-        }
-        if (lane < 16) cp_async4(st + wi * C::kWeightBytes + 16 * kWgbPitch + lane * 4, src_s[wi]);
-        src_s[wi] += 4;
-      }
-      ++pf_j, ++pf_c;
-      pf_stage = pf_stage == kWgbStages - 1 ? 0 : pf_stage + 1;
-    }
-    cp_async_commit();  // an empty group past the end keeps the wait counts uniform
-  };
-  // The first chunks in flight before the segment is known, where r0 surely starts one (pairs sorted by expert: the
-  // row before holds another group); otherwise after.
-  const bool early = group_ok && (r0 == 0 || p.group_map == nullptr || p.group_map[r0 - 1] != g0);
-  if (early)
-    for (int s = 0; s < kWgbStages - 1; ++s) issue_next();
-
-  if (warp == 0) find_segment<kMaxSeg>(p, r0, g0, lane, seg_src, seg_info);
-  __syncthreads();
-  if (!seg_info[0]) {
-    cp_async_wait<0>();
-    return;
-  }
-  const int seg_rows = seg_info[1];
-  if (!group_ok) {  // no such expert: zeros
-    if (wgi == 0)
-      for (int t = 0; t < my_tiles; ++t) {
-        const float zero[NW][4] = {};
-        store_tile<NW>(p, zero, lane, r0, seg_rows, seg_src, (tile0 + t) * kWgbRows + 16 * ww, true);
-      }
-    return;
-  }
-  if (!early)
-    for (int s = 0; s < kWgbStages - 1; ++s) issue_next();
-  quantize_segment<false, true>(p, seg_rows, seg_src, bsm, 0, sa);
-  // wgmma reads B through the async proxy: make the ordinary stores to it visible there, then the barrier
-  DSV4_WGMMA("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-
-  float acc[NW][4];
-#pragma unroll
-  for (int wi = 0; wi < NW; ++wi) acc[wi][0] = acc[wi][1] = acc[wi][2] = acc[wi][3] = 0.f;
-  const uint32_t b_addr = smem_addr(bsm);
-  const int mi = lane / 8, rr = lane % 8;  // this lane's ldmatrix row address: matrix mi = (rows 8 (mi % 2).., block mi / 2)
-  int stage = 0;
-  for (int tile = 0; tile < my_tiles; ++tile) {
-    for (int c = c_lo; c < c_hi; ++c) {
-      issue_next();  // item j + kWgbStages - 1 into the stage item j - 1 left
-      cp_async_wait<kWgbStages - 1>();
-      __syncwarp();
-      const uint32_t st = ring_addr + stage * C::kStageBytes;
-      uint32_t a[NW][4][4];
-#pragma unroll
-      for (int wi = 0; wi < NW; ++wi) {
-        uint32_t v[2][4];  // v[mm][2 * m' + h]: rows 8h + g, block 2 mm + m'
-        const uint32_t at = st + wi * C::kWeightBytes + (8 * (mi % 2) + rr) * kWgbPitch + (mi / 2) * 16;
-        ldmatrix_x4(at, v[0]);
-        ldmatrix_x4(at + 32, v[1]);
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          e2m1x8_to_e4m3_tab(v[m / 2][2 * (m % 2)], 0x3C383000u, 0x4C484440u, a[wi][m][0], a[wi][m][2]);
-          e2m1x8_to_e4m3_tab(v[m / 2][2 * (m % 2) + 1], 0x3C383000u, 0x4C484440u, a[wi][m][1], a[wi][m][3]);
-        }
-      }
-      float d[NW][4][4];  // written, not read: every wgmma below starts from zero
-      wgmma_fence();
-#pragma unroll
-      for (int wi = 0; wi < NW; ++wi)
-#pragma unroll
-        for (int m = 0; m < 4; ++m) wgmma_m64n8k32(d[wi][m], a[wi][m], wg_desc(b_addr + (c * 4 + m) * 256), 0);
-      wgmma_commit();
-      wgmma_wait0();
-      const float s_a = sa[c * kMaxSeg + 2 * q], s_b = sa[c * kMaxSeg + 2 * q + 1];
-#pragma unroll
-      for (int wi = 0; wi < NW; ++wi) {
-#pragma unroll
-        for (int m = 0; m < 4; ++m)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) reg_fence(d[wi][m][i]);
-        const uint32_t* sw = reinterpret_cast<const uint32_t*>(ring + stage * C::kStageBytes + wi * C::kWeightBytes +
-                                                               16 * kWgbPitch);
-        float f0[4], f1[4];
-        e8m0x4_fast(sw[gq], f0);
-        e8m0x4_fast(sw[gq + 8], f1);
-        float t[4] = {d[wi][0][0] * f0[0], d[wi][0][1] * f0[0], d[wi][0][2] * f1[0], d[wi][0][3] * f1[0]};
-#pragma unroll
-        for (int m = 1; m < 4; ++m) {
-          t[0] = fmaf(d[wi][m][0], f0[m], t[0]);
-          t[1] = fmaf(d[wi][m][1], f0[m], t[1]);
-          t[2] = fmaf(d[wi][m][2], f1[m], t[2]);
-          t[3] = fmaf(d[wi][m][3], f1[m], t[3]);
-        }
-        acc[wi][0] = fmaf(t[0], s_a, acc[wi][0]);
-        acc[wi][1] = fmaf(t[1], s_b, acc[wi][1]);
-        acc[wi][2] = fmaf(t[2], s_a, acc[wi][2]);
-        acc[wi][3] = fmaf(t[3], s_b, acc[wi][3]);
-      }
-      __syncwarp();  // the stage is refilled by the next item's issue
-      stage = stage == kWgbStages - 1 ? 0 : stage + 1;
-    }
-    // The tile's two K halves: warpgroup 1 hands its sums to warpgroup 0, which adds them and stores.
-    float* rl = red + (ww * 32 + lane) * NW * 4;
-    if (wgi == 1)
-#pragma unroll
-      for (int wi = 0; wi < NW; ++wi)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) rl[wi * 4 + i] = acc[wi][i];
-    __syncthreads();
-    if (wgi == 0) {
-#pragma unroll
-      for (int wi = 0; wi < NW; ++wi)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[wi][i] += rl[wi * 4 + i];
-      store_tile<NW>(p, acc, lane, r0, seg_rows, seg_src, (tile0 + tile) * kWgbRows + 16 * ww, false);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int wi = 0; wi < NW; ++wi) acc[wi][0] = acc[wi][1] = acc[wi][2] = acc[wi][3] = 0.f;
-  }
-  cp_async_wait<0>();
-}
-
 template <int NW, int TBMAX, bool BITS>
 size_t smem_bytes(int64_t k) {
   return static_cast<size_t>(TBMAX) * (k + kActPad) + static_cast<size_t>(k / kStepK) * kMaxSeg * 4 +
@@ -1271,32 +818,6 @@ cudaError_t launch_wg(Fp4Params p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <int NW>
-cudaError_t launch_wgb(Fp4Params p, cudaStream_t stream) {
-  auto* kernel = fp4_wgb_kernel<NW>;
-  const size_t smem = wgb_smem_bytes<NW>(p.k);
-  cudaError_t err = cudaSuccess;
-  const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(kernel), &err);
-  if (limit < 0) return err;
-  if (smem > static_cast<size_t>(limit)) return cudaErrorInvalidValue;  // the handlers check fp4_gemv_smem first
-  // Blocks per segment: enough for one wave of resident blocks, taking every output row as a segment; the row tiles
-  // dealt evenly over them (a block with many more tiles than its neighbours would be the launch's tail).
-  // DSV4_FFI_FP4_TILES (row tiles per block) overrides.
-  const int64_t ntiles = (p.n + kWgbRows - 1) / kWgbRows;
-  int major = 0, sms = 0;
-  device_info(&major, &major, &sms);
-  const int64_t slots =
-      static_cast<int64_t>(sms) * resident_blocks(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
-  int64_t per_segment = (slots + p.out_rows - 1) / p.out_rows;
-  per_segment = per_segment < 1 ? 1 : per_segment > ntiles ? ntiles : per_segment;
-  int64_t tiles = (ntiles + per_segment - 1) / per_segment;
-  if (const char* v = std::getenv("DSV4_FFI_FP4_TILES")) tiles = std::atoi(v);
-  tiles = tiles < 1 ? 1 : tiles > ntiles ? ntiles : tiles;
-  p.tiles = static_cast<int>(tiles);
-  const dim3 grid(static_cast<unsigned>((ntiles + tiles - 1) / tiles), static_cast<unsigned>(p.out_rows));
-  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
-}
 
 }  // namespace
 
@@ -1366,7 +887,7 @@ bool is_sm90() {
 size_t fp4_gemv_smem(bool fused, int64_t k, int64_t max_share, int variant) {
   const bool one = fp4_tokens_per_pass(max_share) == 1;
   const int v = fp4_resolve_variant(variant);
-  if (v == kFp4Wgb) return fused ? wgb_smem_bytes<2>(k) : wgb_smem_bytes<1>(k);
+  if (v == kFp4Wgb) return fp4_wgb_smem(fused, k);
   if (v == kFp4Wg || v == kFp4Wg8) {
     const int tb = wg_tokens(max_share);
     if (v == kFp4Wg) return fused ? wg_smem<2, true>(k, tb) : wg_smem<1, true>(k, tb);
@@ -1378,14 +899,12 @@ size_t fp4_gemv_smem(bool fused, int64_t k, int64_t max_share, int variant) {
 
 cudaError_t launch_fp4_gemv(const Fp4GemvArgs& a, cudaStream_t stream) {
   if (a.out_rows == 0 || a.n == 0) return cudaSuccess;
-  Fp4Params p{static_cast<const uint8_t*>(a.x), a.x_rows, a.rows_map, a.group_map, a.w[0], a.s[0], a.w[1], a.s[1],
-              a.groups, static_cast<__nv_bfloat16*>(a.out), a.out_rows, a.n, a.k, a.route_w, a.limit,
-              fp4_ksplit(a.k)};
+  const Fp4Params p = fp4_params(a, fp4_ksplit(a.k));
   const bool fused = a.w[1] != nullptr;
   const bool one = fp4_tokens_per_pass(a.max_share) == 1;
   int v = fp4_resolve_variant(a.variant);
   if ((v == kFp4Wg || v == kFp4Wg8 || v == kFp4Wgb) && !is_sm90()) v = kFp4Ring;  // wgmma: SM90 only
-  if (v == kFp4Wgb) return fused ? launch_wgb<2>(p, stream) : launch_wgb<1>(p, stream);
+  if (v == kFp4Wgb) return launch_fp4_wgb(a, stream);
   if (v == kFp4Wg || v == kFp4Wg8) {
     const int tb = wg_tokens(a.max_share);
     if (v == kFp4Wg) return fused ? launch_wg_tb<2, true>(p, tb, stream) : launch_wg_tb<1, true>(p, tb, stream);

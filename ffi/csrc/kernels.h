@@ -253,7 +253,7 @@ bool gemv_uses_mma();
 // With w[1] set (the fused gate/up pair of an expert MLP): out[r] = bf16(route_w[r] * silu(min(g, L)) *
 // clip(u, -L, L)), g = f32(bf16(x W0^T)), u = f32(bf16(x W1^T)), L = limit (no clamp if limit <= 0).
 constexpr int kFp4SegmentRows = 8;
-// The implementations (fp4_gemv_kernels.cu): kFp4Wgb (default: per-warp cp.async rings, one FP8 wgmma k32 step per
+// The implementations (fp4_gemv_kernels.cu, fp4_wgb_kernels.cu): kFp4Wgb (default: per-warp cp.async rings, one FP8 wgmma k32 step per
 // 32-wide weight block from zero, its partial scaled in fp32: the reference's numerics except the FP8 tensor core's
 // 13-bit-mantissa sum of a block's 32 exact products), kFp4Wg (wgmma with the e2m1 weights widened to f16 in
 // registers, pre-scaled per (row, 128-chunk), fp32 accumulation; exact-path fallback per 32-wide block), kFp4Wg8
@@ -281,6 +281,9 @@ cudaError_t launch_fp4_gemv(const Fp4GemvArgs& a, cudaStream_t stream);
 size_t fp4_gemv_smem(bool fused, int64_t k, int64_t max_share, int variant);
 // The Fp4Variant a request resolves to (kFp4Default: DSV4_FFI_FP4_VARIANT, kFp4Ring if unset).
 int fp4_resolve_variant(int requested);
+// The wgb variant alone (fp4_wgb_kernels.cu; launch_fp4_gemv calls it for kFp4Wgb on SM90): launch and shared memory.
+cudaError_t launch_fp4_wgb(const Fp4GemvArgs& a, cudaStream_t stream);
+size_t fp4_wgb_smem(bool fused, int64_t k);
 // Rows per weight pass the launch is built for (1 or kFp4SegmentRows) given max_share.
 int fp4_tokens_per_pass(int64_t max_share);
 // K split across a block's 8 warps (DSV4_FFI_FP4_KSPLIT=1|2|4|8 overrides).
