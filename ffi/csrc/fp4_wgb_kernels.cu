@@ -9,7 +9,6 @@
 
 #include "fp4_gemv_common.cuh"
 
-
 namespace dsv4ffi {
 namespace {
 
@@ -24,7 +23,8 @@ namespace {
 // chunk's sum by s_act, added in K order within each half, the halves added at the end. The 8 columns of the wgmma are
 // the segment's tokens (B: the activation rows quantized to e4m3 once per block, quantize_segment's K-tile layout).
 // Numerics: the reference's per-block sums, except that Hopper's FP8 tensor core adds the 32 exact products of a
-// block with a 13-bit-mantissa accumulator (the wg8 note above) instead of fp32; measured against ring in fp4_bench.
+// block with a 13-bit-mantissa accumulator (see wg8 in fp4_gemv_kernels.cu) instead of fp32; measured against ring
+// in fp4_bench (BENCHMARKS.md).
 constexpr int kWgbStages = 3;
 constexpr int kWgbPitch = 80;  // bytes per staged row (64 + 16): the 8 rows of an ldmatrix phase on distinct banks
 constexpr int kWgbRows = 64;   // weight rows per block (one wgmma M)
