@@ -116,16 +116,6 @@ __device__ __forceinline__ void e8m0x4_fast(uint32_t s, float f[4]) {
   f[3] = __uint_as_float((s >> 1) & 0x7F800000u);
 }
 
-// w * silu(min(g, L)) * clip(u, -L, L) in fp32 in the reference's order (moe.swiglu; no clamp if L <= 0).
-__device__ __forceinline__ float swiglu_weighted(float g, float u, float w, float limit) {
-  if (limit > 0.f) {
-    u = fminf(fmaxf(u, -limit), limit);
-    g = fminf(g, limit);
-  }
-  const float act = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-  return __fmul_rn(w, __fmul_rn(act, u));
-}
-
 // Stores the lane's C fragment (rows n0 + g, n0 + g + 8; segment tokens 2q, 2q+1) of both accumulators.
 template <int NW>
 __device__ __forceinline__ void store_tile(const Fp4Params& p, const float acc[NW][4], int lane, int64_t r0,
@@ -183,6 +173,30 @@ __device__ __forceinline__ void find_segment(const Fp4Params& p, int64_t r0, int
   if (lane == 0) seg_info[0] = (r0 - start) % TBMAX == 0, seg_info[1] = rows;
 }
 
+// Eight bf16 activation values (one lane's 16 bytes; 16 lanes hold a 128-wide block) quantized to e4m3 as
+// quant.act_quant does: the block's power-of-two scale s (amax over the 16 lanes, xor-shuffles within each half warp)
+// and the four e4m3x2 words. Every lane of the warp must call it.
+__device__ __forceinline__ float quantize8_e4m3(const uint4 raw, uint32_t qw[4]) {
+  const uint32_t rw[4] = {raw.x, raw.y, raw.z, raw.w};
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(rw[i] << 16);
+    v[2 * i + 1] = __uint_as_float(rw[i] & 0xFFFF0000u);
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float s = act_pow2_scale(amax);
+  const float inv = __frcp_rn(s);  // exact: s is a power of two in the normal range (or inf -> 0, as x / inf)
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+  return s;
+}
+
 // The segment's activation rows quantized to e4m3 (all threads of the block; 16 lanes per 128-wide chunk) into
 // act[t * act_pitch + K position] (BITS: even elements of each 8 first, then odd: the order of
 // e2m1x8_to_e4m3_bits) and their scales into sa[kb * kMaxSeg + t] (times 64 for BITS; 0 for invalid rows).
@@ -205,25 +219,8 @@ __device__ __forceinline__ void quantize_segment(const Fp4Params& p, int seg_row
       const int64_t e0 = static_cast<int64_t>(src) * k + kb * kStepK + l16 * 8;  // 8 bf16 = 16 bytes
       raw = __ldg(reinterpret_cast<const uint4*>(p.x + 2 * e0));
     }
-    const uint32_t rw[4] = {raw.x, raw.y, raw.z, raw.w};
-    float v[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = __uint_as_float(rw[i] << 16);
-      v[2 * i + 1] = __uint_as_float(rw[i] & 0xFFFF0000u);
-    }
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-    for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float s = act_pow2_scale(amax);
-    const float inv = __frcp_rn(s);  // exact: s is a power of two in the normal range (or inf -> 0, as x / inf)
     uint32_t qw[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE,
-                                       __NV_E4M3);
+    const float s = quantize8_e4m3(raw, qw);
     uint32_t lo = qw[0] | (qw[1] << 16), hi = qw[2] | (qw[3] << 16);
     if constexpr (BITS) {  // even elements first, then odd (the order of e2m1x8_to_e4m3_bits)
       const uint32_t e = prmt(lo, hi, 0x6420u), o = prmt(lo, hi, 0x7531u);

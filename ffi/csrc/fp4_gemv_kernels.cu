@@ -473,25 +473,8 @@ __global__ void __launch_bounds__(kWgThreads, 3) fp4_wg_kernel(const Fp4Params p
         const int t = in ? u / nch_all : 0;
         const int kb = in ? u % nch_all : 0;
         const int32_t src = in ? seg_src[t] : -1;
-        const uint32_t rw[4] = {raw[j].x, raw[j].y, raw[j].z, raw[j].w};
-        float v[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          v[2 * i] = __uint_as_float(rw[i] << 16);
-          v[2 * i + 1] = __uint_as_float(rw[i] & 0xFFFF0000u);
-        }
-        float amax = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-        for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float s = act_pow2_scale(amax);
-        const float inv = __frcp_rn(s);
         uint32_t qw[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          qw[i] = __nv_cvt_float2_to_fp8x2(make_float2(v[2 * i] * inv, v[2 * i + 1] * inv), __NV_SATFINITE,
-                                           __NV_E4M3);
+        const float s = quantize8_e4m3(raw[j], qw);
         if (in) {
           const int sl = kb / cps, c = kb % cps, col = sl * TBN + t;
           const int qq = l16 / 4, m = l16 % 4;  // elements 32qq + 8m .. +7 of the chunk

@@ -68,4 +68,15 @@ static __device__ __forceinline__ float act_pow2_scale(float amax) {
 // x rounded to bf16 (nearest even) and back: the reference's bf16 rounding points.
 static __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
+// w * silu(min(g, L)) * clip(u, -L, L) in fp32 in the reference's order (moe.swiglu; no clamp if L <= 0): the experts'
+// SwiGLU epilogue, shared by the FP8 quantization and the MXFP4 gate/up kernels.
+static __device__ __forceinline__ float swiglu_weighted(float g, float u, float w, float limit) {
+  if (limit > 0.f) {
+    u = fminf(fmaxf(u, -limit), limit);
+    g = fminf(g, limit);
+  }
+  const float act = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+  return __fmul_rn(w, __fmul_rn(act, u));
+}
+
 }  // namespace dsv4ffi

@@ -28,15 +28,6 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* p, float v[4]) {
   v[3] = __high2float(b);
 }
 
-__device__ __forceinline__ float silu_clamped(float g, float u, float w, float limit) {
-  if (limit > 0.f) {
-    u = fminf(fmaxf(u, -limit), limit);
-    g = fminf(g, limit);
-  }
-  const float act = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-  return __fmul_rn(w, __fmul_rn(act, u));
-}
-
 // One warp per (row, 128-wide K block); each lane owns 4 consecutive elements.
 template <bool kSwiglu>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
@@ -63,7 +54,7 @@ quant_rows_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
     load4(u + r * k + col, uv);
     const float wr = w[r];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __bfloat162float(__float2bfloat16_rn(silu_clamped(v[i], uv[i], wr, limit)));
+    for (int i = 0; i < 4; ++i) v[i] = bf16_round(swiglu_weighted(v[i], uv[i], wr, limit));
   }
   float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
