@@ -185,16 +185,20 @@ def identity_weight(n: int, k: int, perm: np.ndarray, rng: np.random.Generator, 
     return w, s, E2M1[code]
 
 
-@pytest.mark.parametrize("variant", ["wg", "wg8", "wgb", "ring", "ring-bits"])
+@pytest.mark.parametrize("variant", ["wg", "wg8", "wgb", "wgb-lut", "ring", "ring-bits"])
 @pytest.mark.parametrize("n,k,m", [(256, 256, 1), (512, 4096, 5), (384, 2048, 13), (4096, 2048, 8)])
 def test_fp4_gemv_identity_bit_exact(ffi, n, k, m, variant, monkeypatch):
     """Dense (2-D weight, no maps; M=13: a full and a partial 8-token pass): y[r, n] = bf16(xq[r, perm[n]] *
     v[n] * s_act * s_w) exactly. K=256: inputs of ordinary magnitude and a few rows with scale byte 0 (2^-127,
-    products in the fp32 denormal range, still exact); otherwise row magnitudes over 10 binades. "ring-bits" (ring
-    with DSV4_FFI_FP4_CVT=bits) makes e2m1 0.5 an e4m3 subnormal: a failure of it alone means the tensor cores flush
-    subnormal inputs (keep the table conversion). Every variant sums one exact product per output here, so even wg8
+    products in the fp32 denormal range, still exact); otherwise row magnitudes over 10 binades. "wgb" (bit placement,
+    its default) and "ring-bits" (DSV4_FFI_FP4_CVT=bits) make e2m1 0.5 an e4m3 subnormal, "wgb-lut" and the others use
+    the table: a failure of the bit-placement cases alone means the FP8 tensor cores (wgb) or the e4m3 -> f16
+    conversion (ring) flush subnormal inputs. Every variant sums one exact product per output here, so even wg8
     (13-bit FP8 accumulator) must be exact; a failure points at the layout (K order, nibble order, scales)."""
-    monkeypatch.setenv("DSV4_FFI_FP4_CVT", "bits" if variant == "ring-bits" else "lut")
+    if variant.endswith(("-bits", "-lut")):
+        monkeypatch.setenv("DSV4_FFI_FP4_CVT", variant.split("-")[1])
+    else:
+        monkeypatch.delenv("DSV4_FFI_FP4_CVT", raising=False)
     kernel = variant.split("-")[0]
     rng = np.random.default_rng(n + k + m)
     perm = rng.permutation(k)[:n] if n <= k else rng.integers(0, k, n)
@@ -315,6 +319,7 @@ def test_fp4_gemv_identity_grouped_rows_bit_exact(ffi):
         ("flash_down", 1, True),
         ("flash_down", 8, True),
         ("flash_down", 8, False),
+        ("flash_down", 32, True),
     ],
 )
 def test_fp4_gemv_grouped_vs_float64(ffi, shape, t, sort):
@@ -350,6 +355,28 @@ def test_fp4_gemv_grouped_vs_float64(ffi, shape, t, sort):
         check_close(got[:, keep], want[:, keep], 2e-3, f"fp4_gemv [{variant}] {shape} T={t} sort={sort}")
 
 
+@pytest.mark.parametrize("t,sort,local", [(400, True, 1.0), (400, True, 0.5), (300, False, 0.5), (32, True, 1.0)])
+def test_fp4_gemv_work_plan(ffi, t, sort, local):
+    """wgb deals the segments' row tiles evenly over its grid, found on the device: many segments (t=400 top-6 of 8
+    experts sorted: ~300 segments of <= 8 rows, past the 256 the first scan keeps, so a second scan finds a block's
+    window), blocks whose range crosses segments (N = 320: 5 row tiles each), pairs in token order (segments of one
+    row), and an expert-parallel map (local = 0.5: the pairs of experts >= E/2 are -1, other GPU's, zero rows)."""
+    e, n, k = 8, 320, 256
+    ks = jax.random.split(jax.random.key(t + int(sort) + int(10 * local)), 3)
+    x = rand_bf16(ks[0], (t, k), spread=True)
+    w, s = rand_fp4_weight(ks[1], (e, n, k))
+    rows, groups = routing(ks[2], t, e, 6, sort)
+    groups = np.where(groups < int(e * local), groups, -1).astype(np.int32)
+    want = ref_linear(act_quant_host(x), w, s, rows, groups)
+    for variant in ("wgb", "ring"):
+        poison()
+        got = np.asarray(
+            ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups), variant=variant), np.float64
+        )
+        assert (got[groups < 0] == 0).all(), f"[{variant}] pairs of experts elsewhere must be zero rows"
+        check_close(got, want, 2e-3, f"fp4_gemv work plan [{variant}] t={t} sort={sort} local={local}")
+
+
 @pytest.mark.parametrize("ksplit", ["1", "2", "4", "8"])
 @pytest.mark.parametrize("cvt", ["lut", "bits"])
 def test_fp4_gemv_launch_knobs(ffi, ksplit, cvt, monkeypatch):
@@ -372,6 +399,26 @@ def test_fp4_gemv_launch_knobs(ffi, ksplit, cvt, monkeypatch):
         poison()
         got = ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups), variant=variant)
         check_close(got, want, 2e-3, f"fp4_gemv [{variant}] tiles={ksplit}")
+
+
+def test_fp4_wgb_bit_placement_equals_table(ffi, monkeypatch):
+    """wgb's e2m1 -> e4m3 by bit placement (2^-6 times the value, the 2^6 in the activation scale) and by the prmt
+    table give the same bits: the scaling is exact and the tensor core's sums of 2^-6-scaled products round alike.
+    Random codes (every one, 0.5 among them) and scale bytes, routed pairs, both launches."""
+    e, n, k, t = 16, 520, 2048, 5
+    ks = jax.random.split(jax.random.key(7), 3)
+    x = rand_bf16(ks[0], (t, k), spread=True)
+    w, s = rand_fp4_weight(ks[1], (e, n, k))
+    rows, groups = routing(ks[2], t, e, 6)
+    got = {}
+    for cvt in ("bits", "lut"):
+        monkeypatch.setenv("DSV4_FFI_FP4_CVT", cvt)
+        poison()
+        got[cvt] = np.asarray(
+            ffi.fp4_gemv(x, w, s, rows=jnp.asarray(rows), groups=jnp.asarray(groups), variant="wgb")
+        ).view(np.uint16)
+    assert np.isfinite(got["lut"].view(BF16).astype(np.float32)).all()
+    np.testing.assert_array_equal(got["bits"], got["lut"])
 
 
 # ---- the fused gate/up + SwiGLU and the down projection -----------------------------------------------------------

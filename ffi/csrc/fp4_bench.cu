@@ -5,7 +5,7 @@
 // only; wg8: its 13-bit FP8 accumulator). span >= 12 exercises the wg variants' exact per-block path.
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/csrc ffi/csrc/fp4_bench.cu \
 //        ffi/csrc/fp4_gemv_kernels.cu ffi/csrc/fp4_wgb_kernels.cu ffi/csrc/launch_util.cu -o /tmp/fp4_bench
-//   /tmp/fp4_bench [span [time|cmp|once [E D I]]]
+//   [FP4_BENCH_T=1,2,4,8] /tmp/fp4_bench [span [time|cmp|once [E D I]]]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -76,7 +76,16 @@ int main(int argc, char** argv) {
 
   std::mt19937 rng(14);
   cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  for (int T : {1, 2, 4, 8}) {
+  std::vector<int> tokens = {1, 2, 4, 8};  // FP4_BENCH_T=1,8,32: other token counts (32: a batch-32 decode step)
+  if (const char* v = std::getenv("FP4_BENCH_T")) {
+    tokens.clear();
+    for (std::string t = v; !t.empty();) {
+      const size_t c = t.find(',');
+      tokens.push_back(std::atoi(t.substr(0, c).c_str()));
+      t = c == std::string::npos ? "" : t.substr(c + 1);
+    }
+  }
+  for (int T : tokens) {
     if (once && T != 1 && T != 8) continue;
     const int P = T * TOPK;
     std::vector<int32_t> rows_h(size_t(R) * P), grp_h(size_t(R) * P);

@@ -804,12 +804,15 @@ cudaError_t launch_wg(Fp4Params p, cudaStream_t stream) {
 
 }  // namespace
 
-bool fp4_uses_bit_conversion() {
-  // DSV4_FFI_FP4_CVT=bits: e2m1 -> e4m3 by bit placement (2^-6 scaled, subnormal e4m3 for 0.5) instead of the prmt
-  // table (default). An A/B knob, read at every launch.
+int fp4_cvt_request() {
+  // DSV4_FFI_FP4_CVT=bits|lut: e2m1 -> e4m3 by bit placement (2^-6 scaled, subnormal e4m3 for 0.5) or by the prmt
+  // table. An A/B knob, read at every launch.
   const char* v = std::getenv("DSV4_FFI_FP4_CVT");
-  return v != nullptr && std::strcmp(v, "bits") == 0;
+  if (v == nullptr) return -1;
+  return std::strcmp(v, "bits") == 0 ? 1 : std::strcmp(v, "lut") == 0 ? 0 : -1;
 }
+
+bool fp4_uses_bit_conversion() { return fp4_cvt_request() == 1; }
 
 int fp4_ksplit(int64_t k) {
   // As deep as four 128-wide steps per warp allow (K = 4096: 8; K = 2048: 4): many short blocks balance the

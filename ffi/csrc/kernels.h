@@ -288,8 +288,11 @@ size_t fp4_wgb_smem(bool fused, int64_t k);
 int fp4_tokens_per_pass(int64_t max_share);
 // K split across a block's 8 warps (DSV4_FFI_FP4_KSPLIT=1|2|4|8 overrides).
 int fp4_ksplit(int64_t k);
-// Whether the ring variant converts e2m1 -> e4m3 by bit placement (DSV4_FFI_FP4_CVT=bits) instead of the prmt table
-// lookup (default); the wg variants have their own widening.
+// DSV4_FFI_FP4_CVT: 1 = bits (e2m1 -> e4m3 by bit placement), 0 = lut (the prmt table), -1 = unset (each variant's
+// default: ring the table, wgb bit placement).
+int fp4_cvt_request();
+// Whether the ring variant converts by bit placement (DSV4_FFI_FP4_CVT=bits) instead of the table (default); the wg
+// variants have their own widening.
 bool fp4_uses_bit_conversion();
 
 // MXFP4 -> FP8 128x128 blocks (fp4_widen_kernels.cu; the reference is quant.fp4_to_fp8_blocks): packed e2m1
