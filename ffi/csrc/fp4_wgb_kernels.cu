@@ -66,6 +66,14 @@ struct WgbPlan {
 
 __device__ __forceinline__ bool wgb_valid(const Fp4Params& p, int32_t g) { return g >= 0 && g < p.groups; }
 
+// Block b's share [lo, hi) of `total` row tiles, the first total % G blocks one more: 32-bit arithmetic (the launch
+// keeps out_rows * tiles below 2^31), one division; the 64-bit ones cost ~1 us at a block's start.
+__device__ __forceinline__ void wgb_share(uint32_t total, uint32_t& lo, uint32_t& hi) {
+  const uint32_t g = gridDim.x, b = blockIdx.x, q = total / g, r = total - q * g;
+  lo = b * q + (b < r ? b : r);
+  hi = lo + q + (b < r ? 1u : 0u);
+}
+
 // One scan of the expert map by one warp (32 rows per step, the next step's load in flight): returns the number of
 // segments and calls found(index, row, group) for each segment start.
 template <typename Found>
@@ -117,13 +125,13 @@ __device__ void wgb_make_plan(const Fp4Params& p, int64_t ntiles, int lane, WgbP
     });
   }
   if (lane == 0) plan.segments = segments;
-  const int64_t total = static_cast<int64_t>(segments) * ntiles;
-  const int64_t lo = total * blockIdx.x / gridDim.x, hi = total * (blockIdx.x + 1) / gridDim.x;
+  uint32_t lo, hi;
+  wgb_share(static_cast<uint32_t>(segments) * static_cast<uint32_t>(ntiles), lo, hi);
   if (lo >= hi) {
     if (lane == 0) plan.pieces = 0;
     return;
   }
-  const int64_t s_lo = lo / ntiles, s_hi = (hi - 1) / ntiles;
+  const uint32_t nt32 = static_cast<uint32_t>(ntiles), s_lo = lo / nt32, s_hi = (hi - 1) / nt32;
   if (s_hi - s_lo + 1 > kWgbMaxPieces) __trap();  // the launch sizes the grid so this cannot happen
   const int pieces = static_cast<int>(s_hi - s_lo + 1);
   if (p.group_map != nullptr && s_hi >= kWgbStartsKept) {  // the window's starts from a second scan
@@ -140,7 +148,7 @@ __device__ void wgb_make_plan(const Fp4Params& p, int64_t ntiles, int lane, WgbP
     } else if (s_hi < kWgbStartsKept) {
       plan.r0[lane] = plan.starts[sg], plan.group[lane] = plan.start_group[sg];
     }
-    const int64_t a = sg == s_lo ? lo % ntiles : 0, b = sg == s_hi ? (hi - 1) % ntiles + 1 : ntiles;
+    const uint32_t a = sg == s_lo ? lo - s_lo * nt32 : 0, b = sg == s_hi ? hi - s_hi * nt32 : nt32;
     plan.t0[lane] = static_cast<int32_t>(a);
     plan.nt[lane] = static_cast<int32_t>(b - a);
   }
@@ -243,11 +251,13 @@ __global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params
   bool guessed = false;
   if (p.group_map != nullptr) {
     const int64_t all = p.out_rows * ntiles;
-    const int64_t lo = all * blockIdx.x / gridDim.x, hi = all * (blockIdx.x + 1) / gridDim.x;
-    const int32_t g = lo < hi ? p.group_map[lo / ntiles] : -1;
+    uint32_t lo, hi;
+    wgb_share(static_cast<uint32_t>(all), lo, hi);
+    const uint32_t row = lo / static_cast<uint32_t>(ntiles);
+    const int32_t g = lo < hi ? p.group_map[row] : -1;
     if (wgb_valid(p, g)) {
       guessed = true;
-      start_tile(g, lo % ntiles);
+      start_tile(g, lo - row * static_cast<uint32_t>(ntiles));
       pf_tile = 1;
       for (int s = 0; s < kWgbStages - 1; ++s) issue_chunk(), cp_async_commit();
     }
@@ -409,7 +419,7 @@ cudaError_t launch_wgb(Fp4Params p, cudaStream_t stream) {
   blocks = blocks > most ? most : blocks;
   const int64_t floor_blocks = (p.out_rows + kWgbMaxPieces - 4) / (kWgbMaxPieces - 3);
   blocks = blocks < floor_blocks ? floor_blocks : blocks;
-  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  if (blocks > 0x7FFFFFFF || p.out_rows * ntiles > 0x7FFFFFFF) return cudaErrorInvalidValue;  // (wgb_share)
   kernel<<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
