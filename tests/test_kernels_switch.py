@@ -474,3 +474,18 @@ def test_indexer_topk_sort_route_equals_the_reference():
     ref = ops.indexer_topk(jnp.asarray(s, jnp.float32), n_vis, k=700, opts=ops.Opts(backend="reference"))
     got = kernel_indexer.topk_by_sort(jnp.asarray(s, jnp.float32), n_vis, k=700)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_sparse_mla_splits_follow_the_sm_count(monkeypatch):
+    """The split-KV grid is sized by the GPU's SM count (jax's `core_count`), 132 where there is no GPU: the 64-head
+    kernel one block per SM (batch x splits <= SMs), capped by the 64-key tiles; the 16-head kernel two per SM."""
+    from dsv4_jax.kernels import ffi_ops
+
+    if jax.default_backend() != "gpu":
+        assert ffi_ops.gpu_sms() == 132
+    for sms in (132, 114, 78):
+        monkeypatch.setattr(ffi_ops, "gpu_sms", lambda sms=sms: sms)
+        assert ffi_ops.sparse_mla_splits(2, 64, 64 * 1000) == sms // 2
+        assert ffi_ops.sparse_mla_splits(64, 64, 64 * 1000) == max(1, sms // 64)
+        assert ffi_ops.sparse_mla_splits(1, 64, 640) == 10  # one run per 64-key tile at most
+        assert ffi_ops.sparse_mla_splits(4, 32, 64 * 1000) == -(-2 * sms // 8)

@@ -219,8 +219,16 @@ def hc_split_sinkhorn(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: i
     )(mix, scale.astype(F32), base.astype(F32), n=np.int64(n), iters=np.int64(iters), eps=np.float32(eps))
 
 
-SPARSE_MLA_TARGET_BLOCKS = 264  # two blocks per SM of a 132-SM H100 / H200 (the 16-head kernel's smem allows 2)
-SPARSE_MLA_SMS = 132  # the 64-head kernel (heads a multiple of 64): one block of 16 warps per SM
+SPARSE_MLA_BLOCKS_PER_SM = 2  # the 16-head kernel (its shared memory allows two); the 64-head kernel: one (16 warps)
+
+
+@functools.cache
+def gpu_sms() -> int:
+    """Streaming multiprocessors of the first GPU (jax's `core_count`; 132 on an H100 / H200), which the split-KV
+    grids are sized by; 132 where there is no GPU or jax does not say."""
+    dev = next((d for d in jax.devices() if d.platform == "gpu"), None) if jax.default_backend() == "gpu" else None
+    sms = int(getattr(dev, "core_count", 0) or 0)
+    return sms if 0 < sms <= 4096 else 132
 
 
 def sparse_mla_splits(batch: int, heads: int, n_idx: int) -> int:
@@ -229,9 +237,9 @@ def sparse_mla_splits(batch: int, heads: int, n_idx: int) -> int:
     whole tile loop). Otherwise (16 heads per block): enough blocks for two per SM."""
     tiles = -(-n_idx // 64)
     if heads % 64 == 0:
-        return max(1, min(SPARSE_MLA_SMS // max(batch * (heads // 64), 1), tiles))
+        return max(1, min(gpu_sms() // max(batch * (heads // 64), 1), tiles))
     blocks = max(batch * (heads // 16), 1)
-    return max(1, min(-(-SPARSE_MLA_TARGET_BLOCKS // blocks), tiles))
+    return max(1, min(-(-(SPARSE_MLA_BLOCKS_PER_SM * gpu_sms()) // blocks), tiles))
 
 
 def sparse_mla_decode(q, ring, entries, layer, extra, idx, sink, scale: float) -> jax.Array:
