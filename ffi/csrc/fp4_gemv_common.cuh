@@ -154,6 +154,25 @@ __device__ __forceinline__ void store_tile(const Fp4Params& p, const float acc[N
   }
 }
 
+// The segment starting at output row r0 (group g0), by one warp: returns its rows (up to TBMAX following rows of
+// group g0) and writes their activation rows to seg_src[0, kMaxSeg) (-1: invalid or past the segment).
+template <int TBMAX>
+__device__ __forceinline__ int segment_sources(const Fp4Params& p, int64_t r0, int32_t g0, int lane,
+                                               int32_t* seg_src) {
+  const bool same = lane < TBMAX && r0 + lane < p.out_rows &&
+                    (p.group_map == nullptr || p.group_map[r0 + lane < p.out_rows ? r0 + lane : r0] == g0);
+  const int rows = __ffs(~__ballot_sync(0xffffffffu, same)) - 1;
+  if (lane < kMaxSeg) {
+    int32_t src = -1;
+    if (lane < rows) {
+      const int64_t s = p.rows_map != nullptr ? p.rows_map[r0 + lane] : r0 + lane;
+      src = s >= 0 && s < p.x_rows ? static_cast<int32_t>(s) : -1;
+    }
+    seg_src[lane] = src;
+  }
+  return rows;
+}
+
 // The segment that output row r0 starts, worked out by one warp (call from warp 0, then __syncthreads): output rows
 // form runs of equal groups (any order of pairs; a run of one group is cut into segments of TBMAX rows from its
 // first row). seg_info[0]: whether r0 starts a segment; seg_info[1]: its rows; seg_src[t]: the activation row of
@@ -174,17 +193,7 @@ __device__ __forceinline__ void find_segment(const Fp4Params& p, int64_t r0, int
       start -= 32;
     }
   }
-  const bool same = lane < TBMAX && r0 + lane < p.out_rows &&
-                    (p.group_map == nullptr || p.group_map[r0 + lane < p.out_rows ? r0 + lane : r0] == g0);
-  const int rows = __ffs(~__ballot_sync(0xffffffffu, same)) - 1;
-  if (lane < kMaxSeg) {
-    int32_t src = -1;
-    if (lane < rows) {
-      const int64_t s = p.rows_map != nullptr ? p.rows_map[r0 + lane] : r0 + lane;
-      src = s >= 0 && s < p.x_rows ? static_cast<int32_t>(s) : -1;
-    }
-    seg_src[lane] = src;
-  }
+  const int rows = segment_sources<TBMAX>(p, r0, g0, lane, seg_src);
   if (lane == 0) seg_info[0] = (r0 - start) % TBMAX == 0, seg_info[1] = rows;
 }
 

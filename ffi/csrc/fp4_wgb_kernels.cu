@@ -155,23 +155,6 @@ __device__ void wgb_make_plan(const Fp4Params& p, int64_t ntiles, int lane, WgbP
   if (lane == 0) plan.pieces = pieces;
 }
 
-// The segment starting at output row r0 (group g0): its rows (up to kMaxSeg of the same group) and their activation
-// rows (seg_src, -1: invalid). One warp.
-__device__ __forceinline__ int wgb_segment(const Fp4Params& p, int64_t r0, int32_t g0, int lane, int32_t* seg_src) {
-  const bool same = lane < kMaxSeg && r0 + lane < p.out_rows &&
-                    (p.group_map == nullptr || p.group_map[r0 + lane < p.out_rows ? r0 + lane : r0] == g0);
-  const int rows = __ffs(~__ballot_sync(0xffffffffu, same)) - 1;
-  if (lane < kMaxSeg) {
-    int32_t src = -1;
-    if (lane < rows) {
-      const int64_t s = p.rows_map != nullptr ? p.rows_map[r0 + lane] : r0 + lane;
-      src = s >= 0 && s < p.x_rows ? static_cast<int32_t>(s) : -1;
-    }
-    seg_src[lane] = src;
-  }
-  return rows;
-}
-
 // BITS: e2m1 -> e4m3 by bit placement (e2m1x8_to_e4m3_bits: 2^-6 times the value, 0.5 an e4m3 subnormal, the 2^6 in
 // the activation scale; 7 instructions per 8 codes against the prmt table's 11), else the table.
 template <int NW, bool BITS>
@@ -290,7 +273,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params
   for (int pc = 0; pc < pieces; ++pc) {
     const int64_t r0 = plan.r0[pc];
     if (warp == 0) {
-      const int rows = wgb_segment(p, r0, plan.group[pc], lane, seg_src);
+      const int rows = segment_sources<kMaxSeg>(p, r0, plan.group[pc], lane, seg_src);
       if (lane == 0) seg_rows_s = rows;
     }
     __syncthreads();  // seg_src; and every warp is past the previous piece's last use of B
