@@ -208,6 +208,9 @@ constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this m
 // Rows dsv4_fp8_gemv_layer takes: beyond kGemvMaxM, passes of 8 rows over the layer's weights (segments whose group is
 // the layer), so a stacked weight is never sliced out (DeepGEMM would need the slice copied out of the stack).
 constexpr int64_t kGemvLayerMaxM = 64;
+// DSV4_FFI_GEMV_ORDER=segments: a GEMV launch's blocks ordered segment-fastest (the passes over one weight row side
+// by side); off by default.
+bool gemv_segments_first();
 struct GemvArgs {
   const void* a;          // e4m3 [a_rows, k]
   int64_t a_rows;
