@@ -44,22 +44,25 @@ constexpr int kRowsPerWarp = 4;  // output columns (weight rows) per warp; 128 %
 constexpr int kLaneBytes = 16;
 constexpr int kBlocksPerStep = 32 * kLaneBytes / 128;  // 128-wide K blocks covered by one warp step (4)
 
-// A block is one column block (weight rows) of one segment. seg_fast (DSV4_FFI_GEMV_ORDER=segments): the grid's x
+// A block is one column block (weight rows) of one segment. SEGF (DSV4_FFI_GEMV_ORDER=segments): the grid's x
 // is the segment, so the launch order runs the segments of one column block side by side (the passes of 8 rows of a
 // stacked layer then read each weight row from DRAM once and from L2 after); else x is the column block.
-__device__ __forceinline__ int64_t block_column(bool seg_fast) { return seg_fast ? blockIdx.y : blockIdx.x; }
-__device__ __forceinline__ int64_t block_segment_index(bool seg_fast) { return seg_fast ? blockIdx.x : blockIdx.y; }
+// Only the fused-quantisation kernel at 8 tokens (the layer GEMV's passes) is built both ways.
+template <bool SEGF>
+__device__ __forceinline__ unsigned block_column() { return SEGF ? blockIdx.y : blockIdx.x; }
+template <bool SEGF>
+__device__ __forceinline__ unsigned block_segment_index() { return SEGF ? blockIdx.x : blockIdx.y; }
 
 // The block's segment and its expert g (group_ok false: out of range, the rows are written as zeros; g = 0 then).
 // Blocks past the first projection's segments compute the second: b, sfb and d switch to b2, sfb2, d2 (the gate/up
 // pair in one launch).
-template <int TB>
+template <int TB, bool SEGF = false>
 __device__ __forceinline__ int64_t block_segment(int64_t out_rows, const int32_t* group_map, int64_t groups,
                                                  const uint8_t* __restrict__& b, const float* __restrict__& sfb,
                                                  __nv_bfloat16* __restrict__& d, const uint8_t* b2, const float* sfb2,
-                                                 __nv_bfloat16* d2, int64_t* g, bool* group_ok, bool seg_fast) {
+                                                 __nv_bfloat16* d2, int64_t* g, bool* group_ok) {
   const int64_t segs = (out_rows + TB - 1) / TB;
-  int64_t seg = block_segment_index(seg_fast);
+  int64_t seg = block_segment_index<SEGF>();
   if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
   *g = group_map != nullptr ? group_map[seg] : 0;
   *group_ok = *g >= 0 && *g < groups;
@@ -72,16 +75,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
-                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit, bool seg_fast,
+                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
                 const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
   int64_t g;
   bool group_ok;
-  const int64_t seg =
-      block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok, seg_fast);
-  const int64_t n0 = (block_column(seg_fast) * row_groups + rg) * kRowsPerWarp;
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kRowsPerWarp;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
   int64_t arow[TB];
@@ -274,12 +276,12 @@ constexpr int kMmaKbPerChunk = 2;  // K blocks whose loads are issued together (
 
 // QX: fused quantisation: `a` holds bf16 rows [a_rows, k] (not e4m3), `sfa` is not read; the strides place the
 // scales written to qo.sfa.
-template <int TB, bool QX>
+template <int TB, bool QX, bool SEGF = false>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
-                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit, bool seg_fast,
+                __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
                 const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2,
                 QxOut qo) {
   static_assert(TB >= 1 && TB <= 8 && (TB & (TB - 1)) == 0, "1, 2, 4 or 8 tokens per mma");
@@ -289,9 +291,8 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int rg = warp / ksplit, kc = warp % ksplit;
   int64_t g;
   bool group_ok;
-  const int64_t seg =
-      block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok, seg_fast);
-  const int64_t n0 = (block_column(seg_fast) * row_groups + rg) * kMmaRows;
+  const int64_t seg = block_segment<TB, SEGF>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
+  const int64_t n0 = (static_cast<int64_t>(block_column<SEGF>()) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
   // This lane feeds token gq to the mma (B operand) and owns the outputs of tokens 2q, 2q+1 (C fragment).
@@ -312,8 +313,8 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   // rows out (the warps of row group 0 in the first block column of the first projection cover all of K once).
   const int64_t qx_row = QX ? act_row(lane / Qx<TB>::kLanes) : -1;
   const __nv_bfloat16* qx_src = qx_row >= 0 ? reinterpret_cast<const __nv_bfloat16*>(a) + qx_row * k : nullptr;
-  const bool qx_write = QX && qo.q != nullptr && block_column(seg_fast) == 0 && rg == 0 &&
-                        block_segment_index(seg_fast) < (out_rows + TB - 1) / TB;
+  const bool qx_write = QX && qo.q != nullptr && block_column<SEGF>() == 0 && rg == 0 &&
+                        block_segment_index<SEGF>() < static_cast<unsigned>((out_rows + TB - 1) / TB);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   // K offsets fit in 32 bits (K <= 2^31); the row pointers above carry the 64-bit part.
@@ -398,17 +399,19 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaSt
   const int64_t segs = (p.out_rows + TB - 1) / TB;
   const auto columns = static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block);
   const auto seg_blocks = static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs);
-  const bool seg_fast = gemv_segments_first() && columns <= 65535u;
-  const dim3 grid = seg_fast ? dim3(seg_blocks, columns) : dim3(columns, seg_blocks);
   const bool qx = p.x_bf16 != nullptr;
+  const bool seg_fast = TB == 8 && qx && gemv_segments_first() && columns <= 65535u;
+  const dim3 grid = seg_fast ? dim3(seg_blocks, columns) : dim3(columns, seg_blocks);
   const auto* a = static_cast<const uint8_t*>(qx ? p.x_bf16 : p.a);
   auto launch = [&](auto* kernel, auto... extra) {
     kernel<<<grid, warps * 32, 0, stream>>>(
         a, p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups,
-        p.rows_map, p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit, seg_fast,
+        p.rows_map, p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit,
         static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), extra...);
     return cudaGetLastError();
   };
+  if constexpr (TB == 8)
+    if (seg_fast) return launch(gemv_mma_kernel<TB, true, true>, QxOut{static_cast<uint8_t*>(p.q_out), p.sfa_out});
   if (qx) return launch(gemv_mma_kernel<TB, true>, QxOut{static_cast<uint8_t*>(p.q_out), p.sfa_out});
   if (mma) return launch(gemv_mma_kernel<TB, false>, QxOut{nullptr, nullptr});
   return launch(gemv_fp8_kernel<TB>);
