@@ -334,15 +334,19 @@ def _ptxas_entries(log: str):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
 def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     """The MXFP4 decode kernels (the fused gate/up + SwiGLU and the plain GEMV/down projection of every variant:
-    fp4_gemv_kernels.cu's ring kernels (one- and eight-token passes, table and bit-placement conversions) and wgmma
-    kernels (f16 "wg" and FP8 "wg8", 1/2/4/8 tokens per pass), fp4_wgb_kernels.cu's "wgb" kernels, fused and plain,
-    bit-placement and table conversions) compile for
-    sm_90a, and ptxas reports no local-memory spills for any of them (a spill in the weight stream costs bandwidth),
-    within the register budgets of their occupancy targets: ring and wgb <= 128 (two blocks of 256 threads per SM), wg
-    <= 168 (three blocks of 128 threads). No DeepGEMM needed."""
+    fp4_gemv_kernels.cu's ring kernels (one- and eight-token passes, table and bit-placement conversions),
+    fp4_wg_kernels.cu's wgmma kernels (f16 "wg" and FP8 "wg8", 1/2/4/8 tokens per pass), fp4_wgb_kernels.cu's "wgb"
+    kernels (bit-placement and table conversions)) compile for sm_90a, and ptxas reports no local-memory spills for
+    any of them (a spill in the weight stream costs bandwidth), within the register budgets of their occupancy
+    targets: ring and wgb <= 128 (two blocks of 256 threads per SM), wg <= 168 (three blocks of 128 threads). No
+    DeepGEMM needed."""
     headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh")
     kinds = {"fp4_wgb_kernel": "wgb", "fp4_wg_kernel": "wg", "fp4_gemv_kernel": "ring"}
-    for source, want in (("fp4_gemv_kernels", {"ring": 8, "wg": 16}), ("fp4_wgb_kernels", {"wgb": 4})):
+    for source, want in (
+        ("fp4_gemv_kernels", {"ring": 8}),
+        ("fp4_wg_kernels", {"wg": 16}),
+        ("fp4_wgb_kernels", {"wgb": 4}),
+    ):
         log = _ptxas_log(source + ".cu", headers, source)
         found = {}
         for name, regs in _ptxas_entries(log):

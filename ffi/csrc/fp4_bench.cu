@@ -4,7 +4,8 @@
 // scales of the experts hit (+ activations). Also compares the wg variants' outputs with ring's (wg: summation order
 // only; wg8: its 13-bit FP8 accumulator). span >= 12 exercises the wg variants' exact per-block path.
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/csrc ffi/csrc/fp4_bench.cu \
-//        ffi/csrc/fp4_gemv_kernels.cu ffi/csrc/fp4_wgb_kernels.cu ffi/csrc/launch_util.cu -o /tmp/fp4_bench
+//        ffi/csrc/fp4_gemv_kernels.cu ffi/csrc/fp4_wg_kernels.cu ffi/csrc/fp4_wgb_kernels.cu ffi/csrc/launch_util.cu \
+//        -o /tmp/fp4_bench
 //   [FP4_BENCH_T=1,2,4,8] /tmp/fp4_bench [span [time|cmp|once [E D I]]]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

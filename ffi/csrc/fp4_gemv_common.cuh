@@ -1,7 +1,7 @@
-// Shared pieces of the MXFP4 decode kernels (fp4_gemv_kernels.cu: ring, wg, wg8; fp4_wgb_kernels.cu: wgb): the
-// launch parameters, the copies into shared memory, the UE8M0 and e2m1 conversions, the segment of output rows a
-// block serves, its activation rows quantized to FP8, the SwiGLU epilogue. An unnamed namespace: each kernel file
-// keeps its own copy (internal linkage), as when they lived in one file.
+// Shared pieces of the MXFP4 decode kernels (fp4_gemv_kernels.cu: ring; fp4_wg_kernels.cu: wg, wg8;
+// fp4_wgb_kernels.cu: wgb): the launch parameters, the copies into shared memory, the UE8M0 and e2m1 conversions, the
+// segment of output rows a block serves, its activation rows quantized to FP8, the SwiGLU epilogue. An unnamed
+// namespace: each kernel file keeps its own copy (internal linkage), as when they lived in one file.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -24,7 +24,7 @@ namespace {
 // of the wgmma are the segment's tokens (B: the activation rows quantized to e4m3 when the block starts a segment,
 // quantize_segment's K-tile layout). Which segments and row tiles a block streams: the work plan below.
 // Numerics: the reference's per-block sums, except that Hopper's FP8 tensor core adds the 32 exact products of a
-// block with a 13-bit-mantissa accumulator (see wg8 in fp4_gemv_kernels.cu) instead of fp32; measured against ring
+// block with a 13-bit-mantissa accumulator (see wg8 in fp4_wg_kernels.cu) instead of fp32; measured against ring
 // in fp4_bench (BENCHMARKS.md).
 constexpr int kWgbStages = 3;
 constexpr int kWgbPitch = 80;  // bytes per staged row (64 + 16): the 8 rows of an ldmatrix phase on distinct banks
@@ -268,7 +268,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params
 #pragma unroll
   for (int wi = 0; wi < NW; ++wi) acc[wi][0] = acc[wi][1] = acc[wi][2] = acc[wi][3] = 0.f;
   const uint32_t b_addr = smem_addr(bsm);
-  const int mi = lane / 8, rr = lane % 8;  // this lane's ldmatrix row address: matrix mi = (rows 8 (mi % 2).., block mi / 2)
+  // This lane's ldmatrix row address: matrix mi = (rows 8 (mi % 2).., block mi / 2).
+  const int mi = lane / 8, rr = lane % 8;
   int stage = 0;
   for (int pc = 0; pc < pieces; ++pc) {
     const int64_t r0 = plan.r0[pc];

@@ -256,9 +256,10 @@ bool gemv_uses_mma();
 // With w[1] set (the fused gate/up pair of an expert MLP): out[r] = bf16(route_w[r] * silu(min(g, L)) *
 // clip(u, -L, L)), g = f32(bf16(x W0^T)), u = f32(bf16(x W1^T)), L = limit (no clamp if limit <= 0).
 constexpr int kFp4SegmentRows = 8;
-// The implementations (fp4_gemv_kernels.cu, fp4_wgb_kernels.cu): kFp4Wgb (default: per-warp cp.async rings, one FP8 wgmma k32 step per
-// 32-wide weight block from zero, its partial scaled in fp32: the reference's numerics except the FP8 tensor core's
-// 13-bit-mantissa sum of a block's 32 exact products), kFp4Wg (wgmma with the e2m1 weights widened to f16 in
+// The implementations (fp4_gemv_kernels.cu: ring and the dispatch; fp4_wg_kernels.cu; fp4_wgb_kernels.cu): kFp4Wgb
+// (default: per-warp cp.async rings, one FP8 wgmma k32 step per 32-wide weight block from zero, its partial scaled
+// in fp32: the reference's numerics except the FP8 tensor core's 13-bit-mantissa sum of a block's 32 exact
+// products), kFp4Wg (wgmma with the e2m1 weights widened to f16 in
 // registers, pre-scaled per (row, 128-chunk), fp32 accumulation; exact-path fallback per 32-wide block), kFp4Wg8
 // (the same on FP8 wgmma, pre-scaled: ~1e-3 off; opt-in), kFp4Ring (the first design: per-warp cp.async ring +
 // ldmatrix, one emulated e4m3 mma per 32-wide block: exact up to summation order).
@@ -287,6 +288,9 @@ int fp4_resolve_variant(int requested);
 // The wgb variant alone (fp4_wgb_kernels.cu; launch_fp4_gemv calls it for kFp4Wgb on SM90): launch and shared memory.
 cudaError_t launch_fp4_wgb(const Fp4GemvArgs& a, cudaStream_t stream);
 size_t fp4_wgb_smem(bool fused, int64_t k);
+// The wg (f16 = true) and wg8 variants (fp4_wg_kernels.cu).
+cudaError_t launch_fp4_wg(const Fp4GemvArgs& a, bool f16, cudaStream_t stream);
+size_t fp4_wg_smem(bool fused, bool f16, int64_t k, int64_t max_share);
 // Rows per weight pass the launch is built for (1 or kFp4SegmentRows) given max_share.
 int fp4_tokens_per_pass(int64_t max_share);
 // K split across a block's 8 warps (DSV4_FFI_FP4_KSPLIT=1|2|4|8 overrides).
