@@ -82,10 +82,10 @@ for spec in "$@"; do
       timeout "$limit" python benchmarks/bench_kernels.py $arg >"$OUT/bench_kernels.log" 2>&1
       echo "rc=$?"; tail -20 "$OUT/bench_kernels.log" ;;
     py)
-      # Any script: py=SCRIPT ARGS (e.g. py=benchmarks/bench_fp4_prefill.py --tokens 2048,8192)
-      # shellcheck disable=SC2086
+      # Any script: py=SCRIPT ARGS (e.g. py=benchmarks/bench_fp4_prefill.py --tokens 2048,8192), or py=-c '...'
+      # (eval: ARGS may quote a program with spaces)
       n=$(ls "$OUT"/py_*.log 2>/dev/null | wc -l); tag="py_$n"
-      timeout "$limit" python $arg >"$OUT/$tag.log" 2>&1
+      eval "timeout $limit python $arg" >"$OUT/$tag.log" 2>&1
       echo "rc=$?"; tail -25 "$OUT/$tag.log" | cut -c1-400 ;;
     bench-compile)
       # shellcheck disable=SC2086
