@@ -47,9 +47,10 @@ size_t wgb_smem_bytes(int64_t k) {
 // ==== Work plan: the segments' row tiles dealt evenly over the grid ==============================================
 // Output rows form segments (runs of one valid group cut every kMaxSeg rows from the run's first row, as
 // find_segment); every segment has ntiles row tiles of 64 weight rows, all of them the same work. Block b of G
-// streams global tiles [b * total / G, (b + 1) * total / G) of the segments in row order (total = segments x
-// ntiles), so the launch is one even wave whatever the routing: the host knows only the row count, the device the
-// segments. A block's range spans at most kWgbMaxPieces segments (the host sizes G for it).
+// streams its share (wgb_share: total / G tiles or one more, total = segments x ntiles) of the segments' tiles in
+// row order, so the launch is one even wave whatever the routing: the host knows only the row count, the device the
+// segments. A block's range spans at most kWgbMaxPieces segments (the host sizes G for it). Rows of invalid groups
+// are zeroed by the block row % G names (wgb_zero_invalid).
 constexpr int kWgbMaxPieces = 8;
 constexpr int kWgbStartsKept = 256;  // segment starts kept from the first scan (more: a second scan finds the block's)
 
