@@ -122,15 +122,6 @@ __device__ __forceinline__ void e8m0x4_plain(uint32_t s, float f[4]) {
   f[3] = __uint_as_float((s >> 1) & 0x7F800000u);
 }
 
-// The same, two instructions per byte where no byte is 0 or 255 (the scales of real weights); those go the exact way.
-__device__ __forceinline__ void e8m0x4_fast(uint32_t s, float f[4]) {
-  if (e8m0x4_special(s) != 0u) {
-    e8m0x4(s, f);
-    return;
-  }
-  e8m0x4_plain(s, f);
-}
-
 // Stores the lane's C fragment (rows n0 + g, n0 + g + 8; segment tokens 2q, 2q+1) of both accumulators.
 template <int NW>
 __device__ __forceinline__ void store_tile(const Fp4Params& p, const float acc[NW][4], int lane, int64_t r0,

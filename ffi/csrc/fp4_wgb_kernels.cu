@@ -395,13 +395,12 @@ cudaError_t launch_wgb(Fp4Params p, cudaStream_t stream) {
   const int64_t ntiles = (p.n + kWgbRows - 1) / kWgbRows;
   int major = 0, sms = 0;
   device_info(&major, &major, &sms);
-  int64_t min_tiles = 1;
-  if (const char* v = std::getenv("DSV4_FFI_FP4_TILES")) min_tiles = std::atoi(v) < 1 ? 1 : std::atoi(v);
-  const int64_t most = (p.out_rows * ntiles + min_tiles - 1) / min_tiles;
-  int64_t blocks =
+  const char* tiles_env = std::getenv("DSV4_FFI_FP4_TILES");
+  const int64_t tiles = tiles_env != nullptr && std::atoi(tiles_env) > 1 ? std::atoi(tiles_env) : 1;
+  const int64_t most = (p.out_rows * ntiles + tiles - 1) / tiles;  // blocks of `tiles` row tiles, every row a segment
+  const int64_t slots =
       static_cast<int64_t>(sms) * resident_blocks(reinterpret_cast<const void*>(kernel), kWarps * 32, smem);
-  if (min_tiles > 1) blocks = most;
-  blocks = blocks > most ? most : blocks;
+  int64_t blocks = tiles > 1 || most < slots ? most : slots;
   const int64_t floor_blocks = (p.out_rows + kWgbMaxPieces - 4) / (kWgbMaxPieces - 3);
   blocks = blocks < floor_blocks ? floor_blocks : blocks;
   if (blocks > 0x7FFFFFFF || p.out_rows * ntiles > 0x7FFFFFFF) return cudaErrorInvalidValue;  // (wgb_share)
