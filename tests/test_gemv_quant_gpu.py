@@ -150,28 +150,20 @@ def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m):
         np.testing.assert_array_equal(got, want, err_msg=f"layer {layer}")
 
 
-@pytest.mark.parametrize("m", [3, 32, 64])
+@pytest.mark.parametrize("m", [8, 32, 64])
 def test_gemv_segment_order_knob(ffi, m, monkeypatch):
-    """DSV4_FFI_GEMV_ORDER=segments (a launch's blocks ordered segment-fastest: the passes of 8 rows over one layer's
-    weight rows side by side) changes the order blocks run in, not what they compute: the layer GEMV, the grouped GEMV
-    and the gate/up pair bit-identical to the default order."""
-    keys = jax.random.split(jax.random.key(m), 3)
+    """DSV4_FFI_GEMV_ORDER=segments (the blocks of the fused 8-token GEMV ordered segment-fastest: a stacked layer's
+    passes of 8 rows over the same weight rows side by side; other launches ignore it) changes the order blocks run
+    in, not what they compute: the layer GEMV bit-identical to the default order, for one to eight passes."""
+    keys = jax.random.split(jax.random.key(m), 2)
     x = rand_bf16(keys[0], (m, 2048))
     w, s = rand_fp8_weight(keys[1], (3, 1536, 2048))
-    groups = jax.random.randint(keys[2], (m,), 0, 3, jnp.int32)
     outs = {}
     for order in ("columns", "segments"):
         monkeypatch.setenv("DSV4_FFI_GEMV_ORDER", order)
         poison()
-        layer = np.asarray(ffi.fp8_gemv_layer(x, w, s, jnp.int32(2))).view(np.uint16)
-        q, sfa = ffi.act_quant_rows(x)
-        poison()
-        grouped = np.asarray(ffi.fp8_gemv(q, sfa, w, s, groups=groups)).view(np.uint16)
-        poison()
-        g, u = ffi.fp8_gemv_pair(q, sfa, w, s, w[::-1], s[::-1], groups=groups)
-        outs[order] = (layer, grouped, np.asarray(g).view(np.uint16), np.asarray(u).view(np.uint16))
-    for what, a, b in zip(("layer", "grouped", "pair gate", "pair up"), outs["columns"], outs["segments"], strict=True):
-        np.testing.assert_array_equal(a, b, err_msg=f"{what}, {m} rows")
+        outs[order] = np.asarray(ffi.fp8_gemv_layer(x, w, s, jnp.int32(2))).view(np.uint16)
+    np.testing.assert_array_equal(outs["columns"], outs["segments"], err_msg=f"{m} rows")
 
 
 @pytest.mark.parametrize("knob,kernel", [("8", "dsv4_fp8_linear"), (None, "dsv4_fp8_gemv_layer")])
