@@ -283,7 +283,7 @@ def test_extension_compiles_for_sm90a(tmp_path):
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
                 FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh",
-                FFI / "csrc" / "wgmma.cuh"]  # fmt: skip
+                FFI / "csrc" / "wgmma.cuh", FFI / "csrc" / "cp_async.cuh"]  # fmt: skip
         _cached_compile(base + [str(src)], deps, name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())
@@ -340,7 +340,7 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     any of them (a spill in the weight stream costs bandwidth), within the register budgets of their occupancy
     targets: ring and wgb <= 128 (two blocks of 256 threads per SM), wg <= 168 (three blocks of 128 threads). No
     DeepGEMM needed."""
-    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh")
+    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh")
     kinds = {"fp4_wgb_kernel": "wgb", "fp4_wg_kernel": "wg", "fp4_gemv_kernel": "ring"}
     for source, want in (
         ("fp4_gemv_kernels", {"ring": 8}),
@@ -406,7 +406,9 @@ def test_indexer_score_kernels_compile_without_spills():
     """The indexer's score kernels (indexer_kernels.cu: mma.sync, and wgmma m64n64k16 with the keys in registers)
     compile for sm_90a within two blocks of 256 threads per SM (<= 128 registers), with no spills, and ptxas keeps
     the wgmma steps asynchronous (it warns when it has to serialise them)."""
-    log = _ptxas_log("indexer_kernels.cu", ("fp8_convert.cuh", "mma_bf16.cuh", "wgmma.cuh"), "indexer_kernels_v")
+    log = _ptxas_log(
+        "indexer_kernels.cu", ("fp8_convert.cuh", "mma_bf16.cuh", "wgmma.cuh", "cp_async.cuh"), "indexer_kernels_v"
+    )
     entries = {("wg" if "wg_kernel" in name else "mma"): regs for name, regs in _ptxas_entries(log)}
     assert set(entries) == {"wg", "mma"} and max(entries.values()) <= 128, f"{entries}:\n{log[-2000:]}"
     assert "serialized" not in log, log[-2000:]

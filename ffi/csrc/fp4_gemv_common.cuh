@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cp_async.cuh"
 #include "fp8_convert.cuh"
 #include "gemv_mma.cuh"
 #include "kernels.h"
@@ -56,27 +57,6 @@ struct Fp4Params {
   int ksplit;
   int tiles = 1;  // wg kernels: row tiles a block streams in sequence
 };
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-// The same with the L2 fetching the whole 128-byte line: a warp reads 64 bytes of each of its rows per chunk, the
-// next 64 one chunk later; one DRAM access for both (measured: the wgb kernel 4-9% faster).
-__device__ __forceinline__ void cp_async16_l2line(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t r[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cp_async.cuh"
 #include "fp8_convert.cuh"
 #include "kernels.h"
 #include "mma_bf16.cuh"
@@ -55,19 +56,6 @@ constexpr int kSrcAt = kKBytes + kRawBytes;          // const unsigned char* [64
 constexpr int kValidAt = kSrcAt + kKeys * 8;         // int [64]: index >= 0
 constexpr int kAlphaAt = kValidAt + kKeys * 4;       // float [16]: the tile's rescale factor per head
 constexpr int kSmemBytes = kAlphaAt + kHeads * 4;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -369,7 +357,7 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
   };
   auto request = [&](int buf) {
     request_rows<kThreads64>(src_s + buf * kKeys, raw_s, tid);
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
   };
 
   // Q of the block's 64 heads (64 KB) and the first tile's rows, in flight together.
@@ -377,9 +365,7 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
     const unsigned char* qg = static_cast<const unsigned char*>(a.q) + (b * a.heads + h0) * kD * 2;
     for (int c = tid; c < kHeads64 * (kD / 8); c += kThreads64) {
       const int h = c / (kD / 8), piece = c % (kD / 8);
-      const uint32_t dst = smem_addr(q_s + h * kKPitch + piece * 8);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(qg + (h * kD + piece * 8) * 2)
-                   : "memory");
+      cp_async16(smem_addr(q_s + h * kKPitch + piece * 8), qg + (h * kD + piece * 8) * 2);
     }
   }
   if (tid < kHeads64) m_s[tid] = -INFINITY, den_s[tid] = 0.f;

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cp_async.cuh"  // smem_addr
+
 namespace dsv4ffi {
 
 // wgmma exists on sm_90a only: other targets (an sm_100a build) get traps, and the launchers never pick these
@@ -18,10 +20,6 @@ __device__ __forceinline__ void wgmma_commit() { DSV4_WGMMA("wgmma.commit_group.
 __device__ __forceinline__ void wgmma_wait0() { DSV4_WGMMA("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 // Keeps the compiler from moving reads or writes of an accumulator register across the asynchronous wgmma.
 __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // Descriptor of a K-major operand in shared memory without swizzle, made of 8-row x 16-byte core matrices: `lbo`
 // bytes between core matrices adjacent in K, `sbo` bytes between those adjacent in M/N (PTX ISA, "matrix descriptor").
