@@ -59,7 +59,7 @@ for spec in "$@"; do
         -m gpu -n 4 --dist load --max-worker-restart=8 -q -rs --durations=8 -p no:cacheprovider $arg" >"$OUT/tests.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests.log" | tail -25; cat "$SCRATCH/report.txt" 2>/dev/null ;;
     tests-fp4)
-      timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py tests/test_fp4_prefill_gpu.py -n 4 --dist load --max-worker-restart=8 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
+      timeout "$limit" python -m pytest -m gpu tests/test_fp4_kernels_gpu.py tests/test_fp4_moe_gpu.py tests/test_fp4_prefill_gpu.py -n 4 --dist load --max-worker-restart=8 -q -rs --durations=5 >"$OUT/tests_fp4.log" 2>&1
       echo "rc=$?"; grep -E "FAILED|ERROR| passed| failed" "$OUT/tests_fp4.log" | tail -15 ;;
     tests-kernels)
       export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
