@@ -203,3 +203,39 @@ def ffi():
     if mod is None:
         pytest.fail(f"GPU present but the FFI extension is unavailable: {why}")
     return ffi_ops
+
+
+def command_buffer_probe(probe: pathlib.Path, *args: str, timeout: int) -> None:
+    """Runs the script `probe` (its last stdout line a JSON object: `captured`, whether a dsv4 custom call was
+    recorded in an XLA command buffer; `digests` of its results; `replays_agree`) in fresh processes (XLA_FLAGS apply
+    at start-up), once with command buffers for fusions and custom calls at any graph size and once without, and
+    asserts that the kernels were recorded in the first and not in the second, with bit-identical results."""
+    import json
+    import subprocess
+    import sys
+
+    outs = {}
+    for mode, flags in (
+        ("graphs", "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"),
+        ("stream", "--xla_gpu_enable_command_buffer="),
+    ):
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+        }
+        env.update(XLA_FLAGS=flags, XLA_CLIENT_MEM_FRACTION="0.2")  # jaxlib 0.11 refuses both names set together
+        try:
+            r = subprocess.run(
+                [sys.executable, str(probe), *args], env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(
+                f"{mode}: probe timed out after {timeout} s\nstdout: {e.stdout}\nstderr: {str(e.stderr)[-3000:]}"
+            )
+        assert r.returncode == 0, f"{mode}: probe failed\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        outs[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert outs["graphs"]["captured"], f"no dsv4 custom call was recorded in a command buffer: {outs['graphs']}"
+    assert not outs["stream"]["captured"]
+    assert outs["graphs"]["digests"] == outs["stream"]["digests"]
+    assert outs["graphs"]["replays_agree"]

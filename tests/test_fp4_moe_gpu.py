@@ -8,17 +8,13 @@ tests/test_fp4_kernels_gpu.py (its docstring says why each bound). Run on the de
 from __future__ import annotations
 
 import functools
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import poison  # the `ffi` fixture lives in conftest too
+from conftest import command_buffer_probe, poison  # the `ffi` fixture lives in conftest too
 from test_fp4_kernels_gpu import (
     BF16,
     BIT_IDENTICAL_MIN,
@@ -273,20 +269,4 @@ def test_fp4_kernels_in_command_buffers(tmp_path):
     they give bit-identical results to plain stream execution (fresh processes: XLA_FLAGS apply at start-up)."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    outs = {}
-    for mode, flags in (
-        ("graphs", "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"),
-        ("stream", "--xla_gpu_enable_command_buffer="),
-    ):
-        env = dict(os.environ, XLA_FLAGS=flags, XLA_CLIENT_MEM_FRACTION="0.2")
-        here = str(pathlib.Path(__file__).parent)
-        try:
-            r = subprocess.run([sys.executable, str(probe), here], env=env, capture_output=True, text=True, timeout=200)
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(f"{mode}: probe timed out\nstdout: {e.stdout}\nstderr: {str(e.stderr)[-3000:]}")
-        assert r.returncode == 0, f"{mode}: probe failed\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-        outs[mode] = json.loads(r.stdout.strip().splitlines()[-1])
-    assert outs["graphs"]["captured"], f"no dsv4_fp4 custom call was recorded in a command buffer: {outs['graphs']}"
-    assert not outs["stream"]["captured"]
-    assert outs["graphs"]["digests"] == outs["stream"]["digests"]
-    assert outs["graphs"]["replays_agree"]
+    command_buffer_probe(probe, str(pathlib.Path(__file__).parent), timeout=200)

@@ -22,13 +22,11 @@ float64 host reference, which is independent of XLA altogether.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import gpu_report, poison, rel_rms  # the `ffi` fixture lives in conftest too
+from conftest import command_buffer_probe, gpu_report, poison, rel_rms  # the `ffi` fixture lives in conftest too
 
 from dsv4_jax import ops, quant
 
@@ -335,28 +333,9 @@ def test_commands_buffers_capture_the_kernels():
     """Handlers are declared command-buffer compatible: force XLA to record them into CUDA graphs (custom calls
     included, any graph size) and check, in a fresh process, that they were recorded and that the replayed graphs
     give bit-identical results to plain stream execution."""
-    import json
     import pathlib
-    import subprocess
-    import sys
 
-    probe = pathlib.Path(__file__).with_name("gpu_cmdbuf_probe.py")
-    outs = {}
-    for mode, flags in (
-        ("graphs", "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"),
-        ("stream", "--xla_gpu_enable_command_buffer="),
-    ):
-        env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_MEM_FRACTION="0.2")
-        try:
-            r = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=150)
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(f"{mode}: probe timed out after 150 s\nstdout: {e.stdout}\nstderr: {str(e.stderr)[-3000:]}")
-        assert r.returncode == 0, f"{mode}: probe failed\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-        outs[mode] = json.loads(r.stdout.strip().splitlines()[-1])
-    assert outs["graphs"]["captured"], f"no dsv4 custom call was recorded in a command buffer: {outs['graphs']}"
-    assert not outs["stream"]["captured"]
-    assert outs["graphs"]["digests"] == outs["stream"]["digests"]
-    assert outs["graphs"]["replays_agree"]
+    command_buffer_probe(pathlib.Path(__file__).with_name("gpu_cmdbuf_probe.py"), timeout=150)
 
 
 def _perturb_embeddings(state, seed):
