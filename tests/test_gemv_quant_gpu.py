@@ -133,42 +133,56 @@ def test_plain_target_follows_env(ffi, env, monkeypatch):
 
 
 @pytest.mark.parametrize("n,k", [(1024, 4096), (32768, 1024), (4096, 8192), (4096, 2048)])
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 21, 64])
-def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m):
-    """`dsv4_fp8_gemv_layer` (a layer of a stacked weight, the activation quantised inside the GEMV: what the layer
-    scan runs at decode; beyond 8 rows in passes of 8) against our quantisation kernel + `dsv4_fp8_gemv` with the same
-    layer as the group of every row: bit-identical, for a nonzero layer of a 3-layer stack."""
+@pytest.mark.parametrize(
+    "m,route", [(1, "wide"), (3, "wide"), (8, "wide"), (16, "wide"), (21, "wide"), (64, "wide"), (16, "passes"),
+                (21, "passes"), (64, "passes")]
+)  # fmt: skip
+def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m, route, monkeypatch):
+    """`dsv4_fp8_gemv_layer` (a layer of a stacked weight: what the layer scan runs at decode; up to 8 rows the
+    activation quantised inside the GEMV, beyond that (`DSV4_FFI_GEMV_LAYER`) quantised once then passes of 16 or 32
+    rows ("wide"), or the fused GEMV in passes of 8 ("passes")) against our quantisation kernel + `dsv4_fp8_gemv`
+    with the same layer as the group of every row: bit-identical, for a nonzero layer of a 3-layer stack."""
+    monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", route)
     keys = jax.random.split(jax.random.key(m * 7 + n + k), 2)
     x = rand_bf16(keys[0], (m, k))
     w, s = rand_fp8_weight(keys[1], (3, n, k))
+    f = jax.jit(lambda *a: ffi.fp8_gemv_layer(*a))  # a fresh trace: the route is read when tracing
+    assert (f"tensor<{m}x{k}xf8E4M3FN>" in f.lower(x, w, s, jnp.int32(1)).as_text()) == (m > 8 and route == "wide")
     for layer in (1, 2):
         poison()
-        got = np.asarray(jax.jit(ffi.fp8_gemv_layer)(x, w, s, jnp.int32(layer))).view(np.uint16)
+        got = np.asarray(f(x, w, s, jnp.int32(layer))).view(np.uint16)
         q, sfa = ffi.act_quant_rows(x)
         poison()
         want = np.asarray(ffi.fp8_gemv(q, sfa, w, s, groups=jnp.full((m,), layer, jnp.int32))).view(np.uint16)
         np.testing.assert_array_equal(got, want, err_msg=f"layer {layer}")
+        assert (got != 0).mean() > 0.99
 
 
-@pytest.mark.parametrize("m", [8, 32, 64])
-def test_gemv_segment_order_knob(ffi, m, monkeypatch):
-    """DSV4_FFI_GEMV_ORDER=segments (the blocks of the fused 8-token GEMV ordered segment-fastest: a stacked layer's
-    passes of 8 rows over the same weight rows side by side; other launches ignore it) changes the order blocks run
-    in, not what they compute: the layer GEMV bit-identical to the default order, for one to eight passes."""
-    keys = jax.random.split(jax.random.key(m), 2)
-    x = rand_bf16(keys[0], (m, 2048))
-    w, s = rand_fp8_weight(keys[1], (3, 1536, 2048))
-    outs = {}
-    for order in ("columns", "segments"):
-        monkeypatch.setenv("DSV4_FFI_GEMV_ORDER", order)
-        poison()
-        outs[order] = np.asarray(ffi.fp8_gemv_layer(x, w, s, jnp.int32(2))).view(np.uint16)
-    np.testing.assert_array_equal(outs["columns"], outs["segments"], err_msg=f"{m} rows")
+def test_gemv_layer_wide_route_refuses_bad_workspaces(ffi):
+    """The wide route's workspace is checked by the handler: an e4m3 `[R, K]` q and a scale pitch of >= R, a
+    multiple of 4; too few layer indices for its passes of 32 rows are refused with the tensor named."""
+    x = jnp.ones((24, 256), jnp.bfloat16)
+    w, s = rand_fp8_weight(jax.random.key(0), (2, 256, 256))
+
+    def call(q_shape, sfa_shape, passes):
+        return jax.ffi.ffi_call(
+            "dsv4_fp8_gemv_layer",
+            (jax.ShapeDtypeStruct((24, 256), jnp.bfloat16), jax.ShapeDtypeStruct(q_shape, jnp.float8_e4m3fn),
+             jax.ShapeDtypeStruct(sfa_shape, jnp.float32)),
+        )(x, w, ffi.sm90_weight_scales(s), jnp.zeros((passes,), jnp.int32))[0].block_until_ready()  # fmt: skip
+
+    call((24, 256), (2, 24), 1)  # well formed: runs
+    with pytest.raises(Exception, match="workspace q"):
+        call((24, 128), (2, 24), 1)
+    with pytest.raises(Exception, match="scale pitch"):
+        call((24, 256), (2, 26), 1)
+    with pytest.raises(Exception, match="layer must hold the layer index once per segment of 32 rows"):
+        call((24, 256), (2, 24), 3)
 
 
 @pytest.mark.parametrize("knob,kernel", [("8", "dsv4_fp8_linear"), (None, "dsv4_fp8_gemv_layer")])
 def test_layer_gemv_rows_knob(ffi, monkeypatch, knob, kernel):
-    """`DSV4_FFI_LAYER_GEMV_MAX_M`: a stacked layer's 24 rows go to the layer GEMV (passes of 8 rows, no slice) by
+    """`DSV4_FFI_LAYER_GEMV_MAX_M`: a stacked layer's 24 rows go to the layer GEMV (one pass of 32 rows, no slice) by
     default (32) and to DeepGEMM on the layer's slice with the knob at 8; both within the GEMV's own result's bf16
     rounding of each other (the same FP8 operands, fp32 sums in another order; atol: where the products cancel)."""
     from dsv4_jax import ops

@@ -207,14 +207,20 @@ def test_moe_experts_kernel_vs_reference(ffi, fmt, t):
     assert rel_rms(got, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("m,stacked", [(1, True), (3, True), (8, True), (2, False)])
-def test_grouped_dequant_linear_kernel_vs_reference(ffi, m, stacked):
+@pytest.mark.parametrize(
+    "m,stacked,impl",
+    [(1, True, "mma"), (3, True, "mma"), (8, True, "mma"), (2, False, "mma"), (13, True, "mma"), (32, True, "mma"),
+     (24, False, "mma"), (1, True, "cuda"), (8, True, "cuda"), (9, True, "cuda")],
+)  # fmt: skip
+def test_grouped_dequant_linear_kernel_vs_reference(ffi, m, stacked, impl, monkeypatch):
     """Attention's grouped `wo_a` at V4-Flash widths (8 groups x 1024 rows, I = 4096): our decode GEMV (the FP8
-    weight dequantised to bf16 in registers) vs the reference's bf16 einsum, on layer 1 of a 3-layer stack (the
-    `LayerSlice` path: the stack and the layer index go to the kernel) and on a plain weight. The same exact bf16
-    products; fp32 sums in another order, one bf16 rounding: <= 2e-3 rel-RMS."""
+    weight dequantised to bf16 in registers; the tensor-core kernel up to 32 rows, the CUDA-core one up to 8 with
+    `DSV4_FFI_DEQUANT_GEMV=cuda`, beyond which XLA runs the reference) vs the reference's bf16 einsum, on layer 1 of
+    a 3-layer stack (the `LayerSlice` path: the stack and the layer index go to the kernel) and on a plain weight.
+    The same exact bf16 products; fp32 sums in another order, one bf16 rounding: <= 2e-3 rel-RMS."""
     from dsv4_jax.layer_view import LayerSlice
 
+    monkeypatch.setenv("DSV4_FFI_DEQUANT_GEMV", impl)
     k1, k2 = jax.random.split(jax.random.key(100 + m))
     w, s = rand_fp8_weight(k1, (3, 8192, 4096) if stacked else (8192, 4096))
     x = rand_bf16(k2, (m, 1, 8, 4096), spread=False)
@@ -226,14 +232,16 @@ def test_grouped_dequant_linear_kernel_vs_reference(ffi, m, stacked):
 
         with ops.record() as rec:
             y = np.asarray(jax.jit(f)(x, w, s), np.float32)
-        return y, rec
+            text = jax.jit(f).lower(x, w, s).as_text()
+        return y, rec, text
 
-    ref, rec_ref = run("reference")
+    ref, rec_ref, _ = run("reference")
     poison()
-    got, rec_ffi = run("ffi")
+    got, rec_ffi, text = run("ffi")
     assert rec_ref == {"grouped_dequant_linear": "reference"} and rec_ffi == {"grouped_dequant_linear": "kernel"}
+    assert ("dsv4_dequant_bf16_gemv" in text) == (m <= (32 if impl == "mma" else 8)), text[-2000:]
     assert got.shape == ref.shape == (m, 1, 8, 1024)
-    assert np.isfinite(got).all()
+    assert np.isfinite(got).all() and (got != 0).mean() > 0.99
     assert rel_rms(got, ref) <= 2e-3
 
 

@@ -387,18 +387,40 @@ def test_fp4_grouped_route_knob(monkeypatch):
 def test_fp8_gemv_mma_kernels_compile_for_sm90a_without_spills():
     """The tensor-core FP8 GEMV (gemv_kernels.cu), plain and with the fused activation quantisation of the dense
     fp8_linear at decode, for 1, 2, 4 and 8 tokens per pass: no local-memory spills (the fused kernel at 8 tokens once
-    spilt), and <= 128 registers (two blocks of 256 threads per SM, as the plain kernel has)."""
+    spilt), and <= 128 registers (two blocks of 256 threads per SM, as the plain kernel has); the wide kernels (16
+    and 32 tokens per pass, one block per SM) without spills either."""
     import re
 
     log = _ptxas_log("gemv_kernels.cu", ("gemv_mma.cuh", "fp8_convert.cuh"), "gemv_kernels_v")
-    found = set()
+    found, wide = set(), set()
     for name, regs in _ptxas_entries(log):
+        if m := re.search(r"gemv_mma_wide_kernelILi(\d)E", name):
+            wide.add(8 * int(m.group(1)))
         m = re.search(r"gemv_mma_kernelILi(\d)ELb([01])E", name)
         if m is None:
             continue
         assert regs <= 128, f"{name} uses {regs} registers (> 128: one block per SM fewer)"
         found.add((int(m.group(1)), m.group(2) == "1"))
     assert found == {(tb, fused) for tb in (1, 2, 4, 8) for fused in (False, True)}, f"{found}:\n{log[-3000:]}"
+    assert wide == {16, 32}, f"{wide}:\n{log[-3000:]}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
+def test_dequant_gemv_kernels_compile_for_sm90a_without_spills():
+    """The grouped `wo_a` kernels (dequant_gemv_kernels.cu): the tensor-core kernel for 8, 16 and 32 tokens per pass
+    and the CUDA-core one for 1..8 rows compile for sm_90a with no spills; the one-tile tensor-core kernel (one
+    token: the decode step at batch 1) within 128 registers (two blocks of 256 threads per SM)."""
+    import re
+
+    log = _ptxas_log("dequant_gemv_kernels.cu", ("gemv_mma.cuh", "fp8_convert.cuh", "mma_bf16.cuh"), "dequant_v")
+    mma, cuda = {}, set()
+    for name, regs in _ptxas_entries(log):
+        if m := re.search(r"dequant_bf16_mma_kernelILi(\d)E", name):
+            mma[int(m.group(1))] = regs
+        elif m := re.search(r"dequant_bf16_gemv_kernelILi(\d)E", name):
+            cuda.add(int(m.group(1)))
+    assert set(mma) == {1, 2, 4} and cuda == set(range(1, 9)), f"{mma} {cuda}:\n{log[-3000:]}"
+    assert mma[1] <= 128, mma
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
@@ -480,6 +502,56 @@ def test_indexer_topk_sort_route_equals_the_reference():
     ref = ops.indexer_topk(jnp.asarray(s, jnp.float32), n_vis, k=700, opts=ops.Opts(backend="reference"))
     got = kernel_indexer.topk_by_sort(jnp.asarray(s, jnp.float32), n_vis, k=700)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@pytest.mark.parametrize(
+    "rows,route,passes", [(1, None, 1), (8, None, 1), (9, None, 1), (16, None, 1), (24, None, 1), (33, None, 2),
+                          (64, None, 2), (24, "passes", 3), (64, "passes", 8), (24, "wide", 1)]
+)  # fmt: skip
+def test_gemv_layer_routes_lower_with_their_workspace(monkeypatch, rows, route, passes):
+    """`fp8_gemv_layer`'s route is fixed when the program is traced: up to 8 rows the fused one-launch GEMV (empty
+    workspace), beyond that by default the quantise-once route (an e4m3 [R, K] workspace and its scales [K/128,
+    align(R, 4)]; one layer index per pass of 16 or 32 rows), or with DSV4_FFI_GEMV_LAYER=passes the fused GEMV in
+    passes of 8 rows. Lowering only; an unknown route is refused by name."""
+    from dsv4_jax.kernels import ffi_ops
+
+    if route is None:
+        monkeypatch.delenv("DSV4_FFI_GEMV_LAYER", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", route)
+    args = (jax.ShapeDtypeStruct((rows, 256), jnp.bfloat16), jax.ShapeDtypeStruct((3, 512, 256), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((3, 4, 2), jnp.float32), jnp.int32(1))  # fmt: skip
+    text = jax.jit(lambda *a: ffi_ops.fp8_gemv_layer(*a)).lower(*args).as_text()  # a fresh trace: the knob is read
+    (line,) = [ln for ln in text.splitlines() if "custom_call @dsv4_fp8_gemv_layer" in ln]
+    wide = rows > 8 and route != "passes"
+    assert f"tensor<{passes}xi32>" in line, line
+    assert (f"tensor<{rows}x256xf8E4M3FN>" in line) == wide, line
+    assert (f"tensor<2x{-(-rows // 4) * 4}xf32>" in line) == wide, line
+    monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "fast")
+    with pytest.raises(ValueError, match="DSV4_FFI_GEMV_LAYER='fast'"):
+        jax.jit(lambda *a: ffi_ops.fp8_gemv_layer(*a)).lower(jax.ShapeDtypeStruct((9, 256), jnp.bfloat16), *args[1:])
+
+
+def test_grouped_dequant_rows_follow_the_grouping_and_the_kill_switch(monkeypatch):
+    """Up to 32 rows of the grouped `wo_a` go to the kernel when a group is whole 16-row tiles (the tensor-core
+    kernel), else, or with DSV4_FFI_DEQUANT_GEMV=cuda (the CUDA-core kernel), up to 8; more rows lower to XLA's
+    dequantisation + einsum (the reference's arithmetic)."""
+    from dsv4_jax.kernels import dequant, ffi_ops
+
+    monkeypatch.delenv("DSV4_FFI_DEQUANT_GEMV", raising=False)
+    assert ffi_ops.dequant_gemv_max_m(1024) == 32 and ffi_ops.dequant_gemv_max_m(24) == 8
+    w = jax.ShapeDtypeStruct((2 * 1024, 256), jnp.float8_e4m3fn)
+    s = jax.ShapeDtypeStruct((16, 2), jnp.float32)
+
+    def lowers_to_kernel(m):
+        x = jax.ShapeDtypeStruct((m, 2, 256), jnp.bfloat16)
+        f = jax.jit(lambda *a: dequant.grouped_dequant_linear(*a))  # a fresh trace: the knob is read when tracing
+        return "dsv4_dequant_bf16_gemv" in f.lower(x, w, s).as_text()
+
+    assert lowers_to_kernel(32) and not lowers_to_kernel(33)
+    monkeypatch.setenv("DSV4_FFI_DEQUANT_GEMV", "cuda")
+    assert ffi_ops.dequant_gemv_max_m(1024) == 8
+    assert lowers_to_kernel(8) and not lowers_to_kernel(9)
 
 
 def test_sparse_mla_splits_follow_the_sm_count(monkeypatch):

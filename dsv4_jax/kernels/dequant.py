@@ -1,7 +1,8 @@
 """The kernel side of `dsv4_jax.ops.grouped_dequant_linear` (attention's grouped `wo_a`).
 
-Up to 8 token rows (decode): our GEMV, bf16 activations times the FP8 weight dequantised to bf16 in registers; a
-weight that is one layer of a stack (`LayerSlice`) goes to it as the whole stack and the layer index (no copy).
+Up to 32 token rows (decode; 8 where a group is not whole 16-row tiles): our GEMV, bf16 activations times the FP8
+weight dequantised to bf16 in registers; a weight that is one layer of a stack (`LayerSlice`) goes to it as the whole
+stack and the layer index (no copy).
 More rows (prefill, large batches): the reference's own arithmetic (dequantise, bf16 einsum with fp32 accumulation),
 which XLA runs as a tensor-core GEMM, the right tool at those sizes."""
 
@@ -30,7 +31,7 @@ def grouped_dequant_linear(x: jax.Array, w, s) -> jax.Array:
     """bf16 `[..., G, I]` x e4m3 `[G * R, I]` (or a `LayerSlice` of a stack) -> bf16 `[..., G, R]`."""
     *lead, g, i = x.shape
     x3 = x.reshape(-1, g, i)
-    if x3.shape[0] > ffi_ops.DEQUANT_GEMV_MAX_M:
+    if x3.shape[0] > ffi_ops.dequant_gemv_max_m(w.shape[-2] // g):
         wv = to_bf16(quant.dequant_fp8_weight(materialize(w), materialize(s))).reshape(g, -1, i)
         return to_bf16(jnp.einsum("...gi,gri->...gr", x, wv, preferred_element_type=jnp.float32))
     if isinstance(w, LayerSlice):

@@ -22,6 +22,7 @@ MN-major, `[groups, K/128, align(rows, 4)]`.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ __all__ = [
     "TOPK_MAX_K",
     "dequant_bf16_gemv",
     "DEQUANT_GEMV_MAX_M",
+    "dequant_gemv_max_m",
     "fp8_gemm",
     "fp8_linear",
     "fp8_linear_call",
@@ -368,13 +370,22 @@ def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_ep
     return out, post, comb
 
 
-DEQUANT_GEMV_MAX_M = 8  # rows of x one launch takes (the extension's kDequantGemvMaxM)
+DEQUANT_GEMV_MAX_M = 32  # rows of x one launch takes (the extension's kDequantGemvMaxM: the tensor-core kernel)
+DEQUANT_GEMV_CUDA_MAX_M = 8  # ... on the CUDA-core kernel (kDequantGemvCudaMaxM)
+
+
+def dequant_gemv_max_m(rows_per_group: int) -> int:
+    """Rows `dequant_bf16_gemv` takes for weight groups of `rows_per_group` rows: the tensor-core kernel's 32 where a
+    group is whole 16-row tiles, else (or with `DSV4_FFI_DEQUANT_GEMV=cuda`, the CUDA-core kernel) 8. As the
+    extension decides at launch; read when the program is traced."""
+    mma = rows_per_group % 16 == 0 and os.environ.get("DSV4_FFI_DEQUANT_GEMV") != "cuda"
+    return DEQUANT_GEMV_MAX_M if mma else DEQUANT_GEMV_CUDA_MAX_M
 
 
 def dequant_bf16_gemv(x: jax.Array, w: jax.Array, s: jax.Array, layer: jax.Array | None = None) -> jax.Array:
-    """`y [M, N] = bf16(x . bf16(W * s))` (the grouped `wo_a`): x bf16 `[M, G, K]` (M <= 8), weight row r belongs
-    to group `r // (N / G)`; W e4m3 `[N, K]`, or a layer stack `[L, N, K]` with `layer` (an int32 scalar) naming
-    the layer; f32 or UE8M0 block scales `[(L,) ceil(N/128), K/128]`."""
+    """`y [M, N] = bf16(x . bf16(W * s))` (the grouped `wo_a`): x bf16 `[M, G, K]` (M <= `dequant_gemv_max_m`),
+    weight row r belongs to group `r // (N / G)`; W e4m3 `[N, K]`, or a layer stack `[L, N, K]` with `layer` (an
+    int32 scalar) naming the layer; f32 or UE8M0 block scales `[(L,) ceil(N/128), K/128]`."""
     m = x.shape[0]
     layer = _layer_operand(layer)
     return jax.ffi.ffi_call("dsv4_dequant_bf16_gemv", jax.ShapeDtypeStruct((m, w.shape[-2]), BF16))(
@@ -478,23 +489,47 @@ def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
     )
 
 
-# Rows `fp8_gemv_layer` takes (the extension's kGemvLayerMaxM): beyond GEMV_MAX_M, passes of 8 rows over the weights.
+# Rows `fp8_gemv_layer` takes (the extension's kGemvLayerMaxM).
 GEMV_LAYER_MAX_M = 64
+# How `fp8_gemv_layer` runs 9..64 rows ("wide": quantised once, then passes of 16 or 32 rows; "passes": the fused
+# one-launch GEMV in passes of 8 rows, each re-quantising its rows per weight tile). `DSV4_FFI_GEMV_LAYER`, read
+# when the program is traced; up to 8 rows always take the fused one-launch GEMV.
+GEMV_LAYER_ROUTES = ("wide", "passes")
+
+
+def gemv_layer_route(rows: int) -> str:
+    """The route `fp8_gemv_layer` takes for `rows` rows ("fused" up to GEMV_MAX_M, else one of GEMV_LAYER_ROUTES)."""
+    if rows <= GEMV_MAX_M:
+        return "fused"
+    v = os.environ.get("DSV4_FFI_GEMV_LAYER", "wide")
+    if v not in GEMV_LAYER_ROUTES:
+        raise ValueError(f"DSV4_FFI_GEMV_LAYER={v!r} is not one of {GEMV_LAYER_ROUTES}")
+    return v
 
 
 def fp8_gemv_layer(x: jax.Array, w: jax.Array, s: jax.Array, layer) -> jax.Array:
     """bf16 `[R, K]` (R <= 64) x layer `layer` (an int32 scalar, read on the device) of an FP8 weight stack e4m3
-    `[L, N, K]` with f32 (or UE8M0) scales `[L, N/128, K/128]` -> bf16 `[R, N]`, quant_sim numerics, one launch: the
-    rows are quantised per 1x128 inside the GEMV (bit-identical to `act_quant_rows` then `fp8_gemv`). Up to 8 rows
-    share one pass over the weights; more rows take a pass per 8 (the layer index is passed once per pass)."""
-    r = x.shape[0]
+    `[L, N, K]` with f32 (or UE8M0) scales `[L, N/128, K/128]` -> bf16 `[R, N]`, quant_sim numerics, bit-identical to
+    `act_quant_rows` then `fp8_gemv`. Up to 8 rows: one launch, the rows quantised inside the GEMV. More rows
+    (`gemv_layer_route`): "wide", our quantisation kernel into a workspace, then one pass over the weights per 32 rows
+    (16 when R <= 16); "passes", the one-launch GEMV in passes of 8 rows. The layer index is passed once per pass."""
+    r, k = x.shape
     if r > GEMV_LAYER_MAX_M:
         raise ValueError(f"fp8_gemv_layer: {r} rows, at most {GEMV_LAYER_MAX_M}")
-    passes = -(-r // GEMV_MAX_M) if r > GEMV_MAX_M else 1
+    route = gemv_layer_route(r)
+    per_pass = {"fused": GEMV_MAX_M, "passes": GEMV_MAX_M, "wide": 16 if r <= 16 else 32}[route]
+    passes = -(-r // per_pass)
     layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
-    return jax.ffi.ffi_call("dsv4_fp8_gemv_layer", jax.ShapeDtypeStruct((r, w.shape[-2]), BF16))(
-        x.astype(BF16), w, sm90_weight_scales(s), layer
-    )
+    wide = route == "wide"
+    out, _, _ = jax.ffi.ffi_call(
+        "dsv4_fp8_gemv_layer",
+        (
+            jax.ShapeDtypeStruct((r, w.shape[-2]), BF16),
+            jax.ShapeDtypeStruct((r, k) if wide else (0,), E4M3),  # the workspace: empty selects the fused GEMV
+            jax.ShapeDtypeStruct((k // 128, _round_up(r, 4)) if wide else (0,), F32),
+        ),
+    )(x.astype(BF16), w, sm90_weight_scales(s), layer)
+    return out
 
 
 def fp8_gemv_pair(a, sfa, w1, s1, w3, s3, *, rows=None, groups=None) -> tuple[jax.Array, jax.Array]:

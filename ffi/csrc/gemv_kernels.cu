@@ -44,25 +44,16 @@ constexpr int kRowsPerWarp = 4;  // output columns (weight rows) per warp; 128 %
 constexpr int kLaneBytes = 16;
 constexpr int kBlocksPerStep = 32 * kLaneBytes / 128;  // 128-wide K blocks covered by one warp step (4)
 
-// A block is one column block (weight rows) of one segment. SEGF (DSV4_FFI_GEMV_ORDER=segments): the grid's x
-// is the segment, so the launch order runs the segments of one column block side by side (the passes of 8 rows of a
-// stacked layer then read each weight row from DRAM once and from L2 after); else x is the column block.
-// Only the fused-quantisation kernel at 8 tokens (the layer GEMV's passes) is built both ways.
-template <bool SEGF>
-__device__ __forceinline__ unsigned block_column() { return SEGF ? blockIdx.y : blockIdx.x; }
-template <bool SEGF>
-__device__ __forceinline__ unsigned block_segment_index() { return SEGF ? blockIdx.x : blockIdx.y; }
-
 // The block's segment and its expert g (group_ok false: out of range, the rows are written as zeros; g = 0 then).
 // Blocks past the first projection's segments compute the second: b, sfb and d switch to b2, sfb2, d2 (the gate/up
 // pair in one launch).
-template <int TB, bool SEGF = false>
+template <int TB>
 __device__ __forceinline__ int64_t block_segment(int64_t out_rows, const int32_t* group_map, int64_t groups,
                                                  const uint8_t* __restrict__& b, const float* __restrict__& sfb,
                                                  __nv_bfloat16* __restrict__& d, const uint8_t* b2, const float* sfb2,
                                                  __nv_bfloat16* d2, int64_t* g, bool* group_ok) {
   const int64_t segs = (out_rows + TB - 1) / TB;
-  int64_t seg = block_segment_index<SEGF>();
+  int64_t seg = blockIdx.y;
   if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
   *g = group_map != nullptr ? group_map[seg] : 0;
   *group_ok = *g >= 0 && *g < groups;
@@ -276,7 +267,7 @@ constexpr int kMmaKbPerChunk = 2;  // K blocks whose loads are issued together (
 
 // QX: fused quantisation: `a` holds bf16 rows [a_rows, k] (not e4m3), `sfa` is not read; the strides place the
 // scales written to qo.sfa.
-template <int TB, bool QX, bool SEGF = false>
+template <int TB, bool QX>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa, int64_t sfa_row_stride,
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
@@ -291,8 +282,8 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int rg = warp / ksplit, kc = warp % ksplit;
   int64_t g;
   bool group_ok;
-  const int64_t seg = block_segment<TB, SEGF>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
-  const int64_t n0 = (static_cast<int64_t>(block_column<SEGF>()) * row_groups + rg) * kMmaRows;
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
   // This lane feeds token gq to the mma (B operand) and owns the outputs of tokens 2q, 2q+1 (C fragment).
@@ -313,8 +304,8 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   // rows out (the warps of row group 0 in the first block column of the first projection cover all of K once).
   const int64_t qx_row = QX ? act_row(lane / Qx<TB>::kLanes) : -1;
   const __nv_bfloat16* qx_src = qx_row >= 0 ? reinterpret_cast<const __nv_bfloat16*>(a) + qx_row * k : nullptr;
-  const bool qx_write = QX && qo.q != nullptr && block_column<SEGF>() == 0 && rg == 0 &&
-                        block_segment_index<SEGF>() < static_cast<unsigned>((out_rows + TB - 1) / TB);
+  const bool qx_write = QX && qo.q != nullptr && blockIdx.x == 0 && rg == 0 &&
+                        blockIdx.y < static_cast<unsigned>((out_rows + TB - 1) / TB);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   // K offsets fit in 32 bits (K <= 2^31); the row pointers above carry the 64-bit part.
@@ -393,6 +384,114 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   store_c_fragment<TB>(acc, lane, seg, n0, c_row0 >= 0, c_row1 >= 0, d, out_rows, n);
 }
 
+// Wide variant: NT tiles of 8 tokens per warp, so a segment of 8 * NT rows (16 or 32) shares one pass over the
+// weights; FP8 activations quantised beforehand (launch_quant_rows). Why: a stacked layer's 9..64 decode rows took a
+// pass of the fused 8-token kernel per 8 rows, each warp re-quantising its bf16 rows per weight tile: the L2 traffic
+// of the activations equalled the weights' on every pass (at batch 32, 4 passes: 1.13 ms of a six-layer step's 6.6
+// ms of kernel time, ~3.3x the one-pass time). Here the weights are read once per launch and each 16-row weight tile
+// reads its segment's 16 or 32 FP8 activation rows from L2 once. Per token the products, the per-block scaling and
+// the K-split reduction are those of gemv_mma_kernel: the same output bits. No rows map, one projection.
+template <int NT>
+__global__ void __launch_bounds__(kWarps * 32, 1)  // 1: NT = 2 spilt at the 128 registers ptxas chose
+gemv_mma_wide_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa,
+                     int64_t sfa_row_stride, int64_t sfa_kb_stride, const uint8_t* __restrict__ b,
+                     const float* __restrict__ sfb, int64_t groups, const int32_t* __restrict__ group_map,
+                     __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
+  constexpr int TB = 8 * NT;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gq = lane / 4, q = lane % 4;
+  const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
+  const int rg = warp / ksplit, kc = warp % ksplit;
+  int64_t g;
+  bool group_ok;
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, nullptr, nullptr, nullptr, &g,
+                                        &group_ok);
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
+  const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
+  auto act_row = [&](int t) -> int64_t {
+    const int64_t r = seg * TB + t;
+    return group_ok && r < out_rows && r < a_rows ? r : -1;
+  };
+  // Tile t: this lane feeds token 8t + gq to the mma and owns the outputs of tokens 8t + 2q and 8t + 2q + 1.
+  const uint8_t* x_row[NT];
+  const float* sfa_c[NT][2];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int64_t br = act_row(8 * t + gq), c0 = act_row(8 * t + 2 * q), c1 = act_row(8 * t + 2 * q + 1);
+    x_row[t] = br >= 0 ? a + br * k : nullptr;
+    sfa_c[t][0] = c0 >= 0 ? sfa + c0 * sfa_row_stride : nullptr;
+    sfa_c[t][1] = c1 >= 0 ? sfa + c1 * sfa_row_stride : nullptr;
+  }
+  const int64_t r_lo = n0 + gq, r_hi = n0 + gq + 8;
+  const uint8_t* bg = b + (g * n) * k;
+  const uint8_t* w_lo = r_lo < n ? bg + r_lo * k : nullptr;
+  const uint8_t* w_hi = r_hi < n ? bg + r_hi * k : nullptr;
+  const float* sfb_row = sfb + (g * nblocks + (n0 < n ? n0 : 0) / 128) * kblocks;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+  const int kbs = static_cast<int>(kblocks), kb_per = (kbs + ksplit - 1) / ksplit;
+  const int kb_begin = kc * kb_per, kb_end = kbs < kb_begin + kb_per ? kbs : kb_begin + kb_per;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int kb0 = kb_begin; kb0 < kb_end; kb0 += kMmaKbPerChunk) {
+    uint4 wl[kMmaKbPerChunk][2], wh[kMmaKbPerChunk][2], xv[kMmaKbPerChunk][NT][2];
+#pragma unroll
+    for (int c = 0; c < kMmaKbPerChunk; ++c) {
+      const bool in = kb0 + c < kb_end;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = (kb0 + c) * 128 + h * 64 + q * 16;
+        wl[c][h] = in && w_lo ? __ldg(reinterpret_cast<const uint4*>(w_lo + col)) : zero;
+        wh[c][h] = in && w_hi ? __ldg(reinterpret_cast<const uint4*>(w_hi + col)) : zero;
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+          xv[c][t][h] = in && x_row[t] ? __ldg(reinterpret_cast<const uint4*>(x_row[t] + col)) : zero;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kMmaKbPerChunk; ++c) {
+      const int kb = kb0 + c;
+      if (kb >= kb_end) break;
+      const float sb = sfb_row[kb];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float s0 = sfa_c[t][0] ? sfa_c[t][0][kb * sfa_kb_stride] * sb : 0.f;
+        const float s1 = sfa_c[t][1] ? sfa_c[t][1][kb * sfa_kb_stride] * sb : 0.f;
+        float blk[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) mma_step64(wl[c][h], wh[c][h], xv[c][t][h], blk);
+        add_scaled(blk, s0, s1, acc[t]);
+      }
+    }
+  }
+
+  __shared__ float part[kWarps][NT * 4][32];
+  if (ksplit > 1) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) part[warp][4 * t + i][lane] = acc[t][i];
+    __syncthreads();
+    if (kc != 0) return;
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float v = 0.f;
+        for (int c = 0; c < ksplit; ++c) v += part[warp + c][4 * t + i][lane];
+        acc[t][i] = v;
+      }
+  }
+  // Tile t of segment seg is the 8-row segment seg * NT + t.
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+    store_c_fragment<8>(acc[t], lane, seg * NT + t, n0, sfa_c[t][0] != nullptr, sfa_c[t][1] != nullptr, d,
+                        out_rows, n);
+}
+
 template <int TB>
 cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaStream_t stream) {
   const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
@@ -400,8 +499,7 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaSt
   const auto columns = static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block);
   const auto seg_blocks = static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs);
   const bool qx = p.x_bf16 != nullptr;
-  const bool seg_fast = TB == 8 && qx && gemv_segments_first() && columns <= 65535u;
-  const dim3 grid = seg_fast ? dim3(seg_blocks, columns) : dim3(columns, seg_blocks);
+  const dim3 grid(columns, seg_blocks);
   const auto* a = static_cast<const uint8_t*>(qx ? p.x_bf16 : p.a);
   auto launch = [&](auto* kernel, auto... extra) {
     kernel<<<grid, warps * 32, 0, stream>>>(
@@ -410,21 +508,12 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaSt
         static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), extra...);
     return cudaGetLastError();
   };
-  if constexpr (TB == 8)
-    if (seg_fast) return launch(gemv_mma_kernel<TB, true, true>, QxOut{static_cast<uint8_t*>(p.q_out), p.sfa_out});
   if (qx) return launch(gemv_mma_kernel<TB, true>, QxOut{static_cast<uint8_t*>(p.q_out), p.sfa_out});
   if (mma) return launch(gemv_mma_kernel<TB, false>, QxOut{nullptr, nullptr});
   return launch(gemv_fp8_kernel<TB>);
 }
 
 }  // namespace
-
-bool gemv_segments_first() {
-  // DSV4_FFI_GEMV_ORDER=segments: a launch's blocks ordered segment-fastest (block_column); an A/B knob, read at every
-  // launch, for the stacked layer's passes of 8 rows (not measured yet: off by default).
-  const char* v = std::getenv("DSV4_FFI_GEMV_ORDER");
-  return v != nullptr && std::strcmp(v, "segments") == 0;
-}
 
 bool gemv_uses_mma() {
   // DSV4_FFI_GEMV=cuda selects the CUDA-core loop (kill switch and A/B knob); read at every launch like the other
@@ -464,7 +553,9 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   if (p.out_rows == 0 || p.n == 0) return cudaSuccess;
   int major, minor, sms;
   device_info(&major, &minor, &sms);
-  const bool mma = p.x_bf16 != nullptr || gemv_uses_mma();  // the fused quantisation exists on the mma kernel only
+  // The fused quantisation and the wide segments exist on the tensor-core kernels only.
+  const bool wide = p.tokens_per_block == 16 || p.tokens_per_block == 32;
+  const bool mma = wide || p.x_bf16 != nullptr || gemv_uses_mma();
   int ksplit = gemv_ksplit(p.out_rows, p.tokens_per_block, p.n, p.k, sms, mma);
   if (const char* v = std::getenv("DSV4_FFI_GEMV_KSPLIT")) {  // tuning knob for benchmarks: 1, 2, 4 or 8
     const int f = std::atoi(v);
@@ -473,6 +564,17 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   int warps = kWarps;
   if (const char* v = std::getenv("DSV4_FFI_GEMV_WARPS"); v != nullptr && std::atoi(v) == 4) warps = 4;
   if (ksplit > warps) ksplit = warps;
+  if (wide) {  // e4m3 rows, no rows map, one projection
+    if (p.x_bf16 != nullptr || p.rows_map != nullptr || p.b2 != nullptr) return cudaErrorInvalidValue;
+    const int64_t segs = (p.out_rows + p.tokens_per_block - 1) / p.tokens_per_block;
+    const dim3 grid(static_cast<unsigned>((p.n + (warps / ksplit) * kMmaRows - 1) / ((warps / ksplit) * kMmaRows)),
+                    static_cast<unsigned>(segs));
+    auto* kernel = p.tokens_per_block == 16 ? gemv_mma_wide_kernel<2> : gemv_mma_wide_kernel<4>;
+    kernel<<<grid, warps * 32, 0, stream>>>(static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride,
+                                           p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups,
+                                           p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
+    return cudaGetLastError();
+  }
   switch (p.tokens_per_block) {
     case 1: return launch_tb<1>(p, mma, warps, ksplit, stream);
     case 2: return launch_tb<2>(p, mma, warps, ksplit, stream);

@@ -87,10 +87,11 @@ ffi::Error DequantGemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::A
   const int64_t m = dim(x, 0), groups = dim(x, 1), k = dim(x, 2), n = dim(w, -2), layers = wd.size() == 3 ? wd[0] : 1;
   if (dim(w, -1) != k) return bad(op, "w " + shape_str(w) + " and x " + shape_str(x) + " differ in k");
   if (k % 128 != 0) return bad(op, "k=" + std::to_string(k) + " is not a multiple of 128");
-  if (m < 1 || m > kDequantGemvMaxM) return bad(op, "m=" + std::to_string(m) + " rows: the kernel takes 1.." +
-                                                         std::to_string(kDequantGemvMaxM));
   if (groups < 1 || n % groups != 0) return bad(op, std::to_string(n) + " rows do not split into " +
                                                      std::to_string(groups) + " groups");
+  if (const int64_t most = dequant_gemv_max_m(n / groups); m < 1 || m > most)
+    return bad(op, "m=" + std::to_string(m) + " rows: the kernel takes 1.." + std::to_string(most) + " here (" +
+                       std::to_string(n / groups) + " rows per group)");
   if (s.element_count() != layers * ((n + 127) / 128) * (k / 128))
     return bad(op, "scales " + shape_str(s) + " are not [(layers,) ceil(n/128), k/128]");
   if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
@@ -286,12 +287,16 @@ ffi::Error gemv_args(const std::string& op, const ffi::AnyBuffer& a, const ffi::
   return ffi::Error::Success();
 }
 
-// One layer of a stacked dense FP8 weight at decode sizes, one launch: the bf16 rows quantised inside the GEMV (as
-// the dense fp8_linear's fused path) and every row against layer `layer` of the stack, read on the device. R <= 8
-// rows form one segment (the weights read once); more rows form segments of 8, one pass over the layer's weights each
-// (mostly from L2 after the first), so `layer` holds the index once per segment: it is the group map.
+// One layer of a stacked dense FP8 weight at decode sizes: every row against layer `layer` of the stack, read on the
+// device. Two routes, chosen by the caller through the workspace (ffi_ops.fp8_gemv_layer):
+//   * q empty (R <= 8 rows, or DSV4_FFI_GEMV_LAYER=passes): one launch, the bf16 rows quantised inside the GEMV (as
+//     the dense fp8_linear's fused path); rows beyond 8 form segments of 8, one pass over the weights each;
+//   * q [R, K] e4m3 and sfa [K/128, >= R] (9..64 rows): the rows quantised once into the workspace, then the wide
+//     GEMV: segments of 16 or 32 rows, one pass each (at most two passes).
+// `layer` holds the index once per segment: it is the group map.
 ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb,
-                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d) {
+                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d, ffi::Result<ffi::AnyBuffer> q,
+                         ffi::ResultBuffer<ffi::F32> sfa) {
   const std::string op = "dsv4_fp8_gemv_layer";
   if (b.dimensions().size() != 3) return bad(op, "weight " + shape_str(b) + " is not a layer stack [L, N, K]");
   int64_t n, k;
@@ -299,15 +304,33 @@ ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
   if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
   const int64_t r = dim(x, 0);
   if (r > kGemvLayerMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvLayerMaxM));
-  const int64_t tb = gemv_tokens_per_block(r), segs = (r + tb - 1) / tb;
+  const bool wide = q->element_count() != 0;
+  int64_t pitch = 0;
+  if (wide) {
+    if (r <= kGemvMaxM) return bad(op, "the quantised route takes more than " + std::to_string(kGemvMaxM) + " rows");
+    if (!is_e4m3(*q) || q->element_count() != r * k)
+      return bad(op, "workspace q " + shape_str(*q) + " is not float8_e4m3fn [R, K] (or empty)");
+    if (auto e = check_quant_out(op, r, k, 1, sfa, &pitch); e.failure()) return e;
+  }
+  const int64_t tb = wide ? (r <= 16 ? 16 : 32) : gemv_tokens_per_block(r), segs = (r + tb - 1) / tb;
   if (layer.element_count() != segs)
     return bad(op, "layer must hold the layer index once per segment of " + std::to_string(tb) + " rows (" +
                        std::to_string(segs) + "), has " + std::to_string(layer.element_count()));
   if (d->element_count() != r * n) return bad(op, "output " + shape_str(*d) + " is not [R, N]");
-  if (!aligned16(x.untyped_data()) || !aligned16(b.untyped_data())) return bad(op, "buffers must be 16-byte aligned");
-  GemvArgs ga{nullptr, r, nullptr, 1, 1, b.untyped_data(), sfb.typed_data(), dim(b, 0), nullptr, layer.typed_data(),
-              d->untyped_data(), r, n, k, int(tb)};
-  ga.x_bf16 = x.untyped_data();
+  if (!aligned16(x.untyped_data()) || !aligned16(b.untyped_data()) || (wide && !aligned16(q->untyped_data())))
+    return bad(op, "buffers must be 16-byte aligned");
+  if (!wide) {
+    GemvArgs ga{nullptr, r, nullptr, 1, 1, b.untyped_data(), sfb.typed_data(), dim(b, 0), nullptr, layer.typed_data(),
+                d->untyped_data(), r, n, k, int(tb)};
+    ga.x_bf16 = x.untyped_data();
+    return cuda_check(op, launch_gemv(ga, stream));
+  }
+  if (auto e = cuda_check(op, launch_quant_rows(x.untyped_data(), nullptr, q->untyped_data(), sfa->typed_data(), r, k,
+                                                r, pitch, stream));
+      e.failure())
+    return e;
+  GemvArgs ga{q->untyped_data(), r, sfa->typed_data(), 1, pitch, b.untyped_data(), sfb.typed_data(), dim(b, 0),
+              nullptr, layer.typed_data(), d->untyped_data(), r, n, k, int(tb)};
   return cuda_check(op, launch_gemv(ga, stream));
 }
 
@@ -448,7 +471,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer, GemvLayerImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>(),
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>(),
                               DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_pair, GemvPairImpl,

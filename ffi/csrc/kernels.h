@@ -141,10 +141,13 @@ struct HcPreArgs {
 int64_t hc_pre_chunks(int64_t n, int64_t d);
 cudaError_t launch_hc_pre(const HcPreArgs& a, cudaStream_t stream);
 
-// y [m, n] = bf16(x . bf16(W * s)) for the grouped `wo_a` at decode sizes (m <= kDequantGemvMaxM): x [m, groups, k]
+// y [m, n] = bf16(x . bf16(W * s)) for the grouped `wo_a` at decode sizes (m <= dequant_gemv_max_m): x [m, groups, k]
 // bf16, weight row r of group r / rows_per_group; W e4m3 [layers, n, k] with f32 block scales [layers, ceil(n/128),
 // k/128], the layer read from `layer` ([1] int32 on the device; null: 0). k % 128 == 0, 16-byte aligned buffers.
-constexpr int kDequantGemvMaxM = 8;
+constexpr int kDequantGemvMaxM = 32;     // the tensor-core kernel (rows_per_group % 16 == 0)
+constexpr int kDequantGemvCudaMaxM = 8;  // the CUDA-core kernel (other groupings, or DSV4_FFI_DEQUANT_GEMV=cuda)
+bool dequant_gemv_uses_mma();
+int64_t dequant_gemv_max_m(int64_t rows_per_group);
 struct DequantGemvArgs {
   const void* x;
   const void* w;
@@ -208,9 +211,6 @@ constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this m
 // Rows dsv4_fp8_gemv_layer takes: beyond kGemvMaxM, passes of 8 rows over the layer's weights (segments whose group is
 // the layer), so a stacked weight is never sliced out (DeepGEMM would need the slice copied out of the stack).
 constexpr int64_t kGemvLayerMaxM = 64;
-// DSV4_FFI_GEMV_ORDER=segments: a GEMV launch's blocks ordered segment-fastest (the passes over one weight row side
-// by side); off by default.
-bool gemv_segments_first();
 struct GemvArgs {
   const void* a;          // e4m3 [a_rows, k]
   int64_t a_rows;
