@@ -189,6 +189,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--gen", default="8,24", help="two generate lengths for the per-token time")
     ap.add_argument("--gen-backends", default="auto,reference", help="backends whose generate is timed")
+    ap.add_argument(
+        "--gen-batches", default="1", help="batch sizes whose generate is timed (a step decodes one token per row)"
+    )
     ap.add_argument("--batch-backends", default="auto,reference", help="backends run at batch sizes > 1")
     ap.add_argument("--cases", default=None, help="only these experts:backend pairs, e.g. fp4:auto,fp8:auto")
     ap.add_argument("--long-prefill", type=int, default=0, help="also time a prefill of this many tokens (batch 1)")
@@ -227,7 +230,8 @@ def main(argv=None):
                 if b > 1 and backend not in args.batch_backends.split(","):
                     continue
                 lp = args.long_prefill if (b == 1 and backend in args.long_prefill_backends.split(",")) else 0
-                g = gen if (b == 1 and backend in args.gen_backends.split(",")) else None
+                timed = b in (int(x) for x in args.gen_batches.split(",")) and backend in args.gen_backends.split(",")
+                g = gen if timed else None
                 bd = f"{args.breakdown}-{fmt}-{backend}-b{b}" if args.breakdown else None
                 r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache, ctx)
                 r["experts"] = fmt
@@ -252,7 +256,7 @@ def markdown(result) -> str:
         f"{m['device']}, jax {m['jax']}, commit {m['commit']}, {m['layers']} full-width Flash layers + MTP, copy "
         f"{m['copy_bandwidth_GBps']:.0f} GB/s",
         "",
-        "| experts | backend | batch | decode step ms (median) | floor ms | ratio | generate ms/token | prefill "
+        "| experts | backend | batch | decode step ms (median) | floor ms | ratio | generate ms/step | prefill "
         "(first / steady) s | long prefill s | decode step ms at context | kernels ran |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

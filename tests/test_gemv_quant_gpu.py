@@ -1,7 +1,8 @@
 """GPU tests of the dense FP8 linear's fused activation quantisation at decode sizes (M <= 8): the GEMV reads the
 bf16 rows and quantises them per 1x128 itself (`dsv4_fp8_linear_fused`, one launch) instead of our quantisation
-kernel followed by the GEMV (`dsv4_fp8_linear_separate`, two launches). Run on the device: `pytest -m gpu
-tests/test_gemv_quant_gpu.py`.
+kernel followed by the GEMV (`dsv4_fp8_linear_separate`, two launches); and of a stacked layer's GEMV
+(`dsv4_fp8_gemv_layer`), whose 9..64 rows take the wide GEMV after one quantisation or the fused GEMV in passes of 8.
+Run on the device: `pytest -m gpu tests/test_gemv_quant_gpu.py`.
 
 Bounds: none. The two paths must agree bit for bit (the same e4m3 operands and power-of-two scales reach the same
 mma sequence), and the e4m3 activations and scales `dsv4_fp8_linear` returns must equal `quant.act_quant` in either
