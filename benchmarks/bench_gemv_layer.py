@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--ksplits", default="", help="also time the wide route with DSV4_FFI_GEMV_KSPLIT at these values")
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
+    if ffi_ops.load()[0] is None:  # registers the extension's handlers
+        raise SystemExit(ffi_ops.load()[1])
     bw, _, _ = ceilings()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
