@@ -5,9 +5,12 @@ then passes of 16 or 32 rows; "passes", the fused GEMV per 8 rows), and the grou
 the share of the copy bandwidth (measured in the same process) on the weight bytes.
 
 Each executable makes one call per layer of an 8-layer stack (a different layer each time, as the layer scan does),
-so the weights of one call are not in L2 from the previous one; `bench_kernels.timed` dispatches executables back to
-back. Usage (GPU, the extension importable): `python benchmarks/bench_gemv_layer.py [--rows 1,8,16,32,64] [--markdown
-F]`.
+so the weights of one call are not in L2 from the previous one. Timed as the GPU's kernel time under the profiler
+(`bench_kernels.device_us`; the wide route's quantisation kernel included): the wall-clock time per executable of
+the first run measured the host's dispatch instead for these 5-50 us problems (BENCHMARKS.md).
+
+Usage (GPU, the extension importable): `python benchmarks/bench_gemv_layer.py [--rows 1,8,16,32,64] [--ksplits 4]
+[--markdown F]`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
-from bench_kernels import DECODE_LINEARS, ceilings, ffi_env, timed
+from bench_kernels import DECODE_LINEARS, ceilings, device_us, ffi_env
 
 from dsv4_jax.kernels import ffi_ops
 
@@ -46,7 +49,7 @@ def time_under(env: dict[str, str], f, *args) -> float:
     with contextlib.ExitStack() as stack:
         for name, value in env.items():
             stack.enter_context(ffi_env(name, value))
-        return timed(per_layer(f), *args, per=LAYERS)
+        return device_us(per_layer(f), *args) * 1e-6 / LAYERS
 
 
 def main():
