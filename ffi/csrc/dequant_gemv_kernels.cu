@@ -106,8 +106,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 // each 64-wide step, of both weight rows and of its tile's token gq, and feeds positions 4j..4j+3 to the j-th
 // m16n8k16 (as the fragments' k = 2q, 2q+1 and 2q+8, 2q+9): every weight element meets the activation of its own K
 // position, a permutation of the summation order only.
+// (The launch bound: at NT = 2, ptxas chose 80 registers by itself and spilt.)
 template <int NT>
-__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)  // NT = 2 spilt at the 80 registers ptxas chose by itself
+__global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)
     dequant_bf16_mma_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                             const float* __restrict__ s, const int32_t* __restrict__ layer,
                             __nv_bfloat16* __restrict__ out, int64_t m, int64_t n, int64_t k, int64_t rows_per_group,
@@ -176,23 +177,7 @@ __global__ void __launch_bounds__(kWarps * 32, NT == 1 ? 2 : 1)  // NT = 2 spilt
     }
   }
 
-  __shared__ float part[kWarps][NT * 4][32];
-  if (ksplit > 1) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) part[warp][4 * t + i][lane] = acc[t][i];
-    __syncthreads();
-    if (kc != 0) return;
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float v = 0.f;
-        for (int c = 0; c < ksplit; ++c) v += part[warp + c][4 * t + i][lane];
-        acc[t][i] = v;
-      }
-  }
+  if (!sum_k_splits<NT, kWarps>(acc, warp, lane, ksplit, kc)) return;
 #pragma unroll
   for (int t = 0; t < NT; ++t)
     store_c_fragment<8>(acc[t], lane, t, n0, 8 * t + 2 * q < m, 8 * t + 2 * q + 1 < m, out, m, n);

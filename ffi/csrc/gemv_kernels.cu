@@ -468,23 +468,7 @@ gemv_mma_wide_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float*
     }
   }
 
-  __shared__ float part[kWarps][NT * 4][32];
-  if (ksplit > 1) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) part[warp][4 * t + i][lane] = acc[t][i];
-    __syncthreads();
-    if (kc != 0) return;
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float v = 0.f;
-        for (int c = 0; c < ksplit; ++c) v += part[warp + c][4 * t + i][lane];
-        acc[t][i] = v;
-      }
-  }
+  if (!sum_k_splits<NT, kWarps>(acc, warp, lane, ksplit, kc)) return;
   // Tile t of segment seg is the 8-row segment seg * NT + t.
 #pragma unroll
   for (int t = 0; t < NT; ++t)

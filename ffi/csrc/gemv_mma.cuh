@@ -1,5 +1,6 @@
-// The tensor-core step shared by the GEMV kernels (gemv_kernels.cu, gemv_stream.cu): one warp multiplies 16 weight
-// rows by up to 8 tokens over 64 K positions with two mma.sync m16n8k32 (e4m3 x e4m3 -> f32).
+// The tensor-core step shared by the GEMV kernels (gemv_kernels.cu; its C-fragment store and K-split sum also by the
+// wo_a kernel, dequant_gemv_kernels.cu): one warp multiplies 16 weight rows by 8 tokens over 64 K positions with two
+// mma.sync m16n8k32 (e4m3 x e4m3 -> f32).
 //
 // K order: lane (g = lane/4, q = lane%4) holds 16 contiguous bytes of weight rows g and g+8 and of token g at K offset
 // 16q of the 64-wide step, and feeds bytes 0-7 to one mma and bytes 8-15 to the next. The fragment layouts of
@@ -60,6 +61,31 @@ __device__ __forceinline__ void store_c_fragment(const float c[4], int lane, int
     const bool live = i & 1 ? live1 : live0;
     if (t < TB && r < out_rows && col < n) d[r * n + col] = __float2bfloat16_rn(live ? c[i] : 0.f);
   }
+}
+
+// Sums a block's K splits (warp w: row group w / ksplit, K split kc = w % ksplit, as the GEMV kernels number them):
+// every warp leaves its NT C fragments in shared memory, then the first warp of each row group adds its group's
+// partials in K-split order. Returns false for the other warps, which are done. Every thread of the block must call
+// it (a barrier).
+template <int NT, int WARPS>
+__device__ __forceinline__ bool sum_k_splits(float (&acc)[NT][4], int warp, int lane, int ksplit, int kc) {
+  __shared__ float part[WARPS][NT * 4][32];
+  if (ksplit <= 1) return true;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][4 * t + i][lane] = acc[t][i];
+  __syncthreads();
+  if (kc != 0) return false;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.f;
+      for (int c = 0; c < ksplit; ++c) v += part[warp + c][4 * t + i][lane];
+      acc[t][i] = v;
+    }
+  return true;
 }
 
 }  // namespace dsv4ffi
