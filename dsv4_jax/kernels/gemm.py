@@ -4,9 +4,10 @@ or our quantisation + DeepGEMM's SM90 GEMM.
 A weight that is one layer of a stack (`LayerSlice`, inside the layer scan) goes to the GEMV as the whole stack with
 the layer as its weight group, so no step copies it; the DeepGEMM GEMMs (M > 8: prefill, large batches) take the
 layer's slice, which XLA materialises (a copy of the weight per call; acceptable where thousands of rows amortise it).
-Between the two, a stacked layer's M <= 32 rows go to the GEMV in passes of 8 rows instead: no slice copy, the weights
-re-read per pass (mostly from L2). Six full-width Flash layers at batch 32 on an H200: 12.34 ms per decode step against
-12.70 / 12.72 ms with DeepGEMM on the slices (BENCHMARKS.md). `DSV4_FFI_LAYER_GEMV_MAX_M` (8 to 64, read at trace
+Between the two, a stacked layer's M <= 32 rows go to the layer GEMV instead (`ffi_ops.fp8_gemv_layer`: quantised
+once, then one pass of up to 32 rows over the weights): no slice copy. Six full-width Flash layers at batch 32 on an
+H200 (then in passes of 8 rows): 12.34 ms per decode step against 12.70 / 12.72 ms with DeepGEMM on the slices
+(BENCHMARKS.md). `DSV4_FFI_LAYER_GEMV_MAX_M` (8 to 64, read at trace
 time) moves the bound; 8 turns it off.
 """
 

@@ -212,14 +212,20 @@ bool dequant_gemv_uses_mma() {
   return v == nullptr || std::strcmp(v, "cuda") != 0;
 }
 
+// Whether the tensor-core kernel takes groups of rows_per_group rows (whole 16-row tiles, and not switched off).
+static bool dequant_gemv_on_mma(int64_t rows_per_group) {
+  return rows_per_group % kMmaRows == 0 && dequant_gemv_uses_mma();
+}
+
 int64_t dequant_gemv_max_m(int64_t rows_per_group) {
-  return rows_per_group % kMmaRows == 0 && dequant_gemv_uses_mma() ? kDequantGemvMaxM : kDequantGemvCudaMaxM;
+  return dequant_gemv_on_mma(rows_per_group) ? kDequantGemvMaxM : kDequantGemvCudaMaxM;
 }
 
 cudaError_t launch_dequant_bf16_gemv(const DequantGemvArgs& a, cudaStream_t stream) {
   if (a.m == 0 || a.n == 0) return cudaSuccess;
-  if (a.m > dequant_gemv_max_m(a.rows_per_group)) return cudaErrorInvalidValue;
-  if (a.rows_per_group % kMmaRows == 0 && dequant_gemv_uses_mma()) {
+  const bool mma = dequant_gemv_on_mma(a.rows_per_group);  // the switch read once per launch
+  if (a.m > (mma ? kDequantGemvMaxM : kDequantGemvCudaMaxM)) return cudaErrorInvalidValue;
+  if (mma) {
     if (a.m <= 8) return launch_mma<1>(a, stream);
     if (a.m <= 16) return launch_mma<2>(a, stream);
     return launch_mma<4>(a, stream);

@@ -550,9 +550,9 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   if (ksplit > warps) ksplit = warps;
   if (wide) {  // e4m3 rows, no rows map, one projection
     if (p.x_bf16 != nullptr || p.rows_map != nullptr || p.b2 != nullptr) return cudaErrorInvalidValue;
+    const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * kMmaRows;
     const int64_t segs = (p.out_rows + p.tokens_per_block - 1) / p.tokens_per_block;
-    const dim3 grid(static_cast<unsigned>((p.n + (warps / ksplit) * kMmaRows - 1) / ((warps / ksplit) * kMmaRows)),
-                    static_cast<unsigned>(segs));
+    const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(segs));
     auto* kernel = p.tokens_per_block == 16 ? gemv_mma_wide_kernel<2> : gemv_mma_wide_kernel<4>;
     kernel<<<grid, warps * 32, 0, stream>>>(static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride,
                                            p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups,

@@ -206,10 +206,12 @@ struct GemmArgs {
 
 // Small-M FP8 GEMM for decode (gemv_kernels.cu; tensor-core mma by default): d[r, :] = a[row(r)] x b[group(r)]^T
 // with 1x128 activation and 128x128 weight scales, bf16 out. row(r) = rows_map ? rows_map[r] : r; group(r) = group_map ? group_map[r / TB] : 0
-// (TB = tokens_per_block: 1, 2, 4 or 8 output rows share one pass over the weights). Invalid rows -> zeros.
+// (TB = tokens_per_block: 1, 2, 4 or 8 output rows share one pass over the weights; 16 or 32 on the wide kernel:
+// e4m3 rows, no rows map, one projection). Invalid rows -> zeros.
 constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this many rows
-// Rows dsv4_fp8_gemv_layer takes: beyond kGemvMaxM, passes of 8 rows over the layer's weights (segments whose group is
-// the layer), so a stacked weight is never sliced out (DeepGEMM would need the slice copied out of the stack).
+// Rows dsv4_fp8_gemv_layer takes: beyond kGemvMaxM, passes of 16 or 32 rows (quantised once; or of 8, the fused
+// kernel) over the layer's weights, segments whose group is the layer, so a stacked weight is never sliced out
+// (DeepGEMM would need the slice copied out of the stack).
 constexpr int64_t kGemvLayerMaxM = 64;
 struct GemvArgs {
   const void* a;          // e4m3 [a_rows, k]
