@@ -88,10 +88,12 @@ def run_case(
     breakdown: str | None = None,
     kv_cache: str = "auto",
     contexts: tuple[int, ...] = (),
+    expert_layout: str = "auto",
 ):
     opts = dsv4_jax.Opts(backend=backend, kv_cache=kv_cache)
     t0 = time.perf_counter()
-    state = dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0, values="bytes"))
+    state = dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0, values="bytes"), expert_layout=expert_layout,
+                                    donate=True)  # fmt: skip
     jax.block_until_ready(state.params)
     init_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
@@ -203,6 +205,8 @@ def main(argv=None):
     )
     ap.add_argument("--context", default="", help="decode steps at these positions of a synthetic cache: 4096,131072")
     ap.add_argument("--kv-cache", default="auto", choices=("auto", "fp8", "bf16"), help="cache layout (Opts.kv_cache)")
+    ap.add_argument("--expert-layout", default="auto", choices=("auto", "slabs", "stored"),
+                    help="the MXFP4 experts' layout (prepare_params(expert_layout=))")  # fmt: skip
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -216,6 +220,7 @@ def main(argv=None):
         or "unknown",
         "layers": args.layers,
         "kv_cache": args.kv_cache,
+        "expert_layout": args.expert_layout,
     }
     bw = copy_bandwidth()
     meta["copy_bandwidth_GBps"] = bw / 1e9
@@ -233,7 +238,8 @@ def main(argv=None):
                 timed = b in (int(x) for x in args.gen_batches.split(",")) and backend in args.gen_backends.split(",")
                 g = gen if timed else None
                 bd = f"{args.breakdown}-{fmt}-{backend}-b{b}" if args.breakdown else None
-                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache, ctx)
+                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache, ctx,
+                             args.expert_layout)  # fmt: skip
                 r["experts"] = fmt
                 total = sum(r["floor_bytes"].values())
                 r["floor_ms"] = 1e3 * total / bw

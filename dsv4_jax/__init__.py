@@ -10,9 +10,10 @@ from dsv4_jax.cache import Cache, cache_bytes_per_token, init_cache
 from dsv4_jax.checkpoint.restore import load
 from dsv4_jax.config import Config, ConfigError
 from dsv4_jax.generation import GenerateOutput, Sampler, generate, generate_stream
-from dsv4_jax.model import ModelState, abstract, init_random, prepare_params
+from dsv4_jax.model import ModelState, abstract, init_random
 from dsv4_jax.options import Opts
 from dsv4_jax.parallel import Plan, make_mesh, memory_plan
+from dsv4_jax.prepare import prepare_params
 from dsv4_jax.runner import (
     Capture,
     Output,

@@ -33,7 +33,7 @@ from dsv4_jax.options import Opts
 from dsv4_jax.rounding import to_bf16
 
 __all__ = ["Block", "MTPBlock", "Transformer", "ModelState", "LayerKind", "LayerGroup", "layer_groups", "layer_slot",
-           "init_random", "abstract", "prepare_params"]  # fmt: skip
+           "init_random", "abstract"]  # fmt: skip
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -337,20 +337,3 @@ class _Hashable:
 
     def __iter__(self):
         return iter((self.key, self.value))
-
-
-def prepare_params(state: ModelState) -> ModelState:
-    """The FP8 linears' UE8M0 block scales decoded once to the FP32 powers of two the SM90 GEMMs read (same shape,
-    K-major), instead of on every call. FP8 weight bytes, MXFP4 experts and their 1x32 scales stay as stored. The
-    reference computes the same with either form (`quant.e8m0_to_f32` passes FP32 through). Returns a new
-    `ModelState`; the scales grow from 1 to 4 bytes per 128x128 block (<0.01% of the weights)."""
-    from dsv4_jax import quant
-
-    flat = dict(nnx.to_flat_state(state.params))
-    out = []
-    for path, var in flat.items():
-        weight = flat.get(path[:-1] + ("weight",))
-        if path[-1] == "scale" and weight is not None and weight.dtype == jnp.float8_e4m3fn:
-            var = var.replace(quant.e8m0_to_f32(var[...]))
-        out.append((path, var))
-    return ModelState(state.graphdef, nnx.from_flat_state(out), state.config)

@@ -129,7 +129,8 @@ def _text(compiled, hlo_path: str | None) -> str:
     return text
 
 
-def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 40, hlo_path: str | None = None) -> dict:
+def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 120,
+                     hlo_path: str | None = None) -> dict:  # fmt: skip
     """Profiles `steps` decode steps (after a warm-up) -> per-step milliseconds: wall (`step_ms`), device busy
     (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), kernels per step, and the `top`
     kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step). Device figures are per device

@@ -36,6 +36,9 @@ __all__ = [
     "unpack_fp4",
     "pack_fp4",
     "dequant_fp4_weight",
+    "FP4_SLAB_ROWS",
+    "fp4_to_slabs",
+    "fp4_from_slabs",
     "quantize_fp8_weight",
     "quantize_fp4_weight",
 ]
@@ -180,6 +183,49 @@ def dequant_fp4_weight(packed: jax.Array, s: jax.Array) -> jax.Array:
     """Packed MXFP4 `[..., N, K/2]` with e8m0 `[..., N, K/32]` scales -> float32 `[..., N, K]`."""
     v = unpack_fp4(packed)
     return v * jnp.repeat(e8m0_to_f32(s), 32, axis=-1)
+
+
+# The slab layout of MXFP4 expert weights, made once at load by `dsv4_jax.prepare_params` for the SM90 decode kernel
+# (ffi/csrc/kernels.h): rows in slabs of 16, and in each slab one piece per 128-wide K chunk (16 rows x 64 packed
+# bytes, 1 KB), so that the kernel's warp streams one contiguous kilobyte per chunk instead of 16 pieces of 64 bytes
+# 2 KB apart (measured 11-15% faster for the gate/up launch, BENCHMARKS.md). Same bytes, same container shape; the
+# scales become uint32 words `[..., N, K/128]` (the four UE8M0 bytes of a row's chunk, byte j = 32-block j, in the
+# same slab order): their dtype is what marks the layout.
+FP4_SLAB_ROWS = 16
+
+
+def fp4_to_slabs(packed: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """MXFP4 `[..., N, K/2]` with e8m0 scales `[..., N, K/32]` -> the slab layout: (uint8 `[..., N, K/2]`, uint32
+    `[..., N, K/128]`), a permutation of the same bytes. N a multiple of 16, K of 128."""
+    *lead, n, half_k = packed.shape
+    k = 2 * half_k
+    if packed.dtype != jnp.uint8 or n % FP4_SLAB_ROWS or k % 128 or s.shape != (*lead, n, k // 32):
+        raise ValueError(
+            f"fp4_to_slabs: weight {packed.dtype}{list(packed.shape)} / scales {list(s.shape)} are not "
+            f"uint8 [..., N, K/2] / [..., N, K/32] with N % {FP4_SLAB_ROWS} == 0 and K % 128 == 0"
+        )
+    r, c = FP4_SLAB_ROWS, k // 128
+    w = jnp.swapaxes(packed.reshape(*lead, n // r, r, c, 64), -3, -2).reshape(*lead, n, half_k)
+    b = (jax.lax.bitcast_convert_type(s, jnp.uint8) if s.dtype != jnp.uint8 else s).astype(jnp.uint32)
+    b = b.reshape(*lead, n, c, 4)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    words = jnp.swapaxes(words.reshape(*lead, n // r, r, c), -2, -1).reshape(*lead, n, c)
+    return w, words
+
+
+def fp4_from_slabs(packed: jax.Array, words: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `fp4_to_slabs`: (uint8 `[..., N, K/2]`, UE8M0 bytes as uint8 `[..., N, K/32]`) as stored."""
+    *lead, n, half_k = packed.shape
+    r, c = FP4_SLAB_ROWS, 2 * half_k // 128
+    if words.dtype != jnp.uint32 or words.shape != (*lead, n, c):
+        raise ValueError(
+            f"fp4_from_slabs: scales {words.dtype}{list(words.shape)} are not the uint32 words "
+            f"[..., N, K/128] of the weight {list(packed.shape)}"
+        )
+    w = jnp.swapaxes(packed.reshape(*lead, n // r, c, r, 64), -3, -2).reshape(*lead, n, half_k)
+    words = jnp.swapaxes(words.reshape(*lead, n // r, c, r), -2, -1).reshape(*lead, n, c)
+    b = jnp.stack([(words >> (8 * j)) & 0xFF for j in range(4)], axis=-1).astype(jnp.uint8)
+    return w, b.reshape(*lead, n, 4 * c)
 
 
 # Headroom of the MXFP4 -> FP8 widening: the largest 32-block of a 128x128 tile is scaled by 2^6 (6 * 64 = 384 <= 448);

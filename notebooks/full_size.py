@@ -119,6 +119,17 @@ wq_b = state.params["groups"][0][0]["attn"]["wq_b"]["weight"].get_value()
 print("routed experts w1", experts.shape, experts.sharding.spec, "| attention wq_b", wq_b.shape, wq_b.sharding.spec)
 
 # %% [markdown]
+# `prepare_params` converts once what the kernels read in another form: the FP8 linears' block scales to f32, and on
+# H200s the MXFP4 experts to the slab layout of the decode kernel (the same bytes in another order, 11-15% faster
+# gate/up launches). `donate=True`: in place of the arrays just drawn, so the experts never exist twice.
+
+# %%
+state = dsv4_jax.prepare_params(state, donate=True)
+w1_scale = state.params["groups"][0][0]["ffn"]["experts"]["w1"]["scale"].get_value()
+print("routed experts:", "slab layout" if w1_scale.dtype == jax.numpy.uint32 else "as stored", "| w1 scales",
+      w1_scale.dtype, w1_scale.shape, w1_scale.sharding.spec)  # fmt: skip
+
+# %% [markdown]
 # ## 3. Generating from a prompt
 #
 # The weights are random, so the text is noise; what matters is that the whole product path (prefill, the compiled

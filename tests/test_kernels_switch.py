@@ -336,16 +336,17 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     """The MXFP4 decode kernels (the fused gate/up + SwiGLU and the plain GEMV/down projection of every variant:
     fp4_gemv_kernels.cu's ring kernels (one- and eight-token passes, table and bit-placement conversions),
     fp4_wg_kernels.cu's wgmma kernels (f16 "wg" and FP8 "wg8", 1/2/4/8 tokens per pass), fp4_wgb_kernels.cu's "wgb"
-    kernels (bit-placement and table conversions)) compile for sm_90a, and ptxas reports no local-memory spills for
+    kernels (bit-placement and table conversions, stored and slab layouts)) compile for sm_90a, and ptxas reports no
+    local-memory spills for
     any of them (a spill in the weight stream costs bandwidth), within the register budgets of their occupancy
     targets: ring and wgb <= 128 (two blocks of 256 threads per SM), wg <= 168 (three blocks of 128 threads). No
     DeepGEMM needed."""
-    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh")
+    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "fp4_slabs.cuh")
     kinds = {"fp4_wgb_kernel": "wgb", "fp4_wg_kernel": "wg", "fp4_gemv_kernel": "ring"}
     for source, want in (
         ("fp4_gemv_kernels", {"ring": 8}),
         ("fp4_wg_kernels", {"wg": 16}),
-        ("fp4_wgb_kernels", {"wgb": 4}),
+        ("fp4_wgb_kernels", {"wgb": 8}),
     ):
         log = _ptxas_log(source + ".cu", headers, source)
         found = {}
@@ -363,7 +364,8 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
 def test_fp4_widen_kernel_compiles_for_sm90a_without_spills():
     """The MXFP4 -> FP8 widening of the experts' prefill route (fp4_widen_kernels.cu: one and four tiles per block)
     compiles for sm_90a without spills, within 85 registers (three blocks of 256 threads per SM)."""
-    log = _ptxas_log("fp4_widen_kernels.cu", ("fp8_convert.cuh", "layer_index.cuh"), "fp4_widen_kernels")
+    headers = ("fp8_convert.cuh", "layer_index.cuh", "fp4_slabs.cuh")
+    log = _ptxas_log("fp4_widen_kernels.cu", headers, "fp4_widen_kernels")
     regs = [r for name, r in _ptxas_entries(log) if "fp4_widen_kernel" in name]
     assert len(regs) == 2 and max(regs) <= 85, (regs, log[-2000:])
 
@@ -436,11 +438,13 @@ def test_indexer_score_kernels_compile_without_spills():
     assert "serialized" not in log, log[-2000:]
 
 
-def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):
+@pytest.mark.parametrize("expert_layout", ["stored", "slabs"])
+def test_decode_step_lowers_to_every_decode_kernel(monkeypatch, expert_layout):
     """Two full-width Flash layers (CSA + HCA, the first hash-routed) under backend="ffi", as if on an SM90 GPU: the
     decode step's program calls each decode kernel the expected number of times, and the kernels that read the layer
-    stacks get the stacks (4-D block states, the 3-D hash table), not slices XLA would copy out on every step.
-    Lowering only: nothing is compiled or run."""
+    stacks get the stacks (4-D block states, the 3-D hash table, the experts of all layers), not slices XLA would copy
+    out on every step; in the slab layout the experts' scales reach the kernels as their uint32 words. Lowering only:
+    nothing is compiled or run."""
     import collections
     import re
 
@@ -450,7 +454,7 @@ def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):
     monkeypatch.setattr(registry, "_global_reason", lambda: (None, False))
     monkeypatch.delenv("DSV4_FFI_LAYER_GEMV_MAX_M", raising=False)
     cfg = dsv4_jax.Config.flash(n_layers=2, compress_ratios=(4, 128, 0), n_hash_layers=1)
-    state = jax.eval_shape(lambda: dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0)))
+    state = jax.eval_shape(lambda: dsv4_jax.prepare_params(dsv4_jax.init_random(cfg, 0), expert_layout=expert_layout))
     cache = jax.eval_shape(lambda: dsv4_jax.init_cache(cfg, 1, 512))
     with ops.record() as ran:
         text = runner._decode_jit.lower(state, cache, jnp.zeros((1,), jnp.int32), ops.Opts(backend="ffi"), None,
@@ -465,6 +469,9 @@ def test_decode_step_lowers_to_every_decode_kernel(monkeypatch):
     for ln in lines:
         if "@dsv4_compressor_decode" in ln:  # the block states [layers, B, coff*m, C] as stacks
             assert re.search(r"tensor<\dx1x(8x1024|8x256|128x512)xf32>", ln), ln[-600:]
+        scales = {"stored": r"tensor<256x2048x128xf8E8M0FNU>", "slabs": r"tensor<256x2048x32xui32>"}[expert_layout]
+        if "@dsv4_fp4_moe_gate_up" in ln:  # w1's scales, [layers * E, I, K/32] bytes or [.., K/128] words
+            assert re.search(scales, ln), ln[-600:]
     operands = [ln.rsplit("->", 1)[0].rsplit(": (", 1)[1] for ln in lines if "@dsv4_route" in ln]
     hashed = [o for o in operands if re.search(r"x6xi32>", o)]  # the hash table among the operands
     assert len(hashed) == 1 and re.search(r"tensor<\dx\d+x6xi32>", hashed[0]), operands  # as its stack

@@ -153,3 +153,30 @@ def test_fp4_to_fp8_blocks_exact_within_the_span_and_bounded_beyond():
     np.testing.assert_array_equal(gt[1, 1], wt[1, 1])
     with pytest.raises(ValueError, match="multiples of 128"):
         quant.fp4_to_fp8_blocks(packed[:, :200], s[:, :200])
+
+
+def test_fp4_slabs_layout_roundtrip_and_offsets():
+    """The slab layout (`quant.fp4_to_slabs`, what the SM90 decode kernel reads): the same bytes, packed byte kb of row
+    r at ((r / 16) * K/128 + kb / 64) * 1024 + (r % 16) * 64 + kb % 64, the scale word of row r's 128-wide chunk c at
+    word ((r / 16) * K/128 + c) * 16 + r % 16 holding its four UE8M0 bytes (byte j = 32-block 4c + j) -- the offsets
+    of ffi/csrc/fp4_slabs.cuh; `fp4_from_slabs` gives the stored layout back, with leading (layer, expert) dims."""
+    rng = np.random.default_rng(3)
+    w = rng.integers(0, 256, (2, 3, 48, 256), dtype=np.uint8)  # K = 512: 4 chunks; N = 48: 3 slabs
+    b = rng.integers(0, 256, (2, 3, 48, 16), dtype=np.uint8)
+    s = jax.lax.bitcast_convert_type(jnp.asarray(b), jnp.float8_e8m0fnu)
+    ws, words = quant.fp4_to_slabs(jnp.asarray(w), s)
+    assert ws.dtype == jnp.uint8 and ws.shape == w.shape and words.dtype == jnp.uint32 and words.shape == (2, 3, 48, 4)
+    flat_w, flat_s = np.asarray(ws)[1, 2].reshape(-1), np.asarray(words)[1, 2].reshape(-1)
+    for r in range(48):
+        for kb in range(256):
+            assert flat_w[((r // 16) * 4 + kb // 64) * 1024 + (r % 16) * 64 + kb % 64] == w[1, 2, r, kb]
+        for c in range(4):
+            word = int(flat_s[((r // 16) * 4 + c) * 16 + r % 16])
+            assert [(word >> (8 * j)) & 0xFF for j in range(4)] == list(b[1, 2, r, 4 * c : 4 * c + 4])
+    back_w, back_s = quant.fp4_from_slabs(ws, words)
+    np.testing.assert_array_equal(np.asarray(back_w), w)
+    np.testing.assert_array_equal(np.asarray(back_s), b)
+    with pytest.raises(ValueError, match="N % 16"):
+        quant.fp4_to_slabs(jnp.asarray(w[..., :40, :]), s[..., :40, :])
+    with pytest.raises(ValueError, match="uint32 words"):
+        quant.fp4_from_slabs(ws, words.astype(jnp.int32))

@@ -32,11 +32,12 @@ def test_tiny_on_8_devices(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, env=env_for(8), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "RUN OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
-    want = weight_bytes(Config.tiny(), {"expert": 8})["per_device"]
+    want = weight_bytes(Config.tiny(), {"expert": 8}, prepared_scales=True)["per_device"]  # after prepare_params
     assert res["plan"]["weights"] == want and res["plan"]["fits"]
     assert sorted(map(int, res["param_bytes"])) == list(range(8)) and set(res["param_bytes"].values()) == {want}
     assert len(res["generated"]) == 4 and all(0 <= t < 512 for t in res["generated"])
     assert "mesh data=1 x expert=8 x tensor=1" in r.stdout and "generate: compile" in r.stdout
+    assert "prepare_params:" in r.stdout and "MXFP4 experts as stored" in r.stdout  # slabs on SM90 GPUs only
     # decode at position 200 of a synthetically filled cache, the cache replicated on the mesh
     assert res["long_context"]["context"] == 200 and res["long_context"]["step_ms"] > 0
     assert res["long_context"]["cache_bytes"] > 200 * Config.tiny().n_layers * 584 // 128

@@ -154,6 +154,10 @@ def run(args) -> int:
     mesh, rules = mesh_from_flags(args)
     with quiet_background_errors(getattr(args, "debug", False)):
         state, folder, desc = load_model(args.ckpt, progress=not args.no_progress, mesh=mesh, rules=rules)
+    if args.backend != "reference":  # the kernels' formats, once (the loaded arrays are donated)
+        import dsv4_jax
+
+        state = dsv4_jax.prepare_params(state, donate=True)
     if mesh is not None:
         desc += f"; mesh {', '.join(f'{k}={v}' for k, v in mesh.shape.items())}, rules {args.rules}"
     cfg = state.config

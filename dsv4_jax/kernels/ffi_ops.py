@@ -576,11 +576,15 @@ def _e8m0_bytes(name: str, s: jax.Array) -> jax.Array:
 
 
 def _fp4_weight(name: str, w: jax.Array, s: jax.Array, grouped: bool) -> jax.Array:
+    """The scales to pass with an MXFP4 weight: e8m0 bytes `[(E,) N, K/32]`, or uint32 words `[(E,) N, K/128]` for
+    the slab layout (`quant.fp4_to_slabs`; read by the wgb kernel on SM90, which the handler checks)."""
     if w.dtype != jnp.uint8:
         raise TypeError(f"{name}: the MXFP4 weight must be uint8 (packed e2m1), got {w.dtype}")
-    if w.ndim not in ((3,) if grouped else (2, 3)) or s.shape != (*w.shape[:-1], w.shape[-1] * 2 // 32):
-        raise ValueError(f"{name}: weight {w.shape} / scales {s.shape} are not [(E,) N, K/2] / [(E,) N, K/32]")
-    return _e8m0_bytes(name, s)
+    per = 128 if s.dtype == jnp.uint32 else 32
+    if w.ndim not in ((3,) if grouped else (2, 3)) or s.shape != (*w.shape[:-1], w.shape[-1] * 2 // per):
+        want = "uint32 [(E,) N, K/128] (slabs)" if per == 128 else "[(E,) N, K/32]"
+        raise ValueError(f"{name}: weight {w.shape} / scales {s.shape} are not [(E,) N, K/2] / {want}")
+    return s if per == 128 else _e8m0_bytes(name, s)
 
 
 def _i32(v) -> jax.Array:
@@ -622,7 +626,8 @@ def fp4_moe_gate_up(x, rows, groups, route_w, w1, s1, w3, s3, limit: float, *, v
     inside the kernel.
 
     `x` bf16 `[T, K]` token rows; `rows`, `groups` int32 `[P]`: token and expert of each (token, expert) pair;
-    `route_w` f32 `[P]`; `w1`, `w3` uint8 `[E, I, K/2]` with scales float8_e8m0fnu (or uint8) `[E, I, K/32]`.
+    `route_w` f32 `[P]`; `w1`, `w3` uint8 `[E, I, K/2]` with scales float8_e8m0fnu (or uint8) `[E, I, K/32]`, or
+    both in the slab layout (uint32 scales `[E, I, K/128]`, `quant.fp4_to_slabs`: the wgb kernel on SM90 only).
     A pair with an expert < 0 or >= E (or a token out of range) gets a zero row. Pairs sorted by expert share a
     weight pass (up to `FP4_SEGMENT_ROWS` of them). `variant`: as for `fp4_gemv`. Returns bf16 `[P, I]`."""
     s1 = _fp4_weight("fp4_moe_gate_up", w1, s1, grouped=True)
@@ -653,13 +658,16 @@ def fp4_moe_down(h, groups, w2, s2, *, tokens: int | None = None, variant=None) 
 def fp4_widen(w: jax.Array, s: jax.Array, layer=None) -> tuple[jax.Array, jax.Array]:
     """Our kernel of `quant.fp4_to_fp8_blocks`: MXFP4 experts `w` uint8 `[E, N, K/2]` with scales `[E, N, K/32]` ->
     (e4m3 `[E, N, K]`, f32 tile scales `[E, N/128, K/128]`), bit for bit. With `layer` (an int32 scalar, on the
-    device) `w` and `s` are a layer stack `[L, E, ...]` whose layer `layer` is read in place (no slice copied out)."""
+    device) `w` and `s` are a layer stack `[L, E, ...]` whose layer `layer` is read in place (no slice copied out).
+    Weights in the slab layout (uint32 scales `[E, N, K/128]`, `quant.fp4_to_slabs`) give the same result."""
     stacked = layer is not None
     if w.dtype != jnp.uint8 or w.ndim != (4 if stacked else 3):
         want = "[L, E, N, K/2] (with a layer index)" if stacked else "[E, N, K/2]"
         raise ValueError(f"fp4_widen: weight {w.dtype}{list(w.shape)} is not uint8 {want}")
-    if s.shape != (*w.shape[:-1], w.shape[-1] * 2 // 32):
-        raise ValueError(f"fp4_widen: scales {s.shape} do not match the weight {w.shape} ([..., N, K/32])")
+    per = 128 if s.dtype == jnp.uint32 else 32  # uint32 words: the slab layout (`quant.fp4_to_slabs`)
+    if s.shape != (*w.shape[:-1], w.shape[-1] * 2 // per):
+        want = "uint32 [..., N, K/128]" if per == 128 else "[..., N, K/32]"
+        raise ValueError(f"fp4_widen: scales {s.shape} do not match the weight {w.shape} ({want})")
     *_, e, n, half_k = w.shape
     k = 2 * half_k
     if n % 128 or k % 128:
@@ -668,4 +676,4 @@ def fp4_widen(w: jax.Array, s: jax.Array, layer=None) -> tuple[jax.Array, jax.Ar
     return jax.ffi.ffi_call(
         "dsv4_fp4_widen",
         (jax.ShapeDtypeStruct((e, n, k), E4M3), jax.ShapeDtypeStruct((e, n // 128, k // 128), F32)),
-    )(w, _e8m0_bytes("fp4_widen", s), idx)
+    )(w, s if per == 128 else _e8m0_bytes("fp4_widen", s), idx)

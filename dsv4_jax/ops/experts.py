@@ -4,8 +4,9 @@
 
 Rows are sorted by expert (`group_sizes[e]` rows for expert e, then the rows with `expert = -1`, which get exact
 zeros). Row r computes `w2_e(bf16(weight[r] * swiglu(bf16(w1_e x_r), bf16(w3_e x_r))))` in bf16, e = expert[r], with
-each linear's official numerics (`dsv4_jax.ops.linear`): MXFP4 (`uint8 [E, N, K/2]` + e8m0 `[E, N, K/32]`) or FP8
-(`e4m3 [E, N, K]` + e8m0 `[E, N/128, K/128]`) weights, each possibly one layer of a stack (`LayerSlice`).
+each linear's official numerics (`dsv4_jax.ops.linear`): MXFP4 (`uint8 [E, N, K/2]` + e8m0 `[E, N, K/32]`, or the
+slab layout of `quant.fp4_to_slabs`) or FP8 (`e4m3 [E, N, K]` + e8m0 `[E, N/128, K/128]`) weights, each possibly one
+layer of a stack (`LayerSlice`).
 
 The reference computes only the routed rows, so its work grows with tokens x top-k, not tokens x experts:
   * few rows: each row gathers its expert's weights (`_per_row`);
@@ -53,8 +54,11 @@ def _take(w, e):
 
 
 def _decode(w, s):
-    """(values f32 `[..., N, K]`, per-K-block scales f32 `[..., N, K/kblock]`, kblock) of gathered expert weights."""
+    """(values f32 `[..., N, K]`, per-K-block scales f32 `[..., N, K/kblock]`, kblock) of gathered expert weights
+    (MXFP4 in the slab layout, uint32 scales, read back to the stored order first)."""
     if w.dtype == jnp.uint8:
+        if s.dtype == jnp.uint32:
+            w, s = quant.fp4_from_slabs(w, s)
         return quant.unpack_fp4(w), quant.e8m0_to_f32(s), 32
     n = w.shape[-2]
     sw = jnp.repeat(quant.e8m0_to_f32(s), 128, axis=-2)[..., :n, :]

@@ -1,6 +1,6 @@
 // Developer tool, not part of the extension build. Standalone timing of the MXFP4 decode kernels (no JAX): Flash
 // shapes (E=256, D=4096, I=2048, top-6), pairs sorted by expert, R different routings per CUDA graph (XLA's command
-// buffers replay graphs too), the variants (wg, wg8, ring) interleaved; the bytes read are the packed weights +
+// buffers replay graphs too), the variants (wg, wg8, wgb, ring; wgbS: wgb on the slab layout) interleaved; the bytes read are the packed weights +
 // scales of the experts hit (+ activations). Also compares the wg variants' outputs with ring's (wg: summation order
 // only; wg8: its 13-bit FP8 accumulator). span >= 12 exercises the wg variants' exact per-block path.
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/csrc ffi/csrc/fp4_bench.cu \
@@ -32,6 +32,19 @@ __global__ void fill_bytes(uint8_t* p, size_t n, uint32_t seed, int lo, int span
     p[i] = span ? uint8_t(lo + h % span) : uint8_t(h);
   }
 }
+// The slab layout of kernels.h (quant.fp4_to_slabs) of weights [rows, k/2] and scales [rows, k/32].
+__global__ void to_slabs(const uint8_t* w, const uint8_t* s, uint8_t* ws, uint8_t* ss, size_t rows, int64_t k) {
+  const size_t half = k / 2, nw = rows * half;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < nw; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t r = i / half, kb = i % half;
+    ws[((r / 16) * (k / 128) + kb / 64) * 1024 + (r % 16) * 64 + kb % 64] = w[i];
+    if (kb % 16 == 0) {  // the 32-block of these 16 bytes: scale byte kb / 16 of the row
+      const size_t blk = kb / 16;
+      ss[(((r / 16) * (k / 128) + blk / 4) * 16 + r % 16) * 4 + blk % 4] = s[r * (k / 32) + blk];
+    }
+  }
+}
+
 __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint32_t seed, float scale) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     uint32_t h = uint32_t(i) * 2654435761u ^ seed;
@@ -49,9 +62,10 @@ int main(int argc, char** argv) {
   const bool once = mode == "once", cmp_only = mode == "cmp";
   const int E = argc > 5 ? atoi(argv[3]) : 256, D = argc > 5 ? atoi(argv[4]) : 4096, I = argc > 5 ? atoi(argv[5]) : 2048;
   const int TOPK = std::min(6, E), R = cmp_only ? 4 : 32;
-  constexpr int NV = 4;
-  const char* vname[NV] = {"wg  ", "wg8 ", "wgb ", "ring"};
-  const int vid[NV] = {kFp4Wg, kFp4Wg8, kFp4Wgb, kFp4Ring};
+  constexpr int NV = 5;
+  const char* vname[NV] = {"wg  ", "wg8 ", "wgb ", "wgbS", "ring"};
+  const int vid[NV] = {kFp4Wg, kFp4Wg8, kFp4Wgb, kFp4Wgb, kFp4Ring};
+  const bool vslab[NV] = {false, false, false, true, false};
   constexpr int kRef = NV - 1;  // ring: the others are compared with it
   int sms; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   uint8_t *w1, *w3, *w2, *s1, *s3, *s2;
@@ -62,6 +76,11 @@ int main(int argc, char** argv) {
   fill_bytes<<<4096, 256>>>(w2, wn, 3, 0, 0);
   fill_bytes<<<4096, 256>>>(s1, sn, 4, 117, span); fill_bytes<<<4096, 256>>>(s3, sn, 5, 117, span);
   fill_bytes<<<4096, 256>>>(s2, sn, 6, 117, span);
+  uint8_t *w1s, *w3s, *w2s, *s1s, *s3s, *s2s;  // the slab layout of the same weights
+  CK(cudaMalloc(&w1s, wn)); CK(cudaMalloc(&w3s, wn)); CK(cudaMalloc(&w2s, wn));
+  CK(cudaMalloc(&s1s, sn)); CK(cudaMalloc(&s3s, sn)); CK(cudaMalloc(&s2s, sn));
+  to_slabs<<<4096, 256>>>(w1, s1, w1s, s1s, size_t(E) * I, D); to_slabs<<<4096, 256>>>(w3, s3, w3s, s3s, size_t(E) * I, D);
+  to_slabs<<<4096, 256>>>(w2, s2, w2s, s2s, size_t(E) * D, I);
   // copy ceiling: 2 GiB D2D (read + write)
   void *ca, *cb; const size_t cn = size_t(1) << 30;
   CK(cudaMalloc(&ca, cn)); CK(cudaMalloc(&cb, cn));
@@ -121,15 +140,18 @@ int main(int argc, char** argv) {
       CK(cudaMemset(h[v], 0xFF, size_t(R) * P * I * 2)); CK(cudaMemset(y[v], 0xFF, size_t(R) * P * D * 2));
     }
     auto gate_up = [&](int v, int r) {
-      Fp4GemvArgs a{x + size_t(r) * T * D, T, rows + size_t(r) * P, grp + size_t(r) * P, {w1, w3}, {s1, s3}, E,
+      Fp4GemvArgs a{x + size_t(r) * T * D, T, rows + size_t(r) * P, grp + size_t(r) * P,
+                    {vslab[v] ? w1s : w1, vslab[v] ? w3s : w3}, {vslab[v] ? s1s : s1, vslab[v] ? s3s : s3}, E,
                     h[v] + size_t(r) * P * I, P, I, D, std::min(T, 8), rw + size_t(r) * P, 10.f};
       a.variant = vid[v];
+      a.slabs = vslab[v];
       CK(launch_fp4_gemv(a, st));
     };
     auto down = [&](int v, int r) {
-      Fp4GemvArgs a{h[v] + size_t(r) * P * I, P, nullptr, grp + size_t(r) * P, {w2, nullptr}, {s2, nullptr}, E,
-                    y[v] + size_t(r) * P * D, P, D, I, std::min(T, 8)};
+      Fp4GemvArgs a{h[v] + size_t(r) * P * I, P, nullptr, grp + size_t(r) * P, {vslab[v] ? w2s : w2, nullptr},
+                    {vslab[v] ? s2s : s2, nullptr}, E, y[v] + size_t(r) * P * D, P, D, I, std::min(T, 8)};
       a.variant = vid[v];
+      a.slabs = vslab[v];
       CK(launch_fp4_gemv(a, st));
     };
     if (once) {
@@ -173,22 +195,25 @@ int main(int argc, char** argv) {
     CK(cudaStreamSynchronize(st));
     auto fetch = [&](__nv_bfloat16* d, size_t n) {
       std::vector<__nv_bfloat16> o(n); CK(cudaMemcpy(o.data(), d, n * 2, cudaMemcpyDeviceToHost)); return o; };
-    auto cmp = [&](const std::vector<__nv_bfloat16>& a, const std::vector<__nv_bfloat16>& b, const char* what, int v) {
+    auto cmp = [&](const std::vector<__nv_bfloat16>& a, const std::vector<__nv_bfloat16>& b, const char* what, int v,
+                   const char* ref) {
       double num = 0, den = 0; size_t same = 0, bad = 0, zero_rows_bad = 0;
       for (size_t i = 0; i < a.size(); ++i) {
         const double u = __bfloat162float(a[i]), w = __bfloat162float(b[i]);
         if (!std::isfinite(u) || !std::isfinite(w)) { ++bad; continue; }
         num += (u - w) * (u - w), den += w * w; same += u == w;
       }
-      printf("    T=%d %s %s vs ring: rel-RMS %.2e, bit-identical %.4f, non-finite %zu, rms %.3e\n", T, what, vname[v],
+      printf("    T=%d %s %s vs %s: rel-RMS %.2e, bit-identical %.4f, non-finite %zu, rms %.3e\n", T, what, vname[v], ref,
              std::sqrt(num / std::max(den, 1e-300)), double(same) / a.size(), bad, std::sqrt(den / a.size()));
       (void)zero_rows_bad;
     };
     const auto hr = fetch(h[kRef], size_t(R) * P * I), yr = fetch(y[kRef], size_t(R) * P * D);
     for (int v = 0; v < kRef; ++v) {
-      cmp(fetch(h[v], hr.size()), hr, "h", v);
-      cmp(fetch(y[v], yr.size()), yr, "y", v);
+      cmp(fetch(h[v], hr.size()), hr, "h", v, "ring");
+      cmp(fetch(y[v], yr.size()), yr, "y", v, "ring");
     }
+    cmp(fetch(h[3], hr.size()), fetch(h[2], hr.size()), "h", 3, "wgb (must be 1.0000 identical)");
+    cmp(fetch(y[3], yr.size()), fetch(y[2], yr.size()), "y", 3, "wgb (must be 1.0000 identical)");
     for (int v = 0; v < NV; ++v) { for (int m = 0; m < 3; ++m) cudaGraphExecDestroy(ge[v][m]); cudaFree(h[v]); cudaFree(y[v]); }
     cudaFree(rows); cudaFree(grp); cudaFree(rw); cudaFree(x);
   }

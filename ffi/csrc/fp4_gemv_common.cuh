@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "cp_async.cuh"
+#include "fp4_slabs.cuh"
 #include "fp8_convert.cuh"
 #include "gemv_mma.cuh"
 #include "kernels.h"

@@ -323,6 +323,8 @@ bool is_sm90() {
 
 }  // namespace
 
+bool fp4_reads_slabs(int variant) { return fp4_resolve_variant(variant) == kFp4Wgb && is_sm90(); }
+
 size_t fp4_gemv_smem(bool fused, int64_t k, int64_t max_share, int variant) {
   const bool one = fp4_tokens_per_pass(max_share) == 1;
   const int v = fp4_resolve_variant(variant);
@@ -340,6 +342,7 @@ cudaError_t launch_fp4_gemv(const Fp4GemvArgs& a, cudaStream_t stream) {
   int v = fp4_resolve_variant(a.variant);
   if ((v == kFp4Wg || v == kFp4Wg8 || v == kFp4Wgb) && !is_sm90()) v = kFp4Ring;  // wgmma: SM90 only
   if (v == kFp4Wgb) return launch_fp4_wgb(a, stream);
+  if (a.slabs) return cudaErrorNotSupported;  // the slab layout is the wgb kernel's (the handlers check first)
   if (v == kFp4Wg || v == kFp4Wg8) return launch_fp4_wg(a, v == kFp4Wg, stream);
   const bool bits = fp4_uses_bit_conversion();
   if (fused) return one ? launch_cvt<2, 1>(p, bits, stream) : launch_cvt<2, kMaxSeg>(p, bits, stream);

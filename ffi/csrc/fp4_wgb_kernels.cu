@@ -157,8 +157,9 @@ __device__ void wgb_make_plan(const Fp4Params& p, int64_t ntiles, int lane, WgbP
 }
 
 // BITS: e2m1 -> e4m3 by bit placement (e2m1x8_to_e4m3_bits: 2^-6 times the value, 0.5 an e4m3 subnormal, the 2^6 in
-// the activation scale; 7 instructions per 8 codes against the prmt table's 11), else the table.
-template <int NW, bool BITS>
+// the activation scale; 7 instructions per 8 codes against the prmt table's 11), else the table. SLABS: the weights
+// and scales in the slab layout (kernels.h), each chunk of a warp one contiguous piece.
+template <int NW, bool BITS, bool SLABS>
 __global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params p) {
   using C = WgbCfg<NW>;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -195,11 +196,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params
         const int piece = lane + 32 * i;
         int64_t n_row = row_base + piece / 4;
         n_row = n_row < p.n ? n_row : p.n - 1;  // rows past N repeat row N - 1 (their outputs are not stored)
-        src_w[wi][i] = (wi == 0 ? p.w0 : p.w1) + (ge * p.n + n_row) * half_k + c_lo * (kStepK / 2) + (piece % 4) * 16;
+        const int64_t kb = c_lo * (kStepK / 2) + (piece % 4) * 16;
+        src_w[wi][i] = (wi == 0 ? p.w0 : p.w1) +
+                       (SLABS ? slab_weight_offset(ge * p.n + n_row, kb, k) : (ge * p.n + n_row) * half_k + kb);
       }
       int64_t n_row = row_base + (lane % 16);
       n_row = n_row < p.n ? n_row : p.n - 1;
-      src_s[wi] = (wi == 0 ? p.s0 : p.s1) + (ge * p.n + n_row) * sk + c_lo * 4;
+      src_s[wi] = (wi == 0 ? p.s0 : p.s1) +
+                  (SLABS ? slab_scale_offset(ge * p.n + n_row, c_lo, k) : (ge * p.n + n_row) * sk + c_lo * 4);
     }
   };
   auto issue_chunk = [&]() {
@@ -210,10 +214,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params
       for (int i = 0; i < 2; ++i) {
         const int piece = lane + 32 * i;
         cp_async16_l2line(st + wi * C::kWeightBytes + (piece / 4) * kWgbPitch + (piece % 4) * 16, src_w[wi][i]);
-        src_w[wi][i] += kStepK / 2;
+        src_w[wi][i] += SLABS ? kFp4SlabRows * kStepK / 2 : kStepK / 2;  // the next chunk
       }
       if (lane < 16) cp_async4(st + wi * C::kWeightBytes + 16 * kWgbPitch + lane * 4, src_s[wi]);
-      src_s[wi] += 4;
+      src_s[wi] += SLABS ? kFp4SlabRows * 4 : 4;
     }
     ++pf_j, ++pf_c;
     pf_stage = pf_stage == kWgbStages - 1 ? 0 : pf_stage + 1;
@@ -380,9 +384,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) fp4_wgb_kernel(const Fp4Params
   wgb_zero_invalid(p, warp, lane);  // last: off the weight stream's critical path
 }
 
-template <int NW, bool BITS>
+template <int NW, bool BITS, bool SLABS>
 cudaError_t launch_wgb(Fp4Params p, cudaStream_t stream) {
-  auto* kernel = fp4_wgb_kernel<NW, BITS>;
+  auto* kernel = fp4_wgb_kernel<NW, BITS, SLABS>;
   const size_t smem = wgb_smem_bytes<NW>(p.k);
   cudaError_t err = cudaSuccess;
   const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(kernel), &err);
@@ -414,9 +418,14 @@ size_t fp4_wgb_smem(bool fused, int64_t k) { return fused ? wgb_smem_bytes<2>(k)
 
 cudaError_t launch_fp4_wgb(const Fp4GemvArgs& a, cudaStream_t stream) {
   const Fp4Params p = fp4_params(a, 1);
-  if (fp4_cvt_request() != 0)  // bit placement unless DSV4_FFI_FP4_CVT=lut
-    return a.w[1] != nullptr ? launch_wgb<2, true>(p, stream) : launch_wgb<1, true>(p, stream);
-  return a.w[1] != nullptr ? launch_wgb<2, false>(p, stream) : launch_wgb<1, false>(p, stream);
+  const bool fused = a.w[1] != nullptr;
+  if (a.slabs && (a.n % kFp4SlabRows != 0 || a.k % kStepK != 0)) return cudaErrorInvalidValue;  // (the handlers check)
+  if (fp4_cvt_request() != 0) {  // bit placement unless DSV4_FFI_FP4_CVT=lut
+    if (a.slabs) return fused ? launch_wgb<2, true, true>(p, stream) : launch_wgb<1, true, true>(p, stream);
+    return fused ? launch_wgb<2, true, false>(p, stream) : launch_wgb<1, true, false>(p, stream);
+  }
+  if (a.slabs) return fused ? launch_wgb<2, false, true>(p, stream) : launch_wgb<1, false, true>(p, stream);
+  return fused ? launch_wgb<2, false, false>(p, stream) : launch_wgb<1, false, false>(p, stream);
 }
 
 }  // namespace dsv4ffi

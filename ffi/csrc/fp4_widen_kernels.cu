@@ -9,12 +9,14 @@
 // at a time). Lower t (a tile spanning more than 11 binades; rare) takes the f32 route: v * 2^t built as the f32 with
 // exponent field e + t, then cvt.rn, exact for t >= -8 and rounded below (to 0 under 2^-10), as the reference's
 // convert does. A block of 256 threads takes TPB tiles along K: it loads every weight chunk of them first (16 bytes
-// = one 32-block, 2 TPB per thread), then the scale words, the tiles' maxima, then converts and stores.
+// = one 32-block, 2 TPB per thread), then the scale words, the tiles' maxima, then converts and stores. Weights in
+// the slab layout (kernels.h) are read from their slab positions; the output is the same.
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "fp4_slabs.cuh"
 #include "fp8_convert.cuh"
 #include "kernels.h"
 #include "layer_index.cuh"
@@ -90,7 +92,8 @@ __global__ void __launch_bounds__(kThreads) fp4_widen_kernel(const Fp4WidenArgs 
 #pragma unroll
     for (int step = 0; step < 2; ++step) {
       const int c = tid + step * kThreads;
-      const uint8_t* src = a.w + (src_g * a.n + n0 + c / 4) * half_k + (k0 + i * kTile) / 2 + c % 4 * 16;
+      const int64_t row = src_g * a.n + n0 + c / 4, kb = (k0 + i * kTile) / 2 + c % 4 * 16;
+      const uint8_t* src = a.w + (a.slabs ? slab_weight_offset(row, kb, a.k) : row * half_k + kb);
       packed[i][step] = __ldg(reinterpret_cast<const uint4*>(src));
     }
   int m[TPB];
@@ -98,7 +101,8 @@ __global__ void __launch_bounds__(kThreads) fp4_widen_kernel(const Fp4WidenArgs 
   for (int i = 0; i < TPB; ++i) {
     m[i] = 0;
     if (tid < kTile) {
-      const uint8_t* src = a.s + (src_g * a.n + n0 + tid) * sk + (k0 + i * kTile) / 32;
+      const int64_t row = src_g * a.n + n0 + tid, chunk = (k0 + i * kTile) / kTile;
+      const uint8_t* src = a.s + (a.slabs ? slab_scale_offset(row, chunk, a.k) : row * sk + chunk * 4);
       const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(src));
       words[i][tid] = w;
       m[i] = max(max(w & 0xFF, (w >> 8) & 0xFF), max((w >> 16) & 0xFF, w >> 24));

@@ -281,12 +281,21 @@ struct Fp4GemvArgs {
   const float* route_w = nullptr;  // fused: [out_rows]
   float limit = 0.f;
   int variant = 0;  // Fp4Variant: which kernels (kFp4Default: DSV4_FFI_FP4_VARIANT, else wgb)
+  bool slabs = false;  // w and s in the slab layout (kFp4SlabRows below); read by the wgb kernels only
 };
+// The slab layout of MXFP4 expert weights (`quant.fp4_to_slabs`, made once at load by `prepare_params`): per group,
+// slabs of kFp4SlabRows rows, and in each slab one 1 KB piece per 128-wide K chunk (its 16 rows x 64 packed bytes);
+// the scales as 32-bit words (the 4 UE8M0 bytes of a row's chunk, byte j = 32-block j) in the same order, 64 bytes a
+// piece. A warp's chunk of 16 rows is then one contiguous kilobyte instead of 16 pieces of 64 bytes 2 KB apart: the
+// gate/up launch measured 11-15% faster on it (BENCHMARKS.md). Needs n % 16 == 0 and k % 128 == 0.
+constexpr int kFp4SlabRows = 16;
 cudaError_t launch_fp4_gemv(const Fp4GemvArgs& a, cudaStream_t stream);
 // Shared memory one launch needs (the handlers refuse what the device cannot hold, e.g. a very large K).
 size_t fp4_gemv_smem(bool fused, int64_t k, int64_t max_share, int variant);
 // The Fp4Variant a request resolves to (kFp4Default: DSV4_FFI_FP4_VARIANT, kFp4Ring if unset).
 int fp4_resolve_variant(int requested);
+// Whether a launch of `variant` on this device reads the slab layout (the wgb kernel on SM90).
+bool fp4_reads_slabs(int variant);
 // The wgb variant alone (fp4_wgb_kernels.cu; launch_fp4_gemv calls it for kFp4Wgb on SM90): launch and shared memory.
 cudaError_t launch_fp4_wgb(const Fp4GemvArgs& a, cudaStream_t stream);
 size_t fp4_wgb_smem(bool fused, int64_t k);
@@ -314,6 +323,7 @@ struct Fp4WidenArgs {
   int64_t layers, groups, n, k;
   uint8_t* q;
   float* sf;
+  bool slabs = false;  // w and s in the slab layout (kFp4SlabRows)
 };
 cudaError_t launch_fp4_widen(const Fp4WidenArgs& a, cudaStream_t stream);
 

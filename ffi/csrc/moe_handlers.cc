@@ -69,21 +69,29 @@ bool is_e8m0_bytes(const ffi::AnyBuffer& b) {
 }
 
 // Validates an MXFP4 weight `w` uint8 [(E,) N, K/2] with its scales `s` (float8_e8m0fnu or uint8) [(E,) N, K/32];
-// rank 3 (grouped) when `grouped`, else 2 or 3.
+// rank 3 (grouped) when `grouped`, else 2 or 3. Scales as uint32 [(E,) N, K/128] mark the slab layout (kernels.h,
+// `quant.fp4_to_slabs`): *slabs is set, N must be a multiple of kFp4SlabRows.
 ffi::Error check_fp4_weight(const std::string& op, const std::string& name, const ffi::AnyBuffer& w,
-                            const ffi::AnyBuffer& s, bool grouped, int64_t* e, int64_t* n, int64_t* k) {
+                            const ffi::AnyBuffer& s, bool grouped, int64_t* e, int64_t* n, int64_t* k, bool* slabs) {
   if (w.element_type() != ffi::DataType::U8)
     return bad(op, name + " must be uint8 (packed e2m1, low nibble = even element)");
-  if (!is_e8m0_bytes(s)) return bad(op, name + " scales must be float8_e8m0fnu or uint8 bytes");
+  *slabs = s.element_type() == ffi::DataType::U32;
+  if (!*slabs && !is_e8m0_bytes(s))
+    return bad(op, name + " scales must be float8_e8m0fnu or uint8 bytes (or uint32 words: the slab layout)");
   const size_t nd = w.dimensions().size();
   if (nd != 3 && (grouped || nd != 2))
     return bad(op, name + " " + shape_str(w) + (grouped ? " is not [E, N, K/2]" : " is not [N, K/2] or [E, N, K/2]"));
   *e = nd == 3 ? dim(w, 0) : 1;
   *n = dim(w, -2), *k = 2 * dim(w, -1);
   if (*k == 0 || *k % 128 != 0) return bad(op, name + ": K=" + std::to_string(*k) + " is not a positive multiple of 128");
-  if (s.dimensions().size() != nd || dim(s, -2) != *n || dim(s, -1) != *k / 32 || (nd == 3 && dim(s, 0) != *e))
-    return bad(op, name + " scales " + shape_str(s) + " do not match the weight " + shape_str(w) +
-                       " (expected [(E,) N, K/32] = K/32 " + std::to_string(*k / 32) + ")");
+  const int64_t per_word = *slabs ? 128 : 32;
+  if (s.dimensions().size() != nd || dim(s, -2) != *n || dim(s, -1) != *k / per_word || (nd == 3 && dim(s, 0) != *e))
+    return bad(op, name + " scales " + shape_str(s) + " do not match the weight " + shape_str(w) + " (expected " +
+                       (*slabs ? "uint32 [(E,) N, K/128] = K/128 " + std::to_string(*k / 128)
+                               : "[(E,) N, K/32] = K/32 " + std::to_string(*k / 32)) + ")");
+  if (*slabs && *n % kFp4SlabRows != 0)
+    return bad(op, name + ": the slab layout needs N (" + std::to_string(*n) + ") a multiple of " +
+                       std::to_string(kFp4SlabRows));
   if (!aligned16(w.untyped_data()) || (reinterpret_cast<uintptr_t>(s.untyped_data()) & 3u) != 0)
     return bad(op, name + " must be 16-byte aligned (scales 4-byte aligned)");
   return ffi::Error::Success();
@@ -100,6 +108,10 @@ ffi::Error run_fp4(const std::string& op, Fp4GemvArgs& a, cudaStream_t stream) {
     return bad(op, std::to_string(a.out_rows) + " output rows exceed the " + std::to_string(kMaxGridY) +
                        " this decode kernel takes (one block row per output row)");
   if (!aligned16(a.x)) return bad(op, "the activation must be 16-byte aligned");
+  if (a.slabs && !fp4_reads_slabs(a.variant))
+    return bad(op, "weights in the slab layout (uint32 scales, from dsv4_jax.prepare_params) are read by the wgb "
+                   "kernel on SM90 only, and this launch resolves to another kernel (DSV4_FFI_FP4_VARIANT or the "
+                   "device): pass the stored layout (prepare_params(..., expert_layout=\"stored\"))");
   const size_t smem = fp4_gemv_smem(a.w[1] != nullptr, a.k, a.max_share, a.variant);
   if (smem > 227 * 1024)
     return bad(op, "K=" + std::to_string(a.k) + " needs " + std::to_string(smem) +
@@ -116,7 +128,8 @@ ffi::Error Fp4GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffe
                        ffi::ResultBuffer<ffi::BF16> y) {
   const std::string op = "dsv4_fp4_gemv";
   int64_t e, n, k;
-  if (auto err = check_fp4_weight(op, "weight", w, s, false, &e, &n, &k); err.failure()) return err;
+  bool slabs;
+  if (auto err = check_fp4_weight(op, "weight", w, s, false, &e, &n, &k, &slabs); err.failure()) return err;
   const bool grouped = w.dimensions().size() == 3;
   if (x.dimensions().size() != 2 || dim(x, 1) != k)
     return bad(op, "activation " + shape_str(x) + " is not [R, K] with K=" + std::to_string(k));
@@ -144,6 +157,7 @@ ffi::Error Fp4GemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffe
                 {static_cast<const uint8_t*>(s.untyped_data()), nullptr}, e, y->untyped_data(), p, n, k,
                 share_cap(grouped || mapped ? (r < p ? r : p) : p)};
   a.variant = V;
+  a.slabs = slabs;
   return run_fp4(op, a, stream);
 }
 
@@ -156,10 +170,12 @@ ffi::Error Fp4MoeGateUpImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::
                             float limit) {
   const std::string op = "dsv4_fp4_moe_gate_up";
   int64_t e, n, k, e3, n3, k3;
-  if (auto err = check_fp4_weight(op, "w1", w1, s1, true, &e, &n, &k); err.failure()) return err;
-  if (auto err = check_fp4_weight(op, "w3", w3, s3, true, &e3, &n3, &k3); err.failure()) return err;
+  bool slabs, slabs3;
+  if (auto err = check_fp4_weight(op, "w1", w1, s1, true, &e, &n, &k, &slabs); err.failure()) return err;
+  if (auto err = check_fp4_weight(op, "w3", w3, s3, true, &e3, &n3, &k3, &slabs3); err.failure()) return err;
   if (e3 != e || n3 != n || k3 != k)
     return bad(op, "w1 " + shape_str(w1) + " and w3 " + shape_str(w3) + " differ in shape");
+  if (slabs3 != slabs) return bad(op, "w1 and w3 differ in layout (one in slabs, the other as stored)");
   if (x.dimensions().size() != 2 || dim(x, 1) != k)
     return bad(op, "x " + shape_str(x) + " is not [T, K] with K=" + std::to_string(k));
   if (h->dimensions().size() != 2 || dim(*h, 1) != n)
@@ -175,6 +191,7 @@ ffi::Error Fp4MoeGateUpImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::
                 {static_cast<const uint8_t*>(s1.untyped_data()), static_cast<const uint8_t*>(s3.untyped_data())},
                 e, h->untyped_data(), p, n, k, share_cap(t < p ? t : p), route_w.typed_data(), limit};
   a.variant = V;
+  a.slabs = slabs;
   return run_fp4(op, a, stream);
 }
 
@@ -185,7 +202,8 @@ ffi::Error Fp4MoeDownImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> h, ffi::Bu
                           ffi::AnyBuffer w2, ffi::AnyBuffer s2, ffi::ResultBuffer<ffi::BF16> y, int64_t tokens) {
   const std::string op = "dsv4_fp4_moe_down";
   int64_t e, n, k;
-  if (auto err = check_fp4_weight(op, "w2", w2, s2, true, &e, &n, &k); err.failure()) return err;
+  bool slabs;
+  if (auto err = check_fp4_weight(op, "w2", w2, s2, true, &e, &n, &k, &slabs); err.failure()) return err;
   if (h.dimensions().size() != 2 || dim(h, 1) != k)
     return bad(op, "h " + shape_str(h) + " is not [P, I] with I=" + std::to_string(k));
   const int64_t p = dim(h, 0);
@@ -199,6 +217,7 @@ ffi::Error Fp4MoeDownImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> h, ffi::Bu
                 {static_cast<const uint8_t*>(s2.untyped_data()), nullptr}, e, y->untyped_data(), p, n, k,
                 share_cap(tokens > 0 && tokens < p ? tokens : p)};
   a.variant = V;
+  a.slabs = slabs;
   return run_fp4(op, a, stream);
 }
 
@@ -213,11 +232,14 @@ ffi::Error Fp4WidenImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer s,
   if (nd != 3 && nd != 4) return bad(op, "weight " + shape_str(w) + " is not [E, N, K/2] or a stack [L, E, N, K/2]");
   const int64_t layers = nd == 4 ? dim(w, 0) : 1, e = dim(w, -3), n = dim(w, -2), k = 2 * dim(w, -1);
   if (w.element_type() != ffi::DataType::U8) return bad(op, "weight must be uint8 (packed e2m1)");
-  if (!is_e8m0_bytes(s)) return bad(op, "scales must be float8_e8m0fnu or uint8 bytes");
+  const bool slabs = s.element_type() == ffi::DataType::U32;  // the slab layout (kernels.h)
+  if (!slabs && !is_e8m0_bytes(s))
+    return bad(op, "scales must be float8_e8m0fnu or uint8 bytes (or uint32 words: the slab layout)");
   if (n % 128 || k % 128 || n == 0 || k == 0)
     return bad(op, "weight " + shape_str(w) + ": N and K must be positive multiples of 128");
-  if (s.element_count() != layers * e * n * (k / 32))
-    return bad(op, "scales " + shape_str(s) + " do not match the weight " + shape_str(w) + " ([..., N, K/32])");
+  if (s.element_count() != layers * e * n * (k / (slabs ? 128 : 32)))
+    return bad(op, "scales " + shape_str(s) + " do not match the weight " + shape_str(w) +
+                       (slabs ? " (uint32 [..., N, K/128])" : " ([..., N, K/32])"));
   if (layer.element_count() > 1 || (nd == 4 && layer.element_count() != 1))
     return bad(op, "a layer stack needs one layer index (and a plain weight none)");
   if (!is_e4m3(*q) || q->element_count() != e * n * k) return bad(op, "q must be float8_e4m3fn [E, N, K]");
@@ -228,7 +250,7 @@ ffi::Error Fp4WidenImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer s,
   if (e > 65535 || n / 128 > 65535) return bad(op, "more than 65535 experts or N/128 tiles");
   Fp4WidenArgs a{static_cast<const uint8_t*>(w.untyped_data()), static_cast<const uint8_t*>(s.untyped_data()),
                  layer.element_count() ? layer.typed_data() : nullptr, layers, e, n, k,
-                 static_cast<uint8_t*>(q->untyped_data()), sf->typed_data()};
+                 static_cast<uint8_t*>(q->untyped_data()), sf->typed_data(), slabs};
   return cuda_check(op, launch_fp4_widen(a, stream));
 }
 }  // namespace
