@@ -1,8 +1,9 @@
 // Developer tool, not part of the extension build. Standalone timing of the MXFP4 decode kernels (no JAX): Flash
 // shapes (E=256, D=4096, I=2048, top-6), pairs sorted by expert, R different routings per CUDA graph (XLA's command
-// buffers replay graphs too), the variants (wg, wg8, wgb, ring; wgbS: wgb on the slab layout) interleaved; the bytes read are the packed weights +
-// scales of the experts hit (+ activations). Also compares the wg variants' outputs with ring's (wg: summation order
-// only; wg8: its 13-bit FP8 accumulator). span >= 12 exercises the wg variants' exact per-block path.
+// buffers replay graphs too), the variants (wg, wg8, wgb, ring; wgbS: wgb on the slab layout of kernels.h)
+// interleaved; the bytes read are the packed weights + scales of the experts hit (+ activations). Also compares the
+// variants' outputs with ring's (wg: summation order only; wg8: its 13-bit FP8 accumulator) and wgbS's with wgb's
+// (must be bit-identical). span >= 12 exercises the wg variants' exact per-block path.
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/csrc ffi/csrc/fp4_bench.cu \
 //        ffi/csrc/fp4_gemv_kernels.cu ffi/csrc/fp4_wg_kernels.cu ffi/csrc/fp4_wgb_kernels.cu ffi/csrc/launch_util.cu \
 //        -o /tmp/fp4_bench
