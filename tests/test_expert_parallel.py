@@ -1,7 +1,8 @@
 """Expert parallelism on 8 simulated CPU devices (a subprocess: jax fixes its device count at start): `generate` with
 the routed experts split over the mesh's `expert` axis inside a `shard_map` gives the same tokens and logits as one
 device, bit for bit (each dispatched row has exactly one nonzero contributor to the psum that gathers them, and the
-combine adds the same bf16 rows in the same order). `forward` under the same mesh: `test_pro_mesh`, `test_multihost`."""
+combine adds the same bf16 rows in the same order), also with the experts in the slab layout (`prepare_params`).
+`forward` under the same mesh: `test_pro_mesh`, `test_multihost`."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ SCRIPT = textwrap.dedent(
         b = dsv4_jax.generate(ep, toks, sampler=sampler)
     assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert np.array_equal(np.asarray(a.logits), np.asarray(b.logits))  # bit-exact, through the decode loop too
+    # The experts in the slab layout of the SM90 kernel (prepare_params, in place): the shards keep their placement
+    # (uint32 scale words, half an expert pair per device) and the expert-parallel reference reads them back.
+    slabs = dsv4_jax.prepare_params(ep, expert_layout="slabs", donate=True)
+    flat = dict(__import__("flax").nnx.to_flat_state(slabs.params))
+    s1 = flat[("groups", 1, 0, "ffn", "experts", "w1", "scale")].get_value()
+    assert s1.dtype == np.uint32 and s1.sharding == w1.get_value().sharding
+    assert s1.addressable_shards[0].data.shape[1] == 2
+    with jax.set_mesh(mesh):
+        c = dsv4_jax.generate(slabs, toks, sampler=sampler)
+    assert np.array_equal(np.asarray(a.logits), np.asarray(c.logits))
     print("EP OK")
     """
 )
