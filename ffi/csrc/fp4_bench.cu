@@ -7,7 +7,7 @@
 //   nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/csrc ffi/csrc/fp4_bench.cu \
 //        ffi/csrc/fp4_gemv_kernels.cu ffi/csrc/fp4_wg_kernels.cu ffi/csrc/fp4_wgb_kernels.cu ffi/csrc/launch_util.cu \
 //        -o /tmp/fp4_bench
-//   [FP4_BENCH_T=1,2,4,8] /tmp/fp4_bench [span [time|cmp|once [E D I]]]
+//   [FP4_BENCH_T=1,2,4,8] [FP4_BENCH_SLABS_IN_PLACE=1] /tmp/fp4_bench [span [time|cmp|once [E D I]]]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -82,6 +82,10 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&s1s, sn)); CK(cudaMalloc(&s3s, sn)); CK(cudaMalloc(&s2s, sn));
   to_slabs<<<4096, 256>>>(w1, s1, w1s, s1s, size_t(E) * I, D); to_slabs<<<4096, 256>>>(w3, s3, w3s, s3s, size_t(E) * I, D);
   to_slabs<<<4096, 256>>>(w2, s2, w2s, s2s, size_t(E) * D, I);
+  if (std::getenv("FP4_BENCH_SLABS_IN_PLACE") != nullptr) {  // wgbS reads the stored buffers as slabs: timing only
+    w1s = w1, w3s = w3, w2s = w2, s1s = s1, s3s = s3, s2s = s2;  // (its outputs then differ from wgb's)
+    printf("FP4_BENCH_SLABS_IN_PLACE: wgbS reads wgb's buffers as if in slabs\n");
+  }
   // copy ceiling: 2 GiB D2D (read + write)
   void *ca, *cb; const size_t cn = size_t(1) << 30;
   CK(cudaMalloc(&ca, cn)); CK(cudaMalloc(&cb, cn));
