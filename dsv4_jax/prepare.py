@@ -4,8 +4,10 @@
 
 * The FP8 linears' UE8M0 block scales become the FP32 powers of two the SM90 GEMMs read (same shape; 4 bytes instead
   of 1 per 128x128 block, <0.01% of the weights).
-* The MXFP4 routed experts go to the slab layout of the SM90 decode kernel (`quant.fp4_to_slabs`: the same bytes in
-  another order, scales as uint32 words) where that kernel will run: `expert_layout="auto"`.
+* The MXFP4 routed experts' gate and up weights (w1, w3) go to the slab layout of the SM90 decode kernel
+  (`quant.fp4_to_slabs`: the same bytes in another order, scales as uint32 words) where that kernel will run:
+  `expert_layout="auto"`. The down weight (w2) stays as stored: on it the layout measured no faster at 1 and 8 tokens
+  and 8% slower at 32 (BENCHMARKS.md, twelfth session); the kernels read either layout for every projection.
 
 The reference computes the same from either form (`quant.e8m0_to_f32` passes FP32 through; the experts' reference
 reads slabs back to the stored order), so a prepared state works with every backend.
@@ -25,7 +27,7 @@ from dsv4_jax.model import ModelState
 __all__ = ["prepare_params", "EXPERT_LAYOUTS", "slabs_by_default"]
 
 EXPERT_LAYOUTS = ("auto", "slabs", "stored")
-_EXPERT_PATHS = (("w1",), ("w2",), ("w3",))  # the routed experts' projections, as the last step of a path
+_SLAB_PATHS = (("w1",), ("w3",))  # the routed experts' gate and up projections, as the last step of a path
 
 
 def slabs_by_default() -> bool:
@@ -66,7 +68,7 @@ def _to_slabs(w, s, donate: bool):
 
 
 def prepare_params(state: ModelState, *, expert_layout: str = "auto", donate: bool = False) -> ModelState:
-    """A new `ModelState` with the FP8 linears' scales decoded to FP32 and the MXFP4 routed experts in
+    """A new `ModelState` with the FP8 linears' scales decoded to FP32 and the MXFP4 routed experts' gate/up weights in
     `expert_layout`: "slabs" (`quant.fp4_to_slabs`), "stored" (as loaded) or "auto" (slabs where `slabs_by_default()`).
     FP8 weight bytes stay as stored; MXFP4 bytes are permuted, never converted.
 
@@ -84,7 +86,7 @@ def prepare_params(state: ModelState, *, expert_layout: str = "auto", donate: bo
         value = var.get_value()
         if path[-1] == "scale" and weight is not None and weight.get_value().dtype == jnp.float8_e4m3fn:
             new[path] = var.replace(quant.e8m0_to_f32(value))
-        elif slabs and path[-1] == "weight" and path[-2:-1] in _EXPERT_PATHS and value.dtype == jnp.uint8:
+        elif slabs and path[-1] == "weight" and path[-2:-1] in _SLAB_PATHS and value.dtype == jnp.uint8:
             scale = flat[path[:-1] + ("scale",)]
             if scale.get_value().dtype == jnp.uint32:
                 continue  # already in slabs

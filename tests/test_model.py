@@ -155,21 +155,23 @@ def test_prepare_params_decodes_fp8_scales_once_and_changes_nothing(tiny):
 
 
 def test_prepare_params_expert_slabs_same_results(tiny):
-    """The MXFP4 experts in the slab layout (every routed-expert weight of every layer and the MTP block: the same
-    bytes permuted, uint32 scale words) give the reference the same logits; with `donate=True` the input
-    state's expert arrays are consumed, the FP8 ones are not."""
+    """The MXFP4 experts' gate/up weights in the slab layout (every layer and the MTP block: the same bytes permuted,
+    uint32 scale words; the down weight as stored) give the reference the same logits; with `donate=True` the input
+    state's converted arrays are consumed, the others are not."""
     tokens = jnp.arange(40, dtype=jnp.int32)[None] % tiny.config.vocab_size
     fresh = dsv4_jax.init_random(tiny.config, 0)  # the shared fixture must not be donated
     want = np.asarray(dsv4_jax.forward(fresh, tokens))
     before = dict(nnx.to_flat_state(fresh.params))
     prepared = dsv4_jax.prepare_params(fresh, expert_layout="slabs", donate=True)
     flat = dict(nnx.to_flat_state(prepared.params))
-    experts = [p for p in flat if "experts" in p and p[-2] in ("w1", "w2", "w3")]
+    experts = [p for p in flat if "experts" in p and p[-2] in ("w1", "w3")]
     w1 = [flat[p].get_value() for p in experts if p[-2:] == ("w1", "weight")]  # stacks [L, E, ...] and the MTP's
     assert sum(w.shape[0] if w.ndim == 4 else 1 for w in w1) == tiny.config.n_layers + tiny.config.n_mtp_layers
     assert all(flat[p[:-1] + ("scale",)].get_value().dtype == jnp.uint32 for p in experts)
+    down_scales = [v.get_value() for p, v in flat.items() if p[-3:] == ("experts", "w2", "scale")]
+    assert down_scales and all(s.dtype == jnp.float8_e8m0fnu for s in down_scales)  # w2 stays as stored
     assert all(before[p].get_value().is_deleted() for p in experts if p[-1] == "weight")
-    assert not any(v.get_value().is_deleted() for p, v in before.items() if "experts" not in p)
+    assert not any(v.get_value().is_deleted() for p, v in before.items() if p not in experts)
     np.testing.assert_array_equal(np.asarray(dsv4_jax.forward(prepared, tokens)), want)
     again = dsv4_jax.prepare_params(prepared, expert_layout="slabs")  # already in slabs: unchanged
     np.testing.assert_array_equal(np.asarray(dsv4_jax.forward(again, tokens)), want)
