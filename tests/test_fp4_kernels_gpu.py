@@ -110,6 +110,15 @@ def rand_fp4_weight(key, shape, scale_bytes=(117, 125)):
     return w, jax.lax.bitcast_convert_type(s, jnp.float8_e8m0fnu)
 
 
+def rand_fp4_experts(keys, e: int, d: int, i: int, lead: tuple[int, ...] = ()):
+    """The six operands `(w1, s1, w3, s3, w2, s2)` of `e` routed experts (hidden `d`, intermediate `i`) drawn by
+    `rand_fp4_weight` from three keys (w1, w3, w2 in that order): w1/w3 `[*lead, e, i, d/2]`, w2
+    `[*lead, e, d, i/2]`."""
+    k1, k3, k2 = keys
+    return (*rand_fp4_weight(k1, (*lead, e, i, d)), *rand_fp4_weight(k3, (*lead, e, i, d)),
+            *rand_fp4_weight(k2, (*lead, e, d, i)))  # fmt: skip
+
+
 def dequant_host(w, s) -> np.ndarray:
     """float64 values of packed MXFP4 `[..., N, K/2]` with e8m0 scales `[..., N, K/32]` (= quant.dequant_fp4_weight)."""
     w = np.asarray(w)

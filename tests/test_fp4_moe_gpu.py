@@ -25,6 +25,7 @@ from test_fp4_kernels_gpu import (
     bf16_bits_equal,
     check_close,
     rand_bf16,
+    rand_fp4_experts,
     rand_fp4_weight,
     ref_linear,
     routing,
@@ -148,9 +149,7 @@ def test_fp4_moe_step_matches_reference_ops(ffi, shape, t, limit):
     e, d, i = c["e"], c["d"], c["i"]
     ks = jax.random.split(jax.random.key(seed("step", shape, t, limit)), 6)
     x = rand_bf16(ks[0], (t, d), scale=32.0 / d**0.5)
-    w1, s1 = rand_fp4_weight(ks[1], (e, i, d))
-    w3, s3 = rand_fp4_weight(ks[2], (e, i, d))
-    w2, s2 = rand_fp4_weight(ks[3], (e, d, i))
+    w1, s1, w3, s3, w2, s2 = rand_fp4_experts(ks[1:4], e, d, i)
     rows, groups = routing(ks[4], t, e, 6)
     route_w = np.asarray(jax.random.uniform(ks[5], (len(rows),), minval=0.05, maxval=1.0), np.float32)
     poison()

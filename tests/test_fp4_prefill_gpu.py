@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import gpu_report, poison, rel_rms  # the `ffi` fixture lives in conftest too
-from test_fp4_kernels_gpu import FLASH, SMALL, check_close, rand_bf16, rand_fp4_weight, routing, seed
+from test_fp4_kernels_gpu import FLASH, SMALL, check_close, rand_bf16, rand_fp4_experts, routing, seed
 
 from dsv4_jax import quant
 
@@ -36,8 +36,7 @@ def test_fp4_experts_grouped_route_matches_reference(ffi, shape, t, stacked, mon
     lead = (2,) if stacked else ()
     ks = jax.random.split(jax.random.key(seed("grouped", shape, t, stacked)), 6)
     x = rand_bf16(ks[0], (t, d), scale=32.0 / d**0.5)
-    ws = tuple(a for kk, sh in ((ks[1], (e, i, d)), (ks[2], (e, i, d)), (ks[3], (e, d, i)))
-               for a in rand_fp4_weight(kk, (*lead, *sh)))  # fmt: skip
+    ws = rand_fp4_experts(ks[1:4], e, d, i, lead)
     rows, groups = routing(ks[4], t, e, 6)
     pad = 40  # padding rows (expert -1) after the routed ones
     rows = np.concatenate([rows, np.zeros(pad, np.int32)])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import poison
-from test_fp4_kernels_gpu import FLASH, SMALL, rand_bf16, rand_fp4_weight, routing, seed
+from test_fp4_kernels_gpu import FLASH, SMALL, rand_bf16, rand_fp4_experts, rand_fp4_weight, routing, seed
 
 from dsv4_jax import quant
 
@@ -33,9 +33,7 @@ def test_fp4_moe_slabs_bit_identical_to_stored(ffi, shape, t, sort):
     e, d, i = c["e"], c["d"], c["i"]
     ks = jax.random.split(jax.random.key(seed("slabs", shape, t, sort)), 6)
     x = rand_bf16(ks[0], (t, d), scale=32.0 / d**0.5)
-    w1, s1 = rand_fp4_weight(ks[1], (e, i, d))
-    w3, s3 = rand_fp4_weight(ks[2], (e, i, d))
-    w2, s2 = rand_fp4_weight(ks[3], (e, d, i))
+    w1, s1, w3, s3, w2, s2 = rand_fp4_experts(ks[1:4], e, d, i)
     rows, groups = routing(ks[4], t, e, 6, sort)
     groups[::7] = -1  # pairs of experts elsewhere
     rows, groups = jnp.asarray(rows), jnp.asarray(groups)
@@ -84,8 +82,7 @@ def test_fp4_experts_slabs_through_both_routes(ffi, monkeypatch):
     e, d, i, t = SMALL["e"], SMALL["d"], SMALL["i"], 512
     ks = jax.random.split(jax.random.key(5), 6)
     x = rand_bf16(ks[0], (t, d), scale=32.0 / d**0.5)
-    stored = tuple(a for kk, sh in ((ks[1], (2, e, i, d)), (ks[2], (2, e, i, d)), (ks[3], (2, e, d, i)))
-                   for a in rand_fp4_weight(kk, sh))  # fmt: skip
+    stored = rand_fp4_experts(ks[1:4], e, d, i, lead=(2,))
     slabs = tuple(a for w, s in zip(stored[0::2], stored[1::2], strict=True) for a in quant.fp4_to_slabs(w, s))
     rows, groups = routing(ks[4], t, e, 6)
     xr, ex = x[jnp.asarray(rows)], jnp.asarray(groups)
