@@ -43,26 +43,21 @@ def _sharding_of(x):
     return None if isinstance(x, jax.core.Tracer) else x.sharding
 
 
-def _weight_slabs(w):
-    """The weight half of `quant.fp4_to_slabs` (the scales' half, on zeros, is dead code XLA drops)."""
-    return quant.fp4_to_slabs(w, jnp.zeros((*w.shape[:-1], w.shape[-1] * 2 // 32), jnp.uint8))[0]
-
-
 def _weight_stack_slabs(w):
-    """`_weight_slabs` of a stack `[L, ...]` one layer at a time into the (donated) buffer: a layer's copy in flight,
-    not the whole stack's."""
+    """`quant.fp4_slab_bytes` of a stack `[L, ...]` one layer at a time into the (donated) buffer: a layer's copy in
+    flight, not the whole stack's."""
 
     def body(i, w):
         layer = jax.lax.dynamic_index_in_dim(w, i, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(w, _weight_slabs(layer), i, 0)
+        return jax.lax.dynamic_update_index_in_dim(w, quant.fp4_slab_bytes(layer), i, 0)
 
     return jax.lax.fori_loop(0, w.shape[0], body, w)
 
 
 def _to_slabs(w, s, donate: bool):
     """(w, s) of one routed-expert projection in the slab layout, keeping their shardings."""
-    scales = jax.jit(lambda w, s: quant.fp4_to_slabs(w, s)[1], out_shardings=_sharding_of(s))(w, s)
-    fn = _weight_stack_slabs if donate and w.ndim == 4 else _weight_slabs
+    scales = jax.jit(quant.fp4_slab_words, out_shardings=_sharding_of(s))(s)
+    fn = _weight_stack_slabs if donate and w.ndim == 4 else quant.fp4_slab_bytes
     weight = jax.jit(fn, out_shardings=_sharding_of(w), donate_argnums=(0,) if donate else ())(w)
     return weight, scales
 

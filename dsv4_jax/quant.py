@@ -38,6 +38,8 @@ __all__ = [
     "dequant_fp4_weight",
     "FP4_SLAB_ROWS",
     "fp4_to_slabs",
+    "fp4_slab_bytes",
+    "fp4_slab_words",
     "fp4_from_slabs",
     "quantize_fp8_weight",
     "quantize_fp4_weight",
@@ -204,13 +206,25 @@ def fp4_to_slabs(packed: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]
             f"fp4_to_slabs: weight {packed.dtype}{list(packed.shape)} / scales {list(s.shape)} are not "
             f"uint8 [..., N, K/2] / [..., N, K/32] with N % {FP4_SLAB_ROWS} == 0 and K % 128 == 0"
         )
-    r, c = FP4_SLAB_ROWS, k // 128
-    w = jnp.swapaxes(packed.reshape(*lead, n // r, r, c, 64), -3, -2).reshape(*lead, n, half_k)
+    return fp4_slab_bytes(packed), fp4_slab_words(s)
+
+
+def fp4_slab_bytes(packed: jax.Array) -> jax.Array:
+    """The weight half of `fp4_to_slabs` (shapes as it checks them): packed `[..., N, K/2]` in slab order."""
+    *lead, n, half_k = packed.shape
+    r, c = FP4_SLAB_ROWS, 2 * half_k // 128
+    return jnp.swapaxes(packed.reshape(*lead, n // r, r, c, 64), -3, -2).reshape(*lead, n, half_k)
+
+
+def fp4_slab_words(s: jax.Array) -> jax.Array:
+    """The scale half of `fp4_to_slabs`: e8m0 scales `[..., N, K/32]` -> uint32 words `[..., N, K/128]` in slab
+    order."""
+    *lead, n, kb = s.shape
+    r, c = FP4_SLAB_ROWS, kb // 4
     b = (jax.lax.bitcast_convert_type(s, jnp.uint8) if s.dtype != jnp.uint8 else s).astype(jnp.uint32)
     b = b.reshape(*lead, n, c, 4)
     words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    words = jnp.swapaxes(words.reshape(*lead, n // r, r, c), -2, -1).reshape(*lead, n, c)
-    return w, words
+    return jnp.swapaxes(words.reshape(*lead, n // r, r, c), -2, -1).reshape(*lead, n, c)
 
 
 def fp4_from_slabs(packed: jax.Array, words: jax.Array) -> tuple[jax.Array, jax.Array]:
