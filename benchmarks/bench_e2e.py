@@ -86,6 +86,7 @@ def run_case(
     gen: tuple[int, int] | None,
     long_prefill: int,
     breakdown: str | None = None,
+    breakdown_top: int = 120,
     kv_cache: str = "auto",
     contexts: tuple[int, ...] = (),
     expert_layout: str = "auto",
@@ -126,7 +127,9 @@ def run_case(
     out["decode_step_min_ms"] = 1e3 * min(times[3:])
     if breakdown:  # a path prefix for the compiled program's text
         tok = jnp.argmax(logits, -1).astype(jnp.int32)
-        br = profile.decode_breakdown(state, cache, tok, opts=opts, steps=10, hlo_path=f"{breakdown}.hlo.txt")
+        br = profile.decode_breakdown(
+            state, cache, tok, opts=opts, steps=10, top=breakdown_top, hlo_path=f"{breakdown}.hlo.txt"
+        )
         cache = br.pop("cache")
         out["breakdown"] = br
 
@@ -203,6 +206,7 @@ def main(argv=None):
         default=None,
         help="profile the decode step of each case; the compiled programs are written as PREFIX-<case>.hlo.txt",
     )
+    ap.add_argument("--breakdown-top", type=int, default=120, help="kernels listed per breakdown (by time)")
     ap.add_argument("--context", default="", help="decode steps at these positions of a synthetic cache: 4096,131072")
     ap.add_argument("--kv-cache", default="auto", choices=("auto", "fp8", "bf16"), help="cache layout (Opts.kv_cache)")
     ap.add_argument("--expert-layout", default="auto", choices=("auto", "slabs", "stored"),
@@ -238,8 +242,8 @@ def main(argv=None):
                 timed = b in (int(x) for x in args.gen_batches.split(",")) and backend in args.gen_backends.split(",")
                 g = gen if timed else None
                 bd = f"{args.breakdown}-{fmt}-{backend}-b{b}" if args.breakdown else None
-                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.kv_cache, ctx,
-                             args.expert_layout)  # fmt: skip
+                r = run_case(cfg, backend, b, args.prompt, args.steps, g, lp, bd, args.breakdown_top, args.kv_cache,
+                             ctx, args.expert_layout)  # fmt: skip
                 r["experts"] = fmt
                 total = sum(r["floor_bytes"].values())
                 r["floor_ms"] = 1e3 * total / bw
