@@ -149,10 +149,11 @@ class Indexer(nnx.Module):
         self.weights_proj = nn.Bf16Linear(cfg.dim, self.n_heads, ("index_heads_w", "embed"), rngs=rngs)
         self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True, rngs=rngs)
 
-    def queries(self, x_btd, qr_btr, pos_bt, inv_freq, opts: Opts):
-        """(`q [b,t,h,128]` after RoPE, Hadamard, FP4; head weights `w [b,t,h]` bf16)."""
-        b, t, _ = qr_btr.shape
-        q = self.wq_b(qr_btr, opts).reshape(b, t, self.n_heads, self.head_dim)
+    def queries(self, x_btd, qp_bte, pos_bt, inv_freq, opts: Opts):
+        """(`q [b,t,h,128]` after RoPE, Hadamard, FP4; head weights `w [b,t,h]` bf16) from `qp = wq_b(qr)` (the
+        attention computes it with its own `wq_b(qr)`, one launch for both)."""
+        b, t, _ = qp_bte.shape
+        q = qp_bte.reshape(b, t, self.n_heads, self.head_dim)
         q = nn.rope_tail(q, pos_bt[:, :, None], inv_freq)
         q = nn.hadamard_128(q)
         if opts.quant_sim:
@@ -232,17 +233,22 @@ class Attention(nnx.Module):
         return nn.layer_inv_freq(self.cfg, self.ratio)
 
     # -- pieces --
-    def query(self, x_btd, pos_bt, opts: Opts):
-        """(`q [b,t,H,D]` normed and rotated, `qr [b,t,q_lora]` which also feeds the indexer)."""
-        b, t, _ = x_btd.shape
-        qr = self.q_norm(self.wq_a(x_btd, opts))
-        q = self.wq_b(qr, opts).reshape(b, t, self.cfg.n_heads, self.cfg.head_dim)
-        q = head_rms_norm_bf16(q, self.cfg.norm_eps)
-        return nn.rope_tail(q, pos_bt[:, :, None], self.inv_freq), qr
+    def query(self, qa_btr, pos_bt, opts: Opts):
+        """From `qa = wq_a(x)`: (`q [b,t,H,D]` normed and rotated; the indexer's query projection `wq_b(qr)` of
+        `qr = q_norm(qa)` `[b,t,h*c]` in CSA layers, else None). The two projections of qr share one op (a launch)."""
+        b, t, _ = qa_btr.shape
+        qr = self.q_norm(qa_btr)
+        if self.ratio == 4:
+            q, qp = nn.fp8_linear_pair(qr, self.wq_b, self.indexer.wq_b, opts)
+        else:
+            q, qp = self.wq_b(qr, opts), None
+        q = head_rms_norm_bf16(q.reshape(b, t, self.cfg.n_heads, self.cfg.head_dim), self.cfg.norm_eps)
+        return nn.rope_tail(q, pos_bt[:, :, None], self.inv_freq), qp
 
-    def window_kv(self, x_btd, pos_bt, opts: Opts):
-        """The token's own KV vector `[b,t,D]`: RMSNorm, RoPE on the tail, FP8 fake-quant of the nope dims."""
-        kv = nn.rope_tail(self.kv_norm(self.wkv(x_btd, opts)), pos_bt, self.inv_freq)
+    def window_kv(self, kva_btd, pos_bt, opts: Opts):
+        """From `kva = wkv(x)`: the token's own KV vector `[b,t,D]`: RMSNorm, RoPE on the tail, FP8 fake-quant of the
+        nope dims."""
+        kv = nn.rope_tail(self.kv_norm(kva_btd), pos_bt, self.inv_freq)
         if opts.quant_sim:
             nope = self.cfg.nope_head_dim
             kv = jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
@@ -285,14 +291,14 @@ class Attention(nnx.Module):
         completed = comp.entries if packed_rows is None else PackedKV(packed_rows, rope)
         return [(cached, w), (completed, new_at)], cap, to_source
 
-    def _index_keys(self, x, qr, pos, comp_i: CompressorStep, lc, opts, fresh: bool, n_ent: int, n_visible, rec):
+    def _index_keys(self, x, qp, pos, comp_i: CompressorStep, lc, opts, fresh: bool, n_ent: int, n_visible, rec):
         """The indexer's top-k entry ids `[b, k, topk]` among the first `n_visible [b, k]` entries (-1: none).
 
         Decode / extend over a packed cache: the cached keys are scored where they lie (`ops.indexer_scores`, which
         reads the packed stack), then the score columns of the entries this step completed (`j0 + q`, q < n_done)
         are replaced by their scores against the step's own keys: the same numbers as overlaying those key rows
         before scoring (the old way, still taken for the bf16 cache), without materialising every key."""
-        qi, wi = self.indexer.queries(x, qr, pos, self.inv_freq, opts)
+        qi, wi = self.indexer.queries(x, qp, pos, self.inv_freq, opts)
         if fresh:
             raw = self.indexer.scores(qi, wi, comp_i.entries[:, :n_ent])  # the complete blocks
         else:
@@ -323,8 +329,9 @@ class Attention(nnx.Module):
             raise ValueError("this cache stores KV rows in the packed FP8 layout, which holds only FP8-simulated "
                              "values; with quant_sim=False use init_cache(..., kv='bf16') (Opts.kv_cache)")  # fmt: skip
         pos = start_b[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
-        q, qr = self.query(x_bkd, pos, opts)
-        kv = self.window_kv(x_bkd, pos, opts)
+        qa, kva = nn.fp8_linear_pair(x_bkd, self.wq_a, self.wkv, opts)  # one input, one op (a launch)
+        q, qp = self.query(qa, pos, opts)
+        kv = self.window_kv(kva, pos, opts)
 
         # Decode over the packed cache (one query per row) reads every key from packed rows, as the kernel of
         # `ops.sparse_decode` does: the window from the ring after this step's own write, the entries this step
@@ -363,7 +370,7 @@ class Attention(nnx.Module):
                 with jax.named_scope("indexer"):
                     comp_i = self.indexer.compressor.step(x_bkd, start_b, n_new_b, *state_i, self.inv_freq, opts,
                                                           fresh)  # fmt: skip
-                    sel = self._index_keys(x_bkd, qr, pos, comp_i, lc, opts, fresh, n_ent, n_visible, rec)
+                    sel = self._index_keys(x_bkd, qp, pos, comp_i, lc, opts, fresh, n_ent, n_visible, rec)
                 keys = kv_format.pack_index_keys(comp_i.entries) if packed else comp_i.entries
                 upd = dataclasses.replace(upd, idx=dataclasses.replace(comp_i, entries=keys))
                 comp_idx = jnp.where(sel >= 0, to_source(sel), -1)

@@ -184,6 +184,13 @@ class Fp8Linear(nnx.Module):
         return ops.fp8_linear(x, self.weight.get_value(), self.scale.get_value(), opts=opts)
 
 
+def fp8_linear_pair(x: jax.Array, a: Fp8Linear, b: Fp8Linear, opts: Opts) -> tuple[jax.Array, jax.Array]:
+    """`(a(x), b(x))` for two FP8 linears one input feeds, as one op (`ops.fp8_linear_pair`: one kernel launch where
+    the weights allow)."""
+    return ops.fp8_linear_pair(x, a.weight.get_value(), a.scale.get_value(), b.weight.get_value(),
+                               b.scale.get_value(), opts=opts)  # fmt: skip
+
+
 class Bf16Linear(nnx.Module):
     """A bf16-stored weight `[out, in]`, applied in bf16 (`fp32=False`) or as its fp32 copy on fp32 input."""
 

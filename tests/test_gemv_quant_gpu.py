@@ -1,7 +1,8 @@
 """GPU tests of the dense FP8 linear's fused activation quantisation at decode sizes (M <= 8): the GEMV reads the
 bf16 rows and quantises them per 1x128 itself (`dsv4_fp8_linear_fused`, one launch) instead of our quantisation
 kernel followed by the GEMV (`dsv4_fp8_linear_separate`, two launches); and of a stacked layer's GEMV
-(`dsv4_fp8_gemv_layer`), whose 9..64 rows take the wide GEMV after one quantisation or the fused GEMV in passes of 8.
+(`dsv4_fp8_gemv_layer`), whose 9..64 rows take the wide GEMV after one quantisation or the fused GEMV in passes of 8,
+and of two such layer weights in one launch (`dsv4_fp8_gemv_layer_pair`).
 Run on the device: `pytest -m gpu tests/test_gemv_quant_gpu.py`.
 
 Bounds: none. The two paths must agree bit for bit (the same e4m3 operands and power-of-two scales reach the same
@@ -179,6 +180,52 @@ def test_gemv_layer_wide_route_refuses_bad_workspaces(ffi):
         call((24, 256), (2, 26), 1)
     with pytest.raises(Exception, match="layer must hold the layer index once per segment of 32 rows"):
         call((24, 256), (2, 24), 3)
+
+
+@pytest.mark.parametrize(
+    "n1,n2,k", [(1024, 512, 4096), (32768, 8192, 1024), (2048, 2048, 4096), (512, 1024, 4096), (136, 520, 384)]
+)  # fmt: skip
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_layer_pair_matches_two_layer_gemvs(ffi, n1, n2, k, m):
+    """`dsv4_fp8_gemv_layer_pair` (two stacks one input feeds, in one launch: wq_a + wkv, wq_b + the indexer's wq_b,
+    the shared expert's w1 + w3) against two `dsv4_fp8_gemv_layer` calls: bit-identical, either projection the
+    wider, N not a multiple of the block's columns, for a nonzero layer of a 3-layer stack."""
+    keys = jax.random.split(jax.random.key(m * 13 + n1 + n2 + k), 3)
+    x = rand_bf16(keys[0], (m, k))
+    w1, s1 = rand_fp8_weight(keys[1], (3, n1, k))
+    w2, s2 = rand_fp8_weight(keys[2], (3, n2, k))
+    pair, one = jax.jit(ffi.fp8_gemv_layer_pair), jax.jit(ffi.fp8_gemv_layer)
+    for layer in (1, 2):
+        poison()
+        y1, y2 = (np.asarray(y).view(np.uint16) for y in pair(x, w1, s1, w2, s2, jnp.int32(layer)))
+        for got, w, s, name in ((y1, w1, s1, "first"), (y2, w2, s2, "second")):
+            poison()
+            want = np.asarray(one(x, w, s, jnp.int32(layer))).view(np.uint16)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} projection, layer {layer}")
+            assert (got != 0).mean() > 0.99
+
+
+def test_gemv_layer_pair_refuses_mismatched_stacks(ffi):
+    """The handler names what does not match: stacks of different layer counts or K, more than 8 rows."""
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    w, s = rand_fp8_weight(jax.random.key(0), (2, 256, 256))
+    w3, s3 = rand_fp8_weight(jax.random.key(1), (3, 128, 256))
+    wk, sk = rand_fp8_weight(jax.random.key(2), (2, 128, 384))
+
+    def call(x, w2, s2):
+        out = (jax.ShapeDtypeStruct((x.shape[0], 256), jnp.bfloat16),
+               jax.ShapeDtypeStruct((x.shape[0], w2.shape[1]), jnp.bfloat16))  # fmt: skip
+        return jax.ffi.ffi_call("dsv4_fp8_gemv_layer_pair", out)(
+            x, w, ffi.sm90_weight_scales(s), w2, ffi.sm90_weight_scales(s2), jnp.zeros((1,), jnp.int32)
+        )[0].block_until_ready()
+
+    call(x, w, s)  # well formed: runs
+    with pytest.raises(Exception, match="layer stacks"):
+        call(x, w3, s3)
+    with pytest.raises(Exception, match="differ in K"):
+        call(x, wk, sk)
+    with pytest.raises(Exception, match="at most 8"):
+        call(jnp.ones((9, 256), jnp.bfloat16), w, s)
 
 
 @pytest.mark.parametrize("knob,kernel", [("8", "dsv4_fp8_linear"), (None, "dsv4_fp8_gemv_layer")])

@@ -462,7 +462,10 @@ def test_decode_step_lowers_to_every_decode_kernel(monkeypatch, expert_layout):
     assert set(ran.values()) == {"kernel"} and {"compressor_decode", "route_experts", "sparse_decode"} <= ran.keys()
     lines = [ln for ln in text.splitlines() if "custom_call @dsv4_" in ln]
     calls = collections.Counter(re.search(r"custom_call @(dsv4_\w+)", ln).group(1) for ln in lines)
-    assert calls == {"dsv4_hc_pre": 4, "dsv4_fp8_gemv_layer": 15, "dsv4_compressor_decode": 3,
+    # the layer GEMVs: wq_a + wkv, wq_b + the indexer's wq_b (CSA), the shared expert's w1 + w3 in pairs; wq_b (HCA),
+    # wo_b, w2 alone
+    assert calls == {"dsv4_hc_pre": 4, "dsv4_fp8_gemv_layer": 5, "dsv4_fp8_gemv_layer_pair": 5,
+                     "dsv4_compressor_decode": 3,
                      "dsv4_indexer_scores": 1, "dsv4_indexer_topk": 1, "dsv4_sparse_mla_decode": 2,
                      "dsv4_dequant_bf16_gemv": 2, "dsv4_route": 2, "dsv4_fp4_moe_gate_up": 2,
                      "dsv4_fp4_moe_down": 2}, calls  # fmt: skip
@@ -537,6 +540,43 @@ def test_gemv_layer_routes_lower_with_their_workspace(monkeypatch, rows, route, 
     monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "fast")
     with pytest.raises(ValueError, match="DSV4_FFI_GEMV_LAYER='fast'"):
         jax.jit(lambda *a: ffi_ops.fp8_gemv_layer(*a)).lower(jax.ShapeDtypeStruct((9, 256), jnp.bfloat16), *args[1:])
+
+
+@pytest.mark.parametrize("rows,knob,pairs", [(1, None, 1), (8, None, 1), (9, None, 0), (1, "separate", 0)])
+def test_fp8_linear_pair_shares_a_launch_up_to_8_rows(monkeypatch, rows, knob, pairs):
+    """`ops.fp8_linear_pair` on two layers of stacks at one index: one `dsv4_fp8_gemv_layer_pair` launch up to 8 rows,
+    two layer GEMVs beyond (the quantise-once route) or with DSV4_FFI_GEMV_PAIR=separate; plain weights (no stack)
+    two dense linears. Lowering only; the wrapper refuses rows and stacks the kernel cannot take, by name."""
+    from dsv4_jax.kernels import ffi_ops
+    from dsv4_jax.layer_view import LayerSlice
+
+    monkeypatch.setattr(registry, "_global_reason", lambda: (None, False))
+    if knob is None:
+        monkeypatch.delenv("DSV4_FFI_GEMV_PAIR", raising=False)
+    else:
+        monkeypatch.setenv("DSV4_FFI_GEMV_PAIR", knob)
+    x = jax.ShapeDtypeStruct((rows, 256), jnp.bfloat16)
+    w1, s1 = jax.ShapeDtypeStruct((3, 512, 256), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((3, 4, 2), jnp.float32)
+    w2, s2 = jax.ShapeDtypeStruct((3, 128, 256), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((3, 1, 2), jnp.float32)
+
+    def f(x, w1, s1, w2, s2, i):
+        sl = [LayerSlice(a, i) for a in (w1, s1, w2, s2)]
+        return ops.fp8_linear_pair(x, *sl, opts=ops.Opts(backend="ffi"))
+
+    out = jax.eval_shape(f, x, w1, s1, w2, s2, jnp.int32(1))
+    assert [o.shape for o in out] == [(rows, 512), (rows, 128)]
+    text = jax.jit(f).lower(x, w1, s1, w2, s2, jnp.int32(1)).as_text()
+    assert text.count("custom_call @dsv4_fp8_gemv_layer_pair") == pairs, text[-2000:]
+    assert text.count("custom_call @dsv4_fp8_gemv_layer(") == 2 - 2 * pairs, text[-2000:]
+    plain = jax.jit(lambda x, w1, s1, w2, s2: ops.fp8_linear_pair(x, w1[0], s1[0], w2[0], s2[0],
+                                                                  opts=ops.Opts(backend="ffi")))  # fmt: skip
+    if rows <= 8:  # (more rows than that take DeepGEMM, which has no instantiation for these shapes)
+        assert "dsv4_fp8_gemv_layer" not in plain.lower(x, w1, s1, w2, s2).as_text()
+    with pytest.raises(ValueError, match="9 rows, at most 8"):
+        jax.eval_shape(ffi_ops.fp8_gemv_layer_pair, jax.ShapeDtypeStruct((9, 256), jnp.bfloat16), w1, s1, w2, s2, 1)
+    with pytest.raises(ValueError, match="stacks"):
+        jax.eval_shape(ffi_ops.fp8_gemv_layer_pair, jax.ShapeDtypeStruct((1, 256), jnp.bfloat16), w1, s1,
+                       jax.ShapeDtypeStruct((2, 128, 256), w2.dtype), s2, 1)  # fmt: skip
 
 
 def test_grouped_dequant_rows_follow_the_grouping_and_the_kill_switch(monkeypatch):

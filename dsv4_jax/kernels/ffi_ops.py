@@ -57,6 +57,7 @@ __all__ = [
     "fp8_gemv",
     "fp8_gemv_pair",
     "fp8_gemv_layer",
+    "fp8_gemv_layer_pair",
     "GEMV_MAX_M",
     "GEMV_LAYER_MAX_M",
     "GEMV_QUANT_MODES",
@@ -91,6 +92,7 @@ HANDLERS = frozenset(
         "fp8_gemv",
         "fp8_gemv_pair",
         "fp8_gemv_layer",
+        "fp8_gemv_layer_pair",
         "fp4_gemv",
         "fp4_moe_gate_up",
         "fp4_moe_down",
@@ -530,6 +532,26 @@ def fp8_gemv_layer(x: jax.Array, w: jax.Array, s: jax.Array, layer) -> jax.Array
         ),
     )(x.astype(BF16), w, sm90_weight_scales(s), layer)
     return out
+
+
+def fp8_gemv_layer_pair(x: jax.Array, w1: jax.Array, s1: jax.Array, w2: jax.Array, s2: jax.Array, layer):
+    """`(fp8_gemv_layer(x, w1, s1, layer), fp8_gemv_layer(x, w2, s2, layer))` in one launch, bit-identical to the
+    two calls: `x` bf16 `[R, K]` with R <= GEMV_MAX_M (the fused route), two FP8 stacks `[L, N1, K]` and `[L, N2, K]`
+    with their scales. At batch 1 a small layer GEMV costs its launch's latency (~4.4 us on an H200), not its bytes:
+    the weights one input feeds share one."""
+    r, k = x.shape
+    if r > GEMV_MAX_M:
+        raise ValueError(f"fp8_gemv_layer_pair: {r} rows, at most {GEMV_MAX_M}")
+    if w1.shape[0] != w2.shape[0] or w1.shape[-1] != k or w2.shape[-1] != k:
+        raise ValueError(f"fp8_gemv_layer_pair: stacks {w1.shape} and {w2.shape} for rows {x.shape}: the weights "
+                         "must be [L, N, K] stacks of one L and the rows' K")  # fmt: skip
+    passes = -(-r // GEMV_MAX_M)
+    layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
+    out = (jax.ShapeDtypeStruct((r, w1.shape[-2]), BF16), jax.ShapeDtypeStruct((r, w2.shape[-2]), BF16))
+    y1, y2 = jax.ffi.ffi_call("dsv4_fp8_gemv_layer_pair", out)(
+        x.astype(BF16), w1, sm90_weight_scales(s1), w2, sm90_weight_scales(s2), layer
+    )
+    return y1, y2
 
 
 def fp8_gemv_pair(a, sfa, w1, s1, w3, s3, *, rows=None, groups=None) -> tuple[jax.Array, jax.Array]:

@@ -9,6 +9,10 @@ once, then one pass of up to 32 rows over the weights): no slice copy. Six full-
 H200 (then in passes of 8 rows): 12.34 ms per decode step against 12.70 / 12.72 ms with DeepGEMM on the slices
 (BENCHMARKS.md). `DSV4_FFI_LAYER_GEMV_MAX_M` (8 to 64, read at trace
 time) moves the bound; 8 turns it off.
+
+Two weights of a layer that one input feeds (`fp8_linear_pair`) share one launch of the layer GEMV up to 8 rows
+(`ffi_ops.fp8_gemv_layer_pair`): at batch 1 the small ones cost a launch's latency, not their bytes.
+`DSV4_FFI_GEMV_PAIR=separate` (read at trace time) launches them one by one.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops
-from dsv4_jax.layer_view import LayerSlice, materialize
+from dsv4_jax.layer_view import LayerSlice, materialize, stacks_and_index
 
-__all__ = ["fp8_linear", "fp8_linear_unsupported"]
+__all__ = ["fp8_linear", "fp8_linear_pair", "fp8_linear_unsupported"]
 
 LAYER_GEMV_DEFAULT_M = 32  # measured: see the module doc
 
@@ -75,3 +79,21 @@ def fp8_linear(x: jax.Array, w, s) -> jax.Array:
         y = ffi_ops.fp8_gemv(q, sfa, w.stack, stack_s, groups=groups)
         return y.reshape(*lead, w.shape[0])
     return ffi_ops.fp8_linear(x, materialize(w), materialize(s))
+
+
+def _pairs_share_a_launch() -> bool:
+    """Whether `fp8_linear_pair` reads both weights in one launch (default) or launches them one by one
+    (`DSV4_FFI_GEMV_PAIR=separate`: the A/B knob, read when the program is traced)."""
+    return os.environ.get("DSV4_FFI_GEMV_PAIR") != "separate"
+
+
+def fp8_linear_pair(x: jax.Array, w1, s1, w2, s2) -> tuple[jax.Array, jax.Array]:
+    """`(fp8_linear(x, w1, s1), fp8_linear(x, w2, s2))`, in one launch where both weights are layers of stacks at one
+    index and x has at most 8 rows (the fused layer GEMV's route; bit-identical to its two launches)."""
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k)
+    stacks, layer = stacks_and_index(w1, s1, w2, s2)
+    if layer is not None and x2.shape[0] <= ffi_ops.GEMV_MAX_M and _fused_quant() and _pairs_share_a_launch():
+        y1, y2 = ffi_ops.fp8_gemv_layer_pair(x2, *stacks, layer)
+        return y1.reshape(*lead, w1.shape[0]), y2.reshape(*lead, w2.shape[0])
+    return fp8_linear(x, w1, s1), fp8_linear(x, w2, s2)

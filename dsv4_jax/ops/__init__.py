@@ -15,6 +15,7 @@ from dsv4_jax.ops.linear import (
     f32_linear,
     fp4_linear,
     fp8_linear,
+    fp8_linear_pair,
     grouped_dequant_linear,
     sum_in_order,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "f32_linear",
     "fp4_linear",
     "fp8_linear",
+    "fp8_linear_pair",
     "grouped_dequant_linear",
     "hc_pre",
     "hc_split_mixes",

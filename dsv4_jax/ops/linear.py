@@ -18,8 +18,8 @@ from dsv4_jax.layer_view import materialize
 from dsv4_jax.ops import registry
 from dsv4_jax.rounding import to_bf16
 
-__all__ = ["fp8_linear", "fp4_linear", "bf16_linear", "f32_linear", "grouped_dequant_linear", "blockwise_gemm",
-           "sum_in_order"]  # fmt: skip
+__all__ = ["fp8_linear", "fp8_linear_pair", "fp4_linear", "bf16_linear", "f32_linear", "grouped_dequant_linear",
+           "blockwise_gemm", "sum_in_order"]  # fmt: skip
 
 F32 = jnp.float32
 
@@ -88,6 +88,26 @@ def _fp8_linear_supports(x, w, s, *, quant_sim: bool) -> str | None:
 
 fp8_linear = registry.register(
     "fp8_linear", _fp8_linear_reference, kernel="dsv4_jax.kernels.gemm:fp8_linear", supports=_fp8_linear_supports
+)
+
+
+def _fp8_linear_pair_reference(x, w1, s1, w2, s2, *, quant_sim: bool) -> tuple[jax.Array, jax.Array]:
+    """`(fp8_linear(x, w1, s1), fp8_linear(x, w2, s2))`: two FP8 weights one input feeds (wq_a and wkv; wq_b and the
+    indexer's wq_b; the shared expert's w1 and w3). One op so that a kernel can read both in one launch."""
+    return (_fp8_linear_reference(x, w1, s1, quant_sim=quant_sim),
+            _fp8_linear_reference(x, w2, s2, quant_sim=quant_sim))  # fmt: skip
+
+
+def _fp8_linear_pair_supports(x, w1, s1, w2, s2, *, quant_sim: bool) -> str | None:
+    first = _fp8_linear_supports(x, w1, s1, quant_sim=quant_sim)
+    return first or _fp8_linear_supports(x, w2, s2, quant_sim=quant_sim)
+
+
+fp8_linear_pair = registry.register(
+    "fp8_linear_pair",
+    _fp8_linear_pair_reference,
+    kernel="dsv4_jax.kernels.gemm:fp8_linear_pair",
+    supports=_fp8_linear_pair_supports,
 )
 
 

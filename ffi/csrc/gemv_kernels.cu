@@ -45,16 +45,17 @@ constexpr int kLaneBytes = 16;
 constexpr int kBlocksPerStep = 32 * kLaneBytes / 128;  // 128-wide K blocks covered by one warp step (4)
 
 // The block's segment and its expert g (group_ok false: out of range, the rows are written as zeros; g = 0 then).
-// Blocks past the first projection's segments compute the second: b, sfb and d switch to b2, sfb2, d2 (the gate/up
-// pair in one launch).
+// Blocks past the first projection's segments compute the second: b, sfb, d and n switch to b2, sfb2, d2, n2 (two
+// projections of the same rows in one launch: an expert's gate/up pair, or two layer weights of different N).
 template <int TB>
 __device__ __forceinline__ int64_t block_segment(int64_t out_rows, const int32_t* group_map, int64_t groups,
                                                  const uint8_t* __restrict__& b, const float* __restrict__& sfb,
-                                                 __nv_bfloat16* __restrict__& d, const uint8_t* b2, const float* sfb2,
-                                                 __nv_bfloat16* d2, int64_t* g, bool* group_ok) {
+                                                 __nv_bfloat16* __restrict__& d, int64_t& n, const uint8_t* b2,
+                                                 const float* sfb2, __nv_bfloat16* d2, int64_t n2, int64_t* g,
+                                                 bool* group_ok) {
   const int64_t segs = (out_rows + TB - 1) / TB;
   int64_t seg = blockIdx.y;
-  if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2;
+  if (seg >= segs) seg -= segs, b = b2, sfb = sfb2, d = d2, n = n2;
   *g = group_map != nullptr ? group_map[seg] : 0;
   *group_ok = *g >= 0 && *g < groups;
   if (!*group_ok) *g = 0;
@@ -67,13 +68,16 @@ gemv_fp8_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
                 int64_t sfa_kb_stride, const uint8_t* __restrict__ b, const float* __restrict__ sfb, int64_t groups,
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
                 __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
-                const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2) {
+                const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2,
+                int64_t n2) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_groups = static_cast<int>(blockDim.x / 32) / ksplit;
   const int rg = warp / ksplit, kc = warp % ksplit;
   int64_t g;
   bool group_ok;
-  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, n, b2, sfb2, d2, n2, &g, &group_ok);
+  // Block-uniform (before the barrier): the columns past the narrower projection's N have nothing to compute.
+  if (static_cast<int64_t>(blockIdx.x) * row_groups * kRowsPerWarp >= n) return;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kRowsPerWarp;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
@@ -274,7 +278,7 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
                 const int32_t* __restrict__ rows_map, const int32_t* __restrict__ group_map,
                 __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
                 const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2,
-                QxOut qo) {
+                int64_t n2, QxOut qo) {
   static_assert(TB >= 1 && TB <= 8 && (TB & (TB - 1)) == 0, "1, 2, 4 or 8 tokens per mma");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane / 4, q = lane % 4;
@@ -282,7 +286,9 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
   const int rg = warp / ksplit, kc = warp % ksplit;
   int64_t g;
   bool group_ok;
-  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, b2, sfb2, d2, &g, &group_ok);
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, n, b2, sfb2, d2, n2, &g, &group_ok);
+  // Block-uniform (before any barrier): the columns past the narrower projection's N have nothing to compute.
+  if (static_cast<int64_t>(blockIdx.x) * row_groups * kMmaRows >= n) return;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
 
@@ -404,7 +410,7 @@ gemv_mma_wide_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float*
   const int rg = warp / ksplit, kc = warp % ksplit;
   int64_t g;
   bool group_ok;
-  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, nullptr, nullptr, nullptr, &g,
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, n, nullptr, nullptr, nullptr, n, &g,
                                         &group_ok);
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
@@ -480,7 +486,9 @@ template <int TB>
 cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaStream_t stream) {
   const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
   const int64_t segs = (p.out_rows + TB - 1) / TB;
-  const auto columns = static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block);
+  const int64_t n2 = p.b2 != nullptr && p.n2 > 0 ? p.n2 : p.n;  // n2 = 0: the second projection has N too
+  const int64_t n_max = n2 > p.n ? n2 : p.n;
+  const auto columns = static_cast<unsigned>((n_max + cols_per_block - 1) / cols_per_block);
   const auto seg_blocks = static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs);
   const bool qx = p.x_bf16 != nullptr;
   const dim3 grid(columns, seg_blocks);
@@ -489,7 +497,7 @@ cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaSt
     kernel<<<grid, warps * 32, 0, stream>>>(
         a, p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups,
         p.rows_map, p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit,
-        static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), extra...);
+        static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), n2, extra...);
     return cudaGetLastError();
   };
   if (qx) return launch(gemv_mma_kernel<TB, true>, QxOut{static_cast<uint8_t*>(p.q_out), p.sfa_out});

@@ -334,6 +334,39 @@ ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
   return cuda_check(op, launch_gemv(ga, stream));
 }
 
+// Two layer stacks applied to the same rows in one launch (wq_a and wkv, wq_b and the indexer's wq_b, the shared
+// expert's w1 and w3: at batch 1 the small ones cost a launch's latency each, not their bytes): each output is what
+// dsv4_fp8_gemv_layer's fused route computes for its weight, bit for bit. The stacks share K, their layer count and
+// the layer index, not N. Fused route only (R <= kGemvMaxM rows, quantised inside the GEMV).
+ffi::Error GemvLayerPairImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b1,
+                             ffi::Buffer<ffi::F32> sfb1, ffi::AnyBuffer b2, ffi::Buffer<ffi::F32> sfb2,
+                             ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d1,
+                             ffi::ResultBuffer<ffi::BF16> d2) {
+  const std::string op = "dsv4_fp8_gemv_layer_pair";
+  if (b1.dimensions().size() != 3 || b2.dimensions().size() != 3 || dim(b1, 0) != dim(b2, 0))
+    return bad(op, "weights " + shape_str(b1) + " and " + shape_str(b2) + " are not layer stacks [L, N, K] of one L");
+  int64_t n1, n2, k, k2;
+  if (auto e = check_b(op, b1, sfb1, dim(b1, 0), &n1, &k); e.failure()) return e;
+  if (auto e = check_b(op, b2, sfb2, dim(b2, 0), &n2, &k2); e.failure()) return e;
+  if (k2 != k) return bad(op, "the weights differ in K: " + shape_str(b1) + " vs " + shape_str(b2));
+  if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
+  const int64_t r = dim(x, 0);
+  if (r > kGemvMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvMaxM));
+  const int64_t tb = gemv_tokens_per_block(r), segs = (r + tb - 1) / tb;
+  if (layer.element_count() != segs)
+    return bad(op, "layer must hold the layer index once per segment of " + std::to_string(tb) + " rows (" +
+                       std::to_string(segs) + "), has " + std::to_string(layer.element_count()));
+  if (d1->element_count() != r * n1 || d2->element_count() != r * n2)
+    return bad(op, "outputs " + shape_str(*d1) + ", " + shape_str(*d2) + " are not [R, N1], [R, N2]");
+  if (!aligned16(x.untyped_data()) || !aligned16(b1.untyped_data()) || !aligned16(b2.untyped_data()))
+    return bad(op, "buffers must be 16-byte aligned");
+  GemvArgs ga{nullptr, r, nullptr, 1, 1, b1.untyped_data(), sfb1.typed_data(), dim(b1, 0), nullptr,
+              layer.typed_data(), d1->untyped_data(), r, n1, k, int(tb)};
+  ga.x_bf16 = x.untyped_data();
+  ga.b2 = b2.untyped_data(), ga.sfb2 = sfb2.typed_data(), ga.d2 = d2->untyped_data(), ga.n2 = n2;
+  return cuda_check(op, launch_gemv(ga, stream));
+}
+
 ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,
                     ffi::Buffer<ffi::F32> sfb, ffi::Buffer<ffi::S32> rows_map, ffi::Buffer<ffi::S32> group_map,
                     ffi::ResultBuffer<ffi::BF16> d) {
@@ -370,6 +403,7 @@ using dsv4ffi::Fp8GemmImpl;
 using dsv4ffi::GemmContigImpl;
 using dsv4ffi::GemmMaskedImpl;
 using dsv4ffi::GemvImpl;
+using dsv4ffi::GemvLayerPairImpl;
 using dsv4ffi::GemvLayerImpl;
 using dsv4ffi::GemvPairImpl;
 using dsv4ffi::SwigluQuantImpl;
@@ -474,6 +508,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer, GemvLayerImpl,
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer_pair, GemvLayerPairImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
                               DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_pair, GemvPairImpl,

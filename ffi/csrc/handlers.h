@@ -25,6 +25,7 @@
   X(dsv4_fp8_gemv)           \
   X(dsv4_fp8_gemv_pair)      \
   X(dsv4_fp8_gemv_layer)     \
+  X(dsv4_fp8_gemv_layer_pair) \
   X(dsv4_fp4_gemv)           \
   X(dsv4_fp4_gemv_wg)        \
   X(dsv4_fp4_gemv_wg8)       \

@@ -226,11 +226,13 @@ struct GemvArgs {
   void* d;                // bf16 [out_rows, n]
   int64_t out_rows, n, k;
   int tokens_per_block;
-  // Optional second projection of the same shape, the same activation rows and groups (the gate/up pair of an expert
-  // MLP in one launch): d2 = a x b2^T with scales sfb2. Null: one projection.
+  // Optional second projection of the same activation rows, groups and K (the gate/up pair of an expert MLP, or two
+  // layer weights read by one input, in one launch): d2 [out_rows, n2] = a x b2^T with scales sfb2. Null: one
+  // projection. n2 = 0: N rows as the first (the tensor-core and CUDA-core kernels; the wide one takes no pair).
   const void* b2 = nullptr;
   const float* sfb2 = nullptr;
   void* d2 = nullptr;
+  int64_t n2 = 0;
   // Fused activation quantisation (the dense fp8_linear at decode: one launch instead of launch_quant_rows + GEMV):
   // set, the kernel reads bf16 rows x_bf16 [a_rows, k] and quantises them per 1x128 itself, bit-identically to
   // launch_quant_rows; `a` and `sfa` are not read. If q_out is set it also writes the quantised rows once, as
