@@ -185,16 +185,19 @@ def test_gemv_layer_wide_route_refuses_bad_workspaces(ffi):
 @pytest.mark.parametrize(
     "n1,n2,k", [(1024, 512, 4096), (32768, 8192, 1024), (2048, 2048, 4096), (512, 1024, 4096), (136, 520, 384)]
 )  # fmt: skip
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_gemv_layer_pair_matches_two_layer_gemvs(ffi, n1, n2, k, m):
+@pytest.mark.parametrize("m,route", [(1, "wide"), (3, "wide"), (8, "wide"), (16, "wide"), (24, "wide"), (40, "wide"),
+                                     (24, "passes")])  # fmt: skip
+def test_gemv_layer_pair_matches_two_layer_gemvs(ffi, n1, n2, k, m, route, monkeypatch):
     """`dsv4_fp8_gemv_layer_pair` (two stacks one input feeds, in one launch: wq_a + wkv, wq_b + the indexer's wq_b,
-    the shared expert's w1 + w3) against two `dsv4_fp8_gemv_layer` calls: bit-identical, either projection the
-    wider, N not a multiple of the block's columns, for a nonzero layer of a 3-layer stack."""
+    the shared expert's w1 + w3) against two `dsv4_fp8_gemv_layer` calls on the same route (up to 8 rows fused; beyond,
+    one quantisation then the wide GEMV, or passes of 8): bit-identical, either projection the wider, N not a multiple
+    of the block's columns, for a nonzero layer of a 3-layer stack."""
+    monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", route)
     keys = jax.random.split(jax.random.key(m * 13 + n1 + n2 + k), 3)
     x = rand_bf16(keys[0], (m, k))
     w1, s1 = rand_fp8_weight(keys[1], (3, n1, k))
     w2, s2 = rand_fp8_weight(keys[2], (3, n2, k))
-    pair, one = jax.jit(ffi.fp8_gemv_layer_pair), jax.jit(ffi.fp8_gemv_layer)
+    pair, one = jax.jit(lambda *a: ffi.fp8_gemv_layer_pair(*a)), jax.jit(lambda *a: ffi.fp8_gemv_layer(*a))
     for layer in (1, 2):
         poison()
         y1, y2 = (np.asarray(y).view(np.uint16) for y in pair(x, w1, s1, w2, s2, jnp.int32(layer)))
@@ -206,7 +209,7 @@ def test_gemv_layer_pair_matches_two_layer_gemvs(ffi, n1, n2, k, m):
 
 
 def test_gemv_layer_pair_refuses_mismatched_stacks(ffi):
-    """The handler names what does not match: stacks of different layer counts or K, more than 8 rows."""
+    """The handler names what does not match: stacks of different layer counts or K, more than 64 rows."""
     x = jnp.ones((2, 256), jnp.bfloat16)
     w, s = rand_fp8_weight(jax.random.key(0), (2, 256, 256))
     w3, s3 = rand_fp8_weight(jax.random.key(1), (3, 128, 256))
@@ -214,7 +217,8 @@ def test_gemv_layer_pair_refuses_mismatched_stacks(ffi):
 
     def call(x, w2, s2):
         out = (jax.ShapeDtypeStruct((x.shape[0], 256), jnp.bfloat16),
-               jax.ShapeDtypeStruct((x.shape[0], w2.shape[1]), jnp.bfloat16))  # fmt: skip
+               jax.ShapeDtypeStruct((x.shape[0], w2.shape[1]), jnp.bfloat16),
+               jax.ShapeDtypeStruct((0,), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((0,), jnp.float32))  # fmt: skip
         return jax.ffi.ffi_call("dsv4_fp8_gemv_layer_pair", out)(
             x, w, ffi.sm90_weight_scales(s), w2, ffi.sm90_weight_scales(s2), jnp.zeros((1,), jnp.int32)
         )[0].block_until_ready()
@@ -224,8 +228,8 @@ def test_gemv_layer_pair_refuses_mismatched_stacks(ffi):
         call(x, w3, s3)
     with pytest.raises(Exception, match="differ in K"):
         call(x, wk, sk)
-    with pytest.raises(Exception, match="at most 8"):
-        call(jnp.ones((9, 256), jnp.bfloat16), w, s)
+    with pytest.raises(Exception, match="at most 64"):
+        call(jnp.ones((65, 256), jnp.bfloat16), w, s)
 
 
 @pytest.mark.parametrize("knob,kernel", [("8", "dsv4_fp8_linear"), (None, "dsv4_fp8_gemv_layer")])

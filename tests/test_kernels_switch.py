@@ -207,7 +207,9 @@ def test_wrappers_call_only_exported_handlers():
     from dsv4_jax.kernels import ffi_ops
 
     exported = set(re.findall(r"X\((dsv4_\w+)\)", (FFI / "csrc" / "handlers.h").read_text()))
-    called = set(re.findall(r'ffi_call\(\s*"(dsv4_\w+)"', pathlib.Path(ffi_ops.__file__).read_text()))
+    called = set(
+        re.findall(r'(?:ffi_call|_gemv_layer_call)\(\s*"(dsv4_\w+)"', pathlib.Path(ffi_ops.__file__).read_text())
+    )
     assert "dsv4_fp8_gemv_pair" in called and called <= exported, called - exported
     assert {"dsv4_fp4_gemv", "dsv4_fp4_moe_gate_up", "dsv4_fp4_moe_down"} <= called
     assert ffi_ops.HANDLERS == called
@@ -542,11 +544,13 @@ def test_gemv_layer_routes_lower_with_their_workspace(monkeypatch, rows, route, 
         jax.jit(lambda *a: ffi_ops.fp8_gemv_layer(*a)).lower(jax.ShapeDtypeStruct((9, 256), jnp.bfloat16), *args[1:])
 
 
-@pytest.mark.parametrize("rows,knob,pairs", [(1, None, 1), (8, None, 1), (9, None, 0), (1, "separate", 0)])
-def test_fp8_linear_pair_shares_a_launch_up_to_8_rows(monkeypatch, rows, knob, pairs):
-    """`ops.fp8_linear_pair` on two layers of stacks at one index: one `dsv4_fp8_gemv_layer_pair` launch up to 8 rows,
-    two layer GEMVs beyond (the quantise-once route) or with DSV4_FFI_GEMV_PAIR=separate; plain weights (no stack)
-    two dense linears. Lowering only; the wrapper refuses rows and stacks the kernel cannot take, by name."""
+@pytest.mark.parametrize("rows,knob,pairs", [(1, None, 1), (8, None, 1), (9, None, 1), (32, None, 1),
+                                             (1, "separate", 0), (24, "separate", 0)])  # fmt: skip
+def test_fp8_linear_pair_shares_a_launch(monkeypatch, rows, knob, pairs):
+    """`ops.fp8_linear_pair` on two layers of stacks at one index: one `dsv4_fp8_gemv_layer_pair` launch wherever the
+    layer GEMV runs (up to 32 rows; beyond 8 with one quantisation workspace for both), two layer GEMVs with
+    DSV4_FFI_GEMV_PAIR=separate; plain weights (no stack) two dense linears. Lowering only; the wrapper refuses rows
+    and stacks the kernel cannot take, by name."""
     from dsv4_jax.kernels import ffi_ops
     from dsv4_jax.layer_view import LayerSlice
 
@@ -568,13 +572,14 @@ def test_fp8_linear_pair_shares_a_launch_up_to_8_rows(monkeypatch, rows, knob, p
     text = jax.jit(f).lower(x, w1, s1, w2, s2, jnp.int32(1)).as_text()
     assert text.count("custom_call @dsv4_fp8_gemv_layer_pair") == pairs, text[-2000:]
     assert text.count("custom_call @dsv4_fp8_gemv_layer(") == 2 - 2 * pairs, text[-2000:]
+    assert text.count(f"tensor<{rows}x256xf8E4M3FN>") == (0 if rows <= 8 else 2 - pairs), text[-2000:]  # workspaces
     plain = jax.jit(lambda x, w1, s1, w2, s2: ops.fp8_linear_pair(x, w1[0], s1[0], w2[0], s2[0],
                                                                   opts=ops.Opts(backend="ffi")))  # fmt: skip
     if rows <= 8:  # (more rows than that take DeepGEMM, which has no instantiation for these shapes)
         assert "dsv4_fp8_gemv_layer" not in plain.lower(x, w1, s1, w2, s2).as_text()
-    with pytest.raises(ValueError, match="9 rows, at most 8"):
-        jax.eval_shape(ffi_ops.fp8_gemv_layer_pair, jax.ShapeDtypeStruct((9, 256), jnp.bfloat16), w1, s1, w2, s2, 1)
-    with pytest.raises(ValueError, match="stacks"):
+    with pytest.raises(ValueError, match="65 rows, at most 64"):
+        jax.eval_shape(ffi_ops.fp8_gemv_layer_pair, jax.ShapeDtypeStruct((65, 256), jnp.bfloat16), w1, s1, w2, s2, 1)
+    with pytest.raises(ValueError, match="stack of one L"):
         jax.eval_shape(ffi_ops.fp8_gemv_layer_pair, jax.ShapeDtypeStruct((1, 256), jnp.bfloat16), w1, s1,
                        jax.ShapeDtypeStruct((2, 128, 256), w2.dtype), s2, 1)  # fmt: skip
 

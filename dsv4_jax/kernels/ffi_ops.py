@@ -509,49 +509,47 @@ def gemv_layer_route(rows: int) -> str:
     return v
 
 
+def _gemv_layer_call(target: str, x: jax.Array, weights, layer) -> tuple:
+    """The outputs `[R, N]` of `target` (`dsv4_fp8_gemv_layer` or its pair) for bf16 rows x against the layer stacks
+    `weights` ((w, s), ...), by the route `gemv_layer_route(R)` picks (the workspace selects it)."""
+    r, k = x.shape
+    if r > GEMV_LAYER_MAX_M:
+        raise ValueError(f"{target[5:]}: {r} rows, at most {GEMV_LAYER_MAX_M}")
+    for w, _ in weights:
+        if w.ndim != 3 or w.shape[0] != weights[0][0].shape[0] or w.shape[-1] != k:
+            raise ValueError(f"{target[5:]}: weights {[w.shape for w, _ in weights]} for rows {x.shape}: each must be "
+                             "an [L, N, K] stack of one L and the rows' K")  # fmt: skip
+    route = gemv_layer_route(r)
+    per_pass = {"fused": GEMV_MAX_M, "passes": GEMV_MAX_M, "wide": 16 if r <= 16 else 32}[route]
+    passes = -(-r // per_pass)
+    layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
+    wide = route == "wide"
+    outs = jax.ffi.ffi_call(
+        target,
+        (
+            *(jax.ShapeDtypeStruct((r, w.shape[-2]), BF16) for w, _ in weights),
+            jax.ShapeDtypeStruct((r, k) if wide else (0,), E4M3),  # the workspace: empty selects the fused GEMV
+            jax.ShapeDtypeStruct((k // 128, _round_up(r, 4)) if wide else (0,), F32),
+        ),
+    )(x.astype(BF16), *(a for w, s in weights for a in (w, sm90_weight_scales(s))), layer)
+    return tuple(outs[: len(weights)])
+
+
 def fp8_gemv_layer(x: jax.Array, w: jax.Array, s: jax.Array, layer) -> jax.Array:
     """bf16 `[R, K]` (R <= 64) x layer `layer` (an int32 scalar, read on the device) of an FP8 weight stack e4m3
     `[L, N, K]` with f32 (or UE8M0) scales `[L, N/128, K/128]` -> bf16 `[R, N]`, quant_sim numerics, bit-identical to
     `act_quant_rows` then `fp8_gemv`. Up to 8 rows: one launch, the rows quantised inside the GEMV. More rows
     (`gemv_layer_route`): "wide", our quantisation kernel into a workspace, then one pass over the weights per 32 rows
     (16 when R <= 16); "passes", the one-launch GEMV in passes of 8 rows. The layer index is passed once per pass."""
-    r, k = x.shape
-    if r > GEMV_LAYER_MAX_M:
-        raise ValueError(f"fp8_gemv_layer: {r} rows, at most {GEMV_LAYER_MAX_M}")
-    route = gemv_layer_route(r)
-    per_pass = {"fused": GEMV_MAX_M, "passes": GEMV_MAX_M, "wide": 16 if r <= 16 else 32}[route]
-    passes = -(-r // per_pass)
-    layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
-    wide = route == "wide"
-    out, _, _ = jax.ffi.ffi_call(
-        "dsv4_fp8_gemv_layer",
-        (
-            jax.ShapeDtypeStruct((r, w.shape[-2]), BF16),
-            jax.ShapeDtypeStruct((r, k) if wide else (0,), E4M3),  # the workspace: empty selects the fused GEMV
-            jax.ShapeDtypeStruct((k // 128, _round_up(r, 4)) if wide else (0,), F32),
-        ),
-    )(x.astype(BF16), w, sm90_weight_scales(s), layer)
-    return out
+    return _gemv_layer_call("dsv4_fp8_gemv_layer", x, ((w, s),), layer)[0]
 
 
 def fp8_gemv_layer_pair(x: jax.Array, w1: jax.Array, s1: jax.Array, w2: jax.Array, s2: jax.Array, layer):
-    """`(fp8_gemv_layer(x, w1, s1, layer), fp8_gemv_layer(x, w2, s2, layer))` in one launch, bit-identical to the
-    two calls: `x` bf16 `[R, K]` with R <= GEMV_MAX_M (the fused route), two FP8 stacks `[L, N1, K]` and `[L, N2, K]`
-    with their scales. At batch 1 a small layer GEMV costs its launch's latency (~4.4 us on an H200), not its bytes:
-    the weights one input feeds share one."""
-    r, k = x.shape
-    if r > GEMV_MAX_M:
-        raise ValueError(f"fp8_gemv_layer_pair: {r} rows, at most {GEMV_MAX_M}")
-    if w1.shape[0] != w2.shape[0] or w1.shape[-1] != k or w2.shape[-1] != k:
-        raise ValueError(f"fp8_gemv_layer_pair: stacks {w1.shape} and {w2.shape} for rows {x.shape}: the weights "
-                         "must be [L, N, K] stacks of one L and the rows' K")  # fmt: skip
-    passes = -(-r // GEMV_MAX_M)
-    layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
-    out = (jax.ShapeDtypeStruct((r, w1.shape[-2]), BF16), jax.ShapeDtypeStruct((r, w2.shape[-2]), BF16))
-    y1, y2 = jax.ffi.ffi_call("dsv4_fp8_gemv_layer_pair", out)(
-        x.astype(BF16), w1, sm90_weight_scales(s1), w2, sm90_weight_scales(s2), layer
-    )
-    return y1, y2
+    """`(fp8_gemv_layer(x, w1, s1, layer), fp8_gemv_layer(x, w2, s2, layer))` in one launch (and one quantisation of
+    the rows on the wide route), bit-identical to the two calls: two FP8 stacks `[L, N1, K]` and `[L, N2, K]` with
+    their scales. At batch 1 a small layer GEMV costs its launch's latency (~4.4 us on an H200), not its bytes: the
+    weights one input feeds share one."""
+    return _gemv_layer_call("dsv4_fp8_gemv_layer_pair", x, ((w1, s1), (w2, s2)), layer)
 
 
 def fp8_gemv_pair(a, sfa, w1, s1, w3, s3, *, rows=None, groups=None) -> tuple[jax.Array, jax.Array]:

@@ -10,8 +10,9 @@ H200 (then in passes of 8 rows): 12.34 ms per decode step against 12.70 / 12.72 
 (BENCHMARKS.md). `DSV4_FFI_LAYER_GEMV_MAX_M` (8 to 64, read at trace
 time) moves the bound; 8 turns it off.
 
-Two weights of a layer that one input feeds (`fp8_linear_pair`) share one launch of the layer GEMV up to 8 rows
-(`ffi_ops.fp8_gemv_layer_pair`): at batch 1 the small ones cost a launch's latency, not their bytes.
+Two weights of a layer that one input feeds (`fp8_linear_pair`) share one launch of the layer GEMV (and one
+quantisation of the rows beyond 8; `ffi_ops.fp8_gemv_layer_pair`): at batch 1 the small ones cost a launch's latency,
+not their bytes.
 `DSV4_FFI_GEMV_PAIR=separate` (read at trace time) launches them one by one.
 """
 
@@ -89,11 +90,11 @@ def _pairs_share_a_launch() -> bool:
 
 def fp8_linear_pair(x: jax.Array, w1, s1, w2, s2) -> tuple[jax.Array, jax.Array]:
     """`(fp8_linear(x, w1, s1), fp8_linear(x, w2, s2))`, in one launch where both weights are layers of stacks at one
-    index and x has at most 8 rows (the fused layer GEMV's route; bit-identical to its two launches)."""
+    index and both would take the layer GEMV (bit-identical to its two launches)."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     stacks, layer = stacks_and_index(w1, s1, w2, s2)
-    if layer is not None and x2.shape[0] <= ffi_ops.GEMV_MAX_M and _fused_quant() and _pairs_share_a_launch():
+    if layer is not None and _to_layer_gemv(w1, x2.shape[0]) and _pairs_share_a_launch():
         y1, y2 = ffi_ops.fp8_gemv_layer_pair(x2, *stacks, layer)
         return y1.reshape(*lead, w1.shape[0]), y2.reshape(*lead, w2.shape[0])
     return fp8_linear(x, w1, s1), fp8_linear(x, w2, s2)

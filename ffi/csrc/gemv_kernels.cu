@@ -396,13 +396,16 @@ gemv_mma_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __re
 // of the activations equalled the weights' on every pass (at batch 32, 4 passes: 1.13 ms of a six-layer step's 6.6
 // ms of kernel time, ~3.3x the one-pass time). Here the weights are read once per launch and each 16-row weight tile
 // reads its segment's 16 or 32 FP8 activation rows from L2 once. Per token the products, the per-block scaling and
-// the K-split reduction are those of gemv_mma_kernel: the same output bits. No rows map, one projection.
+// the K-split reduction are those of gemv_mma_kernel: the same output bits. No rows map; a second projection of the
+// same rows as gemv_mma_kernel's (b2, sfb2, d2, n2).
 template <int NT>
 __global__ void __launch_bounds__(kWarps * 32, 1)  // 1: NT = 2 spilt at the 128 registers ptxas chose
 gemv_mma_wide_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float* __restrict__ sfa,
                      int64_t sfa_row_stride, int64_t sfa_kb_stride, const uint8_t* __restrict__ b,
                      const float* __restrict__ sfb, int64_t groups, const int32_t* __restrict__ group_map,
-                     __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit) {
+                     __nv_bfloat16* __restrict__ d, int64_t out_rows, int64_t n, int64_t k, int ksplit,
+                     const uint8_t* __restrict__ b2, const float* __restrict__ sfb2, __nv_bfloat16* __restrict__ d2,
+                     int64_t n2) {
   constexpr int TB = 8 * NT;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gq = lane / 4, q = lane % 4;
@@ -410,8 +413,8 @@ gemv_mma_wide_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float*
   const int rg = warp / ksplit, kc = warp % ksplit;
   int64_t g;
   bool group_ok;
-  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, n, nullptr, nullptr, nullptr, n, &g,
-                                        &group_ok);
+  const int64_t seg = block_segment<TB>(out_rows, group_map, groups, b, sfb, d, n, b2, sfb2, d2, n2, &g, &group_ok);
+  if (static_cast<int64_t>(blockIdx.x) * row_groups * kMmaRows >= n) return;  // block-uniform, as gemv_mma_kernel
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kMmaRows;
   const int64_t kblocks = k / 128, nblocks = (n + 127) / 128;
   auto act_row = [&](int t) -> int64_t {
@@ -556,15 +559,18 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   int warps = kWarps;
   if (const char* v = std::getenv("DSV4_FFI_GEMV_WARPS"); v != nullptr && std::atoi(v) == 4) warps = 4;
   if (ksplit > warps) ksplit = warps;
-  if (wide) {  // e4m3 rows, no rows map, one projection
-    if (p.x_bf16 != nullptr || p.rows_map != nullptr || p.b2 != nullptr) return cudaErrorInvalidValue;
+  if (wide) {  // e4m3 rows, no rows map
+    if (p.x_bf16 != nullptr || p.rows_map != nullptr) return cudaErrorInvalidValue;
     const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * kMmaRows;
     const int64_t segs = (p.out_rows + p.tokens_per_block - 1) / p.tokens_per_block;
-    const dim3 grid(static_cast<unsigned>((p.n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(segs));
+    const int64_t n2 = p.b2 != nullptr && p.n2 > 0 ? p.n2 : p.n, n_max = n2 > p.n ? n2 : p.n;
+    const dim3 grid(static_cast<unsigned>((n_max + cols_per_block - 1) / cols_per_block),
+                    static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs));
     auto* kernel = p.tokens_per_block == 16 ? gemv_mma_wide_kernel<2> : gemv_mma_wide_kernel<4>;
-    kernel<<<grid, warps * 32, 0, stream>>>(static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride,
-                                           p.sfa_kb_stride, static_cast<const uint8_t*>(p.b), p.sfb, p.groups,
-                                           p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows, p.n, p.k, ksplit);
+    kernel<<<grid, warps * 32, 0, stream>>>(
+        static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
+        static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows,
+        p.n, p.k, ksplit, static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), n2);
     return cudaGetLastError();
   }
   switch (p.tokens_per_block) {

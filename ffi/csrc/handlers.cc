@@ -293,14 +293,23 @@ ffi::Error gemv_args(const std::string& op, const ffi::AnyBuffer& a, const ffi::
 //     the dense fp8_linear's fused path); rows beyond 8 form segments of 8, one pass over the weights each;
 //   * q [R, K] e4m3 and sfa [K/128, >= R] (9..64 rows): the rows quantised once into the workspace, then the wide
 //     GEMV: segments of 16 or 32 rows, one pass each (at most two passes).
-// `layer` holds the index once per segment: it is the group map.
-ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb,
-                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d, ffi::Result<ffi::AnyBuffer> q,
-                         ffi::ResultBuffer<ffi::F32> sfa) {
-  const std::string op = "dsv4_fp8_gemv_layer";
+// `layer` holds the index once per segment: it is the group map. With b2 (dsv4_fp8_gemv_layer_pair) a second stack
+// of the same layer count and K, any N, is applied to the same rows in the same launch (the rows quantised once):
+// each output bit-identical to its own call.
+ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ffi::BF16>& x, ffi::AnyBuffer& b,
+                      ffi::Buffer<ffi::F32>& sfb, ffi::AnyBuffer* b2, ffi::Buffer<ffi::F32>* sfb2,
+                      ffi::Buffer<ffi::S32>& layer, ffi::ResultBuffer<ffi::BF16>& d, ffi::ResultBuffer<ffi::BF16>* d2,
+                      ffi::Result<ffi::AnyBuffer>& q, ffi::ResultBuffer<ffi::F32>& sfa) {
   if (b.dimensions().size() != 3) return bad(op, "weight " + shape_str(b) + " is not a layer stack [L, N, K]");
-  int64_t n, k;
+  int64_t n, k, n2 = 0;
   if (auto e = check_b(op, b, sfb, dim(b, 0), &n, &k); e.failure()) return e;
+  if (b2 != nullptr) {
+    if (b2->dimensions().size() != 3 || dim(*b2, 0) != dim(b, 0))
+      return bad(op, "weights " + shape_str(b) + " and " + shape_str(*b2) + " are not layer stacks of one L");
+    int64_t k2;
+    if (auto e = check_b(op, *b2, *sfb2, dim(*b2, 0), &n2, &k2); e.failure()) return e;
+    if (k2 != k) return bad(op, "the weights differ in K: " + shape_str(b) + " vs " + shape_str(*b2));
+  }
   if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
   const int64_t r = dim(x, 0);
   if (r > kGemvLayerMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvLayerMaxM));
@@ -316,12 +325,16 @@ ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
   if (layer.element_count() != segs)
     return bad(op, "layer must hold the layer index once per segment of " + std::to_string(tb) + " rows (" +
                        std::to_string(segs) + "), has " + std::to_string(layer.element_count()));
-  if (d->element_count() != r * n) return bad(op, "output " + shape_str(*d) + " is not [R, N]");
-  if (!aligned16(x.untyped_data()) || !aligned16(b.untyped_data()) || (wide && !aligned16(q->untyped_data())))
+  if (d->element_count() != r * n || (d2 != nullptr && (*d2)->element_count() != r * n2))
+    return bad(op, "output " + shape_str(*d) + (d2 != nullptr ? " / " + shape_str(**d2) : "") + " is not [R, N]");
+  if (!aligned16(x.untyped_data()) || !aligned16(b.untyped_data()) ||
+      (b2 != nullptr && !aligned16(b2->untyped_data())) || (wide && !aligned16(q->untyped_data())))
     return bad(op, "buffers must be 16-byte aligned");
+  GemvArgs ga{nullptr, r, nullptr, 1, 1, b.untyped_data(), sfb.typed_data(), dim(b, 0), nullptr, layer.typed_data(),
+              d->untyped_data(), r, n, k, int(tb)};
+  if (b2 != nullptr) ga.b2 = b2->untyped_data(), ga.sfb2 = sfb2->typed_data(), ga.d2 = (*d2)->untyped_data();
+  ga.n2 = n2;
   if (!wide) {
-    GemvArgs ga{nullptr, r, nullptr, 1, 1, b.untyped_data(), sfb.typed_data(), dim(b, 0), nullptr, layer.typed_data(),
-                d->untyped_data(), r, n, k, int(tb)};
     ga.x_bf16 = x.untyped_data();
     return cuda_check(op, launch_gemv(ga, stream));
   }
@@ -329,42 +342,25 @@ ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Any
                                                 r, pitch, stream));
       e.failure())
     return e;
-  GemvArgs ga{q->untyped_data(), r, sfa->typed_data(), 1, pitch, b.untyped_data(), sfb.typed_data(), dim(b, 0),
-              nullptr, layer.typed_data(), d->untyped_data(), r, n, k, int(tb)};
+  ga.a = q->untyped_data(), ga.sfa = sfa->typed_data(), ga.sfa_kb_stride = pitch;
   return cuda_check(op, launch_gemv(ga, stream));
 }
 
-// Two layer stacks applied to the same rows in one launch (wq_a and wkv, wq_b and the indexer's wq_b, the shared
-// expert's w1 and w3: at batch 1 the small ones cost a launch's latency each, not their bytes): each output is what
-// dsv4_fp8_gemv_layer's fused route computes for its weight, bit for bit. The stacks share K, their layer count and
-// the layer index, not N. Fused route only (R <= kGemvMaxM rows, quantised inside the GEMV).
+ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb,
+                         ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d, ffi::Result<ffi::AnyBuffer> q,
+                         ffi::ResultBuffer<ffi::F32> sfa) {
+  return gemv_layer("dsv4_fp8_gemv_layer", stream, x, b, sfb, nullptr, nullptr, layer, d, nullptr, q, sfa);
+}
+
+// Two layer stacks one input feeds, in one launch (wq_a and wkv, wq_b and the indexer's wq_b, the shared expert's w1
+// and w3: at batch 1 the small ones cost a launch's latency each, not their bytes); the routes of
+// dsv4_fp8_gemv_layer.
 ffi::Error GemvLayerPairImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b1,
                              ffi::Buffer<ffi::F32> sfb1, ffi::AnyBuffer b2, ffi::Buffer<ffi::F32> sfb2,
                              ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d1,
-                             ffi::ResultBuffer<ffi::BF16> d2) {
-  const std::string op = "dsv4_fp8_gemv_layer_pair";
-  if (b1.dimensions().size() != 3 || b2.dimensions().size() != 3 || dim(b1, 0) != dim(b2, 0))
-    return bad(op, "weights " + shape_str(b1) + " and " + shape_str(b2) + " are not layer stacks [L, N, K] of one L");
-  int64_t n1, n2, k, k2;
-  if (auto e = check_b(op, b1, sfb1, dim(b1, 0), &n1, &k); e.failure()) return e;
-  if (auto e = check_b(op, b2, sfb2, dim(b2, 0), &n2, &k2); e.failure()) return e;
-  if (k2 != k) return bad(op, "the weights differ in K: " + shape_str(b1) + " vs " + shape_str(b2));
-  if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
-  const int64_t r = dim(x, 0);
-  if (r > kGemvMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvMaxM));
-  const int64_t tb = gemv_tokens_per_block(r), segs = (r + tb - 1) / tb;
-  if (layer.element_count() != segs)
-    return bad(op, "layer must hold the layer index once per segment of " + std::to_string(tb) + " rows (" +
-                       std::to_string(segs) + "), has " + std::to_string(layer.element_count()));
-  if (d1->element_count() != r * n1 || d2->element_count() != r * n2)
-    return bad(op, "outputs " + shape_str(*d1) + ", " + shape_str(*d2) + " are not [R, N1], [R, N2]");
-  if (!aligned16(x.untyped_data()) || !aligned16(b1.untyped_data()) || !aligned16(b2.untyped_data()))
-    return bad(op, "buffers must be 16-byte aligned");
-  GemvArgs ga{nullptr, r, nullptr, 1, 1, b1.untyped_data(), sfb1.typed_data(), dim(b1, 0), nullptr,
-              layer.typed_data(), d1->untyped_data(), r, n1, k, int(tb)};
-  ga.x_bf16 = x.untyped_data();
-  ga.b2 = b2.untyped_data(), ga.sfb2 = sfb2.typed_data(), ga.d2 = d2->untyped_data(), ga.n2 = n2;
-  return cuda_check(op, launch_gemv(ga, stream));
+                             ffi::ResultBuffer<ffi::BF16> d2, ffi::Result<ffi::AnyBuffer> q,
+                             ffi::ResultBuffer<ffi::F32> sfa) {
+  return gemv_layer("dsv4_fp8_gemv_layer_pair", stream, x, b1, sfb1, &b2, &sfb2, layer, d1, &d2, q, sfa);
 }
 
 ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,
@@ -519,7 +515,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer_pair, GemvLayerPairImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>(),
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>(),
                               DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_pair, GemvPairImpl,

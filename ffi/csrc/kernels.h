@@ -228,7 +228,7 @@ struct GemvArgs {
   int tokens_per_block;
   // Optional second projection of the same activation rows, groups and K (the gate/up pair of an expert MLP, or two
   // layer weights read by one input, in one launch): d2 [out_rows, n2] = a x b2^T with scales sfb2. Null: one
-  // projection. n2 = 0: N rows as the first (the tensor-core and CUDA-core kernels; the wide one takes no pair).
+  // projection. n2 = 0: N rows as the first.
   const void* b2 = nullptr;
   const float* sfb2 = nullptr;
   void* d2 = nullptr;
