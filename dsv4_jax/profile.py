@@ -74,6 +74,14 @@ def _part(op_name: str) -> str:
     return "other"
 
 
+def _short_op(op_name: str | None) -> str:
+    """An op_name without its jit / loop-body prefix ("jit(_decode)/while/body/eval_jaxpr/attention/concatenate" ->
+    "attention/concatenate"); "" for none."""
+    if not op_name:
+        return ""
+    return re.sub(r"^(?:jit\([^)]*\)/|while/body/|eval_jaxpr/|closed_call/)+", "", op_name)[-100:]
+
+
 def _busy_ns(events) -> float:
     """Time at least one kernel ran (overlapping kernels counted once)."""
     spans = sorted((s, s + d) for *_, s, d in events)
@@ -94,7 +102,7 @@ def _breakdown(hlo_text: str, run, steps: int, top: int) -> dict:
     per = steps * max(len(devices), 1)  # every figure is per step and per device (the mean over the devices)
     kernel_names = {k.replace(".", "_"): v for k, v in names.items()}
     by_part: dict[str, float] = {}
-    by_kernel: dict[tuple[str, str], list[float]] = {}
+    by_kernel: dict[tuple[str, str], list] = {}
     unmapped: dict[str, str] = {}
     for _, name, op, _, dur in events:
         op_name = _op_name(names, kernel_names, name, op)
@@ -102,7 +110,8 @@ def _breakdown(hlo_text: str, run, steps: int, top: int) -> dict:
         if op_name is None and len(unmapped) < 8:
             unmapped[name[:60]] = op
         by_part[part] = by_part.get(part, 0.0) + dur / 1e6 / per
-        k = by_kernel.setdefault((part, name[:120]), [0.0, 0.0])
+        # the op path without the jit / loop prefix: what an XLA fusion computes ("attention/concatenate")
+        k = by_kernel.setdefault((part, name[:120]), [0.0, 0.0, _short_op(op_name)])
         k[0] += 1 / per
         k[1] += dur / 1e6 / per
     ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]
@@ -115,7 +124,7 @@ def _breakdown(hlo_text: str, run, steps: int, top: int) -> dict:
         "kernels_per_step": len(events) / per,
         "devices": len(devices),
         "by_part": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
-        "top_kernels": [(part, name, round(n, 2), ms) for (part, name), (n, ms) in ranked],
+        "top_kernels": [(part, name, round(n, 2), ms, op) for (part, name), (n, ms, op) in ranked],
         "unmapped": unmapped,  # kernel -> its hlo_op, for kernels whose op has no named-scope metadata
     }
 
@@ -133,7 +142,8 @@ def decode_breakdown(state, cache, tokens, *, opts, steps: int = 5, top: int = 1
                      hlo_path: str | None = None) -> dict:  # fmt: skip
     """Profiles `steps` decode steps (after a warm-up) -> per-step milliseconds: wall (`step_ms`), device busy
     (`kernel_ms`), the rest (`overhead_ms`), kernel time by model part (`by_part`), kernels per step, and the `top`
-    kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step). Device figures are per device
+    kernels by time (`top_kernels`: part, kernel name, launches per step, ms per step, the op path that launched it,
+    e.g. "attention/concatenate" for an XLA fusion). Device figures are per device
     (the mean over the devices that ran kernels, e.g. the two GPUs of an expert-parallel mesh). Custom-call kernels
     launched inside XLA command buffers carry no op name: their part is "custom call". `hlo_path`: also write the
     compiled program's text there (to read which fusions the kernels are). The result's "cache" is the cache after
