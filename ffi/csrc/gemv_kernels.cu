@@ -485,13 +485,19 @@ gemv_mma_wide_kernel(const uint8_t* __restrict__ a, int64_t a_rows, const float*
                         out_rows, n);
 }
 
+// N of the second projection (GemvArgs::n2 = 0: the first's N) and the grid's block columns: enough for the wider.
+int64_t second_n(const GemvArgs& p) { return p.b2 != nullptr && p.n2 > 0 ? p.n2 : p.n; }
+unsigned grid_columns(const GemvArgs& p, int64_t cols_per_block) {
+  const int64_t n2 = second_n(p), n_max = n2 > p.n ? n2 : p.n;
+  return static_cast<unsigned>((n_max + cols_per_block - 1) / cols_per_block);
+}
+
 template <int TB>
 cudaError_t launch_tb(const GemvArgs& p, bool mma, int warps, int ksplit, cudaStream_t stream) {
   const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * (mma ? kMmaRows : kRowsPerWarp);
   const int64_t segs = (p.out_rows + TB - 1) / TB;
-  const int64_t n2 = p.b2 != nullptr && p.n2 > 0 ? p.n2 : p.n;  // n2 = 0: the second projection has N too
-  const int64_t n_max = n2 > p.n ? n2 : p.n;
-  const auto columns = static_cast<unsigned>((n_max + cols_per_block - 1) / cols_per_block);
+  const int64_t n2 = second_n(p);
+  const unsigned columns = grid_columns(p, cols_per_block);
   const auto seg_blocks = static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs);
   const bool qx = p.x_bf16 != nullptr;
   const dim3 grid(columns, seg_blocks);
@@ -563,14 +569,12 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
     if (p.x_bf16 != nullptr || p.rows_map != nullptr) return cudaErrorInvalidValue;
     const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * kMmaRows;
     const int64_t segs = (p.out_rows + p.tokens_per_block - 1) / p.tokens_per_block;
-    const int64_t n2 = p.b2 != nullptr && p.n2 > 0 ? p.n2 : p.n, n_max = n2 > p.n ? n2 : p.n;
-    const dim3 grid(static_cast<unsigned>((n_max + cols_per_block - 1) / cols_per_block),
-                    static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs));
+    const dim3 grid(grid_columns(p, cols_per_block), static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs));
     auto* kernel = p.tokens_per_block == 16 ? gemv_mma_wide_kernel<2> : gemv_mma_wide_kernel<4>;
     kernel<<<grid, warps * 32, 0, stream>>>(
         static_cast<const uint8_t*>(p.a), p.a_rows, p.sfa, p.sfa_row_stride, p.sfa_kb_stride,
         static_cast<const uint8_t*>(p.b), p.sfb, p.groups, p.group_map, static_cast<__nv_bfloat16*>(p.d), p.out_rows,
-        p.n, p.k, ksplit, static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), n2);
+        p.n, p.k, ksplit, static_cast<const uint8_t*>(p.b2), p.sfb2, static_cast<__nv_bfloat16*>(p.d2), second_n(p));
     return cudaGetLastError();
   }
   switch (p.tokens_per_block) {
