@@ -2,7 +2,9 @@
 4096 -> 2048 -> 4096, top-6 random routing, rows sorted by expert as `moe.dispatch` leaves them) through the two
 kernel routes of `dsv4_jax.kernels.moe_fp4`, timed on the GPU:
 
-  * grouped: the layer's MXFP4 weights widened to FP8 blocks (`quant.fp4_to_fp8_blocks`), then the m-grouped
+  * fused: our one-pass kernel (`ffi_ops.fp4_grouped`: gate and up in one launch, SwiGLU + requantization, down),
+    on the weights as stored and in the slab layout `prepare_params` gives gate/up on SM90;
+  * widen: the layer's MXFP4 weights widened to FP8 blocks (`quant.fp4_to_fp8_blocks`), then the m-grouped
     contiguous DeepGEMM GEMMs of the FP8 experts; also its two parts alone (the widening; the GEMMs on weights widened
     beforehand = the landed FP8-expert path on the same shape);
   * gemv: the decode kernels (each expert's weights read once per 8 of its rows).
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_kernels import bench_dense_gemm, ceilings, ffi_env, fp4_weight, result_row, timed
 
+from dsv4_jax import quant
 from dsv4_jax.kernels import ffi_ops, moe_fp4, moe_fp8
 
 E, D, I, TOPK = 256, 4096, 2048, 6  # V4-Flash routed experts
@@ -49,12 +52,12 @@ def dispatched(key, tokens: int):
     return x, jnp.asarray(idx[order].astype(np.int32)), w, jnp.asarray(gs)
 
 
-def route(min_rows: str):
-    """The kernel side jitted under a DSV4_FFI_FP4_GROUPED_MIN_ROWS setting (read when it is traced)."""
+def route(min_rows: str, prefill: str = "fused"):
+    """The kernel side jitted under DSV4_FFI_FP4_GROUPED_MIN_ROWS and DSV4_FFI_FP4_PREFILL (read when traced)."""
     fn = jax.jit(lambda x, e, w, gs, ws: moe_fp4.routed_experts(x, e, w, gs, ws, LIMIT))
 
     def run(*args):
-        with ffi_env("DSV4_FFI_FP4_GROUPED_MIN_ROWS", min_rows):
+        with ffi_env("DSV4_FFI_FP4_GROUPED_MIN_ROWS", min_rows), ffi_env("DSV4_FFI_FP4_PREFILL", prefill):
             return fn(*args)
 
     return run
@@ -73,6 +76,7 @@ def main():
     bench_dense_gemm(rows, 8192, 4096, 4096, bw, fp8)
     dense = rows[-1]["tflops"] * 1e12
     ws = layer(jax.random.key(0))
+    slabs = (*quant.fp4_to_slabs(*ws[:2]), *quant.fp4_to_slabs(*ws[2:4]), *ws[4:])
     fp4_bytes = sum(a.nbytes for a in ws)
     widen = jax.jit(moe_fp4.widen_experts)
     t_widen = timed(widen, ws, reps=4)
@@ -87,14 +91,18 @@ def main():
         flops = 6 * r * I * D
         shape = f"T={tokens} rows={r}"
         t = {
-            "grouped (widen + GEMMs)": timed(route("1"), x, ex, w, gs, ws, reps=3),
+            "fused": timed(route("1"), x, ex, w, gs, ws, reps=3),
+            "fused, gate/up in slabs": timed(route("1"), x, ex, w, gs, slabs, reps=3),
+            "grouped (widen + GEMMs)": timed(route("1", "widen"), x, ex, w, gs, ws, reps=3),
             "  GEMMs alone (FP8-expert path)": timed(gemms, x, ex, w, gs, wide, reps=3),
             "gemv": timed(route("0"), x, ex, w, gs, ws, reps=2 if tokens > 2048 else 4),
         }
         for name, v in t.items():
             rows.append(result_row(f"fp4 experts {name}", shape, v, float("nan"), flops, fp4_bytes, bw, fp8))
-        g = t["grouped (widen + GEMMs)"]
-        print(f"  {shape}: grouped {g * 1e3:.2f} ms = {flops / g / 1e12:.0f} TFLOP/s ({100 * flops / g / fp8:.0f}% of "
+        f, g = t["fused"], t["grouped (widen + GEMMs)"]
+        print(f"  {shape}: fused {f * 1e3:.2f} ms = {flops / f / 1e12:.0f} TFLOP/s ({100 * flops / f / dense:.0f}% of "
+              f"DeepGEMM dense); slabs {t['fused, gate/up in slabs'] * 1e3:.2f} ms; "
+              f"widen route {g * 1e3:.2f} ms = {flops / g / 1e12:.0f} TFLOP/s ({100 * flops / g / fp8:.0f}% of "
               f"XLA FP8, {100 * flops / g / dense:.0f}% of DeepGEMM dense); GEMMs alone "
               f"{t['  GEMMs alone (FP8-expert path)'] * 1e3:.2f} ms; widen {t_widen * 1e3:.2f} ms; "
               f"gemv {t['gemv'] * 1e3:.2f} ms")  # fmt: skip

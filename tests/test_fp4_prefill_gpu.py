@@ -10,17 +10,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import gpu_report, poison, rel_rms  # the `ffi` fixture lives in conftest too
-from test_fp4_kernels_gpu import FLASH, SMALL, check_close, rand_bf16, rand_fp4_experts, routing, seed
+from test_fp4_kernels_gpu import (
+    FLASH,
+    SMALL,
+    act_quant_host,
+    check_close,
+    dequant_host,
+    rand_bf16,
+    rand_fp4_experts,
+    rand_fp4_weight,
+    routing,
+    seed,
+)
 
 from dsv4_jax import quant
 
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("prefill", ["fused", "widen"])
 @pytest.mark.parametrize("shape,t,stacked", [("small", 1024, False), ("small", 1024, True), ("flash", 768, False)])
-def test_fp4_experts_grouped_route_matches_reference(ffi, shape, t, stacked, monkeypatch, capsys):
-    """Prefill sizes (>= `moe_fp4.grouped_min_rows()` dispatched rows): the experts widened to FP8 blocks and run
-    through the m-grouped contiguous GEMMs, against the reference op (`ops.moe_experts`, backend "reference", on the
+def test_fp4_experts_grouped_route_matches_reference(ffi, shape, t, stacked, prefill, monkeypatch, capsys):
+    """Prefill sizes (>= `moe_fp4.grouped_min_rows()` dispatched rows) on either kernel of the grouped route (fused:
+    `fp4_grouped`, the default; widen: the experts widened to FP8 blocks and run through the m-grouped contiguous
+    GEMMs), against the reference op (`ops.moe_experts`, backend "reference", on the
     GPU) and against the GEMV route on the same rows. Bounds: rel-RMS <= 1e-2 (the decode step's bound) and at most
     the reference's own one-ulp noise (its output moved by one bf16 ulp of the inputs): the grouped GEMMs differ from
     the reference by the summation order and the FP8 tensor core's accumulation inside each 128-wide K step, as the
@@ -49,9 +62,14 @@ def test_fp4_experts_grouped_route_matches_reference(ffi, shape, t, stacked, mon
         return tuple(LayerSlice(a, jnp.int32(1)) for a in ws) if stacked else ws
 
     monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", str(len(rows)))
+    monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", prefill)
     kernel = jax.jit(lambda x, ex, rw, gs, ws: moe_fp4.routed_experts(x, ex, rw, gs, view(ws), limit=10.0))
     hlo = kernel.lower(xr, ex, rw, gs, ws).as_text()
-    assert "dsv4_fp8_gemm_contig" in hlo and "dsv4_fp4_widen" in hlo and "dsv4_fp4_moe" not in hlo, "not grouped"
+    assert "dsv4_fp4_moe" not in hlo, "not grouped"
+    if prefill == "fused":
+        assert "dsv4_fp4_grouped_pair" in hlo and "dsv4_fp4_widen" not in hlo and "dsv4_fp8_gemm" not in hlo
+    else:
+        assert "dsv4_fp8_gemm_contig" in hlo and "dsv4_fp4_widen" in hlo and "dsv4_fp4_grouped" not in hlo
     poison()
     got = np.asarray(kernel(xr, ex, rw, gs, ws), np.float64)
     monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "0")
@@ -70,7 +88,8 @@ def test_fp4_experts_grouped_route_matches_reference(ffi, shape, t, stacked, mon
     step = jnp.where(jax.random.bernoulli(jax.random.key(3), 0.5, xr.shape), 1, -1).astype(jnp.int16)
     x_ulp = jax.lax.bitcast_convert_type((bits.astype(jnp.int32) + step).astype(jnp.uint16), jnp.bfloat16)
     noise = rel_rms(np.asarray(ref_fn(x_ulp, ex, rw, gs, ws), np.float64), want)
-    gpu_report(f"[fp4 experts grouped route {shape} T={t} stacked={stacked}] rel-RMS vs reference: grouped {err:.2e}, "
+    gpu_report(f"[fp4 experts grouped route {prefill} {shape} T={t} stacked={stacked}] rel-RMS vs reference: "
+               f"grouped {err:.2e}, "
                f"GEMV {err_gemv:.2e}, grouped vs GEMV {rel_rms(got, via_gemv):.2e}; the reference's one-ulp noise "
                f"{noise:.2e}", capsys)  # fmt: skip
     assert err <= noise, f"the grouped route's error {err:.2e} exceeds the reference's one-ulp noise {noise:.2e}"
@@ -104,3 +123,81 @@ def test_fp4_widen_equals_the_reference(ffi, stacked, k):
     assert np.isnan(np.asarray(sf)[2, 0, 2]) and np.isfinite(np.asarray(sf)).sum() == sf.size - 1
     with pytest.raises(ValueError, match="multiples of 128"):
         ffi.fp4_widen(w[layer, :, :200], s[layer, :, :200])
+
+
+# Rows per expert of the direct tests: none, one, a narrow tile (<= 64 rows: wgmma N = 64), 65 (a wide partial
+# tile), 128, 128 + 72, 2 x 128 + 44; then 37 rows of padding (expert -1).
+GROUPED_SIZES = [0, 1, 64, 65, 128, 200, 300]
+GROUPED_PAD = 37
+
+
+@pytest.mark.parametrize("layout", ["stored", "slabs", "stacked-slabs"])
+@pytest.mark.parametrize("scale_bytes", [(117, 125), (95, 131)])
+def test_fp4_grouped_against_float64(ffi, layout, scale_bytes, capsys):
+    """`ffi_ops.fp4_grouped` (the fused prefill kernel) against float64 on the FP8-quantized rows: each expert's rows
+    times its dequantized MXFP4 weight, with partial tiles of both widths, an expert without rows and padding rows
+    (exact zeros). Scale bytes (95, 131): rows spanning up to 35 binades, which leave the exact exponent-shift
+    widening for the rounded one. Also: the pair launch equals two single launches bit for bit; a 255 scale byte
+    makes exactly its weight row's outputs of that expert NaN; act_quant's wgmma order is a permutation of the stored
+    bytes within each 32-block."""
+    e, n, k = len(GROUPED_SIZES), 256, 512
+    rows = sum(GROUPED_SIZES) + GROUPED_PAD
+    expert = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(GROUPED_SIZES)] + [np.full(GROUPED_PAD, -1)])
+    ks = jax.random.split(jax.random.key(seed("fp4_grouped", layout, scale_bytes)), 3)
+    x = rand_bf16(ks[0], (rows, k), scale=1.0, spread=True)
+    lead = (2,) if layout == "stacked-slabs" else ()
+    wa, sa = rand_fp4_weight(ks[1], (*lead, e, n, k), scale_bytes)
+    wb, sb = rand_fp4_weight(ks[2], (*lead, e, n, k), scale_bytes)
+    if layout == "stacked-slabs":
+        sa = sa.at[1, 2, 5, 3].set(jax.lax.bitcast_convert_type(jnp.uint8(255), jnp.float8_e8m0fnu))
+    else:
+        sa = sa.at[2, 5, 3].set(jax.lax.bitcast_convert_type(jnp.uint8(255), jnp.float8_e8m0fnu))
+    layer = jnp.int32(1) if lead else None
+    host = [(np.asarray(w[1] if lead else w), np.asarray(s[1] if lead else s)) for w, s in ((wa, sa), (wb, sb))]
+    if layout != "stored":
+        (wa, sa), (wb, sb) = quant.fp4_to_slabs(wa, sa), quant.fp4_to_slabs(wb, sb)
+    gs = jnp.asarray(GROUPED_SIZES, jnp.int32)
+
+    q_nat, sfa_nat = jax.jit(ffi.act_quant_rows)(x)
+    q, sfa = jax.jit(lambda x: ffi.act_quant_rows(x, wgmma=True))(x)
+    np.testing.assert_array_equal(np.asarray(sfa), np.asarray(sfa_nat))
+    qb = np.asarray(jax.lax.bitcast_convert_type(q, jnp.uint8)).reshape(rows, k // 32, 2, 4, 4)  # [.., h, i, j]
+    qn = np.asarray(jax.lax.bitcast_convert_type(q_nat, jnp.uint8)).reshape(rows, k // 32, 4, 2, 4)  # [.., i, h, j]
+    np.testing.assert_array_equal(qb, qn.transpose(0, 1, 3, 2, 4))
+
+    poison()
+    pair = jax.jit(lambda q, sfa, gs, wa, sa, wb, sb: ffi.fp4_grouped(q, sfa, gs, ((wa, sa), (wb, sb)), layer))
+    got_a, got_b = (np.asarray(v, np.float64) for v in pair(q, sfa, gs, wa, sa, wb, sb))
+    single = jax.jit(lambda q, sfa, gs, w, s: ffi.fp4_grouped(q, sfa, gs, ((w, s),), layer)[0])
+    np.testing.assert_array_equal(np.asarray(single(q, sfa, gs, wb, sb), np.float64), got_b)
+
+    xd = act_quant_host(x)
+    errs = []
+    for got, (w, s), name in ((got_a, host[0], "first"), (got_b, host[1], "second")):
+        assert (got[-GROUPED_PAD:] == 0).all(), f"{name}: padding rows must be exact zeros"
+        want = np.zeros((rows, n))
+        for i in range(e):
+            sel = expert == i
+            if sel.any():
+                want[sel] = xd[sel] @ np.nan_to_num(dequant_host(w[i], s[i]), nan=0.0).T
+        nan_rows = expert == 2
+        if name == "first":  # the 255 byte: expert 2's outputs of weight row 5 NaN, nothing else
+            assert np.isnan(got[nan_rows, 5]).all() and np.isfinite(np.delete(got, 5, axis=1)).all()
+            assert np.isfinite(got[~nan_rows]).all()
+            got, want = np.delete(got, 5, axis=1), np.delete(want, 5, axis=1)
+        errs.append(check_close(got, want, 4e-3, f"fp4_grouped {layout} {scale_bytes} {name}"))
+    gpu_report(f"[fp4_grouped {layout} scale bytes {scale_bytes}] rel-RMS vs float64: {errs[0]:.2e}, {errs[1]:.2e} "
+               "(the bf16 rounding of the outputs alone: ~1.1e-3)", capsys)  # fmt: skip
+
+
+def test_fp4_grouped_refuses_bad_arguments(ffi):
+    """The handler names what it refuses: shapes that do not match, K off 128, an uneven second weight."""
+    w, s = rand_fp4_weight(jax.random.key(0), (4, 256, 512))
+    q, sfa = ffi.act_quant_rows(jnp.ones((8, 512), jnp.bfloat16), wgmma=True)
+    gs = jnp.asarray([2, 2, 2, 2], jnp.int32)
+    with pytest.raises(Exception, match="does not match"):
+        jax.block_until_ready(ffi.fp4_grouped(q, sfa, gs, ((w, s), (w[:, :128], s[:, :128]))))
+    with pytest.raises(Exception, match="one count per expert"):
+        jax.block_until_ready(ffi.fp4_grouped(q, sfa, gs[:3], ((w, s),)))
+    with pytest.raises(ValueError, match="one or two"):
+        ffi.fp4_grouped(q, sfa, gs, ())

@@ -97,6 +97,8 @@ HANDLERS = frozenset(
         "fp4_moe_gate_up",
         "fp4_moe_down",
         "fp4_widen",
+        "fp4_grouped",
+        "fp4_grouped_pair",
     )
 )
 
@@ -176,9 +178,12 @@ def sm90_weight_scales(s: jax.Array) -> jax.Array:
 # ---- activation quantization -----------------------------------------------------------------------------------
 
 
-def act_quant_rows(x2: jax.Array, *, src: jax.Array | None = None, rows_out: int | None = None, groups: int = 1):
+def act_quant_rows(
+    x2: jax.Array, *, src: jax.Array | None = None, rows_out: int | None = None, groups: int = 1, wgmma: bool = False
+):
     """Our FP8 quantization kernel. `x2` bf16 `[R_in, K]`; output row r is input row `src[r]` (skipped, i.e. left
-    unwritten, where `src[r] < 0`). Returns `(q e4m3 [R_out, K], sfa f32 [groups, K/128, align(R_out/groups, 4)])`."""
+    unwritten, where `src[r] < 0`). Returns `(q e4m3 [R_out, K], sfa f32 [groups, K/128, align(R_out/groups, 4)])`.
+    `wgmma`: each 32-block of q in the order `fp4_grouped` reads (element 8i + 4h + j at 16h + 4i + j)."""
     r_in, k = x2.shape
     r_out = r_in if rows_out is None else rows_out
     if k % 128:
@@ -190,7 +195,7 @@ def act_quant_rows(x2: jax.Array, *, src: jax.Array | None = None, rows_out: int
     return jax.ffi.ffi_call(
         "dsv4_act_quant",
         (jax.ShapeDtypeStruct((r_out, k), E4M3), jax.ShapeDtypeStruct((groups, k // 128, pitch), F32)),
-    )(x2.astype(BF16), src, groups=np.int64(groups))
+    )(x2.astype(BF16), src, groups=np.int64(groups), order=np.int64(wgmma))
 
 
 def act_quant(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -202,16 +207,24 @@ def act_quant(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q.reshape(*lead, k), sfa[0, :, :m].T.reshape(*lead, k // 128)
 
 
-def swiglu_quant(g: jax.Array, u: jax.Array, w: jax.Array, valid: jax.Array | None, limit: float, groups: int = 1):
+def swiglu_quant(
+    g: jax.Array,
+    u: jax.Array,
+    w: jax.Array,
+    valid: jax.Array | None,
+    limit: float,
+    groups: int = 1,
+    wgmma: bool = False,
+):
     """`q, sfa = act_quant(bf16(w[:, None] * silu(min(g, L)) * clip(u, -L, L)))` in one kernel; rows with
-    `valid < 0` are skipped. g, u: bf16 `[R, I]`; w: f32 `[R]`."""
+    `valid < 0` are skipped. g, u: bf16 `[R, I]`; w: f32 `[R]`; `wgmma` as for `act_quant_rows`."""
     r, i = g.shape
     pitch = _round_up(r // groups, 4)
     valid = jnp.zeros((0,), jnp.int32) if valid is None else valid.astype(jnp.int32)
     return jax.ffi.ffi_call(
         "dsv4_swiglu_quant",
         (jax.ShapeDtypeStruct((r, i), E4M3), jax.ShapeDtypeStruct((groups, i // 128, pitch), F32)),
-    )(g, u, w.astype(F32), valid, limit=np.float32(limit), groups=np.int64(groups))
+    )(g, u, w.astype(F32), valid, limit=np.float32(limit), groups=np.int64(groups), order=np.int64(wgmma))
 
 
 def hc_split_sinkhorn(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: int, iters: int, eps: float):
@@ -697,3 +710,24 @@ def fp4_widen(w: jax.Array, s: jax.Array, layer=None) -> tuple[jax.Array, jax.Ar
         "dsv4_fp4_widen",
         (jax.ShapeDtypeStruct((e, n, k), E4M3), jax.ShapeDtypeStruct((e, n // 128, k // 128), F32)),
     )(w, s if per == 128 else _e8m0_bytes("fp4_widen", s), idx)
+
+
+def fp4_grouped(q, sfa, group_sizes, weights, layer=None) -> tuple[jax.Array, ...]:
+    """The MXFP4 experts at prefill sizes without an FP8 copy of them (`dsv4_fp4_grouped`, one launch for one or two
+    projections of one shape): rows of `q` (e4m3 `[R, K]` in the wgmma order, with `sfa` `[1, K/128, P]`:
+    `act_quant_rows(..., wgmma=True)`) sorted by expert, `group_sizes` int32 `[E]` rows per expert from row 0 (later
+    rows: zeros); `weights` one or two `(w, s)`: uint8 `[E, N, K/2]` with scales `[E, N, K/32]` (or uint32 slab words
+    `[E, N, K/128]`), or stacks `[L, E, ...]` read at `layer` in place. Returns bf16 `[R, N]` per weight."""
+    if len(weights) not in (1, 2):
+        raise ValueError(f"fp4_grouped: one or two (weight, scales) pairs, got {len(weights)}")
+    ops = []
+    for w, s in weights:
+        if w.dtype != jnp.uint8 or w.ndim != (3 if layer is None else 4):
+            raise ValueError(f"fp4_grouped: weight {w.dtype}{list(w.shape)} is not uint8 [(L,) E, N, K/2]")
+        ops += [w, s if s.dtype == jnp.uint32 else _e8m0_bytes("fp4_grouped", s)]
+    n = weights[0][0].shape[-2]
+    out = jax.ShapeDtypeStruct((q.shape[0], n), BF16)
+    args = (q, sfa, _i32(group_sizes), *ops, _layer_operand(layer))
+    if len(weights) == 1:
+        return (jax.ffi.ffi_call("dsv4_fp4_grouped", out)(*args),)
+    return tuple(jax.ffi.ffi_call("dsv4_fp4_grouped_pair", (out, out))(*args))

@@ -9,13 +9,15 @@ Rows arrive sorted by expert (`dsv4_jax.moe.dispatch`), so rows sharing an exper
 (up to 8). A weight that is one layer of a stack (`LayerSlice`) is passed as the whole stack, its expert ids offset
 by `layer * E`: no copy. Numerics: the reference's up to the order of the fp32 sums (BUILD.md).
 
-Prefill sizes (at least `grouped_min_rows()` dispatched rows) take the grouped route instead: the layer's experts are
-widened to the FP8 weight format by `ffi_ops.fp4_widen` (our kernel of `quant.fp4_to_fp8_blocks`: each 32-block's
-scale folded into its e4m3 values, one power-of-two scale per 128x128 tile; exact for the scale spans of real
-weights) and run through the FP8 experts' DeepGEMM m-grouped contiguous GEMMs (`moe_fp8`). It costs a pass over the
-layer's weights (FP4 read, FP8 written: 3x the FP4 bytes) and a transient FP8 copy of them, where the GEMV reads every
-expert's weights once per 8 of its rows. Numerics: DeepGEMM's FP8 GEMM (the FP8 linears' numerics, one fp32
-promotion per 128 of K) instead of one per 32-block; BUILD.md has the measured difference.
+Prefill sizes (at least `grouped_min_rows()` dispatched rows) take the grouped route instead, where the GEMV would read
+every expert's weights once per 8 of its rows. By default (`DSV4_FFI_FP4_PREFILL=fused`) that is our one-pass kernel
+`ffi_ops.fp4_grouped` (`ffi/csrc/fp4_grouped_kernels.cu`): tiles of 128 weight rows x up to 128 rows of one expert on
+wgmma, the weights widened to e4m3 in registers with each 32-block's scale folded in (exact for rows spanning at most
+11 binades), gate and up in one launch, then `swiglu_quant`, then down; no FP8 copy of the weights. `widen`: the
+previous route, the layer's experts widened to the FP8 weight format by `ffi_ops.fp4_widen` (one power-of-two scale
+per 128x128 tile) and run through the FP8 experts' DeepGEMM m-grouped contiguous GEMMs (`moe_fp8`), at the cost of a
+pass over the weights (3x the FP4 bytes) and a transient FP8 copy. Numerics of both: one fp32 promotion per 128 of K
+(the FP8 linears' numerics) instead of one per 32-block; BUILD.md has the measured difference.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops, moe_fp8
-from dsv4_jax.layer_view import LayerSlice, stacks_and_index
+from dsv4_jax.layer_view import LayerSlice, materialize, stacks_and_index
 
-__all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "MAX_ROWS"]
+__all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "prefill_kernel", "MAX_ROWS"]
 
 # One block row per output row: CUDA's grid y dimension caps a launch at 65535 rows.
 MAX_ROWS = 65535
@@ -45,6 +47,15 @@ def grouped_min_rows() -> int:
     if not v.isdigit():
         raise ValueError(f"DSV4_FFI_FP4_GROUPED_MIN_ROWS={v!r}: expected a row count (0: never)")
     return int(v) or 1 << 62
+
+
+def prefill_kernel() -> str:
+    """The grouped route's kernels (trace time): "fused" (`fp4_grouped`, the default) or "widen" (`fp4_widen` + the
+    FP8 grouped GEMMs), from DSV4_FFI_FP4_PREFILL."""
+    v = os.environ.get("DSV4_FFI_FP4_PREFILL", "fused")
+    if v not in ("fused", "widen"):
+        raise ValueError(f"DSV4_FFI_FP4_PREFILL={v!r}: expected 'fused' or 'widen'")
+    return v
 
 
 def _stack(w, s, expert):
@@ -71,7 +82,23 @@ def _grouped_route(x, weights) -> bool:
     if x.shape[0] < grouped_min_rows():
         return False
     e, inter, d = weights[0].shape[-3], weights[0].shape[-2], x.shape[-1]
+    if prefill_kernel() == "fused":
+        return inter % 128 == 0 and d % 128 == 0
     return inter % 128 == 0 and moe_fp8.grouped_unsupported(x.shape[0], e, inter, d) is None
+
+
+def _fused(x, weight, group_sizes, weights, limit):
+    """The grouped route in our one-pass kernel: gate and up in one launch, the SwiGLU and its requantization, down."""
+    w1, s1, w3, s3, w2, s2 = weights
+    (a1, b1), layer = stacks_and_index(w1, s1)
+    (a3, b3), layer3 = stacks_and_index(w3, s3)
+    (a2, b2), layer2 = stacks_and_index(w2, s2)
+    if not (layer is layer3 is layer2):  # some stacked, some not: read every one materialised
+        (a1, b1, a3, b3, a2, b2), layer = [materialize(v) for v in weights], None
+    q1, sfa1 = ffi_ops.act_quant_rows(x, wgmma=True)
+    g, u = ffi_ops.fp4_grouped(q1, sfa1, group_sizes, ((a1, b1), (a3, b3)), layer)
+    q2, sfa2 = ffi_ops.swiglu_quant(g, u, weight, None, limit, wgmma=True)
+    return ffi_ops.fp4_grouped(q2, sfa2, group_sizes, ((a2, b2),), layer)[0]
 
 
 def widen_experts(weights):
@@ -87,6 +114,8 @@ def widen_experts(weights):
 def routed_experts(x, expert, weight, group_sizes, weights, limit: float) -> jax.Array:
     """bf16 `[R, d]`: each dispatched row through its expert's clamped-SwiGLU MLP (rows with expert -1: zeros)."""
     if _grouped_route(x, weights):
+        if prefill_kernel() == "fused":
+            return _fused(x, weight, group_sizes, weights, limit)
         return moe_fp8.grouped(x, expert, weight, group_sizes, widen_experts(weights), limit)
     w1, s1, w3, s3, w2, s2 = weights
     w1, s1, groups = _stack(w1, s1, expert)

@@ -32,8 +32,10 @@ ffi::Error check_quant_out(const std::string& op, int64_t rows_out, int64_t k, i
 }
 
 ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> src,
-                        ffi::Result<ffi::AnyBuffer> q, ffi::ResultBuffer<ffi::F32> sfa, int64_t groups) {
+                        ffi::Result<ffi::AnyBuffer> q, ffi::ResultBuffer<ffi::F32> sfa, int64_t groups,
+                        int64_t order) {
   const std::string op = "dsv4_act_quant";
+  if (order != 0 && order != 1) return bad(op, "order must be 0 (as stored) or 1 (the wgmma order)");
   if (!is_e4m3(*q)) return bad(op, "q must be float8_e4m3fn");
   if (x.dimensions().size() < 1 || q->dimensions().size() < 1) return bad(op, "inputs must have rank >= 1");
   const int64_t k = dim(x, -1);
@@ -48,13 +50,15 @@ ffi::Error ActQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buff
   if (auto e = check_quant_out(op, rows_out, k, groups, sfa, &pitch); e.failure()) return e;
   if (!aligned16(x.untyped_data()) || !aligned16(q->untyped_data())) return bad(op, "buffers must be 16-byte aligned");
   return cuda_check(op, launch_quant_rows(x.untyped_data(), gather ? src.typed_data() : nullptr, q->untyped_data(),
-                                          sfa->typed_data(), rows_out, k, rows_out / groups, pitch, stream));
+                                          sfa->typed_data(), rows_out, k, rows_out / groups, pitch, stream,
+                                          order == 1));
 }
 
 ffi::Error SwigluQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> g, ffi::Buffer<ffi::BF16> u,
                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> valid, ffi::Result<ffi::AnyBuffer> q,
-                           ffi::ResultBuffer<ffi::F32> sfa, float limit, int64_t groups) {
+                           ffi::ResultBuffer<ffi::F32> sfa, float limit, int64_t groups, int64_t order) {
   const std::string op = "dsv4_swiglu_quant";
+  if (order != 0 && order != 1) return bad(op, "order must be 0 (as stored) or 1 (the wgmma order)");
   if (!is_e4m3(*q)) return bad(op, "q must be float8_e4m3fn");
   const int64_t k = dim(g, -1);
   const int64_t rows = k ? g.element_count() / k : 0;
@@ -66,7 +70,8 @@ ffi::Error SwigluQuantImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> g, ffi::B
   if (auto e = check_quant_out(op, rows, k, groups, sfa, &pitch); e.failure()) return e;
   return cuda_check(op, launch_swiglu_quant(g.untyped_data(), u.untyped_data(), w.typed_data(),
                                             valid.element_count() ? valid.typed_data() : nullptr, q->untyped_data(),
-                                            sfa->typed_data(), rows, k, rows / groups, pitch, limit, stream));
+                                            sfa->typed_data(), rows, k, rows / groups, pitch, limit, stream,
+                                            order == 1));
 }
 
 ffi::Error E8m0ToF32Impl(cudaStream_t stream, ffi::Buffer<ffi::U8> s, ffi::ResultBuffer<ffi::F32> out) {
@@ -410,7 +415,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_act_quant, ActQuantImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("groups"),
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("order"),
                               DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_swiglu_quant, SwigluQuantImpl,
@@ -422,7 +428,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_swiglu_quant, SwigluQuantImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("limit")
-                                  .Attr<int64_t>("groups"),
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("order"),
                               DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_dequant_bf16_gemv, DequantGemvImpl,

@@ -41,7 +41,9 @@
   X(dsv4_fp4_moe_down_wg8)   \
   X(dsv4_fp4_moe_down_ring)   \
   X(dsv4_fp4_moe_down_wgb)    \
-  X(dsv4_fp4_widen)
+  X(dsv4_fp4_widen)          \
+  X(dsv4_fp4_grouped)        \
+  X(dsv4_fp4_grouped_pair)
 
 #define DSV4_DECLARE(name) extern "C" XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);
 DSV4_FFI_HANDLERS(DSV4_DECLARE)

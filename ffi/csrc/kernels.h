@@ -14,14 +14,16 @@ namespace dsv4ffi {
 //   unwritten) when src[r] < 0; null means src[r] = r.
 //   q [rows_out, k] e4m3; sfa [groups, k/128, sf_pitch] f32 with row r in group r / rows_per_group at column
 //   r % rows_per_group (the MN-major, TMA-aligned activation-scale layout of the SM90 GEMM).
+//   wgmma_order: each 32-block of q stored as the MXFP4 prefill kernel's B operand takes it (fp4_grouped_kernels.cu):
+//   element 8i + 4h + j at byte 16h + 4i + j (i < 4, h < 2, j < 4); the values and scales are the same.
 cudaError_t launch_quant_rows(const void* x, const int32_t* src, void* q, float* sfa, int64_t rows_out, int64_t k,
-                              int64_t rows_per_group, int64_t sf_pitch, cudaStream_t stream);
+                              int64_t rows_per_group, int64_t sf_pitch, cudaStream_t stream, bool wgmma_order = false);
 
 // h = bf16(w[r] * silu(min(g, L)) * clip(u, -L, L)) (L = limit, no clamp if limit <= 0), then as launch_quant_rows.
 // Rows with valid[r] < 0 are skipped (valid may be null: all rows).
 cudaError_t launch_swiglu_quant(const void* g, const void* u, const float* w, const int32_t* valid, void* q,
                                 float* sfa, int64_t rows, int64_t k, int64_t rows_per_group, int64_t sf_pitch,
-                                float limit, cudaStream_t stream);
+                                float limit, cudaStream_t stream, bool wgmma_order = false);
 
 // mHC split of one connection's mixes, n*n lanes per row: mix [rows, (2+n)*n], scale [3], base [(2+n)*n] f32 ->
 // pre [rows, n] = sigmoid(mix[:n]*scale0 + base) + eps, post [rows, n] = 2 sigmoid(...), comb [rows, n, n] = Sinkhorn
@@ -328,6 +330,27 @@ struct Fp4WidenArgs {
   bool slabs = false;  // w and s in the slab layout (kFp4SlabRows)
 };
 cudaError_t launch_fp4_widen(const Fp4WidenArgs& a, cudaStream_t stream);
+
+// MXFP4 routed experts at prefill sizes, one launch per projection or for two of one K and N (gate and up)
+// (fp4_grouped_kernels.cu): rows of q sorted by expert (group_sizes [experts]: expert e's rows follow e - 1's from
+// row 0; rows past them get zeros), each row times its expert's weight of layer `layer`, bf16 out [rows, n].
+struct Fp4GroupedArgs {
+  const uint8_t* q;            // e4m3 [rows, k], each 32-block in the wgmma order (act_quant's wgmma_order)
+  const float* sfa;            // f32 [k / 128, sfa_pitch]: the rows' 1x128 scales
+  int64_t sfa_pitch;
+  const int32_t* group_sizes;  // [experts] on the device
+  int64_t experts;
+  const int32_t* layer;        // [1] on the device, or null (no stack)
+  int64_t layers;
+  const uint8_t* w[2];         // packed e2m1 [layers, experts, n, k/2] (or the slab layout); w[1] null: one output
+  const uint8_t* s[2];         // UE8M0 bytes [layers, experts, n, k/32] (the slab layout: uint32 words)
+  void* out[2];
+  int64_t rows, n, k;
+  bool slabs = false;
+};
+// Dynamic shared memory of the launch for `experts` experts (the handler checks it against the device's limit).
+size_t fp4_grouped_smem(int64_t experts);
+cudaError_t launch_fp4_grouped(const Fp4GroupedArgs& a, cudaStream_t stream);
 
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.
 const GemmEntry* find_gemm(int kind, uint32_t n, uint32_t k, uint32_t g, uint32_t block_m);

@@ -253,10 +253,89 @@ ffi::Error Fp4WidenImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer s,
                  static_cast<uint8_t*>(q->untyped_data()), sf->typed_data(), slabs};
   return cuda_check(op, launch_fp4_widen(a, stream));
 }
+
+// ---- the MXFP4 experts at prefill sizes ----------------------------------------------------------------------------
+
+// One projection (out_b null) or two of the same shape (gate and up: w_b, s_b, out_b) of the grouped route.
+ffi::Error fp4_grouped(cudaStream_t stream, const std::string& op, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> sfa,
+                       ffi::Buffer<ffi::S32> group_sizes, ffi::Buffer<ffi::S32> layer,
+                       const ffi::AnyBuffer* w[2], const ffi::AnyBuffer* s[2], ffi::Result<ffi::Buffer<ffi::BF16>>* out[2]) {
+  if (!is_e4m3(q) || q.dimensions().size() != 2) return bad(op, "q " + shape_str(q) + " must be float8_e4m3fn [R, K]");
+  const int64_t rows = dim(q, 0), k = dim(q, 1);
+  const size_t nd = w[0]->dimensions().size();
+  if (nd != 3 && nd != 4) return bad(op, "weight " + shape_str(*w[0]) + " is not [E, N, K/2] or a stack [L, E, N, K/2]");
+  const int64_t layers = nd == 4 ? dim(*w[0], 0) : 1, e = dim(*w[0], -3), n = dim(*w[0], -2);
+  const bool slabs = s[0]->element_type() == ffi::DataType::U32;  // the slab layout (kernels.h)
+  for (int i = 0; i < 2 && w[i] != nullptr; ++i) {
+    const std::string which = i ? "second " : "";
+    if (w[i]->element_type() != ffi::DataType::U8) return bad(op, which + "weight must be uint8 (packed e2m1)");
+    if (w[i]->dimensions().size() != nd || dim(*w[i], -3) != e || dim(*w[i], -2) != n || 2 * dim(*w[i], -1) != k ||
+        (nd == 4 && dim(*w[i], 0) != layers))
+      return bad(op, which + "weight " + shape_str(*w[i]) + " does not match q " + shape_str(q) + " and the first weight " +
+                         shape_str(*w[0]));
+    if ((s[i]->element_type() == ffi::DataType::U32) != slabs || (!slabs && !is_e8m0_bytes(*s[i])))
+      return bad(op, which + "scales must be float8_e8m0fnu or uint8 bytes (or uint32 words: the slab layout), as the first");
+    if (s[i]->element_count() != layers * e * n * (k / (slabs ? 128 : 32)))
+      return bad(op, which + "scales " + shape_str(*s[i]) + " do not match the weight " + shape_str(*w[i]));
+    if (!aligned16(w[i]->untyped_data()) || (reinterpret_cast<uintptr_t>(s[i]->untyped_data()) & 3u) != 0)
+      return bad(op, "weights must be 16-byte aligned, scales 4-byte aligned");
+    if ((*out[i])->element_count() != rows * n) return bad(op, "out must be bf16 [R, N]");
+    if (!aligned16((*out[i])->untyped_data())) return bad(op, "out must be 16-byte aligned");
+  }
+  if (n % 128 || k % 128 || n == 0 || k == 0)
+    return bad(op, "weight " + shape_str(*w[0]) + ": N and K must be positive multiples of 128");
+  const int64_t pitch = k ? sfa.element_count() / (k / 128) : 0;
+  if (sfa.element_count() != (k / 128) * pitch || pitch < rows || pitch % 4)
+    return bad(op, "sfa " + shape_str(sfa) + " must be f32 [1, K/128, P] with P >= R a multiple of 4 (act_quant_rows)");
+  if (group_sizes.element_count() != e)
+    return bad(op, "group_sizes " + shape_str(group_sizes) + " must have one count per expert (" + std::to_string(e) + ")");
+  if (layer.element_count() > 1 || (nd == 4 && layer.element_count() != 1))
+    return bad(op, "a layer stack needs one layer index (and a plain weight none)");
+  if (!aligned16(q.untyped_data())) return bad(op, "q must be 16-byte aligned");
+  if (rows > 0x7FFFFFFF) return bad(op, "more than 2^31 rows");
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (fp4_grouped_smem(e) > static_cast<size_t>(optin))
+    return bad(op, std::to_string(e) + " experts: the expert table does not fit in shared memory");
+  Fp4GroupedArgs a{};
+  a.q = static_cast<const uint8_t*>(q.untyped_data());
+  a.sfa = sfa.typed_data(), a.sfa_pitch = pitch;
+  a.group_sizes = group_sizes.typed_data(), a.experts = e;
+  a.layer = layer.element_count() ? layer.typed_data() : nullptr, a.layers = layers;
+  for (int i = 0; i < 2; ++i) {
+    a.w[i] = w[i] ? static_cast<const uint8_t*>(w[i]->untyped_data()) : nullptr;
+    a.s[i] = s[i] ? static_cast<const uint8_t*>(s[i]->untyped_data()) : nullptr;
+    a.out[i] = w[i] ? (*out[i])->untyped_data() : nullptr;
+  }
+  a.rows = rows, a.n = n, a.k = k, a.slabs = slabs;
+  return cuda_check(op, launch_fp4_grouped(a, stream));
+}
+
+ffi::Error Fp4GroupedImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> sfa,
+                          ffi::Buffer<ffi::S32> group_sizes, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                          ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::Buffer<ffi::BF16>> out) {
+  const ffi::AnyBuffer* ws[2] = {&w, nullptr};
+  const ffi::AnyBuffer* ss[2] = {&s, nullptr};
+  ffi::Result<ffi::Buffer<ffi::BF16>>* outs[2] = {&out, nullptr};
+  return fp4_grouped(stream, "dsv4_fp4_grouped", q, sfa, group_sizes, layer, ws, ss, outs);
+}
+
+ffi::Error Fp4GroupedPairImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> sfa,
+                              ffi::Buffer<ffi::S32> group_sizes, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                              ffi::AnyBuffer w_b, ffi::AnyBuffer s_b, ffi::Buffer<ffi::S32> layer,
+                              ffi::Result<ffi::Buffer<ffi::BF16>> out, ffi::Result<ffi::Buffer<ffi::BF16>> out_b) {
+  const ffi::AnyBuffer* ws[2] = {&w, &w_b};
+  const ffi::AnyBuffer* ss[2] = {&s, &s_b};
+  ffi::Result<ffi::Buffer<ffi::BF16>>* outs[2] = {&out, &out_b};
+  return fp4_grouped(stream, "dsv4_fp4_grouped_pair", q, sfa, group_sizes, layer, ws, ss, outs);
+}
 }  // namespace
 }  // namespace dsv4ffi
 
 using dsv4ffi::Fp4GemvImpl;
+using dsv4ffi::Fp4GroupedImpl;
+using dsv4ffi::Fp4GroupedPairImpl;
 using dsv4ffi::Fp4WidenImpl;
 using dsv4ffi::Fp4MoeDownImpl;
 using dsv4ffi::Fp4MoeGateUpImpl;
@@ -336,4 +415,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_widen, Fp4WidenImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_grouped, Fp4GroupedImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
+                              DSV4_TRAITS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp4_grouped_pair, Fp4GroupedPairImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>(),
                               DSV4_TRAITS);

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 quant_rows_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ u,
                   const float* __restrict__ w, const int32_t* __restrict__ src, __nv_fp8_e4m3* __restrict__ q,
                   float* __restrict__ sfa, int64_t rows_out, int64_t k, int64_t rows_per_group, int64_t sf_pitch,
-                  float limit) {
+                  float limit, bool wgmma_order) {
   const int64_t kblocks = k / 128;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (item >= rows_out * kblocks) return;
@@ -67,7 +67,9 @@ quant_rows_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __re
     const __nv_fp8_storage_t b = __nv_cvt_float_to_fp8(t, __NV_SATFINITE, __NV_E4M3);
     packed |= static_cast<uint32_t>(b) << (8 * i);
   }
-  *reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(q) + r * k + col) = packed;
+  // wgmma order (kernels.h): the lane's 4 elements 8i + 4h .. of its 32-block go to bytes 16h + 4i ..
+  const int64_t at = wgmma_order ? kb * 128 + (lane / 8) * 32 + (lane & 1) * 16 + ((lane % 8) >> 1) * 4 : col;
+  *reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(q) + r * k + at) = packed;
   if (lane == 0) {
     const int64_t grp = r / rows_per_group, m = r % rows_per_group;
     sfa[(grp * kblocks + kb) * sf_pitch + m] = s;
@@ -86,23 +88,23 @@ int64_t blocks_for(int64_t items) { return (items + kWarpsPerBlock - 1) / kWarps
 }  // namespace
 
 cudaError_t launch_quant_rows(const void* x, const int32_t* src, void* q, float* sfa, int64_t rows_out, int64_t k,
-                              int64_t rows_per_group, int64_t sf_pitch, cudaStream_t stream) {
+                              int64_t rows_per_group, int64_t sf_pitch, cudaStream_t stream, bool wgmma_order) {
   const int64_t items = rows_out * (k / 128);
   if (items == 0) return cudaSuccess;
   quant_rows_kernel<false><<<blocks_for(items), kWarpsPerBlock * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), nullptr, nullptr, src, static_cast<__nv_fp8_e4m3*>(q), sfa, rows_out, k,
-      rows_per_group, sf_pitch, 0.f);
+      rows_per_group, sf_pitch, 0.f, wgmma_order);
   return cudaGetLastError();
 }
 
 cudaError_t launch_swiglu_quant(const void* g, const void* u, const float* w, const int32_t* valid, void* q,
                                 float* sfa, int64_t rows, int64_t k, int64_t rows_per_group, int64_t sf_pitch,
-                                float limit, cudaStream_t stream) {
+                                float limit, cudaStream_t stream, bool wgmma_order) {
   const int64_t items = rows * (k / 128);
   if (items == 0) return cudaSuccess;
   quant_rows_kernel<true><<<blocks_for(items), kWarpsPerBlock * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u), w, valid,
-      static_cast<__nv_fp8_e4m3*>(q), sfa, rows, k, rows_per_group, sf_pitch, limit);
+      static_cast<__nv_fp8_e4m3*>(q), sfa, rows, k, rows_per_group, sf_pitch, limit, wgmma_order);
   return cudaGetLastError();
 }
 
