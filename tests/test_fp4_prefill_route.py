@@ -33,38 +33,48 @@ def _route_text(e: int = 8, d: int = 256, i: int = 128, rows: int = 96) -> str:
 
 
 def test_fused_prefill_route_lowers_to_one_pass_kernels(monkeypatch):
-    """At prefill sizes the default route is the one-pass kernel: rows quantized in the wgmma order, gate and up in one
-    `dsv4_fp4_grouped_pair` launch reading the stacks in place (a layer index, no slice copied out), the SwiGLU's
-    requantization, down in `dsv4_fp4_grouped`; no widening and no FP8 GEMM. `widen` keeps the previous route (whose
-    FP8 GEMMs exist only in a built extension: here it falls back to the GEMVs); other values are refused by name."""
+    """At prefill sizes up to `FUSED_MAX_ROWS` rows the route is the one-pass kernel: rows quantized in the wgmma
+    order, gate and up in one `dsv4_fp4_grouped_pair` launch reading the stacks in place (a layer index, no slice
+    copied out), the SwiGLU's requantization, down in `dsv4_fp4_grouped`; no widening and no FP8 GEMM. Beyond, the
+    widen route where its DeepGEMM GEMMs exist (a built extension's AOT table; without it, as here, the one-pass
+    kernel still). DSV4_FFI_FP4_PREFILL=fused|widen forces one (widen without its GEMMs: the GEMVs); other values are
+    refused by name."""
     from dsv4_jax.kernels import moe_fp4
 
     monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "1")
     monkeypatch.delenv("DSV4_FFI_FP4_PREFILL", raising=False)
-    assert moe_fp4.prefill_kernel() == "fused"
-    text = _route_text()
-    assert text.count("custom_call @dsv4_fp4_grouped_pair") == 1 and text.count("custom_call @dsv4_fp4_grouped(") == 1
-    assert "dsv4_fp4_widen" not in text and "dsv4_fp8_gemm" not in text and "dsv4_fp4_moe" not in text
+    assert moe_fp4.prefill_kernel(moe_fp4.FUSED_MAX_ROWS) == "fused"
+    assert moe_fp4.prefill_kernel(moe_fp4.FUSED_MAX_ROWS + 1) == "widen"
+    for rows in (96, moe_fp4.FUSED_MAX_ROWS + 8):
+        text = _route_text(rows=rows)
+        assert text.count("custom_call @dsv4_fp4_grouped_pair") == 1, rows
+        assert text.count("custom_call @dsv4_fp4_grouped(") == 1, rows
+        assert "dsv4_fp4_widen" not in text and "dsv4_fp8_gemm" not in text and "dsv4_fp4_moe" not in text
     for target in ("dsv4_act_quant", "dsv4_swiglu_quant"):
         (line,) = [ln for ln in text.splitlines() if f"custom_call @{target}" in ln]
         assert "order = 1" in line, line
     (pair,) = [ln for ln in text.splitlines() if "custom_call @dsv4_fp4_grouped_pair" in ln]
     assert "tensor<2x8x128x128xui8>" in pair and "tensor<1xi32>" in pair, pair  # the whole stack + the layer index
+    monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", "fused")
+    assert moe_fp4.prefill_kernel(1 << 30) == "fused"
     monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", "widen")
-    text = _route_text()  # (the widening's FP8 GEMMs need the built extension's AOT table: the GEMVs here)
+    assert moe_fp4.prefill_kernel(96) == "widen"
+    text = _route_text()  # (no AOT GEMMs here: the GEMVs)
     assert "custom_call @dsv4_fp4_grouped" not in text and "custom_call @dsv4_fp4_moe_gate_up" in text
     monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", "fast")
     with pytest.raises(ValueError, match="DSV4_FFI_FP4_PREFILL='fast'"):
-        moe_fp4.prefill_kernel()
+        moe_fp4.prefill_kernel(96)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
 def test_fp4_grouped_kernel_compiles_for_sm90a_without_spills():
-    """The one-pass prefill kernel (two 64-row wgmma tiles x 128 columns, the accumulator, the chunk's partial sums
-    and two sets of widened A fragments in registers) compiles for sm_90a without local-memory spills, within the 255
-    registers of one block of 256 threads per SM."""
+    """The one-pass prefill kernel (two 64-row wgmma tiles x 128 columns: the accumulator and the chunk's partial sums
+    in registers) compiles for sm_90a without local-memory spills, within the 255 registers of one block of 256
+    threads per SM, and without ptxas serializing its wgmmas for lack of registers (which it did with the weights in
+    registers and with a second, 64-column wgmma shape on the same partial sums)."""
     headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "fp4_slabs.cuh",
                "layer_index.cuh")  # fmt: skip
     log = _ptxas_log("fp4_grouped_kernels.cu", headers, "fp4_grouped_kernels")
     regs = [r for name, r in _ptxas_entries(log) if "fp4_grouped_kernel" in name]
     assert len(regs) == 1 and regs[0] <= 255, (regs, log[-2000:])
+    assert "serialized" not in log, log[-2000:]

@@ -9,15 +9,16 @@ Rows arrive sorted by expert (`dsv4_jax.moe.dispatch`), so rows sharing an exper
 (up to 8). A weight that is one layer of a stack (`LayerSlice`) is passed as the whole stack, its expert ids offset
 by `layer * E`: no copy. Numerics: the reference's up to the order of the fp32 sums (BUILD.md).
 
-Prefill sizes (at least `grouped_min_rows()` dispatched rows) take the grouped route instead, where the GEMV would read
-every expert's weights once per 8 of its rows. By default (`DSV4_FFI_FP4_PREFILL=fused`) that is our one-pass kernel
-`ffi_ops.fp4_grouped` (`ffi/csrc/fp4_grouped_kernels.cu`): tiles of 128 weight rows x up to 128 rows of one expert on
-wgmma, the weights widened to e4m3 in registers with each 32-block's scale folded in (exact for rows spanning at most
-11 binades), gate and up in one launch, then `swiglu_quant`, then down; no FP8 copy of the weights. `widen`: the
-previous route, the layer's experts widened to the FP8 weight format by `ffi_ops.fp4_widen` (one power-of-two scale
-per 128x128 tile) and run through the FP8 experts' DeepGEMM m-grouped contiguous GEMMs (`moe_fp8`), at the cost of a
-pass over the weights (3x the FP4 bytes) and a transient FP8 copy. Numerics of both: one fp32 promotion per 128 of K
-(the FP8 linears' numerics) instead of one per 32-block; BUILD.md has the measured difference.
+Prefill sizes (at least `grouped_min_rows()` dispatched rows) take the grouped route instead, where the GEMV would
+read every expert's weights once per 8 of its rows. Up to `FUSED_MAX_ROWS` rows (`prefill_kernel`) that is our
+one-pass kernel `ffi_ops.fp4_grouped` (`ffi/csrc/fp4_grouped_kernels.cu`): tiles of 128 weight rows x up to 128 rows
+of one expert on wgmma, the weights widened to e4m3 in shared memory with each 32-block's scale folded in (exact for
+rows spanning at most 11 binades), gate and up in one launch, then `swiglu_quant`, then down; no FP8 copy of the
+weights. Beyond that (measured faster there) the layer's experts are widened to the FP8 weight format by
+`ffi_ops.fp4_widen` (one power-of-two scale per 128x128 tile) and run through the FP8 experts' DeepGEMM m-grouped
+contiguous GEMMs (`moe_fp8`), at the cost of a pass over the weights (3x the FP4 bytes) and a transient FP8 copy.
+Numerics of both: one fp32 promotion per 128 of K (the FP8 linears' numerics) instead of one per 32-block; BUILD.md
+has the measured difference.
 """
 
 from __future__ import annotations
@@ -30,14 +31,19 @@ import jax.numpy as jnp
 from dsv4_jax.kernels import ffi_ops, moe_fp8
 from dsv4_jax.layer_view import LayerSlice, materialize, stacks_and_index
 
-__all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "prefill_kernel", "MAX_ROWS"]
+__all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "prefill_kernel", "MAX_ROWS",
+           "GROUPED_MIN_ROWS", "FUSED_MAX_ROWS"]  # fmt: skip
 
 # One block row per output row: CUDA's grid y dimension caps a launch at 65535 rows.
 MAX_ROWS = 65535
 
-# Dispatched rows from which the grouped route (widen to FP8 + grouped GEMM) replaces the GEMVs (BENCHMARKS.md,
-# "MXFP4 experts at prefill sizes"); DSV4_FFI_FP4_GROUPED_MIN_ROWS overrides it (0: never).
-GROUPED_MIN_ROWS = 2048
+# Dispatched rows from which the grouped route replaces the GEMVs, and above which its widen kernels replace the
+# one-pass kernel where DeepGEMM has the GEMMs (BENCHMARKS.md, "MXFP4 experts at prefill in one pass": one Flash
+# layer on an H200, the GEMVs 1.0 / 1.7 / 10.0 ms at 384 / 1,536 / 12,288 rows, the one-pass kernel 3.4 / 4.4 ms at
+# 384 / 12,288 and 9.5 ms at 49,152 where the widen route takes 8.0); DSV4_FFI_FP4_GROUPED_MIN_ROWS overrides the
+# first (0: never), DSV4_FFI_FP4_PREFILL=fused|widen the second.
+GROUPED_MIN_ROWS = 4096
+FUSED_MAX_ROWS = 24576
 
 
 def grouped_min_rows() -> int:
@@ -49,12 +55,15 @@ def grouped_min_rows() -> int:
     return int(v) or 1 << 62
 
 
-def prefill_kernel() -> str:
-    """The grouped route's kernels (trace time): "fused" (`fp4_grouped`, the default) or "widen" (`fp4_widen` + the
-    FP8 grouped GEMMs), from DSV4_FFI_FP4_PREFILL."""
-    v = os.environ.get("DSV4_FFI_FP4_PREFILL", "fused")
-    if v not in ("fused", "widen"):
-        raise ValueError(f"DSV4_FFI_FP4_PREFILL={v!r}: expected 'fused' or 'widen'")
+def prefill_kernel(rows: int | None = None) -> str:
+    """The grouped route's kernels for `rows` dispatched rows (trace time): "fused" (`fp4_grouped`) or "widen"
+    (`fp4_widen` + the FP8 grouped GEMMs). DSV4_FFI_FP4_PREFILL: "auto" (unset: fused up to `FUSED_MAX_ROWS`, widen
+    beyond), "fused" or "widen"."""
+    v = os.environ.get("DSV4_FFI_FP4_PREFILL", "auto")
+    if v not in ("auto", "fused", "widen"):
+        raise ValueError(f"DSV4_FFI_FP4_PREFILL={v!r}: expected 'auto', 'fused' or 'widen'")
+    if v == "auto":
+        return "fused" if rows is None or rows <= FUSED_MAX_ROWS else "widen"
     return v
 
 
@@ -81,10 +90,18 @@ def routed_experts_unsupported(x, expert, weight, group_sizes, weights, limit: f
 def _grouped_route(x, weights) -> bool:
     if x.shape[0] < grouped_min_rows():
         return False
-    e, inter, d = weights[0].shape[-3], weights[0].shape[-2], x.shape[-1]
-    if prefill_kernel() == "fused":
-        return inter % 128 == 0 and d % 128 == 0
-    return inter % 128 == 0 and moe_fp8.grouped_unsupported(x.shape[0], e, inter, d) is None
+    return _prefill_route(x, weights) is not None
+
+
+def _prefill_route(x, weights) -> str | None:
+    """The grouped route's kernels for these rows ("fused", "widen"), or None where neither can run them."""
+    rows, e, inter, d = x.shape[0], weights[0].shape[-3], weights[0].shape[-2], x.shape[-1]
+    if inter % 128 or d % 128:
+        return None
+    want = prefill_kernel(rows)
+    if want == "widen" and moe_fp8.grouped_unsupported(rows, e, inter, d) is not None:
+        return "fused" if os.environ.get("DSV4_FFI_FP4_PREFILL", "auto") == "auto" else None
+    return want
 
 
 def _fused(x, weight, group_sizes, weights, limit):
@@ -114,7 +131,7 @@ def widen_experts(weights):
 def routed_experts(x, expert, weight, group_sizes, weights, limit: float) -> jax.Array:
     """bf16 `[R, d]`: each dispatched row through its expert's clamped-SwiGLU MLP (rows with expert -1: zeros)."""
     if _grouped_route(x, weights):
-        if prefill_kernel() == "fused":
+        if _prefill_route(x, weights) == "fused":
             return _fused(x, weight, group_sizes, weights, limit)
         return moe_fp8.grouped(x, expert, weight, group_sizes, widen_experts(weights), limit)
     w1, s1, w3, s3, w2, s2 = weights

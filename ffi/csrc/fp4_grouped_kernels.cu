@@ -5,16 +5,18 @@
 //   out[r, n] = sum over 128-wide K chunks c of  sa[r, c] * sum_{k in c} qa[r, k] * W[e(r), n, k]
 //
 // qa, sa: the rows quantized to FP8 per 1x128 (act_quant, in the wgmma K order below). No FP8 copy of the weights
-// is made: the widening happens in registers, so a layer's experts are read once per 128-row token tile.
+// is made: the widening happens in shared memory, so a layer's experts are read once per 128-row token tile.
 //
-// Layout: "swap AB". A tile is 128 weight rows (two warpgroups, one wgmma M of 64 each) x up to 128 rows of one expert
-// (the wgmma N; a tile with at most 64 rows left runs N = 64), so an expert's rows are padded to 64 or 128 columns,
-// not to a row tile of a grouped GEMM. The weights are the A operand in registers: a warp's 16 rows of a chunk reach
-// shared memory by cp.async (as the wgb decode kernel stages them), ldmatrix hands lane (g, q) bytes 4q..4q+3 of each
-// 16-byte block, and a prmt table widens them to e4m3; the activation tile is the B operand (K-major core matrices, no
-// swizzle), copied as stored: act_quant's wgmma order puts element 8q + 4h + j of a 32-block at byte 16h + 4q + j,
-// the order the A fragments take the weights in. Blocks are persistent (one per SM), stream their tiles' chunks through
-// a kGStages-deep cp.async ring across tile boundaries, and widen the next chunk while the wgmma of this one runs.
+// Layout: "swap AB". A tile is 128 weight rows (two warpgroups, one wgmma M of 64 each) x 128 rows of one expert (the
+// wgmma N; a tile's rows past the expert's are computed on whatever follows and not stored), so an expert's rows are
+// padded to 128 columns, not to a row tile of a grouped GEMM. Per 128-wide K chunk: the weight bytes and scale words
+// reach shared memory by cp.async (rows at a conflict-free pitch, as the wgb decode kernel stages them), each warp
+// widens its 16 rows (ldmatrix, a prmt table) into its warpgroup's e4m3 A tile, and the activation chunk (the B
+// operand) comes by TMA in the 128-byte swizzle, its bytes as stored: act_quant's wgmma order puts element 8q + 4h +
+// j of a 32-block at byte 16h + 4q + j, the order the widening writes the weights in. Blocks are persistent (one per
+// SM) and stream their tiles' chunks through a kGStages-deep ring across tile boundaries; the next chunk is widened
+// while the wgmma of this one runs. (Measured in BENCHMARKS.md: the loop still waits on each step in turn, not on
+// bytes; a warp-specialized producer/consumer split is what it lacks.)
 //
 // Numerics (BUILD.md, "MXFP4 experts at prefill"): each row's 32-block scales are folded into the widening, relative
 // to the largest scale byte m the row has shown so far in the tile: q = e4m3(v * 2^(s - m + 6)), exact for s - m + 6
@@ -22,6 +24,7 @@
 // chunk's 4 k32 steps accumulate on the tensor core (FP8 accumulation inside 128 of K, as DeepGEMM's FP8 GEMMs and the
 // FP8 linears) before the fp32 promotion by the activation scale; when m grows the row's accumulator is rescaled by
 // the exact power of two. Out = acc * 2^(m - 133), rounded to bf16 once.
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -40,16 +43,50 @@ constexpr int kGTok = 128;                         // expert rows per tile (the 
 constexpr int kGStages = 5;                        // chunks in the ring
 constexpr int kGPitch = 80;                        // bytes per staged weight row (64 + 16): ldmatrix without conflicts
 constexpr int kGStepB = kGTok * 32;                // B bytes of one k32 step
-constexpr int kGOffAw = kGRows * kGPitch;          // the rows' scale words
-constexpr int kGOffB = kGOffAw + kGRows * 4;       // the activation chunk: 4 k32 steps
-constexpr int kGOffBs = kGOffB + 4 * kGStepB;      // the activation rows' scales of the chunk
+// A stage: the activation chunk first (TMA, 128-byte swizzle: 128 rows x 128 bytes, 1024-byte aligned), the weight
+// rows (cp.async, pitch kGPitch), their scale words, the activation rows' scales.
+constexpr int kGOffB = 0;
+constexpr int kGOffA = kGOffB + 4 * kGStepB;
+constexpr int kGOffAw = kGOffA + kGRows * kGPitch;
+constexpr int kGOffBs = kGOffAw + kGRows * 4;
 constexpr int kGStage = kGOffBs + kGTok * 4;
+constexpr int kGABytes = kGRows * 128;             // the widened (e4m3) weights of one chunk: wgmma's A
 constexpr int kGOutPitch = kGRows + 8;             // bf16 per staged output row
 constexpr int kGOutBytes = kGTok * kGOutPitch * 2;
-static_assert(kGOffB % 128 == 0 && kGStage % 128 == 0, "stage alignment");
+static_assert(kGStage % 1024 == 0 && kGABytes % 1024 == 0, "stage alignment (the swizzled TMA tile: 1024 bytes)");
 
 size_t grouped_smem_bytes(int64_t experts) {
-  return static_cast<size_t>(kGStages) * kGStage + kGOutBytes + static_cast<size_t>(experts + 1) * 8;
+  return 1024 + static_cast<size_t>(kGStages) * kGStage + 2 * kGABytes + 64 + kGOutBytes +
+         static_cast<size_t>(experts + 1) * 8;
+}
+
+// mbarrier and TMA pieces (sm_90 and later): the activation chunk's copy completes on a barrier per stage.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+
+// Descriptor of a K-major tile in the 128-byte swizzle TMA writes (8-row groups 1024 bytes apart).
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_byte_addr) {
+  return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
 }
 
 // 2^e exactly (e <= 127; 0 below 2^-149).
@@ -88,31 +125,16 @@ __device__ __forceinline__ int scale_max(uint32_t w) {
   return m;
 }
 
-// d (+)= A . B over one k32 step with 64 columns: A = the lane's 4 registers (e4m3), B through the descriptor.
-__device__ __forceinline__ void wgmma_m64n64k32(float* d, const uint32_t a[4], uint64_t desc, int accumulate) {
+// d (+)= A . B over one k32 step with 128 columns, both operands in shared memory (descriptors).
+__device__ __forceinline__ void wgmma_ss_m64n128k32(float* d, uint64_t a_desc, uint64_t b_desc, int accumulate) {
   DSV4_WGMMA(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-
-// d (+)= A . B over one k32 step with 128 columns: A = the lane's 4 registers (e4m3), B through the descriptor.
-__device__ __forceinline__ void wgmma_m64n128k32(float* d, const uint32_t a[4], uint64_t desc, int accumulate) {
-  DSV4_WGMMA(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+      "}, %64, %65, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -121,7 +143,7 @@ __device__ __forceinline__ void wgmma_m64n128k32(float* d, const uint32_t a[4], 
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
 }
 
 
@@ -157,38 +179,61 @@ struct GCtx {
   }
 };
 
-// The copies of chunk c of tile T into a stage (every thread: two 16-byte weight pieces, a scale word for threads <
-// 128, four 16-byte activation pieces and one activation scale for the tile's rows).
-__device__ __forceinline__ void load_chunk(const Fp4GroupedArgs& a, const GTile& T, int c, uint8_t* stage, int tid) {
-  const uint32_t st = smem_addr(stage);
-  const uint8_t* w = a.w[T.which];
-  const int64_t k = a.k;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int p = tid + kGThreads * i, row = p >> 2, part = p & 3;
-    const int64_t wr = T.wrow0 + row, kb = static_cast<int64_t>(c) * 64 + part * 16;
-    cp_async16_l2line(st + row * kGPitch + part * 16, w + (a.slabs ? slab_weight_offset(wr, kb, k) : wr * (k / 2) + kb));
-  }
-  if (tid < kGRows) {
-    const int64_t wr = T.wrow0 + tid;
-    cp_async4(st + kGOffAw + tid * 4, a.s[T.which] + (a.slabs ? slab_scale_offset(wr, c, k) : wr * (k / 32) + c * 4));
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // step i of the chunk; two threads per row: one 32-byte sector each
-    const int h = tid & 1, row = tid >> 1;
-    if (row < T.valid)
-      cp_async16(st + kGOffB + i * kGStepB + (row >> 3) * 256 + h * 128 + (row & 7) * 16,
-                 a.q + (T.r0 + row) * k + c * 128 + i * 32 + h * 16);
-  }
-  if (tid < T.valid) cp_async4(st + kGOffBs + tid * 4, a.sfa + c * a.sfa_pitch + T.r0 + tid);
-}
+// The block's copy stream: chunk after chunk of its tiles into the ring (every thread: two 16-byte weight pieces, a
+// scale word for threads < 128, four 16-byte activation pieces and an activation scale for the tile's rows). The
+// sources are set once per tile and move by one chunk per copy: no 64-bit division on the way.
+struct GLoader {
+  const uint8_t* w[2];  // this thread's two weight pieces of the current chunk
+  const uint8_t* s;     // its scale word (threads < 128)
+  const float* bs;      // its row's scale (threads < valid), or null
+  int32_t r0;           // the tile's first row (the activation chunk's TMA box)
+  int chunk, nch, stage;
 
-// This warp's A fragments of a staged chunk (rows row_base + g, + 8), each 32-block's scale folded in relative to
-// m_w, the rows' largest scale byte so far in the tile (updated here first).
-__device__ __forceinline__ void widen_chunk(const uint8_t* stage, int row_base, int lane, int m_w[2],
-                                            uint32_t (&a)[4][4]) {
-  const int mi = lane / 8, rr = lane % 8, gq = lane / 4;
-  const uint32_t at = smem_addr(stage) + (row_base + 8 * (mi % 2) + rr) * kGPitch + (mi / 2) * 16;
+  __device__ void start(const Fp4GroupedArgs& a, const GTile& T, int tid) {
+    const int64_t k = a.k, half_k = k / 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int p = tid + kGThreads * i, row = p >> 2, part = p & 3;
+      const int64_t wr = T.wrow0 + row;
+      w[i] = a.w[T.which] + (a.slabs ? slab_weight_offset(wr, part * 16, k) : wr * half_k + part * 16);
+    }
+    const int64_t wr = T.wrow0 + (tid & (kGRows - 1));
+    s = a.s[T.which] + (a.slabs ? slab_scale_offset(wr, 0, k) : wr * (k / 32));
+    bs = tid < T.valid ? a.sfa + T.r0 + tid : nullptr;
+    r0 = T.r0;
+    chunk = 0;
+  }
+
+  __device__ void copy(const Fp4GroupedArgs& a, uint8_t* ring, uint32_t bars, const CUtensorMap* tmap_b, int tid) {
+    const uint32_t st = smem_addr(ring + stage * kGStage);
+    if (tid == 0) {  // the activation chunk: 128 rows from r0 (rows past the tile's: not stored; past R: zeros)
+      mbar_expect_tx(bars + stage * 8, 4 * kGStepB);
+      tma_load_2d(st + kGOffB, tmap_b, chunk * 128, r0, bars + stage * 8);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int p = tid + kGThreads * i;
+      cp_async16_l2line(st + kGOffA + (p >> 2) * kGPitch + (p & 3) * 16, w[i]);
+      w[i] += a.slabs ? kFp4SlabRows * 64 : 64;
+    }
+    if (tid < kGRows) cp_async4(st + kGOffAw + tid * 4, s);
+    s += a.slabs ? kFp4SlabRows * 4 : 4;
+    if (bs != nullptr) {
+      cp_async4(st + kGOffBs + tid * 4, bs);
+      bs += a.sfa_pitch;
+    }
+    stage = stage == kGStages - 1 ? 0 : stage + 1;
+    ++chunk;
+  }
+};
+
+// This warp's 16 rows of a staged chunk widened to e4m3 into its warpgroup's A tile (a_wg: 4 k32 steps of 64 rows x
+// 32 bytes in 8 x 16-byte core matrices, the K order of the activation's wgmma order), each 32-block's scale folded in
+// relative to m_w, the rows' largest scale byte so far in the tile (updated here first).
+__device__ __forceinline__ void widen_chunk(const uint8_t* stage, int row_base, int ww, int lane, int m_w[2],
+                                            uint8_t* a_wg) {
+  const int mi = lane / 8, rr = lane % 8, gq = lane / 4, q = lane % 4;
+  const uint32_t at = smem_addr(stage + kGOffA) + (row_base + 8 * (mi % 2) + rr) * kGPitch + (mi / 2) * 16;
   uint32_t v[2][4];  // v[mm][2 m' + h]: row 8h + g, block 2 mm + m'
   ldmatrix_x4(at, v[0]);
   ldmatrix_x4(at + 32, v[1]);
@@ -206,22 +251,21 @@ __device__ __forceinline__ void widen_chunk(const uint8_t* stage, int row_base, 
       const int b = static_cast<int>((words[h] >> (8 * m)) & 0xFFu);
       uint32_t t0 = 0x7F7F7F7Fu, t1 = 0x7F7F7F7Fu;  // scale byte 255: NaN, as the reference's 2^128
       if (b != 255) fold_table(b - m_w[h] + 6, t0, t1);
-      e2m1x8_to_e4m3_tab(v[m / 2][2 * (m % 2) + h], t0, t1, a[m][h], a[m][h + 2]);
+      uint32_t lo, hi;
+      e2m1x8_to_e4m3_tab(v[m / 2][2 * (m % 2) + h], t0, t1, lo, hi);
+      uint8_t* core = a_wg + m * 2048 + (ww * 2 + h) * 256 + gq * 16 + 4 * q;
+      *reinterpret_cast<uint32_t*>(core) = lo;
+      *reinterpret_cast<uint32_t*>(core + 128) = hi;
     }
 }
 
-template <int N>
-__device__ __forceinline__ void mma_chunk(float (&d)[64], const uint32_t (&a)[4][4], uint32_t b_addr) {
+// One chunk of this warpgroup's tile: 4 k32 steps on the tensor cores, d starting from zero. (Always 128 columns:
+// an N = 64 variant writing d too makes ptxas serialize the wgmmas for lack of registers.)
+__device__ __forceinline__ void mma_chunk(float (&d)[64], uint32_t a_addr, uint32_t b_addr) {
   wgmma_fence();
 #pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    const uint64_t desc = wgmma_desc(b_addr + m * kGStepB, 128, 256);
-    if constexpr (N == 64) {
-      wgmma_m64n64k32(d, a[m], desc, m);
-    } else {
-      wgmma_m64n128k32(d, a[m], desc, m);
-    }
-  }
+  for (int m = 0; m < 4; ++m)
+    wgmma_ss_m64n128k32(d, wgmma_desc(a_addr + m * 2048, 128, 256), sw128_desc(b_addr + m * 32), m);
   wgmma_commit();
 }
 
@@ -270,16 +314,23 @@ __device__ __forceinline__ void store_out_tile(const Fp4GroupedArgs& a, const GT
   }
 }
 
-__global__ void __launch_bounds__(kGThreads, 1) fp4_grouped_kernel(const Fp4GroupedArgs a) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* ring = smem;
-  __nv_bfloat16* stg = reinterpret_cast<__nv_bfloat16*>(smem + kGStages * kGStage);
-  int32_t* tt_start = reinterpret_cast<int32_t*>(smem + kGStages * kGStage + kGOutBytes);
+__global__ void __launch_bounds__(kGThreads, 1)
+    fp4_grouped_kernel(const Fp4GroupedArgs a, const __grid_constant__ CUtensorMap tmap_b) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* ring = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the swizzled tiles: 1024-aligned
+  uint8_t* abuf = ring + kGStages * kGStage;  // two A tiles: the chunk in the tensor cores, the next one
+  const uint32_t bars = smem_addr(abuf + 2 * kGABytes);  // one mbarrier per stage: its activation chunk landed
+  __nv_bfloat16* stg = reinterpret_cast<__nv_bfloat16*>(abuf + 2 * kGABytes + 64);
+  int32_t* tt_start = reinterpret_cast<int32_t*>(abuf + 2 * kGABytes + 64 + kGOutBytes);
   int32_t* row_start = tt_start + a.experts + 1;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, q = lane % 4;
   const int row_base = (warp / 4) * 64 + (warp % 4) * 16;  // this warp's 16 weight rows in the tile
   const int64_t experts = a.experts, nch = a.k / 128;
 
+  if (tid == 0) {
+    for (int i = 0; i < kGStages; ++i) mbar_init(bars + i * 8, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+  }
   if (warp == 0) {  // each expert's first tile and first row: prefix sums, 32 experts a step
     int32_t run_t = 0, run_r = 0;
     for (int64_t e0 = 0; e0 < experts; e0 += 32) {
@@ -307,59 +358,69 @@ __global__ void __launch_bounds__(kGThreads, 1) fp4_grouped_kernel(const Fp4Grou
   const int64_t total = mine * nch;  // items: (tile, chunk) in stream order
 
   GTile pf{};
-  int64_t pf_j = 0;
-  auto issue = [&]() {  // item pf_j into its stage; an empty group past the end keeps the wait counts uniform
-    if (pf_j < total) {
-      const int64_t c = pf_j % nch;
-      if (c == 0) pf = ctx.tile(blockIdx.x + (pf_j / nch) * grid);
-      load_chunk(a, pf, static_cast<int>(c), ring + (pf_j % kGStages) * kGStage, tid);
+  GLoader ld{};
+  ld.nch = static_cast<int>(nch), ld.chunk = ld.nch;
+  int32_t pf_tile = blockIdx.x, pf_left = static_cast<int32_t>(total);
+  auto issue = [&]() {  // the next item into its stage; an empty group past the end keeps the wait counts uniform
+    if (pf_left > 0) {
+      if (ld.chunk == ld.nch) {
+        pf = ctx.tile(pf_tile);
+        pf_tile += grid;
+        ld.start(a, pf, tid);
+      }
+      ld.copy(a, ring, bars, &tmap_b, tid);
+      --pf_left;
     }
     cp_async_commit();
-    ++pf_j;
   };
 #pragma unroll 1
   for (int s = 0; s < kGStages - 1; ++s) issue();
 
   if (total > 0) {
+    const int wg = warp / 4, ww = warp % 4;
     float acc[64], d[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f, d[i] = 0.f;
-    uint32_t frag[2][4][4];
-    int m_w[2] = {-1024, -1024}, m_of[2][2], m_acc[2] = {-1024, -1024};
+    int m_w[2] = {-1024, -1024}, m_cur[2], m_nxt[2] = {0, 0}, m_acc[2] = {-1024, -1024};
     GTile cur = ctx.tile(blockIdx.x);
+    int32_t cur_tile = blockIdx.x;
     cp_async_wait<kGStages - 2>();
     __syncthreads();
-    widen_chunk(ring, row_base, lane, m_w, frag[0]);
-    m_of[0][0] = m_w[0], m_of[0][1] = m_w[1];
+    widen_chunk(ring, row_base, ww, lane, m_w, abuf + wg * (kGABytes / 2));
+    DSV4_WGMMA("fence.proxy.async.shared::cta;\n" ::: "memory");  // the A tile, visible to wgmma's async proxy
+    m_cur[0] = m_w[0], m_cur[1] = m_w[1];
+    int c = 0, st = 0;  // item i's chunk and stage
+    uint32_t phase = 0;  // the parity item i's stage barrier completes with
 
-    // Item i: its wgmma on frag[i % 2] (widened during item i - 1), the ring's next copies, the widening of item i + 1
-    // into the other buffer while the tensor cores run, then the promotion (and the tile's store after its last chunk).
-    auto step = [&](int64_t i, uint32_t (&use)[4][4], uint32_t (&fill)[4][4], const int (&m_use)[2], int (&m_fill)[2]) {
-      const int c = static_cast<int>(i % nch);
-      if (c == 0 && i > 0) cur = ctx.tile(blockIdx.x + (i / nch) * grid);
-      const uint8_t* st = ring + (i % kGStages) * kGStage;
-      const bool narrow = cur.valid <= 64;
-      if (narrow) {
-        mma_chunk<64>(d, use, smem_addr(st + kGOffB));
-      } else {
-        mma_chunk<128>(d, use, smem_addr(st + kGOffB));
-      }
-      cp_async_wait<kGStages - 3>();  // item i + 1 landed (this thread's copies) ...
-      __syncthreads();                // ... everyone's, and every thread is done with item i - 1's stage
+    // Item i: the barrier (item i + 1's copies landed, item i's A tile written, item i - 1's stage free), the ring's
+    // next copies, item i's wgmma (A tile i % 2), the widening of item i + 1 into the other A tile while the tensor
+    // cores run, then the promotion (and the tile's store after its last chunk).
+#pragma unroll 1
+    for (int32_t i = 0; i < static_cast<int32_t>(total); ++i) {
+      const int par = static_cast<int>(i & 1);
+      cp_async_wait<kGStages - 3>();
+      __syncthreads();
       issue();
+      const uint8_t* stage = ring + st * kGStage;
+      const bool narrow = cur.valid <= 64;
+      const uint32_t a_addr = smem_addr(abuf + par * kGABytes + wg * (kGABytes / 2));
+      mbar_wait(bars + st * 8, phase);  // its activation chunk
+      mma_chunk(d, a_addr, smem_addr(stage + kGOffB));
+      const int st_next = st == kGStages - 1 ? 0 : st + 1;
       if (i + 1 < total) {
-        if ((i + 1) % nch == 0) m_w[0] = m_w[1] = -1024;  // a new tile: new rows
-        widen_chunk(ring + ((i + 1) % kGStages) * kGStage, row_base, lane, m_w, fill);
-        m_fill[0] = m_w[0], m_fill[1] = m_w[1];
+        if (c == nch - 1) m_w[0] = m_w[1] = -1024;  // the next item starts a tile: new rows
+        widen_chunk(ring + st_next * kGStage, row_base, ww, lane, m_w, abuf + (par ^ 1) * kGABytes + wg * (kGABytes / 2));
+        DSV4_WGMMA("fence.proxy.async.shared::cta;\n" ::: "memory");
+        m_nxt[0] = m_w[0], m_nxt[1] = m_w[1];
       }
       wgmma_wait0();
 #pragma unroll
       for (int j = 0; j < 64; ++j) reg_fence(d[j]);
-      const float* bs = reinterpret_cast<const float*>(st + kGOffBs);
+      const float* bs = reinterpret_cast<const float*>(stage + kGOffBs);
       if (narrow) {
-        promote<64>(acc, d, bs, q, m_use, m_acc);
+        promote<64>(acc, d, bs, q, m_cur, m_acc);
       } else {
-        promote<128>(acc, d, bs, q, m_use, m_acc);
+        promote<128>(acc, d, bs, q, m_cur, m_acc);
       }
       if (c == nch - 1) {
         if (narrow) {
@@ -370,12 +431,15 @@ __global__ void __launch_bounds__(kGThreads, 1) fp4_grouped_kernel(const Fp4Grou
 #pragma unroll
         for (int j = 0; j < 64; ++j) acc[j] = 0.f;
         m_acc[0] = m_acc[1] = -1024;
+        c = 0;
+        cur_tile += grid;
+        if (i + 1 < total) cur = ctx.tile(cur_tile);
+      } else {
+        ++c;
       }
-    };
-#pragma unroll 1
-    for (int64_t i = 0; i < total; i += 2) {
-      step(i, frag[0], frag[1], m_of[0], m_of[1]);
-      if (i + 1 < total) step(i + 1, frag[1], frag[0], m_of[1], m_of[0]);
+      phase ^= st_next == 0 ? 1u : 0u;
+      st = st_next;
+      m_cur[0] = m_nxt[0], m_cur[1] = m_nxt[1];
     }
   }
   cp_async_wait<0>();
@@ -404,9 +468,13 @@ cudaError_t launch_fp4_grouped(const Fp4GroupedArgs& a, cudaStream_t stream) {
   const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(fp4_grouped_kernel), &err);
   if (limit < 0) return err;
   if (smem > static_cast<size_t>(limit)) return cudaErrorInvalidValue;  // the handler checks fp4_grouped_smem first
+  // The activation rows in boxes of 128 rows x one 128-byte chunk, 128-byte swizzle (wgmma's K-major SW128 tile).
+  CUtensorMap tmap_b;
+  if (!make_tma_2d(&tmap_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.q, a.k, a.rows, a.k, 128, kGTok, 128, "q").empty())
+    return cudaErrorInvalidValue;
   int major = 0, sms = 0;
   device_info(&major, &major, &sms);
-  fp4_grouped_kernel<<<sms, kGThreads, smem, stream>>>(a);
+  fp4_grouped_kernel<<<sms, kGThreads, smem, stream>>>(a, tmap_b);
   return cudaGetLastError();
 }
 

@@ -15,50 +15,6 @@
 namespace dsv4ffi {
 namespace {
 
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiledFn encode_fn() {
-  static EncodeTiledFn fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      p = nullptr;
-    return reinterpret_cast<EncodeTiledFn>(p);
-  }();
-  return fn;
-}
-
-CUtensorMapSwizzle swizzle_of(uint32_t bytes) {
-  switch (bytes) {
-    case 128: return CU_TENSOR_MAP_SWIZZLE_128B;
-    case 64: return CU_TENSOR_MAP_SWIZZLE_64B;
-    case 32: return CU_TENSOR_MAP_SWIZZLE_32B;
-    default: return CU_TENSOR_MAP_SWIZZLE_NONE;
-  }
-}
-
-// A 2-D row-major tensor [outer, inner] with `outer_stride` bytes between rows, read in boxes [box_outer, box_inner].
-std::string make_2d(CUtensorMap* m, CUtensorMapDataType dt, const void* base, uint64_t inner, uint64_t outer,
-                    uint64_t outer_stride, uint32_t box_inner, uint32_t box_outer, uint32_t swizzle,
-                    const char* what) {
-  auto fn = encode_fn();
-  if (fn == nullptr) return "cuTensorMapEncodeTiled is unavailable (driver too old?)";
-  const cuuint64_t dims[2] = {inner, outer};
-  const cuuint64_t strides[1] = {outer_stride};
-  const cuuint32_t box[2] = {box_inner, box_outer};
-  const cuuint32_t estr[2] = {1, 1};
-  const CUresult r = fn(m, dt, 2, const_cast<void*>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        swizzle_of(swizzle), CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    return std::string("cuTensorMapEncodeTiled failed for ") + what + " (CUresult " + std::to_string(int(r)) +
-           "; base " + std::to_string(reinterpret_cast<uintptr_t>(base)) + ", dims " + std::to_string(inner) + "x" +
-           std::to_string(outer) + ", stride " + std::to_string(outer_stride) + ")";
-  return "";
-}
-
 }  // namespace
 
 bool tma_multicast_enabled() {
@@ -108,15 +64,15 @@ std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stre
   std::string err;
   const uint32_t swz_d = e.swizzle_d;
   const uint32_t d_box_n = swz_d == 0 ? e.block_n : swz_d / 2;
-  if (!(err = make_2d(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.a, e.k, a.a_rows, e.k, 128, e.block_m, 128, "A")).empty())
+  if (!(err = make_tma_2d(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.a, e.k, a.a_rows, e.k, 128, e.block_m, 128, "A")).empty())
     return err;
-  if (!(err = make_2d(&tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.b, e.k, uint64_t(e.n) * e.g, e.k, 128, e.block_n, 128,
+  if (!(err = make_tma_2d(&tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.b, e.k, uint64_t(e.n) * e.g, e.k, 128, e.block_n, 128,
                       "B")).empty())
     return err;
-  if (!(err = make_2d(&td, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.d, e.n, a.a_rows, uint64_t(e.n) * 2, d_box_n,
+  if (!(err = make_tma_2d(&td, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.d, e.n, a.a_rows, uint64_t(e.n) * 2, d_box_n,
                       e.block_m, swz_d, "D")).empty())
     return err;
-  if (!(err = make_2d(&tsfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.sfa, a.sf_pitch, uint64_t(e.k / 128) * a.sf_groups,
+  if (!(err = make_tma_2d(&tsfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.sfa, a.sf_pitch, uint64_t(e.k / 128) * a.sf_groups,
                       a.sf_pitch * 4, e.block_m, 1, 0, "SFA")).empty())
     return err;
   float* sfb = const_cast<float*>(a.sfb);

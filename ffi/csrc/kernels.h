@@ -1,5 +1,6 @@
 // Host entry points of the CUDA kernels of the dsv4_jax FFI extension (no XLA types here).
 #pragma once
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -363,5 +364,10 @@ void device_info(int* major, int* minor, int* sms);
 int dynamic_smem_limit(const void* kernel, cudaError_t* err);
 // blocks of a kernel resident per SM at `threads` and `smem` bytes of dynamic shared memory (at least 1).
 int resident_blocks(const void* kernel, int threads, size_t smem);
+// A TMA descriptor of a 2-D row-major tensor [outer, inner] with `outer_stride` bytes between rows, read in boxes
+// [box_outer, box_inner] (swizzle: 0, 32, 64 or 128 bytes). Returns "" or what failed, naming `what`.
+std::string make_tma_2d(CUtensorMap* m, CUtensorMapDataType dt, const void* base, uint64_t inner, uint64_t outer,
+                        uint64_t outer_stride, uint32_t box_inner, uint32_t box_outer, uint32_t swizzle,
+                        const char* what);
 
 }  // namespace dsv4ffi
