@@ -75,7 +75,8 @@ def test_fp4_widen_slabs_equal_stored(ffi, stacked):
 
 def test_fp4_experts_slabs_through_both_routes(ffi, monkeypatch):
     """`moe_fp4.routed_experts` on layer 1 of a 2-layer stack in slabs (the model's layer loop after `prepare_params`)
-    equals the stored layout bit for bit on the GEMV route (decode) and the grouped route (widen + grouped GEMMs)."""
+    equals the stored layout bit for bit on the GEMV route (decode) and on both kernels of the grouped route (the
+    one-pass `fp4_grouped`; widen + grouped GEMMs)."""
     from dsv4_jax.kernels import moe_fp4
     from dsv4_jax.layer_view import LayerSlice
 
@@ -95,8 +96,11 @@ def test_fp4_experts_slabs_through_both_routes(ffi, monkeypatch):
         poison()
         return bits(fn(xr, ws)), fn.lower(xr, ws).as_text()
 
-    for min_rows, marker in (("0", "dsv4_fp4_moe_gate_up"), (str(len(rows)), "dsv4_fp4_widen")):
+    routes = [("0", "auto", "dsv4_fp4_moe_gate_up"), (str(len(rows)), "fused", "dsv4_fp4_grouped_pair"),
+              (str(len(rows)), "widen", "dsv4_fp4_widen")]  # fmt: skip
+    for min_rows, prefill, marker in routes:
         monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", min_rows)
+        monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", prefill)
         (a, hlo), (b, _) = run(slabs), run(stored)
         assert marker in hlo
         np.testing.assert_array_equal(a, b, err_msg=f"route of {marker}: slabs differ from the stored layout")

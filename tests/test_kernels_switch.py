@@ -377,7 +377,7 @@ def test_fp4_grouped_route_knob(monkeypatch):
     from dsv4_jax.kernels import moe_fp4
 
     monkeypatch.delenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", raising=False)
-    assert moe_fp4.grouped_min_rows() == moe_fp4.GROUPED_MIN_ROWS == 4096
+    assert moe_fp4.grouped_min_rows() == moe_fp4.GROUPED_MIN_ROWS == 5120
     monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "512")
     assert moe_fp4.grouped_min_rows() == 512
     monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "0")

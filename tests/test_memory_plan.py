@@ -141,32 +141,41 @@ def test_whole_prompt_prefill_is_bounded_by_the_indexer():
 
 
 def test_fp4_prefill_counts_the_widened_experts(monkeypatch):
-    """From `moe_fp4.grouped_min_rows()` dispatched rows the MXFP4 experts run the grouped route, which widens this
-    device's experts of the layer to FP8 (e4m3 bytes + tile scales): 128 experts x 3 x 2048 x 4096 B = 3.2 GB per
-    device for Flash at expert=2. The plan's MoE phase counts it from that row count on, not below it."""
+    """Beyond `moe_fp4.FUSED_MAX_ROWS` dispatched rows the MXFP4 experts' grouped route widens this device's experts
+    of the layer to FP8 (e4m3 bytes + tile scales): 128 experts x 3 x 2048 x 4096 B = 3.2 GB per device for Flash at
+    expert=2. The plan's MoE phase counts it from that row count on, not below it (the one-pass kernel needs no copy),
+    nor with the one-pass kernel forced (DSV4_FFI_FP4_PREFILL=fused) or the grouped route switched off."""
+    from dsv4_jax.kernels.moe_fp4 import FUSED_MAX_ROWS
     from dsv4_jax.parallel.workspace import step_workspace
 
+    monkeypatch.delenv("DSV4_FFI_FP4_PREFILL", raising=False)
+    monkeypatch.delenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", raising=False)
     cfg = Config.flash()
     widened = 128 * 3 * 2048 * 4096
-    below = step_workspace(cfg, 1, 2048 // 6, 4096, expert_split=2)["moe"]  # 2046 dispatched rows
-    above = step_workspace(cfg, 1, 2048 // 6 + 1, 4096, expert_split=2)["moe"]  # 2052
+    t = FUSED_MAX_ROWS // 6  # the last token count whose rows the one-pass kernel takes
+    below = step_workspace(cfg, 1, t, 4096, expert_split=2)["moe"]
+    above = step_workspace(cfg, 1, t + 1, 4096, expert_split=2)["moe"]
     assert widened < above - below < 1.01 * widened + 2**20
+    monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", "fused")
+    assert step_workspace(cfg, 1, t + 1, 4096, expert_split=2)["moe"] - below < 2**20
+    monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", "widen")
+    assert step_workspace(cfg, 1, t, 4096, expert_split=2)["moe"] - below > widened
     monkeypatch.setenv("DSV4_FFI_FP4_GROUPED_MIN_ROWS", "0")  # the route switched off
-    assert step_workspace(cfg, 1, 2048 // 6 + 1, 4096, expert_split=2)["moe"] - below < 2**20
+    assert step_workspace(cfg, 1, t + 1, 4096, expert_split=2)["moe"] - below < 2**20
     assert step_workspace(Config.flash(expert_dtype="fp8"), 1, 4096, 4096, expert_split=2)["moe"] < widened
 
 
 def test_full_size_targets():
     """Issue #15: V4-Flash on 2 x H200 (EP=2) fits with either preset. Issue #17: V4-Pro on 8 x H200 wants the
     attention weights split too (ep-tp): with everything but the experts replicated, 124 GiB of weights leave room
-    for prompts of under 4K tokens in one step (the MXFP4 experts' grouped prefill route widens a layer's local
-    experts to FP8: 3.2 GiB more)."""
+    for prompts of only ~4.6K tokens in one step (up to there the MXFP4 experts' one-pass prefill kernel needs no FP8
+    copy of a layer's experts; the widen route beyond 5,461 tokens would take 3.2 GiB more)."""
     flash = {r: memory_plan(Config.flash(), {"expert": 2}, rules_preset(r), context=4096) for r in ("ep", "ep-tp")}
     assert all(p.fits for p in flash.values())
     assert 75 * GiB < flash["ep-tp"].weights < flash["ep"].weights < 80 * GiB
     pro = {r: memory_plan(Config.pro(), {"expert": 8}, rules_preset(r), context=4096) for r in ("ep", "ep-tp")}
-    assert pro["ep-tp"].fits and not pro["ep"].fits
-    assert 2048 < pro["ep"].max_context < 4096 < 16384 < pro["ep-tp"].max_context
+    assert pro["ep-tp"].fits and pro["ep"].fits
+    assert 4096 < pro["ep"].max_context < 6144 < 16384 < pro["ep-tp"].max_context
     assert pro["ep-tp"].weights < 110 * GiB < 120 * GiB < pro["ep"].weights
 
 

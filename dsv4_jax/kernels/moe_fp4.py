@@ -38,12 +38,13 @@ __all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "
 MAX_ROWS = 65535
 
 # Dispatched rows from which the grouped route replaces the GEMVs, and above which its widen kernels replace the
-# one-pass kernel where DeepGEMM has the GEMMs (BENCHMARKS.md, "MXFP4 experts at prefill in one pass": one Flash
-# layer on an H200, the GEMVs 1.0 / 1.7 / 10.0 ms at 384 / 1,536 / 12,288 rows, the one-pass kernel 3.4 / 4.4 ms at
-# 384 / 12,288 and 9.5 ms at 49,152 where the widen route takes 8.0); DSV4_FFI_FP4_GROUPED_MIN_ROWS overrides the
-# first (0: never), DSV4_FFI_FP4_PREFILL=fused|widen the second.
-GROUPED_MIN_ROWS = 4096
-FUSED_MAX_ROWS = 24576
+# one-pass kernel where DeepGEMM has the GEMMs. One Flash layer on an H200 (BENCHMARKS.md, "MXFP4 experts at prefill
+# in one pass", gate/up in slabs): the GEMVs 2.7 / 10.0 ms at 3,072 / 12,288 rows, the one-pass kernel 4.4-4.5 ms over
+# 3,072..12,288 rows, 5.0 at 24,576 and 9.5 at 49,152, the widen route 6.3 and 8.0 there: the lines cross near
+# 5,300 and 36,000 rows (interpolated). DSV4_FFI_FP4_GROUPED_MIN_ROWS overrides the first (0: never),
+# DSV4_FFI_FP4_PREFILL=fused|widen the second.
+GROUPED_MIN_ROWS = 5120
+FUSED_MAX_ROWS = 32768
 
 
 def grouped_min_rows() -> int:

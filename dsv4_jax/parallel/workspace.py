@@ -25,7 +25,7 @@ the head's `[vocab, dim]` bf16 weight that only the CPU backend makes (it upcast
 from __future__ import annotations
 
 from dsv4_jax.config import Config
-from dsv4_jax.kernels.moe_fp4 import grouped_min_rows
+from dsv4_jax.kernels.moe_fp4 import grouped_min_rows, prefill_kernel
 from dsv4_jax.ops.experts import PER_ROW_ELEMENTS
 
 __all__ = ["step_workspace", "QUERY_CHUNK", "KEY_TILE"]
@@ -100,11 +100,12 @@ def step_workspace(cfg: Config, rows: int, k: int, n: int, *, heads_split: int =
     r = t * topk
     out["moe"] = (r * (d * BF16 + 2 * inter * F32 + inter * BF16 + d * BF16) + t * d * F32
                   + t * inter * cfg.n_shared_experts * 2 * F32)  # fmt: skip
-    # The MXFP4 experts' grouped route (the kernels', from `grouped_min_rows()` dispatched rows): this device's
-    # experts of the layer widened to the FP8 weight format, e4m3 bytes and f32 128 x 128 tile scales (3.2 GB per
-    # device for Flash at expert=2), alive through the layer's grouped GEMMs.
+    # The MXFP4 experts' grouped route where it widens (the kernels', from `grouped_min_rows()` dispatched rows and
+    # beyond what the one-pass kernel takes, `prefill_kernel`): this device's experts of the layer widened to the FP8
+    # weight format, e4m3 bytes and f32 128 x 128 tile scales (3.2 GB per device for Flash at expert=2), alive
+    # through the layer's grouped GEMMs. (The one-pass kernel needs no copy of the weights.)
     per_row = 3 * inter * d
-    if cfg.expert_dtype == "fp4" and r >= grouped_min_rows():
+    if cfg.expert_dtype == "fp4" and r >= grouped_min_rows() and prefill_kernel(r) == "widen":
         out["moe"] += cfg.n_routed_experts // expert_split * per_row * (1 + F32 / (128 * 128))
     # The head's fp32 logits (each row's last token, or all k) and the sampler's softmax of them.
     out["head"] = rows * (k if logits_all else 1) * cfg.vocab_size * F32 * 2
