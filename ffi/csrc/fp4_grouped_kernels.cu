@@ -304,7 +304,8 @@ __device__ __forceinline__ void store_out_tile(const Fp4GroupedArgs& a, const GT
     for (int c = 0; c < 2; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        stg[(8 * j + 2 * q + c) * kGOutPitch + row_base + gq + 8 * h] = __float2bfloat16_rn(acc[4 * j + 2 * h + c] * rs[h]);
+        stg[(8 * j + 2 * q + c) * kGOutPitch + row_base + gq + 8 * h] =
+            __float2bfloat16_rn(acc[4 * j + 2 * h + c] * rs[h]);
   __syncthreads();
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(a.out[T.which]);
   for (int i = tid; i < T.valid * 16; i += kGThreads) {
@@ -409,7 +410,8 @@ __global__ void __launch_bounds__(kGThreads, 1)
       const int st_next = st == kGStages - 1 ? 0 : st + 1;
       if (i + 1 < total) {
         if (c == nch - 1) m_w[0] = m_w[1] = -1024;  // the next item starts a tile: new rows
-        widen_chunk(ring + st_next * kGStage, row_base, ww, lane, m_w, abuf + (par ^ 1) * kGABytes + wg * (kGABytes / 2));
+        uint8_t* a_next = abuf + (par ^ 1) * kGABytes + wg * (kGABytes / 2);
+        widen_chunk(ring + st_next * kGStage, row_base, ww, lane, m_w, a_next);
         DSV4_WGMMA("fence.proxy.async.shared::cta;\n" ::: "memory");
         m_nxt[0] = m_w[0], m_nxt[1] = m_w[1];
       }

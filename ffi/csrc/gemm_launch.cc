@@ -64,16 +64,17 @@ std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stre
   std::string err;
   const uint32_t swz_d = e.swizzle_d;
   const uint32_t d_box_n = swz_d == 0 ? e.block_n : swz_d / 2;
-  if (!(err = make_tma_2d(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.a, e.k, a.a_rows, e.k, 128, e.block_m, 128, "A")).empty())
+  if (!(err = make_tma_2d(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.a, e.k, a.a_rows, e.k, 128, e.block_m, 128, "A"))
+           .empty())
     return err;
   if (!(err = make_tma_2d(&tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.b, e.k, uint64_t(e.n) * e.g, e.k, 128, e.block_n, 128,
-                      "B")).empty())
+                          "B")).empty())
     return err;
   if (!(err = make_tma_2d(&td, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.d, e.n, a.a_rows, uint64_t(e.n) * 2, d_box_n,
-                      e.block_m, swz_d, "D")).empty())
+                          e.block_m, swz_d, "D")).empty())
     return err;
   if (!(err = make_tma_2d(&tsfa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.sfa, a.sf_pitch, uint64_t(e.k / 128) * a.sf_groups,
-                      a.sf_pitch * 4, e.block_m, 1, 0, "SFA")).empty())
+                          a.sf_pitch * 4, e.block_m, 1, 0, "SFA")).empty())
     return err;
   float* sfb = const_cast<float*>(a.sfb);
   int* layout = const_cast<int*>(reinterpret_cast<const int*>(a.layout));

@@ -259,11 +259,13 @@ ffi::Error Fp4WidenImpl(cudaStream_t stream, ffi::AnyBuffer w, ffi::AnyBuffer s,
 // One projection (out_b null) or two of the same shape (gate and up: w_b, s_b, out_b) of the grouped route.
 ffi::Error fp4_grouped(cudaStream_t stream, const std::string& op, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> sfa,
                        ffi::Buffer<ffi::S32> group_sizes, ffi::Buffer<ffi::S32> layer,
-                       const ffi::AnyBuffer* w[2], const ffi::AnyBuffer* s[2], ffi::Result<ffi::Buffer<ffi::BF16>>* out[2]) {
+                       const ffi::AnyBuffer* w[2], const ffi::AnyBuffer* s[2],
+                       ffi::Result<ffi::Buffer<ffi::BF16>>* out[2]) {
   if (!is_e4m3(q) || q.dimensions().size() != 2) return bad(op, "q " + shape_str(q) + " must be float8_e4m3fn [R, K]");
   const int64_t rows = dim(q, 0), k = dim(q, 1);
   const size_t nd = w[0]->dimensions().size();
-  if (nd != 3 && nd != 4) return bad(op, "weight " + shape_str(*w[0]) + " is not [E, N, K/2] or a stack [L, E, N, K/2]");
+  if (nd != 3 && nd != 4)
+    return bad(op, "weight " + shape_str(*w[0]) + " is not [E, N, K/2] or a stack [L, E, N, K/2]");
   const int64_t layers = nd == 4 ? dim(*w[0], 0) : 1, e = dim(*w[0], -3), n = dim(*w[0], -2);
   const bool slabs = s[0]->element_type() == ffi::DataType::U32;  // the slab layout (kernels.h)
   for (int i = 0; i < 2 && w[i] != nullptr; ++i) {
@@ -271,10 +273,11 @@ ffi::Error fp4_grouped(cudaStream_t stream, const std::string& op, ffi::AnyBuffe
     if (w[i]->element_type() != ffi::DataType::U8) return bad(op, which + "weight must be uint8 (packed e2m1)");
     if (w[i]->dimensions().size() != nd || dim(*w[i], -3) != e || dim(*w[i], -2) != n || 2 * dim(*w[i], -1) != k ||
         (nd == 4 && dim(*w[i], 0) != layers))
-      return bad(op, which + "weight " + shape_str(*w[i]) + " does not match q " + shape_str(q) + " and the first weight " +
-                         shape_str(*w[0]));
+      return bad(op, which + "weight " + shape_str(*w[i]) + " does not match q " + shape_str(q) +
+                         " and the first weight " + shape_str(*w[0]));
     if ((s[i]->element_type() == ffi::DataType::U32) != slabs || (!slabs && !is_e8m0_bytes(*s[i])))
-      return bad(op, which + "scales must be float8_e8m0fnu or uint8 bytes (or uint32 words: the slab layout), as the first");
+      return bad(op, which + "scales must be float8_e8m0fnu or uint8 bytes (or uint32 words: the slab layout), "
+                             "as the first");
     if (s[i]->element_count() != layers * e * n * (k / (slabs ? 128 : 32)))
       return bad(op, which + "scales " + shape_str(*s[i]) + " do not match the weight " + shape_str(*w[i]));
     if (!aligned16(w[i]->untyped_data()) || (reinterpret_cast<uintptr_t>(s[i]->untyped_data()) & 3u) != 0)
@@ -288,7 +291,8 @@ ffi::Error fp4_grouped(cudaStream_t stream, const std::string& op, ffi::AnyBuffe
   if (sfa.element_count() != (k / 128) * pitch || pitch < rows || pitch % 4)
     return bad(op, "sfa " + shape_str(sfa) + " must be f32 [1, K/128, P] with P >= R a multiple of 4 (act_quant_rows)");
   if (group_sizes.element_count() != e)
-    return bad(op, "group_sizes " + shape_str(group_sizes) + " must have one count per expert (" + std::to_string(e) + ")");
+    return bad(op, "group_sizes " + shape_str(group_sizes) + " must have one count per expert (" +
+                       std::to_string(e) + ")");
   if (layer.element_count() > 1 || (nd == 4 && layer.element_count() != 1))
     return bad(op, "a layer stack needs one layer index (and a plain weight none)");
   if (!aligned16(q.untyped_data())) return bad(op, "q must be 16-byte aligned");
