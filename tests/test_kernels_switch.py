@@ -200,16 +200,15 @@ def _cached_compile(cmd: list[str], sources: list[pathlib.Path], out_name: str) 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
 def test_wrappers_call_only_exported_handlers():
-    """Every FFI target the Python wrappers call is in the extension's handler list (handlers.h), and the set that
-    `ffi_ops.load` demands of an installed build is exactly the targets the wrappers call."""
+    """Every FFI target the Python wrappers (`kernels/ffi_*.py`) call is in the extension's handler list (handlers.h),
+    and the set that `ffi_ops.load` demands of an installed build is exactly the targets the wrappers call."""
     import re
 
     from dsv4_jax.kernels import ffi_ops
 
     exported = set(re.findall(r"X\((dsv4_\w+)\)", (FFI / "csrc" / "handlers.h").read_text()))
-    called = set(
-        re.findall(r'(?:ffi_call|_gemv_layer_call)\(\s*"(dsv4_\w+)"', pathlib.Path(ffi_ops.__file__).read_text())
-    )
+    wrappers = "".join(p.read_text() for p in pathlib.Path(ffi_ops.__file__).parent.glob("ffi_*.py"))
+    called = set(re.findall(r'(?:ffi_call|_gemv_layer_call)\(\s*"(dsv4_\w+)"', wrappers))
     assert "dsv4_fp8_gemv_pair" in called and called <= exported, called - exported
     assert {"dsv4_fp4_gemv", "dsv4_fp4_moe_gate_up", "dsv4_fp4_moe_down"} <= called
     assert ffi_ops.HANDLERS == called
