@@ -1,15 +1,12 @@
 """CPU tests of the MXFP4 experts' prefill route (`dsv4_jax.kernels.moe_fp4`): which kernels the grouped route lowers
-to under DSV4_FFI_FP4_PREFILL, and that the one-pass kernel (`ffi/csrc/fp4_grouped_kernels.cu`) compiles for sm_90a
-without spills. Its numerics are GPU tests (tests/test_fp4_prefill_gpu.py)."""
+to under DSV4_FFI_FP4_PREFILL. The one-pass kernel's compile check is in tests/test_kernel_ptxas.py, its numerics
+are GPU tests (tests/test_fp4_prefill_gpu.py)."""
 
 from __future__ import annotations
-
-import shutil
 
 import jax
 import jax.numpy as jnp
 import pytest
-from test_kernels_switch import _ptxas_entries, _ptxas_log
 
 from dsv4_jax.layer_view import LayerSlice
 
@@ -64,17 +61,3 @@ def test_fused_prefill_route_lowers_to_one_pass_kernels(monkeypatch):
     monkeypatch.setenv("DSV4_FFI_FP4_PREFILL", "fast")
     with pytest.raises(ValueError, match="DSV4_FFI_FP4_PREFILL='fast'"):
         moe_fp4.prefill_kernel(96)
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
-def test_fp4_grouped_kernel_compiles_for_sm90a_without_spills():
-    """The one-pass prefill kernel (two 64-row wgmma tiles x 128 columns: the accumulator and the chunk's partial sums
-    in registers) compiles for sm_90a without local-memory spills, within the 255 registers of one block of 256
-    threads per SM, and without ptxas serializing its wgmmas for lack of registers (which it did with the weights in
-    registers and with a second, 64-column wgmma shape on the same partial sums)."""
-    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "fp4_slabs.cuh",
-               "layer_index.cuh")  # fmt: skip
-    log = _ptxas_log("fp4_grouped_kernels.cu", headers, "fp4_grouped_kernels")
-    regs = [r for name, r in _ptxas_entries(log) if "fp4_grouped_kernel" in name]
-    assert len(regs) == 1 and regs[0] <= 255, (regs, log[-2000:])
-    assert "serialized" not in log, log[-2000:]
