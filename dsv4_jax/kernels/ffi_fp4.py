@@ -40,6 +40,12 @@ def _e8m0_bytes(name: str, s: jax.Array) -> jax.Array:
     return s
 
 
+def _scale_operand(name: str, s: jax.Array) -> jax.Array:
+    """MXFP4 scales as the handlers take them: uint32 words of the slab layout (`quant.fp4_to_slabs`) as they are,
+    else e8m0 bytes (checked)."""
+    return s if s.dtype == jnp.uint32 else _e8m0_bytes(name, s)
+
+
 def _fp4_weight(name: str, w: jax.Array, s: jax.Array, grouped: bool) -> jax.Array:
     """The scales to pass with an MXFP4 weight: e8m0 bytes `[(E,) N, K/32]`, or uint32 words `[(E,) N, K/128]` for
     the slab layout (`quant.fp4_to_slabs`; read by the wgb kernel on SM90, which the handler checks)."""
@@ -49,7 +55,7 @@ def _fp4_weight(name: str, w: jax.Array, s: jax.Array, grouped: bool) -> jax.Arr
     if w.ndim not in ((3,) if grouped else (2, 3)) or s.shape != (*w.shape[:-1], w.shape[-1] * 2 // per):
         want = "uint32 [(E,) N, K/128] (slabs)" if per == 128 else "[(E,) N, K/32]"
         raise ValueError(f"{name}: weight {w.shape} / scales {s.shape} are not [(E,) N, K/2] / {want}")
-    return s if per == 128 else _e8m0_bytes(name, s)
+    return _scale_operand(name, s)
 
 
 def _i32(v) -> jax.Array:
@@ -141,7 +147,7 @@ def fp4_widen(w: jax.Array, s: jax.Array, layer=None) -> tuple[jax.Array, jax.Ar
     return jax.ffi.ffi_call(
         "dsv4_fp4_widen",
         (jax.ShapeDtypeStruct((e, n, k), E4M3), jax.ShapeDtypeStruct((e, n // 128, k // 128), F32)),
-    )(w, s if per == 128 else _e8m0_bytes("fp4_widen", s), idx)
+    )(w, _scale_operand("fp4_widen", s), idx)
 
 
 def fp4_grouped(q, sfa, group_sizes, weights, layer=None) -> tuple[jax.Array, ...]:
@@ -156,7 +162,7 @@ def fp4_grouped(q, sfa, group_sizes, weights, layer=None) -> tuple[jax.Array, ..
     for w, s in weights:
         if w.dtype != jnp.uint8 or w.ndim != (3 if layer is None else 4):
             raise ValueError(f"fp4_grouped: weight {w.dtype}{list(w.shape)} is not uint8 [(L,) E, N, K/2]")
-        ops += [w, s if s.dtype == jnp.uint32 else _e8m0_bytes("fp4_grouped", s)]
+        ops += [w, _scale_operand("fp4_grouped", s)]
     n = weights[0][0].shape[-2]
     out = jax.ShapeDtypeStruct((q.shape[0], n), BF16)
     args = (q, sfa, _i32(group_sizes), *ops, _layer_operand(layer))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.kernels import ffi_ops, moe_fp8
-from dsv4_jax.layer_view import LayerSlice, materialize, stacks_and_index
+from dsv4_jax.layer_view import LayerSlice, stacks_and_index
 
 __all__ = ["routed_experts", "routed_experts_unsupported", "grouped_min_rows", "prefill_kernel", "MAX_ROWS",
            "GROUPED_MIN_ROWS", "FUSED_MAX_ROWS"]  # fmt: skip
@@ -56,16 +56,24 @@ def grouped_min_rows() -> int:
     return int(v) or 1 << 62
 
 
+def _prefill_setting() -> str:
+    v = os.environ.get("DSV4_FFI_FP4_PREFILL", "auto")
+    if v not in ("auto", "fused", "widen"):
+        raise ValueError(f"DSV4_FFI_FP4_PREFILL={v!r}: expected 'auto', 'fused' or 'widen'")
+    return v
+
+
 def prefill_kernel(rows: int | None = None) -> str:
     """The grouped route's kernels for `rows` dispatched rows (trace time): "fused" (`fp4_grouped`) or "widen"
     (`fp4_widen` + the FP8 grouped GEMMs). DSV4_FFI_FP4_PREFILL: "auto" (unset: fused up to `FUSED_MAX_ROWS`, widen
     beyond), "fused" or "widen"."""
-    v = os.environ.get("DSV4_FFI_FP4_PREFILL", "auto")
-    if v not in ("auto", "fused", "widen"):
-        raise ValueError(f"DSV4_FFI_FP4_PREFILL={v!r}: expected 'auto', 'fused' or 'widen'")
-    if v == "auto":
+    return _kernel_for(rows, _prefill_setting())
+
+
+def _kernel_for(rows: int | None, setting: str) -> str:
+    if setting == "auto":
         return "fused" if rows is None or rows <= FUSED_MAX_ROWS else "widen"
-    return v
+    return setting
 
 
 def _stack(w, s, expert):
@@ -88,31 +96,23 @@ def routed_experts_unsupported(x, expert, weight, group_sizes, weights, limit: f
     return None
 
 
-def _grouped_route(x, weights) -> bool:
-    if x.shape[0] < grouped_min_rows():
-        return False
-    return _prefill_route(x, weights) is not None
-
-
-def _prefill_route(x, weights) -> str | None:
-    """The grouped route's kernels for these rows ("fused", "widen"), or None where neither can run them."""
+def _grouped_route(x, weights) -> str | None:
+    """The kernels of the grouped route for these rows ("fused" or "widen"), or None: the GEMVs (fewer than
+    `grouped_min_rows()` rows, or neither grouped kernel set can run them)."""
     rows, e, inter, d = x.shape[0], weights[0].shape[-3], weights[0].shape[-2], x.shape[-1]
-    if inter % 128 or d % 128:
+    if rows < grouped_min_rows() or inter % 128 or d % 128:
         return None
-    want = prefill_kernel(rows)
+    setting = _prefill_setting()
+    want = _kernel_for(rows, setting)
     if want == "widen" and moe_fp8.grouped_unsupported(rows, e, inter, d) is not None:
-        return "fused" if os.environ.get("DSV4_FFI_FP4_PREFILL", "auto") == "auto" else None
+        return "fused" if setting == "auto" else None
     return want
 
 
 def _fused(x, weight, group_sizes, weights, limit):
-    """The grouped route in our one-pass kernel: gate and up in one launch, the SwiGLU and its requantization, down."""
-    w1, s1, w3, s3, w2, s2 = weights
-    (a1, b1), layer = stacks_and_index(w1, s1)
-    (a3, b3), layer3 = stacks_and_index(w3, s3)
-    (a2, b2), layer2 = stacks_and_index(w2, s2)
-    if not (layer is layer3 is layer2):  # some stacked, some not: read every one materialised
-        (a1, b1, a3, b3, a2, b2), layer = [materialize(v) for v in weights], None
+    """The grouped route in our one-pass kernel: gate and up in one launch, the SwiGLU and its requantization, down.
+    The six operands read in place where they are all one layer of their stacks, else materialised."""
+    (a1, b1, a3, b3, a2, b2), layer = stacks_and_index(*weights)
     q1, sfa1 = ffi_ops.act_quant_rows(x, wgmma=True)
     g, u = ffi_ops.fp4_grouped(q1, sfa1, group_sizes, ((a1, b1), (a3, b3)), layer)
     q2, sfa2 = ffi_ops.swiglu_quant(g, u, weight, None, limit, wgmma=True)
@@ -131,9 +131,10 @@ def widen_experts(weights):
 
 def routed_experts(x, expert, weight, group_sizes, weights, limit: float) -> jax.Array:
     """bf16 `[R, d]`: each dispatched row through its expert's clamped-SwiGLU MLP (rows with expert -1: zeros)."""
-    if _grouped_route(x, weights):
-        if _prefill_route(x, weights) == "fused":
-            return _fused(x, weight, group_sizes, weights, limit)
+    route = _grouped_route(x, weights)
+    if route == "fused":
+        return _fused(x, weight, group_sizes, weights, limit)
+    if route == "widen":
         return moe_fp8.grouped(x, expert, weight, group_sizes, widen_experts(weights), limit)
     w1, s1, w3, s3, w2, s2 = weights
     w1, s1, groups = _stack(w1, s1, expert)
