@@ -180,7 +180,7 @@ struct GCtx {
 };
 
 // The block's copy stream: chunk after chunk of its tiles into the ring (every thread: two 16-byte weight pieces, a
-// scale word for threads < 128, four 16-byte activation pieces and an activation scale for the tile's rows). The
+// scale word for threads < 128, an activation scale for the tile's rows; thread 0: the activation chunk's TMA). The
 // sources are set once per tile and move by one chunk per copy: no 64-bit division on the way.
 struct GLoader {
   const uint8_t* w[2];  // this thread's two weight pieces of the current chunk
