@@ -12,7 +12,8 @@ kernel routes of `dsv4_jax.kernels.moe_fp4`, timed on the GPU:
 TFLOP/s count the valid rows' FLOPs (6 * rows * 2048 * 4096), against the dense FP8 rates measured in the same run
 (XLA's FP8 dot; DeepGEMM's dense GEMM at M=8192). Where the routes cross is what sets `moe_fp4.GROUPED_MIN_ROWS`.
 
-    python benchmarks/bench_fp4_prefill.py [--tokens 512,2048,8192] [--out results.json]
+    python benchmarks/bench_fp4_prefill.py [--tokens 512,2048,8192] [--routes fused,slabs,widen,gemms,gemv]
+        [--out results.json]
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from dsv4_jax.kernels import ffi_ops, moe_fp4, moe_fp8
 
 E, D, I, TOPK = 256, 4096, 2048, 6  # V4-Flash routed experts
 LIMIT = 10.0
+ROUTES = {  # --routes name: what the row says
+    "fused": "fused",
+    "slabs": "fused, gate/up in slabs",
+    "widen": "grouped (widen + GEMMs)",
+    "gemms": "  GEMMs alone (FP8-expert path)",
+    "gemv": "gemv",
+}
 
 
 def layer(key):
@@ -66,8 +74,12 @@ def route(min_rows: str, prefill: str = "fused"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="512,2048,8192")
+    ap.add_argument("--routes", default=",".join(ROUTES), help="the routes timed (device time: gemv is slow at 8K)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    routes = args.routes.split(",")
+    if unknown := set(routes) - set(ROUTES):
+        ap.error(f"--routes: unknown {sorted(unknown)}; known {list(ROUTES)}")
     mod, why = ffi_ops.load()
     assert mod is not None, why
     bw, fp8, bf16 = ceilings()
@@ -90,22 +102,19 @@ def main():
         r = x.shape[0]
         flops = 6 * r * I * D
         shape = f"T={tokens} rows={r}"
-        t = {
-            "fused": timed(route("1"), x, ex, w, gs, ws, reps=3),
-            "fused, gate/up in slabs": timed(route("1"), x, ex, w, gs, slabs, reps=3),
-            "grouped (widen + GEMMs)": timed(route("1", "widen"), x, ex, w, gs, ws, reps=3),
-            "  GEMMs alone (FP8-expert path)": timed(gemms, x, ex, w, gs, wide, reps=3),
-            "gemv": timed(route("0"), x, ex, w, gs, ws, reps=2 if tokens > 2048 else 4),
+        runs = {  # name: (function, weights, repetitions)
+            "fused": (route("1"), ws, 3),
+            "slabs": (route("1"), slabs, 3),
+            "widen": (route("1", "widen"), ws, 3),
+            "gemms": (gemms, wide, 3),
+            "gemv": (route("0"), ws, 2 if tokens > 2048 else 4),
         }
+        t = {name: timed(fn, x, ex, w, gs, wts, reps=reps) for name, (fn, wts, reps) in runs.items() if name in routes}
         for name, v in t.items():
-            rows.append(result_row(f"fp4 experts {name}", shape, v, float("nan"), flops, fp4_bytes, bw, fp8))
-        f, g = t["fused"], t["grouped (widen + GEMMs)"]
-        print(f"  {shape}: fused {f * 1e3:.2f} ms = {flops / f / 1e12:.0f} TFLOP/s ({100 * flops / f / dense:.0f}% of "
-              f"DeepGEMM dense); slabs {t['fused, gate/up in slabs'] * 1e3:.2f} ms; "
-              f"widen route {g * 1e3:.2f} ms = {flops / g / 1e12:.0f} TFLOP/s ({100 * flops / g / fp8:.0f}% of "
-              f"XLA FP8, {100 * flops / g / dense:.0f}% of DeepGEMM dense); GEMMs alone "
-              f"{t['  GEMMs alone (FP8-expert path)'] * 1e3:.2f} ms; widen {t_widen * 1e3:.2f} ms; "
-              f"gemv {t['gemv'] * 1e3:.2f} ms")  # fmt: skip
+            rows.append(result_row(f"fp4 experts {ROUTES[name]}", shape, v, float("nan"), flops, fp4_bytes, bw, fp8))
+        said = [f"{ROUTES[name].strip()} {v * 1e3:.2f} ms = {flops / v / 1e12:.0f} TFLOP/s "
+                f"({100 * flops / v / dense:.0f}% of DeepGEMM dense)" for name, v in t.items()]  # fmt: skip
+        print(f"  {shape}: " + "; ".join(said) + f"; widen alone {t_widen * 1e3:.2f} ms")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind, commit=commit,
                 copy_tbs=bw / 1e12, xla_fp8_tflops=fp8 / 1e12, deepgemm_dense_tflops=dense / 1e12,

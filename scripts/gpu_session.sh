@@ -5,7 +5,8 @@
 # The device tool brings back at most 8 files from OUT: keep the phases' outputs under that.
 # Phases: tests-gpu[=WORKERS] (the whole GPU suite), tests=PYTEST_ARGS (pytest -m gpu -n 4 PYTEST_ARGS), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
 # bench-kernels=ARGS (benchmarks/bench_kernels.py ARGS), py=SCRIPT ARGS (python SCRIPT ARGS), bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them),
-# env=NAME=VALUE (exported for the phases after it; "env=NAME=" empties it).
+# env=NAME=VALUE (exported for the phases after it; "env=NAME=" empties it), so=DIR (the phases after it load the
+# extension prebuilt under DIR instead of .gpu/so: two builds compared in one call).
 # Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
 # (BUILD.md: built on a CPU box with nvcc, carried). Always `python -m pip`: the image's bare pip is another Python's.
 set -u
@@ -40,6 +41,11 @@ for spec in "$@"; do
       export XLA_FLAGS="$arg"; echo "XLA_FLAGS=$XLA_FLAGS" ;;
     env)
       export "${arg?}"; echo "$arg" ;;
+    so)
+      # A fresh package folder per build: the phases run in new processes, so each loads the extension named last.
+      pkg=$SCRATCH/ffipkg_$(elapsed); mkdir -p "$pkg/dsv4_jax_ffi"
+      cp ffi/src/dsv4_jax_ffi/__init__.py "$arg"/_ffi*.so "$pkg/dsv4_jax_ffi/"
+      export PYTHONPATH=$pkg:${PYTHONPATH#"$SCRATCH"/ffipkg*:}; echo "extension from $arg" ;;
     tests-gpu)
       export DSV4_GPU_REPORT="$OUT/e2e_report.txt"
       # The workers share one GPU: with the default BFC allocator each grows its pool by doubling regions, and one
