@@ -284,7 +284,8 @@ def test_extension_compiles_for_sm90a(tmp_path):
         src = FFI / "csrc" / name
         deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
                 FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh",
-                FFI / "csrc" / "wgmma.cuh", FFI / "csrc" / "cp_async.cuh"]  # fmt: skip
+                FFI / "csrc" / "wgmma.cuh", FFI / "csrc" / "cp_async.cuh",
+                FFI / "csrc" / "sparse_mla_common.cuh"]  # fmt: skip
         _cached_compile(base + [str(src)], deps, name.split(".")[0])
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())

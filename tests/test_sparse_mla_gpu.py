@@ -98,24 +98,28 @@ def test_sparse_decode_kernel_vs_reference(ffi, batch, heads, cap, n_extra, n_co
         assert not got[1].any() and not ref[1].any()
 
 
-@pytest.mark.parametrize("heads,force16", [(32, False), (64, True)])
-def test_sparse_decode_16_head_kernel(ffi, monkeypatch, heads, force16):
-    """The 16-head kernel: heads not a multiple of 64 (32 heads), and 64 heads with DSV4_FFI_SPARSE_DECODE=16 (read at
-    launch); the bounds above, and at 64 heads the 64-head kernel's output within rounding of it."""
+@pytest.mark.parametrize("heads,kernel", [(32, None), (64, "16"), (64, "mma64"), (128, "mma64")])
+def test_sparse_decode_kernel_variants(ffi, monkeypatch, heads, kernel):
+    """The kernels the default (wgmma, heads a multiple of 64) is measured against: the 16-head kernel (heads not a
+    multiple of 64: 32 heads; or forced by DSV4_FFI_SPARSE_DECODE=16, read at launch) and the 64-head mma.sync kernel
+    (DSV4_FFI_SPARSE_DECODE=mma64); the bounds above, and each forced kernel within rounding of the default's
+    output."""
     scale = D**-0.5
     args = _case(11 + heads, 3, heads, 300, 1, 512)
     ref = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="reference")))
-    if force16:
-        wide = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="ffi")))
-        monkeypatch.setenv("DSV4_FFI_SPARSE_DECODE", "16")
+    if kernel:
+        poison()
+        default = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="ffi")))
+        monkeypatch.setenv("DSV4_FFI_SPARSE_DECODE", kernel)
     poison()
     got = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="ffi")))
     exact = _exact(*args, scale)
     assert rel_rms(got, exact) <= 1.5 * rel_rms(ref, exact) + 2**-9
     assert rel_rms(got, ref) <= 2**-8
     assert not got[1].any()  # row 1 has no key
-    if force16:
-        assert rel_rms(wide, got) <= 2**-8
+    if kernel:
+        assert rel_rms(default, got) <= 2**-8
+        assert not default[1].any()
 
 
 def test_sparse_decode_kernel_plain_entries_and_no_extra(ffi):

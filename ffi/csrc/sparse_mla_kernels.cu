@@ -28,22 +28,19 @@
 #include "fp8_convert.cuh"
 #include "kernels.h"
 #include "mma_bf16.cuh"
+#include "sparse_mla_common.cuh"
 
 namespace dsv4ffi {
 namespace {
 
-constexpr int kD = kSparseMlaDim;        // 512 = 448 NoPE + 64 RoPE
-constexpr int kNope = kSparseMlaNope;    // 448
-constexpr int kRowBytes = kSparseMlaRowBytes;  // 584
-constexpr int kScaleAt = kNope + 2 * (kD - kNope);  // 576: the 7 UE8M0 bytes
+using namespace sparse_mla;  // kD, kNope, kRowBytes, kScaleAt, kKeys, kChunks; the row sources and their copies
+
 constexpr int kHeads = 16;               // heads per block: one m16 tile
-constexpr int kKeys = 64;                // keys per tile
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kDimsPerWarp = kD / kWarps;  // 128
 constexpr int kKPitch = kD + 8;          // bf16 per widened row: rows 16 bytes apart mod 128, ldmatrix conflict-free
 constexpr int kSPitch = kKeys + 8;       // f32 per partial-score row
 constexpr int kPPitch = kKeys + 8;       // bf16 per probability row
-constexpr int kChunks = kRowBytes / 8;   // 73 eight-byte pieces per raw row
 
 // Shared memory: widened K [64][520] bf16, raw rows [64][584] (reused for the partial scores and the bf16
 // probabilities once widened), the tile's source pointers and the per-head rescale factors.
@@ -69,51 +66,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) 
                : "r"(addr));
 }
 
-// UE8M0 byte -> 2^(b - 127) as dsv4_jax.quant.e8m0_to_f32 decodes it (0 -> 2^-127, 255 -> NaN).
-__device__ __forceinline__ float e8m0_to_f32(uint32_t b) {
-  if (b == 255u) return __int_as_float(0x7fc00000);
-  return b == 0u ? __int_as_float(0x00400000) : __int_as_float(static_cast<int>(b << 23));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// Where the key row an index r names lives: the window ring (r < window), the cached compressed entries, this
-// step's completed entries; null where it names no row (the reference gathers zeros there and still counts the key).
-struct RowSources {
-  const unsigned char *ring, *ent, *extra;
-  int64_t window, cap, n_extra;
-  __device__ __forceinline__ const unsigned char* operator()(int64_t r) const {
-    if (r >= 0 && r < window) return ring + r * kRowBytes;
-    if (r >= window && r - window < cap && ent) return ent + (r - window) * kRowBytes;
-    if (r >= window + cap && r - window - cap < n_extra && extra) return extra + (r - window - cap) * kRowBytes;
-    return nullptr;
-  }
-};
-
-// The sources of query row b's keys: those of batch row b / q_per_src.
-__device__ __forceinline__ RowSources row_sources(const SparseMlaDecodeArgs& a, int64_t b) {
-  const int64_t sb = b / a.q_per_src, layer = a.layer ? a.layer[0] : 0, src_batch = a.batch / a.q_per_src;
-  return {a.ring + sb * a.window * kRowBytes,
-          a.entries ? a.entries + (layer * src_batch + sb) * a.cap * kRowBytes : nullptr,
-          a.extra ? a.extra + sb * a.n_extra * kRowBytes : nullptr,
-          a.window,
-          a.cap,
-          a.n_extra};
-}
-
-// A tile's 64 raw rows copied into raw_s (cp.async, 8-byte pieces; rows without a source are left as they are).
-template <int NT>
-__device__ __forceinline__ void request_rows(const unsigned char* const* srcs, unsigned char* raw_s, int tid) {
-  for (int c = tid; c < kKeys * kChunks; c += NT) {
-    const int row = c / kChunks, piece = c % kChunks;
-    const unsigned char* src = srcs[row];
-    if (src) cp_async8(smem_addr(raw_s + row * kRowBytes + piece * 8), src + piece * 8);
-  }
-}
-
 // The raw rows widened to bf16 rows of k_s: 64 pieces of 8 values per row (56 NoPE pieces of e4m3 x scale, 8 RoPE
 // pieces copied); zeros for rows without a source.
 template <int NT>
@@ -122,21 +74,7 @@ __device__ __forceinline__ void widen_rows(const unsigned char* raw_s, const uns
   for (int c = tid; c < kKeys * (kD / 8); c += NT) {
     const int row = c / (kD / 8), piece = c % (kD / 8);
     const unsigned char* r = raw_s + row * kRowBytes;
-    uint4 out = make_uint4(0, 0, 0, 0);
-    if (srcs[row]) {
-      if (piece * 8 < kNope) {
-        const uint2 v = *reinterpret_cast<const uint2*>(r + piece * 8);
-        const float sc = e8m0_to_f32(r[kScaleAt + piece / 8]);
-        float f[8];
-        e4m3x8_to_f32(v, f);
-        out = make_uint4(pack_bf16x2(f[0] * sc, f[1] * sc), pack_bf16x2(f[2] * sc, f[3] * sc),
-                         pack_bf16x2(f[4] * sc, f[5] * sc), pack_bf16x2(f[6] * sc, f[7] * sc));
-      } else {
-        const uint2* v = reinterpret_cast<const uint2*>(r + kNope + (piece * 8 - kNope) * 2);
-        const uint2 lo = v[0], hi = v[1];
-        out = make_uint4(lo.x, lo.y, hi.x, hi.y);
-      }
-    }
+    const uint4 out = srcs[row] ? widen_piece(r, piece) : make_uint4(0, 0, 0, 0);
     *reinterpret_cast<uint4*>(k_s + row * kKPitch + piece * 8) = out;
   }
 }
@@ -506,13 +444,22 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const SparseMla
   }
 }
 
-}  // namespace
+// Which kernel takes the heads: wgmma (64 heads a block, sm_90a) by default where heads are a multiple of 64, the
+// 64-head mma.sync kernel on other GPUs, the 16-head one otherwise. DSV4_FFI_SPARSE_DECODE=16 | mma64 | wgmma picks
+// one where it applies (an A/B knob, read at every launch).
+enum class SparseKernel { k16, kMma64, kWgmma };
 
-bool sparse_mla_uses_64_heads(int64_t heads) {
-  // DSV4_FFI_SPARSE_DECODE=16 goes back to the 16-head kernel (an A/B knob, read at every launch).
+SparseKernel sparse_kernel(int64_t heads) {
+  if (heads % kHeads64 != 0) return SparseKernel::k16;
   const char* v = std::getenv("DSV4_FFI_SPARSE_DECODE");
-  return heads % kHeads64 == 0 && !(v != nullptr && std::strcmp(v, "16") == 0);
+  if (v != nullptr && std::strcmp(v, "16") == 0) return SparseKernel::k16;
+  if (v != nullptr && std::strcmp(v, "mma64") == 0) return SparseKernel::kMma64;
+  int major = 0, minor = 0, sms = 0;
+  device_info(&major, &minor, &sms);
+  return major == 9 ? SparseKernel::kWgmma : SparseKernel::kMma64;
 }
+
+}  // namespace
 
 cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t stream) {
   if (a.batch == 0) return cudaSuccess;
@@ -528,14 +475,16 @@ cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t 
     if (e != cudaSuccess) return e;
     if (dev < 64) opted_in[dev].store(true);
   }
-  const bool wide = sparse_mla_uses_64_heads(a.heads);
+  const SparseKernel which = sparse_kernel(a.heads);
   if (a.q_per_src < 1 || a.batch % a.q_per_src != 0) return cudaErrorInvalidValue;
   constexpr int64_t kMaxGridRows = 65535;  // gridDim.y / z
   for (int64_t r0 = 0; r0 < a.batch; r0 += kMaxGridRows) {
     SparseMlaDecodeArgs c = a;
     c.row0 = r0;
     const unsigned rows = static_cast<unsigned>(a.batch - r0 < kMaxGridRows ? a.batch - r0 : kMaxGridRows);
-    if (wide) {
+    if (which == SparseKernel::kWgmma) {
+      if (const cudaError_t e = launch_sparse_mla_decode_wgmma(c, rows, stream); e != cudaSuccess) return e;
+    } else if (which == SparseKernel::kMma64) {
       const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads64), rows);
       sparse_mla_decode64_kernel<<<grid, kThreads64, kSmemBytes64, stream>>>(c);
     } else {
