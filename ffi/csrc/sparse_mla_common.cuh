@@ -21,9 +21,10 @@ constexpr int kKeys = 64;                           // keys per tile
 constexpr int kChunks = kRowBytes / 8;              // 73 eight-byte pieces per raw row
 
 // UE8M0 byte -> 2^(b - 127) as dsv4_jax.quant.e8m0_to_f32 decodes it (0 -> 2^-127, 255 -> NaN).
+// Selects, not branches: a branch per value kept the widening loops from batching their loads.
 __device__ __forceinline__ float e8m0_to_f32(uint32_t b) {
-  if (b == 255u) return __int_as_float(0x7fc00000);
-  return b == 0u ? __int_as_float(0x00400000) : __int_as_float(static_cast<int>(b << 23));
+  const int plain = b == 0u ? 0x00400000 : static_cast<int>(b << 23);
+  return __int_as_float(b == 255u ? 0x7fc00000 : plain);
 }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {

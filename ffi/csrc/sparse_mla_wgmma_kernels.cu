@@ -8,12 +8,14 @@
 // holds Q (64 heads x 512 dims), the widened tile K = V (64 keys x 512 dims) and P (64 heads x 64 keys), all bf16 in
 // the 128-byte-swizzled layout wgmma reads: each 64-dim slice of Q or K is an 8 KB block of 64 rows of 128 bytes, the
 // 16-byte piece c of row r stored at piece c ^ (r % 8). Per tile:
-//   1. (every thread) the raw rows widened to bf16 into K; the next tile's raw rows already in flight (cp.async);
+//   1. (every thread) the raw rows widened to bf16 into K, the next tile's raw rows requested (cp.async);
 //   2. warpgroup w: S_w = Q K[32w .. 32w + 31]^T (wgmma m64n32k16, A and B K-major, 32 steps over the 512 dims);
 //   3. the online softmax: each warpgroup's row maxima over its 32 keys exchanged through shared memory, then
 //      p = exp(z - m) rounded to bf16 into P (the unrounded p summed into the warpgroup's denominator);
 //   4. warpgroup w: O_w = alpha O_w + P V[:, 256w .. 256w + 255] (wgmma m64n256k16, P K-major, V read MN-major from
 //      the same K tile).
+// The raw rows' copy and the widening take fixed pieces per thread (no division per item): ncu showed the kernel
+// bound by instruction issue (8 warps per SM) with the widening 60% of its instructions.
 // Numerics: the mma.sync kernel's products and roundings; the fp32 order of a score's 512-term sum and of the
 // denominator (two warpgroup partials added at the end) differ.
 #include <cuda_bf16.h>
@@ -44,6 +46,7 @@ constexpr int kValidAt = kSrcAt + 2 * kKeys * 8;        // int [2][64]
 constexpr int kRedAt = kValidAt + 2 * kKeys * 4;        // float [2][64]: per warpgroup, row maxima (then denominators)
 constexpr int kSmemUsed = kRedAt + 2 * kHeadsW * 4;
 constexpr int kSmemBytesW = kSmemUsed + 1024;           // the dynamic base aligned up to the 1 KB swizzle atom
+static_assert(kThreadsW == 256 && kNope / 8 == 56 && kKeys == 64, "widen_tile's and request_rows_zeroed's split");
 static_assert(kSrcAt % 8 == 0 && kSmemBytesW <= 227 * 1024, "shared memory layout");
 
 // Byte offset of 16-byte piece c of row r in a swizzled 128-byte-row block.
@@ -108,6 +111,74 @@ __device__ __forceinline__ void wgmma_m64n256k16_bt(float* d, uint64_t a, uint64
       : "l"(a), "l"(b), "r"(1));
 }
 
+// A tile's 64 raw rows into raw_s: warp w takes rows 8w .. 8w + 7, its lanes pieces lane, lane + 32, lane + 64 of a
+// row (cp.async, 8 bytes; the rows are 8-byte aligned); a row without a source is zeroed (then it widens to a zero
+// key and value: a -1 entry's P is 0, and 0 x garbage could be NaN). No division per piece (the mma.sync kernels'
+// request_rows spends most of its instructions there).
+__device__ __forceinline__ void request_rows_zeroed(const unsigned char* const* srcs, unsigned char* raw_s, int tid) {
+  const int warp = tid / 32, lane = tid % 32;
+#pragma unroll 2
+  for (int j = 0; j < 8; ++j) {
+    const int row = 8 * warp + j;
+    const unsigned char* src = srcs[row];
+    unsigned char* dst = raw_s + row * kRowBytes;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int piece = lane + 32 * k;
+      if (k == 2 && piece >= kChunks) break;
+      if (src)
+        cp_async8(smem_addr(dst + piece * 8), src + piece * 8);
+      else
+        *reinterpret_cast<uint2*>(dst + piece * 8) = make_uint2(0, 0);
+    }
+  }
+}
+
+// The raw tile widened into K's swizzled slices. Threads 0..223 (warps 0-6) take NoPE piece tid % 56 (8 e4m3 values
+// x their 64-value tile's scale) of rows tid / 56 + 4i, warp 7 RoPE piece tid % 8 (8 bf16 values, copied) of rows
+// (tid - 224) / 8 + 4i, i = 0..15: each thread's piece, scale byte, slice and swizzle phase fixed across its rows, so
+// the loop is loads, conversions and one store (the first version, a piece index divided per item and three
+// branches, was 60% of the kernel's instructions: ncu, BENCHMARKS.md).
+__device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned char* k_s, int tid) {
+  if (tid < 224) {
+    const int p = tid % 56, r0 = tid / 56;
+    const unsigned char* src = raw + r0 * kRowBytes;
+    unsigned char* dst = k_s + (p / 8) * kBlockBytes + r0 * 128;
+    const int c = p % 8;
+    for (int i0 = 0; i0 < 16; i0 += 4) {  // four rows' loads issued before any is used
+      uint2 v[4];
+      uint32_t sb[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const unsigned char* row = src + (i0 + u) * 4 * kRowBytes;
+        v[u] = *reinterpret_cast<const uint2*>(row + p * 8);
+        sb[u] = row[kScaleAt + p / 8];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u;
+        const float sc = e8m0_to_f32(sb[u]);
+        float f[8];
+        e4m3x8_to_f32(v[u], f);
+        const uint4 out = make_uint4(pack_bf16x2(f[0] * sc, f[1] * sc), pack_bf16x2(f[2] * sc, f[3] * sc),
+                                     pack_bf16x2(f[4] * sc, f[5] * sc), pack_bf16x2(f[6] * sc, f[7] * sc));
+        *reinterpret_cast<uint4*>(dst + i * 4 * 128 + ((c ^ (r0 + 4 * (i & 1))) << 4)) = out;
+      }
+    }
+  } else {
+    const int p = (tid - 224) % 8, r0 = (tid - 224) / 8;
+    const unsigned char* src = raw + r0 * kRowBytes + kNope + p * 16;
+    unsigned char* dst = k_s + (kSlices - 1) * kBlockBytes + r0 * 128;
+#pragma unroll 4
+    for (int i = 0; i < 16; ++i) {
+      const uint2* v = reinterpret_cast<const uint2*>(src + i * 4 * kRowBytes);
+      const uint2 lo = v[0], hi = v[1];
+      const int at = i * 4 * 128 + ((p ^ (r0 + 4 * (i & 1))) << 4);
+      *reinterpret_cast<uint4*>(dst + at) = make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(const SparseMlaDecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -140,7 +211,7 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
     }
   };
   auto request = [&](int buf) {
-    request_rows<kThreadsW>(src_s + buf * kKeys, raw_s + buf * kKeys * kRowBytes, tid);
+    request_rows_zeroed(src_s + buf * kKeys, raw_s + buf * kKeys * kRowBytes, tid);
     cp_async_commit();
   };
 
@@ -167,16 +238,8 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
     cp_async_wait<0>();
     __syncthreads();  // tile t's raw rows (and Q) landed; the previous tile's PV done in both warpgroups
     if (t + 1 < t1) request(buf ^ 1);
-    // 1. widen tile t into K (rows without a source: zeros)
-    {
-      const unsigned char* raw = raw_s + buf * kKeys * kRowBytes;
-      const unsigned char* const* srcs = src_s + buf * kKeys;
-      for (int c = tid; c < kKeys * (kD / 8); c += kThreadsW) {
-        const int row = c / (kD / 8), piece = c % (kD / 8);
-        const uint4 v = srcs[row] ? widen_piece(raw + row * kRowBytes, piece) : make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(k_s + (piece / 8) * kBlockBytes + sw128(row, piece % 8)) = v;
-      }
-    }
+    // 1. widen tile t into K
+    widen_tile(raw_s + buf * kKeys * kRowBytes, k_s, tid);
     fence_async_smem();
     __syncthreads();
     // 2. S_w over the warpgroup's 32 keys
@@ -234,8 +297,13 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
       ps_hi += __shfl_xor_sync(0xffffffffu, ps_hi, off);
     }
     den_lo = den_lo * al_lo + ps_lo, den_hi = den_hi * al_hi + ps_hi;
+    if (!__all_sync(0xffffffffu, al_lo == 1.f && al_hi == 1.f)) {  // (once the maxima settle, mostly skipped)
 #pragma unroll
-    for (int j = 0; j < 32; ++j) o[4 * j] *= al_lo, o[4 * j + 1] *= al_lo, o[4 * j + 2] *= al_hi, o[4 * j + 3] *= al_hi;
+      for (int j = 0; j < 32; ++j) {
+        o[4 * j] *= al_lo, o[4 * j + 1] *= al_lo;
+        o[4 * j + 2] *= al_hi, o[4 * j + 3] *= al_hi;
+      }
+    }
     fence_async_smem();
     __syncthreads();  // P whole; red_s and this tile's valid_s read
     if (t + 2 < t1) sources(idx_next, buf);  // tile t + 2 takes this buffer (its raw rows are requested at t + 1)
