@@ -5,7 +5,8 @@
 # The device tool brings back at most 8 files from OUT: keep the phases' outputs under that.
 # Phases: tests-gpu[=WORKERS] (the whole GPU suite), tests=PYTEST_ARGS (pytest -m gpu -n 4 PYTEST_ARGS), tests-fp4, tests-kernels[=PYTEST_K], bench-fp4, bench-e2e[=ARGS],
 # bench-kernels=ARGS (benchmarks/bench_kernels.py ARGS), py=SCRIPT ARGS (python SCRIPT ARGS), bench-compile[=ARGS], full-size[=ARGS], xla=FLAGS (XLA_FLAGS for the phases after it; "xla=" clears them),
-# env=NAME=VALUE (exported for the phases after it; "env=NAME=" empties it), so=DIR (the phases after it load the
+# sh=COMMAND (any shell command, e.g. ncu around a probe), env=NAME=VALUE (exported for the phases after it;
+# "env=NAME=" empties it), so=DIR (the phases after it load the
 # extension prebuilt under DIR instead of .gpu/so: two builds compared in one call).
 # Offline machine: wheels missing from the image under .whl/ (flax), the extension prebuilt here under .gpu/so/
 # (BUILD.md: built on a CPU box with nvcc, carried). Always `python -m pip`: the image's bare pip is another Python's.
@@ -88,6 +89,11 @@ for spec in "$@"; do
       # shellcheck disable=SC2086
       timeout "$limit" python benchmarks/bench_kernels.py $arg >"$OUT/bench_kernels.log" 2>&1
       echo "rc=$?"; tail -20 "$OUT/bench_kernels.log" ;;
+    sh)
+      # Any shell command with the project's environment (e.g. a profiler around a probe), output in OUT/sh_N.log
+      n=$(ls "$OUT"/sh_*.log 2>/dev/null | wc -l)
+      eval "timeout $limit $arg" >"$OUT/sh_$n.log" 2>&1
+      echo "rc=$?"; tail -40 "$OUT/sh_$n.log" | cut -c1-300 ;;
     py)
       # Any script: py=SCRIPT ARGS (e.g. py=benchmarks/bench_fp4_prefill.py --tokens 2048,8192), or py=-c '...'
       # (eval: ARGS may quote a program with spaces)
