@@ -9,15 +9,22 @@
         python benchmarks/profile_sparse_mla.py prefill
 
 The bytes are random (small e4m3 values and scales): the kernels' work does not depend on them.
+
+With `--time`, each case is timed instead under each kernel DSV4_FFI_SPARSE_DECODE names (read at every launch, so
+one process and one executable compare them; `bench_kernels.timed`, kernel + combine):
+
+    python benchmarks/profile_sparse_mla.py --time --kernels mma64,wgmma,wgmma4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_kernels import timed
 
 from dsv4_jax.kernels import ffi_ops
 
@@ -41,6 +48,8 @@ def case(rng, name: str):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="?", default="decode,prefill")
+    ap.add_argument("--time", action="store_true", help="time each case under each of --kernels")
+    ap.add_argument("--kernels", default="mma64,wgmma,wgmma4", help="DSV4_FFI_SPARSE_DECODE values (with --time)")
     args = ap.parse_args()
     mod, why = ffi_ops.load()
     assert mod is not None, why
@@ -50,9 +59,22 @@ def main():
         ring, entries, idx, nq = case(rng, name)
         q = jnp.asarray(rng.normal(size=(nq, 64, 512)), jnp.bfloat16)
         sink = jnp.zeros((64,), jnp.float32)
-        for _ in range(2):
-            out = run(q, ring, entries, idx, sink).block_until_ready()
-        print(name, float(jnp.abs(out.astype(jnp.float32)).mean()))
+        if not args.time:
+            for _ in range(2):
+                out = run(q, ring, entries, idx, sink).block_until_ready()
+            print(name, float(jnp.abs(out.astype(jnp.float32)).mean()))
+            continue
+        flops = 4 * nq * 64 * 512 * idx.shape[1]  # QK^T and PV over every listed key
+        outs = {}
+        for kernel in args.kernels.split(","):
+            os.environ["DSV4_FFI_SPARSE_DECODE"] = kernel
+            t = min(timed(run, q, ring, entries, idx, sink, reps=10) for _ in range(3))
+            outs[kernel] = np.asarray(run(q, ring, entries, idx, sink), np.float32)
+            diff = np.abs(outs[kernel] - next(iter(outs.values()))).max()
+            print(
+                f"{name} {nq} queries x {idx.shape[1]} keys, {kernel}: {t * 1e6:.1f} us = {flops / t / 1e12:.0f} "
+                f"TFLOP/s; max |diff| vs the first kernel {diff:.3g}"
+            )
 
 
 if __name__ == "__main__":

@@ -98,12 +98,14 @@ def test_sparse_decode_kernel_vs_reference(ffi, batch, heads, cap, n_extra, n_co
         assert not got[1].any() and not ref[1].any()
 
 
-@pytest.mark.parametrize("heads,kernel", [(32, None), (64, "16"), (64, "mma64"), (128, "mma64")])
+@pytest.mark.parametrize(
+    "heads,kernel", [(32, None), (64, "16"), (64, "mma64"), (128, "mma64"), (64, "wgmma4"), (128, "wgmma4")]
+)
 def test_sparse_decode_kernel_variants(ffi, monkeypatch, heads, kernel):
     """The kernels the default (wgmma, heads a multiple of 64) is measured against: the 16-head kernel (heads not a
-    multiple of 64: 32 heads; or forced by DSV4_FFI_SPARSE_DECODE=16, read at launch) and the 64-head mma.sync kernel
-    (DSV4_FFI_SPARSE_DECODE=mma64); the bounds above, and each forced kernel within rounding of the default's
-    output."""
+    multiple of 64: 32 heads; or forced by DSV4_FFI_SPARSE_DECODE=16, read at launch), the 64-head mma.sync kernel
+    (DSV4_FFI_SPARSE_DECODE=mma64) and the wgmma kernel's four-warpgroup form (=wgmma4); the bounds above, and each
+    forced kernel within rounding of the default's output."""
     scale = D**-0.5
     args = _case(11 + heads, 3, heads, 300, 1, 512)
     ref = np.asarray(ops.sparse_decode(*args, scale=scale, rope_dim=ROPE, opts=ops.Opts(backend="reference")))

@@ -190,9 +190,10 @@ struct SparseMlaDecodeArgs {
   int64_t row0 = 0;  // the launch's first query row (the grid's z covers at most 65,535 rows per launch)
 };
 cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t stream);
-// The wgmma kernel alone (sparse_mla_wgmma_kernels.cu; sm_90a, heads a multiple of 64) on query rows [row0, row0 +
-// rows): launch_sparse_mla_decode picks it and runs the combine.
-cudaError_t launch_sparse_mla_decode_wgmma(const SparseMlaDecodeArgs& a, unsigned rows, cudaStream_t stream);
+// The wgmma kernel alone (sparse_mla_wgmma_kernels.cu; sm_90a, heads a multiple of 64; 2 or 4 warpgroups a block) on
+// query rows [row0, row0 + rows): launch_sparse_mla_decode picks it and runs the combine.
+cudaError_t launch_sparse_mla_decode_wgmma(const SparseMlaDecodeArgs& a, unsigned rows, int warpgroups,
+                                           cudaStream_t stream);
 
 // UE8M0 bytes -> FP32 2^(b-127) (0 -> 2^-127, 255 -> NaN).
 cudaError_t launch_e8m0_to_f32(const uint8_t* s, float* out, int64_t count, cudaStream_t stream);

@@ -444,10 +444,10 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const SparseMla
   }
 }
 
-// Which kernel takes the heads: wgmma (64 heads a block, sm_90a) by default where heads are a multiple of 64, the
-// 64-head mma.sync kernel on other GPUs, the 16-head one otherwise. DSV4_FFI_SPARSE_DECODE=16 | mma64 | wgmma picks
-// one where it applies (an A/B knob, read at every launch).
-enum class SparseKernel { k16, kMma64, kWgmma };
+// Which kernel takes the heads: wgmma (64 heads a block, two warpgroups, sm_90a) by default where heads are a multiple
+// of 64, the 64-head mma.sync kernel on other GPUs, the 16-head one otherwise. DSV4_FFI_SPARSE_DECODE=16 | mma64 |
+// wgmma | wgmma4 (four warpgroups) picks one where it applies (an A/B knob, read at every launch).
+enum class SparseKernel { k16, kMma64, kWgmma, kWgmma4 };
 
 SparseKernel sparse_kernel(int64_t heads) {
   if (heads % kHeads64 != 0) return SparseKernel::k16;
@@ -456,7 +456,8 @@ SparseKernel sparse_kernel(int64_t heads) {
   if (v != nullptr && std::strcmp(v, "mma64") == 0) return SparseKernel::kMma64;
   int major = 0, minor = 0, sms = 0;
   device_info(&major, &minor, &sms);
-  return major == 9 ? SparseKernel::kWgmma : SparseKernel::kMma64;
+  if (major != 9) return SparseKernel::kMma64;
+  return v != nullptr && std::strcmp(v, "wgmma4") == 0 ? SparseKernel::kWgmma4 : SparseKernel::kWgmma;
 }
 
 }  // namespace
@@ -482,8 +483,9 @@ cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t 
     SparseMlaDecodeArgs c = a;
     c.row0 = r0;
     const unsigned rows = static_cast<unsigned>(a.batch - r0 < kMaxGridRows ? a.batch - r0 : kMaxGridRows);
-    if (which == SparseKernel::kWgmma) {
-      if (const cudaError_t e = launch_sparse_mla_decode_wgmma(c, rows, stream); e != cudaSuccess) return e;
+    if (which == SparseKernel::kWgmma || which == SparseKernel::kWgmma4) {
+      const int warpgroups = which == SparseKernel::kWgmma4 ? 4 : 2;
+      if (const cudaError_t e = launch_sparse_mla_decode_wgmma(c, rows, warpgroups, stream); e != cudaSuccess) return e;
     } else if (which == SparseKernel::kMma64) {
       const dim3 grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(a.heads / kHeads64), rows);
       sparse_mla_decode64_kernel<<<grid, kThreads64, kSmemBytes64, stream>>>(c);

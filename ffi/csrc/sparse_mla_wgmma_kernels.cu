@@ -4,16 +4,18 @@
 // piece of S: ~0.7 MB of shared-memory reads a tile, ~10 us a tile measured); wgmma reads each operand once per
 // warpgroup.
 //
-// A block is two warpgroups on one query row, 64 heads and a run of 64-key tiles (split-KV as before). Shared memory
+// A block is two warpgroups (or four: DSV4_FFI_SPARSE_DECODE=wgmma4, twice the warps to hide latency with, half
+// the accumulators each) on one query row, 64 heads and a run of 64-key tiles (split-KV as before). Shared memory
 // holds Q (64 heads x 512 dims), the widened tile K = V (64 keys x 512 dims) and P (64 heads x 64 keys), all bf16 in
 // the 128-byte-swizzled layout wgmma reads: each 64-dim slice of Q or K is an 8 KB block of 64 rows of 128 bytes, the
 // 16-byte piece c of row r stored at piece c ^ (r % 8). Per tile:
 //   1. (every thread) the raw rows widened to bf16 into K, the next tile's raw rows requested (cp.async);
-//   2. warpgroup w: S_w = Q K[32w .. 32w + 31]^T (wgmma m64n32k16, A and B K-major, 32 steps over the 512 dims);
+//   2. warpgroup w: S_w = Q K[32w .. 32w + 31]^T (wgmma m64n32k16, A and B K-major, 32 steps over the 512 dims;
+//      four warpgroups: 16 keys each, m64n16k16);
 //   3. the online softmax: each warpgroup's row maxima over its 32 keys exchanged through shared memory, then
 //      p = exp(z - m) rounded to bf16 into P (the unrounded p summed into the warpgroup's denominator);
 //   4. warpgroup w: O_w = alpha O_w + P V[:, 256w .. 256w + 255] (wgmma m64n256k16, P K-major, V read MN-major from
-//      the same K tile).
+//      the same K tile; four warpgroups: 128 dims each, m64n128k16).
 // The raw rows' copy and the widening take fixed pieces per thread (no division per item): ncu showed the kernel
 // bound by instruction issue (8 warps per SM) with the widening 60% of its instructions.
 // Numerics: the mma.sync kernel's products and roundings; the fp32 order of a score's 512-term sum and of the
@@ -34,7 +36,6 @@ namespace {
 using namespace sparse_mla;
 
 constexpr int kHeadsW = 64;              // heads per block: one wgmma M
-constexpr int kThreadsW = 256;           // two warpgroups
 constexpr int kBlockBytes = 64 * 128;    // one 64-dim slice of 64 rows (8 KB, a multiple of the 1 KB swizzle atom)
 constexpr int kSlices = kD / 64;         // 8
 constexpr int kQAt = 0;
@@ -43,11 +44,13 @@ constexpr int kPAt = kKAt + kSlices * kBlockBytes;
 constexpr int kRawAt = kPAt + kBlockBytes;              // raw rows, two buffers of [64][584]
 constexpr int kSrcAt = kRawAt + 2 * kKeys * kRowBytes;  // const unsigned char* [2][64]
 constexpr int kValidAt = kSrcAt + 2 * kKeys * 8;        // int [2][64]
-constexpr int kRedAt = kValidAt + 2 * kKeys * 4;        // float [2][64]: per warpgroup, row maxima (then denominators)
-constexpr int kSmemUsed = kRedAt + 2 * kHeadsW * 4;
+constexpr int kRedAt = kValidAt + 2 * kKeys * 4;        // float [4][64]: per warpgroup, row maxima (then denominators)
+constexpr int kRowsAt = kRedAt + 4 * kHeadsW * 4;      // RowSources of the block's query row
+constexpr int kSmemUsed = kRowsAt + 64;
 constexpr int kSmemBytesW = kSmemUsed + 1024;           // the dynamic base aligned up to the 1 KB swizzle atom
-static_assert(kThreadsW == 256 && kNope / 8 == 56 && kKeys == 64, "widen_tile's and request_rows_zeroed's split");
-static_assert(kSrcAt % 8 == 0 && kSmemBytesW <= 227 * 1024, "shared memory layout");
+static_assert(kNope / 8 == 56 && kKeys == 64, "widen_tile's and request_rows_zeroed's split");
+static_assert(kSrcAt % 8 == 0 && kRowsAt % 8 == 0 && sizeof(RowSources) <= 64 && kSmemBytesW <= 227 * 1024,
+              "shared memory layout");
 
 // Byte offset of 16-byte piece c of row r in a swizzled 128-byte-row block.
 __device__ __forceinline__ uint32_t sw128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
@@ -66,19 +69,52 @@ __device__ __forceinline__ uint64_t desc_mn(uint32_t addr, uint32_t lbo) {
 
 __device__ __forceinline__ void fence_async_smem() { DSV4_WGMMA("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// d[16] (+)= A B: m64n32k16 bf16, both K-major.
+// d[8] (+)= A B: m64n16k16 bf16, A and B K-major.
+__device__ __forceinline__ void wgmma_m64n16k16(float* d, uint64_t a, uint64_t b, int accumulate) {
+  DSV4_WGMMA(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// d[16] (+)= A B: m64n32k16 bf16, A and B K-major.
 __device__ __forceinline__ void wgmma_m64n32k16(float* d, uint64_t a, uint64_t b, int accumulate) {
   DSV4_WGMMA(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
         "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// d[128] += A B: m64n256k16 bf16, A K-major, B MN-major (transposed).
-__device__ __forceinline__ void wgmma_m64n256k16_bt(float* d, uint64_t a, uint64_t b) {
+// d[64] (+)= A B: m64n128k16 bf16, A K-major, B MN-major (transposed).
+__device__ __forceinline__ void wgmma_m64n128k16_bt(float* d, uint64_t a, uint64_t b, int accumulate) {
+  DSV4_WGMMA(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// d[128] (+)= A B: m64n256k16 bf16, A K-major, B MN-major (transposed).
+__device__ __forceinline__ void wgmma_m64n256k16_bt(float* d, uint64_t a, uint64_t b, int accumulate) {
   DSV4_WGMMA(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
@@ -91,35 +127,53 @@ __device__ __forceinline__ void wgmma_m64n256k16_bt(float* d, uint64_t a, uint64
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
       "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
       "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]),
-        "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]),
-        "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]),
-        "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(a), "l"(b), "r"(1));
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),
+        "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),
+        "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]),
+        "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]),
+        "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),
+        "+f"(d[126]), "+f"(d[127])
+      : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// A tile's 64 raw rows into raw_s: warp w takes rows 8w .. 8w + 7, its lanes pieces lane, lane + 32, lane + 64 of a
-// row (cp.async, 8 bytes; the rows are 8-byte aligned); a row without a source is zeroed (then it widens to a zero
+// Helpers for the 256- and 512-thread forms (NWG = 2 or 4 warpgroups): the wgmma shapes each takes.
+template <int NWG>
+struct Shape {
+  static constexpr int kThreads = 128 * NWG;
+  static constexpr int kKeysPerWg = kKeys / NWG;  // S columns per warpgroup: 32 or 16
+  static constexpr int kDimsPerWg = kD / NWG;     // O columns per warpgroup: 256 or 128
+  static constexpr int kSRegs = kKeysPerWg / 2;
+  static constexpr int kORegs = kDimsPerWg / 2;
+  __device__ static void s_step(float* d, uint64_t a, uint64_t b, int acc) {
+    if constexpr (NWG == 2) wgmma_m64n32k16(d, a, b, acc); else wgmma_m64n16k16(d, a, b, acc);
+  }
+  __device__ static void pv_step(float* d, uint64_t a, uint64_t b) {
+    if constexpr (NWG == 2) wgmma_m64n256k16_bt(d, a, b, 1); else wgmma_m64n128k16_bt(d, a, b, 1);
+  }
+};
+
+// A tile's 64 raw rows into raw_s: warp w takes rows (64 / warps) w .. , its lanes pieces lane, lane + 32, lane + 64 of
+// a row (cp.async, 8 bytes; the rows are 8-byte aligned); a row without a source is zeroed (then it widens to a zero
 // key and value: a -1 entry's P is 0, and 0 x garbage could be NaN). No division per piece (the mma.sync kernels'
 // request_rows spends most of its instructions there).
+template <int NT>
 __device__ __forceinline__ void request_rows_zeroed(const unsigned char* const* srcs, unsigned char* raw_s, int tid) {
+  constexpr int kRowsPerWarp = kKeys / (NT / 32);
   const int warp = tid / 32, lane = tid % 32;
 #pragma unroll 2
-  for (int j = 0; j < 8; ++j) {
-    const int row = 8 * warp + j;
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int row = kRowsPerWarp * warp + j;
     const unsigned char* src = srcs[row];
     unsigned char* dst = raw_s + row * kRowBytes;
 #pragma unroll
@@ -134,52 +188,59 @@ __device__ __forceinline__ void request_rows_zeroed(const unsigned char* const* 
   }
 }
 
-// The raw tile widened into K's swizzled slices. Threads 0..223 (warps 0-6) take NoPE piece tid % 56 (8 e4m3 values
-// x their 64-value tile's scale) of rows tid / 56 + 4i, warp 7 RoPE piece tid % 8 (8 bf16 values, copied) of rows
-// (tid - 224) / 8 + 4i, i = 0..15: each thread's piece, scale byte, slice and swizzle phase fixed across its rows, so
-// the loop is loads, conversions and one store (the first version, a piece index divided per item and three
+// The raw tile widened into K's swizzled slices. The first 7/8 of the threads take NoPE piece tid % 56 (8 e4m3 values
+// x their 64-value tile's scale) of rows tid / 56 + R i, the last 1/8 RoPE piece tid % 8 (8 bf16 values, copied) of
+// rows + R i (R = rows a pass: NT / 64): each thread's piece, scale byte, slice and swizzle phase fixed across its
+// rows, so the loop is loads, conversions and one store (the first version, a piece index divided per item and three
 // branches, was 60% of the kernel's instructions: ncu, BENCHMARKS.md).
+template <int NT>
 __device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned char* k_s, int tid) {
-  if (tid < 224) {
+  constexpr int kNopeThreads = NT / 8 * 7, kPass = NT / 64, kIters = kKeys / kPass;
+  constexpr int kBatch = NT == 256 ? 4 : 2;  // rows whose loads are issued together (512 threads: registers)
+  static_assert(kNopeThreads == 56 * kPass && kIters % kBatch == 0, "a pass covers kPass whole rows");
+  if (tid < kNopeThreads) {
     const int p = tid % 56, r0 = tid / 56;
     const unsigned char* src = raw + r0 * kRowBytes;
     unsigned char* dst = k_s + (p / 8) * kBlockBytes + r0 * 128;
     const int c = p % 8;
-    for (int i0 = 0; i0 < 16; i0 += 4) {  // four rows' loads issued before any is used
-      uint2 v[4];
-      uint32_t sb[4];
+    for (int i0 = 0; i0 < kIters; i0 += kBatch) {  // a batch of rows' loads issued before any is used
+      uint2 v[kBatch];
+      uint32_t sb[kBatch];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const unsigned char* row = src + (i0 + u) * 4 * kRowBytes;
+      for (int u = 0; u < kBatch; ++u) {
+        const unsigned char* row = src + (i0 + u) * kPass * kRowBytes;
         v[u] = *reinterpret_cast<const uint2*>(row + p * 8);
         sb[u] = row[kScaleAt + p / 8];
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
         const int i = i0 + u;
         const float sc = e8m0_to_f32(sb[u]);
         float f[8];
         e4m3x8_to_f32(v[u], f);
         const uint4 out = make_uint4(pack_bf16x2(f[0] * sc, f[1] * sc), pack_bf16x2(f[2] * sc, f[3] * sc),
                                      pack_bf16x2(f[4] * sc, f[5] * sc), pack_bf16x2(f[6] * sc, f[7] * sc));
-        *reinterpret_cast<uint4*>(dst + i * 4 * 128 + ((c ^ (r0 + 4 * (i & 1))) << 4)) = out;
+        *reinterpret_cast<uint4*>(dst + i * kPass * 128 + ((c ^ ((r0 + kPass * i) & 7)) << 4)) = out;
       }
     }
   } else {
-    const int p = (tid - 224) % 8, r0 = (tid - 224) / 8;
+    const int p = (tid - kNopeThreads) % 8, r0 = (tid - kNopeThreads) / 8;
     const unsigned char* src = raw + r0 * kRowBytes + kNope + p * 16;
     unsigned char* dst = k_s + (kSlices - 1) * kBlockBytes + r0 * 128;
 #pragma unroll 4
-    for (int i = 0; i < 16; ++i) {
-      const uint2* v = reinterpret_cast<const uint2*>(src + i * 4 * kRowBytes);
+    for (int i = 0; i < kIters; ++i) {
+      const uint2* v = reinterpret_cast<const uint2*>(src + i * kPass * kRowBytes);
       const uint2 lo = v[0], hi = v[1];
-      const int at = i * 4 * 128 + ((p ^ (r0 + 4 * (i & 1))) << 4);
+      const int at = i * kPass * 128 + ((p ^ ((r0 + kPass * i) & 7)) << 4);
       *reinterpret_cast<uint4*>(dst + at) = make_uint4(lo.x, lo.y, hi.x, hi.y);
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(const SparseMlaDecodeArgs a) {
+template <int NWG>
+__global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(const SparseMlaDecodeArgs a) {
+  using Sh = Shape<NWG>;
+  constexpr int NT = Sh::kThreads;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const uint32_t q_at = smem_addr(smem + kQAt), k_at = smem_addr(smem + kKAt), p_at = smem_addr(smem + kPAt);
@@ -198,7 +259,11 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
   const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
   const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
 
-  const RowSources row_of = row_sources(a, b);
+  // The row sources live in shared memory: in registers they cost 12 a thread across the loop (the four-warpgroup
+  // form has 128).
+  RowSources* rows_s = reinterpret_cast<RowSources*>(smem + kRowsAt);
+  if (tid == 0) *rows_s = row_sources(a, b);
+  __syncthreads();
   const int32_t* idx = a.idx + b * a.n_idx;
   auto idx_of = [&](int64_t t) -> int32_t {  // key tid of tile t (threads < 64); -1 past the run or the list
     const int64_t col = t * kKeys + tid;
@@ -206,19 +271,19 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
   };
   auto sources = [&](int32_t r, int buf) {
     if (tid < kKeys) {
-      src_s[buf * kKeys + tid] = row_of(r);
+      src_s[buf * kKeys + tid] = (*rows_s)(r);
       valid_s[buf * kKeys + tid] = r >= 0;  // an index >= 0 is a key even where it names no row
     }
   };
   auto request = [&](int buf) {
-    request_rows_zeroed(src_s + buf * kKeys, raw_s + buf * kKeys * kRowBytes, tid);
+    request_rows_zeroed<NT>(src_s + buf * kKeys, raw_s + buf * kKeys * kRowBytes, tid);
     cp_async_commit();
   };
 
   // Q of the block's 64 heads into its swizzled slices, the first tile's rows with it; two tiles' sources known.
   {
     const unsigned char* qg = static_cast<const unsigned char*>(a.q) + (b * a.heads + h0) * kD * 2;
-    for (int c = tid; c < kHeadsW * (kD / 8); c += kThreadsW) {
+    for (int c = tid; c < kHeadsW * (kD / 8); c += NT) {
       const int h = c / (kD / 8), piece = c % (kD / 8);
       cp_async16(q_at + (piece / 8) * kBlockBytes + sw128(h, piece % 8), qg + (h * kD + piece * 8) * 2);
     }
@@ -229,38 +294,41 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
   __syncthreads();
   if (t0 < t1) request(0);
 
-  float o[128];
+  float o[Sh::kORegs];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  for (int i = 0; i < Sh::kORegs; ++i) o[i] = 0.f;
   float m_lo = -INFINITY, m_hi = -INFINITY, den_lo = 0.f, den_hi = 0.f;
   int buf = 0;
   for (int64_t t = t0; t < t1; ++t, buf ^= 1) {
     cp_async_wait<0>();
-    __syncthreads();  // tile t's raw rows (and Q) landed; the previous tile's PV done in both warpgroups
+    __syncthreads();  // tile t's raw rows (and Q) landed; the previous tile's PV done in every warpgroup
     if (t + 1 < t1) request(buf ^ 1);
-    // 1. widen tile t into K
-    widen_tile(raw_s + buf * kKeys * kRowBytes, k_s, tid);
+    widen_tile<NT>(raw_s + buf * kKeys * kRowBytes, k_s, tid);  // 1.
     fence_async_smem();
     __syncthreads();
-    // 2. S_w over the warpgroup's 32 keys
-    float s[16];
+    // 2. S_w over the warpgroup's keys
+    float s[Sh::kSRegs];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = 0.f;
+    for (int i = 0; i < Sh::kSRegs; ++i) s[i] = 0.f;
+    // The descriptors are made per tile from bases the compiler cannot see through: hoisted out of the tile loop, the
+    // 64 of them took 128 registers (spilled in the four-warpgroup form).
+    uint32_t qa = q_at, ka = k_at + wg * Sh::kKeysPerWg * 128;
+    asm volatile("" : "+r"(qa), "+r"(ka));
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < kD / 16; ++step) {
-      const uint32_t slice = (step / 4) * kBlockBytes, kk = (step % 4) * 32;
-      wgmma_m64n32k16(s, desc_k(q_at + slice + kk), desc_k(k_at + slice + wg * 32 * 128 + kk), step);
+      const uint32_t at = (step / 4) * kBlockBytes + (step % 4) * 32;
+      Sh::s_step(s, desc_k(qa + at), desc_k(ka + at), step);
     }
     wgmma_commit();
     wgmma_wait0();
 #pragma unroll
-    for (int i = 0; i < 16; ++i) reg_fence(s[i]);
-    // 3. online softmax: s[4j + e] is head r_lo (e < 2) or r_hi, key 32 wg + 8j + 2q + e % 2
-    const int* valid = valid_s + buf * kKeys + 32 * wg;
+    for (int i = 0; i < Sh::kSRegs; ++i) reg_fence(s[i]);
+    // 3. online softmax: s[4j + e] is head r_lo (e < 2) or r_hi, key kKeysPerWg wg + 8j + 2q + e % 2
+    const int* valid = valid_s + buf * kKeys + Sh::kKeysPerWg * wg;
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < Sh::kKeysPerWg / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool ok = valid[8 * j + 2 * q + e] != 0;
@@ -276,18 +344,22 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
     }
     if (q == 0) red_s[wg * kHeadsW + r_lo] = mx_lo, red_s[wg * kHeadsW + r_hi] = mx_hi;
     __syncthreads();
-    const float mn_lo = fmaxf(m_lo, fmaxf(red_s[r_lo], red_s[kHeadsW + r_lo]));
-    const float mn_hi = fmaxf(m_hi, fmaxf(red_s[r_hi], red_s[kHeadsW + r_hi]));
+    float mn_lo = m_lo, mn_hi = m_hi;
+#pragma unroll
+    for (int w = 0; w < NWG; ++w) {
+      mn_lo = fmaxf(mn_lo, red_s[w * kHeadsW + r_lo]);
+      mn_hi = fmaxf(mn_hi, red_s[w * kHeadsW + r_hi]);
+    }
     const float ms_lo = isfinite(mn_lo) ? mn_lo : 0.f, ms_hi = isfinite(mn_hi) ? mn_hi : 0.f;
     const float al_lo = expf(m_lo - ms_lo), al_hi = expf(m_hi - ms_hi);
     m_lo = mn_lo, m_hi = mn_hi;
     float ps_lo = 0.f, ps_hi = 0.f;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < Sh::kKeysPerWg / 8; ++j) {
       const float p0 = expf(s[4 * j] - ms_lo), p1 = expf(s[4 * j + 1] - ms_lo);
       const float p2 = expf(s[4 * j + 2] - ms_hi), p3 = expf(s[4 * j + 3] - ms_hi);
       ps_lo += p0 + p1, ps_hi += p2 + p3;
-      const int piece = 4 * wg + j;  // keys 32 wg + 8j .. + 7: one 16-byte piece of P's 128-byte row
+      const int piece = Sh::kKeysPerWg / 8 * wg + j;  // keys kKeysPerWg wg + 8j .. + 7: a 16-byte piece of P's row
       *reinterpret_cast<uint32_t*>(p_s + sw128(r_lo, piece) + 4 * q) = pack_bf16x2(p0, p1);
       *reinterpret_cast<uint32_t*>(p_s + sw128(r_hi, piece) + 4 * q) = pack_bf16x2(p2, p3);
     }
@@ -299,7 +371,7 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
     den_lo = den_lo * al_lo + ps_lo, den_hi = den_hi * al_hi + ps_hi;
     if (!__all_sync(0xffffffffu, al_lo == 1.f && al_hi == 1.f)) {  // (once the maxima settle, mostly skipped)
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
+      for (int j = 0; j < Sh::kORegs / 4; ++j) {
         o[4 * j] *= al_lo, o[4 * j + 1] *= al_lo;
         o[4 * j + 2] *= al_hi, o[4 * j + 3] *= al_hi;
       }
@@ -308,54 +380,64 @@ __global__ void __launch_bounds__(kThreadsW, 1) sparse_mla_decode_wgmma_kernel(c
     __syncthreads();  // P whole; red_s and this tile's valid_s read
     if (t + 2 < t1) sources(idx_next, buf);  // tile t + 2 takes this buffer (its raw rows are requested at t + 1)
     idx_next = idx_of(t + 3);
-    // 4. O_w = alpha O_w + P V over the warpgroup's 256 dims (slices 4 wg .. 4 wg + 3)
+    // 4. O_w = alpha O_w + P V over the warpgroup's dims (slices kDimsPerWg / 64 wg ..)
+    uint32_t pa = p_at, va = k_at + (Sh::kDimsPerWg / 64) * wg * kBlockBytes;
+    asm volatile("" : "+r"(pa), "+r"(va));
     wgmma_fence();
 #pragma unroll
-    for (int step = 0; step < kKeys / 16; ++step) {  // keys 16 step .. + 15: P's bytes 32 step.., V's rows
-      const uint32_t v_at = k_at + 4 * wg * kBlockBytes + step * 16 * 128;
-      wgmma_m64n256k16_bt(o, desc_k(p_at + step * 32), desc_mn(v_at, kBlockBytes));
-    }
+    for (int step = 0; step < kKeys / 16; ++step)  // keys 16 step .. + 15: P's bytes 32 step.., V's rows
+      Sh::pv_step(o, desc_k(pa + step * 32), desc_mn(va + step * 16 * 128, kBlockBytes));
     wgmma_commit();
     wgmma_wait0();
 #pragma unroll
-    for (int i = 0; i < 128; ++i) reg_fence(o[i]);
+    for (int i = 0; i < Sh::kORegs; ++i) reg_fence(o[i]);
   }
-
   cp_async_wait_all();  // (a split without tiles left Q's copies uncommitted)
 
   // The split's unnormalised output and (running max, denominator) per head: o[4j + e] is head r_lo (e < 2) or
-  // r_hi, dim 256 wg + 8j + 2q + e % 2.
-  float* po = a.part_o + ((b * a.splits + split) * a.heads + h0) * kD + 256 * wg + 2 * q;
+  // r_hi, dim kDimsPerWg wg + 8j + 2q + e % 2.
+  float* po = a.part_o + ((b * a.splits + split) * a.heads + h0) * kD + Sh::kDimsPerWg * wg + 2 * q;
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+  for (int j = 0; j < Sh::kORegs / 4; ++j) {
     *reinterpret_cast<float2*>(po + r_lo * kD + 8 * j) = make_float2(o[4 * j], o[4 * j + 1]);
     *reinterpret_cast<float2*>(po + r_hi * kD + 8 * j) = make_float2(o[4 * j + 2], o[4 * j + 3]);
   }
   __syncthreads();  // red_s's maxima read
   if (q == 0) red_s[wg * kHeadsW + r_lo] = den_lo, red_s[wg * kHeadsW + r_hi] = den_hi;
   __syncthreads();
-  // (running max, denominator): the max from the head's owner in warpgroup 0 (both hold the same), the denominator
-  // the two warpgroups' partial sums added
+  // (running max, denominator): the max from the head's owner in warpgroup 0 (every warpgroup holds the same), the
+  // denominator the warpgroups' partial sums added
   float* ml = a.part_ml + ((b * a.splits + split) * a.heads + h0) * 2;
   if (wg == 0 && q == 0) ml[2 * r_lo] = m_lo, ml[2 * r_hi] = m_hi;
-  if (tid < kHeadsW) ml[2 * tid + 1] = red_s[tid] + red_s[kHeadsW + tid];
+  if (tid < kHeadsW) {
+    float den = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWG; ++w) den += red_s[w * kHeadsW + tid];
+    ml[2 * tid + 1] = den;
+  }
 }
 
-}  // namespace
-
-cudaError_t launch_sparse_mla_decode_wgmma(const SparseMlaDecodeArgs& c, unsigned rows, cudaStream_t stream) {
+template <int NWG>
+cudaError_t launch_wgmma(const SparseMlaDecodeArgs& c, unsigned rows, cudaStream_t stream) {
+  auto* kernel = sparse_mla_decode_wgmma_kernel<NWG>;
   static std::atomic<bool> opted_in[64];  // per device (an expert-parallel process drives several)
   int dev = 0;
   if (const cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
   if (dev >= 64 || !opted_in[dev].load()) {
-    const cudaError_t e = cudaFuncSetAttribute(sparse_mla_decode_wgmma_kernel,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytesW);
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytesW);
     if (e != cudaSuccess) return e;
     if (dev < 64) opted_in[dev].store(true);
   }
   const dim3 grid(static_cast<unsigned>(c.splits), static_cast<unsigned>(c.heads / kHeadsW), rows);
-  sparse_mla_decode_wgmma_kernel<<<grid, kThreadsW, kSmemBytesW, stream>>>(c);
+  kernel<<<grid, 128 * NWG, kSmemBytesW, stream>>>(c);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_sparse_mla_decode_wgmma(const SparseMlaDecodeArgs& c, unsigned rows, int warpgroups,
+                                           cudaStream_t stream) {
+  return warpgroups == 4 ? launch_wgmma<4>(c, rows, stream) : launch_wgmma<2>(c, rows, stream);
 }
 
 }  // namespace dsv4ffi
