@@ -45,6 +45,18 @@ struct RowSources {
   }
 };
 
+// The 64-key tiles [t0, t1) of the index list that split `split` takes: an even share of them (the last splits
+// shorter or empty).
+struct TileRange {
+  int64_t t0, t1;
+};
+__device__ __forceinline__ TileRange split_tiles(const SparseMlaDecodeArgs& a, int split) {
+  const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
+  const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
+  const int64_t t0 = split * per_split;
+  return {t0, t0 + per_split < n_tiles ? t0 + per_split : n_tiles};
+}
+
 // The sources of query row b's keys: those of batch row b / q_per_src.
 __device__ __forceinline__ RowSources row_sources(const SparseMlaDecodeArgs& a, int64_t b) {
   const int64_t sb = b / a.q_per_src, layer = a.layer ? a.layer[0] : 0, src_batch = a.batch / a.q_per_src;

@@ -116,9 +116,7 @@ __global__ void __launch_bounds__(kThreads) sparse_mla_decode_kernel(const Spars
   const int split = blockIdx.x, h0 = blockIdx.y * kHeads;
   const int64_t b = a.row0 + blockIdx.z;  // the query row
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
-  const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
-  const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
-  const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
+  const auto [t0, t1] = split_tiles(a, split);
 
   const RowSources sources = row_sources(a, b);
   const int32_t* idx = a.idx + b * a.n_idx;
@@ -274,9 +272,7 @@ __global__ void __launch_bounds__(kThreads64, 1) sparse_mla_decode64_kernel(cons
   const int64_t b = a.row0 + blockIdx.z;  // the query row
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int hw = 16 * (warp % 4);  // the warp's heads (within the block) for S
-  const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
-  const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
-  const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
+  const auto [t0, t1] = split_tiles(a, split);
 
   const RowSources row_of = row_sources(a, b);
   const int32_t* idx = a.idx + b * a.n_idx;

@@ -1,8 +1,8 @@
 // Sparse-MLA decode of DeepSeek-V4 on Hopper's warpgroup MMA (sm_90a): the contract, inputs and numerics of
-// sparse_mla_kernels.cu (its header comment), heads a multiple of 64. Why another kernel: the mma.sync one spends a
-// 64-key tile's time reading its operands out of shared memory (each warp reloads Q and K fragments for its 16 x 16
-// piece of S: ~0.7 MB of shared-memory reads a tile, ~10 us a tile measured); wgmma reads each operand once per
-// warpgroup.
+// sparse_mla_kernels.cu (its header comment), heads a multiple of 64. Why another kernel: the mma.sync one reloads Q
+// and K fragments from shared memory in every warp (~0.7 MB a 64-key tile) where wgmma reads each operand once per
+// warpgroup. Measured on an H200 that alone gained ~10%; most of a tile's ~6-10 us went to instruction issue (the
+// widening's per-item index arithmetic and branches), which the version here cut (BENCHMARKS.md, fifteenth session).
 //
 // A block is two warpgroups (or four: DSV4_FFI_SPARSE_DECODE=wgmma4, twice the warps to hide latency with, half
 // the accumulators each) on one query row, 64 heads and a run of 64-key tiles (split-KV as before). Shared memory
@@ -255,9 +255,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
   const int64_t b = a.row0 + blockIdx.z;  // the query row
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int r_lo = 16 * ((tid % 128) / 32) + g, r_hi = r_lo + 8;  // the thread's two heads (rows of S, P and O)
-  const int64_t n_tiles = (a.n_idx + kKeys - 1) / kKeys;
-  const int64_t per_split = (n_tiles + a.splits - 1) / a.splits;
-  const int64_t t0 = split * per_split, t1 = t0 + per_split < n_tiles ? t0 + per_split : n_tiles;
+  const auto [t0, t1] = split_tiles(a, split);
 
   // The row sources live in shared memory: in registers they cost 12 a thread across the loop (the four-warpgroup
   // form has 128).
