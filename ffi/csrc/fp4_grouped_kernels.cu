@@ -83,12 +83,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// Descriptor of a K-major tile in the 128-byte swizzle TMA writes (8-row groups 1024 bytes apart).
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_byte_addr) {
-  return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>(1024 >> 4) << 32) |
-         (1ull << 62);
-}
-
 // 2^e exactly (e <= 127; 0 below 2^-149).
 __device__ __forceinline__ float pow2i(int e) {
   if (e >= -126) return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
@@ -265,7 +259,7 @@ __device__ __forceinline__ void mma_chunk(float (&d)[64], uint32_t a_addr, uint3
   wgmma_fence();
 #pragma unroll
   for (int m = 0; m < 4; ++m)
-    wgmma_ss_m64n128k32(d, wgmma_desc(a_addr + m * 2048, 128, 256), sw128_desc(b_addr + m * 32), m);
+    wgmma_ss_m64n128k32(d, wgmma_desc(a_addr + m * 2048, 128, 256), wgmma_desc_sw128(b_addr + m * 32), m);
   wgmma_commit();
 }
 
@@ -460,7 +454,11 @@ __global__ void __launch_bounds__(kGThreads, 1)
 
 }  // namespace
 
-size_t fp4_grouped_smem(int64_t experts) { return grouped_smem_bytes(experts); }
+bool fp4_grouped_fits(int64_t experts) {
+  cudaError_t err = cudaSuccess;
+  const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(fp4_grouped_kernel), &err);
+  return limit >= 0 && grouped_smem_bytes(experts) <= static_cast<size_t>(limit);
+}
 
 cudaError_t launch_fp4_grouped(const Fp4GroupedArgs& a, cudaStream_t stream) {
   if (a.n % kGRows != 0 || a.k % 128 != 0 || (a.slabs && a.n % kFp4SlabRows != 0)) return cudaErrorInvalidValue;
@@ -469,7 +467,7 @@ cudaError_t launch_fp4_grouped(const Fp4GroupedArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(fp4_grouped_kernel), &err);
   if (limit < 0) return err;
-  if (smem > static_cast<size_t>(limit)) return cudaErrorInvalidValue;  // the handler checks fp4_grouped_smem first
+  if (smem > static_cast<size_t>(limit)) return cudaErrorInvalidValue;  // the handler checks fp4_grouped_fits first
   // The activation rows in boxes of 128 rows x one 128-byte chunk, 128-byte swizzle (wgmma's K-major SW128 tile).
   CUtensorMap tmap_b;
   if (!make_tma_2d(&tmap_b, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.q, a.k, a.rows, a.k, 128, kGTok, 128, "q").empty())

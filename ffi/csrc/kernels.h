@@ -353,8 +353,9 @@ struct Fp4GroupedArgs {
   int64_t rows, n, k;
   bool slabs = false;
 };
-// Dynamic shared memory of the launch for `experts` experts (the handler checks it against the device's limit).
-size_t fp4_grouped_smem(int64_t experts);
+// Whether the launch for `experts` experts fits the device's shared memory (the expert table grows with them; the
+// handler names the refusal).
+bool fp4_grouped_fits(int64_t experts);
 cudaError_t launch_fp4_grouped(const Fp4GroupedArgs& a, cudaStream_t stream);
 
 // Finds the instantiation for (kind, n, k, g, block_m); null if none.

@@ -297,10 +297,7 @@ ffi::Error fp4_grouped(cudaStream_t stream, const std::string& op, ffi::AnyBuffe
     return bad(op, "a layer stack needs one layer index (and a plain weight none)");
   if (!aligned16(q.untyped_data())) return bad(op, "q must be 16-byte aligned");
   if (rows > 0x7FFFFFFF) return bad(op, "more than 2^31 rows");
-  int dev = 0, optin = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (fp4_grouped_smem(e) > static_cast<size_t>(optin))
+  if (!fp4_grouped_fits(e))
     return bad(op, std::to_string(e) + " experts: the expert table does not fit in shared memory");
   Fp4GroupedArgs a{};
   a.q = static_cast<const uint8_t*>(q.untyped_data());

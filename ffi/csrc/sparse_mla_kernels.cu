@@ -18,7 +18,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -460,20 +459,17 @@ SparseKernel sparse_kernel(int64_t heads) {
 
 cudaError_t launch_sparse_mla_decode(const SparseMlaDecodeArgs& a, cudaStream_t stream) {
   if (a.batch == 0) return cudaSuccess;
-  // The shared-memory opt-in is per device (an expert-parallel process drives several).
-  static std::atomic<bool> opted_in[64];
-  int dev = 0;
-  if (const cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-  if (dev >= 64 || !opted_in[dev].load()) {
-    cudaError_t e =
-        cudaFuncSetAttribute(sparse_mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e == cudaSuccess)
-      e = cudaFuncSetAttribute(sparse_mla_decode64_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes64);
-    if (e != cudaSuccess) return e;
-    if (dev < 64) opted_in[dev].store(true);
-  }
   const SparseKernel which = sparse_kernel(a.heads);
   if (a.q_per_src < 1 || a.batch % a.q_per_src != 0) return cudaErrorInvalidValue;
+  if (which != SparseKernel::kWgmma && which != SparseKernel::kWgmma4) {  // (the wgmma launcher opts in for itself)
+    const bool wide = which == SparseKernel::kMma64;
+    const void* kernel = wide ? reinterpret_cast<const void*>(sparse_mla_decode64_kernel)
+                              : reinterpret_cast<const void*>(sparse_mla_decode_kernel);
+    cudaError_t err = cudaSuccess;
+    const int limit = dynamic_smem_limit(kernel, &err);  // (opted in, per device)
+    if (limit < 0) return err;
+    if ((wide ? kSmemBytes64 : kSmemBytes) > limit) return cudaErrorInvalidValue;
+  }
   constexpr int64_t kMaxGridRows = 65535;  // gridDim.y / z
   for (int64_t r0 = 0; r0 < a.batch; r0 += kMaxGridRows) {
     SparseMlaDecodeArgs c = a;

@@ -23,7 +23,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -54,11 +53,6 @@ static_assert(kSrcAt % 8 == 0 && kRowsAt % 8 == 0 && sizeof(RowSources) <= 64 &&
 
 // Byte offset of 16-byte piece c of row r in a swizzled 128-byte-row block.
 __device__ __forceinline__ uint32_t sw128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
-
-// Descriptor of a K-major operand in 128-byte-swizzled rows: 8-row groups 1 KB apart.
-__device__ __forceinline__ uint64_t desc_k(uint32_t addr) {
-  return static_cast<uint64_t>((addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
-}
 
 // Descriptor of an MN-major operand (B = V: rows are K, the 128-byte rows hold 64 consecutive N): 64-wide N blocks
 // `lbo` bytes apart, 8-row K groups 1 KB apart (PTX ISA "matrix descriptor"; cute's canonical GMMA MN layouts).
@@ -316,7 +310,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
 #pragma unroll
     for (int step = 0; step < kD / 16; ++step) {
       const uint32_t at = (step / 4) * kBlockBytes + (step % 4) * 32;
-      Sh::s_step(s, desc_k(qa + at), desc_k(ka + at), step);
+      Sh::s_step(s, wgmma_desc_sw128(qa + at), wgmma_desc_sw128(ka + at), step);
     }
     wgmma_commit();
     wgmma_wait0();
@@ -384,7 +378,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < kKeys / 16; ++step)  // keys 16 step .. + 15: P's bytes 32 step.., V's rows
-      Sh::pv_step(o, desc_k(pa + step * 32), desc_mn(va + step * 16 * 128, kBlockBytes));
+      Sh::pv_step(o, wgmma_desc_sw128(pa + step * 32), desc_mn(va + step * 16 * 128, kBlockBytes));
     wgmma_commit();
     wgmma_wait0();
 #pragma unroll
@@ -418,14 +412,10 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
 template <int NWG>
 cudaError_t launch_wgmma(const SparseMlaDecodeArgs& c, unsigned rows, cudaStream_t stream) {
   auto* kernel = sparse_mla_decode_wgmma_kernel<NWG>;
-  static std::atomic<bool> opted_in[64];  // per device (an expert-parallel process drives several)
-  int dev = 0;
-  if (const cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-  if (dev >= 64 || !opted_in[dev].load()) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytesW);
-    if (e != cudaSuccess) return e;
-    if (dev < 64) opted_in[dev].store(true);
-  }
+  cudaError_t err = cudaSuccess;
+  const int limit = dynamic_smem_limit(reinterpret_cast<const void*>(kernel), &err);  // (opted in, per device)
+  if (limit < 0) return err;
+  if (kSmemBytesW > limit) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(c.splits), static_cast<unsigned>(c.heads / kHeadsW), rows);
   kernel<<<grid, 128 * NWG, kSmemBytesW, stream>>>(c);
   return cudaGetLastError();

@@ -1,5 +1,5 @@
-// The SM90 warpgroup MMA pieces our kernels share (wgmma with the A operand in registers, B in shared memory without
-// swizzle): the instruction guard, fences, and the shared-memory matrix descriptor.
+// The SM90 warpgroup MMA pieces our kernels share: the instruction guard, fences, and the shared-memory matrix
+// descriptors (core matrices without swizzle; 128-byte-swizzled K-major rows).
 #pragma once
 #include <cstdint>
 
@@ -26,6 +26,14 @@ __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r):
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>(lbo >> 4) << 16) |
          (static_cast<uint64_t>(sbo >> 4) << 32);
+}
+
+// Descriptor of a K-major operand in 128-byte-swizzled rows (as TMA's 128-byte swizzle writes them: 16-byte piece c
+// of row r at piece c ^ (r % 8), 1 KB atoms): 8-row groups 1 KB apart. A k-step inside the 128-byte row is the start
+// address plus its byte offset.
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_byte_addr) {
+  return static_cast<uint64_t>((smem_byte_addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
 }
 
 }  // namespace dsv4ffi
