@@ -51,7 +51,8 @@ constexpr int kSrcAt = kZeroAt + kRawPitch;             // const unsigned char* 
 constexpr int kRowAt = kSrcAt + 2 * kKeys * 8;          // uint32 [2][64]: each raw row's offset in shared memory
 constexpr int kBarAt = kRowAt + 2 * kKeys * 4;          // uint64 [2]: the bulk copies of each raw buffer landed
 constexpr int kValidAt = kBarAt + 2 * 8;                // int [2][64]
-constexpr int kRedAt = kValidAt + 2 * kKeys * 4;        // float [4][64]: per warpgroup, row maxima (then denominators)
+constexpr int kLiveAt = kValidAt + 2 * kKeys * 4;       // int [2][2]: per buffer and warp, whether a key is >= 0
+constexpr int kRedAt = kLiveAt + 2 * 2 * 4;            // float [4][64]: per warpgroup, row maxima (then denominators)
 constexpr int kRowsAt = kRedAt + 4 * kHeadsW * 4;      // RowSources of the block's query row
 constexpr int kSmemUsed = kRowsAt + 64;
 constexpr int kSmemBytesW = kSmemUsed + 1024;           // the dynamic base aligned up to the 1 KB swizzle atom
@@ -233,6 +234,7 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
   uint32_t* row_s = reinterpret_cast<uint32_t*>(smem + kRowAt);
   const unsigned char** src_s = reinterpret_cast<const unsigned char**>(smem + kSrcAt);
   int* valid_s = reinterpret_cast<int*>(smem + kValidAt);
+  int* live_s = reinterpret_cast<int*>(smem + kLiveAt);
   float* red_s = reinterpret_cast<float*>(smem + kRedAt);
 
   const int split = blockIdx.x, h0 = blockIdx.y * kHeadsW;
@@ -260,16 +262,22 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
     return tid < kKeys && t < t1 && col < a.n_idx ? idx[col] : -1;
   };
   auto sources = [&](int32_t r, int buf) {
-    if (tid < kKeys) {
+    if (tid < kKeys) {  // (warps 0 and 1, whole)
       src_s[buf * kKeys + tid] = (*rows_s)(r);
       valid_s[buf * kKeys + tid] = r >= 0;  // an index >= 0 is a key even where it names no row
+      const unsigned any = __ballot_sync(0xffffffffu, r >= 0);
+      if (lane == 0) live_s[buf * 2 + tid / 32] = any != 0u;
     }
   };
+  // A tile without a key (every index -1: the padding of a top-k over fewer visible entries, or of an HCA list sized
+  // for the cache's capacity) changes nothing (its probabilities are 0 and its rescale 1, or 0 on zeros): it is
+  // neither copied nor computed.
+  auto live = [&](int buf) { return (live_s[buf * 2] | live_s[buf * 2 + 1]) != 0; };
   // Tile t + 1's raw rows into buffer `buf` (threads 0..63, one row each): 576 of its bytes by a bulk copy that lands
   // on the buffer's barrier, the other 8 by cp.async; a row without a source reads the zero row instead (it widens
   // to a zero key and value: a -1 entry's P is 0, and 0 x garbage could be NaN).
   auto request = [&](int buf) {
-    if (tid < kKeys) {
+    if (tid < kKeys && live(buf)) {
       const unsigned char* src = src_s[buf * kKeys + tid];
       const uint32_t row = kRawAt + (buf * kKeys + tid) * kRawPitch, bar = bar_at + buf * 8;
       if (src != nullptr) {
@@ -314,11 +322,19 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
   float m_lo = -INFINITY, m_hi = -INFINITY, den_lo = 0.f, den_hi = 0.f;
   int buf = 0;
   for (int64_t t = t0; t < t1; ++t, buf ^= 1) {
+    const bool keys = live(buf);  // (written two barriers ago at least; rewritten below only after every read)
     cp_async_wait<0>();
-    mbar_wait(bar_at + buf * 8, (fills >> buf) & 1u);
-    fills ^= 1u << buf;
+    if (keys) {
+      mbar_wait(bar_at + buf * 8, (fills >> buf) & 1u);
+      fills ^= 1u << buf;
+    }
     __syncthreads();  // tile t's raw rows (and Q) landed; the previous tile's PV done in every warpgroup
     if (t + 1 < t1) request(buf ^ 1);
+    if (!keys) {
+      if (t + 2 < t1) sources(idx_next, buf);
+      idx_next = idx_of(t + 3);
+      continue;
+    }
     widen_tile<NT>(smem, row_s + buf * kKeys, k_s, tid);  // 1.
     fence_async_smem();
     __syncthreads();
