@@ -131,7 +131,7 @@ def test_fp4_grouped_kernel_compiles_for_sm90a_without_spills():
     threads per SM, and without ptxas serializing its wgmmas for lack of registers (which it did with the weights in
     registers and with a second, 64-column wgmma shape on the same partial sums)."""
     headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "fp4_slabs.cuh",
-               "layer_index.cuh")  # fmt: skip
+               "layer_index.cuh", "mbarrier.cuh")  # fmt: skip
     log = _ptxas_log("fp4_grouped_kernels.cu", headers, "fp4_grouped_kernels")
     regs = [r for name, r in _ptxas_entries(log) if "fp4_grouped_kernel" in name]
     assert len(regs) == 1 and regs[0] <= 255, (regs, log[-2000:])
@@ -144,7 +144,7 @@ def test_sparse_mla_wgmma_kernel_compiles_for_sm90a_without_spills():
     serializing its wgmmas: two warpgroups (each holds 64 heads x 256 dims of O, 128 fp32 registers a thread, within
     one block of 256 threads per SM) and four (128 dims each, within the 128 registers of 512 threads; the
     descriptors hoisted out of the tile loop had made it spill)."""
-    headers = ("sparse_mla_common.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh")
+    headers = ("sparse_mla_common.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "mbarrier.cuh")
     log = _ptxas_log("sparse_mla_wgmma_kernels.cu", headers, "sparse_mla_wgmma_kernels")
     regs = {("4" if "ILi4E" in name else "2"): r for name, r in _ptxas_entries(log) if "decode_wgmma_kernel" in name}
     assert set(regs) == {"2", "4"} and regs["2"] <= 255 and regs["4"] <= 128, (regs, log[-2000:])

@@ -33,6 +33,7 @@
 
 #include "fp4_gemv_common.cuh"
 #include "layer_index.cuh"
+#include "mbarrier.cuh"
 
 namespace dsv4ffi {
 namespace {
@@ -58,29 +59,6 @@ static_assert(kGStage % 1024 == 0 && kGABytes % 1024 == 0, "stage alignment (the
 size_t grouped_smem_bytes(int64_t experts) {
   return 1024 + static_cast<size_t>(kGStages) * kGStage + 2 * kGABytes + 64 + kGOutBytes +
          static_cast<size_t>(experts + 1) * 8;
-}
-
-// mbarrier and TMA pieces (sm_90 and later): the activation chunk's copy completes on a barrier per stage.
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
-      : "memory");
 }
 
 // 2^e exactly (e <= 127; 0 below 2^-149).

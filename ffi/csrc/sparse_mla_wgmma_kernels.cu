@@ -9,7 +9,8 @@
 // holds Q (64 heads x 512 dims), the widened tile K = V (64 keys x 512 dims) and P (64 heads x 64 keys), all bf16 in
 // the 128-byte-swizzled layout wgmma reads: each 64-dim slice of Q or K is an 8 KB block of 64 rows of 128 bytes, the
 // 16-byte piece c of row r stored at piece c ^ (r % 8). Per tile:
-//   1. (every thread) the raw rows widened to bf16 into K, the next tile's raw rows requested (cp.async);
+//   1. (every thread) the raw rows widened to bf16 into K; the next tile's raw rows requested (a bulk copy of 576
+//      bytes and a cp.async of 8 per row, by 64 threads);
 //   2. warpgroup w: S_w = Q K[32w .. 32w + 31]^T (wgmma m64n32k16, A and B K-major, 32 steps over the 512 dims;
 //      four warpgroups: 16 keys each, m64n16k16);
 //   3. the online softmax: each warpgroup's row maxima over its 32 keys exchanged through shared memory, then
@@ -26,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "mbarrier.cuh"
 #include "sparse_mla_common.cuh"
 #include "wgmma.cuh"
 
@@ -40,15 +42,23 @@ constexpr int kSlices = kD / 64;         // 8
 constexpr int kQAt = 0;
 constexpr int kKAt = kQAt + kSlices * kBlockBytes;
 constexpr int kPAt = kKAt + kSlices * kBlockBytes;
-constexpr int kRawAt = kPAt + kBlockBytes;              // raw rows, two buffers of [64][584]
-constexpr int kSrcAt = kRawAt + 2 * kKeys * kRowBytes;  // const unsigned char* [2][64]
-constexpr int kValidAt = kSrcAt + 2 * kKeys * 8;        // int [2][64]
-constexpr int kRedAt = kValidAt + 2 * kKeys * 4;        // float [4][64]: per warpgroup, row maxima (then denominators)
+// Raw rows: two buffers of 64 rows 592 bytes apart, each row's 584 bytes at offset 0 or 8 (the parity of its source
+// address mod 16: the bulk copy's 576 bytes are 16-byte aligned on both sides), then one row of zeros.
+constexpr int kRawPitch = 592;
+constexpr int kRawAt = kPAt + kBlockBytes;
+constexpr int kZeroAt = kRawAt + 2 * kKeys * kRawPitch;
+constexpr int kSrcAt = kZeroAt + kRawPitch;             // const unsigned char* [2][64]
+constexpr int kRowAt = kSrcAt + 2 * kKeys * 8;          // uint32 [2][64]: each raw row's offset in shared memory
+constexpr int kBarAt = kRowAt + 2 * kKeys * 4;          // uint64 [2]: the bulk copies of each raw buffer landed
+constexpr int kValidAt = kBarAt + 2 * 8;                // int [2][64]
+constexpr int kLiveAt = kValidAt + 2 * kKeys * 4;       // int [2][2]: per buffer and warp, whether a key is >= 0
+constexpr int kRedAt = kLiveAt + 2 * 2 * 4;            // float [4][64]: per warpgroup, row maxima (then denominators)
 constexpr int kRowsAt = kRedAt + 4 * kHeadsW * 4;      // RowSources of the block's query row
 constexpr int kSmemUsed = kRowsAt + 64;
 constexpr int kSmemBytesW = kSmemUsed + 1024;           // the dynamic base aligned up to the 1 KB swizzle atom
-static_assert(kNope / 8 == 56 && kKeys == 64, "widen_tile's and request_rows_zeroed's split");
-static_assert(kSrcAt % 8 == 0 && kRowsAt % 8 == 0 && sizeof(RowSources) <= 64 && kSmemBytesW <= 227 * 1024,
+static_assert(kNope / 8 == 56 && kKeys == 64 && kRowBytes == 576 + 8, "widen_tile's split; a row: 576 + 8 bytes");
+static_assert(kRawAt % 16 == 0 && kZeroAt % 16 == 0 && kSrcAt % 8 == 0 && kBarAt % 8 == 0 && kRowsAt % 8 == 0 &&
+                  sizeof(RowSources) <= 64 && kSmemBytesW <= 227 * 1024,
               "shared memory layout");
 
 // Byte offset of 16-byte piece c of row r in a swizzled 128-byte-row block.
@@ -59,6 +69,12 @@ __device__ __forceinline__ uint32_t sw128(int r, int c) { return r * 128 + ((c ^
 __device__ __forceinline__ uint64_t desc_mn(uint32_t addr, uint32_t lbo) {
   return static_cast<uint64_t>((addr >> 4) & 0x3FFFu) | (static_cast<uint64_t>(lbo >> 4) << 16) |
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// A descriptor moved on by `at16` 16-byte units: a 32-bit add on its low word (the address field, below 2^14 for any
+// shared-memory address, takes the sum without a carry).
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t at16) {
+  return (d & 0xFFFFFFFF00000000ull) | static_cast<uint32_t>(static_cast<uint32_t>(d) + at16);
 }
 
 __device__ __forceinline__ void fence_async_smem() { DSV4_WGMMA("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -157,44 +173,19 @@ struct Shape {
   }
 };
 
-// A tile's 64 raw rows into raw_s: warp w takes rows (64 / warps) w .. , its lanes pieces lane, lane + 32, lane + 64 of
-// a row (cp.async, 8 bytes; the rows are 8-byte aligned); a row without a source is zeroed (then it widens to a zero
-// key and value: a -1 entry's P is 0, and 0 x garbage could be NaN). No division per piece (the mma.sync kernels'
-// request_rows spends most of its instructions there).
-template <int NT>
-__device__ __forceinline__ void request_rows_zeroed(const unsigned char* const* srcs, unsigned char* raw_s, int tid) {
-  constexpr int kRowsPerWarp = kKeys / (NT / 32);
-  const int warp = tid / 32, lane = tid % 32;
-#pragma unroll 2
-  for (int j = 0; j < kRowsPerWarp; ++j) {
-    const int row = kRowsPerWarp * warp + j;
-    const unsigned char* src = srcs[row];
-    unsigned char* dst = raw_s + row * kRowBytes;
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      const int piece = lane + 32 * k;
-      if (k == 2 && piece >= kChunks) break;
-      if (src)
-        cp_async8(smem_addr(dst + piece * 8), src + piece * 8);
-      else
-        *reinterpret_cast<uint2*>(dst + piece * 8) = make_uint2(0, 0);
-    }
-  }
-}
-
 // The raw tile widened into K's swizzled slices. The first 7/8 of the threads take NoPE piece tid % 56 (8 e4m3 values
 // x their 64-value tile's scale) of rows tid / 56 + R i, the last 1/8 RoPE piece tid % 8 (8 bf16 values, copied) of
 // rows + R i (R = rows a pass: NT / 64): each thread's piece, scale byte, slice and swizzle phase fixed across its
 // rows, so the loop is loads, conversions and one store (the first version, a piece index divided per item and three
 // branches, was 60% of the kernel's instructions: ncu, BENCHMARKS.md).
 template <int NT>
-__device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned char* k_s, int tid) {
+__device__ __forceinline__ void widen_tile(const unsigned char* smem, const uint32_t* rows, unsigned char* k_s,
+                                           int tid) {
   constexpr int kNopeThreads = NT / 8 * 7, kPass = NT / 64, kIters = kKeys / kPass;
   constexpr int kBatch = NT == 256 ? 4 : 2;  // rows whose loads are issued together (512 threads: registers)
   static_assert(kNopeThreads == 56 * kPass && kIters % kBatch == 0, "a pass covers kPass whole rows");
   if (tid < kNopeThreads) {
     const int p = tid % 56, r0 = tid / 56;
-    const unsigned char* src = raw + r0 * kRowBytes;
     unsigned char* dst = k_s + (p / 8) * kBlockBytes + r0 * 128;
     const int c = p % 8;
     for (int i0 = 0; i0 < kIters; i0 += kBatch) {  // a batch of rows' loads issued before any is used
@@ -202,7 +193,7 @@ __device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned ch
       uint32_t sb[kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const unsigned char* row = src + (i0 + u) * kPass * kRowBytes;
+        const unsigned char* row = smem + rows[r0 + (i0 + u) * kPass];
         v[u] = *reinterpret_cast<const uint2*>(row + p * 8);
         sb[u] = row[kScaleAt + p / 8];
       }
@@ -219,11 +210,10 @@ __device__ __forceinline__ void widen_tile(const unsigned char* raw, unsigned ch
     }
   } else {
     const int p = (tid - kNopeThreads) % 8, r0 = (tid - kNopeThreads) / 8;
-    const unsigned char* src = raw + r0 * kRowBytes + kNope + p * 16;
     unsigned char* dst = k_s + (kSlices - 1) * kBlockBytes + r0 * 128;
 #pragma unroll 4
     for (int i = 0; i < kIters; ++i) {
-      const uint2* v = reinterpret_cast<const uint2*>(src + i * kPass * kRowBytes);
+      const uint2* v = reinterpret_cast<const uint2*>(smem + rows[r0 + i * kPass] + kNope + p * 16);
       const uint2 lo = v[0], hi = v[1];
       const int at = i * kPass * 128 + ((p ^ ((r0 + kPass * i) & 7)) << 4);
       *reinterpret_cast<uint4*>(dst + at) = make_uint4(lo.x, lo.y, hi.x, hi.y);
@@ -240,21 +230,31 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
   const uint32_t q_at = smem_addr(smem + kQAt), k_at = smem_addr(smem + kKAt), p_at = smem_addr(smem + kPAt);
   unsigned char* k_s = smem + kKAt;
   unsigned char* p_s = smem + kPAt;
-  unsigned char* raw_s = smem + kRawAt;
+  const uint32_t raw_at = smem_addr(smem + kRawAt), bar_at = smem_addr(smem + kBarAt);
+  uint32_t* row_s = reinterpret_cast<uint32_t*>(smem + kRowAt);
   const unsigned char** src_s = reinterpret_cast<const unsigned char**>(smem + kSrcAt);
   int* valid_s = reinterpret_cast<int*>(smem + kValidAt);
+  int* live_s = reinterpret_cast<int*>(smem + kLiveAt);
   float* red_s = reinterpret_cast<float*>(smem + kRedAt);
 
   const int split = blockIdx.x, h0 = blockIdx.y * kHeadsW;
   const int64_t b = a.row0 + blockIdx.z;  // the query row
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, g = lane / 4, q = lane % 4;
   const int r_lo = 16 * ((tid % 128) / 32) + g, r_hi = r_lo + 8;  // the thread's two heads (rows of S, P and O)
+  const int wg_u = __shfl_sync(0xffffffffu, wg, 0);  // the same, seen as warp-uniform: descriptors in uniform registers
   const auto [t0, t1] = split_tiles(a, split);
 
   // The row sources live in shared memory: in registers they cost 12 a thread across the loop (the four-warpgroup
   // form has 128).
   RowSources* rows_s = reinterpret_cast<RowSources*>(smem + kRowsAt);
-  if (tid == 0) *rows_s = row_sources(a, b);
+  if (tid == 0) {
+    *rows_s = row_sources(a, b);
+    mbar_init(bar_at, kKeys);  // a raw buffer's barrier: threads 0..63 arrive once per fill, each with its row's bytes
+    mbar_init(bar_at + 8, kKeys);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  if (tid < kRawPitch / 16)
+    reinterpret_cast<uint4*>(smem + kZeroAt)[tid] = make_uint4(0, 0, 0, 0);  // the row of a key without a source
   __syncthreads();
   const int32_t* idx = a.idx + b * a.n_idx;
   auto idx_of = [&](int64_t t) -> int32_t {  // key tid of tile t (threads < 64); -1 past the run or the list
@@ -262,15 +262,45 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
     return tid < kKeys && t < t1 && col < a.n_idx ? idx[col] : -1;
   };
   auto sources = [&](int32_t r, int buf) {
-    if (tid < kKeys) {
+    if (tid < kKeys) {  // (warps 0 and 1, whole)
       src_s[buf * kKeys + tid] = (*rows_s)(r);
       valid_s[buf * kKeys + tid] = r >= 0;  // an index >= 0 is a key even where it names no row
+      const unsigned any = __ballot_sync(0xffffffffu, r >= 0);
+      if (lane == 0) live_s[buf * 2 + tid / 32] = any != 0u;
     }
   };
+  // A tile without a key (every index -1: the padding of a top-k over fewer visible entries, or of an HCA list sized
+  // for the cache's capacity) changes nothing (its probabilities are 0 and its rescale 1, or 0 on zeros): it is
+  // neither copied nor computed.
+  auto live = [&](int buf) { return (live_s[buf * 2] | live_s[buf * 2 + 1]) != 0; };
+  // Tile t + 1's raw rows into buffer `buf` (threads 0..63, one row each): 576 of its bytes by a bulk copy that lands
+  // on the buffer's barrier, the other 8 by cp.async; a row without a source reads the zero row instead (it widens
+  // to a zero key and value: a -1 entry's P is 0, and 0 x garbage could be NaN).
   auto request = [&](int buf) {
-    request_rows_zeroed<NT>(src_s + buf * kKeys, raw_s + buf * kKeys * kRowBytes, tid);
+    if (tid < kKeys && live(buf)) {
+      const unsigned char* src = src_s[buf * kKeys + tid];
+      const uint32_t row = kRawAt + (buf * kKeys + tid) * kRawPitch, bar = bar_at + buf * 8;
+      if (src != nullptr) {
+        const uint32_t off = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(src)) & 8u;  // rows are 8-aligned
+        const uint32_t dst = raw_at + (row - kRawAt) + off;
+        row_s[buf * kKeys + tid] = row + off;
+        fence_async_smem();  // this buffer's generic reads (two tiles ago) before the async proxy rewrites it
+        mbar_expect_tx(bar, 576);
+        if (off == 0) {
+          bulk_load(dst, src, 576, bar);
+          cp_async8(dst + 576, src + 576);
+        } else {
+          cp_async8(dst, src);
+          bulk_load(dst + 8, src + 8, 576, bar);
+        }
+      } else {
+        row_s[buf * kKeys + tid] = kZeroAt;
+        mbar_expect_tx(bar, 0);
+      }
+    }
     cp_async_commit();
   };
+  uint32_t fills = 0;  // bit b: the parity of raw buffer b's next fill
 
   // Q of the block's 64 heads into its swizzled slices, the first tile's rows with it; two tiles' sources known.
   {
@@ -292,10 +322,20 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
   float m_lo = -INFINITY, m_hi = -INFINITY, den_lo = 0.f, den_hi = 0.f;
   int buf = 0;
   for (int64_t t = t0; t < t1; ++t, buf ^= 1) {
+    const bool keys = live(buf);  // (written two barriers ago at least; rewritten below only after every read)
     cp_async_wait<0>();
+    if (keys) {
+      mbar_wait(bar_at + buf * 8, (fills >> buf) & 1u);
+      fills ^= 1u << buf;
+    }
     __syncthreads();  // tile t's raw rows (and Q) landed; the previous tile's PV done in every warpgroup
     if (t + 1 < t1) request(buf ^ 1);
-    widen_tile<NT>(raw_s + buf * kKeys * kRowBytes, k_s, tid);  // 1.
+    if (!keys) {
+      if (t + 2 < t1) sources(idx_next, buf);
+      idx_next = idx_of(t + 3);
+      continue;
+    }
+    widen_tile<NT>(smem, row_s + buf * kKeys, k_s, tid);  // 1.
     fence_async_smem();
     __syncthreads();
     // 2. S_w over the warpgroup's keys
@@ -304,13 +344,16 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
     for (int i = 0; i < Sh::kSRegs; ++i) s[i] = 0.f;
     // The descriptors are made per tile from bases the compiler cannot see through: hoisted out of the tile loop, the
     // 64 of them took 128 registers (spilled in the four-warpgroup form).
-    uint32_t qa = q_at, ka = k_at + wg * Sh::kKeysPerWg * 128;
+    // Each step's descriptor is the tile's base moved on by the step's offset: an add a step, not the ~10
+    // instructions of a descriptor made from its address (ncu).
+    uint32_t qa = q_at, ka = k_at + wg_u * Sh::kKeysPerWg * 128;
     asm volatile("" : "+r"(qa), "+r"(ka));
+    const uint64_t dq = wgmma_desc_sw128(qa), dk = wgmma_desc_sw128(ka);
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < kD / 16; ++step) {
-      const uint32_t at = (step / 4) * kBlockBytes + (step % 4) * 32;
-      Sh::s_step(s, wgmma_desc_sw128(qa + at), wgmma_desc_sw128(ka + at), step);
+      const uint32_t at16 = ((step / 4) * kBlockBytes + (step % 4) * 32) >> 4;
+      Sh::s_step(s, desc_add(dq, at16), desc_add(dk, at16), step);
     }
     wgmma_commit();
     wgmma_wait0();
@@ -373,12 +416,13 @@ __global__ void __launch_bounds__(128 * NWG, 1) sparse_mla_decode_wgmma_kernel(c
     if (t + 2 < t1) sources(idx_next, buf);  // tile t + 2 takes this buffer (its raw rows are requested at t + 1)
     idx_next = idx_of(t + 3);
     // 4. O_w = alpha O_w + P V over the warpgroup's dims (slices kDimsPerWg / 64 wg ..)
-    uint32_t pa = p_at, va = k_at + (Sh::kDimsPerWg / 64) * wg * kBlockBytes;
+    uint32_t pa = p_at, va = k_at + (Sh::kDimsPerWg / 64) * wg_u * kBlockBytes;
     asm volatile("" : "+r"(pa), "+r"(va));
+    const uint64_t dp = wgmma_desc_sw128(pa), dv = desc_mn(va, kBlockBytes);
     wgmma_fence();
 #pragma unroll
-    for (int step = 0; step < kKeys / 16; ++step)  // keys 16 step .. + 15: P's bytes 32 step.., V's rows
-      Sh::pv_step(o, wgmma_desc_sw128(pa + step * 32), desc_mn(va + step * 16 * 128, kBlockBytes));
+    for (int step = 0; step < kKeys / 16; ++step)  // keys 16 step .. + 15: P's bytes 32 step.., V's rows 16 step..
+      Sh::pv_step(o, desc_add(dp, step * 2), desc_add(dv, step * 128));
     wgmma_commit();
     wgmma_wait0();
 #pragma unroll
