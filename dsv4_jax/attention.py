@@ -245,14 +245,12 @@ class Attention(nnx.Module):
         q = head_rms_norm_bf16(q.reshape(b, t, self.cfg.n_heads, self.cfg.head_dim), self.cfg.norm_eps)
         return nn.rope_tail(q, pos_bt[:, :, None], self.inv_freq), qp
 
-    def window_kv(self, kva_btd, pos_bt, opts: Opts):
-        """From `kva = wkv(x)`: the token's own KV vector `[b,t,D]`: RMSNorm, RoPE on the tail, FP8 fake-quant of the
-        nope dims."""
-        kv = nn.rope_tail(self.kv_norm(kva_btd), pos_bt, self.inv_freq)
-        if opts.quant_sim:
-            nope = self.cfg.nope_head_dim
-            kv = jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
-        return kv
+    def window_kv(self, kva_btd, pos_bt, opts: Opts, packed: bool = False):
+        """From `kva = wkv(x)`: (the token's own KV vector `[b,t,D]`: RMSNorm, RoPE on the tail, FP8 fake-quant of the
+        nope dims; with `packed`, the same rows in the packed cache layout `[b,t,584]`, else None): `ops.kv_row`."""
+        row_bytes = kv_format.kv_row_bytes(self.cfg.head_dim, self.cfg.rope_head_dim) if packed else 0
+        return ops.kv_row(kva_btd, self.kv_norm.weight.get_value(), pos_bt, self.inv_freq, eps=self.kv_norm.eps,
+                          row_bytes=row_bytes, opts=opts)  # fmt: skip
 
     def output(self, o_bthd, pos_bt, opts: Opts):
         """Inverse RoPE, grouped low-rank `wo_a` (bf16 dequantized, as the reference converts it), then `wo_b`."""
@@ -331,7 +329,7 @@ class Attention(nnx.Module):
         pos = start_b[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
         qa, kva = nn.fp8_linear_pair(x_bkd, self.wq_a, self.wkv, opts)  # one input, one op (a launch)
         q, qp = self.query(qa, pos, opts)
-        kv = self.window_kv(kva, pos, opts)
+        kv, kv_packed = self.window_kv(kva, pos, opts, packed=packed)
 
         # Decode over the packed cache (one query per row) reads every key from packed rows, as the kernel of
         # `ops.sparse_decode` does: the window from the ring after this step's own write, the entries this step
@@ -341,7 +339,7 @@ class Attention(nnx.Module):
         n_win = min(k, w) if fresh else w
         u = jnp.maximum(pos - w + 1, 0)[..., None] + jnp.arange(n_win)
         # the ring is rebuilt in the cache's layout: packed, only the step's own rows are packed (k, not W)
-        kv_stored = kv_format.pack_kv(kv, rope) if packed else kv
+        kv_stored = kv_packed if packed else kv
         ring = None if fresh else materialize(lc.window)
         upd = LayerUpdate(window=_ring(ring, kv_stored, start_b, n_new_b, w))
         if fresh:

@@ -19,14 +19,18 @@ __all__ = ["hc_pre", "hc_post", "hc_head", "sinkhorn", "split_mixes"]
 F32 = jnp.float32
 
 
-def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float, opts: Opts = Opts()):
+def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float, opts: Opts = Opts(), x_norm_w=None,
+           x_norm_eps: float = 0.0):  # fmt: skip
     """Collapses the n streams into one sublayer input (op `ops.hc_pre`; the split of the mixes: `ops.hc_split_mixes`).
-    `fn`, `scale`, `base` may be `LayerSlice`s of stacked parameters (the kernel reads the stack at the layer).
+    `fn`, `scale`, `base` (and `x_norm_w`) may be `LayerSlice`s of stacked parameters (the kernel reads the stack at
+    the layer).
 
-    Returns `(x_btd bf16, post_btn fp32, comb_btnn fp32)`; `x = bf16(sum_j pre[j] * X[j])`.
+    Returns `(x_btd bf16, post_btn fp32, comb_btnn fp32)`; `x = bf16(sum_j pre[j] * X[j])`, or with `x_norm_w` the
+    sublayer's RMSNorm of it, `nn.rms_norm(x, x_norm_w, x_norm_eps)` (one launch fewer than normalising after).
     """
+    kw = {} if x_norm_w is None else dict(x_norm_w=x_norm_w, x_norm_eps=x_norm_eps)
     return hc_pre_op(X_btnd, fn, scale, base, n=X_btnd.shape[2], iters=iters, eps=eps, norm_eps=norm_eps,
-                     split_backend=opts.backend, opts=opts)  # fmt: skip
+                     split_backend=opts.backend, opts=opts, **kw)  # fmt: skip
 
 
 def hc_post(x_btd, R_btnd, post_btn, comb_btnn):

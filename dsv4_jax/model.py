@@ -129,19 +129,20 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, kind.ratio, rngs=rngs)
         self.ffn = MoE(cfg, kind.hash_routed, rngs=rngs)
 
-    def hc_pre(self, X_btnd, which: str, opts: Opts):
+    def hc_pre(self, X_btnd, which: str, opts: Opts, norm: nn.RMSNorm | None = None):
+        """(x, post, comb) of the sublayer `which`; with `norm`, x comes out through it (the kernel fuses the norm)."""
         # get_value(): in the layer scan a LayerSlice of the stacked parameter, which the kernel reads in place
         fn, scale, base = (getattr(self, f"hc_{which}_{p}").get_value() for p in ("fn", "scale", "base"))
         c = self.cfg
+        kw = {} if norm is None else dict(x_norm_w=norm.weight.get_value(), x_norm_eps=norm.eps)
         return mhc.hc_pre(
-            X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps, opts=opts
+            X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps, opts=opts, **kw
         )
 
     def ffn_sublayer(self, X_btnd, tokens_bt, opts: Opts, rec=None, valid_bt=None):
         with jax.named_scope("mhc"):
-            x, post, comb = self.hc_pre(X_btnd, "ffn", opts)
+            x, post, comb = self.hc_pre(X_btnd, "ffn", opts, norm=self.ffn_norm)
         with jax.named_scope("moe"):
-            x = self.ffn_norm(x)
             y = self.ffn(x, tokens_bt, opts, rec, valid_bt)
         if rec is not None:
             rec.ffn_in, rec.ffn_out = x, y
@@ -152,9 +153,8 @@ class Block(nnx.Module):
         """k new tokens per row on top of the layer cache `lc` (see `Attention.step`) -> (streams, LayerUpdate).
         Tokens past a row's `n_new` (padding) get no routed experts."""
         with jax.named_scope("mhc"):
-            x, post, comb = self.hc_pre(X_bknd, "attn", opts)
+            x, post, comb = self.hc_pre(X_bknd, "attn", opts, norm=self.attn_norm)
         with jax.named_scope("attention"):
-            x = self.attn_norm(x)
             y, upd = self.attn.step(x, start_b, n_new_b, lc, opts, fresh, rec)
         if rec is not None:
             rec.attn_in, rec.attn_out = x, y

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.gpu
 
 # The ops a Flash-shaped forward runs, every one through its kernel.
 KERNEL_OPS = dict.fromkeys(("fp8_linear", "fp8_linear_pair", "moe_experts", "hc_pre", "grouped_dequant_linear",
-                            "route_experts"), "kernel")  # fmt: skip
+                            "route_experts", "kv_row"), "kernel")  # fmt: skip
 # ops that only a step over the decode cache runs (`generate`, not `forward`)
 DECODE_KERNEL_OPS = dict.fromkeys(("sparse_decode", "indexer_scores", "compressor_decode", "indexer_topk"), "kernel")
 # prefill's sparse attention: the sparse-MLA kernel needs heads % 16 == 0 (Flash's 64, not the tiny model's 8)
@@ -435,6 +435,7 @@ def test_end_to_end_generate_mxfp4_flash_layers(ffi, capsys):
     assert calls.get("dsv4_indexer_scores", 0) >= 1, calls
     assert calls.get("dsv4_compressor_decode", 0) >= 3, calls  # CSA: main + indexer; HCA: main
     assert calls.get("dsv4_route", 0) >= 2, calls
+    assert calls.get("dsv4_kv_row", 0) >= 2, calls  # the window row of both layers' decode step (packed)
 
     # noise: the reference against its one-ulp perturbed self (two perturbations, as the forward test), over the
     # window of steps where every run still picks the reference's tokens. A step's error is either rounding noise

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dsv4_jax.kernels import ffi_ops
 from dsv4_jax.layer_view import stacks_and_index
 
-__all__ = ["compressor_decode"]
+__all__ = ["compressor_decode", "kv_row"]
 
 
 def compressor_decode(kv_new_bc, sc_new_bc, kv_state, score_state, ape, norm_w, start_b, n_new_b, inv_freq, *,
@@ -18,3 +18,13 @@ def compressor_decode(kv_new_bc, sc_new_bc, kv_state, score_state, ape, norm_w, 
     entry, kv_s, sc_s = ffi_ops.compressor_decode(kv_new_bc, sc_new_bc, *states, *params, inv_freq, start_b, n_new_b,
                                                   layer, param_layer, ratio=ratio, rotate=rotate, eps=eps)  # fmt: skip
     return entry[:, None], kv_s, sc_s
+
+
+def kv_row(kva_btd, norm_w, pos_bt, inv_freq, *, eps: float, row_bytes: int = 0):
+    """(kv `[..., D]` bf16, packed uint8 `[..., row_bytes]` or None) in one launch; a norm weight that is a
+    `LayerSlice` goes to the kernel as its stack and layer index."""
+    lead, d = kva_btd.shape[:-1], kva_btd.shape[-1]
+    (w,), layer = stacks_and_index(norm_w)
+    kv, packed = ffi_ops.kv_row(kva_btd.reshape(-1, d), w, layer, pos_bt.reshape(-1), inv_freq, eps=eps,
+                                row_bytes=row_bytes)  # fmt: skip
+    return kv.reshape(*lead, d), (packed.reshape(*lead, row_bytes) if row_bytes else None)

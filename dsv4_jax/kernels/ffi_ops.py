@@ -88,6 +88,7 @@ HANDLERS = frozenset(
         "indexer_scores",
         "indexer_topk",
         "compressor_decode",
+        "kv_row",
         "dequant_bf16_gemv",
         "fp8_gemm",
         "fp8_linear",
@@ -354,6 +355,20 @@ def compressor_decode(kv_new, sc_new, kv_state, sc_state, ape, norm_w, inv_freq,
     return entry, kv_out, sc_out
 
 
+def kv_row(kva, norm_w, layer, pos, inv_freq, *, eps: float, row_bytes: int = 0):
+    """The window KV row in one launch: kva bf16 `[R, D]` (D 512 or 128), norm_w bf16 `[(L,) D]` (a stack with
+    `layer`, an int32 scalar, or one layer with None), pos int32 `[R]`, inv_freq `[rope/2]` -> (kv bf16 `[R, D]`:
+    RMSNorm, RoPE of the tail, FP8-simulated NoPE in tiles of 64; the packed rows uint8 `[R, row_bytes]`, or an
+    empty array for row_bytes 0)."""
+    r, d = kva.shape
+    kv, packed = jax.ffi.ffi_call(
+        "dsv4_kv_row", (jax.ShapeDtypeStruct((r, d), BF16), jax.ShapeDtypeStruct((r, row_bytes) if row_bytes else (0,),
+                                                                                  jnp.uint8))
+    )(kva.astype(BF16), norm_w.astype(BF16), _layer_operand(layer), pos.astype(jnp.int32), jnp.asarray(inv_freq, F32),
+      eps=np.float32(eps))  # fmt: skip
+    return kv, packed
+
+
 def route(logits, bias, table, token_ids, layer, *, k: int, route_scale: float) -> tuple[jax.Array, jax.Array]:
     """The MoE router in one launch: fp32 logits `[T, E]` (E <= 512) -> (weights f32 `[T, k]`, expert ids int32
     `[T, k]`), from the top k of `sqrt(softplus(logits)) + bias` (bias f32 `[(L,) E]`, table None) or the hash
@@ -368,11 +383,15 @@ def route(logits, bias, table, token_ids, layer, *, k: int, route_scale: float) 
       k=np.int64(k), route_scale=np.float32(route_scale))  # fmt: skip
 
 
-def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_eps: float):
+def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_eps: float, norm_w=None,
+           x_norm_eps: float = 0.0):  # fmt: skip
     """mHC hc_pre in two launches: streams bf16 `[R, n, d]`; fn f32 `[(L,) (2+n)n, n d]`, scale `[(L,) 3]`, base
     `[(L,) (2+n)n]` (a layer stack with `layer`, an int32 scalar, or one layer with None) -> (x bf16 `[R, d]`,
-    post f32 `[R, n]`, comb f32 `[R, n, n]`)."""
+    post f32 `[R, n]`, comb f32 `[R, n, n]`). With `norm_w` (bf16 `[d]`, or a stack `[L, d]` read at `layer`;
+    d <= 8192, the extension's hc_pre_norm_max_d) x comes out RMS-normed with that weight and `x_norm_eps`
+    (`nn.rms_norm`)."""
     r, _, d = x.shape
+    norm_w = jnp.zeros((0,), BF16) if norm_w is None else norm_w.astype(BF16)
     m = (2 + n) * n
     chunks = -(-(n * d) // 512)
     layer = _layer_operand(layer)
@@ -384,8 +403,8 @@ def hc_pre(x, fn, scale, base, layer, *, n: int, iters: int, eps: float, norm_ep
             jax.ShapeDtypeStruct((r, n, n), F32),
             jax.ShapeDtypeStruct((r, chunks, m + 1), F32),
         ),
-    )(x, fn.astype(F32), scale.astype(F32), base.astype(F32), layer, n=np.int64(n), iters=np.int64(iters),
-      eps=np.float32(eps), norm_eps=np.float32(norm_eps))  # fmt: skip
+    )(x, fn.astype(F32), scale.astype(F32), base.astype(F32), layer, norm_w, n=np.int64(n), iters=np.int64(iters),
+      eps=np.float32(eps), norm_eps=np.float32(norm_eps), x_norm_eps=np.float32(x_norm_eps))  # fmt: skip
     return out, post, comb
 
 

@@ -9,6 +9,7 @@ from dsv4_jax.ops.attention import sparse_attention, sparse_decode, sparse_prefi
 from dsv4_jax.ops.compressor import compress_step, compressor_decode
 from dsv4_jax.ops.experts import moe_experts, swiglu
 from dsv4_jax.ops.indexer import indexer_scores, indexer_topk
+from dsv4_jax.ops.kv_row import kv_row
 from dsv4_jax.ops.linear import (
     bf16_linear,
     blockwise_gemm,
@@ -38,6 +39,7 @@ __all__ = [
     "grouped_dequant_linear",
     "hc_pre",
     "hc_split_mixes",
+    "kv_row",
     "indexer_scores",
     "indexer_topk",
     "moe_experts",

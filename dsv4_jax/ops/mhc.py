@@ -82,22 +82,35 @@ def mixes(X_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax.
 
 
 def _hc_pre_reference(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps: float,
-                      split_backend: str = "reference", quant_sim: bool = True):  # fmt: skip
+                      split_backend: str = "reference", x_norm_w=None, x_norm_eps: float = 0.0,
+                      quant_sim: bool = True):  # fmt: skip
     """(x `[b,t,d]` bf16, post `[b,t,n]`, comb `[b,t,n,n]`): the mixes, their split (`hc_split_mixes` under
-    `split_backend`, so its own kernel still runs where this op falls back), `x = bf16(sum_j pre[j] * X[j])`."""
+    `split_backend`, so its own kernel still runs where this op falls back), `x = bf16(sum_j pre[j] * X[j])`; with
+    `x_norm_w` (the sublayer's RMSNorm weight `[d]`) x is returned normed, `nn.rms_norm(x, x_norm_w, x_norm_eps)`."""
     del quant_sim  # fp32 throughout
+    from dsv4_jax import nn  # nn's linears call ops: imported here, not at module load
+
     xf, mix = mixes(X_btnd, materialize(fn), norm_eps)
     pre, post, comb = hc_split_mixes(mix, materialize(scale), materialize(base), n=n, iters=iters, eps=eps,
                                      opts=Opts(backend=split_backend))  # fmt: skip
-    x = jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2)
-    return cast(x, X_btnd.dtype), post, comb
+    x = cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=2), X_btnd.dtype)
+    if x_norm_w is not None:
+        x = nn.rms_norm(x, materialize(x_norm_w), x_norm_eps)
+    return x, post, comb
+
+
+# Widest d whose sublayer norm the kernel fuses (the extension's hc_pre_norm_max_d: 512 threads x 8 value pairs).
+HC_PRE_NORM_MAX_D = 8192
 
 
 def _hc_pre_supports(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps: float,
-                     split_backend: str = "reference", quant_sim: bool = True) -> str | None:  # fmt: skip
+                     split_backend: str = "reference", x_norm_w=None, x_norm_eps: float = 0.0,
+                     quant_sim: bool = True) -> str | None:  # fmt: skip
     if n not in (1, 2, 4) or X_btnd.shape[-1] % 2 or X_btnd.dtype != jnp.bfloat16 or iters < 1:
         return f"streams {X_btnd.dtype}{tuple(X_btnd.shape)}, n={n}, iters={iters}: the kernel takes bf16, n in 1, " \
                "2, 4, an even width"  # fmt: skip
+    if x_norm_w is not None and X_btnd.shape[-1] > HC_PRE_NORM_MAX_D:
+        return f"d={X_btnd.shape[-1]} with the sublayer norm: the kernel's normed form takes d <= {HC_PRE_NORM_MAX_D}"
     return None
 
 

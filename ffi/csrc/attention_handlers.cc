@@ -37,9 +37,9 @@ ffi::Error HcSplitSinkhornImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> mix, f
 
 ffi::Error HcPreImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::F32> fn,
                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> base, ffi::Buffer<ffi::S32> layer,
-                     ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> post,
+                     ffi::Buffer<ffi::BF16> norm_w, ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> post,
                      ffi::ResultBuffer<ffi::F32> comb, ffi::ResultBuffer<ffi::F32> part, int64_t n, int64_t iters,
-                     float eps, float norm_eps) {
+                     float eps, float norm_eps, float x_norm_eps) {
   const std::string op = "dsv4_hc_pre";
   if (!hc_supported_streams(int(n))) return bad(op, "n=" + std::to_string(n) + " streams: the kernel has 1, 2, 4");
   if (x.dimensions().size() < 2 || dim(x, -2) != n)
@@ -60,6 +60,15 @@ ffi::Error HcPreImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
     return bad(op, "workspace " + shape_str(*part) + " must be [rows, " + std::to_string(hc_pre_chunks(n, d)) + ", " +
                        std::to_string(m + 1) + "]");
   if (iters < 1) return bad(op, "iters must be >= 1");
+  // norm_w: empty (x as collapsed), or the sublayer's RMSNorm weight [d] / a stack [layers, d] read at `layer`
+  const int64_t norm_layers = norm_w.element_count() / (d > 0 ? d : 1);
+  if (norm_w.element_count() != 0) {
+    if (norm_w.element_count() != norm_layers * d || (norm_layers != 1 && norm_layers != layers))
+      return bad(op, "norm_w " + shape_str(norm_w) + " must be [d] or [layers, d] like fn " + shape_str(fn));
+    if (d > hc_pre_norm_max_d())
+      return bad(op, "d=" + std::to_string(d) + " with norm_w: the normed form takes d <= " +
+                         std::to_string(hc_pre_norm_max_d()));
+  }
   HcPreArgs a{reinterpret_cast<const __nv_bfloat16*>(x.untyped_data()),
               fn.typed_data(),
               scale.typed_data(),
@@ -75,6 +84,11 @@ ffi::Error HcPreImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
               int(iters),
               eps,
               norm_eps};
+  if (norm_w.element_count() != 0) {
+    a.norm_w = reinterpret_cast<const __nv_bfloat16*>(norm_w.untyped_data());
+    a.norm_layers = norm_layers;
+    a.x_norm_eps = x_norm_eps;
+  }
   return cuda_check(op, launch_hc_pre(a, stream));
 }
 
@@ -273,6 +287,40 @@ ffi::Error CompressorDecodeImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> kv_ne
   return cuda_check(op, launch_compressor_decode(a, stream));
 }
 
+ffi::Error KvRowImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> kv_in, ffi::Buffer<ffi::BF16> norm_w,
+                     ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::F32> inv_freq,
+                     ffi::ResultBuffer<ffi::BF16> kv_out, ffi::ResultBuffer<ffi::U8> packed, float eps) {
+  const std::string op = "dsv4_kv_row";
+  if (kv_in.dimensions().size() < 1) return bad(op, "kv_in " + shape_str(kv_in) + " must be [..., D]");
+  const int64_t d = dim(kv_in, -1), rows = d > 0 ? kv_in.element_count() / d : 0, rope = 2 * inv_freq.element_count();
+  const int64_t row_bytes = packed->element_count() ? dim(*packed, -1) : 0;
+  if (const char* why = kv_row_unsupported(d, rope, row_bytes)) return bad(op, why);
+  const int64_t layers = norm_w.dimensions().size() == 2 ? dim(norm_w, 0) : 1;
+  if (norm_w.dimensions().size() < 1 || dim(norm_w, -1) != d || norm_w.element_count() != layers * d)
+    return bad(op, "norm_w " + shape_str(norm_w) + " must be [(layers,) " + std::to_string(d) + "] like kv_in " +
+                       shape_str(kv_in));
+  if (layer.element_count() > 1) return bad(op, "layer must hold at most one index");
+  if (layers > 1 && layer.element_count() != 1) return bad(op, "a stack of norm weights needs the layer index");
+  if (pos.element_count() != rows) return bad(op, "pos " + shape_str(pos) + " must hold one position per row");
+  if (kv_out->element_count() != rows * d || (row_bytes && packed->element_count() != rows * row_bytes))
+    return bad(op, "results must be kv [rows, D] and packed [rows, row bytes] (or empty) for " +
+                       std::to_string(rows) + " rows");
+  KvRowArgs a{reinterpret_cast<const __nv_bfloat16*>(kv_in.untyped_data()),
+              reinterpret_cast<const __nv_bfloat16*>(norm_w.untyped_data()),
+              layer.element_count() ? layer.typed_data() : nullptr,
+              pos.typed_data(),
+              inv_freq.typed_data(),
+              reinterpret_cast<__nv_bfloat16*>(kv_out->untyped_data()),
+              row_bytes ? packed->typed_data() : nullptr,
+              rows,
+              layers,
+              d,
+              rope,
+              row_bytes,
+              eps};
+  return cuda_check(op, launch_kv_row(a, stream));
+}
+
 }  // namespace
 }  // namespace dsv4ffi
 
@@ -281,6 +329,7 @@ using dsv4ffi::HcPreImpl;
 using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::IndexerScoresImpl;
 using dsv4ffi::IndexerTopkImpl;
+using dsv4ffi::KvRowImpl;
 using dsv4ffi::SparseMlaDecodeImpl;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
@@ -302,6 +351,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_pre, HcPreImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -309,7 +359,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_pre, HcPreImpl,
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("iters")
                                   .Attr<float>("eps")
-                                  .Attr<float>("norm_eps"),
+                                  .Attr<float>("norm_eps")
+                                  .Attr<float>("x_norm_eps"),
                               DSV4_TRAITS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_sparse_mla_decode, SparseMlaDecodeImpl,
                               ffi::Ffi::Bind()
@@ -367,5 +418,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_compressor_decode, CompressorDecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("ratio")
                                   .Attr<int64_t>("rotate")
+                                  .Attr<float>("eps"),
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_kv_row, KvRowImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
                                   .Attr<float>("eps"),
                               DSV4_TRAITS);

@@ -150,17 +150,13 @@ __device__ __forceinline__ float e2m1_rne(float v) {
   return copysignf(q, v);
 }
 
-template <int DC>
-__global__ void __launch_bounds__(DC / 2) compressor_finish_kernel(const CompressorDecodeArgs a) {
-  constexpr int kThreads = DC / 2, kWarps = kThreads / 32;
-  const int64_t row = blockIdx.x;
-  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  const int64_t player = device_layer(a.param_layer, a.param_layers);
-  const Layout l = layout(a, row);
-  __shared__ float red[kWarps];
-  __shared__ float hx[DC];
-
-  float x0 = bf16_round(a.pooled[row * DC + 2 * t]), x1 = bf16_round(a.pooled[row * DC + 2 * t + 1]);
+// The steps a row shares with the window KV row below, a channel pair (x0, x1) = (2t, 2t + 1) per thread of a
+// block of kWarps warps. RMSNorm over the row: the squares summed in a fixed tree, x * rsqrt(mean + eps), the
+// weight multiplied in fp32 before the cast (nn.rms_norm). Every thread of the block must call it (barrier).
+template <int kWarps>
+__device__ __forceinline__ void rms_norm_pair(float& x0, float& x1, const __nv_bfloat16* wn, int t, int dc, float eps,
+                                              float* red) {
+  const int lane = t & 31, warp = t >> 5;
   float ss = x0 * x0 + x1 * x1;
 #pragma unroll
   for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -169,18 +165,52 @@ __global__ void __launch_bounds__(DC / 2) compressor_finish_kernel(const Compres
   ss = red[0];
 #pragma unroll
   for (int w = 1; w < kWarps; ++w) ss += red[w];
-  const float rs = rsqrtf(ss / float(DC) + a.eps);
-  const __nv_bfloat16* wn = a.norm_w + player * DC;
+  const float rs = rsqrtf(ss / float(dc) + eps);
   x0 = bf16_round(__fmul_rn(__bfloat162float(wn[2 * t]), __fmul_rn(x0, rs)));
   x1 = bf16_round(__fmul_rn(__bfloat162float(wn[2 * t + 1]), __fmul_rn(x1, rs)));
+}
 
+// RoPE of the pair at `pos` where it lies in the tail (channels >= nope): rotated by pos * inv_freq[i], bf16.
+__device__ __forceinline__ void rope_pair(float& x0, float& x1, int t, int nope, int64_t pos, const float* inv_freq) {
+  if (2 * t < nope) return;
+  const float ang = float(pos) * inv_freq[(2 * t - nope) / 2];
+  const float cs = cosf(ang), sn = sinf(ang);
+  const float y0 = x0 * cs - x1 * sn, y1 = x0 * sn + x1 * cs;
+  x0 = bf16_round(y0), x1 = bf16_round(y1);
+}
+
+// e4m3 bytes of x / s (clipped to +-448, satfinite), and their values times s rounded to bf16 (quant.fp8_sim).
+__device__ __forceinline__ __nv_fp8x2_storage_t fp8_pair(float& x0, float& x1, float s) {
+  const float q0 = fminf(fmaxf(__fdiv_rn(x0, s), -448.f), 448.f), q1 = fminf(fmaxf(__fdiv_rn(x1, s), -448.f), 448.f);
+  const __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(make_float2(q0, q1), __NV_SATFINITE, __NV_E4M3);
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(q, __NV_E4M3);
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  x0 = bf16_round(f.x * s), x1 = bf16_round(f.y * s);
+  return q;
+}
+
+// The scale of an FP8 tile of 64 channels (one warp, a pair per lane): act_pow2_scale of the tile's amax.
+__device__ __forceinline__ float fp8_tile_scale(float x0, float x1) {
+  float amax = fmaxf(fabsf(x0), fabsf(x1));
+#pragma unroll
+  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  return act_pow2_scale(amax);
+}
+
+template <int DC>
+__global__ void __launch_bounds__(DC / 2) compressor_finish_kernel(const CompressorDecodeArgs a) {
+  constexpr int kThreads = DC / 2, kWarps = kThreads / 32;
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x;
+  const int64_t player = device_layer(a.param_layer, a.param_layers);
+  const Layout l = layout(a, row);
+  __shared__ float red[kWarps];
+  __shared__ float hx[DC];
+
+  float x0 = bf16_round(a.pooled[row * DC + 2 * t]), x1 = bf16_round(a.pooled[row * DC + 2 * t + 1]);
+  rms_norm_pair<kWarps>(x0, x1, a.norm_w + player * DC, t, DC, a.eps, red);
   const int nope = DC - a.rope;
-  if (2 * t >= nope) {  // RoPE at the block's first position: (x0, x1) rotated by pos * inv_freq[i]
-    const float ang = float(l.base + l.pre) * a.inv_freq[(2 * t - nope) / 2];
-    const float cs = cosf(ang), sn = sinf(ang);
-    const float y0 = x0 * cs - x1 * sn, y1 = x0 * sn + x1 * cs;
-    x0 = bf16_round(y0), x1 = bf16_round(y1);
-  }
+  rope_pair(x0, x1, t, nope, l.base + l.pre, a.inv_freq);  // at the block's first position
 
   if (a.rotate) {  // (x @ H_128) * 128^-0.5 in fp32 (Sylvester order: H[i][j] = (-1)^popc(i & j)), bf16, then FP4
     hx[2 * t] = x0, hx[2 * t + 1] = x1;
@@ -202,19 +232,47 @@ __global__ void __launch_bounds__(DC / 2) compressor_finish_kernel(const Compres
     x0 = bf16_round(e2m1_rne(fminf(fmaxf(__fdiv_rn(x0, s), -6.f), 6.f)) * s);
     x1 = bf16_round(e2m1_rne(fminf(fmaxf(__fdiv_rn(x1, s), -6.f), 6.f)) * s);
   } else if (2 * t < nope) {  // FP8 blocks of 64 channels = one warp
-    float amax = fmaxf(fabsf(x0), fabsf(x1));
-#pragma unroll
-    for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float s = act_pow2_scale(amax);
-    const float q0 = fminf(fmaxf(__fdiv_rn(x0, s), -448.f), 448.f), q1 = fminf(fmaxf(__fdiv_rn(x1, s), -448.f), 448.f);
-    const __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(make_float2(q0, q1), __NV_SATFINITE, __NV_E4M3);
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(q, __NV_E4M3);
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-    x0 = bf16_round(f.x * s), x1 = bf16_round(f.y * s);
+    fp8_pair(x0, x1, fp8_tile_scale(x0, x1));
   }
   __nv_bfloat162 out;
   out.x = __float2bfloat16_rn(x0), out.y = __float2bfloat16_rn(x1);
   reinterpret_cast<__nv_bfloat162*>(a.entry + row * DC)[t] = out;
+}
+
+// ---- The window KV row of a decode step: Attention.window_kv, then kv_format.pack_kv ---------------------------
+// Block per row, a channel pair per thread: RMSNorm (kv_norm), RoPE of the tail at the token's position, FP8 e4m3
+// simulation of the NoPE channels in tiles of 64 (a warp a tile) -> kv bf16 [rows, D]; then, with `packed`, the row
+// in the packed layout: each tile's scale recomputed from its simulated values (pack_kv's act_quant: lossless, see
+// kv_format) and its e4m3 bytes, the RoPE values as bf16, the scale bytes, zero padding. Five XLA fusions at decode
+// (the norm's reduction, the amax of the simulation and of the packing, the RoPE and the packing concatenations).
+template <int D>
+__global__ void __launch_bounds__(D / 2) kv_row_kernel(const KvRowArgs a) {
+  constexpr int kThreads = D / 2, kWarps = kThreads / 32;
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  __shared__ float red[kWarps];
+  const __nv_bfloat162 in = reinterpret_cast<const __nv_bfloat162*>(a.kv_in + row * D)[t];
+  float x0 = __low2float(in), x1 = __high2float(in);
+  rms_norm_pair<kWarps>(x0, x1, a.norm_w + device_layer(a.layer, a.layers) * D, t, D, a.eps, red);
+  const int nope = D - a.rope;
+  rope_pair(x0, x1, t, nope, a.pos[row], a.inv_freq);
+  const bool tile = 2 * t < nope;  // warp-uniform: nope is a multiple of 64
+  if (tile) fp8_pair(x0, x1, fp8_tile_scale(x0, x1));
+  __nv_bfloat162 out;
+  out.x = __float2bfloat16_rn(x0), out.y = __float2bfloat16_rn(x1);
+  reinterpret_cast<__nv_bfloat162*>(a.kv_out + row * D)[t] = out;
+  if (a.packed == nullptr) return;
+  uint8_t* p = a.packed + row * a.row_bytes;
+  if (tile) {
+    const float s = fp8_tile_scale(x0, x1);
+    const __nv_fp8x2_storage_t q = fp8_pair(x0, x1, s);
+    reinterpret_cast<__nv_fp8x2_storage_t*>(p)[t] = q;
+    if (lane == 0) p[nope + 2 * a.rope + warp] = uint8_t((__float_as_uint(s) >> 23) & 0xFFu);  // UE8M0
+  } else {
+    reinterpret_cast<__nv_bfloat162*>(p + nope)[t - nope / 2] = out;
+  }
+  const int used = nope + 2 * a.rope + nope / 64;
+  if (t < a.row_bytes - used) p[used + t] = 0;
 }
 
 }  // namespace
@@ -235,6 +293,27 @@ cudaError_t launch_compressor_decode(const CompressorDecodeArgs& a, cudaStream_t
     compressor_finish_kernel<512><<<unsigned(a.rows), 256, 0, stream>>>(a);
   } else {
     compressor_finish_kernel<128><<<unsigned(a.rows), 64, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+const char* kv_row_unsupported(int64_t d, int64_t rope, int64_t row_bytes) {
+  if (d != 512 && d != 128) return "the row width D must be 512 or 128";
+  if (rope <= 0 || rope % 2 != 0 || rope > d || (d - rope) % 64 != 0)
+    return "the RoPE dims must be even and leave the NoPE dims a multiple of 64";
+  const int64_t used = (d - rope) + 2 * rope + (d - rope) / 64;
+  if (row_bytes != 0 && (row_bytes < used || row_bytes - used > d / 2 || row_bytes % 2 != 0))
+    return "the packed row must hold the NoPE bytes, the RoPE bf16s and the scale bytes, padded";
+  return nullptr;
+}
+
+cudaError_t launch_kv_row(const KvRowArgs& a, cudaStream_t stream) {
+  if (kv_row_unsupported(a.d, a.rope, a.packed ? a.row_bytes : 0) != nullptr) return cudaErrorInvalidValue;
+  if (a.rows == 0) return cudaSuccess;
+  if (a.d == 512) {
+    kv_row_kernel<512><<<unsigned(a.rows), 256, 0, stream>>>(a);
+  } else {
+    kv_row_kernel<128><<<unsigned(a.rows), 64, 0, stream>>>(a);
   }
   return cudaGetLastError();
 }

@@ -103,6 +103,26 @@ struct CompressorDecodeArgs {
 const char* compressor_decode_unsupported(int ratio, int64_t dc, int64_t rope, bool rotate);
 cudaError_t launch_compressor_decode(const CompressorDecodeArgs& a, cudaStream_t stream);
 
+// The window KV row of a decode step (compressor_kernels.cu; reference dsv4_jax.ops.kv_row): kv_in bf16 [rows, d]
+// (wkv's output) -> kv_out bf16 [rows, d] = RMSNorm (norm_w bf16 [layers, d] read at `layer`, [1] on the device,
+// clamped; null: 0), RoPE of the last `rope` channels at pos int32 [rows] (inv_freq f32 [rope/2]), FP8 e4m3
+// simulation of the first d - rope in tiles of 64; with `packed`, also that row in kv_format's packed layout, uint8
+// [rows, row_bytes]. d 512 or 128.
+struct KvRowArgs {
+  const __nv_bfloat16* kv_in;
+  const __nv_bfloat16* norm_w;
+  const int32_t* layer;
+  const int32_t* pos;
+  const float* inv_freq;
+  __nv_bfloat16* kv_out;
+  uint8_t* packed;
+  int64_t rows, layers, d, rope, row_bytes;
+  float eps;
+};
+// Why the kernel cannot take these sizes (row_bytes 0: no packed output), or null.
+const char* kv_row_unsupported(int64_t d, int64_t rope, int64_t row_bytes);
+cudaError_t launch_kv_row(const KvRowArgs& a, cudaStream_t stream);
+
 // The MoE router (router_kernels.cu; reference dsv4_jax.ops.router.route), one warp per token: logits f32 [tokens,
 // experts] -> weights f32 [tokens, k] and ids int32 [tokens, k]. Experts are the top k of sqrt(softplus(logits)) +
 // bias (bias f32 [layers, experts]; ties to the lower id) or, with `table` set, the token's row of the hash table
@@ -126,7 +146,9 @@ cudaError_t launch_route(const RouteArgs& a, cudaStream_t stream);
 // mHC hc_pre in two launches (the reference's RMS, mix dot, split and stream collapse are ~6): x [rows, n, d] bf16;
 // fn [layers, (2+n)n, n d], scale [layers, 3], base [layers, (2+n)n] f32 read at layer `layer` ([1] on the device, or
 // null: 0) -> out [rows, d] bf16 = bf16(sum_j pre_j x_j), post [rows, n], comb [rows, n, n] f32; part
-// [rows, hc_pre_chunks(n, d), (2+n)n + 1] f32 workspace. d even, n in {1, 2, 4}.
+// [rows, hc_pre_chunks(n, d), (2+n)n + 1] f32 workspace. d even, n in {1, 2, 4}. With norm_w (bf16 [norm_layers, d],
+// read at `layer` where norm_layers > 1; d <= hc_pre_norm_max_d()) out is the RMSNorm of that x instead:
+// bf16(w * (x * rsqrt(mean(x^2) + x_norm_eps))).
 struct HcPreArgs {
   const __nv_bfloat16* x;
   const float* fn;
@@ -140,8 +162,12 @@ struct HcPreArgs {
   int64_t rows, d;
   int n, iters;
   float eps, norm_eps;
+  const __nv_bfloat16* norm_w = nullptr;
+  int64_t norm_layers = 0;
+  float x_norm_eps = 0.f;
 };
 int64_t hc_pre_chunks(int64_t n, int64_t d);
+int64_t hc_pre_norm_max_d();
 cudaError_t launch_hc_pre(const HcPreArgs& a, cudaStream_t stream);
 
 // y [m, n] = bf16(x . bf16(W * s)) for the grouped `wo_a` at decode sizes (m <= dequant_gemv_max_m): x [m, groups, k]

@@ -70,14 +70,11 @@ __global__ void hc_split_sinkhorn_kernel(const float* __restrict__ mix, const fl
 }
 
 // ---- hc_pre: the whole collapse of the streams in two launches ---------------------------------------------------
-// mix = (X . fn^T) * rsqrt(mean(X^2) + norm_eps) over the n*d values of a token, the split, x = bf16(sum_j pre_j X_j).
+// mix = (X . fn^T) * rsqrt(mean(X^2) + norm_eps) over the n*d values of a token, the split, x = bf16(sum_j pre_j X_j),
+// optionally followed by the sublayer's RMSNorm of x (attn_norm / ffn_norm: a.norm_w).
 // 1. hc_pre_partial_kernel: block (chunk c of 512 values, a group of 8 rows): each thread keeps its 2 values of every
 //    fn row in registers and, per row, the block sums x . fn[m] over its chunk (and x . x): part[row][c][M + 1].
-// 2. hc_pre_finish_kernel: block (one row, 512 output values): the 8 warps add the chunks' partials of the M + 1 sums
-//    (warp w the sums w, w + 8, ...; each in a fixed tree, so every block of the row gets the same mixes; all the
-//    loads in flight at once: summed by warp 0 alone, one sum after the other, this was 13.5 us a call on an H200),
-//    warp 0 splits them (split_lane), then all threads collapse their 2 values of each stream. Block 0 of a row also
-//    writes post and comb.
+// 2. hc_pre_finish_kernel (or hc_pre_finish_norm_kernel with the norm): the row's sums and split, the collapse.
 constexpr int kHcChunk = 512, kHcThreads = 256, kHcRowsPerBlock = 8;
 
 template <int N>
@@ -120,22 +117,16 @@ __global__ void __launch_bounds__(kHcThreads) hc_pre_partial_kernel(const HcPreA
   }
 }
 
-template <int N>
-__global__ void __launch_bounds__(kHcThreads) hc_pre_finish_kernel(const HcPreArgs a, int chunks) {
-  constexpr int M = (2 + N) * N, L = N * N;
-  const int64_t r = blockIdx.x, k = int64_t(N) * a.d;
-  const int64_t layer = a.layer ? a.layer[0] : 0;
+// The row's M + 1 sums from the chunks' partials (warp w the sums w, w + W, ...; each in a fixed tree, so every block
+// of the row gets the same mixes; all the loads in flight at once: summed by warp 0 alone, one sum after the other,
+// this was 13.5 us a call on an H200), then warp 0 splits them (split_lane) into pre_s; block y == 0 of the row also
+// writes post and comb. Ends with a barrier.
+template <int N, int kThreads>
+__device__ __forceinline__ void hc_row_split(const HcPreArgs& a, int64_t r, int chunks, int64_t layer, float* mix,
+                                             float* pre_s) {
+  constexpr int M = (2 + N) * N, L = N * N, kWarps = kThreads / 32, kSumsPerWarp = (M + 1 + kWarps - 1) / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __shared__ float mix[M + 1];
-  __shared__ float pre_s[N];
-  // this thread's 2 values of each stream, read before the mixes are known (their latency overlaps the sums')
-  const int64_t e = blockIdx.y * int64_t(kHcChunk) + 2 * threadIdx.x;
-  float2 v[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    v[j] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e))
-                   : make_float2(0.f, 0.f);
-  constexpr int kWarps = kHcThreads / 32, kSumsPerWarp = (M + 1 + kWarps - 1) / kWarps;
+  const int64_t k = int64_t(N) * a.d;
   const float* part = a.part + r * chunks * (M + 1);
   float s[kSumsPerWarp];
 #pragma unroll
@@ -166,11 +157,84 @@ __global__ void __launch_bounds__(kHcThreads) hc_pre_finish_kernel(const HcPreAr
     }
   }
   __syncthreads();
+}
+
+// 2. (without the norm) block (one row, 512 output values): the row's split, then all threads collapse their 2 values
+//    of each stream.
+template <int N>
+__global__ void __launch_bounds__(kHcThreads) hc_pre_finish_kernel(const HcPreArgs a, int chunks) {
+  constexpr int M = (2 + N) * N;
+  const int64_t r = blockIdx.x, k = int64_t(N) * a.d;
+  const int64_t layer = a.layer ? a.layer[0] : 0;
+  __shared__ float mix[M + 1];
+  __shared__ float pre_s[N];
+  // this thread's 2 values of each stream, read before the mixes are known (their latency overlaps the sums')
+  const int64_t e = blockIdx.y * int64_t(kHcChunk) + 2 * threadIdx.x;
+  float2 v[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    v[j] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e))
+                   : make_float2(0.f, 0.f);
+  hc_row_split<N, kHcThreads>(a, r, chunks, layer, mix, pre_s);
   if (e >= a.d) return;
   float2 acc = make_float2(0.f, 0.f);
 #pragma unroll
   for (int j = 0; j < N; ++j) acc.x += pre_s[j] * v[j].x, acc.y += pre_s[j] * v[j].y;
   *reinterpret_cast<__nv_bfloat162*>(a.out + r * a.d + e) = __floats2bfloat162_rn(acc.x, acc.y);
+}
+
+// 2'. (with the sublayer's RMSNorm, a.norm_w set) block (one whole row, 512 threads, up to kHcNormPairs value pairs
+//    each): the row's split, the collapse rounded to bf16 (the reference's x), then RMSNorm over the row: the squares
+//    summed in a fixed tree, x * rsqrt(mean + eps), the weight multiplied in fp32 before the cast (nn.rms_norm). The
+//    norm's two XLA fusions per sublayer (a reduction and the scaling) become part of this launch.
+constexpr int kHcNormThreads = 512, kHcNormPairs = 8;
+
+template <int N>
+__global__ void __launch_bounds__(kHcNormThreads) hc_pre_finish_norm_kernel(const HcPreArgs a, int chunks) {
+  constexpr int M = (2 + N) * N, kWarps = kHcNormThreads / 32;
+  const int64_t r = blockIdx.x, k = int64_t(N) * a.d;
+  const int64_t layer = a.layer ? a.layer[0] : 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float mix[M + 1];
+  __shared__ float pre_s[N];
+  __shared__ float red[kWarps];
+  float2 v[N][kHcNormPairs];
+#pragma unroll
+  for (int i = 0; i < kHcNormPairs; ++i) {
+    const int64_t e = 2 * (threadIdx.x + int64_t(i) * kHcNormThreads);
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      v[j][i] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e))
+                        : make_float2(0.f, 0.f);
+  }
+  hc_row_split<N, kHcNormThreads>(a, r, chunks, layer, mix, pre_s);
+  float2 x[kHcNormPairs];
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < kHcNormPairs; ++i) {  // pairs past d hold zeros: they add nothing to the squares
+    float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc.x += pre_s[j] * v[j][i].x, acc.y += pre_s[j] * v[j][i].y;
+    x[i] = __bfloat1622float2(__floats2bfloat162_rn(acc.x, acc.y));
+    ss += x[i].x * x[i].x + x[i].y * x[i].y;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(kFull, ss, o);
+  if (lane == 0) red[warp] = ss;
+  __syncthreads();
+  ss = red[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) ss += red[w];
+  const float rs = rsqrtf(ss / float(a.d) + a.x_norm_eps);
+  const __nv_bfloat16* wn = a.norm_w + (a.norm_layers > 1 ? layer : 0) * a.d;
+#pragma unroll
+  for (int i = 0; i < kHcNormPairs; ++i) {
+    const int64_t e = 2 * (threadIdx.x + int64_t(i) * kHcNormThreads);
+    if (e >= a.d) break;
+    const float2 w = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(wn + e));
+    *reinterpret_cast<__nv_bfloat162*>(a.out + r * a.d + e) =
+        __floats2bfloat162_rn(__fmul_rn(w.x, __fmul_rn(x[i].x, rs)), __fmul_rn(w.y, __fmul_rn(x[i].y, rs)));
+  }
 }
 
 template <int N>
@@ -179,8 +243,12 @@ cudaError_t launch_hc_pre_n(const HcPreArgs& a, cudaStream_t stream) {
   const dim3 g1(unsigned(chunks), unsigned((a.rows + kHcRowsPerBlock - 1) / kHcRowsPerBlock));
   hc_pre_partial_kernel<N><<<g1, kHcThreads, 0, stream>>>(a);
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  const dim3 g2(unsigned(a.rows), unsigned((a.d + kHcChunk - 1) / kHcChunk));
-  hc_pre_finish_kernel<N><<<g2, kHcThreads, 0, stream>>>(a, int(chunks));
+  if (a.norm_w != nullptr) {
+    hc_pre_finish_norm_kernel<N><<<unsigned(a.rows), kHcNormThreads, 0, stream>>>(a, int(chunks));
+  } else {
+    const dim3 g2(unsigned(a.rows), unsigned((a.d + kHcChunk - 1) / kHcChunk));
+    hc_pre_finish_kernel<N><<<g2, kHcThreads, 0, stream>>>(a, int(chunks));
+  }
   return cudaGetLastError();
 }
 
@@ -199,7 +267,10 @@ cudaError_t launch_n(const float* mix, const float* scale, const float* base, fl
 
 int64_t hc_pre_chunks(int64_t n, int64_t d) { return (n * d + kHcChunk - 1) / kHcChunk; }
 
+int64_t hc_pre_norm_max_d() { return 2 * int64_t(kHcNormThreads) * kHcNormPairs; }
+
 cudaError_t launch_hc_pre(const HcPreArgs& a, cudaStream_t stream) {
+  if (a.norm_w != nullptr && a.d > hc_pre_norm_max_d()) return cudaErrorInvalidValue;  // (the handler checks)
   if (a.rows == 0) return cudaSuccess;
   switch (a.n) {
     case 1: return launch_hc_pre_n<1>(a, stream);
