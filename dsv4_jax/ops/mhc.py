@@ -99,7 +99,7 @@ def _hc_pre_reference(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float
     return x, post, comb
 
 
-# Widest d whose sublayer norm the kernel fuses (the extension's hc_pre_norm_max_d: 512 threads x 8 value pairs).
+# Widest d whose sublayer norm the kernel fuses (the extension's hc_pre_norm_max_d: 8 blocks of 1024 values).
 HC_PRE_NORM_MAX_D = 8192
 
 

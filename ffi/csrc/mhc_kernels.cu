@@ -2,6 +2,7 @@
 // lane per matrix element. The reference (`dsv4_jax.ops.mhc.split_mixes`) is a loop of tiny reductions that XLA runs as
 // ~80 launches per connection at decode; here it is one launch, the n x n matrix held in registers.
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -183,58 +184,59 @@ __global__ void __launch_bounds__(kHcThreads) hc_pre_finish_kernel(const HcPreAr
   *reinterpret_cast<__nv_bfloat162*>(a.out + r * a.d + e) = __floats2bfloat162_rn(acc.x, acc.y);
 }
 
-// 2'. (with the sublayer's RMSNorm, a.norm_w set) block (one whole row, 512 threads, up to kHcNormPairs value pairs
-//    each): the row's split, the collapse rounded to bf16 (the reference's x), then RMSNorm over the row: the squares
-//    summed in a fixed tree, x * rsqrt(mean + eps), the weight multiplied in fp32 before the cast (nn.rms_norm). The
-//    norm's two XLA fusions per sublayer (a reduction and the scaling) become part of this launch.
-constexpr int kHcNormThreads = 512, kHcNormPairs = 8;
+// 2'. (with the sublayer's RMSNorm, a.norm_w set) a cluster of blocks per row (block y of the cluster: 1024 output
+//    values, a pair per thread): the row's split, the collapse rounded to bf16 (the reference's x), then RMSNorm over
+//    the row: each block sums its squares (fixed tree), the blocks read one another's sums through distributed shared
+//    memory in rank order (every block the same total), x * rsqrt(mean + eps), the weight multiplied in fp32 before
+//    the cast (nn.rms_norm). The norm's two XLA fusions per sublayer become part of this launch; the row stays spread
+//    over several SMs (one block for the whole row was 8.5 us a call on an H200, 2.4 more than without the norm).
+constexpr int kHcNormThreads = 512, kHcNormMaxBlocks = 8;  // 8: the portable cluster size
+constexpr int kHcNormValues = 2 * kHcNormThreads;          // per block
 
 template <int N>
 __global__ void __launch_bounds__(kHcNormThreads) hc_pre_finish_norm_kernel(const HcPreArgs a, int chunks) {
   constexpr int M = (2 + N) * N, kWarps = kHcNormThreads / 32;
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
   const int64_t r = blockIdx.x, k = int64_t(N) * a.d;
   const int64_t layer = a.layer ? a.layer[0] : 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ float mix[M + 1];
   __shared__ float pre_s[N];
   __shared__ float red[kWarps];
-  float2 v[N][kHcNormPairs];
+  __shared__ float block_ss;
+  const int64_t e = blockIdx.y * int64_t(kHcNormValues) + 2 * threadIdx.x;
+  float2 v[N];
 #pragma unroll
-  for (int i = 0; i < kHcNormPairs; ++i) {
-    const int64_t e = 2 * (threadIdx.x + int64_t(i) * kHcNormThreads);
-#pragma unroll
-    for (int j = 0; j < N; ++j)
-      v[j][i] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e))
-                        : make_float2(0.f, 0.f);
-  }
+  for (int j = 0; j < N; ++j)
+    v[j] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e))
+                   : make_float2(0.f, 0.f);
   hc_row_split<N, kHcNormThreads>(a, r, chunks, layer, mix, pre_s);
-  float2 x[kHcNormPairs];
-  float ss = 0.f;
+  float2 acc = make_float2(0.f, 0.f);  // pairs past d: zeros, which add nothing to the squares
 #pragma unroll
-  for (int i = 0; i < kHcNormPairs; ++i) {  // pairs past d hold zeros: they add nothing to the squares
-    float2 acc = make_float2(0.f, 0.f);
-#pragma unroll
-    for (int j = 0; j < N; ++j) acc.x += pre_s[j] * v[j][i].x, acc.y += pre_s[j] * v[j][i].y;
-    x[i] = __bfloat1622float2(__floats2bfloat162_rn(acc.x, acc.y));
-    ss += x[i].x * x[i].x + x[i].y * x[i].y;
-  }
+  for (int j = 0; j < N; ++j) acc.x += pre_s[j] * v[j].x, acc.y += pre_s[j] * v[j].y;
+  const float2 x = __bfloat1622float2(__floats2bfloat162_rn(acc.x, acc.y));
+  float ss = x.x * x.x + x.y * x.y;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(kFull, ss, o);
   if (lane == 0) red[warp] = ss;
   __syncthreads();
-  ss = red[0];
+  if (threadIdx.x == 0) {
+    float b = red[0];
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) ss += red[w];
+    for (int w = 1; w < kWarps; ++w) b += red[w];
+    block_ss = b;
+  }
+  cluster.sync();  // every block's sum written
+  ss = 0.f;
+  for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) ss += *cluster.map_shared_rank(&block_ss, rank);
+  cluster.sync();  // every block done reading the others' shared memory before any exits
+  if (e >= a.d) return;
   const float rs = rsqrtf(ss / float(a.d) + a.x_norm_eps);
   const __nv_bfloat16* wn = a.norm_w + (a.norm_layers > 1 ? layer : 0) * a.d;
-#pragma unroll
-  for (int i = 0; i < kHcNormPairs; ++i) {
-    const int64_t e = 2 * (threadIdx.x + int64_t(i) * kHcNormThreads);
-    if (e >= a.d) break;
-    const float2 w = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(wn + e));
-    *reinterpret_cast<__nv_bfloat162*>(a.out + r * a.d + e) =
-        __floats2bfloat162_rn(__fmul_rn(w.x, __fmul_rn(x[i].x, rs)), __fmul_rn(w.y, __fmul_rn(x[i].y, rs)));
-  }
+  const float2 w = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(wn + e));
+  *reinterpret_cast<__nv_bfloat162*>(a.out + r * a.d + e) =
+      __floats2bfloat162_rn(__fmul_rn(w.x, __fmul_rn(x.x, rs)), __fmul_rn(w.y, __fmul_rn(x.y, rs)));
 }
 
 template <int N>
@@ -243,8 +245,17 @@ cudaError_t launch_hc_pre_n(const HcPreArgs& a, cudaStream_t stream) {
   const dim3 g1(unsigned(chunks), unsigned((a.rows + kHcRowsPerBlock - 1) / kHcRowsPerBlock));
   hc_pre_partial_kernel<N><<<g1, kHcThreads, 0, stream>>>(a);
   if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  if (a.norm_w != nullptr) {
-    hc_pre_finish_norm_kernel<N><<<unsigned(a.rows), kHcNormThreads, 0, stream>>>(a, int(chunks));
+  if (a.norm_w != nullptr) {  // a cluster of blocks per row
+    const unsigned blocks = unsigned((a.d + kHcNormValues - 1) / kHcNormValues);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(a.rows), blocks);
+    cfg.blockDim = dim3(kHcNormThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1, attr[0].val.clusterDim.y = blocks, attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr, cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, hc_pre_finish_norm_kernel<N>, a, int(chunks));
   } else {
     const dim3 g2(unsigned(a.rows), unsigned((a.d + kHcChunk - 1) / kHcChunk));
     hc_pre_finish_kernel<N><<<g2, kHcThreads, 0, stream>>>(a, int(chunks));
@@ -267,7 +278,7 @@ cudaError_t launch_n(const float* mix, const float* scale, const float* base, fl
 
 int64_t hc_pre_chunks(int64_t n, int64_t d) { return (n * d + kHcChunk - 1) / kHcChunk; }
 
-int64_t hc_pre_norm_max_d() { return 2 * int64_t(kHcNormThreads) * kHcNormPairs; }
+int64_t hc_pre_norm_max_d() { return int64_t(kHcNormValues) * kHcNormMaxBlocks; }
 
 cudaError_t launch_hc_pre(const HcPreArgs& a, cudaStream_t stream) {
   if (a.norm_w != nullptr && a.d > hc_pre_norm_max_d()) return cudaErrorInvalidValue;  // (the handler checks)
