@@ -160,6 +160,24 @@ __device__ __forceinline__ void hc_row_split(const HcPreArgs& a, int64_t r, int 
   __syncthreads();
 }
 
+// Values e, e + 1 of each of the row's N streams (row at x + base; zeros past d), and their collapse with the pre
+// weights, sum_j pre_j x_j in fp32 in stream order.
+template <int N>
+__device__ __forceinline__ void stream_pairs(const HcPreArgs& a, int64_t base, int64_t e, float2* v) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    v[j] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + base + j * a.d + e))
+                   : make_float2(0.f, 0.f);
+}
+
+template <int N>
+__device__ __forceinline__ float2 collapse(const float* pre_s, const float2* v) {
+  float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int j = 0; j < N; ++j) acc.x += pre_s[j] * v[j].x, acc.y += pre_s[j] * v[j].y;
+  return acc;
+}
+
 // 2. (without the norm) block (one row, 512 output values): the row's split, then all threads collapse their 2 values
 //    of each stream.
 template <int N>
@@ -172,15 +190,10 @@ __global__ void __launch_bounds__(kHcThreads) hc_pre_finish_kernel(const HcPreAr
   // this thread's 2 values of each stream, read before the mixes are known (their latency overlaps the sums')
   const int64_t e = blockIdx.y * int64_t(kHcChunk) + 2 * threadIdx.x;
   float2 v[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    v[j] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e))
-                   : make_float2(0.f, 0.f);
+  stream_pairs<N>(a, r * k, e, v);
   hc_row_split<N, kHcThreads>(a, r, chunks, layer, mix, pre_s);
   if (e >= a.d) return;
-  float2 acc = make_float2(0.f, 0.f);
-#pragma unroll
-  for (int j = 0; j < N; ++j) acc.x += pre_s[j] * v[j].x, acc.y += pre_s[j] * v[j].y;
+  const float2 acc = collapse<N>(pre_s, v);
   *reinterpret_cast<__nv_bfloat162*>(a.out + r * a.d + e) = __floats2bfloat162_rn(acc.x, acc.y);
 }
 
@@ -207,14 +220,9 @@ __global__ void __launch_bounds__(kHcNormThreads) hc_pre_finish_norm_kernel(cons
   __shared__ float block_ss;
   const int64_t e = blockIdx.y * int64_t(kHcNormValues) + 2 * threadIdx.x;
   float2 v[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    v[j] = e < a.d ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + j * a.d + e))
-                   : make_float2(0.f, 0.f);
+  stream_pairs<N>(a, r * k, e, v);
   hc_row_split<N, kHcNormThreads>(a, r, chunks, layer, mix, pre_s);
-  float2 acc = make_float2(0.f, 0.f);  // pairs past d: zeros, which add nothing to the squares
-#pragma unroll
-  for (int j = 0; j < N; ++j) acc.x += pre_s[j] * v[j].x, acc.y += pre_s[j] * v[j].y;
+  const float2 acc = collapse<N>(pre_s, v);  // pairs past d: zeros, which add nothing to the squares
   const float2 x = __bfloat1622float2(__floats2bfloat162_rn(acc.x, acc.y));
   float ss = x.x * x.x + x.y * x.y;
 #pragma unroll
