@@ -89,6 +89,7 @@ HANDLERS = frozenset(
         "indexer_topk",
         "compressor_decode",
         "kv_row",
+        "q_heads",
         "dequant_bf16_gemv",
         "fp8_gemm",
         "fp8_linear",
@@ -367,6 +368,14 @@ def kv_row(kva, norm_w, layer, pos, inv_freq, *, eps: float, row_bytes: int = 0)
     )(kva.astype(BF16), norm_w.astype(BF16), _layer_operand(layer), pos.astype(jnp.int32), jnp.asarray(inv_freq, F32),
       eps=np.float32(eps))  # fmt: skip
     return kv, packed
+
+
+def q_heads(q, pos, inv_freq, *, eps: float):
+    """The query heads after wq_b in one launch: q bf16 `[R, H, d]` (d 512 or 256), pos int32 `[R]`, inv_freq
+    `[rope/2]` -> bf16 `[R, H, d]`: each head's weightless RMS norm in bf16 arithmetic, RoPE of the tail."""
+    return jax.ffi.ffi_call("dsv4_q_heads", jax.ShapeDtypeStruct(q.shape, BF16))(
+        q.astype(BF16), pos.astype(jnp.int32), jnp.asarray(inv_freq, F32), eps=np.float32(eps)
+    )
 
 
 def route(logits, bias, table, token_ids, layer, *, k: int, route_scale: float) -> tuple[jax.Array, jax.Array]:

@@ -123,6 +123,20 @@ struct KvRowArgs {
 const char* kv_row_unsupported(int64_t d, int64_t rope, int64_t row_bytes);
 cudaError_t launch_kv_row(const KvRowArgs& a, cudaStream_t stream);
 
+// The query heads after wq_b (q_heads_kernels.cu; reference dsv4_jax.ops.q_heads): q bf16 [rows, heads, d] -> out
+// bf16 [rows, heads, d]: each head's weightless RMS norm in bf16 tensor arithmetic, then RoPE of the last `rope`
+// channels at pos int32 [rows] (inv_freq f32 [rope/2]). d 512 or 256, rope a multiple of 8.
+struct QHeadsArgs {
+  const __nv_bfloat16* q;
+  const int32_t* pos;
+  const float* inv_freq;
+  __nv_bfloat16* out;
+  int64_t rows, heads, d, rope;
+  float eps;
+};
+const char* q_heads_unsupported(int64_t d, int64_t rope);
+cudaError_t launch_q_heads(const QHeadsArgs& a, cudaStream_t stream);
+
 // The MoE router (router_kernels.cu; reference dsv4_jax.ops.router.route), one warp per token: logits f32 [tokens,
 // experts] -> weights f32 [tokens, k] and ids int32 [tokens, k]. Experts are the top k of sqrt(softplus(logits)) +
 // bias (bias f32 [layers, experts]; ties to the lower id) or, with `table` set, the token's row of the hash table
