@@ -28,9 +28,8 @@ def hc_pre(X_btnd, fn, scale, base, *, iters: int, eps: float, norm_eps: float, 
     Returns `(x_btd bf16, post_btn fp32, comb_btnn fp32)`; `x = bf16(sum_j pre[j] * X[j])`, or with `x_norm_w` the
     sublayer's RMSNorm of it, `nn.rms_norm(x, x_norm_w, x_norm_eps)` (one launch fewer than normalising after).
     """
-    kw = {} if x_norm_w is None else dict(x_norm_w=x_norm_w, x_norm_eps=x_norm_eps)
     return hc_pre_op(X_btnd, fn, scale, base, n=X_btnd.shape[2], iters=iters, eps=eps, norm_eps=norm_eps,
-                     split_backend=opts.backend, opts=opts, **kw)  # fmt: skip
+                     split_backend=opts.backend, x_norm_w=x_norm_w, x_norm_eps=x_norm_eps, opts=opts)  # fmt: skip
 
 
 def hc_post(x_btd, R_btnd, post_btn, comb_btnn):

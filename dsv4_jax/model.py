@@ -129,15 +129,13 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, kind.ratio, rngs=rngs)
         self.ffn = MoE(cfg, kind.hash_routed, rngs=rngs)
 
-    def hc_pre(self, X_btnd, which: str, opts: Opts, norm: nn.RMSNorm | None = None):
-        """(x, post, comb) of the sublayer `which`; with `norm`, x comes out through it (the kernel fuses the norm)."""
+    def hc_pre(self, X_btnd, which: str, opts: Opts, norm: nn.RMSNorm):
+        """(x, post, comb) of the sublayer `which`, x through the sublayer's `norm` (the kernel fuses the norm)."""
         # get_value(): in the layer scan a LayerSlice of the stacked parameter, which the kernel reads in place
         fn, scale, base = (getattr(self, f"hc_{which}_{p}").get_value() for p in ("fn", "scale", "base"))
         c = self.cfg
-        kw = {} if norm is None else dict(x_norm_w=norm.weight.get_value(), x_norm_eps=norm.eps)
-        return mhc.hc_pre(
-            X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps, opts=opts, **kw
-        )
+        return mhc.hc_pre(X_btnd, fn, scale, base, iters=c.hc_sinkhorn_iters, eps=c.hc_eps, norm_eps=c.norm_eps,
+                          opts=opts, x_norm_w=norm.weight.get_value(), x_norm_eps=norm.eps)  # fmt: skip
 
     def ffn_sublayer(self, X_btnd, tokens_bt, opts: Opts, rec=None, valid_bt=None):
         with jax.named_scope("mhc"):

@@ -33,25 +33,22 @@ def hc_pre(X_btnd, fn, scale, base, *, n: int, iters: int, eps: float, norm_eps:
     RMS-normed (`nn.rms_norm(x, x_norm_w, x_norm_eps)`), inside the finishing launch where d allows."""
     del split_backend  # the split is inside the kernel
     *lead, _, d = X_btnd.shape
-    fused_norm = x_norm_w is not None  # (ops.hc_pre's supports: d <= HC_PRE_NORM_MAX_D)
     if X_btnd.size // (n * d) > HC_PRE_MAX_ROWS:  # the reference's arithmetic (`ops.mhc.mixes`), our split
         xf = X_btnd.reshape(*lead, n * d).astype(jnp.float32)
         rs = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.float32(norm_eps))
         mix = jnp.dot(xf, materialize(fn).astype(jnp.float32).T, precision="highest") * rs
         pre, post, comb = split_mixes(mix, materialize(scale), materialize(base), n=n, iters=iters, eps=eps)
         x = cast(jnp.sum(pre[..., None] * xf.reshape(X_btnd.shape), axis=-2), X_btnd.dtype)
-        fused_norm = False
-    else:
-        stacks, layer = stacks_and_index(fn, scale, base)
-        norm_w = None
-        if fused_norm:  # the weight's stack where it is one layer of a stack at fn's position, else the weight
-            same = isinstance(x_norm_w, LayerSlice) and layer is not None and x_norm_w.index is layer
-            norm_w = x_norm_w.stack if same else materialize(x_norm_w)
-        x, post, comb = ffi_ops.hc_pre(X_btnd.reshape(-1, n, d), *stacks, layer, n=n, iters=iters, eps=eps,
-                                       norm_eps=norm_eps, norm_w=norm_w, x_norm_eps=x_norm_eps)  # fmt: skip
-        x, post, comb = x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
-    if x_norm_w is not None and not fused_norm:  # nn.rms_norm's arithmetic (kernels do not import the model's code)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.float32(x_norm_eps))
-        x = cast(materialize(x_norm_w).astype(jnp.float32) * y, x.dtype)
-    return x, post, comb
+        if x_norm_w is not None:  # nn.rms_norm's arithmetic (kernels do not import the model's code)
+            xf = x.astype(jnp.float32)
+            y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.float32(x_norm_eps))
+            x = cast(materialize(x_norm_w).astype(jnp.float32) * y, x.dtype)
+        return x, post, comb
+    stacks, layer = stacks_and_index(fn, scale, base)
+    norm_w = None  # with a norm, d <= HC_PRE_NORM_MAX_D (ops.hc_pre's supports)
+    if x_norm_w is not None:  # the weight's stack where it is one layer of a stack at fn's position, else the weight
+        same = isinstance(x_norm_w, LayerSlice) and layer is not None and x_norm_w.index is layer
+        norm_w = x_norm_w.stack if same else materialize(x_norm_w)
+    x, post, comb = ffi_ops.hc_pre(X_btnd.reshape(-1, n, d), *stacks, layer, n=n, iters=iters, eps=eps,
+                                   norm_eps=norm_eps, norm_w=norm_w, x_norm_eps=x_norm_eps)  # fmt: skip
+    return x.reshape(*lead, d), post.reshape(*lead, n), comb.reshape(*lead, n, n)
