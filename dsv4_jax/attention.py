@@ -59,16 +59,6 @@ def compressed_indices(s: int, ratio: int, offset: int) -> np.ndarray:
     return np.where(visible, j + offset, -1).astype(np.int32)
 
 
-def head_rms_norm_bf16(q: jax.Array, eps: float) -> jax.Array:
-    """Weightless per-head RMS norm with the reference's bf16 tensor arithmetic: each of square, mean, +eps, rsqrt and
-    the product is rounded to bf16 (the means accumulate in fp32)."""
-    qf = q.astype(F32)
-    q2 = to_bf16(qf * qf).astype(F32)
-    ms = to_bf16(jnp.sum(q2, axis=-1, keepdims=True) / F32(q.shape[-1])).astype(F32)
-    r = to_bf16(jax.lax.rsqrt(to_bf16(ms + F32(eps)).astype(F32))).astype(F32)
-    return to_bf16(qf * r)
-
-
 def _take_rows(x_bnc, i_bm):
     """`x[b, i[b, m]]` for indices already in range."""
     return jnp.take_along_axis(x_bnc, i_bm[..., None], axis=1)
@@ -242,8 +232,8 @@ class Attention(nnx.Module):
             q, qp = nn.fp8_linear_pair(qr, self.wq_b, self.indexer.wq_b, opts)
         else:
             q, qp = self.wq_b(qr, opts), None
-        q = head_rms_norm_bf16(q.reshape(b, t, self.cfg.n_heads, self.cfg.head_dim), self.cfg.norm_eps)
-        return nn.rope_tail(q, pos_bt[:, :, None], self.inv_freq), qp
+        q = q.reshape(b, t, self.cfg.n_heads, self.cfg.head_dim)
+        return ops.q_heads(q, pos_bt, self.inv_freq, eps=self.cfg.norm_eps, opts=opts), qp
 
     def window_kv(self, kva_btd, pos_bt, opts: Opts, packed: bool = False):
         """From `kva = wkv(x)`: (the token's own KV vector `[b,t,D]`: RMSNorm, RoPE on the tail, FP8 fake-quant of the

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.gpu
 
 # The ops a Flash-shaped forward runs, every one through its kernel.
 KERNEL_OPS = dict.fromkeys(("fp8_linear", "fp8_linear_pair", "moe_experts", "hc_pre", "grouped_dequant_linear",
-                            "route_experts", "kv_row"), "kernel")  # fmt: skip
+                            "route_experts", "kv_row", "q_heads"), "kernel")  # fmt: skip
 # ops that only a step over the decode cache runs (`generate`, not `forward`)
 DECODE_KERNEL_OPS = dict.fromkeys(("sparse_decode", "indexer_scores", "compressor_decode", "indexer_topk"), "kernel")
 # prefill's sparse attention: the sparse-MLA kernel needs heads % 16 == 0 (Flash's 64, not the tiny model's 8)

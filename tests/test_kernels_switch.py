@@ -353,7 +353,7 @@ def test_decode_step_lowers_to_every_decode_kernel(monkeypatch, expert_layout):
     # the layer GEMVs: wq_a + wkv, wq_b + the indexer's wq_b (CSA), the shared expert's w1 + w3 in pairs; wq_b (HCA),
     # wo_b, w2 alone
     assert calls == {"dsv4_hc_pre": 4, "dsv4_fp8_gemv_layer": 5, "dsv4_fp8_gemv_layer_pair": 5,
-                     "dsv4_compressor_decode": 3, "dsv4_kv_row": 2,
+                     "dsv4_compressor_decode": 3, "dsv4_kv_row": 2, "dsv4_q_heads": 2,
                      "dsv4_indexer_scores": 1, "dsv4_indexer_topk": 1, "dsv4_sparse_mla_decode": 2,
                      "dsv4_dequant_bf16_gemv": 2, "dsv4_route": 2, "dsv4_fp4_moe_gate_up": 2,
                      "dsv4_fp4_moe_down": 2}, calls  # fmt: skip

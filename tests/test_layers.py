@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax import Config, mhc, nn
-from dsv4_jax.attention import head_rms_norm_bf16
+from dsv4_jax.ops.q_heads import head_rms_norm_bf16
 
 
 def test_rope_is_complex_multiplication_on_interleaved_pairs():

@@ -1,7 +1,7 @@
 """JAX wrappers of the attention side's CUDA kernels: mHC (the split of the mixes, the whole hc_pre), sparse-MLA
-decode, the lightning indexer's scores and top-k, the compressor's decode step and the window KV row. Re-exported by
-`ffi_ops`, the one namespace of the extension's wrappers (whose helpers these use); plain functions of arrays, as
-there.
+decode, the lightning indexer's scores and top-k, the compressor's decode step, the window KV row and the query heads'
+norm and RoPE. Re-exported by `ffi_ops`, the one namespace of the extension's wrappers (whose helpers these use);
+plain functions of arrays, as there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from dsv4_jax.kernels.ffi_ops import BF16, F32, _layer_operand, sparse_mla_splits
 
 __all__ = ["hc_split_sinkhorn", "hc_pre", "sparse_mla_decode", "indexer_scores", "INDEXER_VARIANTS", "indexer_topk",
-           "TOPK_MAX_K", "compressor_decode", "kv_row"]  # fmt: skip
+           "TOPK_MAX_K", "compressor_decode", "kv_row", "q_heads"]  # fmt: skip
 
 
 def hc_split_sinkhorn(mix: jax.Array, scale: jax.Array, base: jax.Array, *, n: int, iters: int, eps: float):
@@ -155,4 +155,12 @@ def kv_row(kva, norm_w, layer, pos, inv_freq, *, eps: float, row_bytes: int = 0)
         pos.astype(jnp.int32),
         jnp.asarray(inv_freq, F32),
         eps=np.float32(eps),
+    )
+
+
+def q_heads(q, pos, inv_freq, *, eps: float):
+    """The query heads after wq_b in one launch: q bf16 `[R, H, d]` (d 512 or 256), pos int32 `[R]`, inv_freq
+    `[rope/2]` -> bf16 `[R, H, d]`: each head's weightless RMS norm in bf16 arithmetic, RoPE of the tail."""
+    return jax.ffi.ffi_call("dsv4_q_heads", jax.ShapeDtypeStruct(q.shape, BF16))(
+        q.astype(BF16), pos.astype(jnp.int32), jnp.asarray(inv_freq, F32), eps=np.float32(eps)
     )

@@ -51,6 +51,7 @@ __all__ = [
     "TOPK_MAX_K",
     "compressor_decode",
     "kv_row",
+    "q_heads",
     "route",
     "dequant_bf16_gemv",
     "DEQUANT_GEMV_MAX_M",
@@ -93,6 +94,7 @@ HANDLERS = frozenset(
         "indexer_topk",
         "compressor_decode",
         "kv_row",
+        "q_heads",
         "dequant_bf16_gemv",
         "fp8_gemm",
         "fp8_linear",
@@ -478,6 +480,7 @@ from dsv4_jax.kernels.ffi_attention import (  # noqa: E402
     indexer_scores,
     indexer_topk,
     kv_row,
+    q_heads,
     sparse_mla_decode,
 )
 from dsv4_jax.kernels.ffi_fp4 import (  # noqa: E402

@@ -21,6 +21,7 @@ from dsv4_jax.ops.linear import (
     sum_in_order,
 )
 from dsv4_jax.ops.mhc import hc_pre, hc_split_mixes
+from dsv4_jax.ops.q_heads import q_heads
 from dsv4_jax.ops.registry import KernelUnavailable, record
 from dsv4_jax.ops.router import route_experts
 from dsv4_jax.options import Opts
@@ -40,6 +41,7 @@ __all__ = [
     "hc_pre",
     "hc_split_mixes",
     "kv_row",
+    "q_heads",
     "indexer_scores",
     "indexer_topk",
     "moe_experts",

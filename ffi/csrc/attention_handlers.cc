@@ -321,6 +321,26 @@ ffi::Error KvRowImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> kv_in, ffi::Buf
   return cuda_check(op, launch_kv_row(a, stream));
 }
 
+ffi::Error QHeadsImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::S32> pos,
+                      ffi::Buffer<ffi::F32> inv_freq, ffi::ResultBuffer<ffi::BF16> out, float eps) {
+  const std::string op = "dsv4_q_heads";
+  if (q.dimensions().size() != 3) return bad(op, "q " + shape_str(q) + " must be [rows, heads, d]");
+  const int64_t rows = dim(q, 0), heads = dim(q, 1), d = dim(q, 2), rope = 2 * inv_freq.element_count();
+  if (const char* why = q_heads_unsupported(d, rope)) return bad(op, why);
+  if (pos.element_count() != rows) return bad(op, "pos " + shape_str(pos) + " must hold one position per row");
+  if (out->element_count() != q.element_count()) return bad(op, "the result must be shaped like q " + shape_str(q));
+  QHeadsArgs a{reinterpret_cast<const __nv_bfloat16*>(q.untyped_data()),
+               pos.typed_data(),
+               inv_freq.typed_data(),
+               reinterpret_cast<__nv_bfloat16*>(out->untyped_data()),
+               rows,
+               heads,
+               d,
+               rope,
+               eps};
+  return cuda_check(op, launch_q_heads(a, stream));
+}
+
 }  // namespace
 }  // namespace dsv4ffi
 
@@ -330,6 +350,7 @@ using dsv4ffi::HcSplitSinkhornImpl;
 using dsv4ffi::IndexerScoresImpl;
 using dsv4ffi::IndexerTopkImpl;
 using dsv4ffi::KvRowImpl;
+using dsv4ffi::QHeadsImpl;
 using dsv4ffi::SparseMlaDecodeImpl;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_hc_split_sinkhorn, HcSplitSinkhornImpl,
@@ -429,5 +450,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_kv_row, KvRowImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<float>("eps"),
+                              DSV4_TRAITS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_q_heads, QHeadsImpl,
+                              ffi::Ffi::Bind()
+                                  .STREAM.Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<float>("eps"),
                               DSV4_TRAITS);

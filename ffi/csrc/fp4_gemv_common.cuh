@@ -59,13 +59,6 @@ struct Fp4Params {
   int tiles = 1;  // wg kernels: row tiles a block streams in sequence
 };
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t r[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
 // The same codes as e4m3 bytes of 2^-6 * value, by bit placement alone (DSV4_FFI_FP4_CVT=bits): the magnitude bits
 // (e1 e0 m) go to bits 4-2 and the sign to bit 7, so e2m1 0.5 becomes the e4m3 subnormal 2^-7 and 6 becomes
 // 0x1C = 1.5 * 2^-4. Even elements 0, 2, 4, 6 in `lo`, odd 1, 3, 5, 7 in `hi` (the activation is stored in the same
@@ -242,19 +235,6 @@ __device__ __forceinline__ void e2m1x8_to_e4m3_tab(uint32_t w, uint32_t t0, uint
   lo = prmt(t0, t1, mag) | (prmt(w4, w, 0xD9C8u) & 0x80808080u);
   hi = prmt(t0, t1, mag >> 16) | (prmt(w4, w, 0xFBEAu) & 0x80808080u);
 }
-
-// d (+)= A . B for one k32 step: A = the lane's 4 registers, B through the shared-memory descriptor (8 columns).
-__device__ __forceinline__ void wgmma_m64n8k32(float d[4], const uint32_t a[4], uint64_t desc, int accumulate) {
-  DSV4_WGMMA(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
-}
-
-// Shared-memory descriptor of a K-major 8 x 32 B tile made of two 128-byte core matrices 128 bytes apart (both the
-// leading and the stride byte offset are set to 128: with 8 columns only the K direction has a second core matrix).
-__device__ __forceinline__ uint64_t wg_desc(uint32_t smem_byte_addr) { return wgmma_desc(smem_byte_addr, 128, 128); }
 
 // The kernels' parameters from the launch arguments.
 inline Fp4Params fp4_params(const Fp4GemvArgs& a, int ksplit) {

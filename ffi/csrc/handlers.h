@@ -16,6 +16,7 @@
   X(dsv4_indexer_topk)       \
   X(dsv4_compressor_decode)  \
   X(dsv4_kv_row)             \
+  X(dsv4_q_heads)            \
   X(dsv4_dequant_bf16_gemv)  \
   X(dsv4_fp8_gemm)           \
   X(dsv4_fp8_linear)         \

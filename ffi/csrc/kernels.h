@@ -123,6 +123,20 @@ struct KvRowArgs {
 const char* kv_row_unsupported(int64_t d, int64_t rope, int64_t row_bytes);
 cudaError_t launch_kv_row(const KvRowArgs& a, cudaStream_t stream);
 
+// The query heads after wq_b (q_heads_kernels.cu; reference dsv4_jax.ops.q_heads): q bf16 [rows, heads, d] -> out
+// bf16 [rows, heads, d]: each head's weightless RMS norm in bf16 tensor arithmetic, then RoPE of the last `rope`
+// channels at pos int32 [rows] (inv_freq f32 [rope/2]). d 512 or 256, rope a multiple of 8.
+struct QHeadsArgs {
+  const __nv_bfloat16* q;
+  const int32_t* pos;
+  const float* inv_freq;
+  __nv_bfloat16* out;
+  int64_t rows, heads, d, rope;
+  float eps;
+};
+const char* q_heads_unsupported(int64_t d, int64_t rope);
+cudaError_t launch_q_heads(const QHeadsArgs& a, cudaStream_t stream);
+
 // The MoE router (router_kernels.cu; reference dsv4_jax.ops.router.route), one warp per token: logits f32 [tokens,
 // experts] -> weights f32 [tokens, k] and ids int32 [tokens, k]. Experts are the top k of sqrt(softplus(logits)) +
 // bias (bias f32 [layers, experts]; ties to the lower id) or, with `table` set, the token's row of the hash table
@@ -276,6 +290,12 @@ struct GemvArgs {
   float* sfa_out = nullptr;
 };
 cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
+// The wide GEMV (tokens_per_block 16 or 32, e4m3 rows, no rows map) on wgmma (gemv_wgmma_kernels.cu): an A/B form of
+// the mma.sync wide kernel that launch_gemv takes where DSV4_FFI_GEMV_WIDE=wgmma (read at every launch) and
+// gemv_wgmma_wide_takes (SM90, K a multiple of 128, at most 8 K splits of <= 2048 (32 rows) / 4096 (16 rows)).
+bool gemv_wide_wgmma_requested();
+bool gemv_wgmma_wide_takes(const GemvArgs& p);
+cudaError_t launch_gemv_wgmma_wide(const GemvArgs& p, cudaStream_t stream);
 // Whether the dense fp8_linear at M <= kGemvMaxM fuses its activation quantisation into the GEMV (default), or
 // launches it separately first (DSV4_FFI_GEMV_QUANT=separate, or DSV4_FFI_GEMV=cuda); read at every launch.
 bool gemv_fuses_quant();

@@ -199,10 +199,14 @@ __global__ void __launch_bounds__(kHcThreads) hc_pre_finish_kernel(const HcPreAr
 
 // 2'. (with the sublayer's RMSNorm, a.norm_w set) a cluster of blocks per row (block y of the cluster: 1024 output
 //    values, a pair per thread): the row's split, the collapse rounded to bf16 (the reference's x), then RMSNorm over
-//    the row: each block sums its squares (fixed tree), the blocks read one another's sums through distributed shared
-//    memory in rank order (every block the same total), x * rsqrt(mean + eps), the weight multiplied in fp32 before
-//    the cast (nn.rms_norm). The norm's two XLA fusions per sublayer become part of this launch; the row stays spread
-//    over several SMs (one block for the whole row was 8.5 us a call on an H200, 2.4 more than without the norm).
+//    the row: each block sums its squares (fixed tree) and writes that sum into every block's shared memory
+//    (distributed shared memory, slot = its rank), one cluster barrier, then each block adds the slots in rank order
+//    (every block the same total): x * rsqrt(mean + eps), the weight multiplied in fp32 before the cast
+//    (nn.rms_norm). The norm's two XLA fusions per sublayer become part of this launch; the row stays spread over
+//    several SMs (one block for the whole row was 8.5 us a call on an H200, 2.4 more than without the norm; the
+//    blocks reading one another's sums, two barriers after the work, 7.7). Pushing the sums leaves one barrier after
+//    the work: the other (the peers have started, so their shared memory may be written) is armed at the kernel's
+//    start and waited for only before the push.
 constexpr int kHcNormThreads = 512, kHcNormMaxBlocks = 8;  // 8: the portable cluster size
 constexpr int kHcNormValues = 2 * kHcNormThreads;          // per block
 
@@ -211,13 +215,14 @@ __global__ void __launch_bounds__(kHcNormThreads) hc_pre_finish_norm_kernel(cons
   constexpr int M = (2 + N) * N, kWarps = kHcNormThreads / 32;
   namespace cg = cooperative_groups;
   const cg::cluster_group cluster = cg::this_cluster();
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");  // (waited for before the push)
   const int64_t r = blockIdx.x, k = int64_t(N) * a.d;
   const int64_t layer = a.layer ? a.layer[0] : 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ float mix[M + 1];
   __shared__ float pre_s[N];
   __shared__ float red[kWarps];
-  __shared__ float block_ss;
+  __shared__ float sums[kHcNormMaxBlocks];  // slot j: block j's sum of squares
   const int64_t e = blockIdx.y * int64_t(kHcNormValues) + 2 * threadIdx.x;
   float2 v[N];
   stream_pairs<N>(a, r * k, e, v);
@@ -229,16 +234,17 @@ __global__ void __launch_bounds__(kHcNormThreads) hc_pre_finish_norm_kernel(cons
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(kFull, ss, o);
   if (lane == 0) red[warp] = ss;
   __syncthreads();
-  if (threadIdx.x == 0) {
+  const unsigned blocks = cluster.num_blocks(), rank = cluster.block_rank();
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every peer has started
+  if (threadIdx.x < blocks) {  // thread j pushes this block's sum to block j (each the same sum, in warp order)
     float b = red[0];
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) b += red[w];
-    block_ss = b;
+    *cluster.map_shared_rank(&sums[rank], threadIdx.x) = b;
   }
-  cluster.sync();  // every block's sum written
+  cluster.sync();  // release / acquire: every block's pushes visible in every block
   ss = 0.f;
-  for (unsigned rank = 0; rank < cluster.num_blocks(); ++rank) ss += *cluster.map_shared_rank(&block_ss, rank);
-  cluster.sync();  // every block done reading the others' shared memory before any exits
+  for (unsigned j = 0; j < blocks; ++j) ss += sums[j];
   if (e >= a.d) return;
   const float rs = rsqrtf(ss / float(a.d) + a.x_norm_eps);
   const __nv_bfloat16* wn = a.norm_w + (a.norm_layers > 1 ? layer : 0) * a.d;

@@ -36,4 +36,26 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_byte_addr) {
          (1ull << 62);
 }
 
+// Four 8 x 8 b16 matrices from shared memory (lanes 8i..8i+7 give matrix i's row addresses): lane l receives word
+// l % 4 of row l / 4 of matrix i in r[i]. With 16-byte e4m3 rows: a wgmma A fragment's four registers.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t r[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// d (+)= A . B for one k32 step: A = the lane's 4 registers, B through the shared-memory descriptor (8 columns).
+__device__ __forceinline__ void wgmma_m64n8k32(float d[4], const uint32_t a[4], uint64_t desc, int accumulate) {
+  DSV4_WGMMA(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+}
+
+// Shared-memory descriptor of a K-major 8 x 32 B tile made of two 128-byte core matrices 128 bytes apart (both the
+// leading and the stride byte offset are set to 128: with 8 columns only the K direction has a second core matrix).
+__device__ __forceinline__ uint64_t wg_desc(uint32_t smem_byte_addr) { return wgmma_desc(smem_byte_addr, 128, 128); }
+
 }  // namespace dsv4ffi
