@@ -48,8 +48,6 @@ def _supports(q_bthd, pos_bt, inv_freq, *, eps: float, quant_sim: bool = True) -
     return None
 
 
-# Written and compiled; its GPU tests (tests/test_q_heads_gpu.py) have not run on a GPU yet: "auto" needs
-# DSV4_JAX_ENABLE_KERNELS=q_heads.
 q_heads = registry.register(
-    "q_heads", reference=_reference, kernel="dsv4_jax.kernels.q_heads:q_heads", supports=_supports, validated=False
+    "q_heads", reference=_reference, kernel="dsv4_jax.kernels.q_heads:q_heads", supports=_supports
 )

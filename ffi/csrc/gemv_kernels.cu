@@ -567,7 +567,6 @@ cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream) {
   if (ksplit > warps) ksplit = warps;
   if (wide) {  // e4m3 rows, no rows map
     if (p.x_bf16 != nullptr || p.rows_map != nullptr) return cudaErrorInvalidValue;
-    if (gemv_wide_wgmma_requested() && gemv_wgmma_wide_takes(p)) return launch_gemv_wgmma_wide(p, stream);
     const int64_t cols_per_block = static_cast<int64_t>(warps / ksplit) * kMmaRows;
     const int64_t segs = (p.out_rows + p.tokens_per_block - 1) / p.tokens_per_block;
     const dim3 grid(grid_columns(p, cols_per_block), static_cast<unsigned>(p.b2 != nullptr ? 2 * segs : segs));

@@ -290,12 +290,6 @@ struct GemvArgs {
   float* sfa_out = nullptr;
 };
 cudaError_t launch_gemv(const GemvArgs& p, cudaStream_t stream);
-// The wide GEMV (tokens_per_block 16 or 32, e4m3 rows, no rows map) on wgmma (gemv_wgmma_kernels.cu): an A/B form of
-// the mma.sync wide kernel that launch_gemv takes where DSV4_FFI_GEMV_WIDE=wgmma (read at every launch) and
-// gemv_wgmma_wide_takes (SM90, K a multiple of 128, at most 8 K splits of <= 2048 (32 rows) / 4096 (16 rows)).
-bool gemv_wide_wgmma_requested();
-bool gemv_wgmma_wide_takes(const GemvArgs& p);
-cudaError_t launch_gemv_wgmma_wide(const GemvArgs& p, cudaStream_t stream);
 // Whether the dense fp8_linear at M <= kGemvMaxM fuses its activation quantisation into the GEMV (default), or
 // launches it separately first (DSV4_FFI_GEMV_QUANT=separate, or DSV4_FFI_GEMV=cuda); read at every launch.
 bool gemv_fuses_quant();
