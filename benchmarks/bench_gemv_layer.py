@@ -57,7 +57,13 @@ def main():
     ap.add_argument("--rows", default="1,8,16,32,64")
     ap.add_argument("--markdown", default="")
     ap.add_argument("--ksplits", default="", help="also time the wide route with DSV4_FFI_GEMV_KSPLIT at these values")
+    ap.add_argument("--dense", action="store_true",
+                    help="also time DeepGEMM's dense GEMM (`ffi_ops.fp8_linear`) beyond 8 rows on each layer as its "
+                         "own array (no slice copy): what a GEMM reading the stack in place would cost")  # fmt: skip
+    ap.add_argument("--shapes", default="", help="only these N x K, e.g. 32768x1024,4096x8192 (default: every one)")
+    ap.add_argument("--no-wo-a", action="store_true", help="skip the grouped wo_a")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else DECODE_LINEARS
     rows_list = [int(r) for r in args.rows.split(",")]
     if ffi_ops.load()[0] is None:  # registers the extension's handlers
         raise SystemExit(ffi_ops.load()[1])
@@ -75,7 +81,7 @@ def main():
         print(lines[-1], flush=True)
 
     key = jax.random.key(0)
-    for n, k in DECODE_LINEARS:
+    for n, k in shapes:
         w, s = random_stack(jax.random.fold_in(key, n + k), n, k)
         for m in rows_list:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -86,10 +92,16 @@ def main():
                 for ks in args.ksplits.split(",") if route == "wide" and args.ksplits else ():
                     t = time_under({**env, "DSV4_FFI_GEMV_KSPLIT": ks}, ffi_ops.fp8_gemv_layer, x, w, s)
                     row(f"{n} x {k}", m, f"wide, K split {ks}", t, n * k)
+            block_m = ffi_ops.dense_block_m(m)
+            if args.dense and m > ffi_ops.GEMV_MAX_M and ffi_ops.instantiated("dense", n, k, 1, block_m):
+                layers = [(w[i], s[i]) for i in range(LAYERS)]  # separate arrays: each call streams its own
+                dense = jax.jit(lambda x, ls: [ffi_ops.fp8_linear(x, wi, si) for wi, si in ls])
+                t = device_us(dense, x, layers) * 1e-6 / LAYERS
+                row(f"{n} x {k}", m, "DeepGEMM dense", t, n * k)
         del w, s
     g, rpg, k = WO_A
     w, s = random_stack(jax.random.fold_in(key, 7), g * rpg, k)
-    for m in rows_list:
+    for m in [] if args.no_wo_a else rows_list:
         x = jax.random.normal(jax.random.fold_in(key, m), (m, g, k), jnp.float32).astype(jnp.bfloat16)
         for impl in ("mma", "cuda"):
             if m > (ffi_ops.DEQUANT_GEMV_MAX_M if impl == "mma" else ffi_ops.DEQUANT_GEMV_CUDA_MAX_M):
