@@ -1,6 +1,7 @@
 """A stacked layer's decode-size linears on the GPU, per Flash shape: the dense FP8 layer GEMV
-(`ffi_ops.fp8_gemv_layer`) at 1..64 rows, beyond 8 rows on both routes (`DSV4_FFI_GEMV_LAYER`: "wide", quantised once
-then passes of 16 or 32 rows; "passes", the fused GEMV per 8 rows), and the grouped `wo_a` (`ffi_ops.dequant_bf16_gemv`,
+(`ffi_ops.fp8_gemv_layer`) at 1..64 rows, beyond 8 rows on every route (`DSV4_FFI_GEMV_LAYER`: "gemm", quantised
+once then DeepGEMM's GEMM on the layer in place; "wide", quantised once then passes of 16 or 32 rows; "passes", the
+fused GEMV per 8 rows), and the grouped `wo_a` (`ffi_ops.dequant_bf16_gemv`,
 `DSV4_FFI_DEQUANT_GEMV`: the tensor-core kernel up to 32 rows, the CUDA-core one up to 8). Microseconds per call and
 the share of the copy bandwidth (measured in the same process) on the weight bytes.
 

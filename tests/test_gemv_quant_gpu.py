@@ -1,13 +1,16 @@
 """GPU tests of the dense FP8 linear's fused activation quantisation at decode sizes (M <= 8): the GEMV reads the
 bf16 rows and quantises them per 1x128 itself (`dsv4_fp8_linear_fused`, one launch) instead of our quantisation
 kernel followed by the GEMV (`dsv4_fp8_linear_separate`, two launches); and of a stacked layer's GEMV
-(`dsv4_fp8_gemv_layer`), whose 9..64 rows take the wide GEMV after one quantisation or the fused GEMV in passes of 8,
-and of two such layer weights in one launch (`dsv4_fp8_gemv_layer_pair`).
+(`dsv4_fp8_gemv_layer`), whose 9..64 rows take DeepGEMM's GEMM on the layer in place ("gemm") or the wide GEMV after
+one quantisation or the fused GEMV in passes of 8, and of two such layer weights in one launch
+(`dsv4_fp8_gemv_layer_pair`).
 Run on the device: `pytest -m gpu tests/test_gemv_quant_gpu.py`.
 
 Bounds: none. The two paths must agree bit for bit (the same e4m3 operands and power-of-two scales reach the same
-mma sequence), and the e4m3 activations and scales `dsv4_fp8_linear` returns must equal `quant.act_quant` in either
-path. Every call gets poisoned output buffers (`poison()`: 0xFF is NaN in bf16, f32 and e4m3), so an element either
+mma sequence; the in-place layer GEMM and DeepGEMM's dense GEMM on the layer's slice share their tile and block
+configuration, only the scheduler's layout differs), and the e4m3 activations and scales `dsv4_fp8_linear` returns
+must equal `quant.act_quant` in either path. Every call gets poisoned output buffers (`poison()`: 0xFF is NaN in
+bf16, f32 and e4m3), so an element either
 path fails to write shows up.
 """
 
@@ -160,6 +163,72 @@ def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m, route, monkeypatch):
         assert (got != 0).mean() > 0.99
 
 
+@pytest.mark.parametrize("n,k", [(1024, 4096), (32768, 1024), (4096, 8192), (512, 4096), (8192, 1024), (512, 256)])
+@pytest.mark.parametrize("m", [9, 17, 24, 33, 64])
+def test_gemv_layer_gemm_route_matches_dense_gemm_on_the_slice(ffi, n, k, m, monkeypatch):
+    """The "gemm" route (DeepGEMM's contiguous-psum GEMM, G = 64, reading layer `layer` of the stack in place; the
+    psum layout written by the quantisation launch) against `fp8_linear` (our quantisation + DeepGEMM's dense GEMM)
+    on the layer's slice: bit-identical, for every layer of a 3-layer stack (the first and the last groups included)
+    and an index past the end (clamped, as XLA clamps it); rows not a multiple of the 64-row block."""
+    monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "gemm")
+    if not ffi.layer_gemm_instantiated(n, k, 3):
+        pytest.fail(f"no layer GEMM instantiated for N={n} K={k} (a Flash or tiny linear: gen_instantiations.py)")
+    keys = jax.random.split(jax.random.key(m * 5 + n + k), 2)
+    x = rand_bf16(keys[0], (m, k))
+    w, s = rand_fp8_weight(keys[1], (3, n, k))
+    f = jax.jit(lambda *a: ffi.fp8_gemv_layer(*a))
+    assert "tensor<64xi32>" in f.lower(x, w, s, jnp.int32(1)).as_text()
+    dense = jax.jit(ffi.fp8_linear)
+    for layer in (0, 1, 2, 5):
+        poison()
+        got = np.asarray(f(x, w, s, jnp.int32(layer))).view(np.uint16)
+        poison()
+        want = np.asarray(dense(x, w[min(layer, 2)], s[min(layer, 2)])).view(np.uint16)
+        np.testing.assert_array_equal(got, want, err_msg=f"layer {layer}")
+        assert (got != 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("n1,n2,k", [(32768, 8192, 1024), (1024, 512, 4096), (2048, 2048, 4096)])
+def test_gemv_layer_pair_gemm_route_matches_two_calls(ffi, n1, n2, k, monkeypatch):
+    """The pair on the "gemm" route (one quantisation, two in-place GEMMs) against two single calls: bit-identical."""
+    monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "gemm")
+    keys = jax.random.split(jax.random.key(n1 + n2 + k), 3)
+    x = rand_bf16(keys[0], (32, k))
+    w1, s1 = rand_fp8_weight(keys[1], (3, n1, k))
+    w2, s2 = rand_fp8_weight(keys[2], (3, n2, k))
+    pair, one = jax.jit(lambda *a: ffi.fp8_gemv_layer_pair(*a)), jax.jit(lambda *a: ffi.fp8_gemv_layer(*a))
+    poison()
+    y1, y2 = (np.asarray(y).view(np.uint16) for y in pair(x, w1, s1, w2, s2, jnp.int32(2)))
+    for got, w, s in ((y1, w1, s1), (y2, w2, s2)):
+        poison()
+        np.testing.assert_array_equal(got, np.asarray(one(x, w, s, jnp.int32(2))).view(np.uint16))
+
+
+def test_gemv_layer_gemm_route_refuses_what_it_cannot_take(ffi, monkeypatch):
+    """The gemm route names what it cannot take: a stack of more than 64 layers (the wrapper and the handler), a psum
+    workspace of the wrong size, a shape without its instantiation."""
+    monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "gemm")
+    x = jnp.ones((24, 256), jnp.bfloat16)
+    w, s = rand_fp8_weight(jax.random.key(0), (65, 512, 256))
+    with pytest.raises(ValueError, match="a stack of 65 layers"):
+        ffi.fp8_gemv_layer(x, w, s, jnp.int32(0))
+    w, s = rand_fp8_weight(jax.random.key(1), (2, 512, 256))
+
+    def call(w, s, psum):
+        return jax.ffi.ffi_call(
+            "dsv4_fp8_gemv_layer",
+            (jax.ShapeDtypeStruct((24, w.shape[1]), jnp.bfloat16), jax.ShapeDtypeStruct((24, 256), jnp.float8_e4m3fn),
+             jax.ShapeDtypeStruct((2, 24), jnp.float32), jax.ShapeDtypeStruct((psum,), jnp.int32)),
+        )(x, w, ffi.sm90_weight_scales(s), jnp.zeros((1,), jnp.int32))[0].block_until_ready()  # fmt: skip
+
+    call(w, s, 64)  # well formed: runs
+    with pytest.raises(Exception, match=r"psum \[64\]"):
+        call(w, s, 32)
+    w2, s2 = rand_fp8_weight(jax.random.key(2), (2, 520, 256))
+    with pytest.raises(Exception, match="no AOT instantiation for contig N=520"):
+        call(w2, s2, 64)
+
+
 def test_gemv_layer_wide_route_refuses_bad_workspaces(ffi):
     """The wide route's workspace is checked by the handler: an e4m3 `[R, K]` q and a scale pitch of >= R, a
     multiple of 4; too few layer indices for its passes of 32 rows are refused with the tensor named."""
@@ -170,7 +239,7 @@ def test_gemv_layer_wide_route_refuses_bad_workspaces(ffi):
         return jax.ffi.ffi_call(
             "dsv4_fp8_gemv_layer",
             (jax.ShapeDtypeStruct((24, 256), jnp.bfloat16), jax.ShapeDtypeStruct(q_shape, jnp.float8_e4m3fn),
-             jax.ShapeDtypeStruct(sfa_shape, jnp.float32)),
+             jax.ShapeDtypeStruct(sfa_shape, jnp.float32), jax.ShapeDtypeStruct((0,), jnp.int32)),
         )(x, w, ffi.sm90_weight_scales(s), jnp.zeros((passes,), jnp.int32))[0].block_until_ready()  # fmt: skip
 
     call((24, 256), (2, 24), 1)  # well formed: runs
@@ -218,7 +287,8 @@ def test_gemv_layer_pair_refuses_mismatched_stacks(ffi):
     def call(x, w2, s2):
         out = (jax.ShapeDtypeStruct((x.shape[0], 256), jnp.bfloat16),
                jax.ShapeDtypeStruct((x.shape[0], w2.shape[1]), jnp.bfloat16),
-               jax.ShapeDtypeStruct((0,), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((0,), jnp.float32))  # fmt: skip
+               jax.ShapeDtypeStruct((0,), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((0,), jnp.float32),
+               jax.ShapeDtypeStruct((0,), jnp.int32))  # fmt: skip
         return jax.ffi.ffi_call("dsv4_fp8_gemv_layer_pair", out)(
             x, w, ffi.sm90_weight_scales(s), w2, ffi.sm90_weight_scales(s2), jnp.zeros((1,), jnp.int32)
         )[0].block_until_ready()
@@ -234,9 +304,9 @@ def test_gemv_layer_pair_refuses_mismatched_stacks(ffi):
 
 @pytest.mark.parametrize("knob,kernel", [("8", "dsv4_fp8_linear"), (None, "dsv4_fp8_gemv_layer")])
 def test_layer_gemv_rows_knob(ffi, monkeypatch, knob, kernel):
-    """`DSV4_FFI_LAYER_GEMV_MAX_M`: a stacked layer's 24 rows go to the layer GEMV (one pass of 32 rows, no slice) by
-    default (32) and to DeepGEMM on the layer's slice with the knob at 8; both within the GEMV's own result's bf16
-    rounding of each other (the same FP8 operands, fp32 sums in another order; atol: where the products cancel)."""
+    """`DSV4_FFI_LAYER_GEMV_MAX_M`: a stacked layer's 24 rows go to the layer op (no slice) by default and to
+    DeepGEMM on the layer's slice with the knob at 8; both within the GEMV's own result's bf16 rounding of each other
+    (the same FP8 operands, fp32 sums in another order; atol: where the products cancel)."""
     from dsv4_jax import ops
     from dsv4_jax.layer_view import LayerSlice
 

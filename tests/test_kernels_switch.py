@@ -404,13 +404,16 @@ def test_indexer_topk_sort_route_equals_the_reference():
 
 @pytest.mark.parametrize(
     "rows,route,passes", [(1, None, 1), (8, None, 1), (9, None, 1), (16, None, 1), (24, None, 1), (33, None, 2),
-                          (64, None, 2), (24, "passes", 3), (64, "passes", 8), (24, "wide", 1)]
+                          (64, None, 2), (24, "passes", 3), (64, "passes", 8), (24, "wide", 1), (24, "gemm", 1),
+                          (64, "gemm", 1), (1, "gemm", 1)]
 )  # fmt: skip
 def test_gemv_layer_routes_lower_with_their_workspace(monkeypatch, rows, route, passes):
     """`fp8_gemv_layer`'s route is fixed when the program is traced: up to 8 rows the fused one-launch GEMV (empty
-    workspace), beyond that by default the quantise-once route (an e4m3 [R, K] workspace and its scales [K/128,
-    align(R, 4)]; one layer index per pass of 16 or 32 rows), or with DSV4_FFI_GEMV_LAYER=passes the fused GEMV in
-    passes of 8 rows. Lowering only; an unknown route is refused by name."""
+    workspaces), beyond that the quantise-once routes (an e4m3 [R, K] workspace and its scales [K/128, align(R, 4)]):
+    the wide GEMV (one layer index per pass of 16 or 32 rows; the default without the extension's layer GEMMs, as
+    here) or the in-place GEMM (DSV4_FFI_GEMV_LAYER=gemm: one layer index and a [64] int32 psum workspace), or with
+    DSV4_FFI_GEMV_LAYER=passes the fused GEMV in passes of 8 rows. Lowering only; an unknown route is refused by
+    name."""
     from dsv4_jax.kernels import ffi_ops
 
     if route is None:
@@ -425,6 +428,7 @@ def test_gemv_layer_routes_lower_with_their_workspace(monkeypatch, rows, route, 
     assert f"tensor<{passes}xi32>" in line, line
     assert (f"tensor<{rows}x256xf8E4M3FN>" in line) == wide, line
     assert (f"tensor<2x{-(-rows // 4) * 4}xf32>" in line) == wide, line
+    assert ("tensor<64xi32>" in line) == (rows > 8 and route == "gemm"), line
     monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "fast")
     with pytest.raises(ValueError, match="DSV4_FFI_GEMV_LAYER='fast'"):
         jax.jit(lambda *a: ffi_ops.fp8_gemv_layer(*a)).lower(jax.ShapeDtypeStruct((9, 256), jnp.bfloat16), *args[1:])

@@ -396,25 +396,41 @@ def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
 
 # Rows `fp8_gemv_layer` takes (the extension's kGemvLayerMaxM).
 GEMV_LAYER_MAX_M = 64
-# How `fp8_gemv_layer` runs 9..64 rows ("wide": quantised once, then passes of 16 or 32 rows; "passes": the fused
-# one-launch GEMV in passes of 8 rows, each re-quantising its rows per weight tile). `DSV4_FFI_GEMV_LAYER`, read
-# when the program is traced; up to 8 rows always take the fused one-launch GEMV.
-GEMV_LAYER_ROUTES = ("wide", "passes")
+# How `fp8_gemv_layer` runs 9..64 rows. "gemm": quantised once, then DeepGEMM's contiguous-psum GEMM reading the
+# layer of the stack in place (the extension's layer GEMMs: G = LAYER_GROUPS, BLOCK_M 64); "wide": quantised once,
+# then our GEMV in passes of 16 or 32 rows; "passes": the fused one-launch GEMV in passes of 8 rows, each
+# re-quantising its rows per weight tile. Default: "gemm" beyond LAYER_GEMM_MIN_ROWS rows where every weight of the
+# call has its instantiation and the stack at most LAYER_GROUPS layers, else "wide" (one H200: at 32 rows the GEMM
+# is faster on every Flash shape, at 16 on the large ones only; BENCHMARKS.md, seventeenth session).
+# `DSV4_FFI_GEMV_LAYER` (read when the program is traced) fixes one; up to 8 rows always take the fused GEMV.
+GEMV_LAYER_ROUTES = ("gemm", "wide", "passes")
+LAYER_GROUPS = 64  # the extension's kLayerGroups
+LAYER_GEMM_BLOCK_M = 64
+LAYER_GEMM_MIN_ROWS = 17
 
 
-def gemv_layer_route(rows: int) -> str:
-    """The route `fp8_gemv_layer` takes for `rows` rows ("fused" up to GEMV_MAX_M, else one of GEMV_LAYER_ROUTES)."""
+def layer_gemm_instantiated(n: int, k: int, layers: int) -> bool:
+    """Whether the extension has the layer GEMM for an `[layers, n, k]` stack."""
+    return layers <= LAYER_GROUPS and instantiated("contig", n, k, LAYER_GROUPS, LAYER_GEMM_BLOCK_M)
+
+
+def gemv_layer_route(rows: int, weights=()) -> str:
+    """The route `fp8_gemv_layer` takes for `rows` rows against the stacks `weights` ((w, s), ...): "fused" up to
+    GEMV_MAX_M, else one of GEMV_LAYER_ROUTES."""
     if rows <= GEMV_MAX_M:
         return "fused"
-    v = os.environ.get("DSV4_FFI_GEMV_LAYER", "wide")
-    if v not in GEMV_LAYER_ROUTES:
+    v = os.environ.get("DSV4_FFI_GEMV_LAYER")
+    if v is not None and v not in GEMV_LAYER_ROUTES:
         raise ValueError(f"DSV4_FFI_GEMV_LAYER={v!r} is not one of {GEMV_LAYER_ROUTES}")
-    return v
+    if v is not None:
+        return v
+    gemm = rows >= LAYER_GEMM_MIN_ROWS and all(layer_gemm_instantiated(*w.shape[-2:], w.shape[0]) for w, _ in weights)
+    return "gemm" if gemm and weights else "wide"
 
 
 def _gemv_layer_call(target: str, x: jax.Array, weights, layer) -> tuple:
     """The outputs `[R, N]` of `target` (`dsv4_fp8_gemv_layer` or its pair) for bf16 rows x against the layer stacks
-    `weights` ((w, s), ...), by the route `gemv_layer_route(R)` picks (the workspace selects it)."""
+    `weights` ((w, s), ...), by the route `gemv_layer_route` picks (the workspaces select it)."""
     r, k = x.shape
     if r > GEMV_LAYER_MAX_M:
         raise ValueError(f"{target[5:]}: {r} rows, at most {GEMV_LAYER_MAX_M}")
@@ -422,17 +438,21 @@ def _gemv_layer_call(target: str, x: jax.Array, weights, layer) -> tuple:
         if w.ndim != 3 or w.shape[0] != weights[0][0].shape[0] or w.shape[-1] != k:
             raise ValueError(f"{target[5:]}: weights {[w.shape for w, _ in weights]} for rows {x.shape}: each must be "
                              "an [L, N, K] stack of one L and the rows' K")  # fmt: skip
-    route = gemv_layer_route(r)
-    per_pass = {"fused": GEMV_MAX_M, "passes": GEMV_MAX_M, "wide": 16 if r <= 16 else 32}[route]
+    route = gemv_layer_route(r, weights)
+    if route == "gemm" and weights[0][0].shape[0] > LAYER_GROUPS:
+        raise ValueError(f"{target[5:]}: a stack of {weights[0][0].shape[0]} layers; the gemm route takes at most "
+                         f"{LAYER_GROUPS}")  # fmt: skip
+    per_pass = {"fused": GEMV_MAX_M, "passes": GEMV_MAX_M, "wide": 16 if r <= 16 else 32, "gemm": r}[route]
     passes = -(-r // per_pass)
     layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
-    wide = route == "wide"
+    quantised = route in ("wide", "gemm")
     outs = jax.ffi.ffi_call(
         target,
         (
             *(jax.ShapeDtypeStruct((r, w.shape[-2]), BF16) for w, _ in weights),
-            jax.ShapeDtypeStruct((r, k) if wide else (0,), E4M3),  # the workspace: empty selects the fused GEMV
-            jax.ShapeDtypeStruct((k // 128, _round_up(r, 4)) if wide else (0,), F32),
+            jax.ShapeDtypeStruct((r, k) if quantised else (0,), E4M3),  # empty selects the fused GEMV
+            jax.ShapeDtypeStruct((k // 128, _round_up(r, 4)) if quantised else (0,), F32),
+            jax.ShapeDtypeStruct((LAYER_GROUPS,) if route == "gemm" else (0,), jnp.int32),  # the psum layout
         ),
     )(x.astype(BF16), *(a for w, s in weights for a in (w, sm90_weight_scales(s))), layer)
     return tuple(outs[: len(weights)])
@@ -442,8 +462,10 @@ def fp8_gemv_layer(x: jax.Array, w: jax.Array, s: jax.Array, layer) -> jax.Array
     """bf16 `[R, K]` (R <= 64) x layer `layer` (an int32 scalar, read on the device) of an FP8 weight stack e4m3
     `[L, N, K]` with f32 (or UE8M0) scales `[L, N/128, K/128]` -> bf16 `[R, N]`, quant_sim numerics, bit-identical to
     `act_quant_rows` then `fp8_gemv`. Up to 8 rows: one launch, the rows quantised inside the GEMV. More rows
-    (`gemv_layer_route`): "wide", our quantisation kernel into a workspace, then one pass over the weights per 32 rows
-    (16 when R <= 16); "passes", the one-launch GEMV in passes of 8 rows. The layer index is passed once per pass."""
+    (`gemv_layer_route`): "gemm", our quantisation kernel into a workspace, then DeepGEMM's GEMM on the layer in place
+    (bit-identical to `fp8_linear` on the layer's slice instead); "wide", the same quantisation, then one pass of our
+    GEMV per 32 rows (16 when R <= 16); "passes", the one-launch GEMV in passes of 8 rows. The layer index is passed
+    once per pass."""
     return _gemv_layer_call("dsv4_fp8_gemv_layer", x, ((w, s),), layer)[0]
 
 

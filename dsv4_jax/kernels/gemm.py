@@ -4,11 +4,14 @@ or our quantisation + DeepGEMM's SM90 GEMM.
 A weight that is one layer of a stack (`LayerSlice`, inside the layer scan) goes to the GEMV as the whole stack with
 the layer as its weight group, so no step copies it; the DeepGEMM GEMMs (M > 8: prefill, large batches) take the
 layer's slice, which XLA materialises (a copy of the weight per call; acceptable where thousands of rows amortise it).
-Between the two, a stacked layer's M <= 32 rows go to the layer GEMV instead (`ffi_ops.fp8_gemv_layer`: quantised
-once, then one pass of up to 32 rows over the weights): no slice copy. Six full-width Flash layers at batch 32 on an
-H200 (then in passes of 8 rows): 12.34 ms per decode step against 12.70 / 12.72 ms with DeepGEMM on the slices
-(BENCHMARKS.md). `DSV4_FFI_LAYER_GEMV_MAX_M` (8 to 64, read at trace
-time) moves the bound; 8 turns it off.
+Between the two, a stacked layer's M <= 64 rows go to the layer op instead (`ffi_ops.fp8_gemv_layer`): no slice copy.
+Its rows are quantised once, then beyond 16 rows DeepGEMM's contiguous-psum GEMM reads the layer in place (the
+extension's layer GEMMs, G = 64: every row in group `layer`), else our GEMV takes one pass of 16 rows over the
+weights. At 32 rows on an H200 the in-place GEMM took 6.5-21.2 us per Flash shape where the GEMV took 11.6-38.5
+(BENCHMARKS.md, seventeenth session). Where the layer GEMM is not instantiated the GEMV takes up to 32 rows
+(`LAYER_GEMV_DEFAULT_M`: six Flash layers at batch 32, then in passes of 8 rows, 12.34 ms per decode step against
+12.70 / 12.72 ms with DeepGEMM on the slices). `DSV4_FFI_LAYER_GEMV_MAX_M` (8 to 64, read at trace time) moves the
+bound; 8 turns the layer op off beyond the fused GEMV.
 
 Two weights of a layer that one input feeds (`fp8_linear_pair`) share one launch of the layer GEMV (and one
 quantisation of the rows beyond 8; `ffi_ops.fp8_gemv_layer_pair`): at batch 1 the small ones cost a launch's latency,
@@ -28,7 +31,7 @@ from dsv4_jax.layer_view import LayerSlice, materialize, stacks_and_index
 
 __all__ = ["fp8_linear", "fp8_linear_pair", "fp8_linear_unsupported"]
 
-LAYER_GEMV_DEFAULT_M = 32  # measured: see the module doc
+LAYER_GEMV_DEFAULT_M = 32  # without the layer GEMM; measured: see the module doc
 
 
 def _fused_quant() -> bool:
@@ -38,17 +41,23 @@ def _fused_quant() -> bool:
     return os.environ.get("DSV4_FFI_GEMV_QUANT") != "separate" and os.environ.get("DSV4_FFI_GEMV") != "cuda"
 
 
-def _layer_gemv_max_m() -> int:
-    """Rows up to which a stacked layer's weight goes to the GEMV (`DSV4_FFI_LAYER_GEMV_MAX_M`, default
-    `LAYER_GEMV_DEFAULT_M`, clamped to [GEMV_MAX_M, GEMV_LAYER_MAX_M])."""
+def _layer_gemv_max_m(w: LayerSlice) -> int:
+    """Rows up to which a stacked layer's weight goes to the layer op (`DSV4_FFI_LAYER_GEMV_MAX_M`; default
+    GEMV_LAYER_MAX_M where its layer GEMM is instantiated, else `LAYER_GEMV_DEFAULT_M`), clamped to [GEMV_MAX_M,
+    GEMV_LAYER_MAX_M]."""
     v = os.environ.get("DSV4_FFI_LAYER_GEMV_MAX_M")
-    m = int(v) if v and v.isdigit() else LAYER_GEMV_DEFAULT_M
+    if v and v.isdigit():
+        m = int(v)
+    elif ffi_ops.layer_gemm_instantiated(*w.shape, w.stack.shape[0]):
+        m = ffi_ops.GEMV_LAYER_MAX_M
+    else:
+        m = LAYER_GEMV_DEFAULT_M
     return min(max(m, ffi_ops.GEMV_MAX_M), ffi_ops.GEMV_LAYER_MAX_M)
 
 
 def _to_layer_gemv(w, m: int) -> bool:
-    """Whether `m` rows against `w` go to the fused layer GEMV (a stacked weight, up to `_layer_gemv_max_m` rows)."""
-    return isinstance(w, LayerSlice) and m <= _layer_gemv_max_m() and _fused_quant()
+    """Whether `m` rows against `w` go to the layer op (a stacked weight, up to `_layer_gemv_max_m` rows)."""
+    return isinstance(w, LayerSlice) and _fused_quant() and m <= _layer_gemv_max_m(w)
 
 
 def fp8_linear_unsupported(x, w, s) -> str | None:

@@ -67,8 +67,9 @@ std::string launch_gemm(const GemmEntry& e, const GemmArgs& a, cudaStream_t stre
   if (!(err = make_tma_2d(&ta, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.a, e.k, a.a_rows, e.k, 128, e.block_m, 128, "A"))
            .empty())
     return err;
-  if (!(err = make_tma_2d(&tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.b, e.k, uint64_t(e.n) * e.g, e.k, 128, e.block_n, 128,
-                          "B")).empty())
+  const uint64_t b_groups = a.b_groups != 0 ? a.b_groups : e.g;
+  if (!(err = make_tma_2d(&tb, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.b, e.k, uint64_t(e.n) * b_groups, e.k, 128, e.block_n,
+                          128, "B")).empty())
     return err;
   if (!(err = make_tma_2d(&td, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, a.d, e.n, a.a_rows, uint64_t(e.n) * 2, d_box_n,
                           e.block_m, swz_d, "D")).empty())

@@ -297,14 +297,22 @@ ffi::Error gemv_args(const std::string& op, const ffi::AnyBuffer& a, const ffi::
 //   * q empty (R <= 8 rows, or DSV4_FFI_GEMV_LAYER=passes): one launch, the bf16 rows quantised inside the GEMV (as
 //     the dense fp8_linear's fused path); rows beyond 8 form segments of 8, one pass over the weights each;
 //   * q [R, K] e4m3 and sfa [K/128, >= R] (9..64 rows): the rows quantised once into the workspace, then the wide
-//     GEMV: segments of 16 or 32 rows, one pass each (at most two passes).
-// `layer` holds the index once per segment: it is the group map. With b2 (dsv4_fp8_gemv_layer_pair) a second stack
-// of the same layer count and K, any N, is applied to the same rows in the same launch (the rows quantised once):
-// each output bit-identical to its own call.
+//     GEMV: segments of 16 or 32 rows, one pass each (at most two passes);
+//   * the same and psum [kLayerGroups] int32 (the "gemm" route, 9..64 rows): the rows quantised once (the launch also
+//     writes the psum layout that puts every row in group `layer`), then DeepGEMM's contiguous-psum GEMM with
+//     G = kLayerGroups per weight, which reads the layer of the stack in place (the contig_*_g64_bm64 instantiations).
+//     Why: at 32 rows the wide GEMV holds one block of 234 registers per SM and streams 15-35% of copy bandwidth;
+//     the GEMM 27-58% on the same shapes (BENCHMARKS.md, seventeenth session). Its numerics are the dense FP8 GEMM's
+//     (fp8_linear beyond 8 rows), not the GEMV's.
+// `layer` holds the index once per segment (once on the gemm route): it is the group map. With b2
+// (dsv4_fp8_gemv_layer_pair) a second stack of the same layer count and K, any N, is applied to the same rows in the
+// same launch (the rows quantised once; two GEMM launches on the gemm route): each output bit-identical to its own
+// call.
 ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ffi::BF16>& x, ffi::AnyBuffer& b,
                       ffi::Buffer<ffi::F32>& sfb, ffi::AnyBuffer* b2, ffi::Buffer<ffi::F32>* sfb2,
                       ffi::Buffer<ffi::S32>& layer, ffi::ResultBuffer<ffi::BF16>& d, ffi::ResultBuffer<ffi::BF16>* d2,
-                      ffi::Result<ffi::AnyBuffer>& q, ffi::ResultBuffer<ffi::F32>& sfa) {
+                      ffi::Result<ffi::AnyBuffer>& q, ffi::ResultBuffer<ffi::F32>& sfa,
+                      ffi::ResultBuffer<ffi::S32>& psum) {
   if (b.dimensions().size() != 3) return bad(op, "weight " + shape_str(b) + " is not a layer stack [L, N, K]");
   int64_t n, k, n2 = 0;
   if (auto e = check_b(op, b, sfb, dim(b, 0), &n, &k); e.failure()) return e;
@@ -318,7 +326,12 @@ ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ff
   if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
   const int64_t r = dim(x, 0);
   if (r > kGemvLayerMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvLayerMaxM));
-  const bool wide = q->element_count() != 0;
+  const bool wide = q->element_count() != 0, gemm = psum->element_count() != 0;
+  if (gemm && (!wide || psum->element_count() != kLayerGroups))
+    return bad(op, "the gemm route takes the workspace q and psum [" + std::to_string(kLayerGroups) + "] int32");
+  if (gemm && dim(b, 0) > kLayerGroups)
+    return bad(op, "a stack of " + std::to_string(dim(b, 0)) + " layers: the layer GEMMs take at most " +
+                       std::to_string(kLayerGroups));
   int64_t pitch = 0;
   if (wide) {
     if (r <= kGemvMaxM) return bad(op, "the quantised route takes more than " + std::to_string(kGemvMaxM) + " rows");
@@ -326,7 +339,7 @@ ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ff
       return bad(op, "workspace q " + shape_str(*q) + " is not float8_e4m3fn [R, K] (or empty)");
     if (auto e = check_quant_out(op, r, k, 1, sfa, &pitch); e.failure()) return e;
   }
-  const int64_t tb = wide ? (r <= 16 ? 16 : 32) : gemv_tokens_per_block(r), segs = (r + tb - 1) / tb;
+  const int64_t tb = gemm ? r : wide ? (r <= 16 ? 16 : 32) : gemv_tokens_per_block(r), segs = (r + tb - 1) / tb;
   if (layer.element_count() != segs)
     return bad(op, "layer must hold the layer index once per segment of " + std::to_string(tb) + " rows (" +
                        std::to_string(segs) + "), has " + std::to_string(layer.element_count()));
@@ -343,18 +356,37 @@ ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ff
     ga.x_bf16 = x.untyped_data();
     return cuda_check(op, launch_gemv(ga, stream));
   }
+  if (gemm) {  // both instantiations there before anything is launched
+    if (find_gemm(kContigPsum, uint32_t(n), uint32_t(k), kLayerGroups, kLayerGemmBlockM) == nullptr)
+      return bad(op, missing(kContigPsum, n, k, kLayerGroups, kLayerGemmBlockM));
+    if (b2 != nullptr && find_gemm(kContigPsum, uint32_t(n2), uint32_t(k), kLayerGroups, kLayerGemmBlockM) == nullptr)
+      return bad(op, missing(kContigPsum, n2, k, kLayerGroups, kLayerGemmBlockM));
+  }
+  LayerPsum lp;
+  if (gemm)
+    lp = LayerPsum{layer.typed_data(), dim(b, 0), psum->typed_data(), int32_t(kLayerGroups), int32_t(r),
+                   int32_t(kLayerGemmBlockM)};
   if (auto e = cuda_check(op, launch_quant_rows(x.untyped_data(), nullptr, q->untyped_data(), sfa->typed_data(), r, k,
-                                                r, pitch, stream));
+                                                r, pitch, stream, false, lp));
       e.failure())
     return e;
+  if (gemm) {
+    GemmArgs a1{q->untyped_data(), sfa->typed_data(), b.untyped_data(), sfb.typed_data(), d->untyped_data(),
+                psum->typed_data(), uint64_t(r), uint32_t(r), uint64_t(pitch), 1, uint32_t(dim(b, 0))};
+    if (auto e = run_gemm(op, kContigPsum, n, k, kLayerGroups, kLayerGemmBlockM, a1, stream); e.failure() || !b2)
+      return e;
+    GemmArgs a2 = a1;
+    a2.b = b2->untyped_data(), a2.sfb = sfb2->typed_data(), a2.d = (*d2)->untyped_data();
+    return run_gemm(op, kContigPsum, n2, k, kLayerGroups, kLayerGemmBlockM, a2, stream);
+  }
   ga.a = q->untyped_data(), ga.sfa = sfa->typed_data(), ga.sfa_kb_stride = pitch;
   return cuda_check(op, launch_gemv(ga, stream));
 }
 
 ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb,
                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d, ffi::Result<ffi::AnyBuffer> q,
-                         ffi::ResultBuffer<ffi::F32> sfa) {
-  return gemv_layer("dsv4_fp8_gemv_layer", stream, x, b, sfb, nullptr, nullptr, layer, d, nullptr, q, sfa);
+                         ffi::ResultBuffer<ffi::F32> sfa, ffi::ResultBuffer<ffi::S32> psum) {
+  return gemv_layer("dsv4_fp8_gemv_layer", stream, x, b, sfb, nullptr, nullptr, layer, d, nullptr, q, sfa, psum);
 }
 
 // Two layer stacks one input feeds, in one launch (wq_a and wkv, wq_b and the indexer's wq_b, the shared expert's w1
@@ -364,8 +396,8 @@ ffi::Error GemvLayerPairImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi:
                              ffi::Buffer<ffi::F32> sfb1, ffi::AnyBuffer b2, ffi::Buffer<ffi::F32> sfb2,
                              ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d1,
                              ffi::ResultBuffer<ffi::BF16> d2, ffi::Result<ffi::AnyBuffer> q,
-                             ffi::ResultBuffer<ffi::F32> sfa) {
-  return gemv_layer("dsv4_fp8_gemv_layer_pair", stream, x, b1, sfb1, &b2, &sfb2, layer, d1, &d2, q, sfa);
+                             ffi::ResultBuffer<ffi::F32> sfa, ffi::ResultBuffer<ffi::S32> psum) {
+  return gemv_layer("dsv4_fp8_gemv_layer_pair", stream, x, b1, sfb1, &b2, &sfb2, layer, d1, &d2, q, sfa, psum);
 }
 
 ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,
@@ -510,7 +542,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer, GemvLayerImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>(),
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>(),
                               DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer_pair, GemvLayerPairImpl,
@@ -524,7 +557,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_layer_pair, GemvLayerPairImpl,
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>(),
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>(),
                               DSV4_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(dsv4_fp8_gemv_pair, GemvPairImpl,

@@ -22,6 +22,12 @@ among tilings with an even number of N blocks: the kernel pairs blocks (2j, 2j+1
 even N-block count keeps every pair inside one expert's group (the scheduler then drops multicast itself on an odd
 M tail). The host launch uses them only when `DSV4_FFI_TMA_MULTICAST=1` (opt-in; see BENCHMARKS.md), and they are
 emitted only for K >= 1024 (a tiny-config forward, 1-2 K blocks, hung with them).
+
+Layer GEMMs: every FP8 linear (N, K) also gets a contiguous-psum instantiation with G = LAYER_GROUPS and BLOCK_M 64
+(`contig_n*_k*_g64_bm64`): a layer of a weight stack `[L, N, K]` (L <= 64) read in place, the layer chosen on the
+device by the psum layout (every row in group `layer`, the other groups empty), for 17..64 rows at decode
+(`dsv4_fp8_gemv_layer`'s "gemm" route). G only bounds the scheduler's walk over the groups; the host describes B as
+the stack's real L layers.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMEM_CAPACITY = 232448  # opt-in dynamic shared memory per block on H100/H200
 MAX_STAGES = 8
+LAYER_GROUPS = 64  # the layer GEMMs' G: stacks of up to 64 layers (Flash 43, Pro 61)
 
 KIND_NORMAL, KIND_CONTIG_PSUM, KIND_MASKED = 0, 1, 2
 GEMM_TYPE = {KIND_NORMAL: "Normal", KIND_CONTIG_PSUM: "MGroupedContiguousWithPsumLayout", KIND_MASKED: "MGroupedMasked"}
@@ -159,6 +166,7 @@ def plan(presets: list[str], num_sms: int) -> list[dict]:
             # Bucket "small M" (M <= 64) and "large M" (prefill; represented by M = 4096). M <= 8 runs the GEMV.
             for bm, m_rep in ((64, 64), (128, 4096)):
                 add(KIND_NORMAL, n, k, 1, bm, m_rep, p)
+            add(KIND_CONTIG_PSUM, n, k, LAYER_GROUPS, 64, 64, p)  # a stack's layer in place: one group holds the rows
         for n, k, g in sorted(expert_shapes(cfg)):
             # Contiguous (psum) layout: rows of each expert start on a BLOCK_M boundary; 64 for small batches.
             for bm, m_rep in ((64, 64), (128, 8192 * cfg.n_activated_experts // g)):
