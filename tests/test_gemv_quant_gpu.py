@@ -166,12 +166,12 @@ def test_gemv_layer_matches_quant_then_gemv(ffi, n, k, m, route, monkeypatch):
 @pytest.mark.parametrize("n,k", [(1024, 4096), (32768, 1024), (4096, 8192), (512, 4096), (8192, 1024), (512, 256)])
 @pytest.mark.parametrize("m", [9, 17, 24, 33, 64])
 def test_gemv_layer_gemm_route_matches_dense_gemm_on_the_slice(ffi, n, k, m, monkeypatch):
-    """The "gemm" route (DeepGEMM's contiguous-psum GEMM, G = 64, reading layer `layer` of the stack in place; the
-    psum layout written by the quantisation launch) against `fp8_linear` (our quantisation + DeepGEMM's dense GEMM)
-    on the layer's slice: bit-identical, for every layer of a 3-layer stack (the first and the last groups included)
-    and an index past the end (clamped, as XLA clamps it); rows not a multiple of the 64-row block."""
+    """The "gemm" route (DeepGEMM's m-grouped contiguous GEMM reading layer `layer` of the stack in place; the rows'
+    group map written by the quantisation launch) against `fp8_linear` (our quantisation + DeepGEMM's dense GEMM) on
+    the layer's slice: bit-identical, for every layer of a 3-layer stack and an index past the end (clamped, as XLA
+    clamps it); rows not a multiple of the 64-row block."""
     monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "gemm")
-    if not ffi.layer_gemm_instantiated(n, k, 3):
+    if not ffi.layer_gemm_instantiated(n, k):
         pytest.fail(f"no layer GEMM instantiated for N={n} K={k} (a Flash or tiny linear: gen_instantiations.py)")
     keys = jax.random.split(jax.random.key(m * 5 + n + k), 2)
     x = rand_bf16(keys[0], (m, k))
@@ -204,28 +204,38 @@ def test_gemv_layer_pair_gemm_route_matches_two_calls(ffi, n1, n2, k, monkeypatc
         np.testing.assert_array_equal(got, np.asarray(one(x, w, s, jnp.int32(2))).view(np.uint16))
 
 
-def test_gemv_layer_gemm_route_refuses_what_it_cannot_take(ffi, monkeypatch):
-    """The gemm route names what it cannot take: a stack of more than 64 layers (the wrapper and the handler), a psum
-    workspace of the wrong size, a shape without its instantiation."""
+def test_gemv_layer_gemm_route_reads_any_layer_of_a_deep_stack(ffi, monkeypatch):
+    """The gemm route has no layer limit (the rows' group map names the layer; B is described as the stack's L
+    layers): layers 0, 40 and 69 of a 70-layer stack, bit-identical to the dense GEMM on each slice."""
     monkeypatch.setenv("DSV4_FFI_GEMV_LAYER", "gemm")
+    keys = jax.random.split(jax.random.key(70), 2)
+    x = rand_bf16(keys[0], (24, 256))
+    w, s = rand_fp8_weight(keys[1], (70, 512, 256))
+    f, dense = jax.jit(lambda *a: ffi.fp8_gemv_layer(*a)), jax.jit(ffi.fp8_linear)
+    for layer in (0, 40, 69):
+        poison()
+        got = np.asarray(f(x, w, s, jnp.int32(layer))).view(np.uint16)
+        np.testing.assert_array_equal(got, np.asarray(dense(x, w[layer], s[layer])).view(np.uint16), f"layer {layer}")
+
+
+def test_gemv_layer_gemm_route_refuses_what_it_cannot_take(ffi):
+    """The gemm route's handler names what it cannot take: a group map of the wrong size, a shape without its
+    instantiation."""
     x = jnp.ones((24, 256), jnp.bfloat16)
-    w, s = rand_fp8_weight(jax.random.key(0), (65, 512, 256))
-    with pytest.raises(ValueError, match="a stack of 65 layers"):
-        ffi.fp8_gemv_layer(x, w, s, jnp.int32(0))
     w, s = rand_fp8_weight(jax.random.key(1), (2, 512, 256))
 
-    def call(w, s, psum):
+    def call(w, s, groups):
         return jax.ffi.ffi_call(
             "dsv4_fp8_gemv_layer",
             (jax.ShapeDtypeStruct((24, w.shape[1]), jnp.bfloat16), jax.ShapeDtypeStruct((24, 256), jnp.float8_e4m3fn),
-             jax.ShapeDtypeStruct((2, 24), jnp.float32), jax.ShapeDtypeStruct((psum,), jnp.int32)),
+             jax.ShapeDtypeStruct((2, 24), jnp.float32), jax.ShapeDtypeStruct((groups,), jnp.int32)),
         )(x, w, ffi.sm90_weight_scales(s), jnp.zeros((1,), jnp.int32))[0].block_until_ready()  # fmt: skip
 
     call(w, s, 64)  # well formed: runs
-    with pytest.raises(Exception, match=r"psum \[64\]"):
+    with pytest.raises(Exception, match=r"groups \[64\]"):
         call(w, s, 32)
     w2, s2 = rand_fp8_weight(jax.random.key(2), (2, 520, 256))
-    with pytest.raises(Exception, match="no AOT instantiation for contig N=520"):
+    with pytest.raises(Exception, match="no AOT instantiation for layer N=520"):
         call(w2, s2, 64)
 
 

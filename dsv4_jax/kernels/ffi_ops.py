@@ -396,22 +396,21 @@ def fp8_gemv(a, sfa, w, sw, *, rows=None, groups=None) -> jax.Array:
 
 # Rows `fp8_gemv_layer` takes (the extension's kGemvLayerMaxM).
 GEMV_LAYER_MAX_M = 64
-# How `fp8_gemv_layer` runs 9..64 rows. "gemm": quantised once, then DeepGEMM's contiguous-psum GEMM reading the
-# layer of the stack in place (the extension's layer GEMMs: G = LAYER_GROUPS, BLOCK_M 64); "wide": quantised once,
-# then our GEMV in passes of 16 or 32 rows; "passes": the fused one-launch GEMV in passes of 8 rows, each
-# re-quantising its rows per weight tile. Default: "gemm" beyond LAYER_GEMM_MIN_ROWS rows where every weight of the
-# call has its instantiation and the stack at most LAYER_GROUPS layers, else "wide" (one H200: at 32 rows the GEMM
-# is faster on every Flash shape, at 16 on the large ones only; BENCHMARKS.md, seventeenth session).
-# `DSV4_FFI_GEMV_LAYER` (read when the program is traced) fixes one; up to 8 rows always take the fused GEMV.
+# How `fp8_gemv_layer` runs 9..64 rows. "gemm": quantised once, then DeepGEMM's m-grouped contiguous GEMM reading the
+# layer of the stack in place (the extension's layer GEMMs: every row's group the layer, BLOCK_M 64); "wide":
+# quantised once, then our GEMV in passes of 16 or 32 rows; "passes": the fused one-launch GEMV in passes of 8 rows,
+# each re-quantising its rows per weight tile. Default: "gemm" from LAYER_GEMM_MIN_ROWS rows where every weight of the
+# call has its instantiation, else "wide" (one H200: at 32 rows DeepGEMM is faster on every Flash shape, at 16 on the
+# large ones only; BENCHMARKS.md, seventeenth session). `DSV4_FFI_GEMV_LAYER` (read when the program is traced) fixes
+# one; up to 8 rows always take the fused GEMV.
 GEMV_LAYER_ROUTES = ("gemm", "wide", "passes")
-LAYER_GROUPS = 64  # the extension's kLayerGroups
-LAYER_GEMM_BLOCK_M = 64
+LAYER_GEMM_BLOCK_M = 64  # the extension's kLayerGemmBlockM: one row block, the rows' group map this long
 LAYER_GEMM_MIN_ROWS = 17
 
 
-def layer_gemm_instantiated(n: int, k: int, layers: int) -> bool:
-    """Whether the extension has the layer GEMM for an `[layers, n, k]` stack."""
-    return layers <= LAYER_GROUPS and instantiated("contig", n, k, LAYER_GROUPS, LAYER_GEMM_BLOCK_M)
+def layer_gemm_instantiated(n: int, k: int) -> bool:
+    """Whether the extension has the layer GEMM (any stack of `[n, k]` layers)."""
+    return instantiated("layer", n, k, 1, LAYER_GEMM_BLOCK_M)
 
 
 def gemv_layer_route(rows: int, weights=()) -> str:
@@ -424,7 +423,7 @@ def gemv_layer_route(rows: int, weights=()) -> str:
         raise ValueError(f"DSV4_FFI_GEMV_LAYER={v!r} is not one of {GEMV_LAYER_ROUTES}")
     if v is not None:
         return v
-    gemm = rows >= LAYER_GEMM_MIN_ROWS and all(layer_gemm_instantiated(*w.shape[-2:], w.shape[0]) for w, _ in weights)
+    gemm = rows >= LAYER_GEMM_MIN_ROWS and all(layer_gemm_instantiated(*w.shape[-2:]) for w, _ in weights)
     return "gemm" if gemm and weights else "wide"
 
 
@@ -439,9 +438,6 @@ def _gemv_layer_call(target: str, x: jax.Array, weights, layer) -> tuple:
             raise ValueError(f"{target[5:]}: weights {[w.shape for w, _ in weights]} for rows {x.shape}: each must be "
                              "an [L, N, K] stack of one L and the rows' K")  # fmt: skip
     route = gemv_layer_route(r, weights)
-    if route == "gemm" and weights[0][0].shape[0] > LAYER_GROUPS:
-        raise ValueError(f"{target[5:]}: a stack of {weights[0][0].shape[0]} layers; the gemm route takes at most "
-                         f"{LAYER_GROUPS}")  # fmt: skip
     per_pass = {"fused": GEMV_MAX_M, "passes": GEMV_MAX_M, "wide": 16 if r <= 16 else 32, "gemm": r}[route]
     passes = -(-r // per_pass)
     layer = jnp.broadcast_to(_layer_operand(layer), (passes,))
@@ -452,7 +448,7 @@ def _gemv_layer_call(target: str, x: jax.Array, weights, layer) -> tuple:
             *(jax.ShapeDtypeStruct((r, w.shape[-2]), BF16) for w, _ in weights),
             jax.ShapeDtypeStruct((r, k) if quantised else (0,), E4M3),  # empty selects the fused GEMV
             jax.ShapeDtypeStruct((k // 128, _round_up(r, 4)) if quantised else (0,), F32),
-            jax.ShapeDtypeStruct((LAYER_GROUPS,) if route == "gemm" else (0,), jnp.int32),  # the psum layout
+            jax.ShapeDtypeStruct((LAYER_GEMM_BLOCK_M,) if route == "gemm" else (0,), jnp.int32),  # the rows' groups
         ),
     )(x.astype(BF16), *(a for w, s in weights for a in (w, sm90_weight_scales(s))), layer)
     return tuple(outs[: len(weights)])

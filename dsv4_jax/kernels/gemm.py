@@ -5,8 +5,8 @@ A weight that is one layer of a stack (`LayerSlice`, inside the layer scan) goes
 the layer as its weight group, so no step copies it; the DeepGEMM GEMMs (M > 8: prefill, large batches) take the
 layer's slice, which XLA materialises (a copy of the weight per call; acceptable where thousands of rows amortise it).
 Between the two, a stacked layer's M <= 64 rows go to the layer op instead (`ffi_ops.fp8_gemv_layer`): no slice copy.
-Its rows are quantised once, then beyond 16 rows DeepGEMM's contiguous-psum GEMM reads the layer in place (the
-extension's layer GEMMs, G = 64: every row in group `layer`), else our GEMV takes one pass of 16 rows over the
+Its rows are quantised once, then beyond 16 rows DeepGEMM's m-grouped contiguous GEMM reads the layer in place (the
+extension's layer GEMMs: every row's group is `layer`), else our GEMV takes one pass of 16 rows over the
 weights. At 32 rows on an H200 the in-place GEMM took 6.5-21.2 us per Flash shape where the GEMV took 11.6-38.5
 (BENCHMARKS.md, seventeenth session). Where the layer GEMM is not instantiated the GEMV takes up to 32 rows
 (`LAYER_GEMV_DEFAULT_M`: six Flash layers at batch 32, then in passes of 8 rows, 12.34 ms per decode step against
@@ -48,7 +48,7 @@ def _layer_gemv_max_m(w: LayerSlice) -> int:
     v = os.environ.get("DSV4_FFI_LAYER_GEMV_MAX_M")
     if v and v.isdigit():
         m = int(v)
-    elif ffi_ops.layer_gemm_instantiated(*w.shape, w.stack.shape[0]):
+    elif ffi_ops.layer_gemm_instantiated(*w.shape):
         m = ffi_ops.GEMV_LAYER_MAX_M
     else:
         m = LAYER_GEMV_DEFAULT_M

@@ -5,7 +5,9 @@
 
 namespace dsv4ffi {
 
-enum GemmKind : int { kDense = 0, kContigPsum = 1, kMasked = 2 };
+// kLayer: the m-grouped contiguous layout (a group index per row) over a layer stack, every row in one layer
+// (dsv4_fp8_gemv_layer's gemm route).
+enum GemmKind : int { kDense = 0, kContigPsum = 1, kMasked = 2, kLayer = 3 };
 
 struct GemmEntry {
   int kind;

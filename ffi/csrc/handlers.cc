@@ -112,7 +112,7 @@ ffi::Error DequantGemvImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::A
 // ---- GEMMs -----------------------------------------------------------------------------------------------------
 
 std::string missing(int kind, int64_t n, int64_t k, int64_t g, int64_t bm) {
-  static const char* names[] = {"dense", "contig", "masked"};
+  static const char* names[] = {"dense", "contig", "masked", "layer"};
   return std::string("no AOT instantiation for ") + names[kind] + " N=" + std::to_string(n) + " K=" +
          std::to_string(k) + " G=" + std::to_string(g) + " BLOCK_M=" + std::to_string(bm) +
          "; add the shape to ffi/gen/gen_instantiations.py (or a preset) and rebuild the extension (BUILD.md)";
@@ -298,9 +298,10 @@ ffi::Error gemv_args(const std::string& op, const ffi::AnyBuffer& a, const ffi::
 //     the dense fp8_linear's fused path); rows beyond 8 form segments of 8, one pass over the weights each;
 //   * q [R, K] e4m3 and sfa [K/128, >= R] (9..64 rows): the rows quantised once into the workspace, then the wide
 //     GEMV: segments of 16 or 32 rows, one pass each (at most two passes);
-//   * the same and psum [kLayerGroups] int32 (the "gemm" route, 9..64 rows): the rows quantised once (the launch also
-//     writes the psum layout that puts every row in group `layer`), then DeepGEMM's contiguous-psum GEMM with
-//     G = kLayerGroups per weight, which reads the layer of the stack in place (the contig_*_g64_bm64 instantiations).
+//   * the same and groups [kLayerGemmBlockM] int32 (the "gemm" route, 9..64 rows): the rows quantised once (the
+//     launch also writes the rows' group map: `layer` for every row, -1 for the padding to the 64-row block), then
+//     DeepGEMM's m-grouped contiguous GEMM per weight, which reads the layer of the stack in place (the
+//     layer_*_g1_bm64 instantiations; any number of layers).
 //     Why: at 32 rows the wide GEMV holds one block of 234 registers per SM and streams 15-35% of copy bandwidth;
 //     the GEMM 27-58% on the same shapes (BENCHMARKS.md, seventeenth session). Its numerics are the dense FP8 GEMM's
 //     (fp8_linear beyond 8 rows), not the GEMV's.
@@ -312,7 +313,7 @@ ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ff
                       ffi::Buffer<ffi::F32>& sfb, ffi::AnyBuffer* b2, ffi::Buffer<ffi::F32>* sfb2,
                       ffi::Buffer<ffi::S32>& layer, ffi::ResultBuffer<ffi::BF16>& d, ffi::ResultBuffer<ffi::BF16>* d2,
                       ffi::Result<ffi::AnyBuffer>& q, ffi::ResultBuffer<ffi::F32>& sfa,
-                      ffi::ResultBuffer<ffi::S32>& psum) {
+                      ffi::ResultBuffer<ffi::S32>& groups) {
   if (b.dimensions().size() != 3) return bad(op, "weight " + shape_str(b) + " is not a layer stack [L, N, K]");
   int64_t n, k, n2 = 0;
   if (auto e = check_b(op, b, sfb, dim(b, 0), &n, &k); e.failure()) return e;
@@ -326,12 +327,9 @@ ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ff
   if (x.dimensions().size() != 2 || dim(x, 1) != k) return bad(op, "activation " + shape_str(x) + " is not [R, K]");
   const int64_t r = dim(x, 0);
   if (r > kGemvLayerMaxM) return bad(op, std::to_string(r) + " rows: at most " + std::to_string(kGemvLayerMaxM));
-  const bool wide = q->element_count() != 0, gemm = psum->element_count() != 0;
-  if (gemm && (!wide || psum->element_count() != kLayerGroups))
-    return bad(op, "the gemm route takes the workspace q and psum [" + std::to_string(kLayerGroups) + "] int32");
-  if (gemm && dim(b, 0) > kLayerGroups)
-    return bad(op, "a stack of " + std::to_string(dim(b, 0)) + " layers: the layer GEMMs take at most " +
-                       std::to_string(kLayerGroups));
+  const bool wide = q->element_count() != 0, gemm = groups->element_count() != 0;
+  if (gemm && (!wide || groups->element_count() != kLayerGemmBlockM))
+    return bad(op, "the gemm route takes the workspace q and groups [" + std::to_string(kLayerGemmBlockM) + "] int32");
   int64_t pitch = 0;
   if (wide) {
     if (r <= kGemvMaxM) return bad(op, "the quantised route takes more than " + std::to_string(kGemvMaxM) + " rows");
@@ -357,27 +355,24 @@ ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ff
     return cuda_check(op, launch_gemv(ga, stream));
   }
   if (gemm) {  // both instantiations there before anything is launched
-    if (find_gemm(kContigPsum, uint32_t(n), uint32_t(k), kLayerGroups, kLayerGemmBlockM) == nullptr)
-      return bad(op, missing(kContigPsum, n, k, kLayerGroups, kLayerGemmBlockM));
-    if (b2 != nullptr && find_gemm(kContigPsum, uint32_t(n2), uint32_t(k), kLayerGroups, kLayerGemmBlockM) == nullptr)
-      return bad(op, missing(kContigPsum, n2, k, kLayerGroups, kLayerGemmBlockM));
+    if (find_gemm(kLayer, uint32_t(n), uint32_t(k), 1, kLayerGemmBlockM) == nullptr)
+      return bad(op, missing(kLayer, n, k, 1, kLayerGemmBlockM));
+    if (b2 != nullptr && find_gemm(kLayer, uint32_t(n2), uint32_t(k), 1, kLayerGemmBlockM) == nullptr)
+      return bad(op, missing(kLayer, n2, k, 1, kLayerGemmBlockM));
   }
-  LayerPsum lp;
-  if (gemm)
-    lp = LayerPsum{layer.typed_data(), dim(b, 0), psum->typed_data(), int32_t(kLayerGroups), int32_t(r),
-                   int32_t(kLayerGemmBlockM)};
+  LayerRowGroups lg;
+  if (gemm) lg = LayerRowGroups{layer.typed_data(), dim(b, 0), groups->typed_data(), int32_t(r), kLayerGemmBlockM};
   if (auto e = cuda_check(op, launch_quant_rows(x.untyped_data(), nullptr, q->untyped_data(), sfa->typed_data(), r, k,
-                                                r, pitch, stream, false, lp));
+                                                r, pitch, stream, false, lg));
       e.failure())
     return e;
-  if (gemm) {
+  if (gemm) {  // A and D described with the r rows (TMA zero-fills the block's rows past them and drops their stores)
     GemmArgs a1{q->untyped_data(), sfa->typed_data(), b.untyped_data(), sfb.typed_data(), d->untyped_data(),
-                psum->typed_data(), uint64_t(r), uint32_t(r), uint64_t(pitch), 1, uint32_t(dim(b, 0))};
-    if (auto e = run_gemm(op, kContigPsum, n, k, kLayerGroups, kLayerGemmBlockM, a1, stream); e.failure() || !b2)
-      return e;
+                groups->typed_data(), uint64_t(r), kLayerGemmBlockM, uint64_t(pitch), 1, uint32_t(dim(b, 0))};
+    if (auto e = run_gemm(op, kLayer, n, k, 1, kLayerGemmBlockM, a1, stream); e.failure() || !b2) return e;
     GemmArgs a2 = a1;
     a2.b = b2->untyped_data(), a2.sfb = sfb2->typed_data(), a2.d = (*d2)->untyped_data();
-    return run_gemm(op, kContigPsum, n2, k, kLayerGroups, kLayerGemmBlockM, a2, stream);
+    return run_gemm(op, kLayer, n2, k, 1, kLayerGemmBlockM, a2, stream);
   }
   ga.a = q->untyped_data(), ga.sfa = sfa->typed_data(), ga.sfa_kb_stride = pitch;
   return cuda_check(op, launch_gemv(ga, stream));
@@ -385,8 +380,8 @@ ffi::Error gemv_layer(const std::string& op, cudaStream_t stream, ffi::Buffer<ff
 
 ffi::Error GemvLayerImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> sfb,
                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d, ffi::Result<ffi::AnyBuffer> q,
-                         ffi::ResultBuffer<ffi::F32> sfa, ffi::ResultBuffer<ffi::S32> psum) {
-  return gemv_layer("dsv4_fp8_gemv_layer", stream, x, b, sfb, nullptr, nullptr, layer, d, nullptr, q, sfa, psum);
+                         ffi::ResultBuffer<ffi::F32> sfa, ffi::ResultBuffer<ffi::S32> groups) {
+  return gemv_layer("dsv4_fp8_gemv_layer", stream, x, b, sfb, nullptr, nullptr, layer, d, nullptr, q, sfa, groups);
 }
 
 // Two layer stacks one input feeds, in one launch (wq_a and wkv, wq_b and the indexer's wq_b, the shared expert's w1
@@ -396,8 +391,8 @@ ffi::Error GemvLayerPairImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x, ffi:
                              ffi::Buffer<ffi::F32> sfb1, ffi::AnyBuffer b2, ffi::Buffer<ffi::F32> sfb2,
                              ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::BF16> d1,
                              ffi::ResultBuffer<ffi::BF16> d2, ffi::Result<ffi::AnyBuffer> q,
-                             ffi::ResultBuffer<ffi::F32> sfa, ffi::ResultBuffer<ffi::S32> psum) {
-  return gemv_layer("dsv4_fp8_gemv_layer_pair", stream, x, b1, sfb1, &b2, &sfb2, layer, d1, &d2, q, sfa, psum);
+                             ffi::ResultBuffer<ffi::F32> sfa, ffi::ResultBuffer<ffi::S32> groups) {
+  return gemv_layer("dsv4_fp8_gemv_layer_pair", stream, x, b1, sfb1, &b2, &sfb2, layer, d1, &d2, q, sfa, groups);
 }
 
 ffi::Error GemvImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::Buffer<ffi::F32> sfa, ffi::AnyBuffer b,

@@ -17,20 +17,19 @@ namespace dsv4ffi {
 //   r % rows_per_group (the MN-major, TMA-aligned activation-scale layout of the SM90 GEMM).
 //   wgmma_order: each 32-block of q stored as the MXFP4 prefill kernel's B operand takes it (fp4_grouped_kernels.cu):
 //   element 8i + 4h + j at byte 16h + 4i + j (i < 4, h < 2, j < 4); the values and scales are the same.
-// The psum layout of a layer GEMM (a layer of a stack read in place by a contiguous-psum grouped GEMM), written by
-// the quantisation launch (no launch of its own): psum[g] = 0 for g < l, rows for g = l, align(rows, block_m) after
-// (every row in group l, the others empty), l = the device's layer index clamped to [0, layers).
-struct LayerPsum {
+// The rows' group map of a layer GEMM (a layer of a stack read in place by an m-grouped contiguous GEMM), written by
+// the quantisation launch (no launch of its own): map[r] = l for r < rows, -1 for the padding rows up to padded (a
+// block's validity is its first row's group), l = the device's layer index clamped to [0, layers).
+struct LayerRowGroups {
   const int32_t* layer = nullptr;
   int64_t layers = 0;
-  int32_t* psum = nullptr;  // [groups]; null: none written
-  int32_t groups = 0;
+  int32_t* map = nullptr;  // [padded]; null: none written
   int32_t rows = 0;
-  int32_t block_m = 1;
+  int32_t padded = 0;
 };
 cudaError_t launch_quant_rows(const void* x, const int32_t* src, void* q, float* sfa, int64_t rows_out, int64_t k,
                               int64_t rows_per_group, int64_t sf_pitch, cudaStream_t stream, bool wgmma_order = false,
-                              const LayerPsum& psum = LayerPsum{});
+                              const LayerRowGroups& groups = LayerRowGroups{});
 
 // h = bf16(w[r] * silu(min(g, L)) * clip(u, -L, L)) (L = limit, no clamp if limit <= 0), then as launch_quant_rows.
 // Rows with valid[r] < 0 are skipped (valid may be null: all rows).
@@ -256,9 +255,9 @@ struct GemmArgs {
   const void* b;        // e4m3 [g, n, k]
   const float* sfb;     // f32 [g, ceil(n/128), k/128]
   void* d;              // bf16 rows a_rows x n
-  const int32_t* layout;  // psum [g] (contig) / masked_m [g] (masked) / null (dense)
+  const int32_t* layout;  // psum [g] (contig) / masked_m [g] (masked) / a group per row [shape_m] (layer) / null
   uint64_t a_rows;      // rows of A and D
-  uint32_t shape_m;     // dense: M; contig: a_rows; masked: rows per group
+  uint32_t shape_m;     // dense: M; contig: a_rows; masked: rows per group; layer: the rows padded to BLOCK_M
   uint64_t sf_pitch;    // inner extent of the scale tensor (>= rows per group, multiple of 4)
   uint32_t sf_groups;   // 1, or g for masked
   uint32_t b_groups = 0;  // layers of B the descriptor covers (a layer GEMM's real L); 0: the instantiation's g
@@ -273,9 +272,8 @@ constexpr int64_t kGemvMaxM = 8;  // dense fp8_linear uses the GEMV up to this m
 // kernel) over the layer's weights, segments whose group is the layer, so a stacked weight is never sliced out
 // (DeepGEMM would need the slice copied out of the stack).
 constexpr int64_t kGemvLayerMaxM = 64;
-// The layer GEMMs (dsv4_fp8_gemv_layer's "gemm" route): contiguous-psum instantiations with G = kLayerGroups (stacks
-// of up to that many layers; gen_instantiations.py's LAYER_GROUPS) and BLOCK_M kLayerGemmBlockM.
-constexpr uint32_t kLayerGroups = 64;
+// The layer GEMMs (dsv4_fp8_gemv_layer's "gemm" route): kLayer instantiations (gen_instantiations.py) with BLOCK_M
+// kLayerGemmBlockM, i.e. one row block for up to kGemvLayerMaxM rows.
 constexpr uint32_t kLayerGemmBlockM = 64;
 struct GemvArgs {
   const void* a;          // e4m3 [a_rows, k]

@@ -89,21 +89,11 @@ __global__ void __launch_bounds__(kHcThreads) hc_pre_partial_kernel(const HcPreA
   float2 w[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) w[m] = e < k ? *reinterpret_cast<const float2*>(fn + m * k + e) : make_float2(0.f, 0.f);
-  const int64_t r0 = blockIdx.y * int64_t(kHcRowsPerBlock);
-  // Every row's values loaded before the first reduction: one memory latency per block, not one per row (the row
-  // loop is shuffles and barriers; at batch 32, with a load per row, this was ~11 us a call on an H200).
-  float2 xs[kHcRowsPerBlock];
-#pragma unroll
-  for (int i = 0; i < kHcRowsPerBlock; ++i) {
-    const bool in = e < k && r0 + i < a.rows;
-    xs[i] = in ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + (r0 + i) * k + e))
-               : make_float2(0.f, 0.f);
-  }
-#pragma unroll
-  for (int i = 0; i < kHcRowsPerBlock; ++i) {
-    const int64_t r = r0 + i;
-    if (r >= a.rows) break;  // block-uniform
-    const float2 x = xs[i];
+  const int64_t r1 = (blockIdx.y + 1) * int64_t(kHcRowsPerBlock) < a.rows ? (blockIdx.y + 1) * int64_t(kHcRowsPerBlock)
+                                                                           : a.rows;
+  for (int64_t r = blockIdx.y * int64_t(kHcRowsPerBlock); r < r1; ++r) {
+    float2 x = make_float2(0.f, 0.f);
+    if (e < k) x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a.x + r * k + e));
     float acc[M + 1];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = x.x * w[m].x + x.y * w[m].y;

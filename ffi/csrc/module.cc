@@ -25,7 +25,7 @@ NB_MODULE(_ffi, m) {
     return d;
   }, "Handler name -> PyCapsule of its XLA_FFI_DEFINE_HANDLER_SYMBOL function (typed FFI, api_version 1).");
   m.def("instantiations", [] {
-    static const char* kinds[] = {"dense", "contig", "masked"};
+    static const char* kinds[] = {"dense", "contig", "masked", "layer"};
     nb::list out;
     for (int i = 0; i < dsv4ffi::kGemmTableSize; ++i) {
       const auto* e = dsv4ffi::kGemmTable[i];

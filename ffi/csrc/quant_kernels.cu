@@ -35,10 +35,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 quant_rows_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ u,
                   const float* __restrict__ w, const int32_t* __restrict__ src, __nv_fp8_e4m3* __restrict__ q,
                   float* __restrict__ sfa, int64_t rows_out, int64_t k, int64_t rows_per_group, int64_t sf_pitch,
-                  float limit, bool wgmma_order, const LayerPsum lp) {
-  if (lp.psum != nullptr && blockIdx.x == 0 && threadIdx.x < lp.groups) {
-    const int32_t l = static_cast<int32_t>(device_layer(lp.layer, lp.layers)), g = static_cast<int32_t>(threadIdx.x);
-    lp.psum[g] = g < l ? 0 : (g == l ? lp.rows : (lp.rows + lp.block_m - 1) / lp.block_m * lp.block_m);
+                  float limit, bool wgmma_order, const LayerRowGroups lg) {
+  if (lg.map != nullptr && blockIdx.x == 0 && threadIdx.x < lg.padded) {
+    const int32_t r = static_cast<int32_t>(threadIdx.x);
+    lg.map[r] = r < lg.rows ? static_cast<int32_t>(device_layer(lg.layer, lg.layers)) : -1;
   }
   const int64_t kblocks = k / 128;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -94,13 +94,13 @@ int64_t blocks_for(int64_t items) { return (items + kWarpsPerBlock - 1) / kWarps
 
 cudaError_t launch_quant_rows(const void* x, const int32_t* src, void* q, float* sfa, int64_t rows_out, int64_t k,
                               int64_t rows_per_group, int64_t sf_pitch, cudaStream_t stream, bool wgmma_order,
-                              const LayerPsum& psum) {
+                              const LayerRowGroups& groups) {
   const int64_t items = rows_out * (k / 128);
   if (items == 0) return cudaSuccess;
-  if (psum.psum != nullptr && psum.groups > kWarpsPerBlock * 32) return cudaErrorInvalidValue;  // one block writes it
+  if (groups.map != nullptr && groups.padded > kWarpsPerBlock * 32) return cudaErrorInvalidValue;  // one block writes it
   quant_rows_kernel<false><<<blocks_for(items), kWarpsPerBlock * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), nullptr, nullptr, src, static_cast<__nv_fp8_e4m3*>(q), sfa, rows_out, k,
-      rows_per_group, sf_pitch, 0.f, wgmma_order, psum);
+      rows_per_group, sf_pitch, 0.f, wgmma_order, groups);
   return cudaGetLastError();
 }
 
@@ -111,7 +111,7 @@ cudaError_t launch_swiglu_quant(const void* g, const void* u, const float* w, co
   if (items == 0) return cudaSuccess;
   quant_rows_kernel<true><<<blocks_for(items), kWarpsPerBlock * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u), w, valid,
-      static_cast<__nv_fp8_e4m3*>(q), sfa, rows, k, rows_per_group, sf_pitch, limit, wgmma_order, LayerPsum{});
+      static_cast<__nv_fp8_e4m3*>(q), sfa, rows, k, rows_per_group, sf_pitch, limit, wgmma_order, LayerRowGroups{});
   return cudaGetLastError();
 }
 

@@ -23,11 +23,12 @@ even N-block count keeps every pair inside one expert's group (the scheduler the
 M tail). The host launch uses them only when `DSV4_FFI_TMA_MULTICAST=1` (opt-in; see BENCHMARKS.md), and they are
 emitted only for K >= 1024 (a tiny-config forward, 1-2 K blocks, hung with them).
 
-Layer GEMMs: every FP8 linear (N, K) also gets a contiguous-psum instantiation with G = LAYER_GROUPS and BLOCK_M 64
-(`contig_n*_k*_g64_bm64`): a layer of a weight stack `[L, N, K]` (L <= 64) read in place, the layer chosen on the
-device by the psum layout (every row in group `layer`, the other groups empty), for 17..64 rows at decode
-(`dsv4_fp8_gemv_layer`'s "gemm" route). G only bounds the scheduler's walk over the groups; the host describes B as
-the stack's real L layers.
+Layer GEMMs: every FP8 linear (N, K) also gets an m-grouped contiguous instantiation with BLOCK_M 64
+(`layer_n*_k*_g1_bm64`, the layout with a group index per row): a layer of a weight stack `[L, N, K]` read in place,
+the layer chosen on the device by the rows' group indices (every row in group `layer`), for 17..64 rows at decode
+(`dsv4_fp8_gemv_layer`'s "gemm" route). Each block looks its group up in one load; G does not enter that layout's
+schedule (the psum layout's walk over the groups cost ~4 us a call at 8 layers), and the host describes B as the
+stack's real L layers.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMEM_CAPACITY = 232448  # opt-in dynamic shared memory per block on H100/H200
 MAX_STAGES = 8
-LAYER_GROUPS = 64  # the layer GEMMs' G: stacks of up to 64 layers (Flash 43, Pro 61)
 
-KIND_NORMAL, KIND_CONTIG_PSUM, KIND_MASKED = 0, 1, 2
-GEMM_TYPE = {KIND_NORMAL: "Normal", KIND_CONTIG_PSUM: "MGroupedContiguousWithPsumLayout", KIND_MASKED: "MGroupedMasked"}
-KIND_NAME = {KIND_NORMAL: "dense", KIND_CONTIG_PSUM: "contig", KIND_MASKED: "masked"}
+KIND_NORMAL, KIND_CONTIG_PSUM, KIND_MASKED, KIND_LAYER = 0, 1, 2, 3
+GEMM_TYPE = {KIND_NORMAL: "Normal", KIND_CONTIG_PSUM: "MGroupedContiguousWithPsumLayout", KIND_MASKED: "MGroupedMasked",
+             KIND_LAYER: "MGroupedContiguous"}  # fmt: skip
+KIND_NAME = {KIND_NORMAL: "dense", KIND_CONTIG_PSUM: "contig", KIND_MASKED: "masked", KIND_LAYER: "layer"}
 
 
 def load_config_module():
@@ -166,7 +167,7 @@ def plan(presets: list[str], num_sms: int) -> list[dict]:
             # Bucket "small M" (M <= 64) and "large M" (prefill; represented by M = 4096). M <= 8 runs the GEMV.
             for bm, m_rep in ((64, 64), (128, 4096)):
                 add(KIND_NORMAL, n, k, 1, bm, m_rep, p)
-            add(KIND_CONTIG_PSUM, n, k, LAYER_GROUPS, 64, 64, p)  # a stack's layer in place: one group holds the rows
+            add(KIND_LAYER, n, k, 1, 64, 64, p)  # a stack's layer in place: every row's group is the layer
         for n, k, g in sorted(expert_shapes(cfg)):
             # Contiguous (psum) layout: rows of each expert start on a BLOCK_M boundary; 64 for small batches.
             for bm, m_rep in ((64, 64), (128, 8192 * cfg.n_activated_experts // g)):
