@@ -366,11 +366,12 @@ def _flash_layers(expert_dtype: str, n_experts: int = 256):
                                  n_routed_experts=n_experts, expert_dtype=expert_dtype)  # fmt: skip
 
 
-@pytest.mark.parametrize("expert_dtype,batch,seq", [("fp4", 2, 64), ("fp8", 2, 64), ("fp8", 4, 1)])
+@pytest.mark.parametrize("expert_dtype,batch,seq", [("fp4", 2, 64), ("fp8", 2, 64), ("fp8", 4, 1), ("fp4", 2, 16)])
 def test_end_to_end_forward(ffi, expert_dtype, batch, seq, capsys):
     """`forward`, backend ffi vs reference. seq=1 (a decode-sized forward, 4 rows): every FP8 linear and the routed
-    experts run the GEMV paths. The tiny model (8 heads) runs "auto": its attention has no kernel, which "ffi" would
-    demand; the others' kernels are validated, so "auto" runs them (asserted)."""
+    experts run the GEMV paths; 2 x 16 (32 rows): the stacked linears take the layer GEMM on the layer in place. The
+    tiny model (8 heads) runs "auto": its attention has no kernel, which "ffi" would demand; the others' kernels are
+    validated, so "auto" runs them (asserted)."""
     import dsv4_jax
 
     if expert_dtype == "fp4":  # full-width Flash layers, the released MXFP4 experts (16 of them: to fit 2x64 rows)
