@@ -57,7 +57,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,16,32,64")
     ap.add_argument("--markdown", default="")
-    ap.add_argument("--ksplits", default="", help="also time the wide route with DSV4_FFI_GEMV_KSPLIT at these values")
+    ap.add_argument("--ksplits", default="",
+                    help="also time the wide route and wo_a's tensor-core kernel with DSV4_FFI_GEMV_KSPLIT at "
+                         "these values")  # fmt: skip
     ap.add_argument("--dense", action="store_true",
                     help="also time DeepGEMM's dense GEMM (`ffi_ops.fp8_linear`) beyond 8 rows on each layer as its "
                          "own array (no slice copy): what a GEMM reading the stack in place would cost")  # fmt: skip
@@ -109,6 +111,10 @@ def main():
                 continue
             t = time_under({"DSV4_FFI_DEQUANT_GEMV": impl}, ffi_ops.dequant_bf16_gemv, x, w, s)
             row(f"wo_a {g * rpg} x {k} ({g} groups)", m, impl, t, g * rpg * k)
+            for ks in args.ksplits.split(",") if impl == "mma" and args.ksplits else ():
+                t = time_under({"DSV4_FFI_DEQUANT_GEMV": impl, "DSV4_FFI_GEMV_KSPLIT": ks}, ffi_ops.dequant_bf16_gemv,
+                               x, w, s)  # fmt: skip
+                row(f"wo_a {g * rpg} x {k} ({g} groups)", m, f"mma, K split {ks}", t, g * rpg * k)
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write("\n".join(lines) + "\n")

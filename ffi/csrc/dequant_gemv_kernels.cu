@@ -196,7 +196,11 @@ template <int NT>
 cudaError_t launch_mma(const DequantGemvArgs& a, cudaStream_t stream) {
   int major, minor, sms;
   device_info(&major, &minor, &sms);
-  const int ksplit = gemv_ksplit(1, 1, a.n, a.k, sms, true);  // the FP8 GEMV's rule: K as deep as 2 chunks allow
+  int ksplit = gemv_ksplit(1, 1, a.n, a.k, sms, true);  // the FP8 GEMV's rule: K as deep as 2 chunks allow
+  if (const char* v = std::getenv("DSV4_FFI_GEMV_KSPLIT")) {  // the GEMV's tuning knob (benchmarks): 1, 2, 4 or 8
+    const int f = std::atoi(v);
+    if (f == 1 || f == 2 || f == 4 || f == 8) ksplit = f;
+  }
   const int64_t rows_per_block = (kWarps / ksplit) * kMmaRows;
   dequant_bf16_mma_kernel<NT><<<dim3(unsigned((a.n + rows_per_block - 1) / rows_per_block)), kWarps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(a.x), static_cast<const uint8_t*>(a.w), a.s, a.layer,
