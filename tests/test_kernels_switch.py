@@ -146,10 +146,14 @@ def test_generator_covers_every_fp8_linear():
     gen = _gen()
     entries = gen.plan(["flash", "pro", "tiny"], 132)
     have = {(e["kind"], e["n"], e["k"], e["g"], e["block_m"]) for e in entries}
+    tiles = {(e["kind"], e["n"], e["k"], e["block_m"]): (e["block_n"], e["stages"]) for e in entries}
     for name in ("flash", "pro", "tiny"):
         cfg = getattr(dsv4_jax.Config, name)()
         for n, k in gen.fp8_linear_shapes(cfg):
             assert (0, n, k, 1, 64) in have and (0, n, k, 1, 128) in have
+            # the layer GEMM (a layer of a stack in place) with the dense BLOCK_M 64 GEMM's tiling: the same bits
+            assert (gen.KIND_LAYER, n, k, 1, 64) in have
+            assert tiles[(gen.KIND_LAYER, n, k, 64)] == tiles[(0, n, k, 64)]
         for n, k, g in gen.expert_shapes(cfg):
             assert (1, n, k, g, 128) in have and (2, n, k, g, 64) in have
     for e in entries:
