@@ -4,9 +4,10 @@
     python tests/exec_cache_worker.py small FOLDER    # a small jitted function, run then loaded back from FOLDER
 
 `stream` compiles the programs `dsv4-jax generate --prompt Hello --max-new-tokens 8` compiles on the embedded tiny
-checkpoint (`init_random` gives the same structure, shapes and dtypes), so that the CLI test and this one share the
-entries. `small` runs the function through plain `jax.jit` first: with JAX's persistent cache warm (a second run),
-that executable comes from the cache, and the executable cache must still store one that loads and runs.
+checkpoint (`init_random`, then `prepare_params` as the CLI does: the same structure, shapes and dtypes), so that
+the CLI test and this one share the entries. `small` runs the function through plain `jax.jit` first: with JAX's
+persistent cache warm (a second run), that executable comes from the cache, and the executable cache must still
+store one that loads and runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def stream(folder: str) -> dict:
     from dsv4_jax import generation as G
 
     exec_cache.enable(folder)
-    state = dsv4_jax.init_random(dsv4_jax.Config.tiny(), 0)
+    # Prepared as the CLI prepares what it restores (FP8 scales as f32): the programs' arguments, and so their
+    # entries, are then the CLI's (unprepared, the scales' dtype alone made other keys and two more compiles).
+    state = dsv4_jax.prepare_params(dsv4_jax.init_random(dsv4_jax.Config.tiny(), 0), donate=True)
     tokens = np.zeros((1, 64), np.int32)
     tokens[0, :6] = [0, 72, 101, 108, 108, 111]  # BOS "Hello"
     sampler = G.Sampler(max_new_tokens=8, eos_id=None)  # the EOS id is not part of the program: all 8 tokens

@@ -2,7 +2,14 @@
 the routed experts split over the mesh's `expert` axis inside a `shard_map` gives the same tokens and logits as one
 device, bit for bit (each dispatched row has exactly one nonzero contributor to the psum that gathers them, and the
 combine adds the same bf16 rows in the same order), also with the experts in the slab layout (`prepare_params`).
-`forward` under the same mesh: `test_pro_mesh`, `test_multihost`."""
+`forward` under the same mesh: `test_pro_mesh`, `test_multihost`.
+
+The model has sliding-window layers only, two hash-routed and two with learned (bias) routing, each pair one
+stacked group (the expert-parallel MoE inside the layer scan, as at full size). What this test checks is the MoE's
+dispatch and combine across the mesh; attention is replicated under the `ep` rules, and the compressed layers (CSA,
+HCA) on an expert mesh are test_pro_mesh's and test_multihost's (against one device) and the full-size notebook's and
+test_run_full_size's (generating). Without them each of the three `generate` programs compiles in ~10 s instead of
+~19 s (the whole test ~60 s instead of ~92 s on the 2-core CI box)."""
 
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ SCRIPT = textwrap.dedent(
     assert len(jax.devices()) == 8
     mesh = make_mesh(expert=8)
     toks = np.random.default_rng(0).integers(2, 512, (2, 20)).astype(np.int32)
-    cfg = dsv4_jax.Config.tiny(n_routed_experts=16)
+    cfg = dsv4_jax.Config.tiny(n_layers=4, compress_ratios=(0, 0, 0, 0, 0), n_hash_layers=2, n_routed_experts=16)
+    assert [g.repeats for g in dsv4_jax.model.layer_groups(cfg)] == [2, 2]  # hash-routed, then bias-routed
     one = dsv4_jax.init_random(cfg, 0, values="bytes")
     # The same parameters placed on the mesh (init_random straight into the shardings compiles a partitioned init
     # of its own, ~30 s; that it draws the same values is test_multihost's and test_pro_mesh's check).

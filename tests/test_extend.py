@@ -159,24 +159,53 @@ def test_mtp_extend_equals_mtp_decode_steps(official_state, runs):
     assert max(errs) < 0.05 and np.mean(errs) < 0.012, errs
 
 
+def _whole_prompt_greedy(state, toks, lengths, n, opts):
+    """What `generate` computes for the right-padded prompts without `prefill_chunk` (greedy, MTP on, no EOS), step
+    by step through the programs of the tests above: prefill (of PREFILL_WIDTH, capacity MAX_LEN), MTP over the
+    prompt with the sampled token at each row's last position, then decode and MTP decode steps. -> (tokens [B, n],
+    logits [B, n, V], MTP logits [B, n, V])."""
+    import dsv4_jax
+
+    cache = dsv4_jax.init_cache(state.config, B, MAX_LEN, opts.cache_layout)
+    prompt = np.zeros((B, PREFILL_WIDTH), np.int32)
+    prompt[:, : toks.shape[1]] = toks
+    logits, hidden, cache = dsv4_jax.prefill(state, cache, prompt, lengths, opts=opts)
+    tok = np.asarray(logits).argmax(-1).astype(np.int32)
+    nxt = np.concatenate([prompt[:, 1:], np.zeros((B, 1), np.int32)], 1)  # MTP input at p: the token at p + 1
+    nxt[np.arange(B), lengths - 1] = tok
+    mtp, cache = dsv4_jax.mtp_prefill(state, cache, hidden, nxt, opts=opts)
+    out = [(tok, np.asarray(logits), np.asarray(mtp))]
+    for _ in range(n - 1):
+        logits, hidden, cache = dsv4_jax.decode_step(state, cache, tok, opts=opts)
+        tok = np.asarray(logits).argmax(-1).astype(np.int32)
+        mtp, cache = dsv4_jax.mtp_decode_step(state, cache, hidden, tok, opts=opts)
+        out.append((tok, np.asarray(logits), np.asarray(mtp)))
+    return tuple(np.stack(x, 1) for x in zip(*out, strict=True))
+
+
 def test_chunked_prefill_in_generate_equals_whole_prompt(official_state):
     """`Opts(prefill_chunk=...)`: `generate` prefills a long prompt chunk by chunk (the extend step in a loop, MTP on
     each chunk and then on the last prompt position with the sampled token). Rows of different lengths (one ends
     inside a chunk, the other in the last, partly padded chunk); the greedy tokens, their logits and the MTP logits
-    equal whole-prompt prefill's within the reduction-order noise of the extend test above."""
+    equal whole-prompt prefill's within the reduction-order noise of the extend test above. The whole-prompt side is
+    `generate`'s computation step by step (`_whole_prompt_greedy`, through the prefill, decode and MTP programs this
+    module has compiled already: a second `generate` program cost ~40 s on 2 CPU cores); it gave the tokens, logits
+    and MTP logits of `generate` without `prefill_chunk` bit for bit when written (test_generate checks `generate`
+    against the decode steps)."""
     import dsv4_jax
 
     rng = np.random.default_rng(11)
     toks = rng.integers(2, 512, (B, 140)).astype(np.int32)
     lengths = np.array([140, 97], np.int32)
+    opts = dsv4_jax.Opts(quant_sim=False)
+    tokens, logits, mtp_logits = _whole_prompt_greedy(official_state, toks, lengths, 5, opts)
     sampler = dsv4_jax.Sampler(max_new_tokens=5, eos_id=None, mtp=True, logits=True)
-    whole = dsv4_jax.generate(official_state, toks, lengths, sampler=sampler, opts=dsv4_jax.Opts(quant_sim=False))
-    chunks = dsv4_jax.generate(official_state, toks, lengths, sampler=sampler,
+    chunks = dsv4_jax.generate(official_state, toks, lengths, sampler=sampler, max_len=MAX_LEN,
                                opts=dsv4_jax.Opts(quant_sim=False, prefill_chunk=48))  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(chunks.tokens), np.asarray(whole.tokens))
+    np.testing.assert_array_equal(np.asarray(chunks.tokens), tokens)
     for b in range(B):
         for i in range(5):
-            assert rel_rms(np.asarray(chunks.logits)[b, i], np.asarray(whole.logits)[b, i]) < 0.03, (b, i)
-            assert rel_rms(np.asarray(chunks.mtp_logits)[b, i], np.asarray(whole.mtp_logits)[b, i]) < 0.03, (b, i)
+            assert rel_rms(np.asarray(chunks.logits)[b, i], logits[b, i]) < 0.03, (b, i)
+            assert rel_rms(np.asarray(chunks.mtp_logits)[b, i], mtp_logits[b, i]) < 0.03, (b, i)
     with pytest.raises(ValueError, match="prefill_chunk"):
         dsv4_jax.Opts(prefill_chunk=0)

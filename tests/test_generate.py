@@ -102,7 +102,8 @@ def test_greedy_tokens_are_argmax_of_decode(official_state, oracle, prompts, gre
     logits, _, cache = D.prefill(official_state, cache, toks, lengths)
     steps = [np.asarray(logits)]
     for i in range(N - 1):
-        lg, _, cache = D.decode_step(official_state, cache, greedy.tokens[:, i])
+        # capture=True: test_decode's decode program (its captures go unused here); one decode compile fewer
+        lg, _, cache, _ = D.decode_step(official_state, cache, greedy.tokens[:, i], capture=True)
         steps.append(np.asarray(lg))
     steps = np.stack(steps, 1)  # [2, N, V]
     chosen = np.take_along_axis(steps, greedy.tokens[..., None], -1)[..., 0]

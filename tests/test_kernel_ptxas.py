@@ -1,22 +1,19 @@
 """Our CUDA kernel files compiled for sm_90a one by one (no DeepGEMM needed): ptxas reports no local-memory spills
 for any kernel (a spill in a weight stream costs bandwidth), register counts within each kernel's occupancy target,
-and no wgmma serialization where that is asserted. Each file's ptxas log is cached by content (`_cached_compile`)."""
+and no wgmma serialization where that is asserted. Each file's object and ptxas log are test_kernels_switch's
+(`kernel_object`: one compile per file for both tests, cached by content)."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
-from test_kernels_switch import FFI, _cached_compile
+from test_kernels_switch import kernel_object
 
 
-def _ptxas_log(source: str, headers: tuple[str, ...], out_name: str) -> str:
-    """The `ptxas -v` report of one kernel file compiled for sm_90a (once per content of it and its headers)."""
-    src = FFI / "csrc" / source
-    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
-    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
-    deps = [src, FFI / "csrc" / "kernels.h", *(FFI / "csrc" / h for h in headers)]
-    return _cached_compile(cmd, deps, out_name).with_suffix(".log").read_text()
+def _ptxas_log(source: str) -> str:
+    """The `ptxas -v` report of one kernel file compiled for sm_90a (once per content of it and the headers)."""
+    return kernel_object(source).with_suffix(".log").read_text()
 
 
 def _ptxas_entries(log: str):
@@ -42,14 +39,13 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
     any of them (a spill in the weight stream costs bandwidth), within the register budgets of their occupancy
     targets: ring and wgb <= 128 (two blocks of 256 threads per SM), wg <= 168 (three blocks of 128 threads). No
     DeepGEMM needed."""
-    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "fp4_slabs.cuh")
     kinds = {"fp4_wgb_kernel": "wgb", "fp4_wg_kernel": "wg", "fp4_gemv_kernel": "ring"}
     for source, want in (
         ("fp4_gemv_kernels", {"ring": 8}),
         ("fp4_wg_kernels", {"wg": 16}),
         ("fp4_wgb_kernels", {"wgb": 8}),
     ):
-        log = _ptxas_log(source + ".cu", headers, source)
+        log = _ptxas_log(source + ".cu")
         found = {}
         for name, regs in _ptxas_entries(log):
             kind = next((v for key, v in kinds.items() if key in name), None)
@@ -65,8 +61,7 @@ def test_fp4_gemv_kernels_compile_for_sm90a_without_spills():
 def test_fp4_widen_kernel_compiles_for_sm90a_without_spills():
     """The MXFP4 -> FP8 widening of the experts' prefill route (fp4_widen_kernels.cu: one and four tiles per block)
     compiles for sm_90a without spills, within 85 registers (three blocks of 256 threads per SM)."""
-    headers = ("fp8_convert.cuh", "layer_index.cuh", "fp4_slabs.cuh")
-    log = _ptxas_log("fp4_widen_kernels.cu", headers, "fp4_widen_kernels")
+    log = _ptxas_log("fp4_widen_kernels.cu")
     regs = [r for name, r in _ptxas_entries(log) if "fp4_widen_kernel" in name]
     assert len(regs) == 2 and max(regs) <= 85, (regs, log[-2000:])
 
@@ -79,7 +74,7 @@ def test_fp8_gemv_mma_kernels_compile_for_sm90a_without_spills():
     and 32 tokens per pass, one block per SM) without spills either."""
     import re
 
-    log = _ptxas_log("gemv_kernels.cu", ("gemv_mma.cuh", "fp8_convert.cuh"), "gemv_kernels_v")
+    log = _ptxas_log("gemv_kernels.cu")
     found, wide = set(), set()
     for name, regs in _ptxas_entries(log):
         if m := re.search(r"gemv_mma_wide_kernelILi(\d)E", name):
@@ -100,7 +95,7 @@ def test_dequant_gemv_kernels_compile_for_sm90a_without_spills():
     token: the decode step at batch 1) within 128 registers (two blocks of 256 threads per SM)."""
     import re
 
-    log = _ptxas_log("dequant_gemv_kernels.cu", ("gemv_mma.cuh", "fp8_convert.cuh", "mma_bf16.cuh"), "dequant_v")
+    log = _ptxas_log("dequant_gemv_kernels.cu")
     mma, cuda = {}, set()
     for name, regs in _ptxas_entries(log):
         if m := re.search(r"dequant_bf16_mma_kernelILi(\d)E", name):
@@ -116,9 +111,7 @@ def test_indexer_score_kernels_compile_without_spills():
     """The indexer's score kernels (indexer_kernels.cu: mma.sync, and wgmma m64n64k16 with the keys in registers)
     compile for sm_90a within two blocks of 256 threads per SM (<= 128 registers), with no spills, and ptxas keeps
     the wgmma steps asynchronous (it warns when it has to serialise them)."""
-    log = _ptxas_log(
-        "indexer_kernels.cu", ("fp8_convert.cuh", "mma_bf16.cuh", "wgmma.cuh", "cp_async.cuh"), "indexer_kernels_v"
-    )
+    log = _ptxas_log("indexer_kernels.cu")
     entries = {("wg" if "wg_kernel" in name else "mma"): regs for name, regs in _ptxas_entries(log)}
     assert set(entries) == {"wg", "mma"} and max(entries.values()) <= 128, f"{entries}:\n{log[-2000:]}"
     assert "serialized" not in log, log[-2000:]
@@ -130,9 +123,7 @@ def test_fp4_grouped_kernel_compiles_for_sm90a_without_spills():
     in registers) compiles for sm_90a without local-memory spills, within the 255 registers of one block of 256
     threads per SM, and without ptxas serializing its wgmmas for lack of registers (which it did with the weights in
     registers and with a second, 64-column wgmma shape on the same partial sums)."""
-    headers = ("fp4_gemv_common.cuh", "gemv_mma.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "fp4_slabs.cuh",
-               "layer_index.cuh", "mbarrier.cuh")  # fmt: skip
-    log = _ptxas_log("fp4_grouped_kernels.cu", headers, "fp4_grouped_kernels")
+    log = _ptxas_log("fp4_grouped_kernels.cu")
     regs = [r for name, r in _ptxas_entries(log) if "fp4_grouped_kernel" in name]
     assert len(regs) == 1 and regs[0] <= 255, (regs, log[-2000:])
     assert "serialized" not in log, log[-2000:]
@@ -144,8 +135,7 @@ def test_sparse_mla_wgmma_kernel_compiles_for_sm90a_without_spills():
     serializing its wgmmas: two warpgroups (each holds 64 heads x 256 dims of O, 128 fp32 registers a thread, within
     one block of 256 threads per SM) and four (128 dims each, within the 128 registers of 512 threads; the
     descriptors hoisted out of the tile loop had made it spill)."""
-    headers = ("sparse_mla_common.cuh", "fp8_convert.cuh", "wgmma.cuh", "cp_async.cuh", "mbarrier.cuh")
-    log = _ptxas_log("sparse_mla_wgmma_kernels.cu", headers, "sparse_mla_wgmma_kernels")
+    log = _ptxas_log("sparse_mla_wgmma_kernels.cu")
     regs = {("4" if "ILi4E" in name else "2"): r for name, r in _ptxas_entries(log) if "decode_wgmma_kernel" in name}
     assert set(regs) == {"2", "4"} and regs["2"] <= 255 and regs["4"] <= 128, (regs, log[-2000:])
     assert "serialized" not in log and "Performance" not in log, log[-2000:]

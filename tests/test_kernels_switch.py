@@ -186,7 +186,9 @@ def _deepgemm_include() -> pathlib.Path | None:
 
 def _cached_compile(cmd: list[str], sources: list[pathlib.Path], out_name: str) -> pathlib.Path:
     """Compiles once per content hash of the command and sources; the compiler's stderr is kept beside the object
-    (`.log`, e.g. the `-Xptxas -v` report)."""
+    (`.log`, e.g. the `-Xptxas -v` report). Two xdist workers may compile the same object at once (this file and
+    test_kernel_ptxas share kernel objects): each writes its own temporary files, and the log lands before the
+    object, whose presence marks the entry complete."""
     h = hashlib.sha256(" ".join(cmd).encode())
     for s in sources:
         h.update(s.read_bytes())
@@ -194,12 +196,28 @@ def _cached_compile(cmd: list[str], sources: list[pathlib.Path], out_name: str) 
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.o")
+    tmp = out.with_suffix(f".tmp{os.getpid()}.o")
     r = subprocess.run(cmd + ["-o", str(tmp)], capture_output=True, text=True)
     assert r.returncode == 0, f"compile failed: {' '.join(cmd)}\n{r.stderr[-4000:]}"
-    out.with_suffix(".log").write_text(r.stderr)
-    tmp.rename(out)
+    log = out.with_suffix(f".tmp{os.getpid()}.log")
+    log.write_text(r.stderr)
+    log.replace(out.with_suffix(".log"))
+    tmp.replace(out)
     return out
+
+
+KERNEL_HEADERS = sorted([*(FFI / "csrc").glob("*.cuh"), *(FFI / "csrc").glob("*.h")])
+
+
+def kernel_object(name: str) -> pathlib.Path:
+    """`ffi/csrc/<name>` (a kernel file) compiled for sm_90a with the ptxas report (`-Xptxas -v`, in the `.log` beside
+    the object), once for this test (it compiles) and test_kernel_ptxas (it reads the report): one command and one
+    cache key per file, keyed on every header of ffi/csrc (a header a file does not include costs a recompile when it
+    changes, never a stale object)."""
+    src = FFI / "csrc" / name
+    cmd = ["nvcc", "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-c"]
+    cmd += ["-Xptxas", "-v", "-I", str(FFI / "csrc"), str(src)]
+    return _cached_compile(cmd, [src, *KERNEL_HEADERS], src.stem)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
@@ -282,15 +300,11 @@ def test_extension_compiles_for_sm90a(tmp_path):
         [cu, FFI / "csrc" / "gemm_entry.h"],
         "gemm",
     )
+    # gemv, dequant_gemv and indexer are test_kernel_ptxas's objects too (whichever test comes first compiles them)
     for name in ("quant_kernels.cu", "gemv_kernels.cu", "mhc_kernels.cu", "dequant_gemv_kernels.cu",
                  "sparse_mla_kernels.cu", "indexer_kernels.cu", "compressor_kernels.cu",
                  "router_kernels.cu", "topk_kernels.cu", "launch_util.cu"):  # fmt: skip
-        src = FFI / "csrc" / name
-        deps = [src, FFI / "csrc" / "kernels.h", FFI / "csrc" / "gemv_mma.cuh", FFI / "csrc" / "fp8_convert.cuh",
-                FFI / "csrc" / "mma_bf16.cuh", FFI / "csrc" / "layer_index.cuh",
-                FFI / "csrc" / "wgmma.cuh", FFI / "csrc" / "cp_async.cuh",
-                FFI / "csrc" / "sparse_mla_common.cuh"]  # fmt: skip
-        _cached_compile(base + [str(src)], deps, name.split(".")[0])
+        kernel_object(name)
     # Host code: FFI handlers (jaxlib's headers) and the TMA/launch code, compiled by nvcc's host compiler.
     ffi_inc = pathlib.Path(jax.ffi.include_dir())
     for name in ("handlers.cc", "attention_handlers.cc", "moe_handlers.cc", "gemm_launch.cc"):

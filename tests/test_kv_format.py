@@ -69,7 +69,8 @@ def test_packed_cache_decodes_like_the_bf16_cache(official_state):
     from dsv4_jax import runner as D
 
     cfg = official_state.config
-    # test_decode's shapes (batch 2, a 160-wide prompt, capacity 320): the packed run reuses its compiled programs
+    # test_decode's shapes (batch 2, a 160-wide prompt, capacity 320) and its decode step with captures (unused
+    # here): the packed run reuses its compiled prefill and decode programs
     toks = np.random.default_rng(2).integers(2, 512, (2, 170)).astype(np.int32)
     lengths = np.array([150, 100])
     pt = np.where(np.arange(160)[None] < lengths[:, None], toks[:, :160], 0)
@@ -79,7 +80,7 @@ def test_packed_cache_decodes_like_the_bf16_cache(official_state):
         logits, hidden, cache = D.prefill(official_state, cache, pt, lengths)
         out = [np.asarray(logits)[:, None]]
         for i in range(4):
-            lg, hidden, cache = D.decode_step(official_state, cache, toks[np.arange(2), lengths + i])
+            lg, hidden, cache, _ = D.decode_step(official_state, cache, toks[np.arange(2), lengths + i], capture=True)
             out.append(np.asarray(lg)[:, None])
         # an extend (chunked prefill, speculative verification): 5 new tokens on row 0, 3 and padding on row 1
         chunk = np.stack([toks[0, 154:159], np.concatenate([toks[1, 104:107], [7, 7]])]).astype(np.int32)
